@@ -1,0 +1,160 @@
+"""The `liveloop` command line: run the local stack and talk to it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from libs.common.auth import ApiKeyStore, Role, generate_api_key
+from libs.common.errors import LiveloopError
+from libs.stack import launcher
+from libs.stack.processes import PortTaken
+
+app = typer.Typer(
+    help="liveloop: decision models permanently in production.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+keys_app = typer.Typer(help="API keys (hashed at rest).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+console = Console()
+errors = Console(stderr=True)
+
+StateDir = Annotated[Path | None, typer.Option("--state-dir", help="Local stack state (default .liveloop)")]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
+
+
+def _stack_settings(state_dir: Path | None) -> launcher.StackSettings:
+    try:
+        settings = launcher.StackSettings()
+    except ValidationError as exc:
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"])
+            errors.print(f"[red]invalid setting LIVELOOP_STACK_{field.upper()}: {error['msg']}[/red]")
+        raise typer.Exit(2) from None
+    if state_dir is not None:
+        settings = settings.model_copy(update={"state_dir": state_dir})
+    return settings
+
+
+def _fail(message: str, code: int = 1) -> None:
+    errors.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+@app.command()
+def up(state_dir: StateDir = None, as_json: JsonFlag = False) -> None:
+    """Start Redis, the five services (two predictor replicas) and Envoy, and wait until all are healthy."""
+    settings = _stack_settings(state_dir)
+    try:
+        if as_json:
+            launcher.up(settings)
+        else:
+            with console.status("starting the local stack") as spinner:
+                launcher.up(settings, progress=lambda message: spinner.update(message))
+    except (PortTaken, launcher.StackError, LiveloopError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    _print_status(settings.state_dir, settings.host, as_json)
+
+
+def _print_status(state_dir: Path, host: str, as_json: bool) -> dict[str, Any]:
+    report = launcher.status(state_dir, host)
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        return report
+    if not report["processes"]:
+        console.print(f"no stack is running from {state_dir}")
+        return report
+    table = Table(title=f"liveloop stack: front door {report['front_door']}, admin {report['envoy_admin']}")
+    for column in ("process", "pid", "port", "health", "envoy", "memory"):
+        table.add_column(column)
+    for row in report["processes"]:
+        health = row["health"]
+        colour = "green" if health == "SERVING" else "red"
+        memory = f"{row['rss_bytes'] / 2**20:.0f} MiB" if "rss_bytes" in row else "-"
+        table.add_row(
+            row["name"],
+            str(row["pid"]) if row["alive"] else "-",
+            str(row["port"] or "-"),
+            f"[{colour}]{health}[/{colour}]",
+            row.get("envoy", "-"),
+            memory,
+        )
+    console.print(table)
+    return report
+
+
+@app.command()
+def status(state_dir: StateDir = None, as_json: JsonFlag = False) -> None:
+    """Show every process of the local stack: pid, port, health, and Envoy's view of it."""
+    settings = _stack_settings(state_dir)
+    report = _print_status(settings.state_dir, settings.host, as_json)
+    healthy = report["processes"] and all(row["health"] == "SERVING" for row in report["processes"])
+    raise typer.Exit(0 if healthy else 1)
+
+
+@app.command()
+def down(state_dir: StateDir = None, as_json: JsonFlag = False) -> None:
+    """Stop every process `liveloop up` started (by pid), leaving nothing behind."""
+    settings = _stack_settings(state_dir)
+    try:
+        result = launcher.down(settings.state_dir)
+    except launcher.StackError as exc:
+        _fail(str(exc))
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    else:
+        console.print(result["message"] + (f": {', '.join(result['stopped'])}" if result["stopped"] else ""))
+        if result["killed"]:
+            console.print(f"[yellow]had to kill: {', '.join(result['killed'])}[/yellow]")
+
+
+@keys_app.command("create")
+def keys_create(
+    out: Annotated[Path, typer.Option(help="Key file (hashes only) to create or extend")],
+    role: Annotated[Role, typer.Option(help="invoke or admin")] = Role.INVOKE,
+    name: Annotated[str, typer.Option(help="Who or what uses the key")] = "client",
+    as_json: JsonFlag = False,
+) -> None:
+    """Create an API key: its hash is added to OUT, the key itself is printed once."""
+    store = ApiKeyStore.load(out) if out.exists() else ApiKeyStore([])
+    api_key, record = generate_api_key(role, name)
+    store.add(record)
+    store.save(out)
+    if as_json:
+        sys.stdout.write(json.dumps({"key_id": record.key_id, "role": role.value, "api_key": api_key}) + "\n")
+    else:
+        console.print(f"created {role.value} key {record.key_id} in {out}; it is shown only now:")
+        console.print(api_key, soft_wrap=True)
+
+
+@keys_app.command("list")
+def keys_list(file: Annotated[Path, typer.Argument(help="Key file")], as_json: JsonFlag = False) -> None:
+    """List key ids, roles and names (never the keys)."""
+    try:
+        store = ApiKeyStore.load(file)
+    except LiveloopError as exc:
+        _fail(exc.message)
+    rows = [
+        {"key_id": r.key_id, "role": r.role.value, "name": r.name, "created_at": r.created_at}
+        for r in store.records
+    ]
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    table = Table("key id", "role", "name", "created")
+    for row in rows:
+        table.add_row(row["key_id"], row["role"], row["name"], row["created_at"])
+    console.print(table)
+
+
+if __name__ == "__main__":
+    app()

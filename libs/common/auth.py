@@ -1,0 +1,128 @@
+"""API keys with roles.
+
+A key looks like `ll_<key_id>_<secret>`. Only its SHA-256 is stored (keys are 256-bit random, so a
+slow hash adds nothing); the key id lets the server find the record without scanning.
+Roles: `invoke` (decisions and inference) and `admin` (everything, including state changes).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from libs.common.errors import InvalidArgument, PermissionDenied, Unauthenticated
+
+KEY_PREFIX = "ll"
+
+
+class Role(enum.StrEnum):
+    INVOKE = "invoke"
+    ADMIN = "admin"
+
+    def allows(self, required: Role) -> bool:
+        return self is Role.ADMIN or self is required
+
+
+@dataclass(frozen=True)
+class ApiKeyRecord:
+    key_id: str
+    role: Role
+    sha256: str
+    name: str
+    created_at: str
+
+
+def _digest(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def generate_api_key(role: Role, name: str) -> tuple[str, ApiKeyRecord]:
+    """Return the plaintext key (shown once) and the record to store."""
+    key_id = secrets.token_hex(6)
+    api_key = f"{KEY_PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
+    record = ApiKeyRecord(
+        key_id=key_id,
+        role=role,
+        sha256=_digest(api_key),
+        name=name,
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    return api_key, record
+
+
+class ApiKeyStore:
+    """Hashed keys, looked up by key id."""
+
+    def __init__(self, records: list[ApiKeyRecord]) -> None:
+        self._by_id = {record.key_id: record for record in records}
+
+    @property
+    def records(self) -> list[ApiKeyRecord]:
+        return list(self._by_id.values())
+
+    @classmethod
+    def load(cls, path: Path) -> ApiKeyStore:
+        try:
+            document = json.loads(path.read_text())
+            records = [
+                ApiKeyRecord(
+                    key_id=str(item["key_id"]),
+                    role=Role(item["role"]),
+                    sha256=str(item["sha256"]),
+                    name=str(item.get("name", "")),
+                    created_at=str(item.get("created_at", "")),
+                )
+                for item in document["keys"]
+            ]
+        except FileNotFoundError:
+            raise InvalidArgument(f"API key file {path} does not exist", field="api_keys_file") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidArgument(f"API key file {path} is malformed: {exc}", field="api_keys_file") from None
+        return cls(records)
+
+    def save(self, path: Path) -> None:
+        document = {
+            "keys": [
+                {
+                    "key_id": r.key_id,
+                    "role": r.role.value,
+                    "sha256": r.sha256,
+                    "name": r.name,
+                    "created_at": r.created_at,
+                }
+                for r in self._by_id.values()
+            ]
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(document, indent=2) + "\n")
+        os.chmod(temporary, 0o600)
+        temporary.replace(path)
+
+    def add(self, record: ApiKeyRecord) -> None:
+        self._by_id[record.key_id] = record
+
+    def authenticate(self, api_key: str | None) -> Role:
+        """Return the key's role; raise Unauthenticated for a missing or wrong key."""
+        if not api_key:
+            raise Unauthenticated("missing API key: send metadata 'x-api-key' or 'authorization: Bearer ...'")
+        parts = api_key.split("_", 2)
+        if len(parts) != 3 or parts[0] != KEY_PREFIX:
+            raise Unauthenticated("malformed API key")
+        record = self._by_id.get(parts[1])
+        if record is None or not hmac.compare_digest(record.sha256, _digest(api_key)):
+            raise Unauthenticated("unknown API key")
+        return record.role
+
+    def authorize(self, api_key: str | None, required: Role, method: str) -> Role:
+        role = self.authenticate(api_key)
+        if not role.allows(required):
+            raise PermissionDenied(f"{method} needs role '{required.value}', the key has '{role.value}'")
+        return role

@@ -1,0 +1,246 @@
+"""The server interceptors every liveloop service installs, outermost first:
+
+1. `TelemetryInterceptor`: request count, latency and status per method (Prometheus) and a span per RPC.
+2. `AuthInterceptor`: API key and role per method; health and reflection stay open.
+3. `ErrorInterceptor`: the one place where domain errors become status codes; anything unexpected
+   becomes INTERNAL with a generic message and is logged with its traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+import grpc
+from grpc import aio
+from opentelemetry import propagate, trace
+from prometheus_client import Counter, Gauge, Histogram
+
+from libs.common.auth import ApiKeyStore, Role
+from libs.common.errors import LiveloopError
+
+logger = logging.getLogger(__name__)
+
+OPEN_METHOD_PREFIXES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1.ServerReflection/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+)
+
+RPC_REQUESTS = Counter(
+    "liveloop_rpc_requests_total", "RPCs handled, by method and status code", ["service", "method", "code"]
+)
+RPC_LATENCY = Histogram(
+    "liveloop_rpc_latency_seconds",
+    "RPC handling time in seconds",
+    ["service", "method"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+RPC_IN_FLIGHT = Gauge("liveloop_rpc_in_flight", "RPCs being handled now", ["service"])
+
+Behavior = Callable[..., Any]
+Around = Callable[[Behavior, bool], Behavior]
+
+
+# grpc's handlers are namedtuples at run time; `_replace` swaps the behavior and keeps the codecs.
+Handler = Any
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler]]
+
+
+def _wrap_handler(handler: Handler, around: Around) -> Handler:
+    """Apply `around(behavior, streams_response)` to whichever behavior the handler has."""
+    if handler.unary_unary is not None:
+        return handler._replace(unary_unary=around(handler.unary_unary, False))
+    if handler.unary_stream is not None:
+        return handler._replace(unary_stream=around(handler.unary_stream, True))
+    if handler.stream_unary is not None:
+        return handler._replace(stream_unary=around(handler.stream_unary, False))
+    return handler._replace(stream_stream=around(handler.stream_stream, True))
+
+
+def _streaming(behavior: Behavior, guard: Callable[[Any], Awaitable[None]]) -> Behavior:
+    """Wrap a response-streaming behavior (async generator or coroutine writing to the context)."""
+    if inspect.isasyncgenfunction(behavior):
+
+        async def generator(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            except BaseException as exc:
+                await guard((exc, context))
+
+        return generator
+
+    async def coroutine(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            result = behavior(request, context)
+            return await result if inspect.isawaitable(result) else result
+        except BaseException as exc:
+            await guard((exc, context))
+
+    return coroutine
+
+
+async def _map_error(error_and_context: Any) -> None:
+    exc, context = error_and_context
+    if isinstance(exc, LiveloopError):
+        await context.abort(grpc.StatusCode[exc.status], exc.message)
+    if isinstance(exc, NotImplementedError):
+        # Generated servicer bases raise this for RPCs whose capability has not landed yet.
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this RPC is not implemented in this release")
+    if isinstance(exc, (aio.BaseError, asyncio.CancelledError, GeneratorExit, KeyboardInterrupt, SystemExit)):
+        raise exc
+    reference = uuid.uuid4().hex[:12]
+    logger.error("unhandled error in RPC (ref %s)", reference, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {reference})")
+
+
+class ErrorInterceptor(aio.ServerInterceptor):
+    """Maps `LiveloopError` to its status; unknown errors to INTERNAL with a generic message."""
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        return _wrap_handler(handler, lambda behavior, _streams: _streaming(behavior, _map_error))
+
+
+def _metadata_value(details: grpc.HandlerCallDetails, name: str) -> str | None:
+    for key, value in details.invocation_metadata or ():
+        if key == name:
+            return value if isinstance(value, str) else value.decode()
+    return None
+
+
+def api_key_from_metadata(details: grpc.HandlerCallDetails) -> str | None:
+    key = _metadata_value(details, "x-api-key")
+    if key:
+        return key
+    authorization = _metadata_value(details, "authorization")
+    if authorization and authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    return None
+
+
+def _refusal(handler: Handler, code: grpc.StatusCode, message: str) -> Handler:
+    async def refuse(_request: Any, context: aio.ServicerContext[Any, Any]) -> None:
+        await context.abort(code, message)
+
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(refuse, **kwargs)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(refuse, **kwargs)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(refuse, **kwargs)
+    return grpc.stream_stream_rpc_method_handler(refuse, **kwargs)
+
+
+class AuthInterceptor(aio.ServerInterceptor):
+    """Checks the API key and its role; methods not in `method_roles` need `admin`."""
+
+    def __init__(self, key_store: ApiKeyStore, method_roles: Mapping[str, Role]) -> None:
+        self._key_store = key_store
+        self._method_roles = dict(method_roles)
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(OPEN_METHOD_PREFIXES):
+            return handler
+        required = self._method_roles.get(method, Role.ADMIN)
+        try:
+            self._key_store.authorize(api_key_from_metadata(handler_call_details), required, method)
+        except LiveloopError as exc:
+            return _refusal(handler, grpc.StatusCode[exc.status], exc.message)
+        return handler
+
+
+class TelemetryInterceptor(aio.ServerInterceptor):
+    """Counts, times and traces every RPC."""
+
+    def __init__(self, service: str, *, tracing: bool) -> None:
+        self._service = service
+        self._tracer = trace.get_tracer("liveloop") if tracing else None
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            RPC_REQUESTS.labels(self._service, "unknown", "UNIMPLEMENTED").inc()
+            return None
+        method = handler_call_details.method.lstrip("/").rsplit(".", 1)[-1]
+        if method.startswith(("Health/", "ServerReflection/")):
+            return handler
+        carrier = {k: v for k, v in handler_call_details.invocation_metadata or () if isinstance(v, str)}
+        return _wrap_handler(handler, lambda behavior, streams: self._observe(behavior, method, carrier))
+
+    def _observe(self, behavior: Behavior, method: str, carrier: dict[str, str]) -> Behavior:
+        service, tracer = self._service, self._tracer
+        latency = RPC_LATENCY.labels(service, method)
+        in_flight = RPC_IN_FLIGHT.labels(service)
+
+        def finish(context: aio.ServicerContext[Any, Any], started: float, failed: bool) -> None:
+            code = context.code()
+            if code is None:
+                name = "UNKNOWN" if failed else "OK"
+            else:
+                name = code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode(code).name
+            RPC_REQUESTS.labels(service, method, name).inc()
+            latency.observe(time.perf_counter() - started)
+            in_flight.dec()
+
+        if inspect.isasyncgenfunction(behavior):
+
+            async def generator(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+                started, failed = time.perf_counter(), False
+                in_flight.inc()
+                span = _start_span(tracer, method, carrier)
+                try:
+                    async for response in behavior(request, context):
+                        yield response
+                except BaseException:
+                    failed = True
+                    raise
+                finally:
+                    if span is not None:
+                        span.end()
+                    finish(context, started, failed)
+
+            return generator
+
+        async def coroutine(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+            started, failed = time.perf_counter(), False
+            in_flight.inc()
+            span = _start_span(tracer, method, carrier)
+            try:
+                result = behavior(request, context)
+                return await result if inspect.isawaitable(result) else result
+            except BaseException:
+                failed = True
+                raise
+            finally:
+                if span is not None:
+                    span.end()
+                finish(context, started, failed)
+
+        return coroutine
+
+
+def _start_span(tracer: trace.Tracer | None, method: str, carrier: dict[str, str]) -> trace.Span | None:
+    if tracer is None:
+        return None
+    return tracer.start_span(method, context=propagate.extract(carrier), kind=trace.SpanKind.SERVER)

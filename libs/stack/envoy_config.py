@@ -1,0 +1,262 @@
+"""Builds Envoy's configuration for the front door, for the local launcher and for containers.
+
+One builder, two address modes: STATIC upstreams on loopback ports (local processes) or STRICT_DNS
+on service hostnames (docker compose and Kubernetes, where `predictor` resolves to every replica).
+`python -m libs.stack.envoy_config --write deploy/envoy/envoy.yaml` regenerates the container file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from libs.stack.topology import ENVOY_ADMIN_PORT, ENVOY_PORT, PREDICTOR, SERVICE_HEADER, SERVICES
+
+CONTAINER_DESCRIPTOR_PATH = "/etc/envoy/liveloop.pb"
+REPO_DESCRIPTOR_PATH = Path(__file__).resolve().parents[2] / "deploy" / "envoy" / "liveloop.pb"
+TRANSCODED_SERVICES = ("liveloop.predictor.v1.PredictorService",)
+
+
+@dataclass(frozen=True)
+class Upstream:
+    name: str
+    grpc_services: tuple[str, ...]
+    health_service: str
+    endpoints: tuple[tuple[str, int], ...]
+
+
+def _http2_options() -> dict[str, Any]:
+    return {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    }
+
+
+def _cluster(upstream: Upstream, dns: bool) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
+        "name": upstream.name,
+        "connect_timeout": "1s",
+        "type": "STRICT_DNS" if dns else "STATIC",
+        "lb_policy": "ROUND_ROBIN",
+        "typed_extension_protocol_options": _http2_options(),
+        "load_assignment": {
+            "cluster_name": upstream.name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+                        for host, port in upstream.endpoints
+                    ]
+                }
+            ],
+        },
+        "health_checks": [
+            {
+                "timeout": "1s",
+                "interval": "1s",
+                "no_traffic_interval": "2s",
+                "unhealthy_threshold": 2,
+                "healthy_threshold": 1,
+                "grpc_health_check": {"service_name": upstream.health_service},
+            }
+        ],
+        "outlier_detection": {
+            "consecutive_5xx": 3,
+            "consecutive_gateway_failure": 3,
+            "interval": "1s",
+            "base_ejection_time": "5s",
+            "max_ejection_percent": 50,
+        },
+        "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
+    }
+    if dns:
+        cluster["dns_lookup_family"] = "V4_ONLY"
+        cluster["dns_refresh_rate"] = "5s"
+        cluster["respect_dns_ttl"] = True
+    return cluster
+
+
+def _route_action(cluster: str) -> dict[str, Any]:
+    return {
+        "cluster": cluster,
+        # Streams (Watch, progress) must not be cut; unary calls carry their own grpc-timeout.
+        "timeout": "0s",
+        "max_stream_duration": {"grpc_timeout_header_max": "0s"},
+        "retry_policy": {
+            "retry_on": "unavailable,reset,connect-failure,refused-stream",
+            "num_retries": 2,
+            "per_try_timeout": "0s",
+            "retry_host_predicate": [
+                {
+                    "name": "envoy.retry_host_predicates.previous_hosts",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/"
+                        "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                    },
+                }
+            ],
+            "host_selection_retry_max_attempts": 3,
+            "retry_back_off": {"base_interval": "0.01s", "max_interval": "0.1s"},
+        },
+    }
+
+
+def _routes(upstreams: Sequence[Upstream]) -> list[dict[str, Any]]:
+    routes: list[dict[str, Any]] = []
+    for upstream in upstreams:
+        routes.append(
+            {
+                "match": {
+                    "prefix": "/",
+                    "headers": [{"name": SERVICE_HEADER, "string_match": {"exact": upstream.name}}],
+                },
+                "route": _route_action(upstream.name),
+            }
+        )
+    for upstream in upstreams:
+        for grpc_service in upstream.grpc_services:
+            routes.append({"match": {"prefix": f"/{grpc_service}/"}, "route": _route_action(upstream.name)})
+    # Unpinned health checks and reflection go to the predictors, the service most clients call.
+    routes.append({"match": {"prefix": "/"}, "route": _route_action(PREDICTOR.name)})
+    return routes
+
+
+def build_envoy_config(
+    upstreams: Sequence[Upstream],
+    *,
+    listen_address: str,
+    listen_port: int,
+    admin_address: str,
+    admin_port: int,
+    descriptor_path: str | None,
+    dns: bool,
+    access_log: bool = False,
+) -> dict[str, Any]:
+    http_filters: list[dict[str, Any]] = []
+    if descriptor_path is not None:
+        http_filters.append(
+            {
+                "name": "envoy.filters.http.grpc_json_transcoder",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
+                    "proto_descriptor": descriptor_path,
+                    "services": list(TRANSCODED_SERVICES),
+                    "convert_grpc_status": True,
+                    "print_options": {
+                        "preserve_proto_field_names": True,
+                        "always_print_primitive_fields": True,
+                    },
+                },
+            }
+        )
+    http_filters.append(
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+        }
+    )
+    connection_manager: dict[str, Any] = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "front_door",
+        "codec_type": "AUTO",
+        "stream_idle_timeout": "0s",
+        "route_config": {
+            "name": "liveloop",
+            "virtual_hosts": [{"name": "liveloop", "domains": ["*"], "routes": _routes(upstreams)}],
+        },
+        "http_filters": http_filters,
+    }
+    if access_log:
+        connection_manager["access_log"] = [
+            {
+                "name": "envoy.access_loggers.stdout",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"
+                },
+            }
+        ]
+    return {
+        "admin": {"address": {"socket_address": {"address": admin_address, "port_value": admin_port}}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "front_door",
+                    "address": {"socket_address": {"address": listen_address, "port_value": listen_port}},
+                    # A taken port must fail loudly instead of silently sharing traffic.
+                    "enable_reuse_port": False,
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": connection_manager,
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [_cluster(upstream, dns) for upstream in upstreams],
+        },
+    }
+
+
+def container_upstreams(predictor_host: str = PREDICTOR.name) -> list[Upstream]:
+    """Upstreams by service hostname: compose service names or Kubernetes Services."""
+    return [
+        Upstream(
+            name=service.name,
+            grpc_services=service.grpc_services,
+            health_service=service.health_service,
+            endpoints=((predictor_host if service is PREDICTOR else service.name, service.port),),
+        )
+        for service in SERVICES
+    ]
+
+
+def render(config: dict[str, Any]) -> str:
+    header = "# Generated by `make envoy-config` (libs/stack/envoy_config.py); do not edit by hand.\n"
+    return header + yaml.safe_dump(config, sort_keys=False, width=120)
+
+
+def container_config_text() -> str:
+    config = build_envoy_config(
+        container_upstreams(),
+        listen_address="0.0.0.0",
+        listen_port=ENVOY_PORT,
+        admin_address="0.0.0.0",
+        admin_port=ENVOY_ADMIN_PORT,
+        descriptor_path=CONTAINER_DESCRIPTOR_PATH,
+        dns=True,
+    )
+    return render(config)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Write the container Envoy configuration")
+    parser.add_argument("--write", type=Path, help="file to write (default: print)")
+    parser.add_argument("--check", type=Path, help="fail if this file differs from the generated config")
+    args = parser.parse_args(argv)
+    text = container_config_text()
+    if args.check is not None:
+        if not args.check.exists() or args.check.read_text() != text:
+            print(f"{args.check} is stale: run `make envoy-config`", file=sys.stderr)
+            return 1
+        return 0
+    if args.write is not None:
+        args.write.write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

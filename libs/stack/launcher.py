@@ -1,0 +1,492 @@
+"""The local stack: real Redis, the five services (two predictor replicas) and Envoy, as processes.
+
+`up` starts everything detached and records it in `<state_dir>/stack.json`; `status` reads that
+record and asks every process for its health; `down` stops exactly the processes it recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from libs.stack import topology
+from libs.stack.credentials import Credentials, ensure_credentials
+from libs.stack.envoy_config import REPO_DESCRIPTOR_PATH, Upstream, build_envoy_config, render
+from libs.stack.processes import (
+    PortTaken,
+    ProcessRecord,
+    envoy_binary,
+    port_accepts,
+    port_is_free,
+    process_environment,
+    redis_argv,
+    start_process,
+    stop_processes,
+    tail,
+)
+
+logger = logging.getLogger(__name__)
+
+STACK_FILE = "stack.json"
+
+
+class StackSettings(BaseSettings):
+    """Ports and paths of the local stack (env prefix LIVELOOP_STACK_)."""
+
+    model_config = SettingsConfigDict(env_prefix="LIVELOOP_STACK_", extra="ignore", frozen=True)
+
+    state_dir: Path = Path(".liveloop")
+    host: str = "127.0.0.1"
+    envoy_port: int = Field(topology.ENVOY_PORT, gt=0, le=65535)
+    envoy_admin_port: int = Field(topology.ENVOY_ADMIN_PORT, gt=0, le=65535)
+    envoy_base_id: int | None = Field(None, ge=0, description="Envoy shared-memory id; default from the port")
+    redis_port: int = Field(topology.REDIS_PORT, gt=0, le=65535)
+    redis_url: str | None = Field(None, description="Use this Redis instead of starting one")
+    database_url: str | None = Field(
+        None, description="One SQL URL for every service instead of SQLite files"
+    )
+    config_port: int = Field(topology.CONFIG.port, gt=0, le=65535)
+    predictor_ports: list[int] = Field(
+        default_factory=lambda: [topology.PREDICTOR.port, topology.PREDICTOR.port + 1]
+    )
+    ingest_port: int = Field(topology.INGEST.port, gt=0, le=65535)
+    trainer_port: int = Field(topology.TRAINER.port, gt=0, le=65535)
+    monitor_port: int = Field(topology.MONITOR.port, gt=0, le=65535)
+    metrics: bool = Field(True, description="Give every service a Prometheus port")
+    config_metrics_port: int = topology.CONFIG.metrics_port
+    predictor_metrics_ports: list[int] = Field(
+        default_factory=lambda: [topology.PREDICTOR.metrics_port, topology.PREDICTOR.metrics_port + 1]
+    )
+    ingest_metrics_port: int = topology.INGEST.metrics_port
+    trainer_metrics_port: int = topology.TRAINER.metrics_port
+    monitor_metrics_port: int = topology.MONITOR.metrics_port
+    startup_timeout_seconds: float = Field(45.0, gt=0)
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _ports_are_consistent(self) -> StackSettings:
+        if not self.predictor_ports:
+            raise ValueError("predictor_ports: at least one predictor replica is needed")
+        if self.metrics and len(self.predictor_metrics_ports) < len(self.predictor_ports):
+            raise ValueError("predictor_metrics_ports: one metrics port per predictor replica is needed")
+        return self
+
+
+@dataclass
+class ProcessPlan:
+    name: str
+    kind: str
+    argv: list[str]
+    env: dict[str, str]
+    port: int | None
+    health_service: str | None = None
+    metrics_port: int | None = None
+
+
+@dataclass
+class StackRecord:
+    state_dir: Path
+    envoy_port: int
+    envoy_admin_port: int
+    processes: list[ProcessRecord] = field(default_factory=list)
+    started_at: float = 0.0
+
+    def save(self) -> None:
+        path = self.state_dir / STACK_FILE
+        document = {
+            "envoy_port": self.envoy_port,
+            "envoy_admin_port": self.envoy_admin_port,
+            "started_at": self.started_at,
+            "processes": [record.to_json() for record in self.processes],
+        }
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(document, indent=2) + "\n")
+        temporary.replace(path)
+
+    @classmethod
+    def load(cls, state_dir: Path) -> StackRecord | None:
+        path = state_dir / STACK_FILE
+        if not path.exists():
+            return None
+        document = json.loads(path.read_text())
+        return cls(
+            state_dir=state_dir,
+            envoy_port=int(document["envoy_port"]),
+            envoy_admin_port=int(document["envoy_admin_port"]),
+            processes=[ProcessRecord.from_json(item) for item in document["processes"]],
+            started_at=float(document.get("started_at", 0.0)),
+        )
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def _service_env(
+    service: topology.ServiceInfo,
+    settings: StackSettings,
+    credentials: Credentials,
+    port: int,
+    metrics_port: int | None,
+) -> dict[str, str]:
+    prefix = f"LIVELOOP_{service.name.upper()}_"
+    values: dict[str, str] = {
+        "HOST": settings.host,
+        "PORT": str(port),
+        "LOG_LEVEL": settings.log_level,
+        "API_KEYS_FILE": str(credentials.key_file.resolve()),
+        "SHUTDOWN_DRAIN_SECONDS": "0.5",
+    }
+    if metrics_port is not None:
+        values["METRICS_PORT"] = str(metrics_port)
+    return {prefix + key: value for key, value in values.items()}
+
+
+def plan_processes(settings: StackSettings, credentials: Credentials) -> list[ProcessPlan]:
+    state = settings.state_dir.resolve()
+    python = sys.executable
+    redis_url = settings.redis_url or f"redis://{settings.host}:{settings.redis_port}/0"
+    config_target = f"{settings.host}:{settings.config_port}"
+
+    def database_url(name: str) -> str:
+        return settings.database_url or f"sqlite:///{state / 'data' / (name + '.db')}"
+
+    plans: list[ProcessPlan] = []
+    if settings.redis_url is None:
+        plans.append(
+            ProcessPlan(
+                "redis",
+                "redis",
+                redis_argv(settings.redis_port, state / "redis", persistent=True),
+                {},
+                settings.redis_port,
+            )
+        )
+
+    def add(
+        service: topology.ServiceInfo, name: str, port: int, metrics_port: int | None, extra: dict[str, str]
+    ) -> None:
+        env = _service_env(service, settings, credentials, port, metrics_port)
+        env.update({f"LIVELOOP_{service.name.upper()}_{key}": value for key, value in extra.items()})
+        plans.append(
+            ProcessPlan(
+                name,
+                "service",
+                [python, "-m", service.module],
+                env,
+                port,
+                service.health_service,
+                metrics_port,
+            )
+        )
+
+    metrics = settings.metrics
+    add(
+        topology.CONFIG,
+        "config",
+        settings.config_port,
+        settings.config_metrics_port if metrics else None,
+        {"DATABASE_URL": database_url("config")},
+    )
+    for index, port in enumerate(settings.predictor_ports):
+        add(
+            topology.PREDICTOR,
+            f"predictor-{index + 1}",
+            port,
+            settings.predictor_metrics_ports[index] if metrics else None,
+            {
+                "REDIS_URL": redis_url,
+                "REPLICA_ID": f"predictor-{index + 1}",
+                "CONFIG_TARGET": config_target,
+                "STATE_DIR": str(state / f"predictor-{index + 1}"),
+            },
+        )
+    add(
+        topology.INGEST,
+        "ingest",
+        settings.ingest_port,
+        settings.ingest_metrics_port if metrics else None,
+        {"DATABASE_URL": database_url("ingest"), "REDIS_URL": redis_url, "CONFIG_TARGET": config_target},
+    )
+    add(
+        topology.TRAINER,
+        "trainer",
+        settings.trainer_port,
+        settings.trainer_metrics_port if metrics else None,
+        {
+            "DATABASE_URL": database_url("trainer"),
+            "ARTIFACT_DIR": str(state / "artifacts"),
+            "CONFIG_TARGET": config_target,
+        },
+    )
+    add(
+        topology.MONITOR,
+        "monitor",
+        settings.monitor_port,
+        settings.monitor_metrics_port if metrics else None,
+        {"DATABASE_URL": database_url("monitor"), "REDIS_URL": redis_url},
+    )
+    return plans
+
+
+def local_upstreams(settings: StackSettings) -> list[Upstream]:
+    ports = {
+        "config": [settings.config_port],
+        "predictor": settings.predictor_ports,
+        "ingest": [settings.ingest_port],
+        "trainer": [settings.trainer_port],
+        "monitor": [settings.monitor_port],
+    }
+    return [
+        Upstream(
+            service.name,
+            service.grpc_services,
+            service.health_service,
+            tuple((settings.host, port) for port in ports[service.name]),
+        )
+        for service in topology.SERVICES
+    ]
+
+
+def envoy_plan(settings: StackSettings) -> ProcessPlan:
+    state = settings.state_dir.resolve()
+    descriptor = str(REPO_DESCRIPTOR_PATH) if REPO_DESCRIPTOR_PATH.exists() else None
+    config = build_envoy_config(
+        local_upstreams(settings),
+        listen_address=settings.host,
+        listen_port=settings.envoy_port,
+        admin_address=settings.host,
+        admin_port=settings.envoy_admin_port,
+        descriptor_path=descriptor,
+        dns=False,
+    )
+    config_path = state / "envoy.yaml"
+    config_path.write_text(render(config))
+    base_id = settings.envoy_base_id if settings.envoy_base_id is not None else settings.envoy_port
+    argv = [
+        envoy_binary(),
+        "-c",
+        str(config_path),
+        "--concurrency",
+        "1",
+        "--base-id",
+        str(base_id),
+        "--log-level",
+        "warning",
+        "--drain-time-s",
+        "1",
+    ]
+    return ProcessPlan("envoy", "envoy", argv, {}, settings.envoy_port)
+
+
+def grpc_health(
+    target: str, service: str, timeout: float = 1.0, metadata: tuple[tuple[str, str], ...] = ()
+) -> str:
+    """SERVING, NOT_SERVING, SERVICE_UNKNOWN or UNREACHABLE."""
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout, metadata=metadata
+            )
+        except grpc.RpcError as exc:
+            return "SERVICE_UNKNOWN" if exc.code() == grpc.StatusCode.NOT_FOUND else "UNREACHABLE"
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+def envoy_upstream_health(admin_host: str, admin_port: int) -> dict[str, str]:
+    """Envoy's view of every upstream host from /clusters: 'cluster/host:port' -> healthy|<flags>."""
+    url = f"http://{admin_host}:{admin_port}/clusters?format=json"
+    with urllib.request.urlopen(url, timeout=2) as response:
+        document = json.loads(response.read())
+    hosts: dict[str, str] = {}
+    for cluster in document.get("cluster_statuses", []):
+        for host in cluster.get("host_statuses", []):
+            address = host["address"]["socket_address"]
+            status = host.get("health_status", {})
+            flags = [key for key, value in status.items() if value is True and key != "eds_health_status"]
+            eds = status.get("eds_health_status", "HEALTHY")
+            healthy = not flags and eds == "HEALTHY"
+            hosts[f"{cluster['name']}/{address['address']}:{address['port_value']}"] = (
+                "healthy" if healthy else ",".join(flags) or eds.lower()
+            )
+    return hosts
+
+
+def _check_ports(settings: StackSettings, plans: list[ProcessPlan]) -> None:
+    wanted = [(plan.name, plan.port) for plan in plans if plan.port is not None]
+    wanted += [(f"{plan.name} metrics", plan.metrics_port) for plan in plans if plan.metrics_port is not None]
+    wanted.append(("envoy admin", settings.envoy_admin_port))
+    seen: dict[int, str] = {}
+    for name, port in wanted:
+        assert port is not None
+        if port in seen:
+            raise StackError(f"port {port} is configured twice: for {seen[port]} and {name}")
+        seen[port] = name
+        if not port_is_free(settings.host, port):
+            raise PortTaken(name, settings.host, port)
+
+
+Progress = Callable[[str], None]
+
+
+def up(settings: StackSettings, progress: Progress = lambda _message: None) -> StackRecord:
+    state = settings.state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    existing = StackRecord.load(state)
+    if existing is not None and any(record.process() is not None for record in existing.processes):
+        raise StackError(
+            f"a stack is already running from {state} (see `liveloop status`; stop it with `liveloop down`)"
+        )
+    credentials = ensure_credentials(state)
+    plans = plan_processes(settings, credentials)
+    plans.append(envoy_plan(settings))
+    _check_ports(settings, plans)
+    record = StackRecord(state, settings.envoy_port, settings.envoy_admin_port, started_at=time.time())
+    logs = state / "logs"
+    try:
+        for plan in plans:
+            progress(f"starting {plan.name}")
+            env = process_environment(plan.env)
+            record.processes.append(
+                start_process(plan.name, plan.argv, env, logs / f"{plan.name}.log", plan.kind, plan.port)
+            )
+            record.save()
+            if plan.kind == "redis":
+                _wait_for(
+                    partial(port_accepts, settings.host, plan.port or 0),
+                    plan,
+                    record,
+                    settings.startup_timeout_seconds,
+                )
+        deadline = time.monotonic() + settings.startup_timeout_seconds
+
+        def remaining() -> float:
+            return max(deadline - time.monotonic(), 1.0)
+
+        for plan in plans:
+            if plan.health_service is not None:
+                target = f"{settings.host}:{plan.port}"
+                _wait_for(partial(_is_serving, target, plan.health_service), plan, record, remaining())
+                progress(f"{plan.name} is SERVING on {target}")
+        envoy = next(plan for plan in plans if plan.kind == "envoy")
+        front_door = f"{settings.host}:{settings.envoy_port}"
+        for service in topology.SERVICES:
+            pin = ((topology.SERVICE_HEADER, service.name),)
+            _wait_for(
+                partial(_is_serving, front_door, service.health_service, pin), envoy, record, remaining()
+            )
+        _wait_for(
+            partial(_envoy_sees_all_healthy, settings.host, settings.envoy_admin_port),
+            envoy,
+            record,
+            remaining(),
+        )
+        progress(f"envoy is routing on {front_door}")
+    except BaseException:
+        stop_processes(record.processes)
+        (state / STACK_FILE).unlink(missing_ok=True)
+        raise
+    return record
+
+
+def _is_serving(target: str, service: str, metadata: tuple[tuple[str, str], ...] = ()) -> bool:
+    return grpc_health(target, service, metadata=metadata) == "SERVING"
+
+
+def _envoy_sees_all_healthy(admin_host: str, admin_port: int) -> bool:
+    hosts = envoy_upstream_health(admin_host, admin_port)
+    return bool(hosts) and all(view == "healthy" for view in hosts.values())
+
+
+def _wait_for(condition: Callable[[], bool], plan: ProcessPlan, record: StackRecord, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    process_record = next(p for p in record.processes if p.name == plan.name)
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if condition():
+                return
+        if process_record.process() is None:
+            raise StackError(
+                f"{plan.name} exited during start; last lines of {process_record.log_path}:\n"
+                + tail(Path(process_record.log_path))
+            )
+        time.sleep(0.1)
+    raise StackError(
+        f"{plan.name} was not healthy within {timeout:.0f}s; last lines of "
+        f"{process_record.log_path}:\n" + tail(Path(process_record.log_path))
+    )
+
+
+def status(state_dir: Path, host: str = "127.0.0.1") -> dict[str, Any]:
+    record = StackRecord.load(state_dir)
+    if record is None:
+        return {"running": False, "state_dir": str(state_dir), "processes": []}
+    envoy_view: dict[str, str] = {}
+    with contextlib.suppress(Exception):
+        envoy_view = envoy_upstream_health(host, record.envoy_admin_port)
+    rows = []
+    for process_record in record.processes:
+        process = process_record.process()
+        health = "STOPPED"
+        if process is not None:
+            if process_record.kind == "service":
+                service = topology.SERVICES_BY_NAME[process_record.name.split("-")[0]]
+                health = grpc_health(f"{host}:{process_record.port}", service.health_service)
+            else:
+                health = "SERVING" if port_accepts(host, process_record.port or 0) else "UNREACHABLE"
+        row: dict[str, Any] = {
+            "name": process_record.name,
+            "kind": process_record.kind,
+            "pid": process_record.pid,
+            "alive": process is not None,
+            "port": process_record.port,
+            "health": health,
+            "log": process_record.log_path,
+        }
+        if process is not None:
+            with contextlib.suppress(Exception):
+                row["rss_bytes"] = process.memory_info().rss
+        matches = [view for key, view in envoy_view.items() if key.endswith(f":{process_record.port}")]
+        if process_record.kind == "service":
+            row["envoy"] = matches[0] if matches else "unknown"
+        rows.append(row)
+    return {
+        "running": any(row["alive"] for row in rows),
+        "state_dir": str(state_dir),
+        "front_door": f"{host}:{record.envoy_port}",
+        "envoy_admin": f"http://{host}:{record.envoy_admin_port}",
+        "processes": rows,
+    }
+
+
+def down(state_dir: Path) -> dict[str, Any]:
+    record = StackRecord.load(state_dir)
+    if record is None:
+        return {"stopped": [], "killed": [], "message": f"no stack recorded in {state_dir}"}
+    # Envoy first so no new traffic arrives, then services, Redis last.
+    order = {"envoy": 0, "service": 1, "redis": 2}
+    stopped, killed = [], []
+    for kind in sorted(order, key=order.__getitem__):
+        group = [p for p in record.processes if p.kind == kind]
+        alive = [p.name for p in group if p.process() is not None]
+        killed += stop_processes(group)
+        stopped += alive
+    leftovers = [p.name for p in record.processes if p.process() is not None]
+    if leftovers:
+        raise StackError(f"could not stop: {', '.join(leftovers)}")
+    (state_dir / STACK_FILE).unlink(missing_ok=True)
+    return {"stopped": stopped, "killed": killed, "message": "stack stopped"}

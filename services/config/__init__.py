@@ -1,0 +1,1 @@
+"""Config service: versioned deployment specs, streamed live to predictor replicas."""

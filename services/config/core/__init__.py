@@ -1,0 +1,1 @@
+"""Logic of the config service; never imports grpc."""

@@ -1,0 +1,40 @@
+"""Builds the config service's server over its SQL store."""
+
+from __future__ import annotations
+
+import asyncio
+
+from grpc import aio
+
+from libs.common.auth import Role
+from libs.common.server import RunningServer, ServiceDefinition, start_server
+from libs.common.service_database import open_service_database
+from libs.protos.liveloop.config.v1 import config_pb2_grpc
+from libs.stack.topology import CONFIG
+from services.config.servicer import ConfigServicer
+from services.config.settings import ConfigSettings
+
+# Replicas watch with an `invoke` key; everything that changes or reveals config needs `admin`.
+METHOD_ROLES = {"/liveloop.config.v1.ConfigService/Watch": Role.INVOKE}
+
+
+async def build_server(settings: ConfigSettings) -> RunningServer:
+    engine = await open_service_database(
+        settings.database_url, service=CONFIG.name, migrations_package="services.config.core.migrations"
+    )
+    servicer = ConfigServicer()
+
+    def register(server: aio.Server) -> None:
+        config_pb2_grpc.add_ConfigServiceServicer_to_server(servicer, server)
+
+    async def dispose() -> None:
+        await asyncio.to_thread(engine.dispose)
+
+    definition = ServiceDefinition(
+        name=CONFIG.name,
+        service_names=CONFIG.grpc_services,
+        register=register,
+        method_roles=METHOD_ROLES,
+        on_stop=[dispose],
+    )
+    return await start_server(definition, settings)

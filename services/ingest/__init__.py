@@ -1,0 +1,1 @@
+"""Ingest service: sources into the offline and online feature stores and the options store."""

@@ -1,0 +1,1 @@
+"""Logic of the ingest service; never imports grpc."""

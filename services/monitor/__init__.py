@@ -1,0 +1,1 @@
+"""Monitor service: decision-log summaries, drift, alerts and offline policy evaluation."""

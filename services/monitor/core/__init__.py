@@ -1,0 +1,1 @@
+"""Logic of the monitor service; never imports grpc."""

@@ -1,0 +1,1 @@
+"""Predictor replica: real-time offer ranking and online learning."""

@@ -1,0 +1,1 @@
+"""Decision logic of the predictor; never imports grpc."""

@@ -1,0 +1,1 @@
+"""Trainer service: torch training jobs, the model registry and promotion."""

@@ -1,0 +1,1 @@
+"""Logic of the trainer service; never imports grpc."""

