@@ -82,7 +82,7 @@ def _quoted(key: str, text: str) -> str:
 
 def render_configmap(config_text: str, descriptor: bytes | None) -> str:
     """The ConfigMap document; checked to load back to exactly the given content."""
-    block = _literal_block(CONFIG_KEY, config_text, "    ")
+    block = _literal_block(CONFIG_KEY, config_text, "  ")
     for entry in ([block] if block is not None else []) + [_quoted(CONFIG_KEY, config_text)]:
         document = _CONFIGMAP_HEAD + "data:\n" + _indent(entry, "  ")
         if descriptor is not None:

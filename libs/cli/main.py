@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
+import grpc
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from libs.common.auth import ApiKeyStore, Role, generate_api_key
+from libs.common.client import open_blocking_channel
 from libs.common.errors import LiveloopError
+from libs.common.settings import ClientSettings
+from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 from libs.stack import launcher
+from libs.stack.credentials import load_credentials
 from libs.stack.processes import PortTaken
+from libs.stack.topology import SERVICE_HEADER, SERVICES
 
 app = typer.Typer(
     help="liveloop: decision models permanently in production.",
@@ -115,6 +122,81 @@ def down(state_dir: StateDir = None, as_json: JsonFlag = False) -> None:
         console.print(result["message"] + (f": {', '.join(result['stopped'])}" if result["stopped"] else ""))
         if result["killed"]:
             console.print(f"[yellow]had to kill: {', '.join(result['killed'])}[/yellow]")
+
+
+def _front_door(state_dir: Path | None, target: str | None, role: str = "invoke") -> tuple[str, str | None]:
+    """Where to call and with which key: flags, then LIVELOOP_TARGET / LIVELOOP_API_KEY, then the
+    local stack's own record and credentials."""
+    client = ClientSettings()
+    stack = _stack_settings(state_dir)
+    record = launcher.StackRecord.load(stack.state_dir)
+    resolved_target = target or client.target
+    if resolved_target is None:
+        port = record.envoy_port if record is not None else stack.envoy_port
+        resolved_target = f"{stack.host}:{port}"
+    api_key = client.api_key
+    if api_key is None:
+        credentials = load_credentials(stack.state_dir)
+        if credentials is not None:
+            api_key = credentials.admin_key if role == "admin" else credentials.invoke_key
+    return resolved_target, api_key
+
+
+TargetOption = Annotated[str | None, typer.Option("--target", help="host:port of the front door")]
+
+
+@app.command()
+def ping(
+    count: Annotated[int, typer.Option(min=1, max=100000, help="How many calls")] = 4,
+    state_dir: StateDir = None,
+    target: TargetOption = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Call PredictorService.Ping through the front door and show which replica answered."""
+    resolved_target, api_key = _front_door(state_dir, target)
+    with open_blocking_channel(resolved_target, api_key=api_key, deadline_seconds=5) as channel:
+        stub = predictor_pb2_grpc.PredictorServiceStub(channel)
+        replies = []
+        for _ in range(count):
+            started = time.perf_counter()
+            try:
+                reply = stub.Ping(predictor_pb2.PingRequest())
+            except grpc.RpcError as exc:
+                _fail(f"Ping through {resolved_target} failed: {exc.code().name}: {exc.details()}")
+            replies.append(
+                {
+                    "replica_id": reply.replica_id,
+                    "config_revision": reply.config_revision,
+                    "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+                }
+            )
+    if as_json:
+        sys.stdout.write(json.dumps(replies, indent=2) + "\n")
+        return
+    for reply in replies:
+        console.print(
+            f"Ping via {resolved_target}: replica {reply['replica_id']}, "
+            f"config revision {reply['config_revision']}, {reply['latency_ms']:.1f} ms"
+        )
+
+
+@app.command()
+def health(state_dir: StateDir = None, target: TargetOption = None, as_json: JsonFlag = False) -> None:
+    """Ask every service for its gRPC health through the front door."""
+    resolved_target, _key = _front_door(state_dir, target)
+    report = {
+        service.name: launcher.grpc_health(
+            resolved_target, service.health_service, timeout=3, metadata=((SERVICE_HEADER, service.name),)
+        )
+        for service in SERVICES
+    }
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    else:
+        for name, state in report.items():
+            colour = "green" if state == "SERVING" else "red"
+            console.print(f"{name:<10} [{colour}]{state}[/{colour}] (through {resolved_target})")
+    raise typer.Exit(0 if all(state == "SERVING" for state in report.values()) else 1)
 
 
 @keys_app.command("create")

@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import grpc
+from google.protobuf import descriptor_pool
+from google.protobuf.descriptor import FileDescriptor
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from libs.common.auth import ApiKeyStore, Role
 from libs.common.errors import FailedPrecondition, LiveloopError, Unavailable
@@ -51,6 +53,8 @@ class ServiceDefinition:
     method_roles: Mapping[str, Role] = field(default_factory=dict)
     serving_at_start: bool = True
     on_stop: list[Cleanup] = field(default_factory=list)
+    # Proto files of the services, for reflection (some live outside protobuf's default pool).
+    descriptors: Sequence[FileDescriptor] = ()
 
 
 @dataclass
@@ -78,6 +82,24 @@ class RunningServer:
                 await cleanup()
             except Exception:
                 logger.exception("cleanup failed during stop")
+
+
+def _reflection_pool(files: Sequence[FileDescriptor]) -> descriptor_pool.DescriptorPool:
+    """One pool holding the given files, their imports, health and reflection."""
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file: FileDescriptor) -> None:
+        if file.name in added:
+            return
+        for dependency in file.dependencies:
+            add(dependency)
+        pool.AddSerializedFile(file.serialized_pb)  # type: ignore[no-untyped-call]
+        added.add(file.name)
+
+    for file in (*files, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+        add(file)
+    return pool
 
 
 def load_key_store(settings: ServiceSettings) -> ApiKeyStore | None:
@@ -128,6 +150,7 @@ async def start_server(definition: ServiceDefinition, settings: ServiceSettings)
             reflection.SERVICE_NAME,
         ],
         server,
+        pool=_reflection_pool(definition.descriptors) if definition.descriptors else None,
     )
     port = _bind(server, settings)
     running = RunningServer(server=server, port=port, definition=definition, health=health_servicer)

@@ -6,8 +6,8 @@ from grpc import aio
 
 from libs.common.auth import Role
 from libs.common.server import RunningServer, ServiceDefinition, start_server
-from libs.protos.inference import grpc_predict_v2_pb2_grpc
-from libs.protos.liveloop.predictor.v1 import predictor_pb2_grpc
+from libs.protos.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
+from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 from libs.stack.topology import PREDICTOR
 from services.predictor.core.replica import ReplicaState
 from services.predictor.inference_servicer import InferenceServicer
@@ -48,5 +48,6 @@ async def build_server(settings: PredictorSettings) -> RunningServer:
         service_names=PREDICTOR.grpc_services,
         register=register,
         method_roles=METHOD_ROLES,
+        descriptors=(predictor_pb2.DESCRIPTOR, grpc_predict_v2_pb2.DESCRIPTOR),
     )
     return await start_server(definition, settings)

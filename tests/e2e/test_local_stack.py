@@ -1,0 +1,128 @@
+"""The local stack end to end: real Redis, five services, two predictor replicas, real Envoy."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import urllib.request
+
+import grpc
+import psutil
+import pytest
+
+from libs.common.client import open_blocking_channel
+from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
+from libs.stack import topology
+from libs.stack.launcher import envoy_upstream_health, grpc_health
+from libs.stack.processes import wait_until
+from tests.e2e.conftest import LocalStack
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(240)]
+
+
+def _ping_replicas(stack: LocalStack, calls: int) -> list[str]:
+    key = stack.credentials()["invoke"]
+    with open_blocking_channel(stack.front_door, api_key=key, deadline_seconds=5) as channel:
+        stub = predictor_pb2_grpc.PredictorServiceStub(channel)
+        return [stub.Ping(predictor_pb2.PingRequest()).replica_id for _ in range(calls)]
+
+
+def test_up_status_routing_failover_and_down(running_stack: LocalStack) -> None:
+    stack = running_stack
+    status = stack.cli("status", "--json")
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    names = {row["name"] for row in report["processes"]}
+    assert names == {"redis", "config", "predictor-1", "predictor-2", "ingest", "trainer", "monitor", "envoy"}
+    assert all(row["health"] == "SERVING" for row in report["processes"]), report
+    assert all(row["envoy"] == "healthy" for row in report["processes"] if row["kind"] == "service")
+
+    # Every service answers its health check through the front door.
+    for service in topology.SERVICES:
+        pin = ((topology.SERVICE_HEADER, service.name),)
+        assert grpc_health(stack.front_door, service.health_service, timeout=3, metadata=pin) == "SERVING"
+
+    # Consecutive calls through Envoy reach both replicas.
+    replicas = _ping_replicas(stack, 20)
+    assert set(replicas) == {"predictor-1", "predictor-2"}, replicas
+
+    # REST through the transcoder answers with the ecosystem.Ai-style snake_case names.
+    request = urllib.request.Request(
+        f"http://{stack.front_door}/ping", headers={"x-api-key": stack.credentials()["invoke"]}
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        body = json.loads(response.read())
+    assert body["replica_id"] in {"predictor-1", "predictor-2"}
+
+    # Kill one replica hard: calls keep succeeding through the other.
+    victim = next(p for p in stack.record()["processes"] if p["name"] == "predictor-1")
+    os.kill(victim["pid"], signal.SIGKILL)
+    assert wait_until(
+        lambda: (
+            not psutil.pid_exists(victim["pid"])
+            or psutil.Process(victim["pid"]).status() == psutil.STATUS_ZOMBIE
+        ),
+        timeout=10,
+    )
+    survivors = _ping_replicas(stack, 40)
+    assert survivors == ["predictor-2"] * 40
+
+    # Envoy's health checks notice the dead host; status reports it.
+    assert wait_until(
+        lambda: (
+            envoy_upstream_health("127.0.0.1", stack.envoy_admin_port).get(
+                f"predictor/127.0.0.1:{victim['port']}", "healthy"
+            )
+            != "healthy"
+        ),
+        timeout=15,
+    )
+    degraded = stack.cli("status", "--json")
+    assert degraded.returncode == 1
+    rows = {row["name"]: row for row in json.loads(degraded.stdout)["processes"]}
+    assert rows["predictor-1"]["health"] == "STOPPED"
+    assert rows["predictor-2"]["health"] == "SERVING"
+
+    # Down stops every recorded process and frees the ports.
+    pids = [p["pid"] for p in stack.record()["processes"]]
+    down = stack.cli("down", "--json")
+    assert down.returncode == 0, down.stderr
+    for pid in pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert not (stack.state_dir / "stack.json").exists()
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", stack.envoy_port))
+
+
+def test_api_keys_are_enforced_through_envoy(running_stack: LocalStack) -> None:
+    stack = running_stack
+    with open_blocking_channel(stack.front_door, deadline_seconds=5) as channel:
+        with pytest.raises(grpc.RpcError) as missing:
+            predictor_pb2_grpc.PredictorServiceStub(channel).Ping(predictor_pb2.PingRequest())
+    assert missing.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    from libs.protos.liveloop.config.v1 import config_pb2, config_pb2_grpc
+
+    invoke = stack.credentials()["invoke"]
+    with open_blocking_channel(stack.front_door, api_key=invoke, deadline_seconds=5) as channel:
+        with pytest.raises(grpc.RpcError) as denied:
+            config_pb2_grpc.ConfigServiceStub(channel).Publish(config_pb2.PublishRequest())
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_taken_port_is_a_clear_error_and_nothing_is_left_running(stack_config: LocalStack) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", stack_config.envoy_port))
+        squatter.listen()
+        result = stack_config.cli("up")
+    assert result.returncode != 0
+    assert str(stack_config.envoy_port) in result.stderr
+    assert not (stack_config.state_dir / "stack.json").exists()
+
+
+def test_down_without_a_stack_says_so(stack_config: LocalStack) -> None:
+    result = stack_config.cli("down")
+    assert result.returncode == 0
+    assert "no stack" in result.stdout

@@ -1,0 +1,831 @@
+"""Offline checks of the container and cluster files: Dockerfile, docker-compose.yml and deploy/.
+
+Nothing here needs Docker, a cluster, promtool or the network. The Kubernetes manifests are validated
+against the JSON schemas bundled with kubernetes-validate (strict: unknown fields are errors), and every
+environment variable, port, console script and probe is cross-checked against the services' settings
+classes and pyproject.toml. A settings class that cannot be imported fails these tests; it never skips them.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.timeout(60)
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+DOCKERFILE = ROOT / "Dockerfile"
+COMPOSE = ROOT / "docker-compose.yml"
+PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+ENVOY_CONFIG = DEPLOY / "envoy" / "envoy.yaml"
+ENVOY_DESCRIPTOR = DEPLOY / "envoy" / "liveloop.pb"
+SYNC_SCRIPT = ROOT / "tools" / "sync_k8s_envoy.py"
+API_KEYS_SECRET_FILE = DEPLOY / "secrets" / "api-keys.json"  # git-ignored; created by `liveloop keys create`
+API_KEYS_PATH = "/etc/liveloop/api-keys.json"
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    settings_module: str
+    settings_class: str
+    health_service: str
+    # The agreed metrics port: the settings classes leave metrics off by default (None), so the deploy
+    # files are the ones that turn it on, on this port.
+    metrics_port: int
+
+    @property
+    def prefix(self) -> str:
+        return f"LIVELOOP_{self.name.upper()}_"
+
+    @property
+    def script(self) -> str:
+        return f"liveloop-{self.name}"
+
+
+SERVICES = {
+    service.name: service
+    for service in (
+        Service(
+            "config", "services.config.settings", "ConfigSettings", "liveloop.config.v1.ConfigService", 9451
+        ),
+        Service(
+            "predictor",
+            "services.predictor.settings",
+            "PredictorSettings",
+            "liveloop.predictor.v1.PredictorService",
+            9461,
+        ),
+        Service(
+            "ingest", "services.ingest.settings", "IngestSettings", "liveloop.ingest.v1.IngestService", 9471
+        ),
+        Service(
+            "trainer",
+            "services.trainer.settings",
+            "TrainerSettings",
+            "liveloop.trainer.v1.TrainerService",
+            9481,
+        ),
+        Service(
+            "monitor",
+            "services.monitor.settings",
+            "MonitorSettings",
+            "liveloop.monitor.v1.MonitorService",
+            9491,
+        ),
+    )
+}
+SERVICE_NAMES = sorted(SERVICES)
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def settings_class(service: Service) -> Any:
+    """The service's settings class. An ImportError here is a test failure, on purpose."""
+    module = importlib.import_module(service.settings_module)
+    cls = getattr(module, service.settings_class)
+    assert cls.model_config.get("env_prefix") == service.prefix
+    return cls
+
+
+def default_ports(service: Service) -> tuple[int, int]:
+    """(gRPC port, metrics port) every deploy file must use for this service."""
+    fields = settings_class(service).model_fields
+    port = fields["port"].default
+    metrics = fields["metrics_port"].default
+    if metrics is None:
+        metrics = service.metrics_port
+    assert isinstance(port, int)
+    assert port > 0, f"{service.name}: the settings class has no fixed default port"
+    return port, metrics
+
+
+def check_env(
+    service: Service, env: dict[str, str | None], where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every LIVELOOP_ variable is a field of this service's settings, and the values load."""
+    cls = settings_class(service)
+    fields = set(cls.model_fields)
+    problems = []
+    for name in env:
+        if not name.startswith("LIVELOOP_"):
+            continue
+        if not name.startswith(service.prefix):
+            problems.append(f"{name}: not this service's prefix {service.prefix}")
+        elif name.removeprefix(service.prefix).lower() not in fields:
+            problems.append(
+                f"{name}: {cls.__name__} has no field {name.removeprefix(service.prefix).lower()!r}"
+            )
+    assert not problems, f"{where}:\n" + "\n".join(problems)
+
+    # The values themselves must load (an enum typo or a non-numeric port fails here, not in production).
+    for name in [name for name in os.environ if name.startswith("LIVELOOP_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        if name.startswith(service.prefix) and value is not None and "$" not in value:
+            monkeypatch.setenv(name, value)
+    cls()
+
+
+def load_yaml_documents(path: Path) -> list[dict[str, Any]]:
+    return [document for document in yaml.safe_load_all(path.read_text()) if document]
+
+
+def pyproject() -> dict[str, Any]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def project_version() -> str:
+    return str(pyproject()["project"]["version"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Dockerfile
+
+
+@dataclass
+class Stage:
+    name: str
+    base: str
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+
+def dockerfile_stages() -> tuple[dict[str, str], dict[str, Stage]]:
+    """(global ARG defaults, stages by name) of the root Dockerfile."""
+    logical: list[str] = []
+    pending = ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        logical.append(pending + line)
+        pending = ""
+    assert not pending, "Dockerfile ends inside a continued line"
+
+    global_args: dict[str, str] = {}
+    stages: dict[str, Stage] = {}
+    current: Stage | None = None
+    for line in logical:
+        instruction, _, rest = line.partition(" ")
+        instruction = instruction.upper()
+        rest = rest.strip()
+        if instruction == "FROM":
+            match = re.fullmatch(r"(\S+)\s+AS\s+(\S+)", rest, re.IGNORECASE)
+            assert match, f"every stage is named: FROM {rest}"
+            base = re.sub(r"\$\{(\w+)\}", lambda m: global_args[m[1]], match[1])
+            current = stages[match[2]] = Stage(match[2], base)
+        elif current is None:
+            assert instruction == "ARG", f"{instruction} before the first FROM"
+            name, _, default = rest.partition("=")
+            global_args[name] = default.strip('"')
+        else:
+            current.instructions.append((instruction, rest))
+    return global_args, stages
+
+
+def stage_chain(stages: dict[str, Stage], name: str) -> list[Stage]:
+    """The stage and the stages it is built FROM, outermost first."""
+    chain = [stages[name]]
+    while chain[0].base in stages:
+        chain.insert(0, stages[chain[0].base])
+    return chain
+
+
+def stage_env(chain: list[Stage]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for stage in chain:
+        for instruction, rest in stage.instructions:
+            if instruction == "ENV":
+                for token in shlex.split(rest):
+                    name, sep, value = token.partition("=")
+                    assert sep, f"use the ENV name=value form: {rest}"
+                    env[name] = value
+    return env
+
+
+def stage_last(chain: list[Stage], wanted: str) -> str | None:
+    found = None
+    for stage in chain:
+        for instruction, rest in stage.instructions:
+            if instruction == wanted:
+                found = rest
+    return found
+
+
+def test_dockerfile_build_stage_installs_torch_from_a_configurable_index() -> None:
+    global_args, stages = dockerfile_stages()
+    assert global_args["PYTHON_IMAGE"] == "python:3.11-slim"
+    build = stages["build"]
+    args = {
+        rest.partition("=")[0]: rest.partition("=")[2] for kind, rest in build.instructions if kind == "ARG"
+    }
+    assert args["TORCH_INDEX_URL"] in ('""', "")
+    torch_pins = [dep for dep in pyproject()["project"]["dependencies"] if dep.startswith("torch==")]
+    assert torch_pins == [f"torch=={args['TORCH_VERSION']}"], "Dockerfile TORCH_VERSION != pyproject pin"
+    assert not re.search(r"https?://", DOCKERFILE.read_text()), "no index host is hardcoded"
+    runs = " ".join(rest for kind, rest in build.instructions if kind == "RUN")
+    assert '--index-url "$TORCH_INDEX_URL"' in runs
+    assert "pip install ." in runs
+
+
+@pytest.mark.parametrize("name", SERVICE_NAMES)
+def test_dockerfile_target_runs_its_console_script_as_non_root(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = SERVICES[name]
+    _, stages = dockerfile_stages()
+    assert name in stages, f"no Dockerfile target {name!r}"
+    chain = stage_chain(stages, name)
+    assert chain[0].base == "python:3.11-slim"
+    assert "build" not in [stage.name for stage in chain], "service images must not carry the build stage"
+
+    cmd = stage_last(chain, "CMD")
+    assert cmd is not None
+    assert json.loads(cmd) == [service.script]
+    scripts = pyproject()["project"]["scripts"]
+    assert scripts[service.script] == f"services.{name}.__main__:main"
+
+    port, metrics = default_ports(service)
+    exposed = {
+        int(token.split("/")[0])
+        for kind, rest in chain[-1].instructions
+        if kind == "EXPOSE"
+        for token in rest.split()
+    }
+    assert exposed == {port, metrics}
+
+    env = stage_env(chain)
+    assert env[f"{service.prefix}HOST"] == "0.0.0.0"
+    assert env[f"{service.prefix}LOG_FORMAT"] == "json"
+    assert env[f"{service.prefix}PORT"] == str(port)
+    assert env[f"{service.prefix}METRICS_PORT"] == str(metrics)
+    check_env(service, dict(env), f"Dockerfile target {name}", monkeypatch)
+
+    user = stage_last(chain, "USER")
+    assert user is not None
+    assert user.split(":")[0] == "10001"
+
+
+def test_dockerignore_keeps_everything_but_the_sources_out() -> None:
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert patterns[0] == "*", "start from nothing and allow what the build needs"
+    allowed = {p[1:].rstrip("/") for p in patterns if p.startswith("!")}
+    assert {"pyproject.toml", "README.md", "libs", "services"} <= allowed
+    assert not allowed & {"deploy", ".venv", ".git", ".liveloop", "tests"}
+    copied = re.findall(r"^COPY (?!--from)(.+?) \S+$", DOCKERFILE.read_text(), re.MULTILINE)
+    for sources in copied:
+        for source in sources.split():
+            assert source in allowed, f"COPY {source} is excluded by .dockerignore"
+
+
+# --------------------------------------------------------------------------------------------------
+# docker-compose.yml
+
+
+def compose() -> dict[str, Any]:
+    document = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(document, dict)
+    return document
+
+
+def compose_env(definition: dict[str, Any]) -> dict[str, str | None]:
+    environment = definition.get("environment", {})
+    if isinstance(environment, list):
+        return {
+            item.partition("=")[0]: (item.partition("=")[2] if "=" in item else None) for item in environment
+        }
+    return {name: None if value is None else str(value) for name, value in environment.items()}
+
+
+def container_port(entry: Any) -> int:
+    if isinstance(entry, dict):
+        return int(entry["target"])
+    return int(str(entry).split(":")[-1].split("/")[0])
+
+
+def test_compose_file_names_every_service() -> None:
+    services = compose()["services"]
+    assert {"redis", "postgres", "envoy", "prometheus", *SERVICE_NAMES} <= set(services)
+    assert services["redis"]["image"].startswith("redis:7")
+    assert services["postgres"]["image"].startswith("postgres:16")
+    assert services["postgres"]["environment"]["POSTGRES_DB"] == "liveloop"
+    assert "healthcheck" in services["postgres"]
+    assert services["envoy"]["image"].startswith("envoyproxy/envoy:v1.")
+    assert {container_port(p) for p in services["envoy"]["ports"]} == {8080, 9901}
+
+
+@pytest.mark.parametrize("name", SERVICE_NAMES)
+def test_compose_service_builds_its_target_and_runs_its_script(name: str) -> None:
+    definition = compose()["services"][name]
+    _, stages = dockerfile_stages()
+    build = definition["build"]
+    assert build.get("context", ".") == "."
+    assert build["target"] == name
+    assert build["target"] in stages
+    assert json.loads(stage_last(stage_chain(stages, name), "CMD") or "[]") == [SERVICES[name].script]
+    assert SERVICES[name].script in pyproject()["project"]["scripts"]
+    if "command" in definition:
+        command = definition["command"]
+        first = command[0] if isinstance(command, list) else shlex.split(command)[0]
+        assert first in pyproject()["project"]["scripts"]
+    assert definition["image"] == f"liveloop/{name}:{project_version()}"
+
+
+@pytest.mark.parametrize("name", SERVICE_NAMES)
+def test_compose_env_vars_are_settings_fields(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    service = SERVICES[name]
+    env = compose_env(compose()["services"][name])
+    assert env[f"{service.prefix}HOST"] == "0.0.0.0"
+    assert env[f"{service.prefix}LOG_FORMAT"] == "json"
+    assert env[f"{service.prefix}API_KEYS_FILE"] == API_KEYS_PATH
+    fields = settings_class(service).model_fields
+    if "config_target" in fields:
+        assert env[f"{service.prefix}CONFIG_TARGET"] == f"config:{default_ports(SERVICES['config'])[0]}"
+    if "redis_url" in fields:
+        assert env[f"{service.prefix}REDIS_URL"] == "redis://redis:6379/0"
+    if "database_url" in fields:
+        assert (env[f"{service.prefix}DATABASE_URL"] or "").startswith("postgresql+psycopg://")
+    check_env(service, env, f"docker-compose.yml service {name}", monkeypatch)
+
+
+@pytest.mark.parametrize("name", SERVICE_NAMES)
+def test_compose_ports_are_the_settings_defaults(name: str) -> None:
+    service = SERVICES[name]
+    definition = compose()["services"][name]
+    port, metrics = default_ports(service)
+    env = compose_env(definition)
+    assert env[f"{service.prefix}PORT"] == str(port)
+    assert env[f"{service.prefix}METRICS_PORT"] == str(metrics)
+    exposed = [int(str(p).split("/")[0]) for p in definition.get("expose", [])]
+    exposed += [container_port(p) for p in definition.get("ports", [])]
+    assert exposed, f"{name} exposes no port"
+    assert set(exposed) <= {port, metrics}
+
+
+def test_compose_predictor_scales() -> None:
+    predictor = compose()["services"]["predictor"]
+    assert "container_name" not in predictor
+    assert "ports" not in predictor, "a fixed host port would make `--scale predictor=N` collide"
+    assert predictor["deploy"]["replicas"] >= 2
+
+
+@pytest.mark.parametrize("name", SERVICE_NAMES)
+def test_compose_healthcheck_asks_the_service_for_its_own_health(name: str) -> None:
+    service = SERVICES[name]
+    test = compose()["services"][name]["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "-c"]
+    compile(test[3], f"{name} healthcheck", "exec")
+    assert f"'127.0.0.1:{default_ports(service)[0]}'" in test[3]
+    assert f"service='{service.health_service}'" in test[3]
+
+
+def test_compose_dependencies_wait_on_real_health_checks() -> None:
+    services = compose()["services"]
+    for name, definition in services.items():
+        depends_on = definition.get("depends_on", {})
+        if isinstance(depends_on, list):
+            depends_on = {target: {"condition": "service_started"} for target in depends_on}
+        for target, condition in depends_on.items():
+            assert target in services, f"{name} depends on unknown {target}"
+            if condition.get("condition") == "service_healthy":
+                assert "healthcheck" in services[target], (
+                    f"{name} waits for {target}, which has no healthcheck"
+                )
+    for name in ("config", "predictor", "ingest", "trainer", "monitor"):
+        conditions = services[name]["depends_on"]
+        for store in ("redis", "postgres"):
+            if store in conditions:
+                assert conditions[store]["condition"] == "service_healthy"
+
+
+def test_compose_mounts_point_at_files_in_the_repo() -> None:
+    document = compose()
+    missing = []
+    for name, definition in document["services"].items():
+        for volume in definition.get("volumes", []):
+            if isinstance(volume, dict):
+                source = volume.get("source", "") if volume.get("type") == "bind" else ""
+            else:
+                source = str(volume).split(":")[0]
+            if source.startswith((".", "/")) and not (ROOT / source).exists():
+                missing.append(f"{name}: {source}")
+    for name, secret in document.get("secrets", {}).items():
+        path = (ROOT / secret["file"]).resolve()
+        if path != API_KEYS_SECRET_FILE.resolve() and not path.exists():
+            missing.append(f"secret {name}: {secret['file']}")
+    assert not missing, "missing files (run `make envoy-config` for deploy/envoy/):\n" + "\n".join(missing)
+
+
+def test_compose_mounts_api_keys_and_the_envoy_descriptor_where_they_are_read() -> None:
+    document = compose()
+    secrets = document["secrets"]
+    assert (ROOT / secrets["api-keys"]["file"]).resolve() == API_KEYS_SECRET_FILE.resolve()
+    for name in SERVICE_NAMES:
+        targets = [s["target"] for s in document["services"][name]["secrets"] if s["source"] == "api-keys"]
+        assert targets == [API_KEYS_PATH]
+    envoy_mounts = {
+        str(v).split(":")[1]: str(v).split(":")[0] for v in document["services"]["envoy"]["volumes"]
+    }
+    assert envoy_mounts["/etc/envoy/envoy.yaml"] == "./deploy/envoy/envoy.yaml"
+    envoy_config = importlib.import_module("libs.stack.envoy_config")
+    assert envoy_mounts[envoy_config.CONTAINER_DESCRIPTOR_PATH] == "./deploy/envoy/liveloop.pb"
+
+
+def test_compose_prometheus_loads_the_repo_rules() -> None:
+    prometheus = compose()["services"]["prometheus"]
+    mounts = {str(v).split(":")[1]: str(v).split(":")[0] for v in prometheus["volumes"]}
+    assert mounts["/etc/prometheus/prometheus.yml"] == "./deploy/prometheus/prometheus.yml"
+    rule_files = yaml.safe_load(PROMETHEUS.read_text())["rule_files"]
+    for rule_file in rule_files:
+        assert mounts[rule_file] == "./deploy/prometheus/" + Path(rule_file).name
+
+
+# --------------------------------------------------------------------------------------------------
+# Kubernetes manifests
+
+K8S_MANIFESTS = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def k8s_documents(names: list[str] | None = None) -> Iterator[tuple[Path, dict[str, Any]]]:
+    for path in K8S_MANIFESTS:
+        if names is None or path.name in names:
+            for document in load_yaml_documents(path):
+                yield path, document
+
+
+def k8s_objects(kind: str) -> dict[str, dict[str, Any]]:
+    return {doc["metadata"]["name"]: doc for _, doc in k8s_documents() if doc["kind"] == kind}
+
+
+def test_kubernetes_validate_has_schemas_offline() -> None:
+    from kubernetes_validate import utils
+
+    version = utils.latest_version()
+    schemas = Path(utils.__file__).parent / "kubernetes-json-schema" / f"v{version}-local-strict"
+    assert (schemas / "_definitions.json").is_file()
+    assert tuple(int(part) for part in version.split(".")[:2]) >= (1, 30)
+
+
+@pytest.mark.parametrize("path", K8S_MANIFESTS, ids=lambda p: p.name)
+def test_k8s_manifest_validates_against_the_kubernetes_schema(path: Path) -> None:
+    from kubernetes_validate import utils
+
+    version = utils.latest_version()  # the newest schemas bundled with kubernetes-validate
+    documents = load_yaml_documents(path)
+    assert documents, f"{path.name} is empty"
+    errors = []
+    for document in documents:
+        label = f"{document.get('kind')}/{document.get('metadata', {}).get('name')}"
+        try:
+            utils.validate(document, version, strict=True)
+        except utils.ValidationError as exc:
+            errors.append(f"{label}: {'.'.join(str(p) for p in exc.path)}: {exc.message}")
+        except utils.SchemaNotFoundError as exc:
+            errors.append(f"{label}: {exc.message}")
+        if document.get("kind") != "Namespace":
+            assert document["metadata"].get("namespace") == "liveloop", label
+    assert not errors, f"{path.name} against Kubernetes {version} (strict):\n" + "\n".join(errors)
+
+
+def test_kustomization_lists_every_manifest_but_the_example_secret() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert kustomization["namespace"] == "liveloop"
+    listed = kustomization["resources"]
+    assert len(listed) == len(set(listed))
+    expected = {p.name for p in K8S_MANIFESTS} - {"secret.example.yaml"}
+    assert set(listed) == expected
+    assert listed[0] == "namespace.yaml"
+
+
+def test_k8s_secret_references_match_the_example_secret() -> None:
+    example = {doc["metadata"]["name"]: doc for doc in load_yaml_documents(K8S / "secret.example.yaml")}
+    references = []
+    for path, document in k8s_documents():
+        if path.name == "secret.example.yaml":
+            continue
+        for found in _walk(document):
+            if "secretKeyRef" in found:
+                references.append((found["secretKeyRef"]["name"], found["secretKeyRef"]["key"]))
+            if "secret" in found and isinstance(found["secret"], dict) and "secretName" in found["secret"]:
+                for item in found["secret"].get("items", []):
+                    references.append((found["secret"]["secretName"], item["key"]))
+    assert references
+    for name, key in references:
+        assert name in example, f"Secret {name} is not shown in secret.example.yaml"
+        assert key in example[name]["stringData"], f"key {key} of Secret {name} is not shown"
+
+
+def _walk(node: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from _walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk(value)
+
+
+def _only_container(deployment: dict[str, Any]) -> dict[str, Any]:
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return containers[0]
+
+
+@pytest.mark.parametrize("name", SERVICE_NAMES)
+def test_k8s_deployment_env_ports_and_probes_match_the_service(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = SERVICES[name]
+    deployment = k8s_objects("Deployment")[name]
+    container = _only_container(deployment)
+    assert container["image"] == f"liveloop/{name}:{project_version()}"
+
+    env: dict[str, str | None] = {item["name"]: item.get("value") for item in container["env"]}
+    assert len(env) == len(container["env"]), "an env var is set twice"
+    assert env[f"{service.prefix}HOST"] == "0.0.0.0"
+    assert env[f"{service.prefix}LOG_FORMAT"] == "json"
+    assert env[f"{service.prefix}API_KEYS_FILE"] == API_KEYS_PATH
+    check_env(service, env, f"deploy/k8s/{name}.yaml", monkeypatch)
+
+    port, metrics = default_ports(service)
+    assert env[f"{service.prefix}PORT"] == str(port)
+    assert env[f"{service.prefix}METRICS_PORT"] == str(metrics)
+    assert {p["containerPort"] for p in container["ports"]} == {port, metrics}
+
+    probes = {
+        kind: container[kind]
+        for kind in ("startupProbe", "readinessProbe", "livenessProbe")
+        if kind in container
+    }
+    assert {"readinessProbe", "livenessProbe"} <= set(probes)
+    for kind, probe in probes.items():
+        assert probe["grpc"]["port"] == port, kind
+    # Ready means this service is SERVING; alive only that the server answers at all.
+    assert probes["readinessProbe"]["grpc"]["service"] == service.health_service
+    for kind in ("startupProbe", "livenessProbe"):
+        if kind in probes:
+            assert probes[kind]["grpc"].get("service", "") in ("", service.health_service), kind
+
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    keys = mounts[str(Path(API_KEYS_PATH).parent)]
+    assert keys["readOnly"] is True
+    secret = volumes[keys["name"]]["secret"]
+    assert secret["secretName"] == "liveloop-api-keys"
+    assert [item["path"] for item in secret["items"]] == [Path(API_KEYS_PATH).name]
+
+
+@pytest.mark.parametrize("name", SERVICE_NAMES)
+def test_k8s_service_exposes_the_default_ports(name: str) -> None:
+    service = k8s_objects("Service")[name]
+    port, metrics = default_ports(SERVICES[name])
+    assert {p["port"] for p in service["spec"]["ports"]} == {port, metrics}
+    deployment = k8s_objects("Deployment")[name]
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_k8s_predictor_is_headless_autoscaled_and_disruption_budgeted() -> None:
+    assert k8s_objects("Service")["predictor"]["spec"]["clusterIP"] == "None"
+    deployment = k8s_objects("Deployment")["predictor"]
+    assert "replicas" not in deployment["spec"], "the HorizontalPodAutoscaler owns the replica count"
+    hpa = k8s_objects("HorizontalPodAutoscaler")["predictor"]
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "predictor",
+    }
+    assert hpa["spec"]["minReplicas"] >= 2
+    assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
+    pdb = k8s_objects("PodDisruptionBudget")["predictor"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_k8s_trainer_keeps_artifacts_on_a_volume() -> None:
+    claim = k8s_objects("PersistentVolumeClaim")["trainer-artifacts"]
+    deployment = k8s_objects("Deployment")["trainer"]
+    container = _only_container(deployment)
+    artifact_dir = next(e["value"] for e in container["env"] if e["name"] == "LIVELOOP_TRAINER_ARTIFACT_DIR")
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == artifact_dir)
+    volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+
+
+def test_k8s_every_pod_runs_non_root_read_only_and_bounded() -> None:
+    problems = []
+    for _, document in k8s_documents():
+        if document["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        name = f"{document['kind']}/{document['metadata']['name']}"
+        pod = document["spec"]["template"]["spec"]
+        pod_security = pod.get("securityContext", {})
+        if pod_security.get("runAsNonRoot") is not True:
+            problems.append(f"{name}: runAsNonRoot")
+        if pod_security.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+            problems.append(f"{name}: seccompProfile")
+        for container in pod["containers"]:
+            security = container.get("securityContext", {})
+            if security.get("allowPrivilegeEscalation") is not False:
+                problems.append(f"{name}: allowPrivilegeEscalation")
+            if security.get("capabilities", {}).get("drop") != ["ALL"]:
+                problems.append(f"{name}: capabilities.drop")
+            if security.get("readOnlyRootFilesystem") is not True:
+                problems.append(f"{name}: readOnlyRootFilesystem")
+            resources = container.get("resources", {})
+            for part in ("requests", "limits"):
+                if not {"cpu", "memory"} <= set(resources.get(part, {})):
+                    problems.append(f"{name}: resources.{part}")
+            if ":" not in container["image"] or container["image"].endswith(":latest"):
+                problems.append(f"{name}: image without a pinned tag")
+        if document["metadata"]["name"] in SERVICES and pod_security.get("runAsUser") != 10001:
+            problems.append(f"{name}: runAsUser 10001")
+    assert not problems, "\n".join(problems)
+
+
+# --------------------------------------------------------------------------------------------------
+# Envoy ConfigMap: a copy of deploy/envoy/ that tools/sync_k8s_envoy.py keeps current
+
+
+def _envoy_configmap() -> dict[str, Any]:
+    return k8s_objects("ConfigMap")["envoy"]
+
+
+def test_k8s_envoy_mounts_its_configmap() -> None:
+    deployment = k8s_objects("Deployment")["envoy"]
+    container = _only_container(deployment)
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/etc/envoy")
+    volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+    assert volume["configMap"]["name"] == "envoy"
+    assert "envoy.yaml" in _envoy_configmap()["data"]
+    assert "/etc/envoy/envoy.yaml" in container["args"]
+    assert {p["containerPort"] for p in container["ports"]} == {8080, 9901}
+
+
+def test_k8s_envoy_configmap_is_the_generated_config() -> None:
+    if not ENVOY_CONFIG.exists():
+        pytest.skip("deploy/envoy/envoy.yaml not generated yet (make envoy-config)")
+    config = ENVOY_CONFIG.read_bytes()
+    configmap = _envoy_configmap()
+    hint = "stale: run `.venv/bin/python tools/sync_k8s_envoy.py`"
+    assert configmap["data"]["envoy.yaml"].encode("utf-8") == config, hint
+    descriptor = ENVOY_DESCRIPTOR.read_bytes() if ENVOY_DESCRIPTOR.exists() else None
+    if descriptor is not None:
+        assert base64.b64decode(configmap["binaryData"]["liveloop.pb"]) == descriptor, hint
+    else:
+        assert "binaryData" not in configmap, hint
+    digest = hashlib.sha256(config + (descriptor or b"")).hexdigest()
+    annotations = k8s_objects("Deployment")["envoy"]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["liveloop.dev/envoy-config-sha256"] == digest, hint
+
+
+def test_sync_script_copies_the_config_byte_for_byte(tmp_path: Path) -> None:
+    manifest = tmp_path / "envoy.yaml"
+    manifest.write_text((K8S / "envoy.yaml").read_text())
+    descriptor = tmp_path / "liveloop.pb"
+    descriptor.write_bytes(bytes(range(256)) * 3)
+    cases = [
+        "static_resources:\n  listeners: []\n",
+        "admin:\n  address: {socket_address: {address: 0.0.0.0, port_value: 9901}}\n\n\n",
+        "  indented first line: 1\nno: trailing newline",
+        "windows: line\r\nendings: here\r\n",
+        "key: 'tabs\tand # hashes and: colons'\n",
+    ]
+
+    def run(*extra: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, str(SYNC_SCRIPT), "--config", str(config), "--descriptor", str(descriptor)]
+        return subprocess.run(
+            [*argv, "--manifest", str(manifest), *extra],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+    config = tmp_path / "config.yaml"
+    for case in cases:
+        config.write_bytes(case.encode("utf-8"))
+        assert run().returncode == 0
+        assert run("--check").returncode == 0
+        documents = load_yaml_documents(manifest)
+        configmap = next(d for d in documents if d["kind"] == "ConfigMap")
+        assert configmap["data"]["envoy.yaml"] == case
+        assert base64.b64decode(configmap["binaryData"]["liveloop.pb"]) == descriptor.read_bytes()
+        # everything above the ConfigMap survives
+        assert [d["kind"] for d in documents] == ["Service", "Deployment", "ConfigMap"]
+    config.write_text("changed: true\n")
+    stale = run("--check")
+    assert stale.returncode == 1
+    assert "stale" in stale.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# Prometheus
+
+ALLOWED_METRICS = {
+    "up",
+    "liveloop_rpc_requests_total",
+    "liveloop_rpc_latency_seconds",
+    "liveloop_rpc_latency_seconds_bucket",
+    "liveloop_rpc_latency_seconds_sum",
+    "liveloop_rpc_latency_seconds_count",
+}
+PROMQL_KEYWORDS = {
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "offset",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "inf",
+    "nan",
+}
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names a PromQL expression selects (strings, label matchers, ranges and groupings removed)."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'', '""', expr)
+    expr = re.sub(r"\{[^}]*\}", " ", expr)
+    expr = re.sub(r"\[[^\]]*\]", " ", expr)
+    expr = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", expr)
+    names = set()
+    for match in re.finditer(r"(?<![\w.:])([A-Za-z_:][\w:]*)\s*(\()?", expr):
+        if match[2] is None and match[1].lower() not in PROMQL_KEYWORDS:
+            names.add(match[1])
+    return names
+
+
+def test_metric_name_extraction() -> None:
+    expr = (
+        'histogram_quantile(0.99, sum by (le, method) (rate(foo_bucket{a="b", c=~"x|y"}[5m])))'
+        " / on (job) group_left bar offset 1h > 1e3 and up"
+    )
+    assert metric_names(expr) == {"foo_bucket", "bar", "up"}
+
+
+def test_prometheus_scrapes_every_metrics_port() -> None:
+    document = yaml.safe_load(PROMETHEUS.read_text())
+    jobs = {job["job_name"]: job for job in document["scrape_configs"]}
+    for name in SERVICE_NAMES:
+        _, metrics = default_ports(SERVICES[name])
+        job = jobs[name]
+        if name == "predictor":
+            # every replica, however many `--scale` made
+            (dns,) = job["dns_sd_configs"]
+            assert dns["names"] == ["predictor"]
+            assert dns["port"] == metrics
+        else:
+            targets = [t for group in job["static_configs"] for t in group["targets"]]
+            assert targets == [f"{name}:{metrics}"]
+    assert jobs["envoy"]["metrics_path"] == "/stats/prometheus"
+    assert document["rule_files"] == ["/etc/prometheus/alerts.yml"]
+
+
+def test_alert_rules_use_only_the_exported_metrics() -> None:
+    document = yaml.safe_load(ALERTS.read_text())
+    rules = [rule for group in document["groups"] for rule in group["rules"]]
+    assert len(rules) >= 3
+    used: set[str] = set()
+    for rule in rules:
+        assert {"alert", "expr", "for", "labels", "annotations"} <= set(rule), rule.get("alert")
+        assert rule["labels"]["severity"] in ("warning", "critical")
+        assert rule["annotations"]["summary"]
+        assert rule["expr"].count("(") == rule["expr"].count(")"), rule["alert"]
+        names = metric_names(rule["expr"])
+        assert names, f"{rule['alert']}: no metric found"
+        assert names <= ALLOWED_METRICS, f"{rule['alert']} uses {sorted(names - ALLOWED_METRICS)}"
+        used |= names
+    assert {"up", "liveloop_rpc_requests_total", "liveloop_rpc_latency_seconds_bucket"} <= used
