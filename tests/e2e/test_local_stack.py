@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from libs.common.client import open_blocking_channel
+from libs.protos.liveloop.config.v1 import config_pb2, config_pb2_grpc
 from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 from libs.stack import topology
 from libs.stack.launcher import envoy_upstream_health, grpc_health
@@ -99,16 +100,18 @@ def test_up_status_routing_failover_and_down(running_stack: LocalStack) -> None:
 
 def test_api_keys_are_enforced_through_envoy(running_stack: LocalStack) -> None:
     stack = running_stack
-    with open_blocking_channel(stack.front_door, deadline_seconds=5) as channel:
-        with pytest.raises(grpc.RpcError) as missing:
-            predictor_pb2_grpc.PredictorServiceStub(channel).Ping(predictor_pb2.PingRequest())
+    with (
+        open_blocking_channel(stack.front_door, deadline_seconds=5) as channel,
+        pytest.raises(grpc.RpcError) as missing,
+    ):
+        predictor_pb2_grpc.PredictorServiceStub(channel).Ping(predictor_pb2.PingRequest())
     assert missing.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    from libs.protos.liveloop.config.v1 import config_pb2, config_pb2_grpc
-
     invoke = stack.credentials()["invoke"]
-    with open_blocking_channel(stack.front_door, api_key=invoke, deadline_seconds=5) as channel:
-        with pytest.raises(grpc.RpcError) as denied:
-            config_pb2_grpc.ConfigServiceStub(channel).Publish(config_pb2.PublishRequest())
+    with (
+        open_blocking_channel(stack.front_door, api_key=invoke, deadline_seconds=5) as channel,
+        pytest.raises(grpc.RpcError) as denied,
+    ):
+        config_pb2_grpc.ConfigServiceStub(channel).Publish(config_pb2.PublishRequest())
     assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
