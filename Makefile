@@ -24,8 +24,9 @@ protos: $(STAMP) ## Generate Python stubs and the Envoy descriptor set from prot
 check-protos: $(STAMP) ## Fail if the committed stubs differ from protos/
 	$(BIN)/python tools/generate_protos.py --check
 
-envoy-config: $(STAMP) ## Regenerate deploy/envoy/envoy.yaml (containers) from the shared builder
+envoy-config: $(STAMP) ## Regenerate deploy/envoy/envoy.yaml and the k8s ConfigMap from the shared builder
 	$(BIN)/python -m libs.stack.envoy_config --write deploy/envoy/envoy.yaml
+	$(BIN)/python tools/sync_k8s_envoy.py
 
 lint: $(STAMP) ## ruff
 	$(BIN)/ruff check .
@@ -37,6 +38,7 @@ typecheck: $(STAMP) ## mypy --strict on libs/ and services/
 test: $(STAMP) ## Set up .venv and run every check and test (the CI command)
 	$(BIN)/python tools/generate_protos.py --check
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
 

@@ -1,0 +1,195 @@
+"""Real services in-process on port 0, with auth on, and channels that carry a chosen API key.
+
+Each server fixture builds the service exactly as its `__main__` would (same `build_server`, same
+interceptors), on 127.0.0.1:0 with a fresh SQLite file, and stops it after the test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from libs.common.client import open_channel
+from libs.common.server import RunningServer
+from libs.common.settings import ServiceSettings
+from libs.stack import topology
+from services.config.server import build_server as build_config
+from services.config.settings import ConfigSettings
+from services.ingest.server import build_server as build_ingest
+from services.ingest.settings import IngestSettings
+from services.monitor.server import build_server as build_monitor
+from services.monitor.settings import MonitorSettings
+from services.predictor.server import build_server as build_predictor
+from services.predictor.settings import PredictorSettings
+from services.trainer.server import build_server as build_trainer
+from services.trainer.settings import TrainerSettings
+from tests.conftest import ApiKeys
+
+PREDICTOR_REPLICA_ID = "predictor-under-test"
+
+
+def target(running: RunningServer) -> str:
+    return f"127.0.0.1:{running.port}"
+
+
+def channel(
+    running: RunningServer, api_key: str | None = None, deadline_seconds: float = 10.0
+) -> aio.Channel:
+    """A channel built by the project's client (default deadline, retry on UNAVAILABLE, API key)."""
+    return open_channel(target(running), api_key=api_key, deadline_seconds=deadline_seconds)
+
+
+async def health_status(running: RunningServer, service: str = "") -> str:
+    """The health status name of `service` on the server, asked without an API key."""
+    async with channel(running) as open_:
+        response = await health_pb2_grpc.HealthStub(open_).Check(
+            health_pb2.HealthCheckRequest(service=service)
+        )
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+
+@dataclass(frozen=True)
+class ServiceUnderTest:
+    """How to build one service for a test, and one of its RPCs that has not landed yet."""
+
+    info: topology.ServiceInfo
+    settings_class: type[ServiceSettings]
+    build: Callable[[Any], Awaitable[RunningServer]]
+    uses_database: bool
+    uses_redis: bool
+    unimplemented_method: str  # "/package.Service/Method", unary-unary
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    def settings(self, tmp_path: Path, api_keys: ApiKeys, redis_url: str | None, **overrides: Any) -> Any:
+        values: dict[str, Any] = {
+            "host": "127.0.0.1",
+            "port": 0,
+            "auth_enabled": True,
+            "api_keys_file": api_keys.file,
+            "shutdown_drain_seconds": 0,
+            "shutdown_grace_seconds": 0,
+        }
+        if self.uses_database:
+            values["database_url"] = f"sqlite:///{tmp_path / f'{self.name}.db'}"
+        if self.uses_redis:
+            values["redis_url"] = redis_url
+        if self.settings_class is PredictorSettings:
+            values["replica_id"] = PREDICTOR_REPLICA_ID
+            values["state_dir"] = tmp_path / "predictor-state"
+        if self.settings_class is TrainerSettings:
+            values["artifact_dir"] = tmp_path / "artifacts"
+        values.update(overrides)
+        return self.settings_class(**values)
+
+
+SERVICES_UNDER_TEST: dict[str, ServiceUnderTest] = {
+    "config": ServiceUnderTest(
+        topology.CONFIG, ConfigSettings, build_config, True, False, "/liveloop.config.v1.ConfigService/Get"
+    ),
+    "predictor": ServiceUnderTest(
+        topology.PREDICTOR,
+        PredictorSettings,
+        build_predictor,
+        False,
+        True,
+        "/liveloop.predictor.v1.PredictorService/Invoke",
+    ),
+    "ingest": ServiceUnderTest(
+        topology.INGEST,
+        IngestSettings,
+        build_ingest,
+        True,
+        True,
+        "/liveloop.ingest.v1.IngestService/ListTables",
+    ),
+    "trainer": ServiceUnderTest(
+        topology.TRAINER,
+        TrainerSettings,
+        build_trainer,
+        True,
+        False,
+        "/liveloop.trainer.v1.TrainerService/ListJobs",
+    ),
+    "monitor": ServiceUnderTest(
+        topology.MONITOR,
+        MonitorSettings,
+        build_monitor,
+        True,
+        True,
+        "/liveloop.monitor.v1.MonitorService/ListAlerts",
+    ),
+}
+assert set(SERVICES_UNDER_TEST) == {service.name for service in topology.SERVICES}
+
+
+@contextlib.asynccontextmanager
+async def started(
+    service: ServiceUnderTest, tmp_path: Path, api_keys: ApiKeys, request: pytest.FixtureRequest
+) -> AsyncIterator[RunningServer]:
+    """The service built and serving on a free port; stopped on exit."""
+    redis_url = str(request.getfixturevalue("redis_url")) if service.uses_redis else None
+    running = await service.build(service.settings(tmp_path, api_keys, redis_url))
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+@pytest.fixture
+async def config_server(
+    tmp_path: Path, api_keys: ApiKeys, request: pytest.FixtureRequest
+) -> AsyncIterator[RunningServer]:
+    async with started(SERVICES_UNDER_TEST["config"], tmp_path, api_keys, request) as running:
+        yield running
+
+
+@pytest.fixture
+async def predictor_server(
+    tmp_path: Path, api_keys: ApiKeys, request: pytest.FixtureRequest
+) -> AsyncIterator[RunningServer]:
+    async with started(SERVICES_UNDER_TEST["predictor"], tmp_path, api_keys, request) as running:
+        yield running
+
+
+@pytest.fixture
+async def ingest_server(
+    tmp_path: Path, api_keys: ApiKeys, request: pytest.FixtureRequest
+) -> AsyncIterator[RunningServer]:
+    async with started(SERVICES_UNDER_TEST["ingest"], tmp_path, api_keys, request) as running:
+        yield running
+
+
+@pytest.fixture
+async def trainer_server(
+    tmp_path: Path, api_keys: ApiKeys, request: pytest.FixtureRequest
+) -> AsyncIterator[RunningServer]:
+    async with started(SERVICES_UNDER_TEST["trainer"], tmp_path, api_keys, request) as running:
+        yield running
+
+
+@pytest.fixture
+async def monitor_server(
+    tmp_path: Path, api_keys: ApiKeys, request: pytest.FixtureRequest
+) -> AsyncIterator[RunningServer]:
+    async with started(SERVICES_UNDER_TEST["monitor"], tmp_path, api_keys, request) as running:
+        yield running
+
+
+@pytest.fixture(params=sorted(SERVICES_UNDER_TEST))
+async def any_server(
+    request: pytest.FixtureRequest, tmp_path: Path, api_keys: ApiKeys
+) -> AsyncIterator[tuple[ServiceUnderTest, RunningServer]]:
+    """Each of the five services in turn, with its test description."""
+    service = SERVICES_UNDER_TEST[str(request.param)]
+    async with started(service, tmp_path, api_keys, request) as running:
+        yield service, running

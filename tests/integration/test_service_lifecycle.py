@@ -1,0 +1,177 @@
+"""A service as a real process: graceful SIGTERM, metrics endpoint, JSON logs, TLS, tracing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+
+from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
+from libs.stack.launcher import grpc_health
+from libs.stack.processes import free_port, wait_until
+from tests.conftest import ApiKeys
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _start_predictor(env_extra: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("LIVELOOP_")}
+    env.update(env_extra)
+    with log.open("wb") as sink:
+        return subprocess.Popen(
+            [sys.executable, "-m", "services.predictor"],
+            cwd=REPO,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def test_sigterm_reports_not_serving_then_exits_cleanly(tmp_path: Path, api_keys: ApiKeys) -> None:
+    port, metrics_port = free_port(), free_port()
+    process = _start_predictor(
+        {
+            "LIVELOOP_PREDICTOR_PORT": str(port),
+            "LIVELOOP_PREDICTOR_METRICS_PORT": str(metrics_port),
+            "LIVELOOP_PREDICTOR_API_KEYS_FILE": str(api_keys.file),
+            "LIVELOOP_PREDICTOR_REPLICA_ID": "lifecycle",
+            "LIVELOOP_PREDICTOR_LOG_FORMAT": "json",
+            "LIVELOOP_PREDICTOR_SHUTDOWN_DRAIN_SECONDS": "3",
+        },
+        tmp_path / "predictor.log",
+    )
+    target = f"127.0.0.1:{port}"
+    service = "liveloop.predictor.v1.PredictorService"
+    try:
+        assert wait_until(lambda: grpc_health(target, service) == "SERVING", timeout=30)
+        with grpc.insecure_channel(target) as channel:
+            reply = predictor_pb2_grpc.PredictorServiceStub(channel).Ping(
+                predictor_pb2.PingRequest(), metadata=(("x-api-key", api_keys.invoke),), timeout=5
+            )
+        assert reply.replica_id == "lifecycle"
+
+        # The Prometheus endpoint counts the call with its status code.
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+            metrics = response.read().decode()
+        assert (
+            'liveloop_rpc_requests_total{code="OK",method="PredictorService/Ping",service="predictor"} 1.0'
+            in metrics
+        )
+
+        process.send_signal(signal.SIGTERM)
+        # During the drain window the server still answers, but says NOT_SERVING.
+        assert wait_until(lambda: grpc_health(target, service) == "NOT_SERVING", timeout=3)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+
+    lines = [
+        json.loads(line)
+        for line in (tmp_path / "predictor.log").read_text().splitlines()
+        if line.startswith("{")
+    ]
+    messages = [line["message"] for line in lines]
+    assert any("listening on" in message for message in messages)
+    assert any("stopped" in message for message in messages)
+    assert all(line["service"] == "predictor" for line in lines)
+
+
+def test_taken_port_exits_with_the_port_named(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        process = _start_predictor(
+            {"LIVELOOP_PREDICTOR_PORT": str(port), "LIVELOOP_PREDICTOR_AUTH_ENABLED": "false"},
+            tmp_path / "predictor.log",
+        )
+        assert process.wait(timeout=60) == 1
+    assert f"127.0.0.1:{port}" in (tmp_path / "predictor.log").read_text()
+
+
+def test_missing_key_file_refuses_to_start(tmp_path: Path) -> None:
+    process = _start_predictor({"LIVELOOP_PREDICTOR_PORT": str(free_port())}, tmp_path / "predictor.log")
+    assert process.wait(timeout=60) == 1
+    assert "api_keys_file" in (tmp_path / "predictor.log").read_text()
+
+
+def _self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    key, cert = directory / "server.key", directory / "server.crt"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return key, cert
+
+
+@pytest.mark.skipif(
+    not Path("/usr/bin/openssl").exists(), reason="openssl is needed to make a test certificate"
+)
+def test_tls_listener_serves_only_tls_clients(tmp_path: Path, api_keys: ApiKeys) -> None:
+    key, cert = _self_signed_certificate(tmp_path)
+    port = free_port()
+    process = _start_predictor(
+        {
+            "LIVELOOP_PREDICTOR_PORT": str(port),
+            "LIVELOOP_PREDICTOR_API_KEYS_FILE": str(api_keys.file),
+            "LIVELOOP_PREDICTOR_TLS_CERT_FILE": str(cert),
+            "LIVELOOP_PREDICTOR_TLS_KEY_FILE": str(key),
+            "LIVELOOP_PREDICTOR_SHUTDOWN_DRAIN_SECONDS": "0",
+        },
+        tmp_path / "predictor.log",
+    )
+    credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+
+    def tls_ping() -> str:
+        with grpc.secure_channel(f"127.0.0.1:{port}", credentials) as channel:
+            reply = predictor_pb2_grpc.PredictorServiceStub(channel).Ping(
+                predictor_pb2.PingRequest(), metadata=(("x-api-key", api_keys.invoke),), timeout=2
+            )
+        return reply.replica_id
+
+    try:
+        assert wait_until(lambda: _succeeds(tls_ping), timeout=30)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as plaintext, pytest.raises(grpc.RpcError):
+            predictor_pb2_grpc.PredictorServiceStub(plaintext).Ping(predictor_pb2.PingRequest(), timeout=2)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _succeeds(call: object) -> bool:
+    try:
+        call()  # type: ignore[operator]
+    except grpc.RpcError:
+        return False
+    return True
