@@ -20,6 +20,7 @@ venv: $(STAMP) ## Create .venv and install liveloop with its dev tools
 
 protos: $(STAMP) ## Generate Python stubs and the Envoy descriptor set from protos/
 	$(BIN)/python tools/generate_protos.py
+	$(BIN)/python tools/sync_k8s_envoy.py
 
 check-protos: $(STAMP) ## Fail if the committed stubs differ from protos/
 	$(BIN)/python tools/generate_protos.py --check
