@@ -81,7 +81,7 @@ class ServiceUnderTest:
         }
         if self.uses_database:
             values["database_url"] = f"sqlite:///{tmp_path / f'{self.name}.db'}"
-        if self.uses_redis:
+        if self.uses_redis and redis_url is not None:
             values["redis_url"] = redis_url
         if self.settings_class is PredictorSettings:
             values["replica_id"] = PREDICTOR_REPLICA_ID

@@ -1,0 +1,223 @@
+"""The five services, each built as in production and served on port 0 with auth on."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from libs.common.errors import FailedPrecondition, Unavailable
+from libs.common.server import RunningServer
+from libs.protos.liveloop.config.v1 import config_pb2, config_pb2_grpc
+from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
+from tests.conftest import ApiKeys
+from tests.grpc.conftest import (
+    PREDICTOR_REPLICA_ID,
+    SERVICES_UNDER_TEST,
+    ServiceUnderTest,
+    channel,
+    health_status,
+    started,
+    target,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+GRPCURL = Path(sys.executable).parent / "grpcurl"
+ALL_SERVICES = sorted(SERVICES_UNDER_TEST)
+
+
+def _identity(message: bytes) -> bytes:
+    return message
+
+
+async def _call_raw(running: RunningServer, method: str, api_key: str | None) -> grpc.StatusCode:
+    """Call a unary method with an empty message (valid for any proto) and return the status."""
+    async with channel(running, api_key) as open_:
+        call = open_.unary_unary(method, request_serializer=_identity, response_deserializer=_identity)
+        try:
+            await call(b"")
+        except grpc.aio.AioRpcError as error:
+            return error.code()
+    return grpc.StatusCode.OK
+
+
+async def test_health_reports_serving_for_the_server_and_each_service(
+    any_server: tuple[ServiceUnderTest, RunningServer],
+) -> None:
+    service, running = any_server
+    assert await health_status(running, "") == "SERVING"
+    for name in service.info.grpc_services:
+        assert await health_status(running, name) == "SERVING", name
+
+
+async def test_health_of_an_unknown_service_is_not_found(
+    any_server: tuple[ServiceUnderTest, RunningServer],
+) -> None:
+    _, running = any_server
+    async with channel(running) as open_:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await health_pb2_grpc.HealthStub(open_).Check(health_pb2.HealthCheckRequest(service="no.such.Svc"))
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_reflection_lists_the_services_without_a_key(
+    any_server: tuple[ServiceUnderTest, RunningServer],
+) -> None:
+    service, running = any_server
+    # The server runs on this event loop, so the client must not block it.
+    listed = await asyncio.to_thread(
+        subprocess.run,
+        [str(GRPCURL), "-plaintext", target(running), "list"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert listed.returncode == 0, listed.stderr
+    names = set(listed.stdout.split())
+    assert set(service.info.grpc_services) <= names, listed.stdout
+    assert "grpc.health.v1.Health" in names
+
+
+async def test_reflection_describes_the_service_methods(
+    any_server: tuple[ServiceUnderTest, RunningServer],
+) -> None:
+    service, running = any_server
+    full_name, method = service.unimplemented_method.strip("/").split("/")
+    described = await asyncio.to_thread(
+        subprocess.run,
+        [str(GRPCURL), "-plaintext", target(running), "describe", full_name],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert described.returncode == 0, described.stderr
+    assert f"rpc {method}" in described.stdout, described.stdout
+
+
+async def test_an_rpc_not_yet_implemented_is_unimplemented_for_admin_and_unauthenticated_without_a_key(
+    any_server: tuple[ServiceUnderTest, RunningServer], api_keys: ApiKeys
+) -> None:
+    service, running = any_server
+    assert await _call_raw(running, service.unimplemented_method, api_keys.admin) == grpc.StatusCode.UNIMPLEMENTED
+    assert await _call_raw(running, service.unimplemented_method, None) == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_predictor_ping_answers_with_the_replica_id_for_an_invoke_key(
+    predictor_server: RunningServer, api_keys: ApiKeys
+) -> None:
+    async with channel(predictor_server, api_keys.invoke) as open_:
+        response = await predictor_pb2_grpc.PredictorServiceStub(open_).Ping(predictor_pb2.PingRequest())
+    assert response.replica_id == PREDICTOR_REPLICA_ID
+    assert response.config_revision == 0
+    assert response.server_time.seconds > 0
+
+
+async def test_config_watch_is_open_to_invoke_keys_and_publish_is_not(
+    config_server: RunningServer, api_keys: ApiKeys
+) -> None:
+    # The key goes as call metadata: open_channel drops it on streaming calls (see test_client.py).
+    invoke = (("x-api-key", api_keys.invoke),)
+    async with channel(config_server) as open_:
+        stub = config_pb2_grpc.ConfigServiceStub(open_)
+        watch = stub.Watch(iter([config_pb2.WatchRequest()]), metadata=invoke)
+        with pytest.raises(grpc.aio.AioRpcError) as watched:
+            async for _ in watch:
+                pytest.fail("Watch is not implemented yet and must not stream")
+        assert watched.value.code() == grpc.StatusCode.UNIMPLEMENTED, watched.value.details()
+
+        with pytest.raises(grpc.aio.AioRpcError) as published:
+            await stub.Publish(config_pb2.PublishRequest(), metadata=invoke)
+        assert published.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "admin" in (published.value.details() or "")
+
+
+async def test_set_serving_false_reports_not_serving_while_the_server_still_answers(
+    predictor_server: RunningServer, api_keys: ApiKeys
+) -> None:
+    names = ("", *SERVICES_UNDER_TEST["predictor"].info.grpc_services)
+    await predictor_server.set_serving(False)
+    assert [await health_status(predictor_server, name) for name in names] == ["NOT_SERVING"] * len(names)
+    # Draining: in-flight and new calls are still answered.
+    async with channel(predictor_server, api_keys.invoke) as open_:
+        ping = await predictor_pb2_grpc.PredictorServiceStub(open_).Ping(predictor_pb2.PingRequest())
+    assert ping.replica_id == PREDICTOR_REPLICA_ID
+    await predictor_server.set_serving(True)
+    assert [await health_status(predictor_server, name) for name in names] == ["SERVING"] * len(names)
+
+
+async def test_stop_announces_not_serving_to_watchers_before_closing(
+    tmp_path: Path, api_keys: ApiKeys
+) -> None:
+    service = SERVICES_UNDER_TEST["predictor"]
+    running = await service.build(service.settings(tmp_path, api_keys, None))
+    stopping: asyncio.Task[None] | None = None
+    try:
+        async with channel(running, deadline_seconds=30) as open_:
+            watch = health_pb2_grpc.HealthStub(open_).Watch(health_pb2.HealthCheckRequest(service=""))
+            updates = aiter(watch)
+            first = await anext(updates)
+            assert first.status == health_pb2.HealthCheckResponse.SERVING
+            # A drain period keeps the server up after NOT_SERVING, as a balancer would need.
+            stopping = asyncio.create_task(running.stop(drain_seconds=0.5, grace_seconds=0))
+            second = await anext(updates)
+            assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        await (running.stop() if stopping is None else stopping)
+    async with channel(running, deadline_seconds=2) as open_:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await health_pb2_grpc.HealthStub(open_).Check(health_pb2.HealthCheckRequest())
+    assert raised.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+@pytest.mark.parametrize("name", ALL_SERVICES)
+async def test_auth_without_a_key_file_fails_at_build_naming_the_setting(
+    name: str, tmp_path: Path, api_keys: ApiKeys
+) -> None:
+    service = SERVICES_UNDER_TEST[name]
+    settings = service.settings(tmp_path, api_keys, "redis://127.0.0.1:1/0", api_keys_file=None)
+    with pytest.raises(FailedPrecondition) as raised:
+        running = await service.build(settings)
+        await running.stop()
+    assert raised.value.field == "api_keys_file"
+    assert "api_keys_file" in str(raised.value)
+
+
+@pytest.mark.parametrize("name", ALL_SERVICES)
+async def test_a_second_server_on_a_taken_port_fails_naming_the_port(
+    name: str, tmp_path: Path, api_keys: ApiKeys, request: pytest.FixtureRequest
+) -> None:
+    service = SERVICES_UNDER_TEST[name]
+    async with started(service, tmp_path / "first", api_keys, request) as first:
+        redis_url = "redis://127.0.0.1:1/0"
+        settings = service.settings(tmp_path / "second", api_keys, redis_url, port=first.port)
+        with pytest.raises(Unavailable) as raised:
+            second = await service.build(settings)
+            await second.stop()
+        assert raised.value.field == "port"
+        assert str(first.port) in str(raised.value)
+        # The first server is unaffected.
+        assert await health_status(first) == "SERVING"
+
+
+async def test_config_with_an_unreachable_postgresql_fails_at_build_naming_database_url(
+    tmp_path: Path, api_keys: ApiKeys
+) -> None:
+    service = SERVICES_UNDER_TEST["config"]
+    settings = service.settings(
+        tmp_path, api_keys, None, database_url="postgresql://liveloop:hunter2@127.0.0.1:1/x"
+    )
+    with pytest.raises(Unavailable) as raised:
+        running = await service.build(settings)
+        await running.stop()
+    assert raised.value.field == "database_url"
+    assert "database_url" in str(raised.value)
+    assert "127.0.0.1:1" in str(raised.value)
+    assert "hunter2" not in str(raised.value)
