@@ -31,6 +31,7 @@ from services.predictor.settings import PredictorSettings
 from services.trainer.server import build_server as build_trainer
 from services.trainer.settings import TrainerSettings
 from tests.conftest import ApiKeys
+from tests.grpc.probe_service import Probe, probe_settings, serving_probe
 
 PREDICTOR_REPLICA_ID = "predictor-under-test"
 
@@ -193,3 +194,15 @@ async def any_server(
     service = SERVICES_UNDER_TEST[str(request.param)]
     async with started(service, tmp_path, api_keys, request) as running:
         yield service, running
+
+
+@pytest.fixture
+def probe() -> Probe:
+    return Probe()
+
+
+@pytest.fixture
+async def probe_server(probe: Probe, api_keys: ApiKeys) -> AsyncIterator[RunningServer]:
+    """The test-only probe service behind the shared bootstrap, with auth on."""
+    async with serving_probe(probe, probe_settings(api_keys.file)) as running:
+        yield running

@@ -45,6 +45,7 @@ def assert_config_schema(engine: sa.Engine) -> None:
         "created_at",
         "change_kind",
         "rolled_back_from",
+        "message",
     ]
     indexes = {ix["name"]: ix for ix in inspector.get_indexes("deployment_revisions")}
     assert indexes["ix_deployment_revisions_deployment_revision"]["column_names"] == [
@@ -254,7 +255,7 @@ def test_constraints_are_enforced(database_engine: sa.Engine) -> None:
     migrate(database_engine)
     bad_rows = [
         (schema.config_audit, {"revision": 999, "actor": "t", "action": "publish"}),  # no such revision
-        (schema.deployment_revisions, revision_row(1, change_kind="delete")),
+        (schema.deployment_revisions, revision_row(1, change_kind="rename")),  # unknown kind
         (schema.deployment_revisions, revision_row(1, change_kind=schema.CHANGE_KIND_ROLLBACK)),  # no source
     ]
     for table, row in bad_rows:

@@ -12,6 +12,7 @@ VERSION_TABLE = "alembic_version_config"
 
 CHANGE_KIND_PUBLISH = "publish"
 CHANGE_KIND_ROLLBACK = "rollback"
+CHANGE_KIND_DELETE = "delete"  # the deployment leaves the head; `spec` is empty
 
 metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
 
@@ -28,11 +29,13 @@ deployment_revisions = sa.Table(
     sa.Column("content_sha256", sa.String(64), nullable=False),  # of `spec`, to spot no-op publishes
     sa.Column("author", sa.String(200), nullable=False),
     sa.Column("created_at", UtcDateTime, nullable=False, server_default=sa.text("CURRENT_TIMESTAMP")),
-    sa.Column("change_kind", sa.String(16), nullable=False),  # publish | rollback
+    sa.Column("change_kind", sa.String(16), nullable=False),  # publish | rollback | delete
     # A rollback republishes an older payload under a new revision; this names the older one.
     sa.Column("rolled_back_from", sa.BigInteger, sa.ForeignKey("deployment_revisions.revision")),
+    sa.Column("message", sa.Text, nullable=False, server_default=sa.text("''")),  # why, from the author
     sa.CheckConstraint(
-        f"change_kind IN ('{CHANGE_KIND_PUBLISH}', '{CHANGE_KIND_ROLLBACK}')", name="change_kind"
+        f"change_kind IN ('{CHANGE_KIND_PUBLISH}', '{CHANGE_KIND_ROLLBACK}', '{CHANGE_KIND_DELETE}')",
+        name="change_kind",
     ),
     sa.CheckConstraint(
         f"(change_kind = '{CHANGE_KIND_ROLLBACK}') = (rolled_back_from IS NOT NULL)",

@@ -32,8 +32,9 @@ def upgrade() -> None:
         ),
         sa.Column("change_kind", sa.String(length=16), nullable=False),
         sa.Column("rolled_back_from", sa.BigInteger(), nullable=True),
+        sa.Column("message", sa.Text(), server_default=sa.text("''"), nullable=False),
         sa.CheckConstraint(
-            "change_kind IN ('publish', 'rollback')",
+            "change_kind IN ('publish', 'rollback', 'delete')",
             name=op.f("ck_deployment_revisions_change_kind"),
         ),
         sa.CheckConstraint(
