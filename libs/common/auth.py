@@ -13,6 +13,7 @@ import hmac
 import json
 import os
 import secrets
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +21,9 @@ from pathlib import Path
 from libs.common.errors import InvalidArgument, PermissionDenied, Unauthenticated
 
 KEY_PREFIX = "ll"
+
+# Who is calling, for audit trails: set by the auth interceptor around each RPC.
+CALLER: ContextVar[str] = ContextVar("liveloop_caller", default="anonymous")
 
 
 class Role(enum.StrEnum):
@@ -109,8 +113,8 @@ class ApiKeyStore:
     def add(self, record: ApiKeyRecord) -> None:
         self._by_id[record.key_id] = record
 
-    def authenticate(self, api_key: str | None) -> Role:
-        """Return the key's role; raise Unauthenticated for a missing or wrong key."""
+    def authenticate(self, api_key: str | None) -> ApiKeyRecord:
+        """Return the key's record; raise Unauthenticated for a missing or wrong key."""
         if not api_key:
             raise Unauthenticated("missing API key: send metadata 'x-api-key' or 'authorization: Bearer ...'")
         parts = api_key.split("_", 2)
@@ -119,10 +123,12 @@ class ApiKeyStore:
         record = self._by_id.get(parts[1])
         if record is None or not hmac.compare_digest(record.sha256, _digest(api_key)):
             raise Unauthenticated("unknown API key")
-        return record.role
+        return record
 
-    def authorize(self, api_key: str | None, required: Role, method: str) -> Role:
-        role = self.authenticate(api_key)
-        if not role.allows(required):
-            raise PermissionDenied(f"{method} needs role '{required.value}', the key has '{role.value}'")
-        return role
+    def authorize(self, api_key: str | None, required: Role, method: str) -> ApiKeyRecord:
+        record = self.authenticate(api_key)
+        if not record.role.allows(required):
+            raise PermissionDenied(
+                f"{method} needs role '{required.value}', the key has '{record.role.value}'"
+            )
+        return record

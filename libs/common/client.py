@@ -18,13 +18,16 @@ from libs.common.server import MAX_MESSAGE_BYTES
 StubT = TypeVar("StubT")
 
 
-def service_config(deadline_seconds: float, max_attempts: int = 4) -> str:
+def service_config(deadline_seconds: float | None, max_attempts: int = 4) -> str:
+    """Retry UNAVAILABLE only; a default deadline unless None (channels that carry long streams)."""
+    method_config: dict[str, Any] = {"name": [{}]}
+    if deadline_seconds is not None:
+        method_config["timeout"] = f"{deadline_seconds:.3f}s"
     return json.dumps(
         {
             "methodConfig": [
                 {
-                    "name": [{}],
-                    "timeout": f"{deadline_seconds:.3f}s",
+                    **method_config,
                     "retryPolicy": {
                         "maxAttempts": max_attempts,
                         "initialBackoff": "0.05s",
@@ -85,7 +88,7 @@ class _ApiKeyInterceptor(
         return await continuation(self._details(details), requests)
 
 
-def channel_options(deadline_seconds: float) -> list[tuple[str, Any]]:
+def channel_options(deadline_seconds: float | None) -> list[tuple[str, Any]]:
     return [
         ("grpc.service_config", service_config(deadline_seconds)),
         ("grpc.enable_retries", 1),
@@ -99,7 +102,7 @@ def open_channel(
     target: str,
     *,
     api_key: str | None = None,
-    deadline_seconds: float = 10.0,
+    deadline_seconds: float | None = 10.0,
     root_certificates: bytes | None = None,
     tls: bool = False,
 ) -> aio.Channel:

@@ -21,7 +21,7 @@ from grpc import aio
 from opentelemetry import propagate, trace
 from prometheus_client import Counter, Gauge, Histogram
 
-from libs.common.auth import ApiKeyStore, Role
+from libs.common.auth import CALLER, ApiKeyStore, Role
 from libs.common.errors import LiveloopError
 
 logger = logging.getLogger(__name__)
@@ -146,6 +146,25 @@ def _refusal(handler: Handler, code: grpc.StatusCode, message: str) -> Handler:
     return grpc.stream_stream_rpc_method_handler(refuse, **kwargs)
 
 
+def _as_caller(behavior: Behavior, caller: str) -> Behavior:
+    """Run the handler with CALLER set, so audit trails can name who acted."""
+    if inspect.isasyncgenfunction(behavior):
+
+        async def generator(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            CALLER.set(caller)
+            async for response in behavior(request, context):
+                yield response
+
+        return generator
+
+    async def coroutine(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+        CALLER.set(caller)
+        result = behavior(request, context)
+        return await result if inspect.isawaitable(result) else result
+
+    return coroutine
+
+
 class AuthInterceptor(aio.ServerInterceptor):
     """Checks the API key and its role; methods not in `method_roles` need `admin`."""
 
@@ -162,10 +181,11 @@ class AuthInterceptor(aio.ServerInterceptor):
             return handler
         required = self._method_roles.get(method, Role.ADMIN)
         try:
-            self._key_store.authorize(api_key_from_metadata(handler_call_details), required, method)
+            record = self._key_store.authorize(api_key_from_metadata(handler_call_details), required, method)
         except LiveloopError as exc:
             return _refusal(handler, grpc.StatusCode[exc.status], exc.message)
-        return handler
+        caller = record.name or record.key_id
+        return _wrap_handler(handler, lambda behavior, _streams: _as_caller(behavior, caller))
 
 
 class TelemetryInterceptor(aio.ServerInterceptor):

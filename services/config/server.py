@@ -11,6 +11,8 @@ from libs.common.server import RunningServer, ServiceDefinition, start_server
 from libs.common.service_database import open_service_database
 from libs.protos.liveloop.config.v1 import config_pb2_grpc
 from libs.stack.topology import CONFIG
+from services.config.core.config_service import ConfigService
+from services.config.core.store import ConfigStore
 from services.config.servicer import ConfigServicer
 from services.config.settings import ConfigSettings
 
@@ -22,12 +24,17 @@ async def build_server(settings: ConfigSettings) -> RunningServer:
     engine = await open_service_database(
         settings.database_url, service=CONFIG.name, migrations_package="services.config.core.migrations"
     )
-    servicer = ConfigServicer()
+    service = ConfigService(
+        ConfigStore(engine), heartbeat_seconds=settings.heartbeat_seconds, poll_seconds=settings.poll_seconds
+    )
+    await service.start()
+    servicer = ConfigServicer(service)
 
     def register(server: aio.Server) -> None:
         config_pb2_grpc.add_ConfigServiceServicer_to_server(servicer, server)
 
     async def dispose() -> None:
+        await service.stop()
         await asyncio.to_thread(engine.dispose)
 
     definition = ServiceDefinition(

@@ -16,3 +16,7 @@ class ConfigSettings(ServiceSettings):
     database_url: str = Field(
         "sqlite:///.liveloop/data/config.db", description="SQLAlchemy URL of the config store"
     )
+    heartbeat_seconds: float = Field(5.0, gt=0, le=300, description="Watch heartbeat interval")
+    poll_seconds: float = Field(
+        1.0, gt=0, le=60, description="How often to look for revisions written by another config instance"
+    )

@@ -99,6 +99,12 @@ class Probe:
         await self.never.wait()
         return b"released"
 
+    async def time_remaining(self, request: bytes, context: aio.ServicerContext[Any, Any]) -> bytes:
+        """The seconds left before the call's deadline, as the server sees it ("none" without one)."""
+        self._saw("TimeRemaining")
+        remaining = context.time_remaining()
+        return b"none" if remaining is None else repr(remaining).encode()
+
     # Unary-stream.
     async def stream_then_crash(
         self, request: bytes, context: aio.ServicerContext[Any, Any]
@@ -149,6 +155,7 @@ class Probe:
                 "NotImplemented": unary(self.not_implemented),
                 "Flaky": unary(self.flaky),
                 "Hang": unary(self.hang),
+                "TimeRemaining": unary(self.time_remaining),
                 "StreamThenCrash": grpc.unary_stream_rpc_method_handler(self.stream_then_crash),
                 "WriteThenCrash": grpc.unary_stream_rpc_method_handler(self.write_then_crash),
                 "CountNonEmpty": grpc.stream_unary_rpc_method_handler(self.count_non_empty),
@@ -166,6 +173,7 @@ INVOKE_METHODS = (
     "NotImplemented",
     "Flaky",
     "Hang",
+    "TimeRemaining",
     "StreamThenCrash",
     "WriteThenCrash",
     "CountNonEmpty",
@@ -217,6 +225,15 @@ def stream_unary(channel: aio.Channel, name: str) -> Callable[..., Any]:
 
 def stream_stream(channel: aio.Channel, name: str) -> Callable[..., Any]:
     return channel.stream_stream(method(name), request_serializer=_identity, response_deserializer=_identity)
+
+
+async def status_of(call: Awaitable[Any]) -> tuple[grpc.StatusCode, str]:
+    """Await a unary-response call: its final status and details."""
+    try:
+        await call
+    except aio.AioRpcError as error:
+        return error.code(), error.details() or ""
+    return grpc.StatusCode.OK, ""
 
 
 async def received_then_status(call: Any) -> tuple[list[bytes], grpc.StatusCode, str]:

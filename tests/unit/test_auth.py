@@ -17,15 +17,15 @@ def test_key_round_trip_through_file_keeps_only_hashes(tmp_path: Path) -> None:
     assert invoke_key not in text
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     store = ApiKeyStore.load(path)
-    assert store.authenticate(admin_key) is Role.ADMIN
-    assert store.authenticate(invoke_key) is Role.INVOKE
+    assert store.authenticate(admin_key).role is Role.ADMIN
+    assert store.authenticate(invoke_key).role is Role.INVOKE
 
 
 def test_roles_admin_allows_everything_invoke_only_invoke() -> None:
     admin_key, admin = generate_api_key(Role.ADMIN, "ops")
     invoke_key, invoke = generate_api_key(Role.INVOKE, "app")
     store = ApiKeyStore([admin, invoke])
-    assert store.authorize(admin_key, Role.INVOKE, "/x/Invoke") is Role.ADMIN
+    assert store.authorize(admin_key, Role.INVOKE, "/x/Invoke").name == "ops"
     with pytest.raises(PermissionDenied, match="needs role 'admin'"):
         store.authorize(invoke_key, Role.ADMIN, "/x/Publish")
 

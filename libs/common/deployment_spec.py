@@ -1,0 +1,422 @@
+"""The deployment spec: one offer-ranking deployment (the ecosystem.Ai "campaign"), typed and validated.
+
+The config service validates and versions it, predictor replicas apply it, ingest seeds its options
+store from it, the trainer binds models into it. YAML and JSON files map onto it one to one; unknown
+keys are errors, and every error names the field (`offers[2].price: ...`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import hashlib
+import json
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from libs.common.errors import InvalidArgument
+
+MAX_SPEC_BYTES = 1024 * 1024
+DEPLOYMENT_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+IDENTIFIER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
+OFFER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}$"
+
+Scalar = str | float | int | bool
+
+
+class SpecModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Environment(enum.StrEnum):
+    DEV = "dev"
+    TEST = "test"
+    PROD = "prod"
+
+
+class RuleOperator(enum.StrEnum):
+    EQ = "eq"
+    NE = "ne"
+    IN = "in"
+    NOT_IN = "not_in"
+    GT = "gt"
+    GE = "ge"
+    LT = "lt"
+    LE = "le"
+
+
+class EligibilityRule(SpecModel):
+    """An offer is shown only where every one of its rules holds for the request's context."""
+
+    variable: str = Field(pattern=IDENTIFIER_PATTERN, description="A context variable of this deployment")
+    operator: RuleOperator
+    value: Scalar | list[Scalar]
+
+    @model_validator(mode="after")
+    def _value_fits_operator(self) -> EligibilityRule:
+        is_list = isinstance(self.value, list)
+        if self.operator in (RuleOperator.IN, RuleOperator.NOT_IN) and not is_list:
+            raise ValueError(f"operator '{self.operator}' needs a list value")
+        if self.operator not in (RuleOperator.IN, RuleOperator.NOT_IN) and is_list:
+            raise ValueError(f"operator '{self.operator}' needs a single value, not a list")
+        numeric = (RuleOperator.GT, RuleOperator.GE, RuleOperator.LT, RuleOperator.LE)
+        if self.operator in numeric and (
+            isinstance(self.value, bool) or not isinstance(self.value, int | float)
+        ):
+            raise ValueError(f"operator '{self.operator}' needs a number")
+        return self
+
+
+class Offer(SpecModel):
+    id: str = Field(pattern=OFFER_ID_PATTERN, description="Stable offer identifier")
+    name: str = Field("", max_length=200, description="Display name; defaults to the id")
+    price: float = Field(0.0, ge=0)
+    cost: float = Field(0.0, ge=0)
+    category: str = Field("", max_length=100)
+    weighting: float = Field(1.0, ge=0, description="Multiplies the offer's score (0 hides it)")
+    eligibility: list[EligibilityRule] = Field(default_factory=list)
+    attributes: dict[str, Scalar] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _name_defaults_to_id(self) -> Offer:
+        if not self.name:
+            object.__setattr__(self, "name", self.id)
+        return self
+
+
+class ContextSource(enum.StrEnum):
+    FEATURE = "feature"  # a customer feature from the online store
+    PARAM = "param"  # a value the caller sends in Invoke params
+    VIRTUAL = "virtual"  # derived from other context variables
+
+
+class VariableKind(enum.StrEnum):
+    CATEGORICAL = "categorical"
+    NUMERIC = "numeric"
+
+
+class DiscretizeTransform(SpecModel):
+    """Numeric input into labelled buckets: value < edges[0] -> labels[0], ..., >= edges[-1] -> labels[-1]."""
+
+    kind: Literal["discretize"] = "discretize"
+    input: str = Field(pattern=IDENTIFIER_PATTERN)
+    edges: list[float] = Field(min_length=1, max_length=100)
+    labels: list[str] = Field(min_length=2, max_length=101)
+
+    @model_validator(mode="after")
+    def _edges_and_labels_agree(self) -> DiscretizeTransform:
+        if any(b <= a for a, b in zip(self.edges, self.edges[1:], strict=False)):
+            raise ValueError("edges must be strictly increasing")
+        if len(self.labels) != len(self.edges) + 1:
+            raise ValueError(
+                f"{len(self.edges)} edges need {len(self.edges) + 1} labels, got {len(self.labels)}"
+            )
+        return self
+
+
+class ConcatTransform(SpecModel):
+    """Several inputs joined into one categorical value (e.g. segment = gender|age_band)."""
+
+    kind: Literal["concat"] = "concat"
+    inputs: list[str] = Field(min_length=2, max_length=10)
+    separator: str = Field("|", max_length=5)
+
+
+Transform = Annotated[DiscretizeTransform | ConcatTransform, Field(discriminator="kind")]
+
+
+class ContextVariable(SpecModel):
+    """One input to scoring. Any number of them; categorical ones form the segment by default."""
+
+    name: str = Field(pattern=IDENTIFIER_PATTERN)
+    source: ContextSource
+    field: str = Field("", max_length=100, description="Feature or param name; defaults to `name`")
+    kind: VariableKind = VariableKind.CATEGORICAL
+    default: Scalar | None = Field(None, description="Used when the feature or param is missing")
+    transform: Transform | None = None
+    segment: bool = Field(True, description="Part of the segment key (categorical variables only)")
+
+    @model_validator(mode="after")
+    def _source_fits(self) -> ContextVariable:
+        if self.source is ContextSource.VIRTUAL and self.transform is None:
+            raise ValueError("a virtual variable needs a transform")
+        if self.source is not ContextSource.VIRTUAL and self.transform is not None:
+            raise ValueError("only virtual variables have a transform")
+        if not self.field:
+            object.__setattr__(self, "field", self.name)
+        return self
+
+
+class ThompsonAlgorithm(SpecModel):
+    """Beta-Bernoulli Thompson sampling per offer x segment (ecosystem.Ai "binaryThompson")."""
+
+    approach: Literal["thompson"] = "thompson"
+    alpha0: float = Field(1.0, gt=0, description="Prior successes")
+    beta0: float = Field(1.0, gt=0, description="Prior failures")
+    success_increment: float = Field(1.0, gt=0)
+    fail_increment: float = Field(1.0, ge=0)
+    half_life_seconds: float | None = Field(None, gt=0, description="Forget old evidence (drifting offers)")
+    window_seconds: float | None = Field(None, gt=0, description="Learn only from this recent window")
+    count_cap: float | None = Field(None, gt=0, description="Cap on alpha+beta so the arm keeps learning")
+    model_prior_weight: float = Field(0.0, ge=0, description="Pseudo-counts from the bound model's score")
+
+
+class EpsilonGreedyAlgorithm(SpecModel):
+    """Best observed take-up, with exploration at the deployment's exploration_epsilon."""
+
+    approach: Literal["epsilon_greedy"] = "epsilon_greedy"
+    half_life_seconds: float | None = Field(None, gt=0)
+    prior_take_up: float = Field(0.0, ge=0, le=1, description="Take-up assumed for offers with no history")
+
+
+class NaiveBayesAlgorithm(SpecModel):
+    """Take-up from naive Bayes over the discrete context values."""
+
+    approach: Literal["naive_bayes"] = "naive_bayes"
+    smoothing: float = Field(1.0, gt=0, description="Laplace smoothing")
+
+
+class LinUcbAlgorithm(SpecModel):
+    """Contextual linear bandit over numeric context variables (disjoint LinUCB)."""
+
+    approach: Literal["linucb"] = "linucb"
+    alpha: float = Field(1.0, ge=0, description="Width of the upper confidence bound")
+    ridge: float = Field(1.0, gt=0)
+    features: list[str] = Field(min_length=1, max_length=256)
+
+
+class LinearThompsonAlgorithm(SpecModel):
+    """Contextual linear Thompson sampling over numeric context variables."""
+
+    approach: Literal["linear_thompson"] = "linear_thompson"
+    scale: float = Field(0.25, gt=0, description="Posterior scale (exploration)")
+    ridge: float = Field(1.0, gt=0)
+    features: list[str] = Field(min_length=1, max_length=256)
+
+
+class ModelAlgorithm(SpecModel):
+    """Score = the bound model's predicted take-up; exploration at exploration_epsilon."""
+
+    approach: Literal["model"] = "model"
+
+
+Algorithm = Annotated[
+    ThompsonAlgorithm
+    | EpsilonGreedyAlgorithm
+    | NaiveBayesAlgorithm
+    | LinUcbAlgorithm
+    | LinearThompsonAlgorithm
+    | ModelAlgorithm,
+    Field(discriminator="approach"),
+]
+
+
+class PluginStage(enum.StrEnum):
+    PRE_SCORE = "pre_score"
+    POST_SCORE = "post_score"
+
+
+class PluginRef(SpecModel):
+    name: str = Field(pattern=IDENTIFIER_PATTERN)
+    stage: PluginStage
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class FeatureLookup(SpecModel):
+    feature_view: str = Field(pattern=IDENTIFIER_PATTERN, description="Online feature view (table) to read")
+    key: Literal["customer", "userid"] = Field("customer", description="Request field holding the entity key")
+    defaults: dict[str, Scalar] = Field(default_factory=dict, description="Feature values on a miss")
+
+
+class ModelBinding(SpecModel):
+    name: str = Field(pattern=DEPLOYMENT_NAME_PATTERN)
+    version: int = Field(ge=1)
+
+
+class Variant(SpecModel):
+    """An experiment arm: a share of customers (sticky) served with overrides."""
+
+    name: str = Field(pattern=IDENTIFIER_PATTERN)
+    weight: float = Field(gt=0)
+    algorithm: Algorithm | None = None
+    exploration_epsilon: float | None = Field(None, ge=0, le=1)
+    model: ModelBinding | None = None
+
+
+class RewardSettings(SpecModel):
+    window_seconds: float = Field(
+        7 * 24 * 3600.0, gt=0, description="Responses later than this are not learned"
+    )
+    default_reward: float = Field(1.0, description="Reward of an acceptance that names no value")
+
+
+class DeploymentSpec(SpecModel):
+    name: str = Field(pattern=DEPLOYMENT_NAME_PATTERN)
+    environment: Environment = Environment.DEV
+    description: str = Field("", max_length=2000)
+    campaigns: list[str] = Field(
+        default_factory=list, description="Campaign names served; defaults to [name]"
+    )
+    offers: list[Offer] = Field(min_length=1, max_length=10_000)
+    context_variables: list[ContextVariable] = Field(default_factory=list, max_length=256)
+    algorithm: Algorithm = Field(default_factory=ThompsonAlgorithm)
+    exploration_epsilon: float = Field(0.0, ge=0, le=1, description="Share of requests ranked at random")
+    default_number_of_offers: int = Field(1, ge=1)
+    plugins: list[PluginRef] = Field(default_factory=list)
+    feature_lookup: FeatureLookup | None = None
+    model: ModelBinding | None = None
+    variants: list[Variant] = Field(default_factory=list)
+    reward: RewardSettings = Field(default_factory=RewardSettings)
+
+    @field_validator("campaigns")
+    @classmethod
+    def _campaign_names(cls, campaigns: list[str]) -> list[str]:
+        for campaign in campaigns:
+            if not campaign or len(campaign) > 200:
+                raise ValueError("campaign names are 1 to 200 characters")
+        if len(set(campaigns)) != len(campaigns):
+            raise ValueError("campaign names repeat")
+        return campaigns
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> DeploymentSpec:
+        if not self.campaigns:
+            object.__setattr__(self, "campaigns", [self.name])
+        _unique([offer.id for offer in self.offers], "offers", "id")
+        _unique([offer.name for offer in self.offers], "offers", "name")
+        _unique([variant.name for variant in self.variants], "variants", "name")
+        defined: dict[str, ContextVariable] = {}
+        for index, variable in enumerate(self.context_variables):
+            if variable.name in defined:
+                raise ValueError(f"context_variables[{index}].name: '{variable.name}' is defined twice")
+            transform = variable.transform
+            inputs = [transform.input] if isinstance(transform, DiscretizeTransform) else []
+            inputs += transform.inputs if isinstance(transform, ConcatTransform) else []
+            for name in inputs:
+                if name not in defined:
+                    raise ValueError(
+                        f"context_variables[{index}].transform: input '{name}' must be a context variable "
+                        "defined above it"
+                    )
+            if (
+                isinstance(transform, DiscretizeTransform)
+                and defined[transform.input].kind is not VariableKind.NUMERIC
+            ):
+                raise ValueError(f"context_variables[{index}].transform: discretize needs a numeric input")
+            if (
+                isinstance(transform, DiscretizeTransform | ConcatTransform)
+                and variable.kind is VariableKind.NUMERIC
+            ):
+                raise ValueError(f"context_variables[{index}].kind: a {transform.kind} result is categorical")
+            defined[variable.name] = variable
+        for offer_index, offer in enumerate(self.offers):
+            for rule_index, rule in enumerate(offer.eligibility):
+                if rule.variable not in defined:
+                    raise ValueError(
+                        f"offers[{offer_index}].eligibility[{rule_index}].variable: '{rule.variable}' is not a "
+                        "context variable of this deployment"
+                    )
+        algorithms = [("algorithm", self.algorithm)] + [
+            (f"variants[{i}].algorithm", v.algorithm) for i, v in enumerate(self.variants) if v.algorithm
+        ]
+        for where, algorithm in algorithms:
+            if isinstance(algorithm, LinUcbAlgorithm | LinearThompsonAlgorithm):
+                for name in algorithm.features:
+                    feature = defined.get(name)
+                    if feature is None or feature.kind is not VariableKind.NUMERIC:
+                        raise ValueError(f"{where}.features: '{name}' must be a numeric context variable")
+        if isinstance(self.algorithm, ModelAlgorithm) and self.model is None:
+            raise ValueError("model: the 'model' algorithm needs a model binding")
+        for index, variant in enumerate(self.variants):
+            if isinstance(variant.algorithm, ModelAlgorithm) and variant.model is None and self.model is None:
+                raise ValueError(f"variants[{index}].model: the 'model' algorithm needs a model binding")
+        return self
+
+    @property
+    def segment_variables(self) -> list[str]:
+        return [v.name for v in self.context_variables if v.segment and v.kind is VariableKind.CATEGORICAL]
+
+
+def _unique(values: list[str], collection: str, field: str) -> None:
+    seen: set[str] = set()
+    for index, value in enumerate(values):
+        if value in seen:
+            raise ValueError(f"{collection}[{index}].{field}: '{value}' appears twice")
+        seen.add(value)
+
+
+def _field_path(location: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in location:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif (
+            part
+            in {
+                "thompson",
+                "epsilon_greedy",
+                "naive_bayes",
+                "linucb",
+                "linear_thompson",
+                "model",
+                "discretize",
+                "concat",
+            }
+            and path
+        ):
+            continue  # discriminator tags pydantic inserts into the location
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def deployment_spec_from_mapping(document: Any) -> DeploymentSpec:
+    """Validate a decoded document; raise InvalidArgument naming the first bad field."""
+    if not isinstance(document, dict):
+        raise InvalidArgument("a deployment spec is a mapping of fields", field="spec")
+    try:
+        return DeploymentSpec.model_validate(document)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        path = _field_path(tuple(error["loc"]))
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if ": " in message and path == "":
+            path, _, message = message.partition(": ")
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise InvalidArgument(message + more, field=path or "spec") from None
+
+
+def parse_deployment_spec(text: str, format: Literal["json", "yaml"] | None = None) -> DeploymentSpec:
+    """Decode JSON or YAML text (format detected when None) and validate it."""
+    size = len(text.encode())
+    if size > MAX_SPEC_BYTES:
+        raise InvalidArgument(f"spec is {size} bytes; the limit is {MAX_SPEC_BYTES}", field="spec")
+    if format is None:
+        format = "json" if text.lstrip().startswith("{") else "yaml"
+    try:
+        document = json.loads(text) if format == "json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise InvalidArgument(f"not valid {format.upper()}: {exc}".splitlines()[0], field="spec") from None
+    return deployment_spec_from_mapping(document)
+
+
+def canonical_json(spec: DeploymentSpec) -> str:
+    """Every field explicit, keys sorted, no whitespace: equal specs give equal text and checksum."""
+    return json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+
+def spec_checksum(canonical: str) -> str:
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def spec_diff(old_canonical: str, new_canonical: str, old_label: str, new_label: str) -> str:
+    """Unified diff of the two specs, pretty-printed so each field is a line."""
+
+    def lines(canonical: str) -> list[str]:
+        if not canonical:
+            return []
+        return json.dumps(json.loads(canonical), indent=2, sort_keys=True).splitlines(keepends=True)
+
+    return "".join(difflib.unified_diff(lines(old_canonical), lines(new_canonical), old_label, new_label))

@@ -1,0 +1,135 @@
+"""The config service's operations, asynchronous, over the SQL store and the live distribution."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Literal
+
+from libs.common.deployment_spec import DeploymentSpec, deployment_spec_from_mapping, parse_deployment_spec
+from libs.common.errors import InvalidArgument, LiveloopError
+from services.config.core.distribution import (
+    ReplicaMessage,
+    ReplicaRegistry,
+    ReplicaReport,
+    RevisionFeed,
+    ServerMessage,
+    WatchSession,
+    replica_reports,
+)
+from services.config.core.store import ChangeResult, ConfigStore, HistoryEntry, StoredRevision
+
+
+class ConfigService:
+    def __init__(
+        self, store: ConfigStore, *, heartbeat_seconds: float = 5.0, poll_seconds: float = 1.0
+    ) -> None:
+        self.store = store
+        self.feed = RevisionFeed(store, poll_seconds=poll_seconds)
+        self.registry = ReplicaRegistry()
+        self._heartbeat_seconds = heartbeat_seconds
+
+    async def start(self) -> None:
+        await self.feed.start()
+
+    async def stop(self) -> None:
+        await self.feed.stop()
+
+    async def publish(
+        self,
+        *,
+        spec_text: str | None,
+        spec_document: dict[str, Any] | None,
+        format: Literal["json", "yaml"] | None,
+        author: str,
+        message: str = "",
+        dry_run: bool = False,
+        expected_deployment: str = "",
+        expected_revision: int = 0,
+    ) -> ChangeResult:
+        try:
+            spec = self._validate(spec_text, spec_document, format)
+            if expected_deployment and expected_deployment != spec.name:
+                raise InvalidArgument(
+                    f"the spec is named '{spec.name}', not '{expected_deployment}'", field="deployment"
+                )
+            result = await asyncio.to_thread(
+                self.store.publish,
+                spec,
+                author=author,
+                message=message,
+                dry_run=dry_run,
+                expected_revision=expected_revision,
+            )
+        except LiveloopError as refused:
+            if not dry_run:
+                await asyncio.to_thread(
+                    self.store.record_refusal,
+                    author,
+                    "publish_refused",
+                    {"reason": refused.message, "deployment": expected_deployment},
+                )
+            raise
+        await self._announce(result)
+        return result
+
+    @staticmethod
+    def _validate(
+        spec_text: str | None, spec_document: dict[str, Any] | None, format: Literal["json", "yaml"] | None
+    ) -> DeploymentSpec:
+        if spec_text:
+            return parse_deployment_spec(spec_text, format)
+        if spec_document:
+            return deployment_spec_from_mapping(spec_document)
+        raise InvalidArgument("no spec given: send spec_text or spec_struct", field="spec")
+
+    async def rollback(
+        self, deployment: str, to_revision: int, *, author: str, message: str = "", dry_run: bool = False
+    ) -> ChangeResult:
+        _require_name(deployment)
+        result = await asyncio.to_thread(
+            self.store.rollback, deployment, to_revision, author=author, message=message, dry_run=dry_run
+        )
+        await self._announce(result)
+        return result
+
+    async def delete(self, deployment: str, *, author: str, message: str = "") -> ChangeResult:
+        _require_name(deployment)
+        result = await asyncio.to_thread(self.store.delete, deployment, author=author, message=message)
+        await self._announce(result)
+        return result
+
+    async def _announce(self, result: ChangeResult) -> None:
+        if result.stored is not None:
+            await self.feed.advance(result.revision)
+
+    async def get(self, deployment: str, revision: int = 0) -> tuple[StoredRevision, int]:
+        _require_name(deployment)
+        return await asyncio.to_thread(self.store.get, deployment, revision)
+
+    async def list_deployments(self) -> tuple[list[StoredRevision], int]:
+        return await asyncio.to_thread(self.store.list_current)
+
+    async def history(self, deployment: str, limit: int, before_revision: int) -> list[HistoryEntry]:
+        return await asyncio.to_thread(self.store.history, deployment, limit, before_revision)
+
+    def watch(self, incoming: AsyncIterator[ReplicaMessage], peer: str) -> AsyncIterator[ServerMessage]:
+        session = WatchSession(
+            self.store, self.feed, self.registry, heartbeat_seconds=self._heartbeat_seconds
+        )
+        return session.run(incoming, peer)
+
+    async def replica_status(self, replica_id: str = "") -> tuple[list[ReplicaReport], int]:
+        return await asyncio.to_thread(replica_reports, self.store, self.registry, replica_id)
+
+    def refresh(self, replica_id: str = "") -> int:
+        return self.registry.request_refresh(replica_id)
+
+
+def _require_name(deployment: str) -> None:
+    if not deployment:
+        raise InvalidArgument("must name a deployment", field="deployment")
+
+
+def deployment_names(values: Sequence[str]) -> tuple[str, ...]:
+    return tuple(sorted({value for value in values if value}))
