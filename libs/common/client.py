@@ -18,160 +18,113 @@ from libs.common.server import MAX_MESSAGE_BYTES
 StubT = TypeVar("StubT")
 
 
-def service_config(deadline_seconds: float | None, max_attempts: int = 4) -> str:
-    """Retry UNAVAILABLE only; a default deadline unless None (channels that carry long streams)."""
-    method_config: dict[str, Any] = {"name": [{}]}
-    if deadline_seconds is not None:
-        method_config["timeout"] = f"{deadline_seconds:.3f}s"
-    return json.dumps(
-        {
-            "methodConfig": [
-                {
-                    **method_config,
-                    "retryPolicy": {
-                        "maxAttempts": max_attempts,
-                        "initialBackoff": "0.05s",
-                        "maxBackoff": "1s",
-                        "backoffMultiplier": 2,
-                        "retryableStatusCodes": ["UNAVAILABLE"],
-                    },
-                }
-            ]
-        }
-    )
+RETRY_POLICY = {
+    "maxAttempts": 4,
+    "initialBackoff": "0.05s",
+    "maxBackoff": "1s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
 
 
-class _ApiKeyAuth(grpc.AuthMetadataPlugin):
-    def __init__(self, api_key: str) -> None:
-        self._metadata = (("x-api-key", api_key),)
-
-    def __call__(self, context: Any, callback: Any) -> None:
-        callback(self._metadata, None)
+def service_config() -> str:
+    """Retry UNAVAILABLE only, with backoff. (Deadlines are set per call by the interceptors:
+    grpcio applies a service-config timeout from a clock that runs 1-2 s behind, grpc/grpc#34547.)"""
+    return json.dumps({"methodConfig": [{"name": [{}], "retryPolicy": RETRY_POLICY}]})
 
 
-class _ApiKeyInterceptor(
-    aio.UnaryUnaryClientInterceptor,
-    aio.UnaryStreamClientInterceptor,
-    aio.StreamUnaryClientInterceptor,
-    aio.StreamStreamClientInterceptor,
-):
-    """Adds the API key on plaintext channels (call credentials need TLS)."""
+class _CallPolicy:
+    """Adds the API key and, where the caller set none, the default deadline."""
 
-    def __init__(self, api_key: str) -> None:
+    def __init__(self, api_key: str | None, deadline_seconds: float | None) -> None:
         self._api_key = api_key
+        self._deadline_seconds = deadline_seconds
 
-    def _details(self, details: aio.ClientCallDetails) -> aio.ClientCallDetails:
+    def details(self, details: Any) -> aio.ClientCallDetails:
         metadata = aio.Metadata(*(details.metadata or ()))
-        metadata.add("x-api-key", self._api_key)
+        if self._api_key:
+            metadata.add("x-api-key", self._api_key)
+        timeout = details.timeout if details.timeout is not None else self._deadline_seconds
         return aio.ClientCallDetails(
-            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+            details.method, timeout, metadata, details.credentials, details.wait_for_ready
         )
+
+    def blocking_details(self, details: Any) -> grpc.ClientCallDetails:
+        metadata = [*(details.metadata or ())]
+        if self._api_key:
+            metadata.append(("x-api-key", self._api_key))
+        timeout = details.timeout if details.timeout is not None else self._deadline_seconds
+        return _CallDetails(
+            details.method,
+            timeout,
+            metadata,
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
+
+
+# grpc.aio files each interceptor under the first call kind it matches, so one class per kind.
+class _UnaryUnaryPolicy(aio.UnaryUnaryClientInterceptor):
+    def __init__(self, policy: _CallPolicy) -> None:
+        self._policy = policy
 
     async def intercept_unary_unary(
         self, continuation: Callable[..., Any], details: Any, request: Any
     ) -> Any:
-        return await continuation(self._details(details), request)
+        return await continuation(self._policy.details(details), request)
+
+
+class _UnaryStreamPolicy(aio.UnaryStreamClientInterceptor):
+    def __init__(self, policy: _CallPolicy) -> None:
+        self._policy = policy
 
     async def intercept_unary_stream(
         self, continuation: Callable[..., Any], details: Any, request: Any
     ) -> Any:
-        return await continuation(self._details(details), request)
+        return await continuation(self._policy.details(details), request)
+
+
+class _StreamUnaryPolicy(aio.StreamUnaryClientInterceptor):
+    def __init__(self, policy: _CallPolicy) -> None:
+        self._policy = policy
 
     async def intercept_stream_unary(
         self, continuation: Callable[..., Any], details: Any, requests: Any
     ) -> Any:
-        return await continuation(self._details(details), requests)
+        return await continuation(self._policy.details(details), requests)
+
+
+class _StreamStreamPolicy(aio.StreamStreamClientInterceptor):
+    def __init__(self, policy: _CallPolicy) -> None:
+        self._policy = policy
 
     async def intercept_stream_stream(
         self, continuation: Callable[..., Any], details: Any, requests: Any
     ) -> Any:
-        return await continuation(self._details(details), requests)
+        return await continuation(self._policy.details(details), requests)
 
 
-def channel_options(deadline_seconds: float | None) -> list[tuple[str, Any]]:
-    return [
-        ("grpc.service_config", service_config(deadline_seconds)),
-        ("grpc.enable_retries", 1),
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.keepalive_time_ms", 20000),
-    ]
-
-
-def open_channel(
-    target: str,
-    *,
-    api_key: str | None = None,
-    deadline_seconds: float | None = 10.0,
-    root_certificates: bytes | None = None,
-    tls: bool = False,
-) -> aio.Channel:
-    """An asyncio channel with the default deadline, retry on UNAVAILABLE and the API key."""
-    options = channel_options(deadline_seconds)
-    if tls or root_certificates is not None:
-        credentials = grpc.ssl_channel_credentials(root_certificates)
-        if api_key:
-            credentials = grpc.composite_channel_credentials(
-                credentials, grpc.metadata_call_credentials(_ApiKeyAuth(api_key))
-            )
-        return aio.secure_channel(target, credentials, options=options)
-    interceptors = [_ApiKeyInterceptor(api_key)] if api_key else None
-    return aio.insecure_channel(target, options=options, interceptors=interceptors)
-
-
-def open_blocking_channel(
-    target: str, *, api_key: str | None = None, deadline_seconds: float = 10.0, tls: bool = False
-) -> grpc.Channel:
-    """A synchronous channel for the CLI and scripts, with the same policy."""
-    options = channel_options(deadline_seconds)
-    if tls:
-        credentials = grpc.ssl_channel_credentials()
-        if api_key:
-            credentials = grpc.composite_channel_credentials(
-                credentials, grpc.metadata_call_credentials(_ApiKeyAuth(api_key))
-            )
-        return grpc.secure_channel(target, credentials, options=options)
-    channel = grpc.insecure_channel(target, options=options)
-    if api_key:
-        return grpc.intercept_channel(channel, _BlockingApiKeyInterceptor(api_key))
-    return channel
-
-
-class _BlockingApiKeyInterceptor(
+class _BlockingPolicy(
     grpc.UnaryUnaryClientInterceptor,
     grpc.UnaryStreamClientInterceptor,
     grpc.StreamUnaryClientInterceptor,
     grpc.StreamStreamClientInterceptor,
 ):
-    def __init__(self, api_key: str) -> None:
-        self._api_key = api_key
-
-    def _details(self, details: Any) -> Any:
-        metadata = [*(details.metadata or ()), ("x-api-key", self._api_key)]
-        return (
-            details._replace(metadata=metadata)
-            if hasattr(details, "_replace")
-            else _CallDetails(
-                details.method,
-                details.timeout,
-                metadata,
-                details.credentials,
-                getattr(details, "wait_for_ready", None),
-                getattr(details, "compression", None),
-            )
-        )
+    def __init__(self, policy: _CallPolicy) -> None:
+        self._policy = policy
 
     def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
+        return continuation(self._policy.blocking_details(details), request)
 
     def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
+        return continuation(self._policy.blocking_details(details), request)
 
     def intercept_stream_unary(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
-        return continuation(self._details(details), requests)
+        return continuation(self._policy.blocking_details(details), requests)
 
     def intercept_stream_stream(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
-        return continuation(self._details(details), requests)
+        return continuation(self._policy.blocking_details(details), requests)
 
 
 class _CallDetails(grpc.ClientCallDetails):
@@ -190,3 +143,46 @@ class _CallDetails(grpc.ClientCallDetails):
         self.credentials = credentials
         self.wait_for_ready = wait_for_ready
         self.compression = compression
+
+
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.service_config", service_config()),
+    ("grpc.enable_retries", 1),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20000),
+]
+
+
+def open_channel(
+    target: str,
+    *,
+    api_key: str | None = None,
+    deadline_seconds: float | None = 10.0,
+    root_certificates: bytes | None = None,
+    tls: bool = False,
+) -> aio.Channel:
+    """An asyncio channel: a default deadline per call (None for channels carrying long streams),
+    bounded retries on UNAVAILABLE only, and the API key on every call."""
+    policy = _CallPolicy(api_key, deadline_seconds)
+    interceptors: list[aio.ClientInterceptor] = [
+        _UnaryUnaryPolicy(policy),
+        _UnaryStreamPolicy(policy),
+        _StreamUnaryPolicy(policy),
+        _StreamStreamPolicy(policy),
+    ]
+    if tls or root_certificates is not None:
+        credentials = grpc.ssl_channel_credentials(root_certificates)
+        return aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS, interceptors=interceptors)
+    return aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors)
+
+
+def open_blocking_channel(
+    target: str, *, api_key: str | None = None, deadline_seconds: float | None = 10.0, tls: bool = False
+) -> grpc.Channel:
+    """A synchronous channel for the CLI and scripts, with the same policy."""
+    if tls:
+        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(), options=CHANNEL_OPTIONS)
+    else:
+        channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+    return grpc.intercept_channel(channel, _BlockingPolicy(_CallPolicy(api_key, deadline_seconds)))

@@ -16,7 +16,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -91,7 +91,7 @@ class ConfigFollower:
         self._backoff_max = backoff_max_seconds
         self._current: AppliedConfig | None = None
         self._synced_revision = 0
-        self._outgoing: asyncio.Queue[config_pb2.WatchRequest] | None = None
+        self._send: Callable[[config_pb2.WatchRequest], Awaitable[None]] | None = None
         self._task: asyncio.Task[None] | None = None
         self._snapshot_applied = asyncio.Condition()
         self.ready = asyncio.Event()
@@ -120,10 +120,11 @@ class ConfigFollower:
 
     async def refresh(self, wait_seconds: float = 10.0) -> int:
         """Ask the config service for a full snapshot and wait until it is applied (`/refresh`)."""
-        if self._outgoing is None or not self.connected:
+        send = self._send
+        if send is None or not self.connected:
             raise ConnectionError(f"not connected to the config service at {self._target}")
         async with self._snapshot_applied:
-            await self._outgoing.put(self._subscribe(known_revision=0))
+            await send(self._subscribe(known_revision=0))
             await asyncio.wait_for(self._snapshot_applied.wait(), wait_seconds)
         return self._current.revision if self._current is not None else 0
 
@@ -157,35 +158,35 @@ class ConfigFollower:
                     logger.exception("config stream failed; reconnecting")
                 finally:
                     self.connected = False
-                    self._outgoing = None
                 if time.monotonic() - started > 10 * self._backoff_max:
                     backoff = self._backoff_initial  # the last stream was healthy for a while
                 await asyncio.sleep(backoff * random.uniform(0.5, 1.5))  # jitter spreads reconnects
                 backoff = min(backoff * 2, self._backoff_max)
 
     async def _watch_once(self, stub: config_pb2_grpc.ConfigServiceStub) -> None:
-        outgoing: asyncio.Queue[config_pb2.WatchRequest] = asyncio.Queue()
-        await outgoing.put(self._subscribe(self._synced_revision))
+        call = stub.Watch()
+        send_lock = asyncio.Lock()
 
-        async def requests() -> AsyncIterator[config_pb2.WatchRequest]:
-            while True:
-                yield await outgoing.get()
+        async def send(message: config_pb2.WatchRequest) -> None:
+            async with send_lock:  # refresh() may write while the stream loop acknowledges
+                await call.write(message)
 
-        call = stub.Watch(requests())
         try:
+            await send(self._subscribe(self._synced_revision))
             while True:
                 response = await asyncio.wait_for(call.read(), self._heartbeat_timeout)
                 if response is aio.EOF:
                     raise ConnectionError("the config service closed the stream")
                 if not self.connected:
                     self.connected = True
-                    self._outgoing = outgoing
+                    self._send = send
                     logger.info("following config from %s as %s", self._target, self._replica_id)
                 self.last_heard = time.monotonic()
                 reply = await self._handle(response)
                 if reply is not None:
-                    await outgoing.put(reply)
+                    await send(reply)
         finally:
+            self._send = None
             call.cancel()
 
     async def _handle(self, response: config_pb2.WatchResponse) -> config_pb2.WatchRequest | None:

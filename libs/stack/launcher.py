@@ -212,7 +212,9 @@ def plan_processes(settings: StackSettings, credentials: Credentials) -> list[Pr
                 "REDIS_URL": redis_url,
                 "REPLICA_ID": f"predictor-{index + 1}",
                 "CONFIG_TARGET": config_target,
+                "CONFIG_API_KEY": credentials.invoke_key,
                 "STATE_DIR": str(state / f"predictor-{index + 1}"),
+                "MODEL_DIR": str(state / "artifacts"),
             },
         )
     add(
@@ -353,18 +355,22 @@ def up(settings: StackSettings, progress: Progress = lambda _message: None) -> S
         )
     credentials = ensure_credentials(state)
     plans = plan_processes(settings, credentials)
-    plans.append(envoy_plan(settings))
-    _check_ports(settings, plans)
+    envoy = envoy_plan(settings)
+    _check_ports(settings, [*plans, envoy])
     record = StackRecord(state, settings.envoy_port, settings.envoy_admin_port, started_at=time.time())
     logs = state / "logs"
+
+    def launch(plan: ProcessPlan) -> None:
+        progress(f"starting {plan.name}")
+        env = process_environment(plan.env)
+        record.processes.append(
+            start_process(plan.name, plan.argv, env, logs / f"{plan.name}.log", plan.kind, plan.port)
+        )
+        record.save()
+
     try:
         for plan in plans:
-            progress(f"starting {plan.name}")
-            env = process_environment(plan.env)
-            record.processes.append(
-                start_process(plan.name, plan.argv, env, logs / f"{plan.name}.log", plan.kind, plan.port)
-            )
-            record.save()
+            launch(plan)
             if plan.kind == "redis":
                 _wait_for(
                     partial(port_accepts, settings.host, plan.port or 0),
@@ -382,7 +388,10 @@ def up(settings: StackSettings, progress: Progress = lambda _message: None) -> S
                 target = f"{settings.host}:{plan.port}"
                 _wait_for(partial(_is_serving, target, plan.health_service), plan, record, remaining())
                 progress(f"{plan.name} is SERVING on {target}")
-        envoy = next(plan for plan in plans if plan.kind == "envoy")
+        # Envoy last: its first health checks then find every upstream serving, and its load
+        # balancer starts with all of them (started earlier, it kept sending everything to the
+        # first host that became healthy for a few seconds).
+        launch(envoy)
         front_door = f"{settings.host}:{settings.envoy_port}"
         for service in topology.SERVICES:
             pin = ((topology.SERVICE_HEADER, service.name),)

@@ -44,4 +44,8 @@ async def build_server(settings: ConfigSettings) -> RunningServer:
         method_roles=METHOD_ROLES,
         on_stop=[dispose],
     )
-    return await start_server(definition, settings)
+    try:
+        return await start_server(definition, settings)
+    except BaseException:
+        await dispose()
+        raise

@@ -27,4 +27,8 @@ async def build_server(settings: IngestSettings) -> RunningServer:
     definition = ServiceDefinition(
         name=INGEST.name, service_names=INGEST.grpc_services, register=register, on_stop=[dispose]
     )
-    return await start_server(definition, settings)
+    try:
+        return await start_server(definition, settings)
+    except BaseException:
+        await dispose()
+        raise

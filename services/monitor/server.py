@@ -27,4 +27,8 @@ async def build_server(settings: MonitorSettings) -> RunningServer:
     definition = ServiceDefinition(
         name=MONITOR.name, service_names=MONITOR.grpc_services, register=register, on_stop=[dispose]
     )
-    return await start_server(definition, settings)
+    try:
+        return await start_server(definition, settings)
+    except BaseException:
+        await dispose()
+        raise

@@ -1,16 +1,25 @@
-"""Builds a predictor replica's server: PredictorService and the Open Inference Protocol."""
+"""Builds a predictor replica's server: PredictorService and the Open Inference Protocol.
+
+The replica reports NOT_SERVING until it has a config, from the config service's Watch stream or
+from its persisted last-known-good copy.
+"""
 
 from __future__ import annotations
+
+import asyncio
 
 from grpc import aio
 
 from libs.common.auth import Role
+from libs.common.config_follower import AppliedConfig, ConfigFollower
+from libs.common.deployment_spec import DeploymentSpec
 from libs.common.server import RunningServer, ServiceDefinition, start_server
 from libs.protos.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 from libs.stack.topology import PREDICTOR
+from services.predictor.core.model_repository import ModelRepository
 from services.predictor.core.replica import ReplicaState
-from services.predictor.inference_servicer import InferenceServicer
+from services.predictor.inference_servicer import SERVER_VERSION, InferenceServicer
 from services.predictor.servicer import PredictorServicer
 from services.predictor.settings import PredictorSettings
 
@@ -36,7 +45,32 @@ METHOD_ROLES = {
 
 async def build_server(settings: PredictorSettings) -> RunningServer:
     replica = ReplicaState(replica_id=settings.replica_id)
-    predictor = PredictorServicer(replica)
+    models = ModelRepository(settings.model_dir)
+    serving = asyncio.Event()
+    running: RunningServer | None = None
+
+    async def prepare(spec: DeploymentSpec) -> object | None:
+        await asyncio.to_thread(models.check_bindings, spec)
+        return None
+
+    async def on_change(applied: AppliedConfig) -> None:
+        replica.config = applied
+        if running is not None and not serving.is_set():
+            serving.set()
+            await running.set_serving(True)
+
+    follower = ConfigFollower(
+        target=settings.config_target,
+        api_key=settings.config_api_key,
+        replica_id=settings.replica_id,
+        state_dir=settings.state_dir,
+        service=PREDICTOR.name,
+        version=SERVER_VERSION,
+        deployments=tuple(settings.deployments),
+        prepare=prepare,
+        on_change=on_change,
+    )
+    predictor = PredictorServicer(replica, follower)
     inference = InferenceServicer(replica)
 
     def register(server: aio.Server) -> None:
@@ -49,5 +83,12 @@ async def build_server(settings: PredictorSettings) -> RunningServer:
         register=register,
         method_roles=METHOD_ROLES,
         descriptors=(predictor_pb2.DESCRIPTOR, grpc_predict_v2_pb2.DESCRIPTOR),
+        serving_at_start=False,
+        on_stop=[follower.stop],
     )
-    return await start_server(definition, settings)
+    running = await start_server(definition, settings)
+    await follower.start()
+    if replica.config is not None:  # the last-known-good copy was applied before the server existed
+        serving.set()
+        await running.set_serving(True)
+    return running

@@ -25,3 +25,7 @@ class PredictorSettings(ServiceSettings):
     state_dir: Path = Field(
         Path(".liveloop/predictor"), description="Last-known-good config and scratch files"
     )
+    model_dir: Path = Field(
+        Path(".liveloop/artifacts"), description="Model artifacts, as the trainer writes them"
+    )
+    deployments: list[str] = Field(default_factory=list, description="Deployments to serve; empty serves all")

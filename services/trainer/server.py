@@ -27,4 +27,8 @@ async def build_server(settings: TrainerSettings) -> RunningServer:
     definition = ServiceDefinition(
         name=TRAINER.name, service_names=TRAINER.grpc_services, register=register, on_stop=[dispose]
     )
-    return await start_server(definition, settings)
+    try:
+        return await start_server(definition, settings)
+    except BaseException:
+        await dispose()
+        raise

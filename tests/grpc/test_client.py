@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
 from libs.common.client import open_blocking_channel, open_channel
+from libs.common.config_follower import ConfigFollower
 from libs.common.server import RunningServer
 from tests.conftest import ApiKeys
 from tests.grpc.conftest import target
@@ -71,14 +73,6 @@ async def test_other_errors_are_attempted_exactly_once(
     assert probe.attempts[name] == 1
 
 
-SERVICE_CONFIG_DEADLINE_BUG = (
-    "libs/common/client.py sets the default deadline only as the service config's methodConfig "
-    "timeout; grpcio's Python channels apply that timeout from a clock that is 1-2 s behind "
-    "(upstream grpc/grpc#34547, #40633), so it fires 1-2 s early (deadline_seconds below that fail "
-    "at once without reaching the server) and is never sent to the server as grpc-timeout"
-)
-
-
 async def test_the_default_deadline_ends_a_call_that_never_answers(
     probe: Probe, probe_server: RunningServer, api_keys: ApiKeys
 ) -> None:
@@ -88,7 +82,6 @@ async def test_the_default_deadline_ends_a_call_that_never_answers(
     # The probe_server fixture sets `probe.never` on teardown, releasing any waiting handler.
 
 
-@pytest.mark.xfail(strict=True, reason=SERVICE_CONFIG_DEADLINE_BUG)
 @pytest.mark.parametrize("deadline_seconds", [0.5, 2.5])
 async def test_the_default_deadline_lets_the_call_run_for_its_full_length(
     deadline_seconds: float, probe: Probe, probe_server: RunningServer, api_keys: ApiKeys
@@ -104,7 +97,6 @@ async def test_the_default_deadline_lets_the_call_run_for_its_full_length(
     assert elapsed >= deadline_seconds - 0.1, elapsed
 
 
-@pytest.mark.xfail(strict=True, reason=SERVICE_CONFIG_DEADLINE_BUG)
 async def test_the_default_deadline_reaches_the_server(
     probe_server: RunningServer, api_keys: ApiKeys
 ) -> None:
@@ -192,15 +184,8 @@ async def test_per_call_metadata_authenticates_streaming_calls(
     assert outcome == AUTHENTICATED_OUTCOME[kind]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "libs/common/client.py open_channel passes one _ApiKeyInterceptor that subclasses all four "
-        "aio client interceptor kinds; grpc.aio's Channel files an interceptor under the first kind "
-        "it matches (if/elif on isinstance), so it runs on unary-unary calls only and streaming calls "
-        "(e.g. ConfigService/Watch) go out without x-api-key: UNAUTHENTICATED"
-    ),
-)
+# grpc.aio files an interceptor under the first call kind it subclasses: a single interceptor
+# class for all four kinds would add the key to unary-unary calls only.
 @pytest.mark.parametrize("kind", sorted(AUTHENTICATED_OUTCOME))
 async def test_open_channel_sends_the_key_on_streaming_calls(
     kind: str, probe_server: RunningServer, api_keys: ApiKeys
@@ -208,6 +193,26 @@ async def test_open_channel_sends_the_key_on_streaming_calls(
     async with open_channel(target(probe_server), api_key=api_keys.invoke) as channel:
         outcome = await _stream_outcome(channel, kind)
     assert outcome == AUTHENTICATED_OUTCOME[kind]
+
+
+async def test_a_config_follower_with_an_invoke_key_receives_the_config(
+    config_server: RunningServer, api_keys: ApiKeys, tmp_path: Path
+) -> None:
+    follower = ConfigFollower(
+        target=target(config_server),
+        api_key=api_keys.invoke,
+        replica_id="grpc-test-follower",
+        state_dir=tmp_path / "follower",
+        service="grpc-test",
+    )
+    await follower.start()
+    try:
+        # An empty store still answers a subscription with a (revision 0) snapshot, in milliseconds.
+        await asyncio.wait_for(follower.ready.wait(), timeout=3)
+    finally:
+        await follower.stop()
+    assert follower.current is not None
+    assert follower.current.revision == 0
 
 
 # The blocking channel (CLI, scripts). The server runs on this test's event loop, so blocking
@@ -267,7 +272,6 @@ async def test_blocking_channel_default_deadline(probe_server: RunningServer, ap
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-@pytest.mark.xfail(strict=True, reason=SERVICE_CONFIG_DEADLINE_BUG)
 async def test_blocking_channel_default_deadline_lets_the_call_reach_the_server(
     probe: Probe, probe_server: RunningServer, api_keys: ApiKeys
 ) -> None:

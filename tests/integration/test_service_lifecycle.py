@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from libs.common.config_follower import LAST_KNOWN_GOOD_FILE
 from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 from libs.stack.launcher import grpc_health
 from libs.stack.processes import free_port, wait_until
@@ -37,8 +38,14 @@ def _start_predictor(env_extra: dict[str, str], log: Path) -> subprocess.Popen[b
 
 def test_sigterm_reports_not_serving_then_exits_cleanly(tmp_path: Path, api_keys: ApiKeys) -> None:
     port, metrics_port = free_port(), free_port()
+    # No config service answers: the replica serves its last-known-good copy (here: no deployments).
+    state_dir = tmp_path / "predictor-state"
+    state_dir.mkdir()
+    (state_dir / LAST_KNOWN_GOOD_FILE).write_text('{"revision": 3, "deployments": {}}')
     process = _start_predictor(
         {
+            "LIVELOOP_PREDICTOR_STATE_DIR": str(state_dir),
+            "LIVELOOP_PREDICTOR_CONFIG_TARGET": f"127.0.0.1:{free_port()}",
             "LIVELOOP_PREDICTOR_PORT": str(port),
             "LIVELOOP_PREDICTOR_METRICS_PORT": str(metrics_port),
             "LIVELOOP_PREDICTOR_API_KEYS_FILE": str(api_keys.file),
@@ -57,6 +64,7 @@ def test_sigterm_reports_not_serving_then_exits_cleanly(tmp_path: Path, api_keys
                 predictor_pb2.PingRequest(), metadata=(("x-api-key", api_keys.invoke),), timeout=5
             )
         assert reply.replica_id == "lifecycle"
+        assert reply.config_revision == 3
 
         # The Prometheus endpoint counts the call with its status code.
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:

@@ -1,13 +1,19 @@
-"""What a predictor replica knows about itself."""
+"""What a predictor replica knows about itself and the config it serves."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from libs.common.config_follower import AppliedConfig
+
 
 @dataclass
 class ReplicaState:
-    """Identity and the config revision being served (0 until a config is applied)."""
+    """Identity and the config being served, swapped whole on every change (None until one is applied)."""
 
     replica_id: str
-    config_revision: int = 0
+    config: AppliedConfig | None = None
+
+    @property
+    def config_revision(self) -> int:
+        return self.config.revision if self.config is not None else 0
