@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from libs.cli.config_commands import config_app
 from libs.common.auth import ApiKeyStore, Role, generate_api_key
 from libs.common.client import open_blocking_channel
 from libs.common.errors import LiveloopError
@@ -31,6 +32,7 @@ app = typer.Typer(
 )
 keys_app = typer.Typer(help="API keys (hashed at rest).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+app.add_typer(config_app, name="config")
 
 console = Console()
 errors = Console(stderr=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 
 from grpc import aio
+from redis.asyncio import Redis
 
 from libs.common.auth import Role
 from libs.common.config_follower import AppliedConfig, ConfigFollower
@@ -17,7 +18,9 @@ from libs.common.server import RunningServer, ServiceDefinition, start_server
 from libs.protos.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 from libs.stack.topology import PREDICTOR
+from services.predictor.core.decision import DecisionEngine, DeploymentRuntime
 from services.predictor.core.model_repository import ModelRepository
+from services.predictor.core.options_store import OptionsStore
 from services.predictor.core.replica import ReplicaState
 from services.predictor.inference_servicer import SERVER_VERSION, InferenceServicer
 from services.predictor.servicer import PredictorServicer
@@ -51,7 +54,7 @@ async def build_server(settings: PredictorSettings) -> RunningServer:
 
     async def prepare(spec: DeploymentSpec) -> object | None:
         await asyncio.to_thread(models.check_bindings, spec)
-        return None
+        return DeploymentRuntime.prepare(spec)
 
     async def on_change(applied: AppliedConfig) -> None:
         replica.config = applied
@@ -70,7 +73,11 @@ async def build_server(settings: PredictorSettings) -> RunningServer:
         prepare=prepare,
         on_change=on_change,
     )
-    predictor = PredictorServicer(replica, follower)
+    redis = Redis.from_url(
+        settings.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30
+    )
+    engine = DecisionEngine(OptionsStore(redis), settings.replica_id)
+    predictor = PredictorServicer(replica, follower, engine)
     inference = InferenceServicer(replica)
 
     def register(server: aio.Server) -> None:
@@ -84,7 +91,7 @@ async def build_server(settings: PredictorSettings) -> RunningServer:
         method_roles=METHOD_ROLES,
         descriptors=(predictor_pb2.DESCRIPTOR, grpc_predict_v2_pb2.DESCRIPTOR),
         serving_at_start=False,
-        on_stop=[follower.stop],
+        on_stop=[follower.stop, redis.aclose],
     )
     running = await start_server(definition, settings)
     await follower.start()

@@ -4,20 +4,49 @@ from __future__ import annotations
 
 from typing import Any
 
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.struct_pb2 import Struct, Value
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from libs.common.config_follower import ConfigFollower
-from libs.common.errors import Unavailable
+from libs.common.errors import InvalidArgument, Unavailable
 from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
+from services.predictor.core.decision import Decision, DecisionEngine, InvokeInput, RespondInput
 from services.predictor.core.replica import ReplicaState
 
 
-class PredictorServicer(predictor_pb2_grpc.PredictorServiceServicer):
-    """Invoke and Respond land with the decision loop; until then they are UNIMPLEMENTED."""
+def _value(message: predictor_pb2.InvokeRequest, field: str) -> Any:
+    """A google.protobuf.Value field as plain Python (None when unset)."""
+    if not message.HasField(field):
+        return None
+    value: Value = getattr(message, field)
+    return MessageToDict(value)
 
-    def __init__(self, replica: ReplicaState, follower: ConfigFollower) -> None:
+
+def _accepted_offers(request: predictor_pb2.RespondRequest) -> list[str]:
+    """offers_accepted as a string, a list of strings, or a list of {offer_name|offer: ...}."""
+    names = list(request.accepted_offers)
+    if request.HasField("offers_accepted"):
+        raw: Any = MessageToDict(request.offers_accepted)
+        items: list[Any] = raw if isinstance(raw, list) else [] if raw is None or raw == "" else [raw]
+        for item in items:
+            if isinstance(item, str):
+                names.extend(part.strip() for part in item.split(",") if part.strip())
+            elif isinstance(item, dict) and isinstance(item.get("offer_name") or item.get("offer"), str):
+                names.append(str(item.get("offer_name") or item.get("offer")))
+            else:
+                raise InvalidArgument(
+                    "must be offer ids or names: a string, a list of strings, or objects with 'offer_name'",
+                    field="offers_accepted",
+                )
+    return names
+
+
+class PredictorServicer(predictor_pb2_grpc.PredictorServiceServicer):
+    def __init__(self, replica: ReplicaState, follower: ConfigFollower, engine: DecisionEngine) -> None:
         self._replica = replica
         self._follower = follower
+        self._engine = engine
 
     async def Ping(self, request: predictor_pb2.PingRequest, context: Any) -> predictor_pb2.PingResponse:
         server_time = Timestamp()
@@ -26,6 +55,97 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServiceServicer):
             replica_id=self._replica.replica_id,
             config_revision=self._replica.config_revision,
             server_time=server_time,
+        )
+
+    async def Invoke(
+        self, request: predictor_pb2.InvokeRequest, context: Any
+    ) -> predictor_pb2.InvokeResponse:
+        config = self._replica.config
+        if config is None:
+            raise Unavailable("this replica has no config yet")
+        decision = await self._engine.invoke(
+            InvokeInput(
+                campaign=request.campaign,
+                subcampaign=request.subcampaign,
+                channel=request.channel,
+                customer=request.customer,
+                userid=request.userid,
+                numberoffers=_value(request, "numberoffers"),
+                params=_value(request, "params"),
+                in_param=_value(request, "in_param"),
+                deployment=request.deployment,
+            ),
+            config,
+        )
+        return self._invoke_response(decision, request)
+
+    def _invoke_response(
+        self, decision: Decision, request: predictor_pb2.InvokeRequest
+    ) -> predictor_pb2.InvokeResponse:
+        context = {name: str(value) for name, value in decision.context.items()}
+        rows = []
+        for row in decision.offers:
+            details = Struct()
+            if row.offer.attributes:
+                details.update(dict(row.offer.attributes))
+            rows.append(
+                predictor_pb2.FinalResult(
+                    result=predictor_pb2.FinalResult.Result(
+                        offer=row.offer.id,
+                        offer_name=row.offer.name,
+                        score=row.score,
+                        final_score=row.final_score,
+                        arm_reward=row.arm_reward,
+                        propensity=row.propensity,
+                        price=row.offer.price,
+                        cost=row.offer.cost,
+                        rank=row.rank,
+                        explored=row.explored,
+                        context=context,
+                        segment=decision.segment,
+                        arm_count=row.arm_count,
+                        offer_details=details,
+                    )
+                )
+            )
+        return predictor_pb2.InvokeResponse(
+            uuid=decision.uuid,
+            deployment=decision.deployment,
+            config_revision=decision.config_revision,
+            variant=decision.variant,
+            explore=int(decision.explore),
+            final_result=rows,
+            customer=request.customer,
+            campaign=request.campaign,
+            channel=request.channel,
+            segment=decision.segment,
+            replica_id=self._replica.replica_id,
+            warnings=decision.warnings,
+        )
+
+    async def Respond(
+        self, request: predictor_pb2.RespondRequest, context: Any
+    ) -> predictor_pb2.RespondResponse:
+        outcome = await self._engine.respond(
+            RespondInput(
+                uuid=request.uuid,
+                accepted=_accepted_offers(request),
+                channel_name=request.channel_name,
+                reward=request.reward if request.HasField("reward") else None,
+                event_time=request.event_time.ToDatetime().timestamp()
+                if request.HasField("event_time")
+                else None,
+            ),
+            self._replica.config,
+        )
+        return predictor_pb2.RespondResponse(
+            uuid=outcome.uuid,
+            learned=outcome.learned,
+            late=outcome.late,
+            duplicate=outcome.duplicate,
+            message=outcome.message,
+            matched_offers=outcome.matched_offers,
+            deployment=outcome.deployment,
         )
 
     async def Refresh(

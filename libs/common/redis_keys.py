@@ -1,0 +1,36 @@
+"""Where liveloop keeps things in Redis: one module, so ingest (writer) and the predictor (reader)
+agree. Keys are readable and deterministic; no serialized protobuf in key names."""
+
+from __future__ import annotations
+
+PREFIX = "ll"
+DECISION_STREAM = f"{PREFIX}:decisions"  # contacts and responses, for the monitor and offline evaluation
+
+
+def online_features(feature_view: str, entity: str) -> str:
+    """Latest features of one entity (a customer), a Redis hash of feature -> value."""
+    return f"{PREFIX}:features:{feature_view}:{entity}"
+
+
+def options_generation(deployment: str) -> str:
+    """Which generation of a deployment's options store is live (switched atomically by ingest)."""
+    return f"{PREFIX}:options:{deployment}:generation"
+
+
+def arm_statistics(deployment: str, generation: str, segment: str) -> str:
+    """Arm statistics of every offer in one segment: fields `<offer>|n` (impressions), `<offer>|s`
+    (successes), `<offer>|t` (time of the last update), window and prior fields."""
+    return f"{PREFIX}:arms:{deployment}:{generation}:{segment}"
+
+
+def naive_bayes_counts(deployment: str, generation: str) -> str:
+    return f"{PREFIX}:nb:{deployment}:{generation}"
+
+
+def linear_model(deployment: str, generation: str, offer: str) -> str:
+    return f"{PREFIX}:linear:{deployment}:{generation}:{offer}"
+
+
+def contact(uuid: str) -> str:
+    """One Invoke, kept for the reward window so Respond can join it."""
+    return f"{PREFIX}:contact:{uuid}"

@@ -1,0 +1,151 @@
+"""From a request to context values: params in every form ecosystem.Ai clients send, feature lookup
+results, virtual variables, and the segment key that selects arm statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from libs.common.deployment_spec import (
+    ConcatTransform,
+    ContextSource,
+    DeploymentSpec,
+    DiscretizeTransform,
+    VariableKind,
+)
+from libs.common.errors import InvalidArgument
+
+MAX_PARAMS_BYTES = 64 * 1024
+MAX_NUMBER_OF_OFFERS = 1000
+
+
+def parse_params(value: Any, field: str = "params") -> dict[str, Any]:
+    """A JSON object, a JSON string, or a URL-encoded JSON string (all occur in the wild)."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, dict):
+        return value
+    if not isinstance(value, str):
+        raise InvalidArgument("must be a JSON object or a string holding one", field=field)
+    if len(value) > MAX_PARAMS_BYTES:
+        raise InvalidArgument(f"is {len(value)} characters; the limit is {MAX_PARAMS_BYTES}", field=field)
+    text = value.strip()
+    if text[:1] != "{" and "%7B" in text[:8].upper():
+        text = urllib.parse.unquote_plus(text).strip()
+    try:
+        decoded = json.loads(text)
+    except ValueError as exc:
+        raise InvalidArgument(f"is not valid JSON: {exc}", field=field) from None
+    if isinstance(decoded, str):  # doubly encoded: a JSON string holding the object
+        return parse_params(decoded, field)
+    if not isinstance(decoded, dict):
+        raise InvalidArgument("must decode to a JSON object", field=field)
+    return decoded
+
+
+def parse_number_of_offers(value: Any, default: int, available: int) -> int:
+    """`numberoffers` as a number or a numeric string; unset or 0 means the deployment's default."""
+    if value is None or value == "":
+        count = default
+    elif isinstance(value, bool):
+        raise InvalidArgument("must be a positive whole number", field="numberoffers")
+    elif isinstance(value, int | float):
+        if not math.isfinite(value) or value != int(value):
+            raise InvalidArgument(f"must be a positive whole number, got {value}", field="numberoffers")
+        count = int(value) or default
+    elif isinstance(value, str):
+        try:
+            count = int(value.strip()) or default
+        except ValueError:
+            raise InvalidArgument(
+                f"must be a positive whole number, got {value!r}", field="numberoffers"
+            ) from None
+    else:
+        raise InvalidArgument("must be a number or a numeric string", field="numberoffers")
+    if count < 0:
+        raise InvalidArgument(f"must be positive, got {count}", field="numberoffers")
+    if count > available:
+        raise InvalidArgument(
+            f"asks for {count} offers but the deployment has {available} eligible", field="numberoffers"
+        )
+    return count
+
+
+@dataclass(frozen=True)
+class Context:
+    values: dict[str, str | float]  # every context variable, after defaults and transforms
+    segment: str  # the categorical segment variables joined, e.g. "age_band=adult|gender=f"
+    numeric: dict[str, float]  # numeric variables, for contextual (linear) algorithms
+    warnings: tuple[str, ...]
+
+
+def _as_number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, int | float):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+        return number if math.isfinite(number) else None
+    return None
+
+
+def _as_label(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def derive_context(
+    spec: DeploymentSpec, features: Mapping[str, Any], params: Mapping[str, Any], channel: str
+) -> Context:
+    """Context values from features and params (params override), defaults on a miss, then
+    virtual variables in declaration order."""
+    values: dict[str, str | float] = {}
+    warnings: list[str] = []
+    merged_params = {"channel": channel, **params} if channel else dict(params)
+    for variable in spec.context_variables:
+        raw: Any = None
+        if variable.source is ContextSource.VIRTUAL:
+            transform = variable.transform
+            if isinstance(transform, DiscretizeTransform):
+                number = _as_number(values.get(transform.input))
+                if number is None:
+                    raw = variable.default
+                else:
+                    index = sum(1 for edge in transform.edges if number >= edge)
+                    raw = transform.labels[index]
+            elif isinstance(transform, ConcatTransform):
+                raw = transform.separator.join(_as_label(values.get(name, "")) for name in transform.inputs)
+        else:
+            if variable.name in params:  # params supply context directly, overriding the lookup
+                raw = params[variable.name]
+            elif variable.source is ContextSource.PARAM:
+                raw = merged_params.get(variable.field)
+            else:
+                raw = features.get(variable.field)
+            if raw is None or raw == "":
+                raw = variable.default
+                if variable.default is None:
+                    warnings.append(f"context variable '{variable.name}' has no value and no default")
+        if variable.kind is VariableKind.NUMERIC:
+            number = _as_number(raw)
+            if number is None:
+                default = _as_number(variable.default)
+                if raw is not None:
+                    warnings.append(f"context variable '{variable.name}' is not numeric: {raw!r}")
+                number = default if default is not None else 0.0
+            values[variable.name] = number
+        else:
+            values[variable.name] = _as_label(raw) if raw is not None else ""
+    segment = "|".join(f"{name}={values[name]}" for name in spec.segment_variables) or "all"
+    numeric = {k: float(v) for k, v in values.items() if isinstance(v, float)}
+    return Context(values, segment, numeric, tuple(warnings))

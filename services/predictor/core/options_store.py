@@ -1,0 +1,275 @@
+"""The options store in Redis: arm statistics per deployment x segment x offer, updated atomically by
+Lua scripts (decay, windows and caps applied incrementally), plus contacts for the Respond join and
+the decision log stream. Every replica reads and writes the same keys, so a response learned on one
+replica changes what every replica scores on its next request.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from redis.asyncio import Redis
+
+from libs.common import redis_keys
+from libs.common.deployment_spec import ThompsonAlgorithm
+from services.predictor.core.algorithms import ArmCounts, LinearState, Statistics
+
+DECISION_LOG_MAX_LENGTH = 1_000_000
+GENERATION_CACHE_SECONDS = 1.0
+
+# KEYS[1] = arm statistics hash. ARGV: now, half_life (0 = none), window (0 = none), cap (0 = none),
+# then triples (offer, impressions to add, successes to add). Per arm: decay the evidence to now,
+# add, cap, and keep a two-bucket sliding window when one is set.
+UPDATE_ARMS = """
+local now = tonumber(ARGV[1])
+local half_life = tonumber(ARGV[2])
+local window = tonumber(ARGV[3])
+local cap = tonumber(ARGV[4])
+for i = 5, #ARGV, 3 do
+  local offer = ARGV[i]
+  local dn = tonumber(ARGV[i + 1])
+  local ds = tonumber(ARGV[i + 2])
+  local v = redis.call('HMGET', KEYS[1], offer .. '|n', offer .. '|s', offer .. '|t',
+                      offer .. '|wn', offer .. '|ws', offer .. '|pn', offer .. '|ps', offer .. '|wb')
+  local n = tonumber(v[1]) or 0
+  local s = tonumber(v[2]) or 0
+  local t = tonumber(v[3]) or now
+  if half_life > 0 and now > t then
+    local f = math.pow(0.5, (now - t) / half_life)
+    n = n * f
+    s = s * f
+  end
+  n = n + dn
+  s = s + ds
+  if s > n then n = s end
+  if cap > 0 and n > cap then
+    s = s * cap / n
+    n = cap
+  end
+  if now > t then t = now end
+  redis.call('HSET', KEYS[1], offer .. '|n', string.format('%.17g', n), offer .. '|s',
+             string.format('%.17g', s), offer .. '|t', string.format('%.17g', t))
+  if window > 0 then
+    local wn = tonumber(v[4]) or 0
+    local ws = tonumber(v[5]) or 0
+    local pn = tonumber(v[6]) or 0
+    local ps = tonumber(v[7]) or 0
+    local wb = tonumber(v[8]) or 0
+    local bucket = math.floor(now / window) * window
+    if bucket > wb then
+      if bucket - wb >= 2 * window then pn = 0 ps = 0 else pn = wn ps = ws end
+      wn = 0
+      ws = 0
+      wb = bucket
+    end
+    wn = wn + dn
+    ws = ws + ds
+    redis.call('HSET', KEYS[1], offer .. '|wn', string.format('%.17g', wn), offer .. '|ws',
+               string.format('%.17g', ws), offer .. '|pn', string.format('%.17g', pn), offer .. '|ps',
+               string.format('%.17g', ps), offer .. '|wb', string.format('%.17g', wb))
+  end
+end
+return 1
+"""
+
+# KEYS[1] = contact hash. ARGV: offers the response credits. Marks each offer answered once and
+# returns the ones marked now (a repeated response learns nothing twice); also marks the contact.
+MARK_RESPONSES = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local fresh = {}
+redis.call('HSETNX', KEYS[1], 'responded', '1')
+for i = 1, #ARGV do
+  if redis.call('HSETNX', KEYS[1], 'accepted|' .. ARGV[i], '1') == 1 then
+    table.insert(fresh, ARGV[i])
+  end
+end
+return fresh
+"""
+
+# KEYS[1] = linear model hash of one offer. ARGV: dimension, reward, x_1..x_d.
+# A += x x^T and b += reward * x, as JSON arrays (cjson ships with Redis's Lua).
+UPDATE_LINEAR = """
+local d = tonumber(ARGV[1])
+local reward = tonumber(ARGV[2])
+local raw = redis.call('HMGET', KEYS[1], 'a', 'b')
+local a = {}
+local b = {}
+if raw[1] then a = cjson.decode(raw[1]) b = cjson.decode(raw[2]) else
+  for i = 1, d * d do a[i] = 0 end
+  for i = 1, d do b[i] = 0 end
+end
+for i = 1, d do
+  local xi = tonumber(ARGV[2 + i])
+  b[i] = b[i] + reward * xi
+  for j = 1, d do
+    a[(i - 1) * d + j] = a[(i - 1) * d + j] + xi * tonumber(ARGV[2 + j])
+  end
+end
+redis.call('HSET', KEYS[1], 'a', cjson.encode(a), 'b', cjson.encode(b))
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class ArmPolicy:
+    """How evidence ages: from the Thompson parameters (other arm algorithms keep it forever)."""
+
+    half_life_seconds: float = 0.0
+    window_seconds: float = 0.0
+    count_cap: float = 0.0
+
+    @classmethod
+    def from_algorithm(cls, algorithm: object) -> ArmPolicy:
+        if isinstance(algorithm, ThompsonAlgorithm):
+            return cls(
+                algorithm.half_life_seconds or 0.0,
+                algorithm.window_seconds or 0.0,
+                algorithm.count_cap or 0.0,
+            )
+        half_life = getattr(algorithm, "half_life_seconds", None)
+        return cls(half_life_seconds=half_life or 0.0)
+
+
+def parse_arms(raw: Mapping[bytes | str, bytes | str], policy: ArmPolicy, now: float) -> dict[str, ArmCounts]:
+    fields: dict[str, dict[str, float]] = {}
+    for key, value in raw.items():
+        name = key.decode() if isinstance(key, bytes) else key
+        offer, _, part = name.rpartition("|")
+        try:
+            fields.setdefault(offer, {})[part] = float(value)
+        except ValueError:
+            continue
+    arms = {}
+    for offer, values in fields.items():
+        if policy.window_seconds > 0 and "wb" in values:
+            window = policy.window_seconds
+            elapsed = now - values.get("wb", 0.0)
+            if elapsed >= 2 * window:
+                n = s = 0.0
+            elif elapsed >= window:
+                previous_weight = max(0.0, 1.0 - (elapsed - window) / window)
+                n, s = values.get("wn", 0.0) * previous_weight, values.get("ws", 0.0) * previous_weight
+            else:
+                previous_weight = max(0.0, 1.0 - elapsed / window)
+                n = values.get("wn", 0.0) + values.get("pn", 0.0) * previous_weight
+                s = values.get("ws", 0.0) + values.get("ps", 0.0) * previous_weight
+        else:
+            n, s = values.get("n", 0.0), values.get("s", 0.0)
+            if policy.half_life_seconds > 0:
+                factor = math.pow(0.5, max(now - values.get("t", now), 0.0) / policy.half_life_seconds)
+                n, s = n * factor, s * factor
+        arms[offer] = ArmCounts(n, min(s, n), values.get("pa", 0.0), values.get("pb", 0.0))
+    return arms
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class OptionsStore:
+    def __init__(self, redis: Redis, clock: Any = time.time) -> None:
+        self._redis = redis
+        self._clock = clock
+        self._generations: dict[str, tuple[float, str]] = {}
+        self._update_arms = redis.register_script(UPDATE_ARMS)
+        self._mark_responses = redis.register_script(MARK_RESPONSES)
+        self._update_linear = redis.register_script(UPDATE_LINEAR)
+
+    @property
+    def redis(self) -> Redis:
+        return self._redis
+
+    def now(self) -> float:
+        return float(self._clock())
+
+    async def generation(self, deployment: str) -> str:
+        """The live options generation (ingest switches it atomically); cached for a second."""
+        cached = self._generations.get(deployment)
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < GENERATION_CACHE_SECONDS:
+            return cached[1]
+        value = await self._redis.get(redis_keys.options_generation(deployment))
+        generation = _text(value) if value is not None else "0"
+        self._generations[deployment] = (now, generation)
+        return generation
+
+    async def read(
+        self,
+        *,
+        deployment: str,
+        generation: str,
+        segment: str,
+        kind: str,
+        offers: Sequence[str],
+        policy: ArmPolicy,
+        feature_key: str | None,
+    ) -> tuple[Statistics, dict[str, str]]:
+        """Features and statistics for one Invoke, in one round trip."""
+        pipeline = self._redis.pipeline(transaction=False)
+        if feature_key is not None:
+            pipeline.hgetall(feature_key)
+        if kind == "arms":
+            pipeline.hgetall(redis_keys.arm_statistics(deployment, generation, segment))
+        elif kind == "naive_bayes":
+            pipeline.hgetall(redis_keys.naive_bayes_counts(deployment, generation))
+        else:
+            for offer in offers:
+                pipeline.hmget(redis_keys.linear_model(deployment, generation, offer), "a", "b")
+        replies = await pipeline.execute()
+        features: dict[str, str] = {}
+        if feature_key is not None:
+            features = {_text(k): _text(v) for k, v in replies.pop(0).items()}
+        statistics = Statistics()
+        if kind == "arms":
+            statistics.arms = parse_arms(replies[0], policy, self.now())
+        elif kind == "naive_bayes":
+            statistics.naive_bayes = {_text(k): float(v) for k, v in replies[0].items()}
+        else:
+            linear = {}
+            for offer, (a, b) in zip(offers, replies, strict=True):
+                if a is not None and b is not None:
+                    vector = np.array(json.loads(b), dtype=float)
+                    d = len(vector)
+                    linear[offer] = LinearState(np.array(json.loads(a), dtype=float).reshape(d, d), vector)
+            statistics.linear = linear
+        return statistics, features
+
+    async def queue_arm_update(
+        self,
+        pipeline: Any,
+        key: str,
+        policy: ArmPolicy,
+        updates: Sequence[tuple[str, float, float]],
+        now: float,
+    ) -> None:
+        if not updates:
+            return
+        args: list[Any] = [now, policy.half_life_seconds, policy.window_seconds, policy.count_cap]
+        for offer, impressions, successes in updates:
+            args += [offer, impressions, successes]
+        await self._update_arms(keys=[key], args=args, client=pipeline)
+
+    def queue_naive_bayes_update(
+        self, pipeline: Any, key: str, offer: str, context: Mapping[str, str], field: str, amount: float
+    ) -> None:
+        pipeline.hincrbyfloat(key, f"{offer}|{field}", amount)
+        for name, value in context.items():
+            pipeline.hincrbyfloat(key, f"{offer}|{name}={value}|{field}", amount)
+
+    async def queue_linear_update(
+        self, pipeline: Any, key: str, vector: Sequence[float], reward: float
+    ) -> None:
+        await self._update_linear(keys=[key], args=[len(vector), reward, *vector], client=pipeline)
+
+    async def mark_responses(self, uuid: str, offers: Sequence[str]) -> list[str] | None:
+        """Offers not answered before (None when the contact is gone)."""
+        reply = await self._mark_responses(keys=[redis_keys.contact(uuid)], args=list(offers))
+        if reply is None:
+            return None
+        return [_text(item) for item in reply]
