@@ -1,12 +1,14 @@
-"""`make demo`: start the local stack, show it healthy, call a predictor through Envoy, stop it.
+"""`make demo`: start the local stack, show it healthy, call a predictor through Envoy, push live
+configuration to both replicas, stop it.
 
-Each step runs the same `liveloop` command a person would type. Later capabilities (publish a
-deployment, invoke, respond, train, promote) extend this script.
+Each step runs the same `liveloop` command a person would type. Later capabilities (invoke, respond,
+train, promote) extend this script.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import urllib.request
@@ -16,6 +18,7 @@ from libs.stack.credentials import load_credentials
 from libs.stack.launcher import StackRecord, StackSettings
 
 REPO = Path(__file__).resolve().parent.parent
+EXAMPLE_SPEC = Path("examples/deployments/telco-offers.yaml")
 
 
 def step(title: str) -> None:
@@ -23,11 +26,33 @@ def step(title: str) -> None:
 
 
 def liveloop(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    print(f"$ liveloop {' '.join(args)}", flush=True)
+    print(f"$ liveloop {shlex.join(args)}", flush=True)
     result = subprocess.run([sys.executable, "-m", "libs.cli.main", *args], cwd=REPO, check=False)
     if check and result.returncode != 0:
-        raise SystemExit(f"demo failed at `liveloop {' '.join(args)}` (exit {result.returncode})")
+        raise SystemExit(f"demo failed at `liveloop {shlex.join(args)}` (exit {result.returncode})")
     return result
+
+
+def live_configuration(state_dir: Path) -> None:
+    step("Publish a deployment: validated, stored as an immutable revision, pushed to every replica")
+    liveloop("config", "publish", str(EXAMPLE_SPEC), "--no-diff", "--message", "demo: first version")
+    step("The deployments at the head revision")
+    liveloop("config", "list")
+    step("Both predictor replicas applied it and ACKed over their Watch streams")
+    liveloop("config", "status", "--wait-for-head", "10")
+    step("Every reply says which config revision served it")
+    liveloop("ping", "--count", "4")
+    step("Change one parameter: the publish shows the diff, the replicas follow without a restart")
+    changed = state_dir / "telco-offers.yaml"
+    original = (REPO / EXAMPLE_SPEC).read_text()
+    if "exploration_epsilon: 0.05\n" not in original:
+        raise SystemExit(f"demo failed: {EXAMPLE_SPEC} no longer sets exploration_epsilon: 0.05")
+    print(f"$ sed 's/exploration_epsilon: 0.05/exploration_epsilon: 0.1/' {EXAMPLE_SPEC} > {changed}")
+    (REPO / changed).write_text(original.replace("exploration_epsilon: 0.05\n", "exploration_epsilon: 0.1\n"))
+    liveloop("config", "publish", str(changed), "--message", "demo: explore more")
+    liveloop("config", "status", "--wait-for-head", "10")
+    step("The audit trail: who changed what, when, and why (`liveloop config rollback` undoes it)")
+    liveloop("config", "history", "telco-offers")
 
 
 def main() -> int:
@@ -39,10 +64,12 @@ def main() -> int:
         liveloop("health")
         step("Calls through Envoy are balanced over both predictor replicas")
         liveloop("ping", "--count", "6")
+        live_configuration(settings.state_dir)
         step("REST through Envoy's gRPC-JSON transcoder: GET /ping")
         record = StackRecord.load(settings.state_dir)
         credentials = load_credentials(settings.state_dir)
-        assert record is not None and credentials is not None
+        assert record is not None
+        assert credentials is not None
         url = f"http://{settings.host}:{record.envoy_port}/ping"
         print(f"$ curl -H 'x-api-key: ...' {url}")
         request = urllib.request.Request(url, headers={"x-api-key": credentials.invoke_key})
@@ -58,7 +85,10 @@ def main() -> int:
     finally:
         step("Stop everything")
         liveloop("down")
-    print("\ndemo finished: the stack started healthy, served through Envoy, and stopped cleanly.")
+    print(
+        "\ndemo finished: the stack started healthy, served through Envoy, followed two config pushes on"
+        " both replicas, and stopped cleanly."
+    )
     return 0
 
 

@@ -44,6 +44,7 @@ TargetOption = Annotated[str | None, typer.Option("--target", help="host:port of
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
 MessageOption = Annotated[str, typer.Option("--message", "-m", help="Reason recorded in the history")]
 DryRunFlag = Annotated[bool, typer.Option("--dry-run", help="Validate and show the diff; store nothing")]
+DiffFlag = Annotated[bool, typer.Option("--diff/--no-diff", help="Print the diff of the change")]
 
 ResponseT = TypeVar("ResponseT")
 
@@ -166,7 +167,7 @@ def _read_spec(file: Path) -> tuple[str, config_pb2.SpecFormat]:
 
 
 def _report_change(
-    deployment: str, done: str, revision: int, changed: bool, dry_run: bool, diff: str
+    deployment: str, done: str, revision: int, changed: bool, dry_run: bool, diff: str, show_diff: bool
 ) -> None:
     """One line saying what happened to the deployment (`done`: "published"), then the diff."""
     name = escape(deployment)
@@ -176,7 +177,7 @@ def _report_change(
         console.print(f"{name}: dry run, nothing stored; the change would be revision {revision}")
     else:
         console.print(f"{name}: [green]{escape(done)}[/green] as revision {revision}")
-    if diff:
+    if diff and show_diff:
         _print_diff(diff)
 
 
@@ -184,6 +185,7 @@ def _report_change(
 def publish(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Deployment spec, YAML or JSON")],
     dry_run: DryRunFlag = False,
+    show_diff: DiffFlag = True,
     message: MessageOption = "",
     expected_revision: Annotated[
         int, typer.Option(min=0, help="Refuse unless the deployment is at this revision (0: no check)")
@@ -217,7 +219,9 @@ def publish(
         return
     for warning in reply.warnings:
         errors.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
-    _report_change(reply.deployment, "published", reply.revision, reply.changed, reply.dry_run, reply.diff)
+    _report_change(
+        reply.deployment, "published", reply.revision, reply.changed, reply.dry_run, reply.diff, show_diff
+    )
 
 
 class SpecOutput(enum.StrEnum):
@@ -387,6 +391,7 @@ def rollback(
     name: Annotated[str, typer.Argument(help="Deployment name")],
     to: Annotated[int, typer.Option("--to", min=1, help="Revision whose spec becomes current again")],
     dry_run: DryRunFlag = False,
+    show_diff: DiffFlag = True,
     message: MessageOption = "",
     state_dir: StateDir = None,
     target: TargetOption = None,
@@ -408,7 +413,7 @@ def rollback(
         )
         return
     done = f"rolled back to revision {to}"
-    _report_change(reply.deployment, done, reply.revision, reply.changed, dry_run, reply.diff)
+    _report_change(reply.deployment, done, reply.revision, reply.changed, dry_run, reply.diff, show_diff)
 
 
 @config_app.command()

@@ -220,6 +220,7 @@ def test_unknown_deployments_are_not_found(store: ConfigStore) -> None:
         lambda: store.get("nope"),
         lambda: store.history("nope"),
         lambda: store.delete("nope", author="bob"),
+        lambda: store.rollback("nope", 1, author="bob"),  # revision 1 is another deployment's
     ):
         with pytest.raises(NotFound) as raised:
             attempt()

@@ -227,6 +227,8 @@ class ConfigStore:
         if to_revision <= 0:
             raise InvalidArgument("must be a positive revision", field="to_revision")
         with self._engine.connect() as connection:
+            if self._current(connection, deployment) is None:
+                raise NotFound(f"deployment '{deployment}' does not exist", field="deployment")
             row = connection.execute(
                 sa.select(deployment_revisions).where(deployment_revisions.c.revision == to_revision)
             ).first()

@@ -1,0 +1,890 @@
+"""Benchmark: Invoke throughput and latency through Envoy, against Ping through the same Envoy.
+
+    .venv/bin/python bench/invoke_throughput.py --duration 10 --rounds 3 --profile
+
+Starts the local stack (`libs.stack.launcher.up`: Redis, config, two predictor replicas, ingest,
+trainer, monitor, Envoy) on free ports in a temporary state directory, publishes a benchmark
+deployment (50 offers, Thompson sampling, two context variables: `gender` from the `customers`
+feature view and `channel` from the request params), writes online features for 10,000 customers
+into Redis and waits until both replicas serve that revision. Then h2load (a C load generator,
+Debian package `nghttp2-client`) sends gRPC frames through Envoy:
+
+- 1 in flight (`-c1 -m1`): latency p50;
+- 50 in flight (`-c10 -m5`: 10 HTTP/2 connections x 5 streams): throughput and p99;
+
+for Ping and Invoke alternately, in several rounds (medians are reported; each round uses another
+customer, since h2load repeats one body). Latency percentiles come from h2load's per-request
+`--log-file`. h2load counts HTTP 200 as success, which says nothing about the gRPC status, so every
+run also diffs the replicas' `liveloop_rpc_requests_total` by status code (every request, warm-up
+included), and a Python client and `nghttp -v` check grpc-status 0 for the exact bodies.
+
+It records CPU (cores) of every process per run, RSS per replica before and after the load, and
+with `--profile` a py-spy profile of one replica under Invoke load. Results go to
+bench/results/invoke_throughput.{json,md}. The stack is always stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import os
+import platform
+import re
+import resource
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import grpc  # noqa: E402
+import psutil  # noqa: E402
+import redis  # noqa: E402
+import yaml  # noqa: E402
+from google.protobuf.struct_pb2 import Struct, Value  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from libs.common import redis_keys  # noqa: E402
+from libs.common.client import open_blocking_channel  # noqa: E402
+from libs.protos.liveloop.config.v1 import config_pb2, config_pb2_grpc  # noqa: E402
+from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc  # noqa: E402
+from libs.stack.credentials import load_credentials  # noqa: E402
+from libs.stack.launcher import StackRecord, StackSettings, down, up  # noqa: E402
+from libs.stack.processes import free_port, wait_until  # noqa: E402
+
+SERVICE_PATH = "/liveloop.predictor.v1.PredictorService/"
+DEPLOYMENT = "bench-offers"
+CAMPAIGN = "bench-offers"
+FEATURE_VIEW = "customers"
+GENDERS = ("f", "m", "x")
+INSTALL_HINT = "apt-get update && apt-get install -y nghttp2-client"
+
+
+# The deployment ------------------------------------------------------------------------------------
+
+
+def deployment_spec(offers: int) -> str:
+    """50 offers, Thompson sampling, a feature-sourced and a param-sourced context variable."""
+    categories = ("data", "voice", "roaming", "bundle", "content")
+    offer_list: list[dict[str, Any]] = []
+    for index in range(offers):
+        offer: dict[str, Any] = {
+            "id": f"offer-{index + 1:03d}",
+            "name": f"Offer {index + 1:03d}",
+            "price": round(2.0 + index * 0.75, 2),
+            "cost": round(0.5 + index * 0.1, 2),
+            "category": categories[index % len(categories)],
+        }
+        if index % 5 == 4:  # every fifth offer is shown only on digital channels
+            offer["eligibility"] = [{"variable": "channel", "operator": "in", "value": ["app", "web"]}]
+        offer_list.append(offer)
+    spec = {
+        "name": DEPLOYMENT,
+        "environment": "dev",
+        "description": "invoke_throughput benchmark",
+        "campaigns": [CAMPAIGN],
+        "default_number_of_offers": 3,
+        "exploration_epsilon": 0.05,
+        "offers": offer_list,
+        "context_variables": [
+            {"name": "gender", "source": "feature", "default": "unknown"},
+            {"name": "channel", "source": "param", "default": "app"},
+        ],
+        "algorithm": {"approach": "thompson", "alpha0": 1.0, "beta0": 1.0, "half_life_seconds": 604800},
+        "feature_lookup": {"feature_view": FEATURE_VIEW, "key": "customer", "defaults": {"gender": "unknown"}},
+        "reward": {"window_seconds": 86400, "default_reward": 1.0},
+    }
+    return yaml.safe_dump(spec, sort_keys=False)
+
+
+def customer_id(index: int) -> str:
+    return f"cust-{index:06d}"
+
+
+def write_features(redis_url: str, customers: int) -> None:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        pipeline = client.pipeline(transaction=False)
+        for index in range(customers):
+            pipeline.hset(
+                redis_keys.online_features(FEATURE_VIEW, customer_id(index)),
+                mapping={
+                    "gender": GENDERS[index % len(GENDERS)],
+                    "age": 18 + index % 60,
+                    "plan": "postpaid" if index % 4 == 0 else "prepaid",
+                    "tenure_months": index % 120,
+                },
+            )
+            if index % 1000 == 999:
+                pipeline.execute()
+        pipeline.execute()
+    finally:
+        client.close()
+
+
+# Request bodies ------------------------------------------------------------------------------------
+
+
+def invoke_request(customer: str) -> predictor_pb2.InvokeRequest:
+    params = Struct()
+    params.update({"channel": "app"})
+    return predictor_pb2.InvokeRequest(
+        campaign=CAMPAIGN,
+        customer=customer,
+        numberoffers=Value(number_value=3),
+        params=Value(struct_value=params),
+    )
+
+
+def grpc_frame(message: bytes) -> bytes:
+    """A length-prefixed gRPC message: no compression flag, 4-byte big-endian length, bytes."""
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+# The stack -----------------------------------------------------------------------------------------
+
+
+def stack_settings(state_dir: Path) -> StackSettings:
+    return StackSettings(
+        state_dir=state_dir,
+        envoy_port=free_port(),
+        envoy_admin_port=free_port(),
+        redis_port=free_port(),
+        config_port=free_port(),
+        predictor_ports=[free_port(), free_port()],
+        ingest_port=free_port(),
+        trainer_port=free_port(),
+        monitor_port=free_port(),
+        metrics=True,  # the replicas' RPC counters by status code are how gRPC failures are counted
+        config_metrics_port=free_port(),
+        predictor_metrics_ports=[free_port(), free_port()],
+        ingest_metrics_port=free_port(),
+        trainer_metrics_port=free_port(),
+        monitor_metrics_port=free_port(),
+        startup_timeout_seconds=90.0,
+    )
+
+
+@contextlib.contextmanager
+def running_stack(settings: StackSettings) -> Iterator[StackRecord]:
+    record: StackRecord | None = None
+    try:
+        record = up(settings, progress=lambda message: print(f"  {message}", flush=True))
+        yield record
+    finally:
+        result = down(settings.state_dir)
+        print(f"stack: {result['message']} ({', '.join(result['stopped'])})", flush=True)
+
+
+def publish(config_target: str, admin_key: str, spec_text: str) -> int:
+    with open_blocking_channel(config_target, api_key=admin_key, deadline_seconds=30) as channel:
+        reply = config_pb2_grpc.ConfigServiceStub(channel).Publish(
+            config_pb2.PublishRequest(spec_text=spec_text, message="invoke_throughput benchmark")
+        )
+    return int(reply.revision)
+
+
+def replica_revision(target: str, invoke_key: str) -> int:
+    with open_blocking_channel(target, api_key=invoke_key, deadline_seconds=2) as channel:
+        return int(predictor_pb2_grpc.PredictorServiceStub(channel).Ping(predictor_pb2.PingRequest()).config_revision)
+
+
+# Observation: metrics, CPU, memory -----------------------------------------------------------------
+
+
+def rpc_counts(metrics_port: int) -> dict[tuple[str, str], float]:
+    """(method, code) -> liveloop_rpc_requests_total of one replica."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    counts: dict[tuple[str, str], float] = collections.defaultdict(float)
+    for family in text_string_to_metric_families(text):
+        if family.name != "liveloop_rpc_requests":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                counts[(sample.labels["method"], sample.labels["code"])] += sample.value
+    return counts
+
+
+def envoy_stats(admin_port: int) -> dict[str, int]:
+    url = f"http://127.0.0.1:{admin_port}/stats?filter=^cluster%5C.predictor%5C.upstream_rq_(total|retry|5xx|pending_overflow|timeout)$"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        lines = response.read().decode().splitlines()
+    stats = {}
+    for line in lines:
+        name, _, value = line.partition(": ")
+        with contextlib.suppress(ValueError):
+            stats[name.removeprefix("cluster.predictor.")] = int(value)
+    return stats
+
+
+@dataclass
+class Observed:
+    name: str
+    process: psutil.Process
+
+
+def observed_processes(record: StackRecord) -> list[Observed]:
+    found = []
+    for process_record in record.processes:
+        process = process_record.process()
+        if process is not None:
+            found.append(Observed(process_record.name, process))
+    return found
+
+
+def cpu_seconds(processes: list[Observed]) -> dict[str, float]:
+    times = {}
+    for item in processes:
+        with contextlib.suppress(psutil.Error):
+            cpu = item.process.cpu_times()
+            times[item.name] = cpu.user + cpu.system
+    return times
+
+
+def memory(processes: list[Observed]) -> dict[str, dict[str, float]]:
+    result = {}
+    for item in processes:
+        with contextlib.suppress(psutil.Error):
+            info = item.process.memory_full_info()
+            result[item.name] = {"rss_mib": round(info.rss / 2**20, 1), "uss_mib": round(info.uss / 2**20, 1)}
+    return result
+
+
+# h2load --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Level:
+    name: str
+    clients: int
+    streams: int
+
+    @property
+    def in_flight(self) -> int:
+        return self.clients * self.streams
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def _ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    if match is None:
+        raise ValueError(f"not a duration: {text!r}")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def parse_h2load(output: str) -> dict[str, Any]:
+    parsed: dict[str, Any] = {}
+    if match := re.search(r"finished in ([\d.]+)s, ([\d.]+) req/s", output):
+        parsed["seconds"] = float(match.group(1))
+        parsed["req_per_s"] = float(match.group(2))
+    if match := re.search(
+        r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, "
+        r"(\d+) timeout",
+        output,
+    ):
+        keys = ("total", "started", "done", "succeeded", "failed", "errored", "timeout")
+        parsed["requests"] = dict(zip(keys, map(int, match.groups()), strict=True))
+    if match := re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", output):
+        parsed["http_status"] = dict(zip(("2xx", "3xx", "4xx", "5xx"), map(int, match.groups()), strict=True))
+    if match := re.search(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)", output):
+        parsed["time_for_request_ms"] = dict(
+            zip(("min", "max", "mean", "sd"), (round(_ms(v), 3) for v in match.groups()), strict=True)
+        )
+    return parsed
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    """Nearest-rank percentile of sorted values."""
+    if not ordered:
+        return float("nan")
+    rank = max(1, min(len(ordered), int(-(-q / 100 * len(ordered) // 1))))
+    return ordered[rank - 1]
+
+
+def log_latencies(path: Path) -> tuple[dict[str, float], int]:
+    """Latency percentiles (ms) of the requests with HTTP 200 in an h2load --log-file, and the
+    number of rows that were not 200."""
+    durations, other = [], 0
+    for line in path.read_text().splitlines():
+        parts = line.split("\t")
+        if len(parts) < 3:
+            continue
+        if parts[1] == "200":
+            durations.append(int(parts[2]) / 1000.0)
+        else:
+            other += 1
+    durations.sort()
+    summary = {
+        "count": len(durations),
+        "p50": percentile(durations, 50),
+        "p90": percentile(durations, 90),
+        "p99": percentile(durations, 99),
+        "p99_9": percentile(durations, 99.9),
+        "max": durations[-1] if durations else float("nan"),
+        "mean": statistics.fmean(durations) if durations else float("nan"),
+    }
+    return {key: round(value, 3) for key, value in summary.items()}, other
+
+
+def _duration(seconds: float) -> str:
+    """h2load takes whole numbers with a unit ("500ms"), not "0.5"."""
+    return f"{round(seconds * 1000)}ms"
+
+
+def h2load_argv(
+    url: str, body: Path, level: Level, duration: float, warm_up: float, api_key: str, log_file: Path | None
+) -> list[str]:
+    argv = [
+        "h2load",
+        "-t1",
+        f"-c{level.clients}",
+        f"-m{level.streams}",
+        "-D",
+        _duration(duration),
+        "--warm-up-time",
+        _duration(warm_up),
+        "-d",
+        str(body),
+        "-H",
+        "content-type: application/grpc",
+        "-H",
+        "te: trailers",
+        "-H",
+        f"x-api-key: {api_key}",
+    ]
+    if log_file is not None:
+        argv += ["--log-file", str(log_file)]
+    return [*argv, url]
+
+
+def shown(argv: list[str], api_key: str) -> str:
+    return shlex.join(argv).replace(api_key, "$INVOKE_KEY")
+
+
+# Verification --------------------------------------------------------------------------------------
+
+
+def verify_with_python(front_door: str, invoke_key: str, method: str, body: bytes) -> dict[str, Any]:
+    """Send these exact message bytes through Envoy with grpcio and decode the answer."""
+    response_type = predictor_pb2.InvokeResponse if method == "Invoke" else predictor_pb2.PingResponse
+    with grpc.insecure_channel(front_door) as channel:
+        call = channel.unary_unary(
+            SERVICE_PATH + method,
+            request_serializer=lambda raw: raw,
+            response_deserializer=response_type.FromString,
+        )
+        try:
+            reply = call(body, timeout=5, metadata=(("x-api-key", invoke_key),))
+        except grpc.RpcError as exc:
+            return {"grpc_status": exc.code().name, "detail": exc.details()}
+    result: dict[str, Any] = {"grpc_status": "OK"}
+    if isinstance(reply, predictor_pb2.InvokeResponse):
+        result.update(
+            offers=[row.result.offer for row in reply.final_result],
+            segment=reply.segment,
+            replica=reply.replica_id,
+            config_revision=reply.config_revision,
+            warnings=list(reply.warnings),
+        )
+    else:
+        result.update(replica=reply.replica_id, config_revision=reply.config_revision)
+    return result
+
+
+def verify_with_nghttp(url: str, body_file: Path, invoke_key: str) -> dict[str, Any]:
+    if shutil.which("nghttp") is None:
+        return {"skipped": "nghttp is not installed"}
+    argv = [
+        "nghttp",
+        "-v",
+        "-n",
+        "-d",
+        str(body_file),
+        "-H",
+        "content-type: application/grpc",
+        "-H",
+        "te: trailers",
+        "-H",
+        f"x-api-key: {invoke_key}",
+        url,
+    ]
+    completed = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    statuses = re.findall(r"^\s*:status: (\d+)", completed.stdout, re.MULTILINE)
+    grpc_statuses = re.findall(r"^\s*grpc-status: (\d+)", completed.stdout, re.MULTILINE)
+    return {
+        "http_status": statuses[-1] if statuses else None,
+        "grpc_status": int(grpc_statuses[-1]) if grpc_statuses else None,
+        "exit_code": completed.returncode,
+    }
+
+
+# Profiling -----------------------------------------------------------------------------------------
+
+# Inclusive shares of these frames say where a replica's busy time goes (matched on the function
+# name and file of any frame in the stack).
+PROFILE_BUCKETS: tuple[tuple[str, str], ...] = (
+    ("servicer: protobuf Value -> dict (MessageToDict)", r"^_value .*servicer\.py"),
+    ("servicer: build the response message", r"^_invoke_response "),
+    ("decision: feature HGETALL round trip", r"decision\.py:230"),
+    ("decision: options_store.read (arm statistics)", r"^read .*options_store\.py"),
+    ("  of which parse_arms", r"^parse_arms "),
+    ("decision: scorer.score (Thompson sampling)", r"^score .*algorithms\.py"),
+    ("decision: derive_context", r"^derive_context "),
+    ("decision: eligibility rules", r"^(<listcomp>|_rule_holds) .*decision\.py:(239|243|151)"),
+    ("decision: _record_contact (pipeline build + execute)", r"^_record_contact "),
+    ("  of which json.dumps", r"^(dumps|encode|iterencode) .*json"),
+    ("redis client: pipeline execute / parse replies", r"redis/asyncio/client\.py|redis/_parsers"),
+    ("interceptors (telemetry, auth, errors)", r"interceptors\.py"),
+    ("prometheus client", r"prometheus_client"),
+    ("uuid4", r"^uuid4 "),
+    ("asyncio event loop itself", r"asyncio/(base_events|events|selector_events)\.py"),
+)
+
+
+def profile_replica(
+    pid: int, url: str, body: Path, level: Level, seconds: float, api_key: str, out: Path
+) -> dict[str, Any]:
+    """py-spy record (raw collapsed stacks) of one replica while h2load sends Invoke."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(py_spy).exists():
+        return {"skipped": "py-spy is not installed (pip install py-spy into the venv)"}
+    raw = out / "py-spy.txt"
+    spy = subprocess.Popen(
+        [py_spy, "record", "--pid", str(pid), "--rate", "250", "--duration", f"{seconds + 2:g}",
+         "--format", "raw", "--nonblocking", "--output", str(raw)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.0)
+    subprocess.run(h2load_argv(url, body, level, seconds, 0.5, api_key, None), capture_output=True, check=False)
+    _, error = spy.communicate(timeout=seconds + 60)
+    if spy.returncode != 0 or not raw.exists():
+        return {"skipped": f"py-spy failed: {error.strip()[-500:]}"}
+    return summarize_profile(raw.read_text())
+
+
+def summarize_profile(collapsed: str) -> dict[str, Any]:
+    stacks: list[tuple[list[str], int]] = []
+    for line in collapsed.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            stacks.append((stack.split(";"), int(count)))
+    total = sum(count for _, count in stacks)
+    if total == 0:
+        return {"samples": 0}
+    buckets = {}
+    for label, pattern in PROFILE_BUCKETS:
+        regex = re.compile(pattern)
+        hit = sum(count for frames, count in stacks if any(regex.search(frame) for frame in frames))
+        buckets[label] = round(100 * hit / total, 1)
+    leaves: collections.Counter[str] = collections.Counter()
+    for frames, count in stacks:
+        leaves[re.sub(r" \(/.*/(site-packages|lib/python3\.\d+|main)/", " (", frames[-1])] += count
+    return {
+        "samples": total,
+        "inclusive_percent": buckets,
+        "top_self_percent": {name: round(100 * count / total, 1) for name, count in leaves.most_common(15)},
+    }
+
+
+# The benchmark -------------------------------------------------------------------------------------
+
+
+def run_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    settings = stack_settings(work / "state")
+    levels = [Level("1 in flight", 1, 1), Level(f"{args.clients * args.streams} in flight", args.clients, args.streams)]
+    report: dict[str, Any] = {}
+    with running_stack(settings) as record:
+        credentials = load_credentials(settings.state_dir)
+        assert credentials is not None
+        invoke_key = credentials.invoke_key
+        front_door = f"127.0.0.1:{settings.envoy_port}"
+        base_url = f"http://{front_door}{SERVICE_PATH}"
+        redis_url = f"redis://127.0.0.1:{settings.redis_port}/0"
+
+        print(f"writing features for {args.customers} customers", flush=True)
+        write_features(redis_url, args.customers)
+        revision = publish(f"127.0.0.1:{settings.config_port}", credentials.admin_key, deployment_spec(args.offers))
+        print(f"published revision {revision}; waiting for both replicas", flush=True)
+        replicas = [f"127.0.0.1:{port}" for port in settings.predictor_ports]
+        for target in replicas:
+            if not wait_until(lambda t=target: _safe_revision(t, invoke_key) >= revision, 60, 0.2):
+                raise RuntimeError(f"replica {target} did not apply revision {revision}")
+
+        customers = [customer_id((index * 3331 + 17) % args.customers) for index in range(args.rounds)]
+        bodies: dict[str, Path] = {"Ping": work / "ping.bin"}
+        bodies["Ping"].write_bytes(grpc_frame(predictor_pb2.PingRequest().SerializeToString()))
+        for customer in customers:
+            path = work / f"invoke-{customer}.bin"
+            path.write_bytes(grpc_frame(invoke_request(customer).SerializeToString()))
+            bodies[customer] = path
+
+        verification: dict[str, Any] = {}
+        for key, path in bodies.items():
+            method = "Ping" if key == "Ping" else "Invoke"
+            message = path.read_bytes()[5:]
+            checks = [verify_with_python(front_door, invoke_key, method, message) for _ in range(2)]
+            verification[key] = {
+                "python_client": checks,
+                "nghttp": verify_with_nghttp(base_url + method, path, invoke_key),
+            }
+            bad = [c for c in checks if c["grpc_status"] != "OK" or c.get("warnings")]
+            if bad or verification[key]["nghttp"].get("grpc_status") not in (0, None):
+                raise RuntimeError(f"verification failed for {key}: {json.dumps(verification[key])}")
+        print("verified: grpc-status 0 for every body (Python client and nghttp)", flush=True)
+
+        processes = observed_processes(record)
+        memory_before = memory(processes)
+
+        # Warm-up: both RPCs at full concurrency, not recorded.
+        for method, body in (("Ping", bodies["Ping"]), ("Invoke", bodies[customers[0]])):
+            subprocess.run(
+                h2load_argv(base_url + method, body, levels[1], args.warm_up_run, 0.5, invoke_key, None),
+                capture_output=True,
+                check=True,
+            )
+        print("warm-up done", flush=True)
+
+        runs = []
+        log_file = work / "h2load.log"
+        metrics_ports = settings.predictor_metrics_ports
+        for round_index, customer in enumerate(customers):
+            # Alternate which RPC goes first, so neither always runs on a warmer (or busier) machine.
+            order = ("Ping", "Invoke") if round_index % 2 == 0 else ("Invoke", "Ping")
+            for level in levels:
+                for method in order:
+                    body = bodies["Ping"] if method == "Ping" else bodies[customer]
+                    log_file.unlink(missing_ok=True)  # h2load appends
+                    argv = h2load_argv(base_url + method, body, level, args.duration, args.warm_up, invoke_key, log_file)
+                    counts_before = [rpc_counts(port) for port in metrics_ports]
+                    envoy_before = envoy_stats(settings.envoy_admin_port)
+                    cpu_before = cpu_seconds(processes)
+                    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    wall_start = time.perf_counter()
+                    completed = subprocess.run(argv, capture_output=True, text=True, check=False)
+                    wall = time.perf_counter() - wall_start
+                    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    cpu_after = cpu_seconds(processes)
+                    envoy_after = envoy_stats(settings.envoy_admin_port)
+                    counts_after = [rpc_counts(port) for port in metrics_ports]
+                    if completed.returncode != 0:
+                        raise RuntimeError(f"h2load failed ({completed.returncode}):\n{completed.stdout}\n{completed.stderr}")
+                    parsed = parse_h2load(completed.stdout)
+                    latency, non_200 = log_latencies(log_file)
+                    rpc_name = f"PredictorService/{method}"
+                    per_replica = []
+                    codes: collections.Counter[str] = collections.Counter()
+                    for before, after in zip(counts_before, counts_after, strict=True):
+                        replica_codes = {
+                            code: int(after[(m, code)] - before.get((m, code), 0.0))
+                            for (m, code) in after
+                            if m == rpc_name and after[(m, code)] - before.get((m, code), 0.0) > 0
+                        }
+                        per_replica.append(replica_codes)
+                        codes.update(replica_codes)
+                    h2load_cpu = (children_after.ru_utime + children_after.ru_stime) - (
+                        children_before.ru_utime + children_before.ru_stime
+                    )
+                    cores = {name: round((cpu_after[name] - cpu_before[name]) / wall, 3) for name in cpu_after if name in cpu_before}
+                    cores["h2load"] = round(h2load_cpu / wall, 3)
+                    done = parsed.get("requests", {}).get("done", 0)
+                    run = {
+                        "round": round_index + 1,
+                        "rpc": method,
+                        "level": level.name,
+                        "clients": level.clients,
+                        "streams": level.streams,
+                        "customer": customer if method == "Invoke" else None,
+                        "command": shown(argv, invoke_key),
+                        "h2load": parsed,
+                        "latency_ms": latency,
+                        "log_rows_not_200": non_200,
+                        "server_grpc_codes": dict(codes),
+                        "server_grpc_codes_per_replica": per_replica,
+                        "envoy_upstream": {k: envoy_after.get(k, 0) - envoy_before.get(k, 0) for k in envoy_after},
+                        "cpu_cores": cores,
+                        "wall_seconds": round(wall, 2),
+                        "cpu_ms_per_request": {
+                            name: round(1000 * value * wall / done, 3) for name, value in cores.items()
+                        }
+                        if done
+                        else {},
+                        "memory_after": memory(processes),
+                    }
+                    runs.append(run)
+                    print(
+                        f"round {round_index + 1} {method:6s} {level.name:13s} "
+                        f"{parsed.get('req_per_s', 0):8.0f} req/s  p50 {latency['p50']:.2f} ms  "
+                        f"p99 {latency['p99']:.2f} ms  grpc codes {dict(codes)}",
+                        flush=True,
+                    )
+        memory_after = memory(processes)
+        report["runs"] = runs
+        report["verification"] = verification
+        report["memory"] = {"before_load": memory_before, "after_load": memory_after}
+        report["deployment"] = {
+            "offers": args.offers,
+            "algorithm": "thompson (half_life 7 d), exploration_epsilon 0.05",
+            "context_variables": ["gender (feature, customers view)", "channel (param)"],
+            "feature_lookup": f"{FEATURE_VIEW} ({args.customers} customers written to Redis hashes)",
+            "eligibility": "every fifth offer: channel in [app, web]",
+            "request": "campaign, customer, numberoffers 3, params {channel: app}",
+            "customers_per_round": customers,
+        }
+        if args.profile:
+            print("profiling predictor-1 under Invoke load (py-spy)", flush=True)
+            pid = next(p.process.pid for p in processes if p.name == "predictor-1")
+            report["profile"] = profile_replica(
+                pid, base_url + "Invoke", bodies[customers[0]], levels[1], args.profile_seconds, invoke_key, work
+            )
+            report["profile"]["setup"] = (
+                f"py-spy record --rate 250 --format raw --nonblocking on predictor-1 while h2load sends "
+                f"Invoke at {levels[1].name} (-c{levels[1].clients} -m{levels[1].streams}) for {args.profile_seconds:g} s; "
+                "percentages are of the samples where the replica's thread was busy (idle excluded)"
+            )
+        report["levels"] = [level.__dict__ | {"in_flight": level.in_flight} for level in levels]
+    return report
+
+
+def _safe_revision(target: str, invoke_key: str) -> int:
+    try:
+        return replica_revision(target, invoke_key)
+    except grpc.RpcError:
+        return -1
+
+
+def summarize(report: dict[str, Any], levels: list[dict[str, Any]]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    runs = report["runs"]
+    for method in ("Ping", "Invoke"):
+        summary[method] = {}
+        for level in levels:
+            rows = [r for r in runs if r["rpc"] == method and r["level"] == level["name"]]
+            summary[method][level["name"]] = {
+                "req_per_s": round(statistics.median(r["h2load"]["req_per_s"] for r in rows), 1),
+                "p50_ms": round(statistics.median(r["latency_ms"]["p50"] for r in rows), 3),
+                "p99_ms": round(statistics.median(r["latency_ms"]["p99"] for r in rows), 3),
+                "max_ms": round(max(r["latency_ms"]["max"] for r in rows), 3),
+                "envoy_cores": round(statistics.median(r["cpu_cores"].get("envoy", 0) for r in rows), 3),
+                "predictor_cores": round(
+                    statistics.median(
+                        sum(v for k, v in r["cpu_cores"].items() if k.startswith("predictor")) for r in rows
+                    ),
+                    3,
+                ),
+                "redis_cores": round(statistics.median(r["cpu_cores"].get("redis", 0) for r in rows), 3),
+                "predictor_cpu_ms_per_request": round(
+                    statistics.median(
+                        sum(v for k, v in r["cpu_ms_per_request"].items() if k.startswith("predictor"))
+                        for r in rows
+                    ),
+                    3,
+                ),
+                "envoy_cpu_ms_per_request": round(
+                    statistics.median(r["cpu_ms_per_request"].get("envoy", 0) for r in rows), 4
+                ),
+                "grpc_non_ok": sum(v for r in rows for code, v in r["server_grpc_codes"].items() if code != "OK"),
+                "grpc_ok": sum(r["server_grpc_codes"].get("OK", 0) for r in rows),
+                "per_round_req_per_s": [r["h2load"]["req_per_s"] for r in rows],
+            }
+    busy = levels[-1]["name"]
+    ratios = []
+    for round_number in sorted({r["round"] for r in runs}):
+        pair = {r["rpc"]: r["h2load"]["req_per_s"] for r in runs if r["round"] == round_number and r["level"] == busy}
+        ratios.append(round(pair["Invoke"] / pair["Ping"], 3))
+    summary["invoke_over_ping_throughput"] = {"per_round": ratios, "median": round(statistics.median(ratios), 3)}
+    return summary
+
+
+def goals(report: dict[str, Any], levels: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    summary = report["summary"]
+    calm, busy = levels[0]["name"], levels[-1]["name"]
+    ratio = summary["invoke_over_ping_throughput"]["median"]
+    p99 = summary["Invoke"][busy]["p99_ms"]
+    p50 = summary["Invoke"][calm]["p50_ms"]
+    non_ok = summary["Invoke"][busy]["grpc_non_ok"] + summary["Invoke"][calm]["grpc_non_ok"]
+    replicas = {k: v for k, v in report["memory"]["after_load"].items() if k.startswith("predictor")}
+    return [
+        {"goal": "Invoke throughput >= 50% of Ping's (same run, 50 in flight)", "value": f"{100 * ratio:.0f}%", "met": ratio >= 0.5},
+        {"goal": f"Invoke p99 < 15 ms with {busy}", "value": f"{p99:.2f} ms", "met": p99 < 15},
+        {"goal": "Invoke p50 < 2 ms with 1 in flight", "value": f"{p50:.2f} ms", "met": p50 < 2},
+        {
+            "goal": "memory per replica reported",
+            "value": ", ".join(f"{k} {v['rss_mib']} MiB RSS" for k, v in replicas.items()),
+            "met": bool(replicas),
+        },
+        {"goal": "every Invoke answered with grpc-status OK", "value": f"{non_ok} non-OK", "met": non_ok == 0},
+    ]
+
+
+def machine_facts() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    h2load_version = subprocess.run(["h2load", "--version"], capture_output=True, text=True, check=False).stdout.strip()
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "h2load": h2load_version,
+        "grpcio": grpc.__version__,
+    }
+
+
+def write_markdown(report: dict[str, Any], path: Path) -> None:
+    summary, levels = report["summary"], report["levels"]
+    calm, busy = levels[0], levels[-1]
+    machine = report["machine"]
+    lines = [
+        "# Invoke throughput and latency through Envoy, against Ping",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Date: {report['when']}  ",
+        f"Machine: {machine['cpus']} CPUs ({machine['cpu_model']}), {machine['memory_gib']} GiB, shared with other work "
+        f"(load average {machine['load_average_at_start']} at start); Python {machine['python']}, grpcio {machine['grpcio']}, "
+        f"{machine['h2load']}.",
+        "",
+        "Stack: `libs.stack.launcher.up` on free ports (Redis, config, 2 predictor replicas, ingest, trainer, monitor, "
+        "Envoy `--concurrency 1`, round robin). Deployment: "
+        f"{report['deployment']['offers']} offers, {report['deployment']['algorithm']}, context "
+        f"{' and '.join(report['deployment']['context_variables'])}, feature lookup {report['deployment']['feature_lookup']}, "
+        f"{report['deployment']['eligibility']}; every Invoke logs the contact (arm update Lua script, contact hash, "
+        f"decision stream XADD). Request: {report['deployment']['request']}.",
+        "",
+        f"Load: h2load through Envoy, {calm['name']} = `-c{calm['clients']} -m{calm['streams']}`, {busy['name']} = "
+        f"`-c{busy['clients']} -m{busy['streams']}` ({busy['clients']} HTTP/2 connections x {busy['streams']} streams); "
+        f"each run `-D {report['settings']['duration']}` s after `--warm-up-time {report['settings']['warm_up']}` s, one "
+        f"unrecorded {report['settings']['warm_up_run']} s warm-up run per RPC first; {report['settings']['rounds']} rounds, "
+        "Ping and Invoke alternating (which goes first alternates too); medians of the rounds. h2load repeats one body, so "
+        "each round's Invoke uses another customer. Percentiles from h2load's per-request `--log-file`. gRPC success is "
+        "counted from the replicas' `liveloop_rpc_requests_total` by status code (HTTP 200 alone proves nothing).",
+        "",
+        "| RPC | in flight | req/s (median) | p50 ms | p99 ms | max ms | predictor cores | Envoy cores | Redis cores "
+        "| predictor CPU ms/req | Envoy CPU ms/req | gRPC OK | non-OK |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method in ("Ping", "Invoke"):
+        for level in levels:
+            row = summary[method][level["name"]]
+            lines.append(
+                f"| {method} | {level['in_flight']} | {row['req_per_s']:.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} "
+                f"| {row['max_ms']:.1f} | {row['predictor_cores']:.2f} | {row['envoy_cores']:.2f} | {row['redis_cores']:.2f} "
+                f"| {row['predictor_cpu_ms_per_request']:.3f} | {row['envoy_cpu_ms_per_request']:.4f} | {row['grpc_ok']} "
+                f"| {row['grpc_non_ok']} |"
+            )
+    ratio = summary["invoke_over_ping_throughput"]
+    lines += [
+        "",
+        f"Invoke/Ping throughput at {busy['name']}: per round {ratio['per_round']}, median **{ratio['median']:.2f}**.",
+        "",
+        "Per round (req/s at " + busy["name"] + "): Ping " + str(summary["Ping"][busy["name"]]["per_round_req_per_s"])
+        + ", Invoke " + str(summary["Invoke"][busy["name"]]["per_round_req_per_s"]) + ".",
+        "",
+        "## Memory per process (MiB)",
+        "",
+        "| process | RSS before load | RSS after load | USS after load |",
+        "|---|---|---|---|",
+    ]
+    for name, after in report["memory"]["after_load"].items():
+        before = report["memory"]["before_load"].get(name, {})
+        lines.append(f"| {name} | {before.get('rss_mib', '')} | {after['rss_mib']} | {after['uss_mib']} |")
+    lines += ["", "## Goals", "", "| goal | value | met |", "|---|---|---|"]
+    for goal in report["goals"]:
+        lines.append(f"| {goal['goal']} | {goal['value']} | {'yes' if goal['met'] else '**no**'} |")
+    profile = report.get("profile")
+    if profile and profile.get("samples"):
+        lines += [
+            "",
+            "## Where a replica's time goes (py-spy)",
+            "",
+            profile["setup"] + f"; {profile['samples']} samples.",
+            "",
+            "| inclusive share of busy samples | % |",
+            "|---|---|",
+        ]
+        lines += [f"| {label} | {value} |" for label, value in profile["inclusive_percent"].items()]
+        lines += ["", "| top self time (leaf frame) | % |", "|---|---|"]
+        lines += [f"| `{name}` | {value} |" for name, value in profile["top_self_percent"].items()]
+    elif profile:
+        lines += ["", f"Profile skipped: {profile.get('skipped')}"]
+    if report.get("findings"):
+        lines += ["", "## Findings", ""] + [f"- {item}" for item in report["findings"]]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per run (h2load -D)")
+    parser.add_argument("--warm-up", type=float, default=1.0, help="h2load --warm-up-time per run")
+    parser.add_argument("--warm-up-run", type=float, default=5.0, help="seconds of the unrecorded warm-up per RPC")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=10, help="connections of the busy level")
+    parser.add_argument("--streams", type=int, default=5, help="streams per connection of the busy level")
+    parser.add_argument("--offers", type=int, default=50)
+    parser.add_argument("--customers", type=int, default=10_000)
+    parser.add_argument("--profile", action="store_true", help="py-spy one replica under Invoke load")
+    parser.add_argument("--profile-seconds", type=float, default=10.0)
+    parser.add_argument("--findings", type=Path, help="a text file of findings (one per line) to add to the report")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = parser.parse_args()
+
+    missing = [tool for tool in ("h2load",) if shutil.which(tool) is None]
+    if missing:
+        print(
+            f"{', '.join(missing)} is not installed. It comes with Debian's nghttp2-client; install it with:\n"
+            f"  {INSTALL_HINT}",
+            file=sys.stderr,
+        )
+        return 2
+
+    started = time.time()
+    report: dict[str, Any] = {
+        "benchmark": "Invoke vs Ping throughput and latency through Envoy, 2 predictor replicas, h2load",
+        "command": "python bench/invoke_throughput.py " + " ".join(sys.argv[1:]),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "machine": machine_facts(),
+        "settings": {
+            "duration": args.duration,
+            "warm_up": args.warm_up,
+            "warm_up_run": args.warm_up_run,
+            "rounds": args.rounds,
+        },
+    }
+    with tempfile.TemporaryDirectory(prefix="liveloop-bench-invoke-") as work:
+        report |= run_benchmark(args, Path(work))
+    report["seconds"] = round(time.time() - started, 1)
+    report["summary"] = summarize(report, report["levels"])
+    report["goals"] = goals(report, report["levels"])
+    if args.findings is not None:
+        report["findings"] = [line.strip() for line in args.findings.read_text().splitlines() if line.strip()]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "invoke_throughput.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_markdown(report, args.out / "invoke_throughput.md")
+    print(json.dumps({"summary": report["summary"], "goals": report["goals"]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
