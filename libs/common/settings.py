@@ -62,7 +62,7 @@ class ClientSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LIVELOOP_", extra="ignore", frozen=True)
 
-    target: str = Field("127.0.0.1:8080", description="Envoy front door (host:port)")
+    target: str | None = Field(None, description="Front door host:port; default: the local stack's Envoy")
     api_key: str | None = None
     deadline_seconds: float = Field(10.0, gt=0)
 

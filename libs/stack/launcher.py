@@ -222,7 +222,13 @@ def plan_processes(settings: StackSettings, credentials: Credentials) -> list[Pr
         "ingest",
         settings.ingest_port,
         settings.ingest_metrics_port if metrics else None,
-        {"DATABASE_URL": database_url("ingest"), "REDIS_URL": redis_url, "CONFIG_TARGET": config_target},
+        {
+            "DATABASE_URL": database_url("ingest"),
+            "REDIS_URL": redis_url,
+            "CONFIG_TARGET": config_target,
+            "CONFIG_API_KEY": credentials.invoke_key,
+            "UPLOAD_DIR": str(state / "uploads"),
+        },
     )
     add(
         topology.TRAINER,

@@ -16,8 +16,11 @@ from services.config.core.store import ConfigStore
 from services.config.servicer import ConfigServicer
 from services.config.settings import ConfigSettings
 
-# Replicas watch with an `invoke` key; everything that changes or reveals config needs `admin`.
-METHOD_ROLES = {"/liveloop.config.v1.ConfigService/Watch": Role.INVOKE}
+# Replicas and other services read config with an `invoke` key (Watch already delivers every spec);
+# everything that changes config, or shows its history and replicas, needs `admin`.
+METHOD_ROLES = {
+    f"/liveloop.config.v1.ConfigService/{method}": Role.INVOKE for method in ("Watch", "Get", "List")
+}
 
 
 async def build_server(settings: ConfigSettings) -> RunningServer:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
-from google.protobuf.json_format import MessageToDict
 from google.protobuf.struct_pb2 import Struct, Value
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -15,19 +15,36 @@ from services.predictor.core.decision import Decision, DecisionEngine, InvokeInp
 from services.predictor.core.replica import ReplicaState
 
 
+def _plain(value: Value) -> Any:
+    """A google.protobuf.Value as plain Python. Not MessageToDict: that raises on NaN and
+    infinities, which a client can send and which must come back as INVALID_ARGUMENT."""
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        return value.number_value
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return {key: _plain(item) for key, item in value.struct_value.fields.items()}
+    if kind == "list_value":
+        return [_plain(item) for item in value.list_value.values]
+    return None  # null_value, or no kind set
+
+
 def _value(message: predictor_pb2.InvokeRequest, field: str) -> Any:
     """A google.protobuf.Value field as plain Python (None when unset)."""
     if not message.HasField(field):
         return None
     value: Value = getattr(message, field)
-    return MessageToDict(value)
+    return _plain(value)
 
 
 def _accepted_offers(request: predictor_pb2.RespondRequest) -> list[str]:
     """offers_accepted as a string, a list of strings, or a list of {offer_name|offer: ...}."""
     names = list(request.accepted_offers)
     if request.HasField("offers_accepted"):
-        raw: Any = MessageToDict(request.offers_accepted)
+        raw: Any = _plain(request.offers_accepted)
         items: list[Any] = raw if isinstance(raw, list) else [] if raw is None or raw == "" else [raw]
         for item in items:
             if isinstance(item, str):
@@ -40,6 +57,16 @@ def _accepted_offers(request: predictor_pb2.RespondRequest) -> list[str]:
                     field="offers_accepted",
                 )
     return names
+
+
+def _event_time(request: predictor_pb2.RespondRequest) -> float | None:
+    """Seconds since the epoch. An aware datetime: a naive one's .timestamp() reads it as local time."""
+    if not request.HasField("event_time"):
+        return None
+    try:
+        return request.event_time.ToDatetime(tzinfo=datetime.UTC).timestamp()
+    except (ValueError, OverflowError) as exc:
+        raise InvalidArgument(f"is not a valid timestamp: {exc}", field="event_time") from None
 
 
 class PredictorServicer(predictor_pb2_grpc.PredictorServiceServicer):
@@ -132,9 +159,7 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServiceServicer):
                 accepted=_accepted_offers(request),
                 channel_name=request.channel_name,
                 reward=request.reward if request.HasField("reward") else None,
-                event_time=request.event_time.ToDatetime().timestamp()
-                if request.HasField("event_time")
-                else None,
+                event_time=_event_time(request),
             ),
             self._replica.config,
         )

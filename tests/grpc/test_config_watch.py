@@ -863,3 +863,13 @@ async def test_a_corrupt_last_known_good_copy_is_ignored(
     replica = await replicas("replica-1", state_dir=state_dir, target_=config.target)
     assert not replica.follower.ready.is_set()
     assert replica.follower.current is None
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.01, 0.1])
+async def test_a_follower_stops_promptly_while_the_service_is_away(
+    config: ConfigUnderTest, replicas: Callable[..., Awaitable[Replica]], delay: float
+) -> None:
+    await config.stop()
+    replica = await replicas("replica-1", target_=config.target)
+    await asyncio.sleep(delay)  # where in the reconnect loop the stop lands, not synchronisation
+    await asyncio.wait_for(replica.follower.stop(), 5)

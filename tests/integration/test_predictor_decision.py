@@ -263,3 +263,363 @@ async def test_b_ranks_by_what_a_learned(loop: Loop) -> None:
         reply = await loop.b.Invoke(invoke_request(name, customer="someone-else"))
         assert reply.final_result[0].result.offer == "delta"
         assert reply.final_result[0].result.propensity == 1.0
+
+
+# Logged propensities ---------------------------------------------------------------------------
+
+INVOKES_FOR_PROPENSITY = 3000
+STANDARD_ERRORS = 4.0  # two-sided, per offer: a false alarm about once in 16,000 comparisons
+
+
+async def invoke_many(
+    loop: Loop, name: str, total: int, numberoffers: int, tasks: int = 8
+) -> list[predictor_pb2.InvokeResponse]:
+    """`total` Invokes spread over both replicas by a few concurrent callers."""
+    replies: list[predictor_pb2.InvokeResponse] = []
+
+    async def caller(worker: int) -> None:
+        for i in range(worker, total, tasks):
+            stub = loop.predictors[i % 2]
+            replies.append(await stub.Invoke(invoke_request(name, f"c-{i}", numberoffers=numberoffers)))
+
+    await asyncio.gather(*(caller(worker) for worker in range(tasks)))
+    return replies
+
+
+async def seed_arms(loop: Loop, name: str, segment: str, counts: Mapping[str, tuple[float, float]]) -> None:
+    key = redis_keys.arm_statistics(name, "0", segment)
+    await loop.redis.hset(
+        key, mapping={f"{offer}|{part}": x for offer, (n, s) in counts.items() for part, x in (("n", n), ("s", s))}
+    )
+
+
+def compare_with_frequency(
+    replies: Iterable[predictor_pb2.InvokeResponse], sampled_estimate: bool
+) -> tuple[dict[str, float], dict[str, float], float]:
+    """Per offer: mean logged propensity at rank 1 and observed share at rank 1; the largest
+    |difference| in standard errors."""
+    replies = list(replies)
+    total = len(replies)
+    logged: dict[str, float] = dict.fromkeys(OFFERS, 0.0)
+    top: Counter[str] = Counter()
+    for reply in replies:
+        top[reply.final_result[0].result.offer] += 1
+        for row in reply.final_result:
+            logged[row.result.offer] += row.result.propensity
+    mean_logged = {offer: logged[offer] / total for offer in OFFERS}
+    observed = {offer: top[offer] / total for offer in OFFERS}
+    worst = 0.0
+    for offer in OFFERS:
+        p = mean_logged[offer]
+        # Var(sum of indicators) = sum p_t (1 - p_t) <= N p(1 - p) for the mean p (Jensen); a
+        # propensity that is itself a 512-draw estimate adds about 1/512 of that again.
+        variance = p * (1 - p) / total * ((1 + 1 / 512) if sampled_estimate else 1.0)
+        standard_error = max(math.sqrt(variance), 1 / total)
+        worst = max(worst, abs(observed[offer] - p) / standard_error)
+    return mean_logged, observed, worst
+
+
+async def test_logged_propensity_matches_observed_frequency_epsilon_greedy(loop: Loop) -> None:
+    name = unique_name("propensity-eg")
+    epsilon = 0.3
+    await loop.publish(spec_document(name, algorithm={"approach": "epsilon_greedy"}, exploration_epsilon=epsilon))
+    # Skewed, heavy history: 3000 more impressions each barely move the take-up estimates.
+    await seed_arms(
+        loop,
+        name,
+        "region=north",
+        {"alpha": (1e6, 3e5), "bravo": (1e6, 2e5), "charlie": (1e6, 1e5), "delta": (1e6, 5e4)},
+    )
+    started = time.perf_counter()
+    tail = await loop.stream_tail_id()
+    # Every offer is returned, so every offer's propensity for rank 1 is in every reply.
+    replies = await invoke_many(loop, name, INVOKES_FOR_PROPENSITY, numberoffers=len(OFFERS))
+    elapsed = time.perf_counter() - started
+
+    # Analytically: (1 - eps) to the greedy best, eps / K to every offer by exploration.
+    k = len(OFFERS)
+    expected = {offer: (1 - epsilon) * (offer == "alpha") + epsilon / k for offer in OFFERS}
+    for reply in replies:
+        for row in reply.final_result:
+            assert row.result.propensity == pytest.approx(expected[row.result.offer], abs=1e-12)
+    mean_logged, observed, worst = compare_with_frequency(replies, sampled_estimate=False)
+    print(
+        f"\nepsilon-greedy eps={epsilon}: {len(replies)} Invokes in {elapsed:.1f}s; "
+        f"logged {mean_logged}; observed {observed}; max deviation {worst:.2f} standard errors"
+    )
+    assert worst < STANDARD_ERRORS
+    assert sum(reply.explore for reply in replies) / len(replies) == pytest.approx(
+        epsilon, abs=STANDARD_ERRORS * math.sqrt(epsilon * (1 - epsilon) / len(replies))
+    )
+
+    # The decision log holds the same propensities, one contact per reply.
+    contacts = {e["uuid"]: e for e in await loop.log_entries(tail, name) if e["kind"] == "contact"}
+    assert set(contacts) == {reply.uuid for reply in replies}
+    for reply in replies:
+        logged = contacts[reply.uuid]["offers"]
+        assert [(o["offer"], o["propensity"]) for o in logged] == [
+            (row.result.offer, row.result.propensity) for row in reply.final_result
+        ]
+
+
+async def test_logged_propensity_matches_observed_frequency_thompson(loop: Loop) -> None:
+    name = unique_name("propensity-ts")
+    epsilon = 0.1
+    await loop.publish(spec_document(name, exploration_epsilon=epsilon))
+    # Close arms with long histories: the posterior is narrow but the winner is far from certain.
+    await seed_arms(
+        loop,
+        name,
+        "region=north",
+        {
+            "alpha": (1e5, 10_000),
+            "bravo": (1e5, 9_950),
+            "charlie": (1e5, 9_880),
+            "delta": (1e5, 9_700),
+        },
+    )
+    tail = await loop.stream_tail_id()
+    started = time.perf_counter()
+    replies = await invoke_many(loop, name, INVOKES_FOR_PROPENSITY, numberoffers=len(OFFERS))
+    elapsed = time.perf_counter() - started
+    for reply in replies:
+        assert sum(row.result.propensity for row in reply.final_result) == pytest.approx(1.0)
+        assert all(row.result.propensity >= epsilon / len(OFFERS) - 1e-12 for row in reply.final_result)
+    mean_logged, observed, worst = compare_with_frequency(replies, sampled_estimate=True)
+    print(
+        f"\nthompson eps={epsilon}: {len(replies)} Invokes in {elapsed:.1f}s; "
+        f"logged {mean_logged}; observed {observed}; max deviation {worst:.2f} standard errors"
+    )
+    assert worst < STANDARD_ERRORS
+    assert 0.15 < mean_logged["alpha"] < 0.85  # a genuinely randomised choice, not a sure thing
+
+    contacts = {e["uuid"]: e for e in await loop.log_entries(tail, name) if e["kind"] == "contact"}
+    for reply in replies:
+        logged = contacts[reply.uuid]
+        assert logged["offers"][0]["propensity"] == reply.final_result[0].result.propensity
+        assert logged["replica"] == reply.replica_id
+        assert logged["revision"] == reply.config_revision
+
+
+# Cold start, responses -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algorithm", ["thompson", "epsilon_greedy", "naive_bayes"])
+async def test_cold_start_never_fails_and_fills_at_random(loop: Loop, algorithm: str) -> None:
+    name = unique_name(f"cold-{algorithm.replace('_', '-')}")
+    await loop.publish(spec_document(name, algorithm={"approach": algorithm}))
+    assert await loop.arms(name, "region=north") == {}
+    replies = await invoke_many(loop, name, 400, numberoffers=len(OFFERS))
+    top: Counter[str] = Counter()
+    for reply in replies:
+        offers = [row.result.offer for row in reply.final_result]
+        assert sorted(offers) == sorted(OFFERS)  # every slot filled, no offer twice
+        assert [row.result.rank for row in reply.final_result] == [1, 2, 3, 4]
+        top[offers[0]] += 1
+    # No evidence anywhere (every offer shown every time, nobody answered): each offer leads about
+    # a quarter of the time. 400 draws: the standard error of one share is 0.022.
+    assert set(top) == set(OFFERS)
+    assert all(abs(count / len(replies) - 0.25) < 4 * math.sqrt(0.25 * 0.75 / len(replies)) for count in top.values()), top
+    if algorithm != "thompson":  # deterministic scorers split exact ties evenly
+        assert all(row.result.propensity == 0.25 for reply in replies for row in reply.final_result)
+
+
+async def test_a_repeated_response_is_acknowledged_as_duplicate_and_learns_nothing(loop: Loop) -> None:
+    name = unique_name("idempotent")
+    await loop.publish(spec_document(name))
+    shown = await loop.a.Invoke(invoke_request(name, numberoffers=3))
+    offer = shown.final_result[0].result.offer
+    first = await loop.a.Respond(respond_request(shown.uuid, [{"offer_name": offer}]))
+    assert (first.learned, first.duplicate, first.late) == (True, False, False)
+    after_first = await loop.arms(name, shown.segment)
+    assert float(after_first[f"{offer}|s"]) == 1.0
+
+    # Again, on the other replica, by id and by name: nothing changes.
+    name_of_offer = shown.final_result[0].result.offer_name
+    for stub, accepted in ((loop.b, [offer]), (loop.a, name_of_offer), (loop.b, [{"offer": offer}])):
+        again = await stub.Respond(respond_request(shown.uuid, accepted))
+        assert (again.learned, again.duplicate) == (False, True), again
+        assert list(again.matched_offers) == []
+        assert await loop.arms(name, shown.segment) == after_first
+
+    # A response without uptake, twice: the second is the duplicate.
+    other = await loop.a.Invoke(invoke_request(name))
+    before = await loop.arms(name, other.segment)
+    none_taken = await loop.b.Respond(respond_request(other.uuid, []))
+    assert (none_taken.learned, none_taken.duplicate) == (False, False)
+    repeated = await loop.a.Respond(respond_request(other.uuid))
+    assert (repeated.learned, repeated.duplicate) == (False, True)
+    assert await loop.arms(name, other.segment) == before
+
+
+async def test_a_late_response_is_logged_but_not_learned(loop: Loop) -> None:
+    name = unique_name("late")
+    await loop.publish(spec_document(name, reward={"window_seconds": 60}))
+    shown = await loop.a.Invoke(invoke_request(name))
+    offer = shown.final_result[0].result.offer
+    before = await loop.arms(name, shown.segment)
+    tail = await loop.stream_tail_id()
+    event_time = Timestamp()
+    event_time.FromNanoseconds(time.time_ns() + 120 * 10**9)  # two minutes after the contact
+    late = await loop.b.Respond(respond_request(shown.uuid, [offer], event_time=event_time))
+    assert (late.learned, late.late, late.duplicate) == (False, True, False)
+    assert "reward window" in late.message
+    assert await loop.arms(name, shown.segment) == before
+    (logged,) = [e for e in await loop.log_entries(tail, name) if e["kind"] == "response"]
+    assert logged["uuid"] == shown.uuid
+    assert logged["late"] is True
+    assert logged["learned_offers"] == []
+    assert logged["accepted"] == [offer]
+
+    # Inside the window (an explicit event time one second after the contact) it is learned.
+    in_time = await loop.a.Invoke(invoke_request(name))
+    event_time.FromNanoseconds(time.time_ns() + 10**9)
+    on_time = await loop.b.Respond(
+        respond_request(in_time.uuid, [in_time.final_result[0].result.offer], event_time=event_time)
+    )
+    assert (on_time.learned, on_time.late) == (True, False)
+
+
+async def test_unknown_uuid_and_unknown_offer_are_clean_errors(loop: Loop) -> None:
+    name = unique_name("respond-errors")
+    await loop.publish(spec_document(name))
+    with pytest.raises(aio.AioRpcError) as unknown:
+        await loop.a.Respond(respond_request(str(uuid_module.uuid4()), ["alpha"]))
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    assert (unknown.value.details() or "").startswith("uuid: ")
+
+    shown = await loop.a.Invoke(invoke_request(name, numberoffers=1))
+    not_shown = next(offer for offer in OFFERS if offer != shown.final_result[0].result.offer)
+    for accepted in (["no-such-offer"], [not_shown], "Nonsense offer"):
+        with pytest.raises(aio.AioRpcError) as bad:
+            await loop.b.Respond(respond_request(shown.uuid, accepted))
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (bad.value.details() or "").startswith("offers_accepted: ")
+    # The failed attempts consumed nothing: the real response is still learned.
+    taken = await loop.a.Respond(respond_request(shown.uuid, [shown.final_result[0].result.offer]))
+    assert taken.learned
+
+
+async def test_decision_log_has_contacts_and_responses_with_their_fields(loop: Loop) -> None:
+    name = unique_name("log")
+    revision = await loop.publish(spec_document(name, exploration_epsilon=0.2))
+    tail = await loop.stream_tail_id()
+    shown = await loop.a.Invoke(invoke_request(name, customer="log-customer", numberoffers=2))
+    answered = await loop.b.Respond(
+        respond_request(shown.uuid, [shown.final_result[1].result.offer], channel_name="sms", reward=0.5)
+    )
+    contact, response = await loop.log_entries(tail, name)
+    assert contact["kind"] == "contact"
+    assert {
+        "uuid", "deployment", "revision", "variant", "replica", "customer", "campaign", "channel",
+        "segment", "explore", "offers", "time", "latency_ms",
+    } <= set(contact)
+    assert contact["uuid"] == shown.uuid
+    assert (contact["revision"], contact["replica"], contact["customer"]) == (revision, "replica-a", "log-customer")
+    assert (contact["campaign"], contact["channel"], contact["segment"]) == (name, "app", "region=north")
+    assert contact["explore"] == bool(shown.explore)
+    assert [(o["offer"], o["rank"], o["propensity"]) for o in contact["offers"]] == [
+        (r.result.offer, r.result.rank, r.result.propensity) for r in shown.final_result
+    ]
+    assert response["kind"] == "response"
+    assert {
+        "uuid", "deployment", "accepted", "learned_offers", "reward", "late", "duplicate", "channel",
+        "replica", "time",
+    } <= set(response)
+    assert response["uuid"] == shown.uuid
+    assert response["accepted"] == response["learned_offers"] == list(answered.matched_offers)
+    assert (response["reward"], response["channel"], response["replica"]) == (0.5, "sms", "replica-b")
+    assert (response["late"], response["duplicate"]) == (False, False)
+    assert response["time"] >= contact["time"]
+
+
+# Bad input -------------------------------------------------------------------------------------
+
+ONE_MEGABYTE = 1024 * 1024
+
+# (case, request fields, expected status, field named at the start of the message); None: served.
+BAD_INVOKES: list[tuple[str, dict[str, Any], grpc.StatusCode | None, str]] = [
+    ("malformed params JSON", {"params": "{not json"}, grpc.StatusCode.INVALID_ARGUMENT, "params"),
+    ("params JSON not an object", {"params": "[1, 2]"}, grpc.StatusCode.INVALID_ARGUMENT, "params"),
+    ("params a number", {"params": 7}, grpc.StatusCode.INVALID_ARGUMENT, "params"),
+    ("params a list", {"params": ["region"]}, grpc.StatusCode.INVALID_ARGUMENT, "params"),
+    ("params 1 MB string", {"params": "{" + " " * ONE_MEGABYTE + "}"}, grpc.StatusCode.INVALID_ARGUMENT, "params"),
+    ("params deeply nested", {"params": "[" * 50_000}, grpc.StatusCode.INVALID_ARGUMENT, "params"),
+    ("bad URL-encoded params", {"params": "%7B%22region"}, grpc.StatusCode.INVALID_ARGUMENT, "params"),
+    ("malformed in_param", {"in_param": "{oops"}, grpc.StatusCode.INVALID_ARGUMENT, "in_param"),
+    ("numberoffers zero", {"numberoffers": 0}, None, ""),  # documented: 0 means the default
+    ("numberoffers '0'", {"numberoffers": "0"}, None, ""),
+    ("numberoffers negative", {"numberoffers": -1}, grpc.StatusCode.INVALID_ARGUMENT, "numberoffers"),
+    ("numberoffers '-2'", {"numberoffers": "-2"}, grpc.StatusCode.INVALID_ARGUMENT, "numberoffers"),
+    ("numberoffers non-numeric", {"numberoffers": "two"}, grpc.StatusCode.INVALID_ARGUMENT, "numberoffers"),
+    ("numberoffers fractional", {"numberoffers": 1.5}, grpc.StatusCode.INVALID_ARGUMENT, "numberoffers"),
+    ("numberoffers boolean", {"numberoffers": True}, grpc.StatusCode.INVALID_ARGUMENT, "numberoffers"),
+    ("numberoffers infinite", {"numberoffers": math.inf}, grpc.StatusCode.INVALID_ARGUMENT, "numberoffers"),
+    ("numberoffers NaN", {"numberoffers": math.nan}, grpc.StatusCode.INVALID_ARGUMENT, "numberoffers"),
+    ("numberoffers a list", {"numberoffers": [2]}, grpc.StatusCode.INVALID_ARGUMENT, "numberoffers"),
+    ("numberoffers above the offers", {"numberoffers": 5}, grpc.StatusCode.INVALID_ARGUMENT, "numberoffers"),
+    ("numberoffers huge", {"numberoffers": 1e300}, grpc.StatusCode.INVALID_ARGUMENT, "numberoffers"),
+    ("unknown campaign", {"campaign": "no-such-campaign"}, grpc.StatusCode.NOT_FOUND, "campaign"),
+    ("empty campaign", {"campaign": ""}, grpc.StatusCode.INVALID_ARGUMENT, "campaign"),
+    ("unknown deployment", {"deployment": "no-such-deployment"}, grpc.StatusCode.NOT_FOUND, "deployment"),
+    ("empty customer", {"customer": ""}, grpc.StatusCode.INVALID_ARGUMENT, "customer"),
+    ("customer too long", {"customer": "x" * 300}, grpc.StatusCode.INVALID_ARGUMENT, "customer"),
+]
+
+
+async def assert_still_serving(loop: Loop, name: str) -> None:
+    for stub in loop.predictors:
+        reply = await stub.Invoke(invoke_request(name, numberoffers=2))
+        assert len(reply.final_result) == 2
+
+
+@pytest.mark.parametrize(("case", "fields", "status", "named"), BAD_INVOKES, ids=[c[0] for c in BAD_INVOKES])
+async def test_bad_invoke_input(
+    loop: Loop, case: str, fields: dict[str, Any], status: grpc.StatusCode | None, named: str
+) -> None:
+    name = unique_name("bad-invoke")
+    await loop.publish(spec_document(name))
+    fields = dict(fields)
+    campaign = fields.pop("campaign", name)
+    customer = fields.pop("customer", "c-1")
+    request = invoke_request(campaign, customer, **fields)
+    if status is None:
+        reply = await loop.a.Invoke(request)
+        assert len(reply.final_result) == 2  # the deployment's default_number_of_offers
+    else:
+        with pytest.raises(aio.AioRpcError) as error:
+            await loop.a.Invoke(request)
+        assert error.value.code() == status, error.value.details()
+        assert (error.value.details() or "").startswith(f"{named}: "), error.value.details()
+        assert len(error.value.details() or "") < 500  # the message does not echo a huge input
+    await assert_still_serving(loop, name)
+
+
+async def test_bad_respond_input(loop: Loop) -> None:
+    name = unique_name("bad-respond")
+    await loop.publish(spec_document(name))
+    shown = await loop.a.Invoke(invoke_request(name, numberoffers=2))
+    offer = shown.final_result[0].result.offer
+    before = await loop.arms(name, shown.segment)
+    cases: list[tuple[predictor_pb2.RespondRequest, grpc.StatusCode, str]] = [
+        (respond_request(""), grpc.StatusCode.INVALID_ARGUMENT, "uuid"),
+        (respond_request("u" * 65), grpc.StatusCode.INVALID_ARGUMENT, "uuid"),
+        (respond_request("no-such-uuid", [offer]), grpc.StatusCode.NOT_FOUND, "uuid"),
+        (respond_request(shown.uuid, 5), grpc.StatusCode.INVALID_ARGUMENT, "offers_accepted"),
+        (respond_request(shown.uuid, [{"name": offer}]), grpc.StatusCode.INVALID_ARGUMENT, "offers_accepted"),
+        (respond_request(shown.uuid, [[offer]]), grpc.StatusCode.INVALID_ARGUMENT, "offers_accepted"),
+        (respond_request(shown.uuid, ["zulu"]), grpc.StatusCode.INVALID_ARGUMENT, "offers_accepted"),
+        (respond_request(shown.uuid, [offer], reward=math.nan), grpc.StatusCode.INVALID_ARGUMENT, "reward"),
+        (respond_request(shown.uuid, [offer], reward=math.inf), grpc.StatusCode.INVALID_ARGUMENT, "reward"),
+        (respond_request(shown.uuid, [offer], reward=-1.0), grpc.StatusCode.INVALID_ARGUMENT, "reward"),
+    ]
+    for request, status, named in cases:
+        with pytest.raises(aio.AioRpcError) as error:
+            await loop.b.Respond(request)
+        assert error.value.code() == status, (request, error.value.details())
+        assert (error.value.details() or "").startswith(f"{named}: "), error.value.details()
+    assert await loop.arms(name, shown.segment) == before  # nothing learned, nothing corrupted
+    # None of the refusals used the response up.
+    answered = await loop.a.Respond(respond_request(shown.uuid, [offer]))
+    assert answered.learned
+    await assert_still_serving(loop, name)

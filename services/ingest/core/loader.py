@@ -269,9 +269,29 @@ def load(
     engine: Engine,
     chunks: Iterator[RawChunk],
     target: LoadTarget,
-    fingerprint: str,
+    fingerprint: str | Callable[[], str],
     progress: ProgressCallback = lambda _p: None,
 ) -> LoadResult:
+    """`fingerprint` identifies the source's content: known up front (a file's SHA-256), or computed
+    while streaming (a query's result), in which case a repeat is detected before commit."""
+    if callable(fingerprint):
+        return _load(engine, chunks, target, None, fingerprint, progress)
+    return _load(engine, chunks, target, fingerprint, None, progress)
+
+
+class AlreadyLoaded(Exception):
+    pass
+
+
+def _load(
+    engine: Engine,
+    chunks: Iterator[RawChunk],
+    target: LoadTarget,
+    known_fingerprint: str | None,
+    streamed_fingerprint: Callable[[], str] | None,
+    progress: ProgressCallback,
+) -> LoadResult:
+    fingerprint = known_fingerprint or ""
     check_name(target.table, "target.table")
     if target.table.lower().startswith(RESERVED_PREFIX):
         raise InvalidArgument(
@@ -289,8 +309,10 @@ def load(
                 catalog.tables.c.name == target.table
             )
         ).first()
-    if seen_before is not None and (
-        target.mode is WriteMode.APPEND or (current is not None and current.fingerprint == fingerprint)
+    if (
+        known_fingerprint is not None
+        and seen_before is not None
+        and (target.mode is WriteMode.APPEND or (current is not None and current.fingerprint == fingerprint))
     ):
         with engine.connect() as connection:
             columns = _existing_columns(connection, target.table) or []
@@ -351,6 +373,15 @@ def load(
             progress(state)
         if _budget_exceeded(target, state, final=True):
             raise RejectBudgetExceeded(_budget_message(target, state), field="target.reject_budget")
+        if streamed_fingerprint is not None:
+            fingerprint = streamed_fingerprint()
+            repeat = connection.execute(
+                sa.select(catalog.loads.c.id).where(
+                    catalog.loads.c.table_name == target.table, catalog.loads.c.fingerprint == fingerprint
+                )
+            ).first()
+            if repeat is not None:
+                raise AlreadyLoaded(fingerprint)  # rolls the transaction back: nothing is written twice
         if table.name != target.table:
             preparer = connection.dialect.identifier_preparer
             if existing is not None:

@@ -41,6 +41,8 @@ def parse_params(value: Any, field: str = "params") -> dict[str, Any]:
         decoded = json.loads(text)
     except ValueError as exc:
         raise InvalidArgument(f"is not valid JSON: {exc}", field=field) from None
+    except RecursionError:  # e.g. "[[[[..." nested deeper than the decoder recurses
+        raise InvalidArgument("is nested too deeply", field=field) from None
     if isinstance(decoded, str):  # doubly encoded: a JSON string holding the object
         return parse_params(decoded, field)
     if not isinstance(decoded, dict):
@@ -49,24 +51,27 @@ def parse_params(value: Any, field: str = "params") -> dict[str, Any]:
 
 
 def parse_number_of_offers(value: Any, default: int, available: int) -> int:
-    """`numberoffers` as a number or a numeric string; unset or 0 means the deployment's default."""
+    """`numberoffers` as a number or a numeric string; unset or 0 means the deployment's default
+    (at most the offers there are: the caller asked for nothing wrong)."""
     if value is None or value == "":
-        count = default
+        count = 0
     elif isinstance(value, bool):
         raise InvalidArgument("must be a positive whole number", field="numberoffers")
     elif isinstance(value, int | float):
         if not math.isfinite(value) or value != int(value):
             raise InvalidArgument(f"must be a positive whole number, got {value}", field="numberoffers")
-        count = int(value) or default
+        count = int(value)
     elif isinstance(value, str):
         try:
-            count = int(value.strip()) or default
+            count = int(value.strip())
         except ValueError:
             raise InvalidArgument(
-                f"must be a positive whole number, got {value!r}", field="numberoffers"
+                f"must be a positive whole number, got {value[:40]!r}", field="numberoffers"
             ) from None
     else:
         raise InvalidArgument("must be a number or a numeric string", field="numberoffers")
+    if count == 0:
+        return min(default, available)
     if count < 0:
         raise InvalidArgument(f"must be positive, got {count}", field="numberoffers")
     if count > available:

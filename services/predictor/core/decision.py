@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 import uuid as uuid_module
 from collections.abc import Mapping, Sequence
@@ -183,7 +184,8 @@ class DecisionEngine:
     store: OptionsStore
     replica_id: str
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
-    _campaign_index: tuple[int, dict[str, str]] = (-1, {})
+    # Keyed by the config object itself, not id(): an id is reused once the old config is freed.
+    _campaign_index: tuple[AppliedConfig | None, dict[str, str]] = (None, {})
 
     def _resolve(self, config: AppliedConfig, request: InvokeInput) -> DeploymentRuntime:
         if request.deployment:
@@ -193,12 +195,12 @@ class DecisionEngine:
         else:
             if not request.campaign:
                 raise InvalidArgument("must name a campaign", field="campaign")
-            if self._campaign_index[0] != id(config):
+            if self._campaign_index[0] is not config:
                 index: dict[str, str] = {}
                 for name, item in sorted(config.deployments.items()):
                     for campaign in item.spec.campaigns:
                         index.setdefault(campaign, name)
-                self._campaign_index = (id(config), index)
+                self._campaign_index = (config, index)
             served_by = self._campaign_index[1].get(request.campaign)
             if served_by is None:
                 raise NotFound(f"no deployment serves campaign '{request.campaign}'", field="campaign")
@@ -408,6 +410,21 @@ class DecisionEngine:
         accepted = self._match_offers(
             request.accepted, shown, runtime if isinstance(runtime, DeploymentRuntime) else None
         )
+        plan = (
+            runtime.plans.get(contact.get("variant", ""), runtime.plans[""])
+            if isinstance(runtime, DeploymentRuntime)
+            else None
+        )
+        if request.reward is not None:
+            # Checked before the response is marked: a refused one can be sent again, corrected.
+            if not math.isfinite(request.reward):
+                raise InvalidArgument(f"must be a finite number, got {request.reward}", field="reward")
+            if request.reward < 0 and plan is not None and plan.scorer.statistics != "linear":
+                # Success counts cannot go down: a negative count makes the Beta posterior invalid.
+                raise InvalidArgument(
+                    f"must not be negative for '{plan.algorithm.approach}' (it counts successes)",
+                    field="reward",
+                )
         now = self.store.now()
         event_time = request.event_time if request.event_time is not None else now
         window = runtime.spec.reward.window_seconds if isinstance(runtime, DeploymentRuntime) else 0.0
@@ -418,9 +435,8 @@ class DecisionEngine:
         duplicate = (bool(accepted) and not fresh) or (not accepted and contact.get("responded") == "1")
         learned = False
         pipeline = self.store.redis.pipeline(transaction=False)
-        if isinstance(runtime, DeploymentRuntime) and not late and fresh:
+        if isinstance(runtime, DeploymentRuntime) and plan is not None and not late and fresh:
             reward = request.reward if request.reward is not None else runtime.spec.reward.default_reward
-            plan = runtime.plans.get(contact.get("variant", ""), runtime.plans[""])
             generation = contact.get("generation", "0")
             if plan.scorer.statistics == "arms":
                 key = redis_keys.arm_statistics(deployment, generation, contact["segment"])
