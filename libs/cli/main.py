@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from libs.cli import decision_commands
 from libs.cli.config_commands import config_app
 from libs.common.auth import ApiKeyStore, Role, generate_api_key
 from libs.common.client import open_blocking_channel
@@ -238,6 +239,10 @@ def keys_list(file: Annotated[Path, typer.Argument(help="Key file")], as_json: J
     for row in rows:
         table.add_row(row["key_id"], row["role"], row["name"], row["created_at"])
     console.print(table)
+
+
+app.command()(decision_commands.invoke)
+app.command()(decision_commands.respond)
 
 
 if __name__ == "__main__":
