@@ -103,7 +103,11 @@ def deployment_spec(offers: int) -> str:
             {"name": "channel", "source": "param", "default": "app"},
         ],
         "algorithm": {"approach": "thompson", "alpha0": 1.0, "beta0": 1.0, "half_life_seconds": 604800},
-        "feature_lookup": {"feature_view": FEATURE_VIEW, "key": "customer", "defaults": {"gender": "unknown"}},
+        "feature_lookup": {
+            "feature_view": FEATURE_VIEW,
+            "key": "customer",
+            "defaults": {"gender": "unknown"},
+        },
         "reward": {"window_seconds": 86400, "default_reward": 1.0},
     }
     return yaml.safe_dump(spec, sort_keys=False)
@@ -198,7 +202,9 @@ def publish(config_target: str, admin_key: str, spec_text: str) -> int:
 
 def replica_revision(target: str, invoke_key: str) -> int:
     with open_blocking_channel(target, api_key=invoke_key, deadline_seconds=2) as channel:
-        return int(predictor_pb2_grpc.PredictorServiceStub(channel).Ping(predictor_pb2.PingRequest()).config_revision)
+        return int(
+            predictor_pb2_grpc.PredictorServiceStub(channel).Ping(predictor_pb2.PingRequest()).config_revision
+        )
 
 
 # Observation: metrics, CPU, memory -----------------------------------------------------------------
@@ -271,6 +277,7 @@ class Level:
     name: str
     clients: int
     streams: int
+    paced_rate: float = 0.0  # requests per second sent on a fixed schedule (0: as fast as answers come)
 
     @property
     def in_flight(self) -> int:
@@ -289,8 +296,8 @@ def _ms(text: str) -> float:
 
 def parse_h2load(output: str) -> dict[str, Any]:
     parsed: dict[str, Any] = {}
-    if match := re.search(r"finished in ([\d.]+)s, ([\d.]+) req/s", output):
-        parsed["seconds"] = float(match.group(1))
+    if match := re.search(r"finished in ([\d.]+(?:us|ms|s)), ([\d.]+) req/s", output):
+        parsed["seconds"] = round(_ms(match.group(1)) / 1000, 3)
         parsed["req_per_s"] = float(match.group(2))
     if match := re.search(
         r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, "
@@ -346,18 +353,24 @@ def _duration(seconds: float) -> str:
     return f"{round(seconds * 1000)}ms"
 
 
+def for_seconds(seconds: float, warm_up: float = 0.5) -> list[str]:
+    return ["-D", _duration(seconds), "--warm-up-time", _duration(warm_up)]
+
+
+def for_requests(requests: int) -> list[str]:
+    return ["-n", str(requests)]
+
+
 def h2load_argv(
-    url: str, body: Path, level: Level, duration: float, warm_up: float, api_key: str, log_file: Path | None
+    url: str, body: Path, level: Level, bound: list[str], api_key: str, log_file: Path | None
 ) -> list[str]:
+    """`bound` is ["-n", "<requests>"] or ["-D", "<duration>", "--warm-up-time", "<duration>"]."""
     argv = [
         "h2load",
         "-t1",
         f"-c{level.clients}",
         f"-m{level.streams}",
-        "-D",
-        _duration(duration),
-        "--warm-up-time",
-        _duration(warm_up),
+        *bound,
         "-d",
         str(body),
         "-H",
@@ -369,6 +382,13 @@ def h2load_argv(
     ]
     if log_file is not None:
         argv += ["--log-file", str(log_file)]
+    if level.paced_rate:
+        # An open-loop schedule: request i leaves at i / rate seconds whether or not earlier ones
+        # were answered (h2load's --rps fires every client's timer together, which sends bursts).
+        requests = int(bound[1]) if bound[:1] == ["-n"] else 100
+        script = (log_file or body).with_suffix(".schedule")
+        script.write_text("".join(f"{1000 * i / level.paced_rate:.3f}\t{url}\n" for i in range(requests)))
+        return [*(a for a in argv if a not in bound), f"--timing-script-file={script}"]
     return [*argv, url]
 
 
@@ -435,48 +455,101 @@ def verify_with_nghttp(url: str, body_file: Path, invoke_key: str) -> dict[str, 
 
 # Profiling -----------------------------------------------------------------------------------------
 
-# Inclusive shares of these frames say where a replica's busy time goes (matched on the function
-# name and file of any frame in the stack).
-PROFILE_BUCKETS: tuple[tuple[str, str], ...] = (
-    ("servicer: protobuf Value -> dict (MessageToDict)", r"^_value .*servicer\.py"),
-    ("servicer: build the response message", r"^_invoke_response "),
-    ("decision: feature HGETALL round trip", r"decision\.py:230"),
-    ("decision: options_store.read (arm statistics)", r"^read .*options_store\.py"),
-    ("  of which parse_arms", r"^parse_arms "),
-    ("decision: scorer.score (Thompson sampling)", r"^score .*algorithms\.py"),
-    ("decision: derive_context", r"^derive_context "),
-    ("decision: eligibility rules", r"^(<listcomp>|_rule_holds) .*decision\.py:(239|243|151)"),
-    ("decision: _record_contact (pipeline build + execute)", r"^_record_contact "),
-    ("  of which json.dumps", r"^(dumps|encode|iterencode) .*json"),
-    ("redis client: pipeline execute / parse replies", r"redis/asyncio/client\.py|redis/_parsers"),
-    ("interceptors (telemetry, auth, errors)", r"interceptors\.py"),
-    ("prometheus client", r"prometheus_client"),
-    ("uuid4", r"^uuid4 "),
-    ("asyncio event loop itself", r"asyncio/(base_events|events|selector_events)\.py"),
+# A sample counts for a bucket when every `all_of` pattern matches some frame of its stack and no
+# `none_of` pattern does. py-spy names a frame "Class.function (path/below/site-packages/or/cwd.py:line)".
+HANDLER = r"^PredictorServicer\.(Invoke|Ping) \("
+PROFILE_BUCKETS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
+    ("the RPC handler (servicer.Invoke / servicer.Ping), inclusive", (HANDLER,), ()),
+    ("  DecisionEngine.invoke", (r"^DecisionEngine\.invoke \(",), ()),
+    (
+        "    Redis calls outside pipelines (feature HGETALL, generation GET)",
+        (r"^DecisionEngine\.invoke \(", r"^Redis\.execute_command \("),
+        (r"^OptionsStore\.read \(", r"^DecisionEngine\._record_contact \("),
+    ),
+    ("    OptionsStore.read (arm statistics HGETALL + parse_arms)", (r"^OptionsStore\.read \(",), ()),
+    ("      parse_arms", (r"^parse_arms \(",), ()),
+    ("    ThompsonScorer.score", (r"^ThompsonScorer\.score \(",), ()),
+    ("      propensity draws, 512 x offers (algorithms.py:123)", (r"^ThompsonScorer\.score \(.*:123\)",), ()),
+    ("    derive_context + eligibility rules", (r"^(derive_context|_rule_holds) \(",), ()),
+    ("    _record_contact (contact write pipeline)", (r"^DecisionEngine\._record_contact \(",), ()),
+    ("      SCRIPT EXISTS before the pipeline (redis-py load_scripts)", (r"^Pipeline\.load_scripts \(",), ()),
+    ("  servicer._invoke_response (reply message)", (r"^PredictorServicer\._invoke_response \(",), ()),
+    (
+        "  servicer._value (MessageToDict of Value fields)",
+        (r"^_value \(services/predictor/servicer\.py",),
+        (),
+    ),
+    ("redis-py, all of it (commands, pipelines, reply parsing)", (r"\(redis/",), ()),
+    ("  RESP reply parsing in pure Python (no hiredis)", (r"\(redis/_parsers/",), ()),
+    ("  socket writes (asyncio transport write)", (r"^_SelectorSocketTransport\.write \(",), ()),
+    (
+        "interceptors outside the handler (telemetry, auth, errors)",
+        (r"\(libs/common/interceptors\.py",),
+        (HANDLER,),
+    ),
+    ("prometheus_client", (r"\(prometheus_client/",), ()),
 )
+# Self time of asyncio's Handle._run is native work run from the event loop that has no Python
+# frame: grpc.aio's Cython core (HTTP/2, message (de)serialization, call setup) and C task steps.
+NATIVE_UNDER_LOOP = r"^Handle\._run \("
+
+
+PROFILE_RATE_HZ = 250
 
 
 def profile_replica(
-    pid: int, url: str, body: Path, level: Level, seconds: float, api_key: str, out: Path
+    pid: int,
+    metrics_port: int,
+    method: str,
+    url: str,
+    body: Path,
+    level: Level,
+    seconds: float,
+    api_key: str,
+    out: Path,
 ) -> dict[str, Any]:
-    """py-spy record (raw collapsed stacks) of one replica while h2load sends Invoke."""
+    """py-spy record (raw collapsed stacks) of one replica while h2load sends `method` through Envoy."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(py_spy).exists():
         return {"skipped": "py-spy is not installed (pip install py-spy into the venv)"}
-    raw = out / "py-spy.txt"
+    raw = out / f"py-spy-{method}.txt"
+    counts_before = rpc_counts(metrics_port)
     spy = subprocess.Popen(
-        [py_spy, "record", "--pid", str(pid), "--rate", "250", "--duration", f"{seconds + 2:g}",
-         "--format", "raw", "--nonblocking", "--output", str(raw)],
+        [
+            py_spy,
+            "record",
+            "--pid",
+            str(pid),
+            "--rate",
+            str(PROFILE_RATE_HZ),
+            "--duration",
+            f"{seconds + 2:g}",
+            "--format",
+            "raw",
+            "--nonblocking",
+            "--output",
+            str(raw),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
     time.sleep(1.0)
-    subprocess.run(h2load_argv(url, body, level, seconds, 0.5, api_key, None), capture_output=True, check=False)
+    subprocess.run(
+        h2load_argv(url, body, level, for_seconds(seconds), api_key, None), capture_output=True, check=False
+    )
     _, error = spy.communicate(timeout=seconds + 60)
+    counts_after = rpc_counts(metrics_port)
     if spy.returncode != 0 or not raw.exists():
         return {"skipped": f"py-spy failed: {error.strip()[-500:]}"}
-    return summarize_profile(raw.read_text())
+    summary = summarize_profile(raw.read_text())
+    key = (f"PredictorService/{method}", "OK")
+    handled = int(counts_after.get(key, 0.0) - counts_before.get(key, 0.0))
+    summary["requests_on_this_replica"] = handled
+    if handled and summary.get("samples"):
+        # Busy time per request, approximately: py-spy takes PROFILE_RATE_HZ samples per busy second.
+        summary["busy_ms_per_request"] = round(1000 * summary["samples"] / PROFILE_RATE_HZ / handled, 3)
+    return summary
 
 
 def summarize_profile(collapsed: str) -> dict[str, Any]:
@@ -489,13 +562,23 @@ def summarize_profile(collapsed: str) -> dict[str, Any]:
     if total == 0:
         return {"samples": 0}
     buckets = {}
-    for label, pattern in PROFILE_BUCKETS:
-        regex = re.compile(pattern)
-        hit = sum(count for frames, count in stacks if any(regex.search(frame) for frame in frames))
+    for label, all_of, none_of in PROFILE_BUCKETS:
+        wanted = [re.compile(pattern) for pattern in all_of]
+        unwanted = [re.compile(pattern) for pattern in none_of]
+        hit = sum(
+            count
+            for frames, count in stacks
+            if all(any(regex.search(frame) for frame in frames) for regex in wanted)
+            and not any(regex.search(frame) for regex in unwanted for frame in frames)
+        )
         buckets[label] = round(100 * hit / total, 1)
+    native = re.compile(NATIVE_UNDER_LOOP)
+    buckets["native work under the event loop (grpc.aio Cython core, C task steps): self time"] = round(
+        100 * sum(count for frames, count in stacks if native.search(frames[-1])) / total, 1
+    )
     leaves: collections.Counter[str] = collections.Counter()
     for frames, count in stacks:
-        leaves[re.sub(r" \(/.*/(site-packages|lib/python3\.\d+|main)/", " (", frames[-1])] += count
+        leaves[frames[-1]] += count
     return {
         "samples": total,
         "inclusive_percent": buckets,
@@ -508,7 +591,10 @@ def summarize_profile(collapsed: str) -> dict[str, Any]:
 
 def run_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     settings = stack_settings(work / "state")
-    levels = [Level("1 in flight", 1, 1), Level(f"{args.clients * args.streams} in flight", args.clients, args.streams)]
+    levels = [
+        Level("1 in flight", 1, 1),
+        Level(f"{args.clients * args.streams} in flight", args.clients, args.streams),
+    ]
     report: dict[str, Any] = {}
     with running_stack(settings) as record:
         credentials = load_credentials(settings.state_dir)
@@ -520,7 +606,9 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
         print(f"writing features for {args.customers} customers", flush=True)
         write_features(redis_url, args.customers)
-        revision = publish(f"127.0.0.1:{settings.config_port}", credentials.admin_key, deployment_spec(args.offers))
+        revision = publish(
+            f"127.0.0.1:{settings.config_port}", credentials.admin_key, deployment_spec(args.offers)
+        )
         print(f"published revision {revision}; waiting for both replicas", flush=True)
         replicas = [f"127.0.0.1:{port}" for port in settings.predictor_ports]
         for target in replicas:
@@ -552,14 +640,28 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         processes = observed_processes(record)
         memory_before = memory(processes)
 
-        # Warm-up: both RPCs at full concurrency, not recorded.
-        for method, body in (("Ping", bodies["Ping"]), ("Invoke", bodies[customers[0]])):
-            subprocess.run(
-                h2load_argv(base_url + method, body, levels[1], args.warm_up_run, 0.5, invoke_key, None),
-                capture_output=True,
-                check=True,
-            )
-        print("warm-up done", flush=True)
+        # Warm-up, not recorded: each RPC at each level for a fixed time. Its rate sizes the measured
+        # runs, which are bounded by a request count: a run stopped by time cancels the requests
+        # still in flight, and those would blur the exact count of gRPC statuses.
+        warm_up_rates: dict[tuple[str, str], float] = {}
+        for level in levels:
+            for method, body in (("Ping", bodies["Ping"]), ("Invoke", bodies[customers[0]])):
+                completed = subprocess.run(
+                    h2load_argv(base_url + method, body, level, for_seconds(args.warm_up), invoke_key, None),
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                warm_up_rates[(method, level.name)] = parse_h2load(completed.stdout)["req_per_s"]
+        if args.pace > 0:
+            # Both RPCs at the same offered rate, a share of Invoke's capacity: latency when not saturated.
+            rate = max(1, round(args.pace * warm_up_rates[("Invoke", levels[1].name)]))
+            levels.append(Level(f"paced {rate} req/s", 1, levels[1].in_flight, paced_rate=rate))
+        time.sleep(1.0)  # requests cancelled at the end of the warm-up finish before counting starts
+        print(
+            f"warm-up done: {', '.join(f'{m} {name} {r:.0f} req/s' for (m, name), r in warm_up_rates.items())}",
+            flush=True,
+        )
 
         runs = []
         log_file = work / "h2load.log"
@@ -571,7 +673,11 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 for method in order:
                     body = bodies["Ping"] if method == "Ping" else bodies[customer]
                     log_file.unlink(missing_ok=True)  # h2load appends
-                    argv = h2load_argv(base_url + method, body, level, args.duration, args.warm_up, invoke_key, log_file)
+                    rate = level.paced_rate or warm_up_rates[(method, level.name)]
+                    requests = max(100, round(rate * args.duration))
+                    argv = h2load_argv(
+                        base_url + method, body, level, for_requests(requests), invoke_key, log_file
+                    )
                     counts_before = [rpc_counts(port) for port in metrics_ports]
                     envoy_before = envoy_stats(settings.envoy_admin_port)
                     cpu_before = cpu_seconds(processes)
@@ -584,7 +690,9 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     envoy_after = envoy_stats(settings.envoy_admin_port)
                     counts_after = [rpc_counts(port) for port in metrics_ports]
                     if completed.returncode != 0:
-                        raise RuntimeError(f"h2load failed ({completed.returncode}):\n{completed.stdout}\n{completed.stderr}")
+                        raise RuntimeError(
+                            f"h2load failed ({completed.returncode}):\n{completed.stdout}\n{completed.stderr}"
+                        )
                     parsed = parse_h2load(completed.stdout)
                     latency, non_200 = log_latencies(log_file)
                     rpc_name = f"PredictorService/{method}"
@@ -601,9 +709,14 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     h2load_cpu = (children_after.ru_utime + children_after.ru_stime) - (
                         children_before.ru_utime + children_before.ru_stime
                     )
-                    cores = {name: round((cpu_after[name] - cpu_before[name]) / wall, 3) for name in cpu_after if name in cpu_before}
+                    cores = {
+                        name: round((cpu_after[name] - cpu_before[name]) / wall, 3)
+                        for name in cpu_after
+                        if name in cpu_before
+                    }
                     cores["h2load"] = round(h2load_cpu / wall, 3)
                     done = parsed.get("requests", {}).get("done", 0)
+                    succeeded = parsed.get("requests", {}).get("succeeded", 0)
                     run = {
                         "round": round_index + 1,
                         "rpc": method,
@@ -617,9 +730,15 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                         "log_rows_not_200": non_200,
                         "server_grpc_codes": dict(codes),
                         "server_grpc_codes_per_replica": per_replica,
-                        "envoy_upstream": {k: envoy_after.get(k, 0) - envoy_before.get(k, 0) for k in envoy_after},
+                        # Every request h2load counted as a success got grpc-status OK from a replica.
+                        "every_request_grpc_ok": codes.get("OK", 0) == succeeded == requests
+                        and len(codes) == 1,
+                        "envoy_upstream": {
+                            k: envoy_after.get(k, 0) - envoy_before.get(k, 0) for k in envoy_after
+                        },
                         "cpu_cores": cores,
                         "wall_seconds": round(wall, 2),
+                        "load_average_1m_after": round(os.getloadavg()[0], 2),
                         "cpu_ms_per_request": {
                             name: round(1000 * value * wall / done, 3) for name, value in cores.items()
                         }
@@ -648,16 +767,29 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "customers_per_round": customers,
         }
         if args.profile:
-            print("profiling predictor-1 under Invoke load (py-spy)", flush=True)
             pid = next(p.process.pid for p in processes if p.name == "predictor-1")
-            report["profile"] = profile_replica(
-                pid, base_url + "Invoke", bodies[customers[0]], levels[1], args.profile_seconds, invoke_key, work
-            )
-            report["profile"]["setup"] = (
-                f"py-spy record --rate 250 --format raw --nonblocking on predictor-1 while h2load sends "
-                f"Invoke at {levels[1].name} (-c{levels[1].clients} -m{levels[1].streams}) for {args.profile_seconds:g} s; "
-                "percentages are of the samples where the replica's thread was busy (idle excluded)"
-            )
+            report["profile"] = {
+                "setup": (
+                    f"py-spy record --rate {PROFILE_RATE_HZ} --format raw --nonblocking on predictor-1 while "
+                    f"h2load sends the RPC at {levels[1].name} (-c{levels[1].clients} -m{levels[1].streams}) for "
+                    f"{args.profile_seconds:g} s; shares are of the samples in which the replica was busy (py-spy "
+                    f"leaves idle samples out); ms per request = share x busy samples / {PROFILE_RATE_HZ} Hz / "
+                    "requests that replica answered (approximate: sampling costs the replica some time too)"
+                )
+            }
+            for method in ("Invoke", "Ping"):
+                print(f"profiling predictor-1 under {method} load (py-spy)", flush=True)
+                report["profile"][method] = profile_replica(
+                    pid,
+                    settings.predictor_metrics_ports[0],
+                    method,
+                    base_url + method,
+                    bodies["Ping"] if method == "Ping" else bodies[customers[0]],
+                    levels[1],
+                    args.profile_seconds,
+                    invoke_key,
+                    work,
+                )
         report["levels"] = [level.__dict__ | {"in_flight": level.in_flight} for level in levels]
     return report
 
@@ -699,29 +831,46 @@ def summarize(report: dict[str, Any], levels: list[dict[str, Any]]) -> dict[str,
                 "envoy_cpu_ms_per_request": round(
                     statistics.median(r["cpu_ms_per_request"].get("envoy", 0) for r in rows), 4
                 ),
-                "grpc_non_ok": sum(v for r in rows for code, v in r["server_grpc_codes"].items() if code != "OK"),
+                "grpc_non_ok": sum(
+                    v for r in rows for code, v in r["server_grpc_codes"].items() if code != "OK"
+                ),
+                "every_request_grpc_ok": all(r["every_request_grpc_ok"] for r in rows),
                 "grpc_ok": sum(r["server_grpc_codes"].get("OK", 0) for r in rows),
                 "per_round_req_per_s": [r["h2load"]["req_per_s"] for r in rows],
             }
-    busy = levels[-1]["name"]
+    busy = levels[1]["name"]
     ratios = []
     for round_number in sorted({r["round"] for r in runs}):
-        pair = {r["rpc"]: r["h2load"]["req_per_s"] for r in runs if r["round"] == round_number and r["level"] == busy}
+        pair = {
+            r["rpc"]: r["h2load"]["req_per_s"]
+            for r in runs
+            if r["round"] == round_number and r["level"] == busy
+        }
         ratios.append(round(pair["Invoke"] / pair["Ping"], 3))
-    summary["invoke_over_ping_throughput"] = {"per_round": ratios, "median": round(statistics.median(ratios), 3)}
+    summary["invoke_over_ping_throughput"] = {
+        "per_round": ratios,
+        "median": round(statistics.median(ratios), 3),
+    }
     return summary
 
 
 def goals(report: dict[str, Any], levels: list[dict[str, Any]]) -> list[dict[str, Any]]:
     summary = report["summary"]
-    calm, busy = levels[0]["name"], levels[-1]["name"]
+    calm, busy = levels[0]["name"], levels[1]["name"]
     ratio = summary["invoke_over_ping_throughput"]["median"]
     p99 = summary["Invoke"][busy]["p99_ms"]
     p50 = summary["Invoke"][calm]["p50_ms"]
     non_ok = summary["Invoke"][busy]["grpc_non_ok"] + summary["Invoke"][calm]["grpc_non_ok"]
+    exact = all(
+        summary[m][level["name"]]["every_request_grpc_ok"] for m in ("Ping", "Invoke") for level in levels
+    )
     replicas = {k: v for k, v in report["memory"]["after_load"].items() if k.startswith("predictor")}
     return [
-        {"goal": "Invoke throughput >= 50% of Ping's (same run, 50 in flight)", "value": f"{100 * ratio:.0f}%", "met": ratio >= 0.5},
+        {
+            "goal": "Invoke throughput >= 50% of Ping's (same run, 50 in flight)",
+            "value": f"{100 * ratio:.0f}%",
+            "met": ratio >= 0.5,
+        },
         {"goal": f"Invoke p99 < 15 ms with {busy}", "value": f"{p99:.2f} ms", "met": p99 < 15},
         {"goal": "Invoke p50 < 2 ms with 1 in flight", "value": f"{p50:.2f} ms", "met": p50 < 2},
         {
@@ -729,8 +878,23 @@ def goals(report: dict[str, Any], levels: list[dict[str, Any]]) -> list[dict[str
             "value": ", ".join(f"{k} {v['rss_mib']} MiB RSS" for k, v in replicas.items()),
             "met": bool(replicas),
         },
-        {"goal": "every Invoke answered with grpc-status OK", "value": f"{non_ok} non-OK", "met": non_ok == 0},
+        {
+            "goal": "every request answered with grpc-status OK (replica counters = h2load's count)",
+            "value": f"{non_ok} non-OK Invoke" + ("" if exact else "; counts differ in some run"),
+            "met": non_ok == 0 and exact,
+        },
     ]
+
+
+def code_version() -> dict[str, Any]:
+    """The commit measured, and which files differed from it (others may be editing the tree)."""
+
+    def git(*argv: str) -> str:
+        completed = subprocess.run(["git", *argv], cwd=REPO, capture_output=True, text=True, check=False)
+        return completed.stdout.strip()
+
+    changed = [line[3:] for line in git("status", "--porcelain", "--", "services", "libs").splitlines()]
+    return {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted_changes_in": changed}
 
 
 def machine_facts() -> dict[str, Any]:
@@ -740,7 +904,9 @@ def machine_facts() -> dict[str, Any]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    h2load_version = subprocess.run(["h2load", "--version"], capture_output=True, text=True, check=False).stdout.strip()
+    h2load_version = subprocess.run(
+        ["h2load", "--version"], capture_output=True, text=True, check=False
+    ).stdout.strip()
     return {
         "cpus": os.cpu_count(),
         "cpu_model": model,
@@ -753,9 +919,14 @@ def machine_facts() -> dict[str, Any]:
     }
 
 
+def _ms_per_request(share: float, part: dict[str, Any]) -> str:
+    busy = part.get("busy_ms_per_request")
+    return f"{share / 100 * busy:.3f}" if busy else "n/a"
+
+
 def write_markdown(report: dict[str, Any], path: Path) -> None:
     summary, levels = report["summary"], report["levels"]
-    calm, busy = levels[0], levels[-1]
+    calm, busy = levels[0], levels[1]
     machine = report["machine"]
     lines = [
         "# Invoke throughput and latency through Envoy, against Ping",
@@ -763,8 +934,15 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"Command: `{report['command']}`  ",
         f"Date: {report['when']}  ",
         f"Machine: {machine['cpus']} CPUs ({machine['cpu_model']}), {machine['memory_gib']} GiB, shared with other work "
-        f"(load average {machine['load_average_at_start']} at start); Python {machine['python']}, grpcio {machine['grpcio']}, "
-        f"{machine['h2load']}.",
+        f"(load average {machine['load_average_at_start']} at start, {machine['load_average_at_end']} at end); Python {machine['python']}, grpcio {machine['grpcio']}, "
+        f"{machine['h2load']}.  ",
+        f"Code: commit {report['code']['commit']}"
+        + (
+            f", with uncommitted changes in {len(report['code']['uncommitted_changes_in'])} files under services/ and "
+            "libs/ (listed in the JSON)."
+            if report["code"]["uncommitted_changes_in"]
+            else "."
+        ),
         "",
         "Stack: `libs.stack.launcher.up` on free ports (Redis, config, 2 predictor replicas, ingest, trainer, monitor, "
         "Envoy `--concurrency 1`, round robin). Deployment: "
@@ -774,14 +952,23 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"decision stream XADD). Request: {report['deployment']['request']}.",
         "",
         f"Load: h2load through Envoy, {calm['name']} = `-c{calm['clients']} -m{calm['streams']}`, {busy['name']} = "
-        f"`-c{busy['clients']} -m{busy['streams']}` ({busy['clients']} HTTP/2 connections x {busy['streams']} streams); "
-        f"each run `-D {report['settings']['duration']}` s after `--warm-up-time {report['settings']['warm_up']}` s, one "
-        f"unrecorded {report['settings']['warm_up_run']} s warm-up run per RPC first; {report['settings']['rounds']} rounds, "
+        f"`-c{busy['clients']} -m{busy['streams']}` ({busy['clients']} HTTP/2 connections x {busy['streams']} streams)"
+        + (
+            f", {levels[2]['name']} = one connection, up to {levels[2]['streams']} streams, requests sent on a fixed "
+            f"schedule (`--timing-script-file`, open loop; both RPCs at the same offered rate, "
+            f"{report['settings']['pace']:g} of Invoke's warm-up throughput at {busy['name']}: latency when the "
+            "replicas are not saturated); "
+            if len(levels) > 2
+            else "; "
+        )
+        + f"first an unrecorded {report['settings']['warm_up']:g} s warm-up (`-D`) per RPC and level, whose rate sets each "
+        f"measured run's request count (`-n`, about {report['settings']['duration']:g} s; a run cut by time would cancel the "
+        f"requests in flight and blur the gRPC status count); {report['settings']['rounds']} rounds, "
         "Ping and Invoke alternating (which goes first alternates too); medians of the rounds. h2load repeats one body, so "
         "each round's Invoke uses another customer. Percentiles from h2load's per-request `--log-file`. gRPC success is "
         "counted from the replicas' `liveloop_rpc_requests_total` by status code (HTTP 200 alone proves nothing).",
         "",
-        "| RPC | in flight | req/s (median) | p50 ms | p99 ms | max ms | predictor cores | Envoy cores | Redis cores "
+        "| RPC | load | req/s (median) | p50 ms | p99 ms | max ms | predictor cores | Envoy cores | Redis cores "
         "| predictor CPU ms/req | Envoy CPU ms/req | gRPC OK | non-OK |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -789,7 +976,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         for level in levels:
             row = summary[method][level["name"]]
             lines.append(
-                f"| {method} | {level['in_flight']} | {row['req_per_s']:.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} "
+                f"| {method} | {level['name']} | {row['req_per_s']:.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} "
                 f"| {row['max_ms']:.1f} | {row['predictor_cores']:.2f} | {row['envoy_cores']:.2f} | {row['redis_cores']:.2f} "
                 f"| {row['predictor_cpu_ms_per_request']:.3f} | {row['envoy_cpu_ms_per_request']:.4f} | {row['grpc_ok']} "
                 f"| {row['grpc_non_ok']} |"
@@ -799,8 +986,13 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         "",
         f"Invoke/Ping throughput at {busy['name']}: per round {ratio['per_round']}, median **{ratio['median']:.2f}**.",
         "",
-        "Per round (req/s at " + busy["name"] + "): Ping " + str(summary["Ping"][busy["name"]]["per_round_req_per_s"])
-        + ", Invoke " + str(summary["Invoke"][busy["name"]]["per_round_req_per_s"]) + ".",
+        "Per round (req/s at "
+        + busy["name"]
+        + "): Ping "
+        + str(summary["Ping"][busy["name"]]["per_round_req_per_s"])
+        + ", Invoke "
+        + str(summary["Invoke"][busy["name"]]["per_round_req_per_s"])
+        + ".",
         "",
         "## Memory per process (MiB)",
         "",
@@ -813,40 +1005,69 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
     lines += ["", "## Goals", "", "| goal | value | met |", "|---|---|---|"]
     for goal in report["goals"]:
         lines.append(f"| {goal['goal']} | {goal['value']} | {'yes' if goal['met'] else '**no**'} |")
+    ping_busy = summary["Ping"][busy["name"]]
+    lines += [
+        "",
+        f"With {busy['in_flight']} requests kept in flight, mean latency = {busy['in_flight']} / throughput (Little's "
+        f"law): the p99 goal at {busy['name']} needs well over {busy['in_flight'] / 0.015:.0f} req/s, and even Ping, "
+        f"which does nothing, reaches {ping_busy['req_per_s']:.0f} req/s with p50 {ping_busy['p50_ms']:.1f} ms and "
+        f"p99 {ping_busy['p99_ms']:.1f} ms on this machine. The paced rows show latency below saturation.",
+    ]
     profile = report.get("profile")
-    if profile and profile.get("samples"):
-        lines += [
-            "",
-            "## Where a replica's time goes (py-spy)",
-            "",
-            profile["setup"] + f"; {profile['samples']} samples.",
-            "",
-            "| inclusive share of busy samples | % |",
-            "|---|---|",
-        ]
-        lines += [f"| {label} | {value} |" for label, value in profile["inclusive_percent"].items()]
-        lines += ["", "| top self time (leaf frame) | % |", "|---|---|"]
-        lines += [f"| `{name}` | {value} |" for name, value in profile["top_self_percent"].items()]
-    elif profile:
-        lines += ["", f"Profile skipped: {profile.get('skipped')}"]
+    if profile:
+        lines += ["", "## Where a replica's time goes (py-spy)", "", profile["setup"] + "."]
+        invoke, ping = profile.get("Invoke", {}), profile.get("Ping", {})
+        for method, part in (("Invoke", invoke), ("Ping", ping)):
+            if not part.get("samples"):
+                lines += ["", f"{method}: profile skipped: {part.get('skipped')}"]
+        if invoke.get("samples") and ping.get("samples"):
+            lines += [
+                "",
+                f"Invoke: {invoke['samples']} busy samples, {invoke.get('requests_on_this_replica')} requests on "
+                f"this replica, about {invoke.get('busy_ms_per_request', 'n/a')} busy ms per request. Ping: "
+                f"{ping['samples']} busy samples, {ping.get('requests_on_this_replica')} requests, about "
+                f"{ping.get('busy_ms_per_request', 'n/a')} busy ms per request.",
+                "",
+                "| where (stack contains) | Invoke % | Invoke ms/req | Ping % | Ping ms/req |",
+                "|---|---|---|---|---|",
+            ]
+            for label, share in invoke["inclusive_percent"].items():
+                ping_share = ping["inclusive_percent"].get(label, 0.0)
+                lines.append(
+                    f"| {label.replace('  ', '&nbsp;&nbsp;')} | {share} | "
+                    f"{_ms_per_request(share, invoke)} | {ping_share} | {_ms_per_request(ping_share, ping)} |"
+                )
+            for method, part in (("Invoke", invoke), ("Ping", ping)):
+                lines += ["", f"| {method}: top self time (leaf frame) | % |", "|---|---|"]
+                lines += [f"| `{name}` | {value} |" for name, value in part["top_self_percent"].items()]
     if report.get("findings"):
         lines += ["", "## Findings", ""] + [f"- {item}" for item in report["findings"]]
     path.write_text("\n".join(lines) + "\n")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per run (h2load -D)")
-    parser.add_argument("--warm-up", type=float, default=1.0, help="h2load --warm-up-time per run")
-    parser.add_argument("--warm-up-run", type=float, default=5.0, help="seconds of the unrecorded warm-up per RPC")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--duration", type=float, default=10.0, help="about how long each measured run lasts (sets its -n)"
+    )
+    parser.add_argument(
+        "--warm-up", type=float, default=4.0, help="seconds of the unrecorded warm-up per RPC and level"
+    )
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--pace", type=float, default=0.5, help="paced level at this share of Invoke's capacity (0: none)"
+    )
     parser.add_argument("--clients", type=int, default=10, help="connections of the busy level")
     parser.add_argument("--streams", type=int, default=5, help="streams per connection of the busy level")
     parser.add_argument("--offers", type=int, default=50)
     parser.add_argument("--customers", type=int, default=10_000)
     parser.add_argument("--profile", action="store_true", help="py-spy one replica under Invoke load")
     parser.add_argument("--profile-seconds", type=float, default=10.0)
-    parser.add_argument("--findings", type=Path, help="a text file of findings (one per line) to add to the report")
+    parser.add_argument(
+        "--findings", type=Path, help="a text file of findings (one per line) to add to the report"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
 
@@ -865,16 +1086,18 @@ def main() -> int:
         "command": "python bench/invoke_throughput.py " + " ".join(sys.argv[1:]),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "machine": machine_facts(),
+        "code": code_version(),
         "settings": {
             "duration": args.duration,
             "warm_up": args.warm_up,
-            "warm_up_run": args.warm_up_run,
+            "pace": args.pace,
             "rounds": args.rounds,
         },
     }
     with tempfile.TemporaryDirectory(prefix="liveloop-bench-invoke-") as work:
         report |= run_benchmark(args, Path(work))
     report["seconds"] = round(time.time() - started, 1)
+    report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report["summary"] = summarize(report, report["levels"])
     report["goals"] = goals(report, report["levels"])
     if args.findings is not None:

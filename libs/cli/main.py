@@ -16,6 +16,8 @@ from rich.table import Table
 
 from libs.cli import decision_commands
 from libs.cli.config_commands import config_app
+from libs.cli.ingest_commands import register as register_ingest_commands
+from libs.cli.simulate_command import simulate
 from libs.common.auth import ApiKeyStore, Role, generate_api_key
 from libs.common.client import open_blocking_channel
 from libs.common.errors import LiveloopError
@@ -34,6 +36,8 @@ app = typer.Typer(
 keys_app = typer.Typer(help="API keys (hashed at rest).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(config_app, name="config")
+register_ingest_commands(app)
+app.command("simulate")(simulate)
 
 console = Console()
 errors = Console(stderr=True)

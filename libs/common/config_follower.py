@@ -64,7 +64,7 @@ def _raise_if_cancelling() -> None:
     """grpc.aio turns a cancellation that lands in `call.write()` into InvalidStateError; without
     this the follower would swallow `stop()`'s cancel and reconnect forever."""
     task = asyncio.current_task()
-    if False and task is not None and task.cancelling():
+    if task is not None and task.cancelling():
         raise asyncio.CancelledError
 
 

@@ -249,7 +249,7 @@ class RewardSettings(SpecModel):
     window_seconds: float = Field(
         7 * 24 * 3600.0, gt=0, description="Responses later than this are not learned"
     )
-    default_reward: float = Field(1.0, description="Reward of an acceptance that names no value")
+    default_reward: float = Field(1.0, ge=0, description="Reward of an acceptance that names no value")
 
 
 class DeploymentSpec(SpecModel):

@@ -20,6 +20,8 @@ import grpc
 from grpc import aio
 from opentelemetry import propagate, trace
 from prometheus_client import Counter, Gauge, Histogram
+from redis import exceptions as redis_errors
+from sqlalchemy import exc as sqlalchemy_errors
 
 from libs.common.auth import CALLER, ApiKeyStore, Role
 from libs.common.errors import LiveloopError
@@ -90,6 +92,14 @@ async def _map_error(error_and_context: Any) -> None:
     exc, context = error_and_context
     if isinstance(exc, LiveloopError):
         await context.abort(grpc.StatusCode[exc.status], exc.message)
+    if isinstance(
+        exc, redis_errors.ConnectionError | redis_errors.TimeoutError | sqlalchemy_errors.OperationalError
+    ):
+        # A backing store is away or saturated: the caller may retry, another replica may serve.
+        logger.warning("backing store unavailable: %s", exc)
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE, "a backing store (Redis or SQL) is unavailable; retry"
+        )
     if isinstance(exc, NotImplementedError):
         # Generated servicer bases raise this for RPCs whose capability has not landed yet.
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this RPC is not implemented in this release")

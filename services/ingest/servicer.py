@@ -20,6 +20,7 @@ from services.ingest.core.online_store import MaterializeProgress
 from services.ingest.core.sources import FileFormat, Reject
 
 MAX_UPLOAD_BYTES = 20 * 1024**3
+MAX_CHUNK_ROWS = 1_000_000
 
 _FORMATS = {
     ingest_pb2.FILE_FORMAT_UNSPECIFIED: None,
@@ -122,6 +123,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self, request: ingest_pb2.IngestRequest, context: Any
     ) -> AsyncIterator[ingest_pb2.IngestProgress]:
         target = _target(request.target)
+        if not 0 <= request.chunk_rows <= MAX_CHUNK_ROWS:
+            raise InvalidArgument(f"must be between 0 and {MAX_CHUNK_ROWS}", field="chunk_rows")
         which = request.WhichOneof("source")
         if which == "file":
             events = self._service.ingest_file(
@@ -182,6 +185,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                     if header is not None:
                         raise InvalidArgument("only the first message may be a header", field="header")
                     header = message.header
+                    target = _target(header.target)  # a bad target fails before the bytes are sent
                     path, handle = self._service.staging_file()
                     continue
                 if header is None or handle is None:
@@ -207,9 +211,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             from services.ingest.core.sources import detect_format
 
             file_format = detect_format(header.filename, _FORMATS.get(header.format))
-            result = await self._service.load_upload(
-                path, file_format, header.delimiter, _target(header.target)
-            )
+            result = await self._service.load_upload(path, file_format, header.delimiter, target)
             path = None  # load_upload removed it
         finally:
             if handle is not None and not handle.closed:
@@ -250,6 +252,63 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 if value is not None:
                     setattr(message, {"minimum": "min", "maximum": "max"}.get(field, field), value)
         return response
+
+    async def ApplyFeatures(
+        self, request: ingest_pb2.ApplyFeaturesRequest, context: Any
+    ) -> ingest_pb2.ApplyFeaturesResponse:
+        result = await self._service.apply_features(request.spec_yaml, request.dry_run)
+        return ingest_pb2.ApplyFeaturesResponse(
+            views=[
+                ingest_pb2.FeatureViewInfo(
+                    name=view.name,
+                    source_table=view.source_table,
+                    entity_keys=view.entity_keys,
+                    features=[
+                        ingest_pb2.FeatureInfo(
+                            name=feature.name,
+                            type=_TYPE_MESSAGES[feature.type],
+                            transform=feature.transform,
+                            description=feature.description,
+                        )
+                        for feature in view.features
+                    ],
+                    version=view.version,
+                    changed=view.changed,
+                )
+                for view in result.views
+            ],
+            warnings=result.warnings,
+            dry_run=result.dry_run,
+        )
+
+    async def BuildTrainingSet(
+        self, request: ingest_pb2.BuildTrainingSetRequest, context: Any
+    ) -> ingest_pb2.BuildTrainingSetResponse:
+        for name, what in (
+            ("output_table", "the training-set table to write"),
+            ("label_table", "the table of labels"),
+            ("label_column", "the label column of label_table"),
+        ):
+            if not getattr(request, name):
+                raise InvalidArgument(f"must name {what}", field=name)
+        result = await self._service.build_training_set(
+            output_table=request.output_table,
+            label_table=request.label_table,
+            label_column=request.label_column,
+            features=list(request.features),
+            event_time_column=request.event_time_column,
+            mode=WriteMode.REPLACE if request.mode == ingest_pb2.WRITE_MODE_REPLACE else WriteMode.APPEND,
+            sample_fraction=request.sample_fraction,
+            seed=request.seed,
+        )
+        return ingest_pb2.BuildTrainingSetResponse(
+            table=result.table,
+            row_count=result.row_count,
+            columns=_columns(result.columns),
+            fingerprint=result.fingerprint,
+            label_mean=result.label_mean,
+            rows_missing_features=result.rows_missing_features,
+        )
 
     async def Materialize(
         self, request: ingest_pb2.MaterializeRequest, context: Any

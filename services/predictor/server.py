@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 
 from grpc import aio
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from libs.common.auth import Role
 from libs.common.config_follower import AppliedConfig, ConfigFollower
@@ -27,6 +27,8 @@ from services.predictor.servicer import PredictorServicer
 from services.predictor.settings import PredictorSettings
 
 PREDICTOR_SERVICE = "/liveloop.predictor.v1.PredictorService/"
+REDIS_MAX_CONNECTIONS = 100
+REDIS_CONNECTION_WAIT_SECONDS = 5.0
 INFERENCE_SERVICE = "/inference.GRPCInferenceService/"
 
 # Everything an application calls needs only the `invoke` role; nothing here changes config.
@@ -53,8 +55,10 @@ async def build_server(settings: PredictorSettings) -> RunningServer:
     running: RunningServer | None = None
 
     async def prepare(spec: DeploymentSpec) -> object | None:
-        await asyncio.to_thread(models.check_bindings, spec)
-        return DeploymentRuntime.prepare(spec)
+        # Verify, load and warm up every bound model version off the event loop; a failure here
+        # NACKs the revision and the models of the current one keep serving.
+        loaded = await asyncio.to_thread(models.load_bindings, spec)
+        return DeploymentRuntime.prepare(spec, loaded)
 
     async def on_change(applied: AppliedConfig) -> None:
         replica.config = applied
@@ -73,8 +77,17 @@ async def build_server(settings: PredictorSettings) -> RunningServer:
         prepare=prepare,
         on_change=on_change,
     )
-    redis = Redis.from_url(
-        settings.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30
+    # A blocking pool: when every connection is busy (a Redis stall with many requests in flight),
+    # a request waits for one instead of failing at once with MaxConnectionsError.
+    redis = Redis.from_pool(
+        BlockingConnectionPool.from_url(
+            settings.redis_url,
+            max_connections=REDIS_MAX_CONNECTIONS,
+            timeout=REDIS_CONNECTION_WAIT_SECONDS,
+            socket_timeout=5,
+            socket_connect_timeout=2,
+            health_check_interval=30,
+        )
     )
     engine = DecisionEngine(OptionsStore(redis), settings.replica_id)
     predictor = PredictorServicer(replica, follower, engine)

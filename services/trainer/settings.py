@@ -16,5 +16,14 @@ class TrainerSettings(ServiceSettings):
 
     port: int = Field(TRAINER.port, ge=0, le=65535)
     database_url: str = Field("sqlite:///.liveloop/data/trainer.db", description="Jobs and model registry")
+    offline_store_url: str = Field(
+        "sqlite:///.liveloop/data/ingest.db",
+        description="The offline feature store (ingest's database) that training sets are read from",
+    )
     artifact_dir: Path = Field(Path(".liveloop/artifacts"), description="Where model artifacts are written")
     config_target: str = Field(f"127.0.0.1:{CONFIG.port}", description="host:port of the config service")
+    config_api_key: str | None = Field(
+        None, description="Admin key this service presents to the config service (Promote publishes)"
+    )
+    max_concurrent_jobs: int = Field(1, ge=1, le=16, description="Training jobs running at once")
+    config_deadline_seconds: float = Field(10.0, gt=0, le=120, description="Deadline of calls to config")

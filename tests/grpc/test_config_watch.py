@@ -47,7 +47,7 @@ def spec_text(name: str, price: float = 5.0, **extra: Any) -> str:
     return yaml.safe_dump(spec_document(name, price, **extra))
 
 
-async def eventually(probe: Callable[[], Awaitable[T]], within: float = 10.0, what: str = "") -> T:
+async def eventually(probe: Callable[[], Awaitable[T | None]], within: float = 10.0, what: str = "") -> T:
     """Poll `probe` until it returns something truthy (bounded); fail with the last value seen."""
     deadline = asyncio.get_running_loop().time() + within
     while True:
@@ -73,7 +73,9 @@ class ConfigUnderTest:
         return target(self.running)
 
     async def publish(self, name: str, price: float = 5.0, **extra: Any) -> config_pb2.PublishResponse:
-        return await self.admin.Publish(config_pb2.PublishRequest(spec_text=spec_text(name, price, **extra)))
+        request = config_pb2.PublishRequest(spec_text=spec_text(name, price, **extra))
+        reply: config_pb2.PublishResponse = await self.admin.Publish(request)
+        return reply
 
     async def replica(self, replica_id: str) -> config_pb2.ReplicaState | None:
         status = await self.admin.ReplicaStatus(config_pb2.ReplicaStatusRequest(replica_id=replica_id))
@@ -96,7 +98,9 @@ async def config(tmp_path: Path, api_keys: ApiKeys) -> AsyncIterator[ConfigUnder
         for key in (api_keys.admin, api_keys.invoke, None)
     ]
     stubs = [config_pb2_grpc.ConfigServiceStub(channel) for channel in channels]
-    under_test = ConfigUnderTest(running, *stubs, channels=channels)
+    under_test = ConfigUnderTest(
+        running, admin=stubs[0], invoke=stubs[1], anonymous=stubs[2], channels=channels
+    )
     try:
         yield under_test
     finally:
@@ -359,10 +363,21 @@ async def test_publish_needs_an_admin_key(config: ConfigUnderTest) -> None:
     assert "admin" in details
     code, _ = await status_of(config.anonymous.Publish(request))
     assert code == grpc.StatusCode.UNAUTHENTICATED
-    for stub in (config.invoke, config.anonymous):  # reading and changing config need admin too
-        code, _ = await status_of(stub.List(config_pb2.ListRequest()))
-        assert code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
-    assert (await config.admin.List(config_pb2.ListRequest())).head_revision == 0
+    # Other changes, history and replica state need admin too; reading current specs needs invoke.
+    admin_only: dict[str, Callable[[config_pb2_grpc.ConfigServiceStub], Awaitable[Any]]] = {
+        "History": lambda stub: stub.History(config_pb2.HistoryRequest()),
+        "Rollback": lambda stub: stub.Rollback(config_pb2.RollbackRequest(deployment="x", to_revision=1)),
+        "Delete": lambda stub: stub.Delete(config_pb2.DeleteRequest(deployment="x")),
+        "ReplicaStatus": lambda stub: stub.ReplicaStatus(config_pb2.ReplicaStatusRequest()),
+        "Refresh": lambda stub: stub.Refresh(config_pb2.RefreshRequest()),
+    }
+    for name, call in admin_only.items():
+        assert (await status_of(call(config.invoke)))[0] == grpc.StatusCode.PERMISSION_DENIED, name
+        assert (await status_of(call(config.anonymous)))[0] == grpc.StatusCode.UNAUTHENTICATED, name
+    assert (await config.invoke.List(config_pb2.ListRequest())).head_revision == 0
+    assert (await status_of(config.anonymous.List(config_pb2.ListRequest())))[0] == (
+        grpc.StatusCode.UNAUTHENTICATED
+    )
 
 
 async def test_watch_without_a_key_is_unauthenticated(config: ConfigUnderTest) -> None:
@@ -398,7 +413,7 @@ async def test_unknown_deployments_are_not_found(config: ConfigUnderTest) -> Non
 async def test_a_ten_megabyte_spec_is_invalid_argument_and_the_server_keeps_serving(
     config: ConfigUnderTest,
 ) -> None:
-    huge = spec_text("offers", description="x" * (10 * 1024 * 1024))
+    huge = json.dumps(spec_document("offers", description="x" * (10 * 1024 * 1024)))
     code, details = await status_of(config.admin.Publish(config_pb2.PublishRequest(spec_text=huge)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert details.startswith("spec: spec is 104")
@@ -414,7 +429,7 @@ async def test_a_message_over_the_cap_is_resource_exhausted_and_the_server_keeps
     # The project's client refuses to send it (same cap on both sides)...
     code, details = await status_of(config.admin.Publish(huge))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "larger than max" in details
+    assert "Sent message larger than max" in details
     # ...and a client without that cap gets the server's refusal, from gRPC itself.
     async with aio.insecure_channel(config.target) as bare:
         stub = config_pb2_grpc.ConfigServiceStub(bare)
@@ -422,7 +437,7 @@ async def test_a_message_over_the_cap_is_resource_exhausted_and_the_server_keeps
             stub.Publish(huge, metadata=(("x-api-key", api_keys.admin),), timeout=30)
         )
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "larger than max" in details
+    assert "Received message larger than max" in details
     assert (await config.publish("offers")).revision == 1
 
 
@@ -585,6 +600,28 @@ async def test_subscribe_from_a_known_revision_replays_exactly_what_was_missed(
     await current.subscribe("replica-c", known_revision=9)
     first = await current.read()
     assert (_kind(first), first.heartbeat.head_revision) == ("heartbeat", 9)
+
+
+async def test_a_replica_the_service_has_not_seen_is_listed_with_what_it_holds(
+    config: ConfigUnderTest, watches: Callable[[], RawWatch]
+) -> None:
+    """After a config service restart its registry is empty: a replica resuming from revision N is
+    listed with the deployments it holds as of N, not with none until something changes."""
+    await config.publish("alpha", 1)  # 1
+    await config.publish("beta", 1)  # 2
+    await config.publish("alpha", 2)  # 3
+    await config.publish("gamma", 1)  # 4
+    watch = watches()
+    await watch.subscribe("replica-a", known_revision=3, deployments=["alpha", "beta"])
+    await watch.read()  # nothing it follows changed after 3: a heartbeat
+
+    async def listed() -> config_pb2.ReplicaState | None:
+        state = await config.replica("replica-a")
+        return state if state is not None and state.deployments else None
+
+    state = await eventually(listed, what="replica-a listed with its deployments")
+    assert [(d.name, d.revision) for d in state.deployments] == [("alpha", 3), ("beta", 2)]
+    assert (state.applied_revision, state.revisions_behind, state.connected) == (3, 0, True)
 
 
 async def test_a_known_revision_beyond_the_head_gets_a_snapshot(
@@ -872,4 +909,8 @@ async def test_a_follower_stops_promptly_while_the_service_is_away(
     await config.stop()
     replica = await replicas("replica-1", target_=config.target)
     await asyncio.sleep(delay)  # where in the reconnect loop the stop lands, not synchronisation
-    await asyncio.wait_for(replica.follower.stop(), 5)
+    loop = asyncio.get_running_loop()
+    asked = loop.time()
+    # (wait_for alone would not show a hang: stop() swallows the cancel wait_for sends it.)
+    await asyncio.wait_for(replica.follower.stop(), 10)
+    assert loop.time() - asked < 2

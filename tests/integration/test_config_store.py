@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -19,6 +20,7 @@ from libs.common.deployment_spec import (
     spec_checksum,
 )
 from libs.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.config.core import distribution
 from services.config.core.schema import (
     CHANGE_KIND_DELETE,
     CHANGE_KIND_PUBLISH,
@@ -28,7 +30,7 @@ from services.config.core.schema import (
     config_audit,
     deployment_revisions,
 )
-from services.config.core.store import ConfigStore
+from services.config.core.store import ConfigStore, StoredRevision
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -237,11 +239,24 @@ def test_list_current_and_changes_after(store: ConfigStore) -> None:
     assert [(d.deployment, d.revision) for d in current] == [("a-deployment", 2), ("b-deployment", 3)]
     assert head == 3
     assert [d.deployment for d in store.list_current(["b-deployment", "missing"])[0]] == ["b-deployment"]
+    # As of an earlier revision (what a replica that holds that revision serves).
+    as_of_two, head = store.list_current(at_revision=2)
+    assert ([(d.deployment, d.revision) for d in as_of_two], head) == (
+        [("a-deployment", 2), ("b-deployment", 1)],
+        3,
+    )
+    assert [(d.deployment, d.revision) for d in store.list_current(["b-deployment"], at_revision=1)[0]] == [
+        ("b-deployment", 1)
+    ]
     assert [c.revision for c in store.changes_after(0)] == [1, 2, 3]
     assert [c.revision for c in store.changes_after(1)] == [2, 3]
     assert [c.revision for c in store.changes_after(0, ["b-deployment"])] == [1, 3]
     assert [c.revision for c in store.changes_after(1, limit=1)] == [2]
     assert store.changes_after(3) == []
+    store.delete("a-deployment", author="alice")
+    assert [d.deployment for d in store.list_current(at_revision=4)[0]] == ["b-deployment"]
+    assert [d.deployment for d in store.list_current(at_revision=3)[0]] == ["a-deployment", "b-deployment"]
+    assert [c.revision for c in store.changes_after(3)] == [4]
 
 
 def test_dry_run_stores_nothing(store: ConfigStore, engine: sa.Engine) -> None:
@@ -314,3 +329,52 @@ def test_twenty_concurrent_publishes_to_one_deployment_lose_nothing(
         before = f"offers@{row.revision - 1}" if row.revision > 1 else "/dev/null"
         assert by_revision[row.revision].diff.startswith(f"--- {before}\n+++ offers@{row.revision}\n")
     assert [entry.stored.revision for entry in store.history("offers", limit=100)] == list(range(20, 0, -1))
+
+
+# The live distribution over this store ------------------------------------------------------------
+
+
+class _PublishDuringReplay(ConfigStore):
+    """A store where another writer commits between a session's head read and its replay query."""
+
+    late_spec: DeploymentSpec | None = None
+
+    def changes_after(
+        self, revision: int, deployments: Sequence[str] = (), limit: int = 10_000
+    ) -> list[StoredRevision]:
+        late, self.late_spec = self.late_spec, None
+        if late is not None:
+            self.publish(late, author="late-writer")
+        return super().changes_after(revision, deployments, limit)
+
+
+async def _messages(*messages: distribution.ReplicaMessage) -> AsyncIterator[distribution.ReplicaMessage]:
+    for message in messages:
+        yield message
+    await asyncio.Event().wait()  # the replica keeps its stream open
+
+
+async def test_a_revision_committed_during_the_replay_is_sent_once(engine: sa.Engine) -> None:
+    store = _PublishDuringReplay(engine)
+    store.publish(spec(price=1), author="alice")
+    store.publish(spec(price=2), author="alice")
+    feed = distribution.RevisionFeed(store, poll_seconds=0.05)
+    await feed.start()
+    session = distribution.WatchSession(store, feed, distribution.ReplicaRegistry(), heartbeat_seconds=0.05)
+    store.late_spec = spec(price=3)
+    stream = session.run(_messages(distribution.Subscribe("replica-a", (), known_revision=1)), "test")
+    assert isinstance(stream, AsyncGenerator)
+    updates: list[int] = []
+    heartbeats_at_three = 0
+    try:
+        while heartbeats_at_three < 3:  # the stream has settled at revision 3
+            message = await asyncio.wait_for(anext(stream), 10)
+            if isinstance(message, distribution.Update):
+                updates.append(message.change.revision)
+            elif isinstance(message, distribution.Heartbeat) and message.head_revision == 3:
+                heartbeats_at_three += 1
+            assert not isinstance(message, distribution.Snapshot)
+    finally:
+        await stream.aclose()
+        await feed.stop()
+    assert updates == [2, 3]  # revision 3 exactly once

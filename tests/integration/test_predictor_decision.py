@@ -245,8 +245,10 @@ async def test_a_response_on_one_replica_changes_what_the_other_scores_within_a_
         return time.perf_counter() - responded_at if abs(successes - 1) < 1e-9 else None
 
     latency = await eventually(b_sees_the_success, within=5, what="replica B sees the response")
-    print(f"\ncross-replica learning latency (Respond on A returned -> B's Invoke reflects it): "
-          f"{latency * 1000:.1f} ms")
+    print(
+        f"\ncross-replica learning latency (Respond on A returned -> B's Invoke reflects it): "
+        f"{latency * 1000:.1f} ms"
+    )
     assert latency < 1.0
     stored = await loop.arms(name, segment)
     assert float(stored["charlie|s"]) == 1.0
@@ -254,9 +256,7 @@ async def test_a_response_on_one_replica_changes_what_the_other_scores_within_a_
 
 async def test_b_ranks_by_what_a_learned(loop: Loop) -> None:
     name = unique_name("greedy")
-    await loop.publish(
-        spec_document(name, algorithm={"approach": "epsilon_greedy"}, exploration_epsilon=0.0)
-    )
+    await loop.publish(spec_document(name, algorithm={"approach": "epsilon_greedy"}, exploration_epsilon=0.0))
     shown = await loop.a.Invoke(invoke_request(name, numberoffers=len(OFFERS)))
     await loop.a.Respond(respond_request(shown.uuid, "Delta offer"))  # by name, as a plain string
     for _ in range(5):
@@ -289,7 +289,10 @@ async def invoke_many(
 async def seed_arms(loop: Loop, name: str, segment: str, counts: Mapping[str, tuple[float, float]]) -> None:
     key = redis_keys.arm_statistics(name, "0", segment)
     await loop.redis.hset(
-        key, mapping={f"{offer}|{part}": x for offer, (n, s) in counts.items() for part, x in (("n", n), ("s", s))}
+        key,
+        mapping={
+            f"{offer}|{part}": x for offer, (n, s) in counts.items() for part, x in (("n", n), ("s", s))
+        },
     )
 
 
@@ -322,7 +325,9 @@ def compare_with_frequency(
 async def test_logged_propensity_matches_observed_frequency_epsilon_greedy(loop: Loop) -> None:
     name = unique_name("propensity-eg")
     epsilon = 0.3
-    await loop.publish(spec_document(name, algorithm={"approach": "epsilon_greedy"}, exploration_epsilon=epsilon))
+    await loop.publish(
+        spec_document(name, algorithm={"approach": "epsilon_greedy"}, exploration_epsilon=epsilon)
+    )
     # Skewed, heavy history: 3000 more impressions each barely move the take-up estimates.
     await seed_arms(
         loop,
@@ -419,7 +424,9 @@ async def test_cold_start_never_fails_and_fills_at_random(loop: Loop, algorithm:
     # No evidence anywhere (every offer shown every time, nobody answered): each offer leads about
     # a quarter of the time. 400 draws: the standard error of one share is 0.022.
     assert set(top) == set(OFFERS)
-    assert all(abs(count / len(replies) - 0.25) < 4 * math.sqrt(0.25 * 0.75 / len(replies)) for count in top.values()), top
+    assert all(
+        abs(count / len(replies) - 0.25) < 4 * math.sqrt(0.25 * 0.75 / len(replies)) for count in top.values()
+    ), top
     if algorithm != "thompson":  # deterministic scorers split exact ties evenly
         assert all(row.result.propensity == 0.25 for reply in replies for row in reply.final_result)
 
@@ -511,11 +518,26 @@ async def test_decision_log_has_contacts_and_responses_with_their_fields(loop: L
     contact, response = await loop.log_entries(tail, name)
     assert contact["kind"] == "contact"
     assert {
-        "uuid", "deployment", "revision", "variant", "replica", "customer", "campaign", "channel",
-        "segment", "explore", "offers", "time", "latency_ms",
+        "uuid",
+        "deployment",
+        "revision",
+        "variant",
+        "replica",
+        "customer",
+        "campaign",
+        "channel",
+        "segment",
+        "explore",
+        "offers",
+        "time",
+        "latency_ms",
     } <= set(contact)
     assert contact["uuid"] == shown.uuid
-    assert (contact["revision"], contact["replica"], contact["customer"]) == (revision, "replica-a", "log-customer")
+    assert (contact["revision"], contact["replica"], contact["customer"]) == (
+        revision,
+        "replica-a",
+        "log-customer",
+    )
     assert (contact["campaign"], contact["channel"], contact["segment"]) == (name, "app", "region=north")
     assert contact["explore"] == bool(shown.explore)
     assert [(o["offer"], o["rank"], o["propensity"]) for o in contact["offers"]] == [
@@ -523,8 +545,16 @@ async def test_decision_log_has_contacts_and_responses_with_their_fields(loop: L
     ]
     assert response["kind"] == "response"
     assert {
-        "uuid", "deployment", "accepted", "learned_offers", "reward", "late", "duplicate", "channel",
-        "replica", "time",
+        "uuid",
+        "deployment",
+        "accepted",
+        "learned_offers",
+        "reward",
+        "late",
+        "duplicate",
+        "channel",
+        "replica",
+        "time",
     } <= set(response)
     assert response["uuid"] == shown.uuid
     assert response["accepted"] == response["learned_offers"] == list(answered.matched_offers)
@@ -543,7 +573,12 @@ BAD_INVOKES: list[tuple[str, dict[str, Any], grpc.StatusCode | None, str]] = [
     ("params JSON not an object", {"params": "[1, 2]"}, grpc.StatusCode.INVALID_ARGUMENT, "params"),
     ("params a number", {"params": 7}, grpc.StatusCode.INVALID_ARGUMENT, "params"),
     ("params a list", {"params": ["region"]}, grpc.StatusCode.INVALID_ARGUMENT, "params"),
-    ("params 1 MB string", {"params": "{" + " " * ONE_MEGABYTE + "}"}, grpc.StatusCode.INVALID_ARGUMENT, "params"),
+    (
+        "params 1 MB string",
+        {"params": "{" + " " * ONE_MEGABYTE + "}"},
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "params",
+    ),
     ("params deeply nested", {"params": "[" * 50_000}, grpc.StatusCode.INVALID_ARGUMENT, "params"),
     ("bad URL-encoded params", {"params": "%7B%22region"}, grpc.StatusCode.INVALID_ARGUMENT, "params"),
     ("malformed in_param", {"in_param": "{oops"}, grpc.StatusCode.INVALID_ARGUMENT, "in_param"),
@@ -623,3 +658,393 @@ async def test_bad_respond_input(loop: Loop) -> None:
     answered = await loop.a.Respond(respond_request(shown.uuid, [offer]))
     assert answered.learned
     await assert_still_serving(loop, name)
+
+
+# Live publishes --------------------------------------------------------------------------------
+
+LINEAR_VARIABLES = [
+    {"name": "region", "source": "param", "default": "north"},
+    {"name": "age", "source": "param", "kind": "numeric", "default": 30},
+    {"name": "score", "source": "param", "kind": "numeric", "default": 0.5},
+]
+ALGORITHMS: list[dict[str, Any]] = [
+    {"approach": "thompson"},
+    {"approach": "epsilon_greedy"},
+    {"approach": "linucb", "features": ["age"]},
+    {"approach": "naive_bayes"},
+    {"approach": "linucb", "features": ["age", "score"]},
+    {"approach": "linear_thompson", "features": ["score"]},
+    {"approach": "thompson", "half_life_seconds": 600, "count_cap": 1000},
+]
+
+
+def changing_spec(name: str, step: int) -> dict[str, Any]:
+    """Revision `step`: another epsilon, algorithm and feature set, and an offer that comes and goes."""
+    document = spec_document(
+        name,
+        context_variables=LINEAR_VARIABLES,
+        exploration_epsilon=(step % 5) / 10,
+        algorithm=ALGORITHMS[step % len(ALGORITHMS)],
+    )
+    if step % 2:
+        document["offers"].append({"id": "echo", "name": "Echo offer"})
+    return document
+
+
+async def test_live_publishes_fail_no_request_and_learning_survives_algorithm_changes(loop: Loop) -> None:
+    name = unique_name("live")
+    published = [await loop.publish(changing_spec(name, 0))]
+    failures: list[str] = []
+    seen: dict[tuple[int, str], list[int]] = {}
+    stop = asyncio.Event()
+    calls = 0
+
+    async def caller(worker: int) -> None:
+        nonlocal calls
+        while not stop.is_set():
+            stub = loop.predictors[calls % 2]
+            calls += 1
+            try:
+                reply = await stub.Invoke(
+                    invoke_request(name, f"live-{worker}-{calls}", numberoffers=2, params={"age": calls % 70})
+                )
+                seen.setdefault((worker, reply.replica_id), []).append(reply.config_revision)
+                # Answer the previous revision's contacts too: algorithms change under them.
+                answer = await loop.predictors[calls % 2].Respond(
+                    respond_request(reply.uuid, [reply.final_result[calls % 2].result.offer])
+                )
+                assert answer.learned or "other features" in answer.message, answer
+            except (aio.AioRpcError, AssertionError) as exc:
+                failures.append(repr(exc))
+
+    workers = [asyncio.create_task(caller(worker)) for worker in range(4)]
+    try:
+        for step in range(1, 29):
+            reply = await loop.admin.Publish(
+                config_pb2.PublishRequest(spec_text=json.dumps(changing_spec(name, step)))
+            )
+            published.append(int(reply.revision))
+            served = calls
+
+            async def some_calls_served(mark: int = served) -> bool:
+                return calls >= mark + 4  # let a few calls land on (or around) each revision
+
+            await eventually(some_calls_served, what="calls keep being served")
+    finally:
+        stop.set()
+        await asyncio.gather(*workers)
+    assert failures == [], failures[:5]
+    assert calls > 50
+    for (_worker, _replica), revisions in seen.items():
+        assert set(revisions) <= set(published)
+        assert revisions == sorted(revisions)  # a replica never goes back to an older revision
+
+
+async def test_respond_to_a_contact_made_before_the_algorithm_changed(loop: Loop) -> None:
+    name = unique_name("switch")
+    thompson = spec_document(name, context_variables=LINEAR_VARIABLES)
+    linear = dict(thompson, algorithm={"approach": "linucb", "features": ["age"]})
+    wider = dict(thompson, algorithm={"approach": "linucb", "features": ["age", "score"]})
+    await loop.publish(linear)
+    first = await loop.a.Invoke(invoke_request(name, params={"age": 20}))  # a linear model now exists
+    await loop.publish(thompson)
+    arm_contact = await loop.a.Invoke(invoke_request(name))
+    await loop.publish(linear)
+    # The contact was scored by Thompson (no feature vector); learning it as linear must not fail.
+    answer = await loop.b.Respond(
+        respond_request(arm_contact.uuid, [arm_contact.final_result[0].result.offer])
+    )
+    assert answer.uuid == arm_contact.uuid
+    # More features: old models have the wrong dimension; Invoke and Respond keep working.
+    await loop.publish(wider)
+    for stub in loop.predictors:
+        reply = await stub.Invoke(invoke_request(name, numberoffers=4, params={"age": 50, "score": 0.1}))
+        assert len(reply.final_result) == 4
+        answered = await stub.Respond(respond_request(reply.uuid, [reply.final_result[0].result.offer]))
+        assert answered.learned
+    stale = await loop.a.Respond(respond_request(first.uuid, [first.final_result[0].result.offer]))
+    assert stale.uuid == first.uuid
+
+
+# Property: any request fields -------------------------------------------------------------------
+
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**6), 10**6)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(st.characters(codec="utf-8"), max_size=12)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3)
+    ),
+    max_leaves=8,
+)
+param_objects = st.dictionaries(
+    st.sampled_from(["region", "age", "channel", "exclude", "gender"]) | st.text(max_size=8),
+    json_values | st.sampled_from(["north", "south", "alpha,bravo", ["charlie"]]),
+    max_size=4,
+)
+params_field = (
+    st.none()
+    | param_objects
+    | param_objects.map(json.dumps)
+    | param_objects.map(lambda p: urllib.parse.quote(json.dumps(p)))
+    | param_objects.map(lambda p: json.dumps(json.dumps(p)))
+    | st.text(st.characters(codec="utf-8"), max_size=30)
+    | json_values
+)
+numberoffers_field = (
+    st.none()
+    | st.integers(-3, 8)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.sampled_from(["2", " 3 ", "0", "-1", "1e3", "", "NaN", "0x2", "\uff14"])
+    | st.text(max_size=5)
+    | st.booleans()
+    | st.lists(st.integers(0, 3), max_size=2)
+)
+
+
+def mostly(usual: st.SearchStrategy[Any], unusual: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """`usual` about four times in five (st.one_of does not weight its branches)."""
+    return st.integers(0, 4).flatmap(lambda pick: unusual if pick == 0 else usual)
+
+
+ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
+
+
+def property_spec(name: str) -> dict[str, Any]:
+    document = spec_document(name, exploration_epsilon=0.1)
+    document["offers"][3]["eligibility"] = [
+        {"variable": "region", "operator": "in", "value": ["north", "east"]}
+    ]
+    document["offers"][2]["eligibility"] = [{"variable": "age", "operator": "ge", "value": 18}]
+    document["plugins"] = [
+        {"name": "exclude_offers", "stage": "pre_score", "params": {"param": "exclude"}},
+        {"name": "value_weighting", "stage": "post_score", "params": {"basis": "price"}},
+        {"name": "category_cap", "stage": "post_score", "params": {"max_per_category": 1}},
+    ]
+    return document
+
+
+def assert_arm_statistics_sound(redis_url: str, deployment: str) -> int:
+    """Every field of every arm hash of the deployment is a finite number, 0 <= successes <= impressions."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        hashes = 0
+        for key in client.scan_iter(match=f"ll:arms:{deployment}:*", count=1000):
+            hashes += 1
+            fields = {k.decode(): float(v) for k, v in client.hgetall(key).items()}
+            assert all(math.isfinite(x) for x in fields.values()), (key, fields)
+            for offer in {name.rpartition("|")[0] for name in fields}:
+                n, s_ = fields.get(f"{offer}|n", 0.0), fields.get(f"{offer}|s", 0.0)
+                assert 0.0 <= s_ <= n + 1e-9, (key, offer, n, s_)
+        return hashes
+    finally:
+        client.close()
+
+
+async def test_any_request_fields_give_a_clean_answer_and_sound_statistics(
+    loop: Loop, redis_url: str
+) -> None:
+    name = unique_name("property")
+    await loop.publish(property_spec(name))
+    targets = [loop.replica_target(0), loop.replica_target(1)]
+    statuses: Counter[str] = Counter()
+
+    def call(stub_method: Any, request: Any) -> Any:
+        try:
+            reply = stub_method(request)
+        except grpc.RpcError as error:
+            code, details = error.code(), error.details()
+        else:
+            statuses["OK"] += 1
+            return reply
+        statuses[code.name] += 1
+        assert code in ALLOWED, (request, code, details)
+        assert details, request
+        return None
+
+    def explore() -> None:
+        channels = [open_blocking_channel(t, api_key=loop.invoke_key, deadline_seconds=15) for t in targets]
+        stubs = [predictor_pb2_grpc.PredictorServiceStub(c) for c in channels]
+
+        @settings(
+            max_examples=200,
+            deadline=None,
+            database=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        )
+        @given(
+            data=st.data(),
+            # Mostly valid values, so that Respond and the statistics get exercised too.
+            campaign=mostly(st.just(name), st.sampled_from(["", "no-such-campaign"]) | st.text(max_size=8)),
+            customer=mostly(
+                st.sampled_from(["c-1", "c-2", "c-3"]), st.text(st.characters(codec="utf-8"), max_size=300)
+            ),
+            numberoffers=st.one_of(st.none(), st.integers(0, 4), numberoffers_field),
+            params=st.one_of(st.none(), param_objects, params_field),
+            in_param=st.one_of(*[st.none()] * 3, params_field),
+            replica=st.integers(0, 1),
+        )
+        def one_exchange(
+            data: st.DataObject,
+            campaign: str,
+            customer: str,
+            numberoffers: Any,
+            params: Any,
+            in_param: Any,
+            replica: int,
+        ) -> None:
+            fields = {
+                key: item
+                for key, item in (("numberoffers", numberoffers), ("params", params), ("in_param", in_param))
+                if item is not None
+            }
+            reply = call(stubs[replica].Invoke, invoke_request(campaign, customer, **fields))
+            shown = [r.result.offer for r in reply.final_result] if reply is not None else []
+            names = [r.result.offer_name for r in reply.final_result] if reply is not None else []
+            choices = st.sampled_from([*shown, *names, "zulu"])
+            accepted = data.draw(
+                st.one_of(
+                    st.none(),
+                    choices,
+                    st.lists(choices, max_size=3),
+                    st.lists(st.fixed_dictionaries({"offer_name": choices}), max_size=2),
+                    json_values,
+                ),
+                label="offers_accepted",
+            )
+            uuid = reply.uuid if reply is not None else "no-such-uuid"
+            uuid = data.draw(mostly(st.just(uuid), st.just("") | st.text(max_size=70)), label="uuid")
+            extra: dict[str, Any] = {}
+            reward = data.draw(
+                st.one_of(
+                    st.none(), st.none(), st.floats(0, 1), st.floats(allow_nan=True, allow_infinity=True)
+                ),
+                label="reward",
+            )
+            if reward is not None:
+                extra["reward"] = reward
+            seconds = data.draw(
+                st.one_of(st.none(), st.none(), st.integers(-(10**13), 10**13)), label="event_time"
+            )
+            if seconds is not None:
+                extra["event_time"] = Timestamp(seconds=seconds)
+            call(stubs[1 - replica].Respond, respond_request(uuid, accepted, **extra))
+            if data.draw(st.booleans(), label="respond twice"):
+                call(stubs[replica].Respond, respond_request(uuid, accepted, **extra))
+
+        try:
+            one_exchange()
+        finally:
+            for channel in channels:
+                channel.close()
+
+    started = time.perf_counter()
+    await asyncio.to_thread(explore)
+    hashes = assert_arm_statistics_sound(redis_url, name)
+    print(
+        f"\nproperty test: {dict(statuses)} in {time.perf_counter() - started:.1f}s; {hashes} arm hashes sound"
+    )
+    assert statuses["OK"] > 0
+    await assert_still_serving(loop, name)
+
+
+# Request forms ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"region": "south", "age": 50},
+        json.dumps({"region": "south", "age": 50}),
+        urllib.parse.quote(json.dumps({"region": "south", "age": 50})),
+        urllib.parse.quote_plus(json.dumps({"region": "south", "age": "50"})),
+        json.dumps(json.dumps({"region": "south", "age": 50})),
+    ],
+    ids=["object", "json-string", "url-encoded", "url-encoded-plus", "doubly-encoded"],
+)
+async def test_params_in_every_form_reach_the_context(loop: Loop, params: Any) -> None:
+    name = unique_name("params")
+    await loop.publish(spec_document(name))
+    reply = await loop.a.Invoke(invoke_request(name, params=params))
+    assert reply.segment == "region=south"
+    context = reply.final_result[0].result.context
+    assert (context["region"], context["age"], context["age_band"]) == ("south", "50.0", "o")
+
+
+async def test_in_param_is_merged_under_params(loop: Loop) -> None:
+    name = unique_name("in-param")
+    await loop.publish(spec_document(name))
+    alone = await loop.a.Invoke(invoke_request(name, in_param=json.dumps({"region": "east", "age": 20})))
+    assert alone.segment == "region=east"
+    both = await loop.b.Invoke(
+        invoke_request(name, in_param={"region": "east", "age": 20}, params='{"region": "south"}')
+    )
+    context = both.final_result[0].result.context
+    assert (both.segment, context["age_band"]) == ("region=south", "y")  # params wins, in_param fills
+
+
+async def test_numberoffers_forms_and_a_default_above_the_offer_count(loop: Loop) -> None:
+    name = unique_name("count")
+    await loop.publish(spec_document(name, default_number_of_offers=10))
+    for numberoffers, expected in ((None, 4), (0, 4), ("0", 4), ("3", 3), (3, 3), (3.0, 3), (" 1 ", 1)):
+        fields = {} if numberoffers is None else {"numberoffers": numberoffers}
+        reply = await loop.a.Invoke(invoke_request(name, **fields))
+        assert len(reply.final_result) == expected, numberoffers
+
+
+# Keeps Redis busy for ARGV[1] milliseconds, as a slow command or a failover pause would.
+REDIS_STALL = """
+local start = redis.call('TIME')
+repeat
+  local now = redis.call('TIME')
+until (now[1] - start[1]) * 1000000 + (now[2] - start[2]) > tonumber(ARGV[1]) * 1000
+return 1
+"""
+
+
+async def test_a_burst_during_a_redis_stall_waits_instead_of_failing(loop: Loop) -> None:
+    # While Redis stalls, every request in flight holds a Redis connection: more than a pool's
+    # default size (100 in redis-py). They arrive over several connections, as through Envoy (one
+    # HTTP/2 connection carries at most 100 streams).
+    name = unique_name("burst")
+    await loop.publish(spec_document(name))
+    stall = asyncio.create_task(loop.redis.eval(REDIS_STALL, 0, 400))
+    channels = [
+        aio.insecure_channel(loop.replica_target(0), options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(4)
+    ]
+    metadata = (("x-api-key", loop.invoke_key),)
+    try:
+        stubs = [predictor_pb2_grpc.PredictorServiceStub(channel) for channel in channels]
+        replies = await asyncio.gather(
+            *(
+                stubs[i % 4].Invoke(invoke_request(name, f"burst-{i}"), metadata=metadata, timeout=30)
+                for i in range(400)
+            ),
+            return_exceptions=True,
+        )
+        await stall
+        failures = [reply for reply in replies if isinstance(reply, BaseException)]
+        assert failures == [], f"{len(failures)} failed, e.g. {failures[:1]}"
+        answers = await asyncio.gather(
+            *(
+                stubs[i % 4].Respond(
+                    respond_request(reply.uuid, [reply.final_result[0].result.offer]),
+                    metadata=metadata,
+                    timeout=30,
+                )
+                for i, reply in enumerate(replies)
+                if isinstance(reply, predictor_pb2.InvokeResponse)
+            ),
+            return_exceptions=True,
+        )
+        failures = [answer for answer in answers if isinstance(answer, BaseException)]
+        assert failures == [], f"{len(failures)} failed, e.g. {failures[:1]}"
+    finally:
+        for channel in channels:
+            await channel.close()

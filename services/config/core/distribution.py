@@ -271,6 +271,11 @@ class WatchSession:
         head = await asyncio.to_thread(self._store.head_revision)
         changes: list[StoredRevision] = []
         if 0 < sent <= head:
+            if not record.deployment_revisions:
+                # A registry that never saw this replica (this service restarted, say) takes its
+                # word that it holds what it follows as of `sent`, so ReplicaStatus can list it.
+                held, _ = await asyncio.to_thread(self._store.list_current, followed, sent)
+                record.deployment_revisions = {d.deployment: d.revision for d in held}
             changes = await asyncio.to_thread(self._store.changes_after, sent, followed, MAX_REPLAY + 1)
         if sent == 0 or sent > head or len(changes) > MAX_REPLAY:
             # Nothing to replay from (new replica, or a store that was reset), or too much.
@@ -281,7 +286,8 @@ class WatchSession:
             for change in changes:
                 self._expect(record, change)
                 yield Update(change)
-            sent = head
+            # The replay may reach past `head` (a commit between the two reads): sent is sent.
+            sent = max([head, *(change.revision for change in changes)])
             if not changes:
                 yield Heartbeat(head, datetime.now(UTC))
         while True:

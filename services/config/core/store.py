@@ -132,16 +132,18 @@ class ConfigStore:
             )
         return stored, head
 
-    def list_current(self, deployments: Sequence[str] = ()) -> tuple[list[StoredRevision], int]:
-        """Every existing deployment at the head (optionally only the named ones), sorted by name."""
-        newest = (
-            sa.select(
-                deployment_revisions.c.deployment,
-                sa.func.max(deployment_revisions.c.revision).label("revision"),
-            )
-            .group_by(deployment_revisions.c.deployment)
-            .subquery()
-        )
+    def list_current(
+        self, deployments: Sequence[str] = (), at_revision: int = 0
+    ) -> tuple[list[StoredRevision], int]:
+        """Every existing deployment at the head, or as of `at_revision` when given (optionally only
+        the named ones), sorted by name."""
+        newest_query = sa.select(
+            deployment_revisions.c.deployment,
+            sa.func.max(deployment_revisions.c.revision).label("revision"),
+        ).group_by(deployment_revisions.c.deployment)
+        if at_revision:
+            newest_query = newest_query.where(deployment_revisions.c.revision <= at_revision)
+        newest = newest_query.subquery()
         query = (
             sa.select(deployment_revisions)
             .join(newest, deployment_revisions.c.revision == newest.c.revision)

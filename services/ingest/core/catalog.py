@@ -47,3 +47,16 @@ materializations = sa.Table(
     sa.Column("entities", sa.BigInteger, nullable=False),
     sa.Column("materialized_at", UtcDateTime, nullable=False),
 )
+
+# Feature views declared by ApplyFeatures: each view's definition (YAML) and its version, which
+# increases when the definition changes.
+feature_views = sa.Table(
+    "ll_feature_views",
+    metadata,
+    sa.Column("name", sa.String(63), primary_key=True),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("definition_hash", sa.String(64), nullable=False),
+    sa.Column("definition", sa.Text, nullable=False),
+    sa.Column("source_table", sa.String(63), nullable=False),
+    sa.Column("applied_at", UtcDateTime, nullable=False),
+)

@@ -93,7 +93,7 @@ def infer_type(values: pa.Array) -> ColumnType:
     texts = present.to_pylist()
     if all(_INT.match(text.strip()) for text in texts):
         return ColumnType.INT64
-    for column_type in (ColumnType.FLOAT64, ColumnType.TIMESTAMP):
+    for column_type in (ColumnType.FLOAT64, ColumnType.DATE, ColumnType.TIMESTAMP):
         try:
             cast(present, column_type)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
@@ -159,6 +159,15 @@ def cast(values: pa.Array, column_type: ColumnType) -> pa.Array:
 
 def _parse_timestamps(texts: pa.Array) -> pa.Array:
     """ISO 8601 with or without an offset; naive values are UTC."""
+    # Vectorised when a chunk is uniform (all with an offset, or all naive); per value otherwise.
+    try:
+        return pc.cast(texts, ARROW_TYPES[ColumnType.TIMESTAMP])
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    try:
+        return pc.assume_timezone(pc.cast(texts, pa.timestamp("us")), "UTC")
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
     parsed = []
     for text in texts.to_pylist():
         parsed.append(None if text is None else _parse_one_timestamp(text))

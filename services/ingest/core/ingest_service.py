@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -15,7 +16,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pyarrow as pa
 import sqlalchemy as sa
 from redis import Redis
 from sqlalchemy import Engine
@@ -23,11 +23,12 @@ from sqlalchemy import Engine
 from libs.common.deployment_spec import DeploymentSpec
 from libs.common.errors import InvalidArgument, NotFound
 from services.ingest.core import catalog
+from services.ingest.core import features as feature_engineering
 from services.ingest.core.columns import Column, ColumnType, check_name
-from services.ingest.core.loader import AlreadyLoaded, LoadProgress, LoadResult, LoadTarget, load
+from services.ingest.core.loader import AlreadyLoaded, LoadProgress, LoadResult, LoadTarget, WriteMode, load
 from services.ingest.core.online_store import MaterializeProgress, materialize, online_features
 from services.ingest.core.options_generation import OptionsResult, generate_options
-from services.ingest.core.sources import FileFormat, RawChunk, read_file, read_sql
+from services.ingest.core.sources import FileFormat, RawChunk, csv_bytes, read_file, read_sql
 
 T = TypeVar("T")
 Event = TypeVar("Event")
@@ -43,18 +44,18 @@ def file_fingerprint(path: Path) -> str:
 
 
 class _StreamedFingerprint:
-    """SHA-256 over a query's result as it streams (Arrow IPC bytes of every chunk)."""
+    """SHA-256 over a query's result as it streams: the column names, then every chunk as CSV rows,
+    so the same result has the same fingerprint however it was cut into chunks."""
 
     def __init__(self, chunks: Iterator[RawChunk]) -> None:
         self._chunks = chunks
         self._digest = hashlib.sha256()
 
     def __iter__(self) -> Iterator[RawChunk]:
-        for chunk in self._chunks:
-            sink = pa.BufferOutputStream()
-            with pa.ipc.new_stream(sink, chunk.batch.schema) as writer:
-                writer.write_batch(chunk.batch)
-            self._digest.update(sink.getvalue().to_pybytes())
+        for index, chunk in enumerate(self._chunks):
+            if index == 0:
+                self._digest.update(json.dumps(chunk.batch.schema.names).encode())
+            self._digest.update(csv_bytes(chunk.batch))
             yield chunk
 
     def hexdigest(self) -> str:
@@ -88,12 +89,20 @@ class ColumnStatistics:
     top_values: list[tuple[str, int]]
 
 
+class WorkAbandoned(Exception):
+    """Raised in the worker at its next progress report once nobody waits for it (the client
+    cancelled), so a load rolls back instead of committing behind the caller's back."""
+
+
 async def run_with_progress(work: Callable[[Callable[[Event], None]], T]) -> AsyncIterator[Event | T]:
     """Run `work(report)` in a thread; yield every reported event, then the result."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
+    abandoned = threading.Event()
 
     def report(event: Event) -> None:
+        if abandoned.is_set():
+            raise WorkAbandoned()
         loop.call_soon_threadsafe(queue.put_nowait, event)
 
     def run() -> None:
@@ -115,6 +124,7 @@ async def run_with_progress(work: Callable[[Callable[[Event], None]], T]) -> Asy
                 return
             yield item
     finally:
+        abandoned.set()  # a no-op once the work is done
         await asyncio.shield(task)
 
 
@@ -141,7 +151,10 @@ class IngestService:
     def _readable_path(self, path: str) -> Path:
         if not path:
             raise InvalidArgument("must name a file the ingest service can read", field="file.path")
-        resolved = Path(path).expanduser().resolve()
+        given = Path(path).expanduser()
+        if not given.is_absolute() and self._data_dir is not None:
+            given = self._data_dir / given  # relative paths resolve against the data directory
+        resolved = given.resolve()
         if self._data_dir is not None and not resolved.is_relative_to(self._data_dir):
             raise InvalidArgument(f"must lie under {self._data_dir}", field="file.path")
         return resolved
@@ -228,16 +241,21 @@ class IngestService:
                 for column in summary.columns:
                     c = table.c[column.name]
                     numeric = column.type in (ColumnType.INT64, ColumnType.FLOAT64)
+                    # PostgreSQL has no min/max of booleans; the order false < true is the same.
+                    ordered = sa.cast(c, sa.Integer) if column.type is ColumnType.BOOL else c
                     aggregates: list[Any] = [
                         sa.func.count(c),
                         sa.func.count(sa.distinct(c)),
-                        sa.func.min(c),
-                        sa.func.max(c),
+                        sa.func.min(ordered),
+                        sa.func.max(ordered),
                     ]
                     if numeric:
-                        aggregates += [sa.func.avg(c), sa.func.avg(c * c)]
+                        as_float = sa.cast(c, sa.Float(precision=53))  # c * c overflows a bigint
+                        aggregates += [sa.func.avg(as_float), sa.func.avg(as_float * as_float)]
                     row = connection.execute(sa.select(*aggregates)).one()
                     count, distinct, low, high = int(row[0]), int(row[1]), row[2], row[3]
+                    if column.type is ColumnType.BOOL:
+                        low, high = (None if v is None else "true" if v else "false" for v in (low, high))
                     mean = stddev = None
                     if numeric and row[4] is not None:
                         mean = float(row[4])
@@ -251,7 +269,8 @@ class IngestService:
                             .order_by(sa.func.count().desc(), c)
                             .limit(top_values)
                         ):
-                            top.append((str(value), int(n)))
+                            shown = ("true" if value else "false") if isinstance(value, bool) else str(value)
+                            top.append((shown, int(n)))
                     stats.append(
                         ColumnStatistics(
                             column.name,
@@ -288,10 +307,6 @@ class IngestService:
     ) -> list[tuple[str, dict[str, str] | None]]:
         if not entities:
             raise InvalidArgument("name at least one entity key", field="entity_keys")
-        if not features:
-            raise InvalidArgument(
-                "name the feature views to read, as 'view' or 'view.feature'", field="features"
-            )
         views: dict[str, list[str]] = {}
         for item in features:
             view, _, feature = item.partition(".")
@@ -301,6 +316,10 @@ class IngestService:
                 views[view].append(feature)
 
         def work() -> list[tuple[str, dict[str, str] | None]]:
+            if not views:  # every view in the online store
+                with self.engine.connect() as connection:
+                    materialized = connection.scalars(sa.select(catalog.materializations.c.feature_view))
+                    views.update({view: [] for view in sorted(materialized)})
             merged: list[dict[str, str] | None] = [None] * len(entities)
             for view, names in views.items():
                 for index, found in enumerate(online_features(self.redis, view, entities, names)):
@@ -310,6 +329,47 @@ class IngestService:
                     combined.update({f"{view}.{k}": v for k, v in found.items()})
                     merged[index] = combined
             return list(zip(entities, merged, strict=True))
+
+        return await asyncio.to_thread(work)
+
+    # Features -----------------------------------------------------------------------------
+
+    async def apply_features(self, spec_yaml: str, dry_run: bool) -> feature_engineering.ApplyFeaturesResult:
+        """Parse the YAML feature spec and apply it (or, with dry_run, only validate it)."""
+
+        def work() -> feature_engineering.ApplyFeaturesResult:
+            spec = feature_engineering.parse_feature_spec(spec_yaml)
+            return feature_engineering.apply_features(
+                self.engine, spec, dry_run=dry_run, chunk_rows=self._chunk_rows
+            )
+
+        return await asyncio.to_thread(work)
+
+    async def build_training_set(
+        self,
+        *,
+        output_table: str,
+        label_table: str,
+        label_column: str,
+        features: list[str],
+        event_time_column: str,
+        mode: WriteMode,
+        sample_fraction: float,
+        seed: int,
+    ) -> feature_engineering.TrainingSetResult:
+        def work() -> feature_engineering.TrainingSetResult:
+            return feature_engineering.build_training_set(
+                self.engine,
+                output_table=output_table,
+                label_table=label_table,
+                label_column=label_column,
+                features=features,
+                event_time_column=event_time_column,
+                mode=mode,
+                sample_fraction=sample_fraction,
+                seed=seed,
+                chunk_rows=self._chunk_rows,
+            )
 
         return await asyncio.to_thread(work)
 

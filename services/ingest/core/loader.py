@@ -9,13 +9,14 @@ The same source (by content fingerprint) is never loaded twice into the same tab
 from __future__ import annotations
 
 import enum
+import hashlib
 import itertools
 import json
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -94,11 +95,13 @@ class RejectBudgetExceeded(InvalidArgument):
 
 
 def _budget_exceeded(target: LoadTarget, progress: LoadProgress, final: bool) -> bool:
-    if progress.rows_rejected > target.max_rejected_rows and target.max_rejected_fraction <= 0:
+    """Over either limit that is set (both unset: no reject allowed). The row limit is checked as
+    rows stream; the fraction only at the end, when the number of rows read is known."""
+    rows_limit_set = target.max_rejected_rows > 0 or target.max_rejected_fraction <= 0
+    if rows_limit_set and progress.rows_rejected > target.max_rejected_rows:
         return True
     if target.max_rejected_fraction > 0 and final and progress.rows_read:
-        allowed = max(target.max_rejected_rows, int(target.max_rejected_fraction * progress.rows_read))
-        return progress.rows_rejected > allowed
+        return progress.rows_rejected > target.max_rejected_fraction * progress.rows_read
     return False
 
 
@@ -151,8 +154,9 @@ def convert_chunk(
     for index, column in enumerate(columns):
         raw = chunk.batch.column(index)
         raw, bad, mask = decode_utf8(raw, column.name, chunk.row_number)
-        rejects += bad
-        keep = [k and m for k, m in zip(keep, mask, strict=True)]
+        if bad:
+            rejects += bad
+            keep = [k and m for k, m in zip(keep, mask, strict=True)]
         texts.append(raw)
     typed: list[pa.Array] = []
     for column, raw in zip(columns, texts, strict=True):
@@ -170,50 +174,137 @@ def convert_chunk(
                         rejects.append(Reject(chunk.row_number(row), column.name, str(exc), str(value)[:200]))
             values = pa.array(converted, type=ARROW_TYPES[column.type])
         if column.key:
-            nulls = pc.is_null(values).to_pylist()
-            for row, is_null in enumerate(nulls):
+            missing = pc.is_null(values)
+            if pa.types.is_string(values.type):  # a blank text key is as missing as an absent one
+                missing = pc.fill_null(pc.or_(missing, pc.equal(pc.utf8_trim_whitespace(values), "")), True)
+            for row, is_null in enumerate(missing.to_pylist()):
                 if is_null and keep[row]:
                     keep[row] = False
                     rejects.append(Reject(chunk.row_number(row), column.name, "the key is empty"))
         typed.append(values)
     batch = pa.RecordBatch.from_arrays(typed, names=[c.name for c in columns])
     if all(keep):
-        return (
-            batch,
-            rejects,
-            [chunk.row_number(i) for i in range(rows)] if any(c.key for c in columns) else [],
-        )
-    kept = [chunk.row_number(i) for i in range(rows) if keep[i]]
+        return batch, rejects, chunk.row_numbers() if any(c.key for c in columns) else []
+    numbers = chunk.row_numbers()
+    kept = [numbers[i] for i in range(rows) if keep[i]]
     return batch.filter(pa.array(keep)), rejects, kept
 
 
 def _drop_duplicate_keys(
+    connection: Connection,
+    table: sa.Table,
     batch: pa.RecordBatch,
     columns: Sequence[Column],
     row_numbers: Sequence[int],
-    seen: set[int],
     rejects: list[Reject],
 ) -> pa.RecordBatch:
-    key_names = [c.name for c in columns if c.key]
-    if not key_names:
+    """Rejects rows whose key repeats an earlier row of the chunk or a row already in the table.
+
+    Only this chunk's keys are held in memory; earlier ones are looked up in the table through its
+    primary key, so memory stays flat however many rows the source (or the table) has.
+    """
+    key_columns = [c for c in columns if c.key]
+    if not key_columns or batch.num_rows == 0:
         return batch
-    keys = list(zip(*(batch.column(name).to_pylist() for name in key_names), strict=True))
+    dialect = connection.dialect.name
+    keys = list(
+        zip(*(_stored_values(batch.column(c.name), c.type, dialect) for c in key_columns), strict=True)
+    )
+    stored = _stored_keys(connection, table, key_columns, keys)
+    if not stored and len(key_columns) == 1:
+        key = batch.column(key_columns[0].name)
+        if pc.count_distinct(key, mode="all").as_py() == len(key):
+            return batch  # the common case, decided without a Python loop over the rows
+    seen: set[tuple[object, ...]] = set()
     keep = []
     for index, key in enumerate(keys):
-        digest = hash(key)
-        if digest in seen:
+        if key in seen or key in stored:
             keep.append(False)
             rejects.append(
                 Reject(
                     row_numbers[index],
-                    ",".join(key_names),
-                    f"duplicate key {key if len(key) > 1 else key[0]!r}",
+                    ",".join(c.name for c in key_columns),
+                    "duplicate key "
+                    + ", ".join(f"{c.name}={_shown(v)}" for c, v in zip(key_columns, key, strict=True)),
                 )
             )
         else:
-            seen.add(digest)
+            seen.add(key)
             keep.append(True)
     return batch.filter(pa.array(keep)) if not all(keep) else batch
+
+
+_POSTGRESQL_TYPES = {
+    ColumnType.STRING: "text",
+    ColumnType.INT64: "bigint",
+    ColumnType.FLOAT64: "double precision",
+    ColumnType.BOOL: "boolean",
+    ColumnType.TIMESTAMP: "timestamptz",
+    ColumnType.DATE: "date",
+    ColumnType.JSON: "text",
+}
+
+
+def _stored_keys(
+    connection: Connection, table: sa.Table, key_columns: Sequence[Column], keys: Sequence[tuple[object, ...]]
+) -> set[tuple[object, ...]]:
+    """Which of `keys` the table holds already, as the driver returns them (one indexed query)."""
+    quote = connection.dialect.identifier_preparer.quote
+    names = [quote(c.name) for c in key_columns]
+    selected = ", ".join(f"t.{name}" for name in names)
+    if connection.dialect.name == "postgresql":
+        # The keys as one JSON document: far cheaper to send than an array parameter per column.
+        if len(key_columns) == 1:
+            source = "jsonb_array_elements_text(%s::jsonb) AS j(v)"
+            matches = f"t.{names[0]} = j.v::{_POSTGRESQL_TYPES[key_columns[0].type]}"
+            document = json.dumps([key[0] for key in keys], default=_json_text)
+        else:
+            source = "jsonb_array_elements(%s::jsonb) AS j(v)"
+            matches = " AND ".join(
+                f"t.{name} = (j.v->>{i})::{_POSTGRESQL_TYPES[c.type]}"
+                for i, (name, c) in enumerate(zip(names, key_columns, strict=True))
+            )
+            document = json.dumps([list(key) for key in keys], default=_json_text)
+        cursor = connection.connection.cursor()
+        cursor.execute(
+            f"SELECT {selected} FROM {source} JOIN {quote(table.name)} AS t ON {matches}", (document,)
+        )
+        return {tuple(row) for row in cursor.fetchall()}
+    # SQLite: the keys as one JSON array; CROSS JOIN keeps json_each outside, so every key is one
+    # probe of the primary key's index rather than a scan of the table.
+    if len(key_columns) == 1:
+        document = json.dumps([key[0] for key in keys])
+        matches = f"t.{names[0]} = j.value"
+    else:
+        document = json.dumps([list(key) for key in keys])
+        matches = " AND ".join(f"t.{name} = json_extract(j.value, '$[{i}]')" for i, name in enumerate(names))
+    rows = connection.exec_driver_sql(
+        f"SELECT {selected} FROM json_each(?) AS j CROSS JOIN {quote(table.name)} AS t ON {matches}",
+        (document,),
+    )
+    return {tuple(row) for row in rows}
+
+
+def _shown(value: object) -> str:
+    return value.isoformat() if isinstance(value, datetime | date) else repr(value)
+
+
+def _json_text(value: object) -> str:
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    raise TypeError(f"cannot send {type(value).__name__} as a key")
+
+
+def _stored_values(array: pa.Array, column_type: ColumnType, dialect: str) -> list[object]:
+    """Python values as the driver takes them (and, on SQLite, returns them)."""
+    if dialect == "sqlite":
+        if column_type is ColumnType.TIMESTAMP:
+            # The text UtcDateTime stores; %S carries the microseconds.
+            array = pc.strftime(array, format="%Y-%m-%d %H:%M:%S", locale="C")
+        elif column_type is ColumnType.DATE:
+            array = pc.strftime(array, format="%Y-%m-%d", locale="C")
+    values: list[object] = array.to_pylist()
+    return values
 
 
 def sql_table(name: str, columns: Sequence[Column], metadata: sa.MetaData | None = None) -> sa.Table:
@@ -229,30 +320,38 @@ def sql_table(name: str, columns: Sequence[Column], metadata: sa.MetaData | None
     )
 
 
+SQLITE_INSERT_ROWS = 5000  # rows turned into Python objects at a time
+
+
 def _insert(
     connection: Connection, table: sa.Table, batch: pa.RecordBatch, columns: Sequence[Column]
 ) -> None:
     if batch.num_rows == 0:
         return
+    quoted = connection.dialect.identifier_preparer.quote(table.name)
     if connection.dialect.name == "postgresql":
         names = ", ".join(connection.dialect.identifier_preparer.quote(c.name) for c in columns)
-        quoted = connection.dialect.identifier_preparer.quote(table.name)
         cursor = connection.connection.cursor()
+        # Timestamps go out as naive UTC text (Arrow writes zoned ones ten times slower), read as
+        # UTC by a session time zone set for this transaction only.
+        cursor.execute("SET LOCAL TIME ZONE 'UTC'")
+        arrays = [
+            batch.column(c.name).cast(pa.timestamp("us"))
+            if c.type is ColumnType.TIMESTAMP
+            else batch.column(c.name)
+            for c in columns
+        ]
         with cursor.copy(f"COPY {quoted} ({names}) FROM STDIN (FORMAT csv)") as copy:
-            copy.write(csv_bytes(batch))
+            copy.write(csv_bytes(pa.RecordBatch.from_arrays(arrays, names=[c.name for c in columns])))
         return
-    # SQLite: executemany of plain tuples; timestamps as the text UtcDateTime stores.
-    values = []
-    for column in columns:
-        array = batch.column(column.name)
-        if column.type is ColumnType.TIMESTAMP:
-            array = pc.strftime(array, format="%Y-%m-%d %H:%M:%S", locale="C")  # %S carries the microseconds
-        values.append(array.to_pylist())
+    # SQLite: executemany of plain tuples, a slice at a time so the Python objects stay few.
     placeholders = ", ".join("?" for _ in columns)
-    quoted = connection.dialect.identifier_preparer.quote(table.name)
-    connection.exec_driver_sql(
-        f"INSERT INTO {quoted} VALUES ({placeholders})", list(zip(*values, strict=True))
-    )
+    for offset in range(0, batch.num_rows, SQLITE_INSERT_ROWS):
+        part = batch.slice(offset, SQLITE_INSERT_ROWS)
+        values = [_stored_values(part.column(c.name), c.type, "sqlite") for c in columns]
+        connection.exec_driver_sql(
+            f"INSERT INTO {quoted} VALUES ({placeholders})", list(zip(*values, strict=True))
+        )
 
 
 def _existing_columns(connection: Connection, name: str) -> list[Column] | None:
@@ -263,6 +362,32 @@ def _existing_columns(connection: Connection, name: str) -> list[Column] | None:
         return None
     keys = set(json.loads(row.key_columns))
     return [Column(c["name"], ColumnType(c["type"]), c["name"] in keys) for c in json.loads(row.columns)]
+
+
+def _append_columns(target: LoadTarget, existing: list[Column], planned: list[Column]) -> list[Column]:
+    """Appending converts to the table's own types and key (the source's inferred types may be
+    narrower: a file of whole numbers appended to a float column); names must match in order."""
+    if [c.name for c in existing] != [c.name for c in planned]:
+        raise FailedPrecondition(
+            f"table '{target.table}' has columns {[c.name for c in existing]}; the source has "
+            f"{[c.name for c in planned]} (same names in the same order are needed); use mode replace",
+            field="target.table",
+        )
+    for name, column_type in target.schema_overrides.items():
+        stored = next(c.type for c in existing if c.name == name)
+        if column_type is not stored:
+            raise FailedPrecondition(
+                f"column '{name}' of table '{target.table}' is {stored.value}, not {column_type.value}; "
+                "use mode replace to change its type",
+                field="schema_overrides",
+            )
+    keys = [c.name for c in existing if c.key]
+    if target.key and list(target.key) != keys:
+        raise FailedPrecondition(
+            f"table '{target.table}' has key {keys or 'none'}, not {list(target.key)}; use mode replace",
+            field="target.key",
+        )
+    return existing
 
 
 def load(
@@ -335,16 +460,10 @@ def _load(
         raise InvalidArgument("the source has no rows", field="source") from None
     columns = _plan_columns(first, target)
     state = LoadProgress()
-    seen_keys: set[int] = set()
     with write_transaction(engine, lock_timeout_s=60) as connection:
         existing = _existing_columns(connection, target.table)
         if target.mode is WriteMode.APPEND and existing is not None:
-            if [(c.name, c.type) for c in existing] != [(c.name, c.type) for c in columns]:
-                raise FailedPrecondition(
-                    f"table '{target.table}' has columns {[(c.name, c.type.value) for c in existing]}; the source has "
-                    f"{[(c.name, c.type.value) for c in columns]}; use mode replace or schema_overrides",
-                    field="target.table",
-                )
+            columns = _append_columns(target, existing, columns)
             table = sql_table(target.table, existing)
         else:
             name = (
@@ -354,19 +473,17 @@ def _load(
             )
             table = sql_table(name, columns)
             table.create(connection)
-        if existing is not None and target.mode is WriteMode.APPEND and any(c.key for c in columns):
-            key_names = [c.name for c in columns if c.key]
-            for row in connection.execute(sa.select(*[table.c[n] for n in key_names])):
-                seen_keys.add(hash(tuple(row)))
         for chunk in itertools.chain([first], chunks):
             batch, rejects, row_numbers = convert_chunk(chunk, columns)
             state.rows_read += chunk.batch.num_rows + len(chunk.rejects)
-            batch = _drop_duplicate_keys(batch, columns, row_numbers, seen_keys, rejects)
+            batch = _drop_duplicate_keys(connection, table, batch, columns, row_numbers, rejects)
             state.rows_rejected += len(rejects)
             room = MAX_REJECTS_REPORTED - len(state.rejects)
             if room > 0:
                 state.rejects += sorted(rejects, key=lambda r: r.row_number)[:room]
             if _budget_exceeded(target, state, final=False):
+                if streamed_fingerprint is not None:
+                    _raise_if_loaded_before(connection, target.table, chunks, streamed_fingerprint)
                 raise RejectBudgetExceeded(_budget_message(target, state), field="target.reject_budget")
             _insert(connection, table, batch, columns)
             state.rows_written += batch.num_rows
@@ -393,21 +510,34 @@ def _load(
             connection.scalar(sa.select(sa.func.count()).select_from(sa.table(target.table))) or 0
         )
         now = datetime.now(UTC)
+        table_fingerprint = fingerprint
+        if existing is not None and target.mode is WriteMode.APPEND:
+            # The table now holds more than this source: its fingerprint must not match the source's,
+            # or a replace with that source alone would be skipped as already loaded.
+            before = connection.scalar(
+                sa.select(catalog.tables.c.fingerprint).where(catalog.tables.c.name == target.table)
+            )
+            table_fingerprint = hashlib.sha256(f"{before}+{fingerprint}".encode()).hexdigest()
         record = {
             "kind": target.kind,
             "key_columns": json.dumps([c.name for c in columns if c.key]),
             "event_time_column": target.event_time_column,
             "columns": json.dumps([{"name": c.name, "type": c.type.value} for c in columns]),
-            "fingerprint": fingerprint,
+            "fingerprint": table_fingerprint,
             "row_count": table_rows,
             "updated_at": now,
         }
+        if existing is not None and target.mode is WriteMode.APPEND and not target.event_time_column:
+            del record["event_time_column"]  # an append keeps the table's event time
         if existing is None:
             connection.execute(sa.insert(catalog.tables).values(name=target.table, **record))
         else:
             connection.execute(
                 sa.update(catalog.tables).where(catalog.tables.c.name == target.table).values(**record)
             )
+        if target.mode is WriteMode.REPLACE:
+            # What earlier loads wrote is gone: loading one of them again must write it again.
+            connection.execute(sa.delete(catalog.loads).where(catalog.loads.c.table_name == target.table))
         connection.execute(
             sa.insert(catalog.loads).values(
                 table_name=target.table,
@@ -429,6 +559,22 @@ def _load(
         fingerprint,
         table_rows,
     )
+
+
+def _raise_if_loaded_before(
+    connection: Connection, table: str, rest: Iterator[RawChunk], fingerprint: Callable[[], str]
+) -> None:
+    """A query's result known only once read: the rows of a repeat are all duplicates of the rows the
+    first load wrote, so before reporting them read the rest, and call a repeat a repeat."""
+    for _ in rest:
+        pass
+    repeat = connection.execute(
+        sa.select(catalog.loads.c.id).where(
+            catalog.loads.c.table_name == table, catalog.loads.c.fingerprint == fingerprint()
+        )
+    ).first()
+    if repeat is not None:
+        raise AlreadyLoaded(fingerprint())
 
 
 def _budget_message(target: LoadTarget, state: LoadProgress) -> str:

@@ -55,13 +55,21 @@ def _table_record(engine: Engine, view: str) -> sa.Row[Any]:
         row = connection.execute(sa.select(catalog.tables).where(catalog.tables.c.name == view)).first()
     if row is None:
         raise NotFound(f"no table '{view}' in the offline store", field="feature_views")
-    keys = json.loads(row.key_columns)
-    if len(keys) != 1:
+    if len(_entity_keys(row)) != 1:
+        keys = json.loads(row.key_columns)
         raise FailedPrecondition(
-            f"'{view}' needs exactly one key column (the entity) to be materialized; it has {keys or 'none'}",
+            f"'{view}' needs exactly one key column (the entity), besides its event time, to be "
+            f"materialized; it has {keys or 'none'}",
             field="feature_views",
         )
     return row
+
+
+def _entity_keys(record: sa.Row[Any]) -> list[str]:
+    """The key columns that name the entity: an event-time table keyed by (customer, time) holds
+    the history of each customer, of which the newest row is materialized."""
+    keys: list[str] = json.loads(record.key_columns)
+    return [k for k in keys if k != record.event_time_column] if record.event_time_column else keys
 
 
 def _latest_rows(
@@ -92,6 +100,24 @@ def _latest_rows(
             yield latest
 
 
+def _default_views(engine: Engine) -> list[str]:
+    """No views named: every feature view, and every table materialized before."""
+    with engine.connect() as connection:
+        names = set(connection.scalars(sa.select(catalog.materializations.c.feature_view)))
+        names |= set(
+            connection.scalars(
+                sa.select(catalog.tables.c.name).where(catalog.tables.c.kind == "feature_view")
+            )
+        )
+    if not names:
+        raise InvalidArgument(
+            "nothing to materialize: there is no feature view and no table was materialized before; "
+            "name the tables",
+            field="feature_views",
+        )
+    return sorted(names)
+
+
 def materialize(
     engine: Engine,
     redis: Redis,
@@ -103,11 +129,11 @@ def materialize(
     progress: Callable[[MaterializeProgress], None] = lambda _p: None,
 ) -> list[MaterializeProgress]:
     if not views:
-        raise InvalidArgument("name at least one feature view (table)", field="feature_views")
+        views = _default_views(engine)
     results = []
     for view in views:
         record = _table_record(engine, view)
-        key = json.loads(record.key_columns)[0]
+        key = _entity_keys(record)[0]
         event_time = record.event_time_column
         with engine.connect() as connection:
             previous = connection.execute(

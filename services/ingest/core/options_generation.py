@@ -2,8 +2,9 @@
 
 History is a table of presentations: one row per offer shown, with `offer` (id or name), `accepted`
 (0/1 or true/false) and optionally `presented` (a count, default 1), plus a column for each segment
-variable of the deployment. Priors per offer x segment are alpha = weight x acceptances and
-beta = weight x (presentations - acceptances).
+variable of the deployment. The prior of an offer x segment is worth `weight` pseudo-observations
+(fewer when the history has fewer presentations of it) at the historical take-up rate:
+alpha = w x acceptances / presentations and beta = w - alpha, with w = min(weight, presentations).
 
 A new generation is written under new keys and becomes live with one SET of the generation pointer,
 so the predictor never sees half of it. `generate` starts from the priors alone; `update` carries
@@ -29,6 +30,9 @@ from services.ingest.core import catalog
 from services.ingest.core.columns import check_name
 
 OLD_GENERATION_TTL_SECONDS = 24 * 3600
+DEFAULT_PRIOR_WEIGHT = 100.0  # pseudo-observations per arm when the request leaves it to the server
+# The generation a predictor reads while no pointer exists (it learns into it from the first Respond).
+INITIAL_GENERATION = "0"
 
 
 @dataclass(frozen=True)
@@ -116,17 +120,17 @@ def generate_options(
 ) -> OptionsResult:
     if prior_weight < 0:
         raise InvalidArgument("must not be negative", field="prior_weight")
-    weight = prior_weight or 1.0
+    weight = prior_weight or DEFAULT_PRIOR_WEIGHT
     counts, history_rows = _history(engine, history_table, spec) if history_table else ({}, 0)
     deployment = spec.name
     pointer = redis_keys.options_generation(deployment)
     old = redis.get(pointer)
-    old_generation = old.decode() if isinstance(old, bytes) else old
+    old_generation = (old.decode() if isinstance(old, bytes) else old) or INITIAL_GENERATION
     new_generation = f"g{int(time.time() * 1000)}"
-    prefix_old = redis_keys.arm_statistics(deployment, old_generation, "") if old_generation else None
+    prefix_old = redis_keys.arm_statistics(deployment, old_generation, "")
 
     carried: dict[str, dict[str, str]] = {}
-    if update and prefix_old is not None:
+    if update:
         for key in redis.scan_iter(match=prefix_old + "*", count=500):
             name = key.decode() if isinstance(key, bytes) else key
             carried[name[len(prefix_old) :]] = _decode(redis.hgetall(name))
@@ -148,12 +152,15 @@ def generate_options(
             updated += 1
         else:
             created += 1
-        existing[f"{offer}|pa"] = repr(weight * acceptances)
-        existing[f"{offer}|pb"] = repr(weight * max(presentations - acceptances, 0.0))
+        pseudo = min(weight, presentations)
+        rate = min(max(acceptances / presentations, 0.0), 1.0) if presentations > 0 else 0.0
+        existing[f"{offer}|pa"] = repr(pseudo * rate)
+        existing[f"{offer}|pb"] = repr(pseudo * (1.0 - rate))
+    kept -= updated  # an arm carried over with new priors counts as updated, not kept
     segments = {segment for segment in arms if arms[segment]}
     result = OptionsResult(
         deployment,
-        new_generation if not dry_run else (old_generation or ""),
+        new_generation if not dry_run else old_generation,
         created,
         updated,
         kept,
@@ -173,9 +180,9 @@ def generate_options(
     pipeline.execute()
     # The switch: one SET makes the whole generation live at once.
     redis.set(pointer, new_generation)
-    if prefix_old is not None:
-        for key in redis.scan_iter(match=prefix_old + "*", count=500):
-            redis.expire(key, OLD_GENERATION_TTL_SECONDS)
+    # Replicas read the old generation for up to a second more (they cache the pointer): let it age out.
+    for key in redis.scan_iter(match=prefix_old + "*", count=500):
+        redis.expire(key, OLD_GENERATION_TTL_SECONDS)
     return result
 
 

@@ -23,6 +23,7 @@ from libs.common.deployment_spec import (
     ThompsonAlgorithm,
 )
 from libs.common.errors import FailedPrecondition
+from services.predictor.core.models import LoadedModel
 
 PROPENSITY_SAMPLES = 512
 StatisticsKind = Literal["arms", "naive_bayes", "linear"]
@@ -183,14 +184,16 @@ class LinearScorer(Scorer):
         d = self.dimension
         x = self.vector(numeric_context)
         ridge = self._algorithm.ridge
-        a = np.stack([statistics.linear[o].a if o in statistics.linear else np.zeros((d, d)) for o in offers])
-        b = np.stack([statistics.linear[o].b if o in statistics.linear else np.zeros(d) for o in offers])
+        # Models of another dimension were learned over features the deployment no longer uses.
+        models = {o: m for o, m in statistics.linear.items() if m.b.shape == (d,) and m.a.shape == (d, d)}
+        a = np.stack([models[o].a if o in models else np.zeros((d, d)) for o in offers])
+        b = np.stack([models[o].b if o in models else np.zeros(d) for o in offers])
         a = a + ridge * np.eye(d)
         a_inverse = np.linalg.inv(a)
         theta = np.einsum("kij,kj->ki", a_inverse, b)
         mean = theta @ x
         variance = np.maximum(np.einsum("i,kij,j->k", x, a_inverse, x), 0.0)
-        counts = np.array([statistics.linear[o].a[0, 0] if o in statistics.linear else 0.0 for o in offers])
+        counts = np.array([models[o].a[0, 0] if o in models else 0.0 for o in offers])
         if isinstance(self._algorithm, LinUcbAlgorithm):
             upper = (mean + self._algorithm.alpha * np.sqrt(variance)) * weights
             return Scores(_tie_break(upper, rng), mean, counts, _top_probability_deterministic(upper))
@@ -202,7 +205,24 @@ class LinearScorer(Scorer):
         return Scores(decision, mean, counts, _top_probability_sampled(draws))
 
 
-def build_scorer(algorithm: Algorithm) -> Scorer:
+class ModelScorer(Scorer):
+    """Score = the bound model's predicted take-up for the customer's features x each offer.
+
+    Deterministic: the top offer has propensity 1 before exploration, so with exploration_epsilon
+    it is (1 - eps) + eps / K. Arm statistics are still read and kept, for reporting.
+    """
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.model = model
+
+    def score(self, offers, weights, statistics, numeric_context, categorical_context, rng):  # type: ignore[no-untyped-def]
+        take_up = self.model.predict_offers({**categorical_context, **numeric_context}, offers)
+        impressions = np.array([statistics.arms.get(offer, ArmCounts()).impressions for offer in offers])
+        ranked = take_up * weights
+        return Scores(_tie_break(ranked, rng), take_up, impressions, _top_probability_deterministic(ranked))
+
+
+def build_scorer(algorithm: Algorithm, model: LoadedModel | None = None) -> Scorer:
     if isinstance(algorithm, ThompsonAlgorithm):
         return ThompsonScorer(algorithm)
     if isinstance(algorithm, EpsilonGreedyAlgorithm):
@@ -212,7 +232,7 @@ def build_scorer(algorithm: Algorithm) -> Scorer:
     if isinstance(algorithm, LinUcbAlgorithm | LinearThompsonAlgorithm):
         return LinearScorer(algorithm)
     if isinstance(algorithm, ModelAlgorithm):
-        raise FailedPrecondition(
-            "the 'model' algorithm needs model serving, which this replica does not have yet"
-        )
+        if model is None:
+            raise FailedPrecondition("the 'model' algorithm needs a loaded model binding", field="model")
+        return ModelScorer(model)
     raise FailedPrecondition(f"unknown algorithm {algorithm!r}")

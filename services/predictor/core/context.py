@@ -72,11 +72,13 @@ def parse_number_of_offers(value: Any, default: int, available: int) -> int:
         raise InvalidArgument("must be a number or a numeric string", field="numberoffers")
     if count == 0:
         return min(default, available)
+    # Not the number itself when it is huge: 1e300 has 301 digits.
+    asked = str(count) if abs(count) < 10**9 else f"a {len(str(abs(count)))}-digit number"
     if count < 0:
-        raise InvalidArgument(f"must be positive, got {count}", field="numberoffers")
+        raise InvalidArgument(f"must be positive, got {asked}", field="numberoffers")
     if count > available:
         raise InvalidArgument(
-            f"asks for {count} offers but the deployment has {available} eligible", field="numberoffers"
+            f"asks for {asked} offers but the deployment has {available} eligible", field="numberoffers"
         )
     return count
 

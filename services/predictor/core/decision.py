@@ -25,8 +25,9 @@ from libs.common.deployment_spec import (
     Variant,
 )
 from libs.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.predictor.core.algorithms import LinearScorer, Scorer, build_scorer
+from services.predictor.core.algorithms import LinearScorer, ModelScorer, Scorer, build_scorer
 from services.predictor.core.context import Context, derive_context, parse_number_of_offers, parse_params
+from services.predictor.core.models import LoadedModel
 from services.predictor.core.options_store import DECISION_LOG_MAX_LENGTH, ArmPolicy, OptionsStore
 from services.predictor.core.plugins import PluginChain, build_plugin_chain
 
@@ -54,9 +55,15 @@ class DeploymentRuntime:
     offers_by_id: Mapping[str, Offer]
     offers_by_name: Mapping[str, Offer]
     plugins: PluginChain
+    # Model versions this revision binds, loaded and verified: (name, version) -> model.
+    models: Mapping[tuple[str, int], LoadedModel] = field(default_factory=dict)
 
     @classmethod
-    def prepare(cls, spec: DeploymentSpec) -> DeploymentRuntime:
+    def prepare(
+        cls, spec: DeploymentSpec, models: Mapping[tuple[str, int], LoadedModel] | None = None
+    ) -> DeploymentRuntime:
+        loaded = dict(models or {})
+
         def plan(name: str, variant: Variant | None) -> ServingPlan:
             algorithm = variant.algorithm if variant is not None and variant.algorithm else spec.algorithm
             epsilon = (
@@ -64,8 +71,10 @@ class DeploymentRuntime:
                 if variant is not None and variant.exploration_epsilon is not None
                 else spec.exploration_epsilon
             )
+            binding = variant.model if variant is not None and variant.model is not None else spec.model
+            model = loaded.get((binding.name, binding.version)) if binding is not None else None
             return ServingPlan(
-                name, algorithm, build_scorer(algorithm), epsilon, ArmPolicy.from_algorithm(algorithm)
+                name, algorithm, build_scorer(algorithm, model), epsilon, ArmPolicy.from_algorithm(algorithm)
             )
 
         plans = {"": plan("", None)} | {v.name: plan(v.name, v) for v in spec.variants}
@@ -76,6 +85,7 @@ class DeploymentRuntime:
             offers_by_id={o.id: o for o in spec.offers},
             offers_by_name={o.name: o for o in spec.offers},
             plugins=build_plugin_chain(spec.plugins),
+            models=loaded,
         )
 
     def variant_for(self, customer: str) -> ServingPlan:
@@ -275,6 +285,12 @@ class DecisionEngine:
             eligible, context, params
         )
         categorical = {k: v for k, v in context.values.items() if isinstance(v, str)}
+        if isinstance(plan.scorer, ModelScorer):  # the model reads the customer's raw features too
+            categorical = {
+                **features,
+                **{k: str(v) for k, v in params.items() if isinstance(v, str | int | float)},
+                **categorical,
+            }
         scores = plan.scorer.score(offer_ids, weights, statistics, context.numeric, categorical, self.rng)
         explore = bool(self.rng.random() < plan.epsilon)
         order = self.rng.permutation(len(eligible)) if explore else np.argsort(-scores.score, kind="stable")
@@ -434,6 +450,7 @@ class DecisionEngine:
             raise NotFound(f"the contact '{request.uuid}' expired", field="uuid")
         duplicate = (bool(accepted) and not fresh) or (not accepted and contact.get("responded") == "1")
         learned = False
+        fits = None  # for linear models: whether the contact's vector fits them
         pipeline = self.store.redis.pipeline(transaction=False)
         if isinstance(runtime, DeploymentRuntime) and plan is not None and not late and fresh:
             reward = request.reward if request.reward is not None else runtime.spec.reward.default_reward
@@ -451,11 +468,14 @@ class DecisionEngine:
                     )
             else:
                 vector = json.loads(contact["vector"])
-                for offer in fresh:
+                # A contact scored before the algorithm or its features changed has no vector that
+                # fits the linear models now served: logged, not learned.
+                fits = isinstance(plan.scorer, LinearScorer) and len(vector) == plan.scorer.dimension
+                for offer in fresh if fits else []:
                     key = redis_keys.linear_model(deployment, generation, offer)
                     # A already counted the impression; add the reward to b only.
                     pipeline.eval(_ADD_TO_B, 1, key, reward, *vector)
-            learned = True
+            learned = plan.scorer.statistics != "linear" or bool(fits)
         pipeline.xadd(
             redis_keys.DECISION_STREAM,
             {
@@ -488,6 +508,8 @@ class DecisionEngine:
             message = f"learned from {len(fresh)} accepted offer(s)"
         elif not accepted:
             message = "response without uptake logged"
+        elif plan is not None:
+            message = "logged; the contact was scored over other features than are served now, so not learned"
         else:
             message = "logged; the deployment is no longer served here, so nothing was learned"
         return ResponseOutcome(
@@ -522,6 +544,7 @@ _ADD_TO_B = """
 local raw = redis.call('HGET', KEYS[1], 'b')
 if not raw then return 0 end
 local b = cjson.decode(raw)
+if #b ~= #ARGV - 1 then return 0 end  -- a model of other features: this contact does not fit it
 local reward = tonumber(ARGV[1])
 for i = 1, #b do b[i] = b[i] + reward * tonumber(ARGV[1 + i]) end
 redis.call('HSET', KEYS[1], 'b', cjson.encode(b))

@@ -1,30 +1,52 @@
-"""Where a replica finds the model versions a deployment binds.
+"""Where a replica finds the model versions a deployment binds, and loads them.
 
-A version lives in `<model_dir>/<name>/<version>/`; a binding to a version that is not there is
-rejected before the deployment is applied, so the replica NACKs it and keeps serving the old one.
+A version lives in `<model_dir>/<name>/<version>/` as the trainer wrote it. Loading verifies every
+file against the artifact's checksum manifest, loads the TorchScript model and warms it up (see
+models.py); a binding that cannot be loaded is rejected before the deployment is applied, so the
+replica NACKs the revision and keeps serving the old one. Loaded versions are shared by every
+revision that binds them and dropped once no applied revision does.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from pathlib import Path
 
 from libs.common.deployment_spec import DeploymentSpec, ModelBinding
 from libs.common.errors import FailedPrecondition
+from services.predictor.core.models import MANIFEST_FILE, LoadedModel, load_model
+
+ModelKey = tuple[str, int]
 
 
 class ModelRepository:
     def __init__(self, root: Path) -> None:
         self._root = root
+        self._loaded: weakref.WeakValueDictionary[ModelKey, LoadedModel] = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
 
     def version_dir(self, binding: ModelBinding) -> Path:
         return self._root / binding.name / str(binding.version)
 
-    def check_bindings(self, spec: DeploymentSpec) -> None:
-        bindings = [spec.model] + [variant.model for variant in spec.variants]
-        for binding in bindings:
-            if binding is not None and not self.version_dir(binding).is_dir():
+    def load(self, binding: ModelBinding) -> LoadedModel:
+        key = (binding.name, binding.version)
+        with self._lock:
+            cached = self._loaded.get(key)
+            if cached is not None:
+                return cached
+            directory = self.version_dir(binding)
+            if not (directory / MANIFEST_FILE).is_file():
+                reason = "is not a model artifact" if directory.is_dir() else "does not exist"
                 raise FailedPrecondition(
-                    f"model '{binding.name}' version {binding.version} cannot be loaded: "
-                    f"{self.version_dir(binding)} does not exist",
+                    f"model '{binding.name}' version {binding.version} cannot be loaded: {directory} {reason}",
                     field="model",
                 )
+            model = load_model(directory, binding.name, binding.version)
+            self._loaded[key] = model
+            return model
+
+    def load_bindings(self, spec: DeploymentSpec) -> dict[ModelKey, LoadedModel]:
+        """Every version the spec binds (deployment and variants), loaded; FailedPrecondition if not."""
+        bindings = [spec.model] + [variant.model for variant in spec.variants]
+        return {(b.name, b.version): self.load(b) for b in bindings if b is not None}

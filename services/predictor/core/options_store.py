@@ -100,7 +100,10 @@ local reward = tonumber(ARGV[2])
 local raw = redis.call('HMGET', KEYS[1], 'a', 'b')
 local a = {}
 local b = {}
-if raw[1] then a = cjson.decode(raw[1]) b = cjson.decode(raw[2]) else
+if raw[1] and raw[2] then a = cjson.decode(raw[1]) b = cjson.decode(raw[2]) end
+if #b ~= d or #a ~= d * d then  -- none yet, or one over features the deployment no longer uses
+  a = {}
+  b = {}
   for i = 1, d * d do a[i] = 0 end
   for i = 1, d do b[i] = 0 end
 end

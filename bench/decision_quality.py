@@ -1,0 +1,717 @@
+"""Benchmark: decision quality of the decision core against environments with known take-up rates.
+
+    .venv/bin/python bench/decision_quality.py
+
+Goals (from the issue):
+  stationary  10 offers, take-up 2%..10%, 100k rounds: expected regret <= 300 (about 3% of the oracle)
+  reversed    the same, order reversed at half time: regret <= 1,100 and recovery <= 8,000 rounds
+  segments    4 segments x 10 offers, matrix redrawn at half time, 40k rounds: regret <= 1,100
+
+Protocol: the half-lives are tuned on separate seeds (--tuning-seeds) with a fixed sweep, chosen by
+a stated rule, and only then evaluated on --seeds, so the reported numbers are not the tuning runs.
+Long runs use the in-memory engine (the core's Scorer classes, parse_arms, and a twin of the
+UPDATE_ARMS Lua script). In the same run the benchmark checks that the in-memory engine makes the
+same choices as the real DecisionEngine over Redis on the same seeds, and drives shorter runs through
+a whole local stack (Envoy, two predictor replicas, Redis) over gRPC. Baselines: uniform random
+and epsilon-greedy (0.1). Results go to bench/results/decision_quality.{json,md}.
+
+Regret is expected regret: each round, the best offer's take-up (for that customer's segment, in
+that phase) minus the chosen offer's take-up; it does not include click noise. CTR is sampled.
+Rounds to recover: the end of the first 500-round window after the change in which >= 90% of the
+choices were the new best offer (so at least 500).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+from redis.asyncio import Redis  # noqa: E402
+
+from libs.stack.processes import free_port, redis_argv, wait_until  # noqa: E402
+from services.predictor.core.simulation import (  # noqa: E402
+    InMemoryPolicy,
+    PolicySettings,
+    make_environment,
+    policy_rng,
+    run_in_memory,
+    run_policy,
+    run_with_redis,
+    simulation_spec,
+)
+
+ROUNDS = {"stationary": 100_000, "reversed": 100_000, "segments": 40_000}
+GOALS: dict[str, dict[str, float]] = {
+    "stationary": {"regret": 300},
+    "reversed": {"regret": 1_100, "recovery_rounds": 8_000},
+    "segments": {"regret": 1_100},
+}
+REVERSED_HALF_LIVES = (2_000.0, 4_000.0, 8_000.0, 12_000.0, 16_000.0)
+SEGMENTS_HALF_LIVES = (2_500.0, 5_000.0, 10_000.0, 20_000.0)
+EPSILON = 0.1
+
+
+@dataclass(frozen=True)
+class Job:
+    group: str  # "tuning" or "evaluation"
+    environment: str
+    rounds: int
+    seed: int
+    policy: PolicySettings
+
+    @property
+    def cost(self) -> float:
+        """Rough relative run time: Thompson draws 512 posterior samples per round for propensities."""
+        return self.rounds * (1.0 if self.policy.algorithm == "thompson" else 0.15)
+
+
+def run_job(job: Job) -> dict[str, Any]:
+    environment = make_environment(job.environment, rounds=job.rounds, seed=job.seed)
+    report = run_in_memory(environment, job.policy)
+    return {"group": job.group, **report.to_dict()}
+
+
+def run_jobs(jobs: Sequence[Job], workers: int, label: str) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    ordered = sorted(jobs, key=lambda job: -job.cost)  # longest first packs the workers best
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(run_job, job): job for job in ordered}
+        for done, future in enumerate(as_completed(futures), start=1):
+            result = future.result()
+            results.append(result)
+            log(
+                f"[{label} {done}/{len(jobs)} {time.perf_counter() - started:6.0f} s] {result['environment']:<10} "
+                f"{result['policy']:<32} seed {result['seed']:<4} regret {result['regret']:8.1f} "
+                f"recovery {result['recovery_rounds']} ({result['wall_seconds']:.0f} s)"
+            )
+    return results
+
+
+def log(message: str) -> None:
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+
+
+# Summaries ----------------------------------------------------------------------------------------
+
+
+def select(results: Iterable[dict[str, Any]], **where: Any) -> list[dict[str, Any]]:
+    def matches(result: dict[str, Any]) -> bool:
+        for key, value in where.items():
+            actual = result["settings"].get(key, result.get(key))
+            if actual != value:
+                return False
+        return True
+
+    return sorted((r for r in results if matches(r)), key=lambda r: r["seed"])
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    regrets = [r["regret"] for r in runs]
+    recoveries = [r["recovery_rounds"] for r in runs]
+    recovered = [value for value in recoveries if value is not None]
+    oracle = statistics.mean(r["oracle_expected_clicks"] for r in runs)
+    return {
+        "seeds": [r["seed"] for r in runs],
+        "rounds": runs[0]["rounds"],
+        "regret_mean": round(statistics.mean(regrets), 1),
+        "regret_max": round(max(regrets), 1),
+        "regret_min": round(min(regrets), 1),
+        "regret_by_seed": [round(value, 1) for value in regrets],
+        "regret_share_of_oracle": round(statistics.mean(regrets) / oracle, 4),
+        "regret_before_change_mean": round(statistics.mean(r["regret_before_change"] for r in runs), 1),
+        "regret_after_change_mean": round(statistics.mean(r["regret_after_change"] for r in runs), 1),
+        "recovery_rounds": recoveries,
+        "recovery_mean": round(statistics.mean(recovered)) if recovered else None,
+        "recovery_max": None if None in recoveries or not recovered else max(recovered),
+        "convergence_rounds": [r["convergence_rounds"] for r in runs],
+        "ctr_mean": round(statistics.mean(r["ctr"] for r in runs), 5),
+        "expected_ctr_mean": round(statistics.mean(r["expected_clicks"] / r["rounds"] for r in runs), 5),
+        "oracle_ctr_mean": round(statistics.mean(r["oracle_ctr"] for r in runs), 5),
+        "best_share_last_500_mean": round(statistics.mean(r["best_share_last_window"] for r in runs), 3),
+        "wall_seconds_mean": round(statistics.mean(r["wall_seconds"] for r in runs), 1),
+    }
+
+
+def choose_half_life(sweep: dict[float, dict[str, Any]], recovery_goal: float | None) -> tuple[float, str]:
+    """Lowest mean regret among half-lives whose every tuning run recovered within the goal (when
+    there is one); without any such half-life, the lowest mean regret."""
+    candidates = sweep
+    rule = "lowest mean regret on the tuning seeds"
+    if recovery_goal is not None:
+        recovering = {
+            h: s
+            for h, s in sweep.items()
+            if s["recovery_max"] is not None and s["recovery_max"] <= recovery_goal
+        }
+        if recovering:
+            candidates = recovering
+            rule = f"lowest mean regret among half-lives recovering within {recovery_goal:,.0f} rounds on every tuning seed"
+    best = min(candidates, key=lambda h: candidates[h]["regret_mean"])
+    return best, rule
+
+
+# Engine agreement: in memory vs DecisionEngine over Redis -----------------------------------------
+
+
+def engine_agreement(seeds: Sequence[int], rounds: int) -> list[dict[str, Any]]:
+    """Same seed, same rounds, through both engines: every choice must be the same."""
+    cases = [
+        ("stationary", PolicySettings()),
+        ("reversed", PolicySettings(half_life_seconds=rounds / 4)),
+        ("segments", PolicySettings(half_life_seconds=rounds / 2)),
+        ("stationary", PolicySettings(algorithm="epsilon_greedy", epsilon=EPSILON)),
+    ]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="liveloop-bench-redis-") as work:
+        port = free_port()
+        process = subprocess.Popen(
+            redis_argv(port, Path(work), persistent=False),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            import redis as redis_sync
+
+            probe = redis_sync.Redis(port=port, socket_connect_timeout=0.2)
+
+            def answers() -> bool:
+                try:
+                    return bool(probe.ping())
+                except redis_sync.RedisError:
+                    return False
+
+            if not wait_until(answers, timeout=15):
+                raise RuntimeError("redis-server did not start")
+            for name, policy in cases:
+                for seed in seeds:
+                    environment = make_environment(name, rounds=rounds, seed=seed)
+
+                    async def in_redis() -> Any:
+                        client = Redis(port=port)
+                        try:
+                            return await run_with_redis(environment, policy, client, sample_every=1)  # noqa: B023
+                        finally:
+                            await client.aclose()
+
+                    through_redis = asyncio.run(in_redis())
+                    spec = simulation_spec(environment, policy, "sim-agreement")
+                    in_memory = run_policy(
+                        environment,
+                        InMemoryPolicy(spec, policy_rng(seed)),
+                        engine="memory",
+                        label=policy.label,
+                        sample_every=1,
+                    )
+                    identical = through_redis.regret_curve == in_memory.regret_curve
+                    rows.append(
+                        {
+                            "environment": name,
+                            "policy": policy.label,
+                            "seed": seed,
+                            "rounds": rounds,
+                            "regret_redis": round(through_redis.regret, 4),
+                            "regret_memory": round(in_memory.regret, 4),
+                            "identical_choices": identical,
+                            "redis_rounds_per_second": round(through_redis.rounds_per_second),
+                            "memory_rounds_per_second": round(in_memory.rounds_per_second),
+                        }
+                    )
+                    log(
+                        f"[agreement] {name:<10} {policy.label:<28} seed {seed}: redis {through_redis.regret:.2f} "
+                        f"memory {in_memory.regret:.2f} identical={identical}"
+                    )
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+    return rows
+
+
+# Through the gRPC API of a whole local stack ------------------------------------------------------
+
+STACK_PORTS = (
+    "ENVOY_PORT",
+    "ENVOY_ADMIN_PORT",
+    "REDIS_PORT",
+    "CONFIG_PORT",
+    "INGEST_PORT",
+    "TRAINER_PORT",
+    "MONITOR_PORT",
+    "CONFIG_METRICS_PORT",
+    "INGEST_METRICS_PORT",
+    "TRAINER_METRICS_PORT",
+    "MONITOR_METRICS_PORT",
+)
+
+
+def _cli(
+    env: dict[str, str], state_dir: Path, *args: str, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "libs.cli.main", *args, "--state-dir", str(state_dir)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def through_grpc(seeds: Sequence[int], rounds: int, comparison_seeds: int) -> dict[str, Any]:
+    """`liveloop simulate --engine grpc` on a fresh local stack (free ports), compared with the
+    in-memory engine on the same seeds and on a spread of other seeds."""
+    environment_name = "stationary"
+    with tempfile.TemporaryDirectory(prefix="liveloop-bench-stack-") as work:
+        state_dir = Path(work) / "state"
+        env = {key: value for key, value in os.environ.items() if not key.startswith("LIVELOOP_")}
+        env.update({f"LIVELOOP_STACK_{name}": str(free_port()) for name in STACK_PORTS})
+        env["LIVELOOP_STACK_PREDICTOR_PORTS"] = json.dumps([free_port(), free_port()])
+        env["LIVELOOP_STACK_PREDICTOR_METRICS_PORTS"] = json.dumps([free_port(), free_port()])
+        env["LIVELOOP_STACK_STATE_DIR"] = str(state_dir)
+        started = _cli(env, state_dir, "up", "--json", timeout=180)
+        if started.returncode != 0:
+            raise RuntimeError(f"liveloop up failed:\n{started.stdout}\n{started.stderr}")
+        runs = []
+        try:
+            for seed in seeds:
+                args = [
+                    "simulate",
+                    "--environment",
+                    environment_name,
+                    "--rounds",
+                    str(rounds),
+                    "--seed",
+                    str(seed),
+                ]
+                result = _cli(env, state_dir, *args, "--engine", "grpc", "--json", timeout=900)
+                if result.returncode != 0:
+                    raise RuntimeError(f"simulate --engine grpc failed:\n{result.stdout}\n{result.stderr}")
+                grpc_report = json.loads(result.stdout)
+                memory_report = run_in_memory(
+                    make_environment(environment_name, rounds=rounds, seed=seed), PolicySettings()
+                ).to_dict()
+                runs.append(
+                    {
+                        "seed": seed,
+                        "regret_grpc": grpc_report["regret"],
+                        "regret_memory": memory_report["regret"],
+                        "ctr_grpc": grpc_report["ctr"],
+                        "ctr_memory": memory_report["ctr"],
+                        "best_share_last_500_grpc": grpc_report["best_share_last_window"],
+                        "best_share_last_500_memory": memory_report["best_share_last_window"],
+                        "grpc_rounds_per_second": round(grpc_report["rounds_per_second"]),
+                        "invokes_per_replica": grpc_report["settings"]["invokes_per_replica"],
+                        "regret_curve_grpc": grpc_report["regret_curve"],
+                        "regret_curve_memory": memory_report["regret_curve"],
+                    }
+                )
+                log(
+                    f"[grpc] seed {seed}: grpc regret {grpc_report['regret']:.1f} "
+                    f"({grpc_report['rounds_per_second']:.0f} rounds/s), memory {memory_report['regret']:.1f}"
+                )
+        finally:
+            _cli(env, state_dir, "down", timeout=120)
+    spread = [
+        run_in_memory(make_environment(environment_name, rounds=rounds, seed=seed), PolicySettings()).regret
+        for seed in range(1_000, 1_000 + comparison_seeds)
+    ]
+    return {
+        "environment": environment_name,
+        "policy": "thompson",
+        "rounds": rounds,
+        "runs": runs,
+        "memory_spread": {
+            "seeds": f"1000..{1_000 + comparison_seeds - 1}",
+            "regret_mean": round(statistics.mean(spread), 1),
+            "regret_p10": round(float(np.percentile(spread, 10)), 1),
+            "regret_p90": round(float(np.percentile(spread, 90)), 1),
+        },
+    }
+
+
+# Report -------------------------------------------------------------------------------------------
+
+
+def policy_row(
+    label: str, summary: dict[str, Any], goal: dict[str, float] | None, has_change: bool
+) -> list[str]:
+    recovery = summary["recovery_rounds"]
+    recovery_text = (
+        ", ".join("never" if value is None else f"{value:,}" for value in recovery) if has_change else "-"
+    )
+    met = ""
+    if goal is not None:
+        checks = [summary["regret_max"] <= goal["regret"]]
+        if "recovery_rounds" in goal:
+            checks.append(
+                summary["recovery_max"] is not None and summary["recovery_max"] <= goal["recovery_rounds"]
+            )
+        met = "yes" if all(checks) else "**no**"
+    return [
+        label,
+        f"{summary['regret_mean']:,.1f}",
+        f"{summary['regret_max']:,.1f}",
+        f"{summary['regret_share_of_oracle']:.1%}",
+        recovery_text,
+        f"{summary['ctr_mean']:.4f} / {summary['expected_ctr_mean']:.4f} / {summary['oracle_ctr_mean']:.4f}",
+        f"{summary['best_share_last_500_mean']:.0%}",
+        met,
+    ]
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_markdown(document: dict[str, Any], path: Path) -> None:
+    out: list[str] = []
+    out.append("# Decision quality: regret against the oracle\n")
+    out.append(f"Command: `{document['command']}`\n")
+    machine = document["machine"]
+    out.append(
+        f"Machine: {machine['cpus']} CPUs, Python {machine['python']}, numpy {machine['numpy']}, "
+        f"{machine['platform']}. Total wall time {document['wall_seconds'] / 60:.1f} min.\n"
+    )
+    out.append(
+        "**Definitions.** *Regret* is expected regret, summed over rounds: the best offer's take-up for "
+        "that customer's segment and phase minus the chosen offer's take-up (not sampled clicks, so it "
+        "carries no click noise). *CTR* is sampled clicks / rounds; *expected CTR* is the chosen offers' "
+        "mean take-up; *oracle CTR* the best offers' mean take-up. *Rounds to recover*: the end of the "
+        "first 500-round window after the change in which at least 90% of choices were the new best "
+        "offer (at least 500; `never` if no such window before the run ends). One round = one customer: "
+        "Invoke for one offer, the click drawn from the environment, Respond with it; the simulated clock "
+        "advances 1 s per round, so a half-life of h s forgets half the evidence every h rounds. "
+        f"Seeds: evaluation {document['seeds']}, tuning {document['tuning_seeds']} (disjoint).\n"
+    )
+    out.append("## Goals\n")
+    header = [
+        "environment / policy",
+        "mean regret",
+        "max regret",
+        "regret / oracle clicks",
+        "rounds to recover (per seed)",
+        "CTR / expected CTR / oracle CTR",
+        "best offer, last 500",
+        "goal met",
+    ]
+    for environment, block in document["evaluation"].items():
+        goal = GOALS[environment]
+        goal_text = f"regret <= {goal['regret']:,.0f}"
+        if "recovery_rounds" in goal:
+            goal_text += f", recovery <= {goal['recovery_rounds']:,.0f} rounds"
+        out.append(f"### {environment} ({block['rounds']:,} rounds; goal: {goal_text})\n")
+        rows = []
+        for label, entry in block["policies"].items():
+            goal_here = goal if entry["goal_policy"] else None
+            rows.append(policy_row(label, entry["summary"], goal_here, environment != "stationary"))
+        out.append(markdown_table(header, rows) + "\n")
+        out.append(
+            "Regret per seed: "
+            + "; ".join(
+                f"{label}: {', '.join(f'{v:,.1f}' for v in entry['summary']['regret_by_seed'])}"
+                for label, entry in block["policies"].items()
+            )
+            + "\n"
+        )
+    out.append("## Half-life tuning (tuning seeds only)\n")
+    for environment, tuning in document["tuning"].items():
+        out.append(f"### {environment}\n")
+        rows = []
+        for half_life, summary in tuning["sweep"].items():
+            rows.append(
+                [
+                    f"{float(half_life):,.0f} s",
+                    f"{summary['regret_mean']:,.1f}",
+                    f"{summary['regret_max']:,.1f}",
+                    f"{summary['regret_before_change_mean']:,.1f} / {summary['regret_after_change_mean']:,.1f}",
+                    ", ".join("never" if v is None else f"{v:,}" for v in summary["recovery_rounds"]),
+                ]
+            )
+        out.append(
+            markdown_table(
+                [
+                    "half-life",
+                    "mean regret",
+                    "max regret",
+                    "regret before / after change",
+                    "rounds to recover",
+                ],
+                rows,
+            )
+            + "\n"
+        )
+        out.append(f"Chosen: **{tuning['chosen']:,.0f} s** ({tuning['rule']}).\n")
+    out.append("## The in-memory engine makes the DecisionEngine's choices\n")
+    out.append(
+        "Same seed, same rounds, through the real `DecisionEngine` over Redis (contact join by uuid, "
+        "`UPDATE_ARMS` Lua, decay on the simulated clock, decision log) and through the in-memory "
+        "engine; `identical` means the regret curve sampled every round is equal, i.e. every choice was "
+        "the same.\n"
+    )
+    rows = [
+        [
+            r["environment"],
+            r["policy"],
+            str(r["seed"]),
+            f"{r['rounds']:,}",
+            f"{r['regret_redis']:.2f}",
+            f"{r['regret_memory']:.2f}",
+            "yes" if r["identical_choices"] else "**no**",
+            f"{r['redis_rounds_per_second']:,} / {r['memory_rounds_per_second']:,}",
+        ]
+        for r in document["engine_agreement"]
+    ]
+    out.append(
+        markdown_table(
+            [
+                "environment",
+                "policy",
+                "seed",
+                "rounds",
+                "regret (redis)",
+                "regret (memory)",
+                "identical",
+                "rounds/s redis / memory",
+            ],
+            rows,
+        )
+        + "\n"
+    )
+    grpc_block = document.get("grpc")
+    if grpc_block:
+        out.append("## Through the gRPC API (whole local stack)\n")
+        out.append(
+            f"`liveloop simulate --engine grpc`: a fresh local stack (Envoy, two predictor replicas, config "
+            f"service, Redis), a simulation deployment published with the admin key, every round an Invoke "
+            f"and a Respond with the invoke key through Envoy. {grpc_block['environment']}, "
+            f"{grpc_block['policy']}, {grpc_block['rounds']:,} rounds. The replicas' random draws are not "
+            "seeded, so the gRPC run follows a different path from the in-memory run on the same seed; "
+            f"the in-memory spread over {grpc_block['memory_spread']['seeds']} shows the range to expect "
+            f"(mean {grpc_block['memory_spread']['regret_mean']}, p10 {grpc_block['memory_spread']['regret_p10']}, "
+            f"p90 {grpc_block['memory_spread']['regret_p90']}).\n"
+        )
+        rows = [
+            [
+                str(r["seed"]),
+                f"{r['regret_grpc']:.1f}",
+                f"{r['regret_memory']:.1f}",
+                f"{r['ctr_grpc']:.4f} / {r['ctr_memory']:.4f}",
+                f"{r['best_share_last_500_grpc']:.0%} / {r['best_share_last_500_memory']:.0%}",
+                f"{r['grpc_rounds_per_second']:,}",
+                ", ".join(f"{k}: {v:,}" for k, v in r["invokes_per_replica"].items()),
+            ]
+            for r in grpc_block["runs"]
+        ]
+        out.append(
+            markdown_table(
+                [
+                    "seed",
+                    "regret (grpc)",
+                    "regret (memory)",
+                    "CTR grpc / memory",
+                    "best offer, last 500, grpc / memory",
+                    "rounds/s (grpc)",
+                    "Invokes per replica",
+                ],
+                rows,
+            )
+            + "\n"
+        )
+    if document.get("discussion"):
+        out.append("## Discussion\n")
+        out.append("\n".join(document["discussion"]) + "\n")
+    path.write_text("\n".join(out))
+
+
+def discussion(document: dict[str, Any]) -> list[str]:
+    """Plain statements derived from the numbers (the judgement lives in the report that quotes them)."""
+    notes = []
+    for environment, block in document["evaluation"].items():
+        goal = GOALS[environment]
+        for label, entry in block["policies"].items():
+            if not entry["goal_policy"]:
+                continue
+            summary = entry["summary"]
+            missed = []
+            if summary["regret_max"] > goal["regret"]:
+                missed.append(
+                    f"max regret {summary['regret_max']:,.1f} is {summary['regret_max'] - goal['regret']:,.1f} over the "
+                    f"goal of {goal['regret']:,.0f} (mean {summary['regret_mean']:,.1f})"
+                )
+            if "recovery_rounds" in goal and (
+                summary["recovery_max"] is None or summary["recovery_max"] > goal["recovery_rounds"]
+            ):
+                missed.append(
+                    f"recovery {summary['recovery_rounds']} against the goal of {goal['recovery_rounds']:,.0f}"
+                )
+            status = "missed: " + "; ".join(missed) if missed else "met on every seed"
+            notes.append(f"- {environment}, {label}: goal {status}.")
+    return notes
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--tuning-seeds", type=int, nargs="+", default=[101, 102, 103])
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--agreement-rounds", type=int, default=2_000, help="0 skips the Redis check")
+    parser.add_argument("--grpc-rounds", type=int, default=5_000, help="0 skips the gRPC runs")
+    parser.add_argument("--grpc-seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument(
+        "--quick", action="store_true", help="a tenth of the rounds: a smoke test of this script"
+    )
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    scale = 10 if args.quick else 1
+    rounds = {name: value // scale for name, value in ROUNDS.items()}
+
+    # 1. Tune the half-lives on the tuning seeds.
+    tuning_jobs = [
+        Job("tuning", "reversed", rounds["reversed"], seed, PolicySettings(half_life_seconds=h / scale))
+        for h in REVERSED_HALF_LIVES
+        for seed in args.tuning_seeds
+    ] + [
+        Job("tuning", "segments", rounds["segments"], seed, PolicySettings(half_life_seconds=h / scale))
+        for h in SEGMENTS_HALF_LIVES
+        for seed in args.tuning_seeds
+    ]
+    tuning_results = run_jobs(tuning_jobs, args.workers, "tuning")
+    tuning: dict[str, Any] = {}
+    for environment, half_lives in (("reversed", REVERSED_HALF_LIVES), ("segments", SEGMENTS_HALF_LIVES)):
+        sweep = {
+            h / scale: summarise(select(tuning_results, environment=environment, half_life_seconds=h / scale))
+            for h in half_lives
+        }
+        recovery_goal = GOALS[environment].get("recovery_rounds")
+        chosen, rule = choose_half_life(sweep, recovery_goal / scale if recovery_goal else None)
+        tuning[environment] = {"sweep": {str(h): s for h, s in sweep.items()}, "chosen": chosen, "rule": rule}
+        log(f"[tuning] {environment}: half-life {chosen:g} s ({rule})")
+
+    # 2. Evaluate on the evaluation seeds: the goal policy and the baselines.
+    reversed_h = tuning["reversed"]["chosen"]
+    segments_h = tuning["segments"]["chosen"]
+    plans: dict[str, list[tuple[str, PolicySettings, bool]]] = {
+        "stationary": [
+            ("thompson", PolicySettings(), True),
+            ("epsilon_greedy 0.1", PolicySettings("epsilon_greedy", epsilon=EPSILON), False),
+            ("uniform random", PolicySettings("uniform"), False),
+        ],
+        "reversed": [
+            (f"thompson, half-life {reversed_h:,.0f} s", PolicySettings(half_life_seconds=reversed_h), True),
+            ("thompson, no half-life", PolicySettings(), False),
+            (
+                f"epsilon_greedy 0.1, half-life {reversed_h:,.0f} s",
+                PolicySettings("epsilon_greedy", half_life_seconds=reversed_h, epsilon=EPSILON),
+                False,
+            ),
+            ("epsilon_greedy 0.1, no half-life", PolicySettings("epsilon_greedy", epsilon=EPSILON), False),
+            ("uniform random", PolicySettings("uniform"), False),
+        ],
+        "segments": [
+            (
+                f"thompson + segment, half-life {segments_h:,.0f} s",
+                PolicySettings(half_life_seconds=segments_h),
+                True,
+            ),
+            ("thompson + segment, no half-life", PolicySettings(), True),
+            (
+                f"thompson without the segment, half-life {segments_h:,.0f} s",
+                PolicySettings(half_life_seconds=segments_h, use_segment=False),
+                False,
+            ),
+            (
+                f"epsilon_greedy 0.1 + segment, half-life {segments_h:,.0f} s",
+                PolicySettings("epsilon_greedy", half_life_seconds=segments_h, epsilon=EPSILON),
+                False,
+            ),
+            ("uniform random", PolicySettings("uniform"), False),
+        ],
+    }
+    evaluation_jobs = [
+        Job("evaluation", environment, rounds[environment], seed, policy)
+        for environment, entries in plans.items()
+        for _, policy, _ in entries
+        for seed in args.seeds
+    ]
+    evaluation_results = run_jobs(evaluation_jobs, args.workers, "evaluation")
+    evaluation: dict[str, Any] = {}
+    for environment, entries in plans.items():
+        policies = {}
+        for label, policy, goal_policy in entries:
+            runs = select(evaluation_results, environment=environment, **asdict(policy))
+            policies[label] = {
+                "settings": asdict(policy),
+                "goal_policy": goal_policy,
+                "summary": summarise(runs),
+                "runs": runs,
+            }
+        evaluation[environment] = {
+            "rounds": rounds[environment],
+            "goal": GOALS[environment],
+            "policies": policies,
+        }
+
+    # 3. The in-memory engine against the DecisionEngine over Redis; 4. through the gRPC API.
+    agreement = engine_agreement(args.seeds, args.agreement_rounds) if args.agreement_rounds else []
+    grpc_block = (
+        through_grpc(args.grpc_seeds, args.grpc_rounds, comparison_seeds=20) if args.grpc_rounds else None
+    )
+
+    document: dict[str, Any] = {
+        "benchmark": "decision_quality",
+        "command": " ".join(
+            [".venv/bin/python", "bench/decision_quality.py", *map(shlex.quote, sys.argv[1:])]
+        ),
+        "quick": args.quick,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "platform": platform.platform(),
+        },
+        "seeds": args.seeds,
+        "tuning_seeds": args.tuning_seeds,
+        "regret": "expected: the best offer's take-up minus the chosen offer's, summed over rounds",
+        "recovery_rule": "end of the first 500-round window after the change with >= 90% best-offer choices",
+        "tuning": tuning,
+        "evaluation": evaluation,
+        "engine_agreement": agreement,
+        "grpc": grpc_block,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    document["discussion"] = discussion(document)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "decision_quality" + ("_quick" if args.quick else "")
+    (args.out / f"{stem}.json").write_text(json.dumps(document, indent=1) + "\n")
+    write_markdown(document, args.out / f"{stem}.md")
+    log(f"wrote {args.out / (stem + '.json')} and {args.out / (stem + '.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

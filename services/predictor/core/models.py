@@ -1,0 +1,262 @@
+"""Model versions as a replica serves them: the trainer's artifact, verified, loaded and warmed up.
+
+An artifact directory (`<model_dir>/<name>/<version>/`) holds `model.pt` (TorchScript: encoded
+input (batch, inputs) float32 -> take-up probability (batch, 1)), `preprocessing.json` (feature
+order, one-hot categories, means and stds), `reference.json` (test rows and the trainer's
+predictions for them) and `manifest.json` (SHA-256 of each file). Loading checks every file against
+the manifest, loads the model from the bytes it checked, and replays the reference rows: a model
+that does not reproduce the trainer's predictions to 1e-6, or whose input width disagrees with its
+preprocessing, is refused (FailedPrecondition), so the replica NACKs the revision that binds it.
+
+torch is imported on the first load, so a replica that serves no model never pays for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import threading
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from libs.common.errors import FailedPrecondition
+
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "liveloop.artifact/1"
+PREPROCESSING_FORMAT = "liveloop.preprocessing/1"
+MODEL_FILE = "model.pt"
+PREPROCESSING_FILE = "preprocessing.json"
+REFERENCE_FILE = "reference.json"
+REQUIRED_FILES = (MODEL_FILE, PREPROCESSING_FILE, REFERENCE_FILE)
+REFERENCE_TOLERANCE = 1e-6
+INPUT_NAME = "features"
+OUTPUT_NAME = "probability"
+
+_torch_lock = threading.Lock()
+
+
+def _torch() -> Any:
+    with _torch_lock:
+        import torch
+
+        # Scoring runs inline on the replica's event loop: intra-op threads would only contend.
+        torch.set_num_threads(1)
+        return torch
+
+
+def category_label(value: Any) -> str | None:
+    """The category a raw value stands for, as the trainer maps training values."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if value.is_integer():
+            return str(int(value))
+    return str(value)
+
+
+def _number(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        return 1.0 if value else 0.0
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in ("true", "false"):
+            return 1.0 if lowered == "true" else 0.0
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+@dataclass(frozen=True)
+class FeatureEncoding:
+    name: str
+    encoding: str  # standardize | one_hot | offer
+    mean: float
+    categories: tuple[str, ...]
+
+
+class FeatureEncoder:
+    """Raw feature values (any mix of strings and numbers) -> the model's encoded input vector."""
+
+    def __init__(self, document: Mapping[str, Any]) -> None:
+        if document.get("format") != PREPROCESSING_FORMAT:
+            raise ValueError(f"unknown preprocessing format {document.get('format')!r}")
+        self.features = tuple(
+            FeatureEncoding(
+                str(f["name"]),
+                str(f["encoding"]),
+                float(f.get("mean", 0.0)),
+                tuple(str(c) for c in f.get("categories", ())),
+            )
+            for f in document["features"]
+        )
+        self.inputs: list[str] = [str(name) for name in document["inputs"]]
+        self.offer_feature: str = str(document.get("offer_feature") or "")
+        offsets: dict[str, tuple[int, dict[str, int]]] = {}
+        position = 0
+        for feature in self.features:
+            if feature.encoding == "standardize":
+                offsets[feature.name] = (position, {})
+                position += 1
+            else:
+                offsets[feature.name] = (position, {c: i for i, c in enumerate(feature.categories)})
+                position += len(feature.categories)
+        if position != len(self.inputs):
+            raise ValueError(f"the features encode to {position} inputs but {len(self.inputs)} are listed")
+        self._offsets = offsets
+
+    @property
+    def width(self) -> int:
+        return len(self.inputs)
+
+    def encode(self, values: Mapping[str, Any]) -> np.ndarray:
+        """One row: numbers as given (missing: the training mean), one-hot 0/1 (unseen: all zero)."""
+        row = np.zeros(self.width, dtype=np.float64)
+        for feature in self.features:
+            start, categories = self._offsets[feature.name]
+            value = values.get(feature.name)
+            if feature.encoding == "standardize":
+                number = _number(value)
+                row[start] = feature.mean if number is None else number
+            else:
+                label = category_label(value)
+                index = categories.get(label) if label is not None else None
+                if index is not None:
+                    row[start + index] = 1.0
+        return row
+
+    def encode_offers(self, values: Mapping[str, Any], offers: Sequence[str]) -> np.ndarray:
+        """One row per offer: the customer's values with the offer feature set to each offer."""
+        base = self.encode({k: v for k, v in values.items() if k != self.offer_feature})
+        matrix = np.tile(base, (len(offers), 1))
+        if self.offer_feature:
+            start, categories = self._offsets[self.offer_feature]
+            for row, offer in enumerate(offers):
+                index = categories.get(offer)
+                if index is not None:
+                    matrix[row, start + index] = 1.0
+        return matrix
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """One verified model version in memory. Immutable once loaded; safe to share across revisions."""
+
+    name: str
+    version: int
+    checksum: str  # SHA-256 of the manifest, as the registry records it
+    encoder: FeatureEncoder
+    module: Any  # torch.jit.ScriptModule
+
+    @property
+    def width(self) -> int:
+        return self.encoder.width
+
+    def predict(self, matrix: np.ndarray) -> np.ndarray:
+        """(rows, width) -> (rows,) float32 take-up probabilities."""
+        torch = _torch()
+        with torch.inference_mode():
+            output = self.module(torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float32)))
+        result: np.ndarray = output.numpy().reshape(-1)
+        return result
+
+    def predict_offers(self, values: Mapping[str, Any], offers: Sequence[str]) -> np.ndarray:
+        return self.predict(self.encoder.encode_offers(values, offers)).astype(np.float64)
+
+
+def _read_verified(directory: Path, name: str, version: int) -> tuple[str, dict[str, bytes]]:
+    where = f"model '{name}' version {version}"
+    manifest_path = directory / MANIFEST_FILE
+    try:
+        manifest_bytes = manifest_path.read_bytes()
+    except FileNotFoundError:
+        raise FailedPrecondition(
+            f"{where} cannot be loaded: {manifest_path} does not exist", field="model"
+        ) from None
+    try:
+        manifest = json.loads(manifest_bytes)
+        files = {str(k): str(v) for k, v in manifest["files"].items()}
+        identity = (manifest["format"], manifest["model"], int(manifest["version"]))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise FailedPrecondition(f"{where}: unreadable manifest ({exc})", field="model") from None
+    if identity != (MANIFEST_FORMAT, name, version):
+        raise FailedPrecondition(
+            f"{where}: the manifest in {directory} describes {identity[1]!r} version {identity[2]}",
+            field="model",
+        )
+    contents: dict[str, bytes] = {}
+    for file in REQUIRED_FILES:
+        if file not in files:
+            raise FailedPrecondition(f"{where}: the manifest lists no {file}", field="model")
+    for file, expected in files.items():
+        try:
+            data = (directory / Path(file).name).read_bytes()
+        except OSError as exc:
+            raise FailedPrecondition(f"{where}: cannot read {file}: {exc}", field="model") from None
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected:
+            raise FailedPrecondition(
+                f"{where}: checksum mismatch for {file} (manifest {expected[:12]}..., file {actual[:12]}...); "
+                "the artifact is corrupt or was changed after training",
+                field="model",
+            )
+        contents[file] = data
+    return hashlib.sha256(manifest_bytes).hexdigest(), contents
+
+
+def load_model(directory: Path, name: str, version: int) -> LoadedModel:
+    """Verify, load and warm up one version; FailedPrecondition says why it cannot serve."""
+    where = f"model '{name}' version {version}"
+    checksum, contents = _read_verified(directory, name, version)
+    try:
+        encoder = FeatureEncoder(json.loads(contents[PREPROCESSING_FILE]))
+        reference = json.loads(contents[REFERENCE_FILE])
+        rows: list[dict[str, Any]] = list(reference["rows"])
+        expected = np.asarray(reference["predictions"], dtype=np.float64)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FailedPrecondition(f"{where}: bad preprocessing or reference ({exc})", field="model") from None
+    torch = _torch()
+    try:
+        with warnings.catch_warnings():  # TorchScript is the artifact format; torch 2.13 deprecates it
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(io.BytesIO(contents[MODEL_FILE]), map_location="cpu")
+        module.eval()
+    except Exception as exc:
+        raise FailedPrecondition(f"{where}: cannot load {MODEL_FILE}: {exc}", field="model") from None
+    model = LoadedModel(name, version, checksum, encoder, module)
+    # Warm-up: the first inference of a TorchScript module compiles it; do it here, off the hot
+    # path, on the trainer's own test rows, and require the trainer's predictions back.
+    matrix = np.stack([encoder.encode(row) for row in rows]) if rows else np.zeros((1, encoder.width))
+    try:
+        predicted = model.predict(matrix).astype(np.float64)
+    except Exception as exc:
+        raise FailedPrecondition(
+            f"{where}: the model does not accept its {encoder.width} inputs: {str(exc).splitlines()[0]}",
+            field="model",
+        ) from None
+    if predicted.shape != (matrix.shape[0],):
+        raise FailedPrecondition(
+            f"{where}: the model returns shape {tuple(predicted.shape)} for {matrix.shape[0]} rows",
+            field="model",
+        )
+    if rows and not np.allclose(predicted, expected, rtol=0, atol=REFERENCE_TOLERANCE):
+        worst = float(np.max(np.abs(predicted - expected)))
+        raise FailedPrecondition(
+            f"{where}: does not reproduce the trainer's predictions (off by up to {worst:.2e})",
+            field="model",
+        )
+    return model

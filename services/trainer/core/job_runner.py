@@ -1,0 +1,252 @@
+"""Runs queued training jobs in worker processes, a bounded number at a time.
+
+Workers are started with the multiprocessing `spawn` context (forking a process that runs a gRPC
+server breaks the child) and import torch themselves; the trainer process never trains on its
+event loop. A worker reports over a pipe; this side records each report in SQL and wakes the
+job's watchers. Cancelling a running job terminates its worker; its staging directory is removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import shutil
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.context import SpawnProcess
+from pathlib import Path
+from typing import Any
+
+from libs.common.errors import LiveloopError
+from services.trainer.core.jobs import EpochReport, JobRecord, JobState, TrainingSummary
+from services.trainer.core.store import TrainerStore
+from services.trainer.core.worker import WorkerTask, run_training_job
+
+logger = logging.getLogger(__name__)
+
+STAGING_DIR = ".staging"
+INTERRUPTED_REASON = "the trainer stopped while this job was running; start it again"
+TERMINATE_GRACE_SECONDS = 5.0
+
+
+class JobNotifier:
+    """Wakes WatchJob streams when a job has a new event."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, asyncio.Event] = {}
+
+    def notify(self, job_id: str) -> None:
+        event = self._events.pop(job_id, None)
+        if event is not None:
+            event.set()
+
+    async def wait(self, job_id: str, at_most_seconds: float) -> None:
+        event = self._events.setdefault(job_id, asyncio.Event())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), at_most_seconds)
+
+
+@dataclass
+class _Running:
+    process: SpawnProcess | None = None
+    cancel_reason: str | None = None
+    cancel_state: JobState = "cancelled"
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+Registrar = Callable[[str, TrainingSummary, Path], Awaitable[None]]
+
+
+class JobRunner:
+    def __init__(
+        self,
+        store: TrainerStore,
+        *,
+        offline_store_url: str,
+        artifact_dir: Path,
+        max_concurrent_jobs: int,
+        register: Registrar,
+        notifier: JobNotifier,
+    ) -> None:
+        self._store = store
+        self._offline_store_url = offline_store_url
+        self._staging_root = artifact_dir / STAGING_DIR
+        self._register = register
+        self._notifier = notifier
+        self._slots = asyncio.Semaphore(max_concurrent_jobs)
+        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._running: dict[str, _Running] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._dispatcher: asyncio.Task[None] | None = None
+        # One thread per running job blocks on its pipe; kept apart from asyncio's default pool.
+        self._readers = ThreadPoolExecutor(max_concurrent_jobs, thread_name_prefix="trainer-job-reader")
+        self._context = multiprocessing.get_context("spawn")
+
+    async def start(self) -> None:
+        interrupted = await asyncio.to_thread(self._store.fail_interrupted_jobs, INTERRUPTED_REASON)
+        for job_id in interrupted:
+            logger.warning("training job %s was running when the trainer stopped; marked failed", job_id)
+        await asyncio.to_thread(shutil.rmtree, self._staging_root, True)
+        for job_id in await asyncio.to_thread(self._store.queued_job_ids):
+            self._queue.put_nowait(job_id)
+        self._dispatcher = asyncio.create_task(self._dispatch(), name="trainer-dispatcher")
+
+    async def stop(self) -> None:
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._dispatcher
+        for job_id in list(self._running):
+            await self.cancel(job_id, INTERRUPTED_REASON, final_state="failed")
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._readers.shutdown(wait=False, cancel_futures=True)
+
+    def submit(self, job_id: str) -> None:
+        self._queue.put_nowait(job_id)
+
+    @property
+    def running_jobs(self) -> list[str]:
+        return list(self._running)
+
+    async def cancel(self, job_id: str, reason: str, final_state: JobState = "cancelled") -> JobRecord:
+        running = self._running.get(job_id)
+        if running is None:
+            # Queued (or already ended): recorded at once; the dispatcher skips it when it comes up.
+            record = await asyncio.to_thread(self._store.finish_job, job_id, final_state, reason)
+            self._notifier.notify(job_id)
+            return record
+        if running.cancel_reason is None:
+            running.cancel_reason, running.cancel_state = reason, final_state
+            if running.process is not None:
+                await asyncio.to_thread(_terminate, running.process)
+        await running.done.wait()
+        return await asyncio.to_thread(self._store.get_job, job_id)
+
+    async def _dispatch(self) -> None:
+        while True:
+            job_id = await self._queue.get()
+            await self._slots.acquire()
+            task = asyncio.create_task(self._run_then_release(job_id), name=f"training-{job_id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run_then_release(self, job_id: str) -> None:
+        try:
+            await self._run(job_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("training job %s could not be run", job_id)
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(
+                    self._store.finish_job, job_id, "failed", "internal error running the job"
+                )
+                self._notifier.notify(job_id)
+        finally:
+            self._slots.release()
+
+    async def _run(self, job_id: str) -> None:
+        running = _Running()
+        self._running[job_id] = running
+        staging_dir = self._staging_root / job_id
+        try:
+            record = await asyncio.to_thread(self._store.claim_job, job_id)
+            if record is None:
+                return  # cancelled while queued
+            self._notifier.notify(job_id)
+            await self._train(job_id, record, running, staging_dir)
+        finally:
+            self._running.pop(job_id, None)
+            running.done.set()
+            await asyncio.to_thread(shutil.rmtree, staging_dir, True)
+            self._notifier.notify(job_id)
+
+    async def _train(self, job_id: str, record: JobRecord, running: _Running, staging_dir: Path) -> None:
+        task = WorkerTask(job_id, record.spec.canonical_json(), self._offline_store_url, staging_dir)
+        receiver, sender = self._context.Pipe(duplex=False)
+        process = self._context.Process(
+            target=run_training_job, args=(task, sender), name=f"liveloop-training-{job_id}", daemon=True
+        )
+        loop = asyncio.get_running_loop()
+        summary: TrainingSummary | None = None
+        error = ""
+        try:
+            await asyncio.to_thread(process.start)
+            sender.close()  # the child holds its own copy; EOF reaches us when the child exits
+            running.process = process
+            if running.cancel_reason is not None:  # cancelled while the worker was starting
+                await asyncio.to_thread(_terminate, process)
+            logger.info("training job %s started in worker process %s", job_id, process.pid)
+            while True:
+                try:
+                    kind, payload = await loop.run_in_executor(self._readers, _receive, receiver)
+                except EOFError:
+                    break
+                if kind == "epoch" and isinstance(payload, EpochReport):
+                    await asyncio.to_thread(self._store.record_epoch, job_id, payload)
+                    self._notifier.notify(job_id)
+                elif kind == "done" and isinstance(payload, TrainingSummary):
+                    summary = payload
+                elif kind == "error":
+                    error = str(payload)
+            await loop.run_in_executor(self._readers, process.join)
+            await self._conclude(job_id, running, summary, error, staging_dir)
+        finally:
+            receiver.close()
+            if process.is_alive():  # this task was cancelled (the trainer is stopping)
+                await asyncio.to_thread(_terminate, process)
+
+    async def _conclude(
+        self,
+        job_id: str,
+        running: _Running,
+        summary: TrainingSummary | None,
+        error: str,
+        staging_dir: Path,
+    ) -> None:
+        if running.cancel_reason is not None:
+            state = running.cancel_state
+            await asyncio.to_thread(self._store.finish_job, job_id, state, running.cancel_reason)
+            logger.info("training job %s %s: %s", job_id, state, running.cancel_reason)
+            return
+        if summary is not None:
+            try:
+                await self._register(job_id, summary, staging_dir)
+            except LiveloopError as exc:
+                await asyncio.to_thread(self._store.finish_job, job_id, "failed", exc.message)
+            except Exception as exc:
+                logger.exception("registering the model of job %s failed", job_id)
+                await asyncio.to_thread(
+                    self._store.finish_job, job_id, "failed", f"registering the model failed: {exc}"
+                )
+            return
+        message = error or f"the worker process exited with code {process_exit_code(running.process)}"
+        logger.warning("training job %s failed: %s", job_id, message)
+        await asyncio.to_thread(self._store.finish_job, job_id, "failed", message)
+
+
+def _receive(connection: Connection) -> tuple[str, Any]:
+    message = connection.recv()
+    if not (isinstance(message, tuple) and len(message) == 2):
+        return "error", f"unexpected message from the worker: {type(message).__name__}"
+    return str(message[0]), message[1]
+
+
+def process_exit_code(process: SpawnProcess | None) -> int | None:
+    return process.exitcode if process is not None else None
+
+
+def _terminate(process: SpawnProcess) -> None:
+    if process.pid is None:
+        return
+    process.terminate()
+    process.join(TERMINATE_GRACE_SECONDS)
+    if process.is_alive():
+        process.kill()
+        process.join()

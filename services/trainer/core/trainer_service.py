@@ -1,0 +1,323 @@
+"""The trainer's operations: validate and queue jobs, follow them, the registry, and promotion.
+
+Promotion talks to the config service through the `DeploymentConfig` interface (the gRPC client
+lives outside core/), so this module never imports grpc.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import subprocess
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Protocol
+
+from sqlalchemy import Engine
+
+from libs.common.deployment_spec import deployment_spec_from_mapping
+from libs.common.errors import FailedPrecondition, InvalidArgument, LiveloopError, NotFound, Unimplemented
+from services.trainer.core.job_runner import JobNotifier, JobRunner
+from services.trainer.core.job_spec import TrainingJobSpec
+from services.trainer.core.jobs import FINAL_STATES, JobEvent, JobRecord, TrainingSummary
+from services.trainer.core.store import (
+    MANIFEST_FILE,
+    ModelSummaryRecord,
+    ModelVersionRecord,
+    TrainerStore,
+)
+from services.trainer.core.training_data import inspect_training_set
+
+logger = logging.getLogger(__name__)
+
+WATCH_POLL_SECONDS = 2.0  # watchers also re-read SQL this often, in case a wake-up was missed
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+# Metric -> True when higher is better.
+COMPARED_METRICS: dict[str, bool] = {
+    "auc": True,
+    "log_loss": False,
+    "calibration_error": False,
+    "brier_score": False,
+}
+
+
+class DeploymentConfig(Protocol):
+    """What promotion needs from the config service."""
+
+    async def get(self, deployment: str) -> tuple[str, int]:
+        """The deployment's head spec (JSON) and its revision; NotFound when there is none."""
+
+    async def publish(
+        self, spec_json: str, *, deployment: str, expected_revision: int, message: str, dry_run: bool
+    ) -> tuple[int, str]:
+        """Publish a spec; returns (revision, diff)."""
+
+    async def bindings(self) -> Mapping[str, tuple[str, int]]:
+        """Deployment -> (model, version) bound by its head spec."""
+
+
+@dataclass(frozen=True)
+class PromoteResult:
+    revision: int
+    deployment: str
+    diff: str
+    model: str
+    version: int
+
+
+@dataclass(frozen=True)
+class Comparison:
+    a: ModelVersionRecord
+    b: ModelVersionRecord
+    deltas: list[tuple[str, float, float, float, bool]]  # metric, a, b, b - a, b better
+    features_added: list[str]
+    features_removed: list[str]
+    same_data: bool
+
+
+def code_version(repository: Path | None = None) -> str:
+    """Package version, plus `git describe` of the source tree when there is one."""
+    try:
+        package = version("liveloop")
+    except PackageNotFoundError:
+        package = "0.0.0"
+    root = repository or Path(__file__).resolve().parents[3]
+    try:
+        described = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--tags"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return package
+    return f"{package}+git.{described}" if described else package
+
+
+def page_window(page_size: int, page_token: str) -> tuple[int, int]:
+    """(limit, offset) of a page; the token is the offset of the page, as text."""
+    if page_size < 0:
+        raise InvalidArgument("must not be negative", field="page.page_size")
+    limit = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    if not page_token:
+        return limit, 0
+    if not page_token.isdigit():
+        raise InvalidArgument("is not a token this server gave out", field="page.page_token")
+    return limit, int(page_token)
+
+
+class TrainerService:
+    def __init__(
+        self,
+        store: TrainerStore,
+        offline_engine: Engine,
+        *,
+        offline_store_url: str,
+        artifact_dir: Path,
+        max_concurrent_jobs: int,
+        config: DeploymentConfig | None,
+    ) -> None:
+        self.store = store
+        self._offline_engine = offline_engine
+        self._artifact_dir = artifact_dir
+        self._config = config
+        self._code_version = "unknown"
+        self.notifier = JobNotifier()
+        self.runner = JobRunner(
+            store,
+            offline_store_url=offline_store_url,
+            artifact_dir=artifact_dir,
+            max_concurrent_jobs=max_concurrent_jobs,
+            register=self._register,
+            notifier=self.notifier,
+        )
+
+    async def start(self) -> None:
+        self._code_version = await asyncio.to_thread(code_version)
+        await asyncio.to_thread(self._artifact_dir.mkdir, parents=True, exist_ok=True)
+        await self.runner.start()
+
+    async def stop(self) -> None:
+        await self.runner.stop()
+
+    async def _register(self, job_id: str, summary: TrainingSummary, staging_dir: Path) -> None:
+        record = await asyncio.to_thread(
+            self.store.register_version, job_id, summary, staging_dir, self._artifact_dir, self._code_version
+        )
+        logger.info("job %s registered %s version %d", job_id, record.name, record.version)
+
+    # Jobs ---------------------------------------------------------------------------------------
+
+    async def start_training(self, spec: TrainingJobSpec, *, author: str, dry_run: bool) -> JobRecord | None:
+        """Check the spec against the offline store, then queue it (nothing for a dry run)."""
+        await asyncio.to_thread(inspect_training_set, self._offline_engine, spec)
+        if dry_run:
+            return None
+        record = await asyncio.to_thread(self.store.create_job, spec, author)
+        self.runner.submit(record.id)
+        return record
+
+    async def watch(self, job_id: str, from_start: bool) -> AsyncIterator[JobEvent]:
+        """Events of a job until it ends: the past ones first if `from_start`, else the latest."""
+        if not job_id:
+            raise InvalidArgument("must name a job", field="job_id")
+        await asyncio.to_thread(self.store.get_job, job_id)
+        sequence = 0
+        events = await asyncio.to_thread(self.store.events_after, job_id, 0)
+        if not from_start and events:
+            events = events[-1:]
+        while True:
+            for event in events:
+                sequence = event.sequence
+                yield event
+                if event.state in FINAL_STATES:
+                    return
+            await self.notifier.wait(job_id, WATCH_POLL_SECONDS)
+            events = await asyncio.to_thread(self.store.events_after, job_id, sequence)
+
+    async def cancel(self, job_id: str, reason: str) -> JobRecord:
+        if not job_id:
+            raise InvalidArgument("must name a job", field="job_id")
+        record = await asyncio.to_thread(self.store.get_job, job_id)
+        if record.final:
+            return record
+        return await self.runner.cancel(job_id, reason or "cancelled by request")
+
+    async def get_job(self, job_id: str) -> JobRecord:
+        return await asyncio.to_thread(self.store.get_job, job_id)
+
+    async def list_jobs(
+        self, *, state: str, model_name: str, page_size: int, page_token: str
+    ) -> tuple[list[JobRecord], int, str]:
+        limit, offset = page_window(page_size, page_token)
+        jobs, total = await asyncio.to_thread(
+            lambda: self.store.list_jobs(state=state, model_name=model_name, limit=limit, offset=offset)
+        )
+        following = str(offset + limit) if offset + limit < total else ""
+        return jobs, total, following
+
+    # Registry -----------------------------------------------------------------------------------
+
+    async def list_models(
+        self, *, name_prefix: str, page_size: int, page_token: str
+    ) -> tuple[list[ModelSummaryRecord], int, str, Mapping[str, tuple[str, int]]]:
+        limit, offset = page_window(page_size, page_token)
+        models, total = await asyncio.to_thread(
+            lambda: self.store.list_models(name_prefix=name_prefix, limit=limit, offset=offset)
+        )
+        following = str(offset + limit) if offset + limit < total else ""
+        return models, total, following, await self._bindings()
+
+    async def get_model(self, name: str, version: int) -> tuple[ModelVersionRecord, list[int], list[str]]:
+        """The version, every version number, and the deployments whose head spec binds it."""
+        if not name:
+            raise InvalidArgument("must name a model", field="name")
+        if version < 0:
+            raise InvalidArgument("must not be negative", field="version")
+        record, versions = await asyncio.to_thread(self.store.get_version, name, version)
+        bound = sorted(
+            d for d, (m, v) in (await self._bindings()).items() if (m, v) == (name, record.version)
+        )
+        return record, versions, bound
+
+    async def _bindings(self) -> Mapping[str, tuple[str, int]]:
+        if self._config is None:
+            return {}
+        try:
+            return await self._config.bindings()
+        except LiveloopError as exc:  # informative only: the registry answers without config
+            logger.warning("cannot read deployment bindings from the config service: %s", exc.message)
+            return {}
+
+    async def compare(self, name: str, version_a: int, version_b: int, evaluation_table: str) -> Comparison:
+        if not name:
+            raise InvalidArgument("must name a model", field="name")
+        if evaluation_table:
+            raise Unimplemented(
+                "scoring versions on an evaluation table is not available yet; stored test metrics are "
+                "compared when evaluation_table is empty",
+                field="evaluation_table",
+            )
+        for field, value in (("version_a", version_a), ("version_b", version_b)):
+            if value <= 0:
+                raise InvalidArgument("must be a version number (1, 2, ...)", field=field)
+        a, _ = await asyncio.to_thread(
+            lambda: self.store.get_version(name, version_a, version_field="version_a")
+        )
+        b, _ = await asyncio.to_thread(
+            lambda: self.store.get_version(name, version_b, version_field="version_b")
+        )
+        deltas = []
+        for metric, higher_better in COMPARED_METRICS.items():
+            value_a, value_b = a.metrics.get(metric), b.metrics.get(metric)
+            if value_a is None or value_b is None:
+                continue
+            delta = value_b - value_a
+            deltas.append((metric, value_a, value_b, delta, delta > 0 if higher_better else delta < 0))
+        names_a = [f["name"] for f in a.features]
+        names_b = [f["name"] for f in b.features]
+        return Comparison(
+            a=a,
+            b=b,
+            deltas=deltas,
+            features_added=[n for n in names_b if n not in names_a],
+            features_removed=[n for n in names_a if n not in names_b],
+            same_data=a.data_fingerprint == b.data_fingerprint,
+        )
+
+    # Promotion ----------------------------------------------------------------------------------
+
+    async def promote(
+        self, model: str, version: int, deployment: str, *, dry_run: bool, message: str
+    ) -> PromoteResult:
+        if not model:
+            raise InvalidArgument("must name a model", field="model")
+        if not deployment:
+            raise InvalidArgument("must name a deployment", field="deployment")
+        if version < 0:
+            raise InvalidArgument("must not be negative", field="version")
+        record, _ = await asyncio.to_thread(
+            lambda: self.store.get_version(model, version, name_field="model")
+        )
+        artifact = _artifact_path(record.artifact_uri)
+        if not await asyncio.to_thread((artifact / MANIFEST_FILE).is_file):
+            raise FailedPrecondition(
+                f"the artifact of {model} version {record.version} is missing at {artifact}", field="model"
+            )
+        if self._config is None:
+            raise FailedPrecondition("the trainer has no config service to publish to", field="deployment")
+        spec_json, revision = await self._config.get(deployment)
+        document = json.loads(spec_json)
+        document["model"] = {"name": model, "version": record.version}
+        deployment_spec_from_mapping(document)  # refuse here, naming the field, what config would refuse
+        new_revision, diff = await self._config.publish(
+            json.dumps(document, sort_keys=True),
+            deployment=deployment,
+            expected_revision=revision,
+            message=message or f"promote {model} version {record.version}",
+            dry_run=dry_run,
+        )
+        return PromoteResult(new_revision, deployment, diff, model, record.version)
+
+
+def _artifact_path(uri: str) -> Path:
+    if not uri.startswith("file://"):
+        raise FailedPrecondition(f"artifact URI '{uri}' is not a file:// URI", field="model")
+    from urllib.parse import unquote, urlparse
+
+    return Path(unquote(urlparse(uri).path))
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def not_found_version(name: str, version: int) -> NotFound:
+    return NotFound(f"model '{name}' has no version {version}", field="version")

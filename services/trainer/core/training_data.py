@@ -1,0 +1,460 @@
+"""Training sets in the offline store: checked before a job is queued, then read into numpy columns.
+
+A training set is a table ingest wrote (listed in its `ll_tables` catalog, with column types, keys
+and event-time column) or the result of a SELECT over the offline store. Rows are read in a fixed
+order (every selected column, ascending), so the same data always gives the same arrays, the same
+split and, with the same seed, the same model; the fingerprint is a hash of exactly those arrays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any, Literal
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy import Connection, Engine
+
+from libs.common.database import UtcDateTime, create_database_engine, redact_database_url
+from libs.common.errors import InvalidArgument, NotFound, Unavailable
+from services.trainer.core.job_spec import Encoding, FeatureSpec, TrainingJobSpec
+
+ColumnKind = Literal["numeric", "bool", "string", "time", "other"]
+CATALOG_TABLE = "ll_tables"
+SAMPLE_ROWS = 1000
+READ_CHUNK_ROWS = 50_000
+
+_CATALOG_KINDS: dict[str, ColumnKind] = {
+    "int64": "numeric",
+    "float64": "numeric",
+    "bool": "bool",
+    "string": "string",
+    "timestamp": "time",
+    "date": "time",
+    "json": "other",
+}
+_CATALOG_SQL_TYPES: dict[str, Any] = {
+    "int64": sa.BigInteger(),
+    "float64": sa.Float(precision=53),
+    "bool": sa.Boolean(),
+    "string": sa.Text(),
+    "timestamp": UtcDateTime(),
+    "date": sa.Date(),
+    "json": sa.Text(),
+}
+
+
+@dataclass(frozen=True)
+class ColumnInfo:
+    name: str
+    kind: ColumnKind
+    dtype: str  # as the catalog names it ("int64", "string", ...) or as inferred from a sample
+
+
+@dataclass(frozen=True)
+class ResolvedFeature:
+    """A model input with its encoding decided (standardize, one_hot or offer)."""
+
+    name: str
+    encoding: Encoding
+    dtype: str
+
+
+@dataclass(frozen=True)
+class TrainingSetPlan:
+    """What a spec will read, once the offline store has been checked against it."""
+
+    columns: dict[str, ColumnInfo]
+    features: tuple[ResolvedFeature, ...]
+    label: str
+    split_column: str  # the time or group column of the split, or ""
+    row_count: int
+    positives: int
+    in_catalog: bool
+
+    @property
+    def offer_feature(self) -> str:
+        return next((f.name for f in self.features if f.encoding is Encoding.OFFER), "")
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The rows of a training set, column by column, in their fixed order."""
+
+    labels: np.ndarray  # float64 0/1
+    columns: dict[str, np.ndarray]  # numeric and bool: float64 with NaN for missing; others: object
+    split_values: np.ndarray | None  # time as float seconds, or group labels (object)
+    fingerprint: str
+
+    @property
+    def rows(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def open_offline_store(url: str) -> Engine:
+    """An engine on the offline store that can only read (a query in a spec must not write)."""
+    try:
+        engine = create_database_engine(url)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc), field="offline_store_url") from None
+
+    def read_only(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            if engine.dialect.name == "sqlite":
+                cursor.execute("PRAGMA query_only = ON")
+            else:
+                cursor.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+        finally:
+            cursor.close()
+        if engine.dialect.name != "sqlite":
+            dbapi_connection.commit()
+
+    sa.event.listen(engine, "connect", read_only)
+    return engine
+
+
+@contextmanager
+def _reading(engine: Engine) -> Iterator[Connection]:
+    try:
+        with engine.connect() as connection:
+            yield connection
+    except sa.exc.OperationalError as exc:
+        reason = str(getattr(exc, "orig", exc)).splitlines()[0]
+        raise Unavailable(
+            f"cannot read the offline store at {redact_database_url(str(engine.url))}: {reason}",
+            field="offline_store_url",
+        ) from None
+
+
+def _quote(connection: Connection, name: str) -> str:
+    return str(connection.dialect.identifier_preparer.quote(name))
+
+
+def _source(connection: Connection, spec: TrainingJobSpec) -> str:
+    if spec.training_set:
+        return _quote(connection, spec.training_set)
+    return f"({spec.query.strip().rstrip(';')}) AS ll_source"
+
+
+def _catalog_columns(connection: Connection, table: str) -> tuple[list[dict[str, str]], list[str]] | None:
+    if not sa.inspect(connection).has_table(CATALOG_TABLE):
+        return None
+    catalog = sa.table(CATALOG_TABLE, sa.column("name"), sa.column("columns"), sa.column("key_columns"))
+    row = connection.execute(
+        sa.select(catalog.c.columns, catalog.c.key_columns).where(catalog.c.name == table)
+    ).first()
+    if row is None:
+        return None
+    columns = [{"name": str(c["name"]), "type": str(c["type"])} for c in json.loads(row[0])]
+    return columns, [str(key) for key in json.loads(row[1])]
+
+
+def _event_time_column(connection: Connection, table: str) -> str:
+    catalog = sa.table(CATALOG_TABLE, sa.column("name"), sa.column("event_time_column"))
+    value = connection.scalar(sa.select(catalog.c.event_time_column).where(catalog.c.name == table))
+    return str(value or "")
+
+
+def _kind_of_values(values: Sequence[Any]) -> tuple[ColumnKind, str]:
+    present = [v for v in values if v is not None]
+    if not present:
+        return "numeric", "float64"  # nothing to go on; all-missing numbers stand in as the mean
+    if all(isinstance(v, bool) for v in present):
+        return "bool", "bool"
+    if all(isinstance(v, int | float | Decimal) and not isinstance(v, bool) for v in present):
+        integral = all(isinstance(v, int) for v in present)
+        return "numeric", "int64" if integral else "float64"
+    if all(isinstance(v, datetime | date) for v in present):
+        return "time", "timestamp"
+    if all(isinstance(v, str) for v in present):
+        return "string", "string"
+    return "other", "json"
+
+
+def _sampled_columns(connection: Connection, spec: TrainingJobSpec) -> dict[str, ColumnInfo]:
+    result = connection.execute(sa.text(f"SELECT * FROM {_source(connection, spec)} LIMIT {SAMPLE_ROWS}"))
+    names = list(result.keys())
+    rows = result.fetchall()
+    if not rows:  # nothing to infer column types from, and nothing to train on
+        raise InvalidArgument(
+            "the training set is empty", field="spec.training_set" if spec.training_set else "spec.query"
+        )
+    columns = {}
+    for index, name in enumerate(names):
+        kind, dtype = _kind_of_values([row[index] for row in rows])
+        columns[name] = ColumnInfo(name, kind, dtype)
+    return columns
+
+
+def _describe_source(
+    connection: Connection, spec: TrainingJobSpec
+) -> tuple[dict[str, ColumnInfo], set[str], bool]:
+    """Columns of the source, the columns never used as features (keys, event time), in_catalog."""
+    if spec.training_set:
+        catalogued = _catalog_columns(connection, spec.training_set)
+        if catalogued is not None:
+            columns, keys = catalogued
+            infos = {
+                c["name"]: ColumnInfo(c["name"], _CATALOG_KINDS.get(c["type"], "other"), c["type"])
+                for c in columns
+            }
+            excluded = set(keys)
+            event_time = _event_time_column(connection, spec.training_set)
+            if event_time:
+                excluded.add(event_time)
+            return infos, excluded, True
+        if not sa.inspect(connection).has_table(spec.training_set):
+            raise NotFound(f"no table '{spec.training_set}' in the offline store", field="spec.training_set")
+    try:
+        infos = _sampled_columns(connection, spec)
+    except sa.exc.DBAPIError as exc:
+        if isinstance(exc, sa.exc.OperationalError) and spec.training_set:
+            raise
+        reason = str(getattr(exc, "orig", exc)).splitlines()[0]
+        raise InvalidArgument(f"the query fails: {reason}", field="spec.query") from None
+    return infos, set(), False
+
+
+def _resolve_features(
+    spec: TrainingJobSpec, columns: dict[str, ColumnInfo], excluded: set[str]
+) -> list[tuple[str, ResolvedFeature]]:
+    """(field of the feature in the spec, feature) pairs, in model order."""
+    requested: list[tuple[str, FeatureSpec]]
+    if spec.features:
+        requested = [(f"spec.features[{i}]", feature) for i, feature in enumerate(spec.features)]
+    else:
+        skip = excluded | {spec.label, spec.split.time_column, spec.split.group_column}
+        requested = [
+            ("spec.features", FeatureSpec(name=name))
+            for name, info in columns.items()
+            if name not in skip and info.kind in ("numeric", "bool", "string")
+        ]
+        if not requested:
+            raise InvalidArgument("the training set has no column to use as a feature", field="spec.features")
+    resolved = []
+    for where, feature in requested:
+        info = columns.get(feature.name)
+        if info is None:
+            raise InvalidArgument(
+                f"no column '{feature.name}' in the training set (it has: {', '.join(columns)})",
+                field=f"{where}.name",
+            )
+        encoding = feature.encoding
+        if encoding is Encoding.AUTO:
+            if info.kind in ("numeric", "bool"):
+                encoding = Encoding.STANDARDIZE
+            elif info.kind == "string" and not spec.features:
+                encoding = Encoding.ONE_HOT  # every column was asked for: strings are categories
+            else:
+                raise InvalidArgument(
+                    f"'{feature.name}' is a {info.dtype} column, not numeric: give it encoding one_hot",
+                    field=f"{where}.encoding",
+                )
+        if encoding is Encoding.STANDARDIZE and info.kind not in ("numeric", "bool"):
+            raise InvalidArgument(
+                f"'{feature.name}' is a {info.dtype} column and cannot be standardized; use one_hot",
+                field=f"{where}.encoding",
+            )
+        if encoding in (Encoding.ONE_HOT, Encoding.OFFER) and (
+            info.kind not in ("string", "bool", "numeric") or info.dtype == "float64"
+        ):
+            raise InvalidArgument(
+                f"'{feature.name}' is a {info.dtype} column; one-hot takes string, integer or bool columns",
+                field=f"{where}.encoding",
+            )
+        resolved.append((where, ResolvedFeature(feature.name, encoding, info.dtype)))
+    return resolved
+
+
+def _check_label(connection: Connection, spec: TrainingJobSpec, info: ColumnInfo) -> tuple[int, int]:
+    """(rows, positives), or InvalidArgument naming spec.label / spec.training_set."""
+    if info.kind not in ("numeric", "bool"):
+        raise InvalidArgument(
+            f"'{spec.label}' is a {info.dtype} column; the label must be 0/1 or true/false",
+            field="spec.label",
+        )
+    label = _quote(connection, spec.label)
+    value = f"(CASE WHEN {label} THEN 1 ELSE 0 END)" if info.kind == "bool" else label
+    postgres = connection.dialect.name == "postgresql"
+    # SQLite stores NaN as NULL; PostgreSQL keeps NaN, which compares equal to itself there.
+    nan = (
+        f"SUM(CASE WHEN {label} = 'NaN'::float8 THEN 1 ELSE 0 END)"
+        if postgres and info.kind != "bool"
+        else "0"
+    )
+    row = connection.execute(
+        sa.text(
+            f"SELECT COUNT(*), COUNT({label}), {nan}, "
+            f"SUM(CASE WHEN {value} = 1 THEN 1 ELSE 0 END), "
+            f"SUM(CASE WHEN {value} = 0 THEN 1 ELSE 0 END) "
+            f"FROM {_source(connection, spec)}"
+        )
+    ).one()
+    rows, present, nans = int(row[0]), int(row[1]), int(row[2] or 0)
+    positives, negatives = int(row[3] or 0), int(row[4] or 0)
+    where = "spec.training_set" if spec.training_set else "spec.query"
+    if rows == 0:
+        raise InvalidArgument("the training set is empty", field=where)
+    missing = rows - present + nans
+    if missing:
+        raise InvalidArgument(
+            f"'{spec.label}' is NaN or missing in {missing} of {rows} rows", field="spec.label"
+        )
+    others = rows - positives - negatives
+    if others:
+        raise InvalidArgument(
+            f"'{spec.label}' must be 0 or 1 (or true/false); {others} rows hold other values",
+            field="spec.label",
+        )
+    if positives == 0 or negatives == 0:
+        only = "1" if negatives == 0 else "0"
+        raise InvalidArgument(
+            f"'{spec.label}' has one class only (every row is {only}); a classifier needs both",
+            field="spec.label",
+        )
+    return rows, positives
+
+
+def inspect_training_set(engine: Engine, spec: TrainingJobSpec) -> TrainingSetPlan:
+    """Check a spec against the offline store before any work; InvalidArgument names the field."""
+    with _reading(engine) as connection:
+        columns, excluded, in_catalog = _describe_source(connection, spec)
+        label = columns.get(spec.label)
+        if label is None:
+            raise InvalidArgument(
+                f"no column '{spec.label}' in the training set (it has: {', '.join(columns)})",
+                field="spec.label",
+            )
+        resolved = _resolve_features(spec, columns, excluded)
+        split_column = spec.split.time_column or spec.split.group_column
+        if split_column:
+            where = "spec.split.time_column" if spec.split.time_column else "spec.split.group_column"
+            split_info = columns.get(split_column)
+            if split_info is None:
+                raise InvalidArgument(f"no column '{split_column}' in the training set", field=where)
+            if spec.split.time_column and split_info.kind not in ("time", "numeric"):
+                raise InvalidArgument(
+                    f"'{split_column}' is a {split_info.dtype} column, not a time", field=where
+                )
+        rows, positives = _check_label(connection, spec, label)
+        for where, feature in resolved:
+            if feature.encoding in (Encoding.ONE_HOT, Encoding.OFFER):
+                quoted = _quote(connection, feature.name)
+                distinct = int(
+                    connection.scalar(
+                        sa.text(f"SELECT COUNT(DISTINCT {quoted}) FROM {_source(connection, spec)}")
+                    )
+                    or 0
+                )
+                if distinct > spec.max_categories:
+                    raise InvalidArgument(
+                        f"'{feature.name}' has {distinct} categories, more than max_categories "
+                        f"({spec.max_categories})",
+                        field=f"{where}.name" if where != "spec.features" else "spec.features",
+                    )
+    return TrainingSetPlan(
+        columns=columns,
+        features=tuple(feature for _, feature in resolved),
+        label=spec.label,
+        split_column=split_column,
+        row_count=rows,
+        positives=positives,
+        in_catalog=in_catalog,
+    )
+
+
+def _as_float(value: Any) -> float:
+    if value is None:
+        return math.nan
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, date):
+        return float(value.toordinal() * 86400)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            try:
+                return datetime.fromisoformat(value).timestamp()
+            except ValueError:
+                return math.nan
+    return float(value)
+
+
+def _typed_source(connection: Connection, spec: TrainingJobSpec, plan: TrainingSetPlan) -> Any:
+    if spec.training_set and plan.in_catalog:
+        return sa.table(
+            spec.training_set,
+            *(
+                sa.column(name, _CATALOG_SQL_TYPES.get(info.dtype, sa.Text()))
+                for name, info in plan.columns.items()
+            ),
+        )
+    return sa.text(
+        spec.query.strip().rstrip(";") if spec.query else f"SELECT * FROM {_source(connection, spec)}"
+    )
+
+
+def read_training_set(engine: Engine, spec: TrainingJobSpec, plan: TrainingSetPlan) -> TrainingData:
+    """Every row of the training set (label, features, split column), in the fixed order."""
+    names = [plan.label, *(f.name for f in plan.features)]
+    if plan.split_column and plan.split_column not in names:
+        names.append(plan.split_column)
+    with _reading(engine) as connection:
+        source = _typed_source(connection, spec, plan)
+        if isinstance(source, sa.TextClause):
+            subquery = source.columns(*(sa.column(name) for name in plan.columns)).subquery("ll_source")
+        else:
+            subquery = source
+        selected = [subquery.c[name] for name in names]
+        query = sa.select(*selected).order_by(*(column.asc().nulls_first() for column in selected))
+        values: list[list[Any]] = [[] for _ in names]
+        result = connection.execution_options(stream_results=True).execute(query)
+        for chunk in result.partitions(READ_CHUNK_ROWS):
+            for row in chunk:
+                for index, value in enumerate(row):
+                    values[index].append(value)
+    labels = np.array([_as_float(v) for v in values[0]], dtype=np.float64)
+    columns: dict[str, np.ndarray] = {}
+    digest = hashlib.sha256()
+    digest.update(json.dumps(names).encode())
+    digest.update(labels.tobytes())
+    for offset, feature in enumerate(plan.features, start=1):
+        raw = values[offset]
+        if feature.encoding is Encoding.STANDARDIZE:
+            array = np.array([_as_float(v) for v in raw], dtype=np.float64)
+            digest.update(array.tobytes())
+        else:
+            array = np.array([category_label(v) for v in raw], dtype=object)
+            digest.update("\x1f".join("\x00" if v is None else v for v in array).encode())
+        columns[feature.name] = array
+    split_values: np.ndarray | None = None
+    if plan.split_column:
+        raw = values[names.index(plan.split_column)]
+        if spec.split.time_column:
+            split_values = np.array([_as_float(v) for v in raw], dtype=np.float64)
+        else:
+            split_values = np.array([category_label(v) or "" for v in raw], dtype=object)
+    return TrainingData(labels, columns, split_values, digest.hexdigest())
+
+
+def category_label(value: Any) -> str | None:
+    """The category a raw value stands for; the predictor's loader maps serving values the same way."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if value.is_integer():
+            return str(int(value))
+    return str(value)

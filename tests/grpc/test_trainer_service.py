@@ -1,0 +1,339 @@
+"""The trainer over gRPC: jobs in real spawned workers, the registry, comparison and promotion.
+
+The trainer is built as `python -m services.trainer` builds it (auth on, interceptors, SQLite
+files); its offline store is a SQLite file loaded through ingest's own loader, and promotion
+publishes to a real config service on its own port.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from google.protobuf import json_format, struct_pb2
+from grpc import aio
+
+from libs.common.client import open_channel
+from libs.common.server import RunningServer
+from libs.protos.liveloop.common.v1 import common_pb2
+from libs.protos.liveloop.config.v1 import config_pb2, config_pb2_grpc
+from libs.protos.liveloop.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from services.config.server import build_server as build_config
+from services.trainer.server import build_server as build_trainer
+from tests.conftest import ApiKeys
+from tests.grpc.conftest import SERVICES_UNDER_TEST, target
+from tests.trainer_datasets import OFFERS, load_table, offline_store, take_up_rows
+
+pytestmark = pytest.mark.timeout(60)
+
+FEATURES = ["age", "tenure_months", "region:one_hot", "offer_id:offer"]
+
+
+def training_spec(model: str = "take-up", **overrides: Any) -> trainer_pb2.TrainingSpec:
+    hyperparameters = {"learning_rate": 0.05, "batch_size": 128, "hidden_sizes": [8]}
+    values: dict[str, Any] = {
+        "model_name": model,
+        "training_set": "take_up",
+        "label": "label",
+        "features": FEATURES,
+        "model_type": trainer_pb2.MODEL_TYPE_MLP,
+        "max_epochs": 4,
+        "seed": 11,
+        **overrides,
+    }
+    spec = trainer_pb2.TrainingSpec(**values)
+    for key, value in hyperparameters.items():
+        spec.hyperparameters[key].CopyFrom(json_format.ParseDict(value, struct_pb2.Value()))
+    return spec
+
+
+@dataclass
+class Stack:
+    trainer: trainer_pb2_grpc.TrainerServiceStub
+    config: config_pb2_grpc.ConfigServiceStub
+    running: RunningServer
+    artifact_dir: Path
+    offline_url: str
+
+
+@pytest.fixture
+async def stack(tmp_path: Path, api_keys: ApiKeys) -> AsyncIterator[Stack]:
+    offline_url = f"sqlite:///{tmp_path / 'ingest.db'}"
+    engine = offline_store(offline_url)
+    load_table(engine, "take_up", take_up_rows(600), tmp_path)
+    load_table(engine, "one_class", [{**row, "label": 0} for row in take_up_rows(40)], tmp_path)
+    engine.dispose()
+    config_settings = SERVICES_UNDER_TEST["config"].settings(tmp_path, api_keys, None)
+    config_running = await build_config(config_settings)
+    artifact_dir = tmp_path / "artifacts"
+    trainer_settings = SERVICES_UNDER_TEST["trainer"].settings(
+        tmp_path,
+        api_keys,
+        None,
+        offline_store_url=offline_url,
+        config_target=target(config_running),
+        config_api_key=api_keys.admin,
+        artifact_dir=artifact_dir,
+    )
+    running = await build_trainer(trainer_settings)
+    channels: list[aio.Channel] = []
+    try:
+        trainer_channel = open_channel(target(running), api_key=api_keys.admin, deadline_seconds=30)
+        config_channel = open_channel(target(config_running), api_key=api_keys.admin)
+        channels += [trainer_channel, config_channel]
+        yield Stack(
+            trainer_pb2_grpc.TrainerServiceStub(trainer_channel),
+            config_pb2_grpc.ConfigServiceStub(config_channel),
+            running,
+            artifact_dir,
+            offline_url,
+        )
+    finally:
+        for channel in channels:
+            await channel.close()
+        await running.stop()
+        await config_running.stop()
+
+
+async def watch(stack: Stack, job_id: str) -> list[trainer_pb2.JobEvent]:
+    events = []
+    async for event in stack.trainer.WatchJob(trainer_pb2.WatchJobRequest(job_id=job_id, from_start=True)):
+        events.append(event)
+    return events
+
+
+async def train(stack: Stack, spec: trainer_pb2.TrainingSpec) -> list[trainer_pb2.JobEvent]:
+    started = await stack.trainer.StartTraining(trainer_pb2.StartTrainingRequest(spec=spec))
+    assert started.state == trainer_pb2.JOB_STATE_QUEUED
+    return await watch(stack, started.job_id)
+
+
+async def test_a_job_streams_its_epochs_registers_a_version_and_is_promoted(stack: Stack) -> None:
+    events = await train(stack, training_spec())
+
+    states = [event.state for event in events]
+    assert states[0] == trainer_pb2.JOB_STATE_QUEUED
+    assert trainer_pb2.JOB_STATE_RUNNING in states
+    assert states[-1] == trainer_pb2.JOB_STATE_SUCCEEDED, events[-1].message
+    epochs = [event for event in events if event.epoch and event.state == trainer_pb2.JOB_STATE_RUNNING]
+    assert [event.epoch for event in epochs] == [1, 2, 3, 4]
+    for event in epochs:
+        assert event.max_epochs == 4
+        assert event.loss > 0
+        assert event.validation_loss > 0
+        assert set(event.metrics) >= {"auc", "log_loss", "calibration_error"}
+        assert event.eta_seconds >= 0
+        assert event.progress.unit == "epochs"
+        assert event.progress.done == event.epoch
+    assert epochs[-1].eta_seconds == 0
+    final = events[-1]
+    assert final.model.name == "take-up"
+    assert final.model.version == 1
+
+    got = await stack.trainer.GetModel(trainer_pb2.GetModelRequest(name="take-up"))
+    version = got.model
+    assert list(got.versions) == [1]
+    assert version.version == 1
+    assert version.label == "label"
+    assert version.training_set == "take_up"
+    assert 0.5 < version.metrics.auc <= 1
+    assert 0 < version.metrics.log_loss < 1
+    assert 0 <= version.metrics.calibration_error < 0.5
+    assert version.metrics.rows == 120
+    assert [(f.name, f.encoding) for f in version.features] == [
+        ("age", "standardize"),
+        ("tenure_months", "standardize"),
+        ("region", "one_hot"),
+        ("offer_id", "offer"),
+    ]
+    assert len(version.data_fingerprint) == 64
+    assert len(version.checksum) == 64
+    assert version.code_version.startswith("0.1.0")
+    assert version.artifact_uri == (stack.artifact_dir / "take-up" / "1").resolve().as_uri()
+    assert version.training_rows == 360
+    assert version.hyperparameters["hidden_sizes"].list_value.values[0].number_value == 8
+    artifact = stack.artifact_dir / "take-up" / "1"
+    assert sorted(p.name for p in artifact.iterdir()) == [
+        "manifest.json",
+        "model.pt",
+        "preprocessing.json",
+        "reference.json",
+    ]
+    assert not any((stack.artifact_dir / ".staging").glob("*"))
+
+    jobs = await stack.trainer.ListJobs(trainer_pb2.ListJobsRequest())
+    assert [job.state for job in jobs.jobs] == [trainer_pb2.JOB_STATE_SUCCEEDED]
+    job = jobs.jobs[0]
+    assert job.epochs_done == 4
+    assert job.model.version == 1
+    assert job.spec.features == FEATURES
+    assert job.spec.max_epochs == 4
+    assert job.author == "test-admin"
+    assert job.started_at.seconds
+    assert job.finished_at.seconds
+
+    # A second version, logistic regression on the same data: compared side by side.
+    events = await train(
+        stack,
+        training_spec(model_type=trainer_pb2.MODEL_TYPE_LOGISTIC_REGRESSION, features=FEATURES[:3]),
+    )
+    assert events[-1].state == trainer_pb2.JOB_STATE_SUCCEEDED, events[-1].message
+    assert events[-1].model.version == 2
+    compared = await stack.trainer.Compare(
+        trainer_pb2.CompareRequest(name="take-up", version_a=1, version_b=2)
+    )
+    assert compared.a.version == 1
+    assert compared.b.version == 2
+    assert compared.b.model_type == trainer_pb2.MODEL_TYPE_LOGISTIC_REGRESSION
+    assert {d.metric for d in compared.deltas} == {"auc", "log_loss", "calibration_error", "brier_score"}
+    for delta in compared.deltas:
+        assert delta.delta == pytest.approx(delta.b - delta.a)
+    assert list(compared.features_removed) == ["offer_id"]
+    assert list(compared.features_added) == []
+    assert compared.same_data is False  # the offer column is not read: other data
+    models = await stack.trainer.ListModels(trainer_pb2.ListModelsRequest())
+    assert [(m.name, m.latest_version, m.version_count) for m in models.models] == [("take-up", 2, 2)]
+
+    # Promote version 1 into a deployment: a new config revision binds it.
+    spec = {"name": "telco", "offers": [{"id": offer} for offer in OFFERS]}
+    published = await stack.config.Publish(config_pb2.PublishRequest(spec_text=yaml.safe_dump(spec)))
+    dry = await stack.trainer.Promote(
+        trainer_pb2.PromoteRequest(model="take-up", version=1, deployment="telco", dry_run=True)
+    )
+    assert '"model"' in dry.diff
+    head = await stack.config.Get(config_pb2.GetRequest(deployment=common_pb2.DeploymentRef(name="telco")))
+    assert head.deployment.revision == published.revision  # a dry run publishes nothing
+    promoted = await stack.trainer.Promote(
+        trainer_pb2.PromoteRequest(model="take-up", version=1, deployment="telco", message="v1 is good")
+    )
+    assert promoted.config_revision == published.revision + 1
+    assert promoted.model.name == "take-up"
+    assert promoted.model.version == 1
+    head = await stack.config.Get(config_pb2.GetRequest(deployment=common_pb2.DeploymentRef(name="telco")))
+    assert json.loads(head.deployment.spec_json)["model"] == {"name": "take-up", "version": 1}
+    got = await stack.trainer.GetModel(trainer_pb2.GetModelRequest(name="take-up", version=1))
+    assert list(got.model.deployments) == ["telco"]
+    models = await stack.trainer.ListModels(trainer_pb2.ListModelsRequest())
+    assert [(d.name, d.revision) for d in models.models[0].deployments] == [("telco", 1)]
+
+
+async def status_of(call: Any) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(aio.AioRpcError) as raised:
+        await call
+    return raised.value.code(), raised.value.details() or ""
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "words"),
+    [
+        ({"label": "took_it"}, "spec.label", "no column 'took_it'"),
+        ({"features": ["age", "region"]}, "spec.features[1].encoding", "give it encoding one_hot"),
+        ({"features": ["age", "nope"]}, "spec.features[1].name", "no column 'nope'"),
+        ({"training_set": "one_class"}, "spec.label", "one class"),
+        ({"training_set": "SELECT * FROM take_up WHERE age > 1000"}, "spec.query", "empty"),
+        ({"features": ["age", "region:embedding"]}, "spec.features[1]", "not an encoding"),
+        ({"model_name": "Not A Name"}, "spec.model_name", "pattern"),
+        ({"max_epochs": 0, "seed": -1}, "spec.seed", "greater than or equal"),
+    ],
+)
+async def test_a_spec_the_data_cannot_satisfy_is_refused_before_any_work_naming_the_field(
+    stack: Stack, overrides: dict[str, Any], field: str, words: str
+) -> None:
+    code, details = await status_of(
+        stack.trainer.StartTraining(trainer_pb2.StartTrainingRequest(spec=training_spec(**overrides)))
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.startswith(f"{field}: "), details
+    assert words in details
+    jobs = await stack.trainer.ListJobs(trainer_pb2.ListJobsRequest())
+    assert list(jobs.jobs) == []
+
+
+async def test_a_missing_table_is_not_found_and_a_dry_run_queues_nothing(stack: Stack) -> None:
+    code, details = await status_of(
+        stack.trainer.StartTraining(
+            trainer_pb2.StartTrainingRequest(spec=training_spec(training_set="no_such_table"))
+        )
+    )
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert details == "spec.training_set: no table 'no_such_table' in the offline store"
+    dry = await stack.trainer.StartTraining(
+        trainer_pb2.StartTrainingRequest(spec=training_spec(), dry_run=True)
+    )
+    assert dry.job_id == ""
+    assert list((await stack.trainer.ListJobs(trainer_pb2.ListJobsRequest())).jobs) == []
+
+
+async def test_unknown_models_versions_and_jobs_are_not_found(stack: Stack) -> None:
+    cases = [
+        (stack.trainer.GetModel(trainer_pb2.GetModelRequest(name="nope")), "name: no model 'nope'"),
+        (
+            stack.trainer.Promote(trainer_pb2.PromoteRequest(model="nope", version=1, deployment="telco")),
+            "model: no model 'nope'",
+        ),
+        (stack.trainer.CancelJob(trainer_pb2.CancelJobRequest(job_id="job-x")), "job_id: no training job"),
+        (
+            stack.trainer.WatchJob(trainer_pb2.WatchJobRequest(job_id="job-x")).read(),
+            "job_id: no training job",
+        ),
+    ]
+    for call, prefix in cases:
+        code, details = await status_of(call)
+        assert code == grpc.StatusCode.NOT_FOUND, details
+        assert details.startswith(prefix), details
+
+
+async def test_a_queued_job_can_be_cancelled_and_its_watchers_see_it_end(
+    tmp_path: Path, api_keys: ApiKeys
+) -> None:
+    offline_url = f"sqlite:///{tmp_path / 'ingest.db'}"
+    engine = offline_store(offline_url)
+    load_table(engine, "take_up", take_up_rows(200), tmp_path)
+    engine.dispose()
+    settings = SERVICES_UNDER_TEST["trainer"].settings(
+        tmp_path, api_keys, None, offline_store_url=offline_url, artifact_dir=tmp_path / "artifacts"
+    )
+    running = await build_trainer(settings)
+    try:
+        async with open_channel(target(running), api_key=api_keys.admin, deadline_seconds=30) as channel:
+            trainer = trainer_pb2_grpc.TrainerServiceStub(channel)
+            # Jobs run one at a time: the second waits in the queue while the first trains.
+            first = await trainer.StartTraining(
+                trainer_pb2.StartTrainingRequest(
+                    spec=training_spec(max_epochs=200, early_stopping=trainer_pb2.EarlyStopping(patience=0))
+                )
+            )
+            second = await trainer.StartTraining(trainer_pb2.StartTrainingRequest(spec=training_spec()))
+            watcher = trainer.WatchJob(trainer_pb2.WatchJobRequest(job_id=second.job_id))
+            assert (await watcher.read()).state == trainer_pb2.JOB_STATE_QUEUED
+            cancelled = await trainer.CancelJob(
+                trainer_pb2.CancelJobRequest(job_id=second.job_id, reason="not needed")
+            )
+            assert cancelled.state == trainer_pb2.JOB_STATE_CANCELLED
+            last = await watcher.read()
+            assert last.state == trainer_pb2.JOB_STATE_CANCELLED
+            assert last.message == "not needed"
+            assert await watcher.read() == aio.EOF
+
+            # The running one: cancelling terminates its worker.
+            stream = trainer.WatchJob(trainer_pb2.WatchJobRequest(job_id=first.job_id, from_start=True))
+            async for event in stream:
+                if event.epoch >= 1:
+                    break
+            stream.cancel()
+            cancelled = await trainer.CancelJob(trainer_pb2.CancelJobRequest(job_id=first.job_id))
+            assert cancelled.state == trainer_pb2.JOB_STATE_CANCELLED
+            jobs = await trainer.ListJobs(trainer_pb2.ListJobsRequest(state=trainer_pb2.JOB_STATE_CANCELLED))
+            assert {job.job_id for job in jobs.jobs} == {first.job_id, second.job_id}
+            first_job = next(job for job in jobs.jobs if job.job_id == first.job_id)
+            assert first_job.error == "cancelled by request"
+            assert 1 <= first_job.epochs_done < 200
+            assert list((tmp_path / "artifacts").glob("take-up/*")) == []
+    finally:
+        await running.stop()

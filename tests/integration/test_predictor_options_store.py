@@ -1,0 +1,270 @@
+"""The options store's Lua scripts on a real Redis: half-life decay, the two-bucket sliding window,
+the count cap, response marking (idempotency), linear model updates, and no lost updates under
+concurrency. The clock is injected, so decay and windows are exact, not timing-dependent."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import uuid as uuid_module
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from redis.asyncio import Redis
+
+from libs.common import redis_keys
+from services.predictor.core.options_store import ArmPolicy, OptionsStore, parse_arms
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+
+@dataclass
+class Clock:
+    now: float = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Store:
+    store: OptionsStore
+    redis: Redis
+    clock: Clock
+    deployment: str
+
+    @property
+    def key(self) -> str:
+        return redis_keys.arm_statistics(self.deployment, "0", "all")
+
+    async def update(self, policy: ArmPolicy, *updates: tuple[str, float, float]) -> None:
+        pipeline = self.redis.pipeline(transaction=False)
+        await self.store.queue_arm_update(pipeline, self.key, policy, list(updates), self.clock.now)
+        await pipeline.execute()
+
+    async def raw(self) -> dict[str, float]:
+        return {k.decode(): float(v) for k, v in (await self.redis.hgetall(self.key)).items()}
+
+    async def read(
+        self, policy: ArmPolicy, offers: tuple[str, ...] = ("a",)
+    ) -> dict[str, tuple[float, float]]:
+        statistics, _ = await self.store.read(
+            deployment=self.deployment,
+            generation="0",
+            segment="all",
+            kind="arms",
+            offers=offers,
+            policy=policy,
+            feature_key=None,
+        )
+        return {offer: (arm.impressions, arm.successes) for offer, arm in statistics.arms.items()}
+
+
+@pytest.fixture
+async def options(redis_url: str) -> AsyncIterator[Store]:
+    client = Redis.from_url(redis_url, max_connections=256)  # 200 updates truly in flight at once
+    clock = Clock()
+    deployment = f"store-{uuid_module.uuid4().hex[:10]}"
+    try:
+        yield Store(OptionsStore(client, clock=clock), client, clock, deployment)
+    finally:
+        keys = [key async for key in client.scan_iter(match=f"ll:*{deployment}*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+
+
+async def test_without_ageing_evidence_just_adds_up(options: Store) -> None:
+    keep = ArmPolicy()
+    await options.update(keep, ("a", 3, 1), ("b", 2, 0))
+    options.clock.now += 10 * 365 * 86400.0
+    await options.update(keep, ("a", 1, 1))
+    assert await options.read(keep, ("a", "b")) == {"a": (4.0, 2.0), "b": (2.0, 0.0)}
+    raw = await options.raw()
+    assert (raw["a|n"], raw["a|s"], raw["a|t"]) == (4.0, 2.0, options.clock.now)
+
+
+async def test_half_life_decay_is_applied_on_write_and_on_read(options: Store) -> None:
+    half_life = 600.0
+    policy = ArmPolicy(half_life_seconds=half_life)
+    start = options.clock.now
+    await options.update(policy, ("a", 8, 4))
+    # One half-life later, read without a write: the reader decays to its own now.
+    options.clock.now = start + half_life
+    assert await options.read(policy) == {"a": (4.0, 2.0)}
+    # A write at that time decays the stored evidence first, then adds.
+    await options.update(policy, ("a", 2, 2))
+    raw = await options.raw()
+    assert (raw["a|n"], raw["a|s"], raw["a|t"]) == (pytest.approx(6.0), pytest.approx(4.0), start + half_life)
+    # Two more half-lives: a quarter remains; a fractional interval decays by 2^-x.
+    options.clock.now = start + 3 * half_life
+    n, s = (await options.read(policy))["a"]
+    assert (n, s) == (pytest.approx(1.5), pytest.approx(1.0))
+    options.clock.now = start + 1.5 * half_life
+    n, _ = (await options.read(policy))["a"]
+    assert n == pytest.approx(6.0 * math.pow(0.5, 0.5))
+
+
+async def test_a_write_with_an_older_clock_does_not_move_time_back(options: Store) -> None:
+    policy = ArmPolicy(half_life_seconds=100.0)
+    await options.update(policy, ("a", 4, 0))
+    latest = options.clock.now
+    options.clock.now -= 50  # another replica whose clock is behind
+    await options.update(policy, ("a", 4, 2))
+    raw = await options.raw()
+    assert (raw["a|n"], raw["a|s"], raw["a|t"]) == (8.0, 2.0, latest)
+
+
+async def test_two_bucket_sliding_window(options: Store) -> None:
+    window = 100.0
+    policy = ArmPolicy(window_seconds=window)
+    options.clock.now = 10_050.0  # halfway through bucket [10000, 10100)
+    await options.update(policy, ("a", 10, 4))
+    raw = await options.raw()
+    assert (raw["a|wb"], raw["a|wn"], raw["a|ws"], raw["a|pn"]) == (10_000.0, 10.0, 4.0, 0.0)
+    assert await options.read(policy) == {"a": (10.0, 4.0)}  # nothing before it: weight irrelevant
+
+    # 75 s into the next bucket, with no write yet: the old bucket is weighted by the share of it
+    # still inside the window ending now, 1 - 75/100.
+    options.clock.now = 10_175.0
+    assert await options.read(policy) == {"a": (pytest.approx(2.5), pytest.approx(1.0))}
+
+    # A write in that bucket rolls the current bucket into "previous".
+    await options.update(policy, ("a", 6, 3))
+    raw = await options.raw()
+    assert (raw["a|wb"], raw["a|wn"], raw["a|ws"], raw["a|pn"], raw["a|ps"]) == (
+        10_100.0,
+        6.0,
+        3.0,
+        10.0,
+        4.0,
+    )
+    n, s = (await options.read(policy))["a"]
+    assert (n, s) == (pytest.approx(6 + 10 * 0.25), pytest.approx(3 + 4 * 0.25))
+
+    # Two windows without a write: everything has slid out.
+    options.clock.now = 10_100.0 + 2 * window
+    assert await options.read(policy) == {"a": (0.0, 0.0)}
+    # A write after a gap of two buckets or more starts from nothing (no stale "previous").
+    options.clock.now = 10_450.0
+    await options.update(policy, ("a", 1, 1))
+    raw = await options.raw()
+    assert (raw["a|wb"], raw["a|wn"], raw["a|pn"], raw["a|ps"]) == (10_400.0, 1.0, 0.0, 0.0)
+    assert await options.read(policy) == {"a": (1.0, 1.0)}
+    # The all-time totals are kept beside the window.
+    assert (raw["a|n"], raw["a|s"]) == (17.0, 8.0)
+
+
+async def test_count_cap_rescales_evidence_keeping_the_take_up(options: Store) -> None:
+    policy = ArmPolicy(count_cap=100.0)
+    await options.update(policy, ("a", 150, 60))
+    assert await options.read(policy) == {"a": (100.0, pytest.approx(40.0))}
+    await options.update(policy, ("a", 10, 10))
+    n, s = (await options.read(policy))["a"]
+    assert (n, s) == (100.0, pytest.approx(50.0 * 100 / 110))
+    # Below the cap nothing is rescaled.
+    await options.update(ArmPolicy(count_cap=1000.0), ("b", 10, 5))
+    assert (await options.read(policy, ("b",)))["b"] == (10.0, 5.0)
+
+
+async def test_successes_never_exceed_impressions(options: Store) -> None:
+    policy = ArmPolicy()
+    await options.update(policy, ("a", 0, 1))  # a response whose impression was never counted
+    assert await options.read(policy) == {"a": (1.0, 1.0)}
+
+
+async def test_two_hundred_concurrent_updates_lose_nothing(options: Store) -> None:
+    policy = ArmPolicy(half_life_seconds=3600.0, count_cap=10_000.0)
+
+    async def one(i: int) -> None:
+        # An impression on every call, an acceptance on every third, some with two offers at once.
+        updates = [("a", 1.0, 1.0 if i % 3 == 0 else 0.0)]
+        if i % 2:
+            updates.append(("b", 1.0, 0.0))
+        await options.update(policy, *updates)
+
+    await asyncio.gather(*(one(i) for i in range(200)))
+    raw = await options.raw()
+    assert (raw["a|n"], raw["a|s"]) == (200.0, 67.0)
+    assert (raw["b|n"], raw["b|s"]) == (100.0, 0.0)
+
+
+async def test_concurrent_responses_to_one_contact_count_once(options: Store) -> None:
+    uuid = str(uuid_module.uuid4())
+    key = redis_keys.contact(uuid)
+    await options.redis.hset(key, mapping={"deployment": options.deployment, "offers": '["a","b"]'})
+    await options.redis.expire(key, 60)
+    replies = await asyncio.gather(*(options.store.mark_responses(uuid, ["a", "b"]) for _ in range(50)))
+    fresh = [reply for reply in replies if reply]
+    assert fresh == [["a", "b"]]  # exactly one caller gets to learn
+    assert all(reply == [] for reply in replies if not reply)
+
+
+async def test_mark_responses_is_idempotent_per_offer(options: Store) -> None:
+    uuid = str(uuid_module.uuid4())
+    key = redis_keys.contact(uuid)
+    await options.redis.hset(key, mapping={"deployment": options.deployment})
+    await options.redis.expire(key, 60)
+    assert await options.store.mark_responses(uuid, ["a", "b"]) == ["a", "b"]
+    assert await options.store.mark_responses(uuid, ["a", "b"]) == []
+    assert await options.store.mark_responses(uuid, ["b", "c"]) == ["c"]
+    assert await options.store.mark_responses(uuid, []) == []
+    stored = {k.decode(): v.decode() for k, v in (await options.redis.hgetall(key)).items()}
+    assert stored["responded"] == "1"
+    assert {k for k in stored if k.startswith("accepted|")} == {"accepted|a", "accepted|b", "accepted|c"}
+    # A contact that is gone (expired or never made) is None, and marking it creates nothing.
+    gone = str(uuid_module.uuid4())
+    assert await options.store.mark_responses(gone, ["a"]) is None
+    assert not await options.redis.exists(redis_keys.contact(gone))
+
+
+async def test_linear_model_updates_accumulate_a_and_b(options: Store) -> None:
+    key = redis_keys.linear_model(options.deployment, "0", "a")
+    rows = [([1.0, 0.5, 2.0], 1.0), ([1.0, -1.0, 0.0], 0.0), ([1.0, 3.0, 1.5], 0.25)]
+    for vector, reward in rows:
+        pipeline = options.redis.pipeline(transaction=False)
+        await options.store.queue_linear_update(pipeline, key, vector, reward)
+        await pipeline.execute()
+    stored = await options.redis.hgetall(key)
+    a = np.array(json.loads(stored[b"a"])).reshape(3, 3)
+    b = np.array(json.loads(stored[b"b"]))
+    x = np.array([vector for vector, _ in rows])
+    y = np.array([reward for _, reward in rows])
+    np.testing.assert_allclose(a, x.T @ x)
+    np.testing.assert_allclose(b, x.T @ y)
+    statistics, _ = await options.store.read(
+        deployment=options.deployment,
+        generation="0",
+        segment="all",
+        kind="linear",
+        offers=["a", "b"],
+        policy=ArmPolicy(),
+        feature_key=None,
+    )
+    assert set(statistics.linear) == {"a"}
+    np.testing.assert_allclose(statistics.linear["a"].a, x.T @ x)
+
+    # The deployment's features change (d = 2): the old model is replaced, not mixed in.
+    pipeline = options.redis.pipeline(transaction=False)
+    await options.store.queue_linear_update(pipeline, key, [1.0, 4.0], 1.0)
+    await pipeline.execute()
+    stored = await options.redis.hgetall(key)
+    assert json.loads(stored[b"a"]) == [1, 4, 4, 16]
+    assert json.loads(stored[b"b"]) == [1, 4]
+
+
+def test_parse_arms_skips_fields_that_are_not_numbers() -> None:
+    raw = {b"a|n": b"10", b"a|s": b"3", b"a|junk": b"not-a-number", "b|n": "2", "b|s": "5"}
+    arms = parse_arms(raw, ArmPolicy(), now=0.0)
+    assert (arms["a"].impressions, arms["a"].successes) == (10.0, 3.0)
+    assert (arms["b"].impressions, arms["b"].successes) == (2.0, 2.0)  # successes capped at impressions
+
+
+async def test_the_generation_is_read_from_redis_and_cached(options: Store) -> None:
+    assert await options.store.generation(options.deployment) == "0"
+    await options.redis.set(redis_keys.options_generation(options.deployment), "7")
+    other = OptionsStore(options.redis)  # a fresh replica reads the switch at once
+    assert await other.generation(options.deployment) == "7"
