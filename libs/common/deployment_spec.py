@@ -11,6 +11,7 @@ import difflib
 import enum
 import hashlib
 import json
+import re
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -58,14 +59,14 @@ class EligibilityRule(SpecModel):
     def _value_fits_operator(self) -> EligibilityRule:
         is_list = isinstance(self.value, list)
         if self.operator in (RuleOperator.IN, RuleOperator.NOT_IN) and not is_list:
-            raise ValueError(f"operator '{self.operator}' needs a list value")
+            raise ValueError(f"value: operator '{self.operator}' needs a list value")
         if self.operator not in (RuleOperator.IN, RuleOperator.NOT_IN) and is_list:
-            raise ValueError(f"operator '{self.operator}' needs a single value, not a list")
+            raise ValueError(f"value: operator '{self.operator}' needs a single value, not a list")
         numeric = (RuleOperator.GT, RuleOperator.GE, RuleOperator.LT, RuleOperator.LE)
         if self.operator in numeric and (
             isinstance(self.value, bool) or not isinstance(self.value, int | float)
         ):
-            raise ValueError(f"operator '{self.operator}' needs a number")
+            raise ValueError(f"value: operator '{self.operator}' needs a number")
         return self
 
 
@@ -108,10 +109,10 @@ class DiscretizeTransform(SpecModel):
     @model_validator(mode="after")
     def _edges_and_labels_agree(self) -> DiscretizeTransform:
         if any(b <= a for a, b in zip(self.edges, self.edges[1:], strict=False)):
-            raise ValueError("edges must be strictly increasing")
+            raise ValueError("edges: must be strictly increasing")
         if len(self.labels) != len(self.edges) + 1:
             raise ValueError(
-                f"{len(self.edges)} edges need {len(self.edges) + 1} labels, got {len(self.labels)}"
+                f"labels: {len(self.edges)} edges need {len(self.edges) + 1} labels, got {len(self.labels)}"
             )
         return self
 
@@ -141,9 +142,9 @@ class ContextVariable(SpecModel):
     @model_validator(mode="after")
     def _source_fits(self) -> ContextVariable:
         if self.source is ContextSource.VIRTUAL and self.transform is None:
-            raise ValueError("a virtual variable needs a transform")
+            raise ValueError("transform: a virtual variable needs a transform")
         if self.source is not ContextSource.VIRTUAL and self.transform is not None:
-            raise ValueError("only virtual variables have a transform")
+            raise ValueError("transform: only virtual variables have a transform")
         if not self.field:
             object.__setattr__(self, "field", self.name)
         return self
@@ -347,6 +348,9 @@ def _unique(values: list[str], collection: str, field: str) -> None:
         seen.add(value)
 
 
+_FIELD_REFERENCE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\[\d+\])*(\.[A-Za-z_][A-Za-z0-9_]*(\[\d+\])*)*$")
+
+
 def _field_path(location: tuple[int | str, ...]) -> str:
     path = ""
     for part in location:
@@ -382,8 +386,12 @@ def deployment_spec_from_mapping(document: Any) -> DeploymentSpec:
         error = exc.errors()[0]
         path = _field_path(tuple(error["loc"]))
         message = str(error["msg"]).removeprefix("Value error, ")
-        if ": " in message and path == "":
-            path, _, message = message.partition(": ")
+        prefix, separator, rest = message.partition(": ")
+        if separator and _FIELD_REFERENCE.fullmatch(prefix):
+            # A validator named the field it refers to: below its model, or from the top.
+            path, message = (f"{path}.{prefix}" if path else prefix), rest
+        if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            path = f"{path}.{error['ctx'].get('discriminator', 'kind').strip(chr(39))}"
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         raise InvalidArgument(message + more, field=path or "spec") from None
 
