@@ -236,6 +236,31 @@ def envoy_stats(admin_port: int) -> dict[str, int]:
     return stats
 
 
+def redis_usage(redis_url: str) -> dict[str, int]:
+    """What the load left in Redis: every Invoke keeps a contact hash and a decision stream entry."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        used = int(client.info("memory")["used_memory"])
+        stream = (
+            int(client.xlen(redis_keys.DECISION_STREAM)) if client.exists(redis_keys.DECISION_STREAM) else 0
+        )
+        contact_keys = list(client.scan_iter(match=redis_keys.contact("*"), count=10_000))
+        usage = {"used_memory": used, "keys": int(client.dbsize()), "contacts": len(contact_keys)}
+        usage["decision_stream"] = stream
+        if contact_keys:
+            sample = contact_keys[:: max(1, len(contact_keys) // 20)]
+            usage["bytes_per_contact"] = round(
+                statistics.fmean(int(client.memory_usage(k) or 0) for k in sample)
+            )
+        if stream:
+            usage["bytes_per_stream_entry"] = round(
+                int(client.memory_usage(redis_keys.DECISION_STREAM) or 0) / stream
+            )
+        return usage
+    finally:
+        client.close()
+
+
 @dataclass
 class Observed:
     name: str
@@ -421,7 +446,7 @@ def verify_with_python(front_door: str, invoke_key: str, method: str, body: byte
             config_revision=reply.config_revision,
             warnings=list(reply.warnings),
         )
-    else:
+    elif isinstance(reply, predictor_pb2.PingResponse):
         result.update(replica=reply.replica_id, config_revision=reply.config_revision)
     return result
 
@@ -444,8 +469,9 @@ def verify_with_nghttp(url: str, body_file: Path, invoke_key: str) -> dict[str, 
         url,
     ]
     completed = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
-    statuses = re.findall(r"^\s*:status: (\d+)", completed.stdout, re.MULTILINE)
-    grpc_statuses = re.findall(r"^\s*grpc-status: (\d+)", completed.stdout, re.MULTILINE)
+    # nghttp -v prints each received header as "[  0.003] recv (stream_id=13) name: value".
+    statuses = re.findall(r"recv \(stream_id=\d+\) :status: (\d+)", completed.stdout)
+    grpc_statuses = re.findall(r"recv \(stream_id=\d+\) grpc-status: (\d+)", completed.stdout)
     return {
         "http_status": statuses[-1] if statuses else None,
         "grpc_status": int(grpc_statuses[-1]) if grpc_statuses else None,
@@ -453,41 +479,79 @@ def verify_with_nghttp(url: str, body_file: Path, invoke_key: str) -> dict[str, 
     }
 
 
+def negative_control(base_url: str, body: Path, metrics_ports: list[int]) -> dict[str, Any]:
+    """The same requests with a wrong API key: h2load and nghttp see HTTP 200, the replicas answer
+    UNAUTHENTICATED. Shows that the status count above would catch failing calls."""
+    wrong = "ll_000000000000_not-a-key"
+    before = [rpc_counts(port) for port in metrics_ports]
+    completed = subprocess.run(
+        h2load_argv(base_url + "Ping", body, Level("negative control", 1, 1), for_requests(20), wrong, None),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    after = [rpc_counts(port) for port in metrics_ports]
+    codes: collections.Counter[str] = collections.Counter()
+    for old, new in zip(before, after, strict=True):
+        for (method, code), value in new.items():
+            if method == "PredictorService/Ping" and value > old.get((method, code), 0.0):
+                codes[code] += int(value - old.get((method, code), 0.0))
+    return {
+        "h2load_requests": parse_h2load(completed.stdout).get("requests", {}),
+        "replica_grpc_codes": dict(codes),
+        "nghttp": verify_with_nghttp(base_url + "Ping", body, wrong),
+    }
+
+
 # Profiling -----------------------------------------------------------------------------------------
 
-# A sample counts for a bucket when every `all_of` pattern matches some frame of its stack and no
-# `none_of` pattern does. py-spy names a frame "Class.function (path/below/site-packages/or/cwd.py:line)".
+# A sample counts for a bucket when every `all_of` pattern matches some frame of its stack, no
+# `none_of` pattern does, and `leaf` (when given) matches the innermost frame. py-spy names a frame "Class.function (path/below/site-packages/or/cwd.py:line)".
 HANDLER = r"^PredictorServicer\.(Invoke|Ping) \("
-PROFILE_BUCKETS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
-    ("the RPC handler (servicer.Invoke / servicer.Ping), inclusive", (HANDLER,), ()),
-    ("  DecisionEngine.invoke", (r"^DecisionEngine\.invoke \(",), ()),
+PROFILE_BUCKETS: tuple[tuple[str, tuple[str, ...], tuple[str, ...], str], ...] = (
+    ("the RPC handler (servicer.Invoke / servicer.Ping), inclusive", (HANDLER,), (), ""),
+    ("  DecisionEngine.invoke", (r"^DecisionEngine\.invoke \(",), (), ""),
     (
         "    Redis calls outside pipelines (feature HGETALL, generation GET)",
         (r"^DecisionEngine\.invoke \(", r"^Redis\.execute_command \("),
         (r"^OptionsStore\.read \(", r"^DecisionEngine\._record_contact \("),
+        "",
     ),
-    ("    OptionsStore.read (arm statistics HGETALL + parse_arms)", (r"^OptionsStore\.read \(",), ()),
-    ("      parse_arms", (r"^parse_arms \(",), ()),
-    ("    ThompsonScorer.score", (r"^ThompsonScorer\.score \(",), ()),
-    ("      propensity draws, 512 x offers (algorithms.py:123)", (r"^ThompsonScorer\.score \(.*:123\)",), ()),
-    ("    derive_context + eligibility rules", (r"^(derive_context|_rule_holds) \(",), ()),
-    ("    _record_contact (contact write pipeline)", (r"^DecisionEngine\._record_contact \(",), ()),
-    ("      SCRIPT EXISTS before the pipeline (redis-py load_scripts)", (r"^Pipeline\.load_scripts \(",), ()),
-    ("  servicer._invoke_response (reply message)", (r"^PredictorServicer\._invoke_response \(",), ()),
+    ("    OptionsStore.read (arm statistics HGETALL + parse_arms)", (r"^OptionsStore\.read \(",), (), ""),
+    ("      parse_arms", (r"^parse_arms \(",), (), ""),
+    ("    ThompsonScorer.score", (r"^ThompsonScorer\.score \(",), (), ""),
+    (
+        "      numpy draws in score itself (mostly the 512 x offers propensity sample)",
+        (),
+        (),
+        r"^ThompsonScorer\.score \(",
+    ),
+    ("      _top_probability_sampled (argmax over the sample)", (r"^_top_probability_sampled \(",), (), ""),
+    ("    derive_context + eligibility rules", (r"^(derive_context|_rule_holds) \(",), (), ""),
+    ("    _record_contact (contact write pipeline)", (r"^DecisionEngine\._record_contact \(",), (), ""),
+    (
+        "      SCRIPT EXISTS before the pipeline (redis-py load_scripts)",
+        (r"^Pipeline\.load_scripts \(",),
+        (),
+        "",
+    ),
+    ("  servicer._invoke_response (reply message)", (r"^PredictorServicer\._invoke_response \(",), (), ""),
     (
         "  servicer._value (MessageToDict of Value fields)",
         (r"^_value \(services/predictor/servicer\.py",),
         (),
+        "",
     ),
-    ("redis-py, all of it (commands, pipelines, reply parsing)", (r"\(redis/",), ()),
-    ("  RESP reply parsing in pure Python (no hiredis)", (r"\(redis/_parsers/",), ()),
-    ("  socket writes (asyncio transport write)", (r"^_SelectorSocketTransport\.write \(",), ()),
+    ("redis-py, all of it (commands, pipelines, reply parsing)", (r"\(redis/",), (), ""),
+    ("  RESP reply parsing in pure Python (no hiredis)", (r"\(redis/_parsers/",), (), ""),
+    ("  socket writes (asyncio transport write)", (r"^_SelectorSocketTransport\.write \(",), (), ""),
     (
         "interceptors outside the handler (telemetry, auth, errors)",
         (r"\(libs/common/interceptors\.py",),
         (HANDLER,),
+        "",
     ),
-    ("prometheus_client", (r"\(prometheus_client/",), ()),
+    ("prometheus_client", (r"\(prometheus_client/",), (), ""),
 )
 # Self time of asyncio's Handle._run is native work run from the event loop that has no Python
 # frame: grpc.aio's Cython core (HTTP/2, message (de)serialization, call setup) and C task steps.
@@ -555,21 +619,23 @@ def profile_replica(
 def summarize_profile(collapsed: str) -> dict[str, Any]:
     stacks: list[tuple[list[str], int]] = []
     for line in collapsed.splitlines():
-        stack, _, count = line.rpartition(" ")
-        if stack and count.isdigit():
-            stacks.append((stack.split(";"), int(count)))
+        stack, _, weight = line.rpartition(" ")
+        if stack and weight.isdigit():
+            stacks.append((stack.split(";"), int(weight)))
     total = sum(count for _, count in stacks)
     if total == 0:
         return {"samples": 0}
     buckets = {}
-    for label, all_of, none_of in PROFILE_BUCKETS:
+    for label, all_of, none_of, leaf in PROFILE_BUCKETS:
         wanted = [re.compile(pattern) for pattern in all_of]
         unwanted = [re.compile(pattern) for pattern in none_of]
+        innermost = re.compile(leaf) if leaf else None
         hit = sum(
             count
             for frames, count in stacks
             if all(any(regex.search(frame) for frame in frames) for regex in wanted)
             and not any(regex.search(frame) for regex in unwanted for frame in frames)
+            and (innermost is None or innermost.search(frames[-1]))
         )
         buckets[label] = round(100 * hit / total, 1)
     native = re.compile(NATIVE_UNDER_LOOP)
@@ -632,13 +698,28 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 "python_client": checks,
                 "nghttp": verify_with_nghttp(base_url + method, path, invoke_key),
             }
-            bad = [c for c in checks if c["grpc_status"] != "OK" or c.get("warnings")]
-            if bad or verification[key]["nghttp"].get("grpc_status") not in (0, None):
+            bad = [
+                c
+                for c in checks
+                if c["grpc_status"] != "OK"
+                or c.get("warnings")
+                or (method == "Invoke" and len(c["offers"]) != 3)
+            ]
+            nghttp = verification[key]["nghttp"]
+            if bad or ("skipped" not in nghttp and nghttp.get("grpc_status") != 0):
                 raise RuntimeError(f"verification failed for {key}: {json.dumps(verification[key])}")
         print("verified: grpc-status 0 for every body (Python client and nghttp)", flush=True)
+        verification["negative_control"] = negative_control(
+            base_url, bodies["Ping"], settings.predictor_metrics_ports
+        )
+        print(f"negative control (wrong API key): {verification['negative_control']}", flush=True)
 
         processes = observed_processes(record)
         memory_before = memory(processes)
+        redis_before = redis_usage(redis_url)
+        invokes_before = sum(
+            rpc_counts(port)[("PredictorService/Invoke", "OK")] for port in settings.predictor_metrics_ports
+        )
 
         # Warm-up, not recorded: each RPC at each level for a fixed time. Its rate sizes the measured
         # runs, which are bounded by a request count: a run stopped by time cancels the requests
@@ -754,9 +835,25 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                         flush=True,
                     )
         memory_after = memory(processes)
+        redis_after = redis_usage(redis_url)
+        invokes = int(
+            sum(
+                rpc_counts(port)[("PredictorService/Invoke", "OK")]
+                for port in settings.predictor_metrics_ports
+            )
+            - invokes_before
+        )
         report["runs"] = runs
         report["verification"] = verification
         report["memory"] = {"before_load": memory_before, "after_load": memory_after}
+        report["redis"] = {
+            "before_load": redis_before,
+            "after_load": redis_after,
+            "invokes_between": invokes,
+            "bytes_per_invoke": round((redis_after["used_memory"] - redis_before["used_memory"]) / invokes)
+            if invokes
+            else None,
+        }
         report["deployment"] = {
             "offers": args.offers,
             "algorithm": "thompson (half_life 7 d), exploration_epsilon 0.05",
@@ -891,10 +988,12 @@ def code_version() -> dict[str, Any]:
 
     def git(*argv: str) -> str:
         completed = subprocess.run(["git", *argv], cwd=REPO, capture_output=True, text=True, check=False)
-        return completed.stdout.strip()
+        return completed.stdout
 
-    changed = [line[3:] for line in git("status", "--porcelain", "--", "services", "libs").splitlines()]
-    return {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted_changes_in": changed}
+    changed = [
+        line[3:] for line in git("status", "--porcelain", "--", "services", "libs").splitlines() if line
+    ]
+    return {"commit": git("rev-parse", "--short", "HEAD").strip(), "uncommitted_changes_in": changed}
 
 
 def machine_facts() -> dict[str, Any]:
@@ -1002,6 +1101,31 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
     for name, after in report["memory"]["after_load"].items():
         before = report["memory"]["before_load"].get(name, {})
         lines.append(f"| {name} | {before.get('rss_mib', '')} | {after['rss_mib']} | {after['uss_mib']} |")
+    checks = report["verification"]
+    control = checks.get("negative_control", {})
+    bodies = [key for key in checks if key != "negative_control"]
+    lines += [
+        "",
+        f"Checks before the load: for each of the {len(bodies)} request bodies (Ping and one Invoke per round), two "
+        "calls with grpcio sending the exact message bytes and one with `nghttp -v` got grpc-status 0 (Invoke: 3 offers, "
+        "no warnings, so the customer's features were found). Negative control, 20 Pings with a wrong API key: h2load "
+        f"counted {control.get('h2load_requests', {}).get('succeeded')} of them as succeeded, the replicas answered "
+        f"{control.get('replica_grpc_codes')}, nghttp saw HTTP {control.get('nghttp', {}).get('http_status')} with "
+        f"grpc-status {control.get('nghttp', {}).get('grpc_status')}. Every measured run also checks that the replicas "
+        "counted exactly h2load's number of requests, all OK (`every_request_grpc_ok` in the JSON).",
+    ]
+    usage = report["redis"]
+    lines += [
+        "",
+        f"Redis: used_memory {usage['before_load']['used_memory'] / 2**20:.1f} MiB before the load, "
+        f"{usage['after_load']['used_memory'] / 2**20:.1f} MiB after {usage['invokes_between']} Invokes "
+        f"({usage['after_load']['contacts']} contact hashes, {usage['after_load']['decision_stream']} decision stream "
+        f"entries): about {usage['bytes_per_invoke']} bytes per Invoke (MEMORY USAGE: "
+        f"{usage['after_load'].get('bytes_per_contact')} bytes per contact hash, "
+        f"{usage['after_load'].get('bytes_per_stream_entry')} per stream entry). Contacts live max(2 x reward window, "
+        "24 h), so at 1,000 Invoke/s and a 1-day window they hold about 173 million contacts; the stream is capped at "
+        "1 million entries.",
+    ]
     lines += ["", "## Goals", "", "| goal | value | met |", "|---|---|---|"]
     for goal in report["goals"]:
         lines.append(f"| {goal['goal']} | {goal['value']} | {'yes' if goal['met'] else '**no**'} |")

@@ -55,6 +55,25 @@ def live_configuration(state_dir: Path) -> None:
     liveloop("config", "history", "telco-offers")
 
 
+def data_and_options() -> None:
+    customers, history = "examples/data/customers.csv", "examples/data/history.csv"
+    step("Load the sample customers into the offline store: types inferred, bad rows rejected by row number")
+    liveloop("ingest", customers, "--table", "customers", "--key", "customer", "--mode", "replace")
+    step("Their offer history, streamed to the service in chunks (Upload), as a remote client would")
+    liveloop("ingest", history, "--table", "history", "--upload", "--mode", "replace")
+    step("Loading the same file again writes nothing")
+    liveloop("ingest", customers, "--table", "customers", "--key", "customer")
+    step("The offline store, and one table's schema and statistics")
+    liveloop("tables")
+    liveloop("tables", "--describe", "customers", "--top", "2")
+    step("The newest features of every customer into the online store (Redis), where predictors read them")
+    liveloop("materialize", "customers")
+    step("The deployment's options store, with priors from the history; the new generation goes live at once")
+    liveloop("options", "generate", "--deployment", "telco-offers", "--history-table", "history")
+    step("An Invoke now uses the customer's features (segment) and the priors (arm reward)")
+    liveloop("invoke", "telco-offers", "c0002", "--channel", "app")
+
+
 def main() -> int:
     settings = StackSettings()
     step("Start the local stack: Redis, config, 2 predictors, ingest, trainer, monitor, Envoy")
@@ -65,6 +84,7 @@ def main() -> int:
         step("Calls through Envoy are balanced over both predictor replicas")
         liveloop("ping", "--count", "6")
         live_configuration(settings.state_dir)
+        data_and_options()
         step("REST through Envoy's gRPC-JSON transcoder: GET /ping")
         record = StackRecord.load(settings.state_dir)
         credentials = load_credentials(settings.state_dir)
@@ -87,7 +107,8 @@ def main() -> int:
         liveloop("down")
     print(
         "\ndemo finished: the stack started healthy, served through Envoy, followed two config pushes on"
-        " both replicas, and stopped cleanly."
+        " both replicas, ingested and materialized the sample data, generated the options store, and"
+        " stopped cleanly."
     )
     return 0
 

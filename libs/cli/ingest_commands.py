@@ -19,7 +19,6 @@ from typing import Annotated, Any, NoReturn
 
 import grpc
 import typer
-from google.protobuf.json_format import MessageToDict
 from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console
 from rich.markup import escape
@@ -116,6 +115,23 @@ def _emit_json(document: Any) -> None:
 
 def _type_name(column_type: int) -> str:
     return str(ingest_pb2.ColumnType.Name(column_type)).removeprefix("COLUMN_TYPE_").lower()
+
+
+def _plain(message: Any) -> dict[str, Any]:
+    """A message as JSON-ready Python: numbers stay numbers (protobuf's JSON writes int64 as text),
+    optional fields appear only when set."""
+    document: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        if field.label == field.LABEL_REPEATED:
+            document[field.name] = [_plain(v) if hasattr(v, "DESCRIPTOR") else v for v in value]
+        elif field.has_presence and not message.HasField(field.name):
+            continue
+        elif field.type == field.TYPE_MESSAGE:
+            document[field.name] = _plain(value)
+        else:
+            document[field.name] = value
+    return document
 
 
 def _time(value: Timestamp) -> str:
@@ -337,8 +353,7 @@ def ingest(
 ) -> None:
     """Load a file (or a SQL query's result) into a typed table of the offline store.
 
-    Types are inferred (override them with --type); bad rows are rejected with their row number and
-    reason; over the reject budget nothing is written. Loading the same file again writes nothing."""
+    Types are inferred (override them with --type); bad rows are rejected with their row number and reason; over the reject budget nothing is written. Loading the same file again writes nothing."""
     if not table:
         _fail("name the table to load with --table")
     if (file is None) == (not query):
@@ -410,14 +425,16 @@ def _stream_ingest(
         try:
             for message in call:
                 rejects += message.rejects
+                rate = message.progress.rate
+                if message.HasField("summary"):
+                    summary = message.summary
+                    rate = summary.rows_read / summary.seconds if summary.seconds > 0 else 0.0
+                    progress.update(task, total=1, completed=1)
                 progress.update(
                     task,
                     counts=f"{message.progress.done:,} rows read, {message.rows_written:,} written, "
-                    f"{message.rows_rejected:,} rejected ({message.progress.rate:,.0f} rows/s)",
+                    f"{message.rows_rejected:,} rejected" + (f" ({rate:,.0f} rows/s)" if rate else ""),
                 )
-                if message.HasField("summary"):
-                    summary = message.summary
-                    progress.update(task, total=1, completed=1)
         except grpc.RpcError as exc:
             progress.stop()
             _print_rejects(rejects, len(rejects))  # what the service reported before it gave up
@@ -508,11 +525,7 @@ def _print_description(reply: ingest_pb2.DescribeResponse, as_json: bool) -> Non
         document = _table_json(reply.table)
         document["columns"] = [
             {"name": c.name, "type": _type_name(c.type), "key": c.key, "nullable": c.nullable}
-            | (
-                {"stats": MessageToDict(stats[c.name], preserving_proto_field_name=True)}
-                if c.name in stats
-                else {}
-            )
+            | ({"stats": _plain(stats[c.name])} if c.name in stats else {})
             for c in reply.columns
         ]
         _emit_json(document)
@@ -616,7 +629,7 @@ def materialize(
         else:
             console.print(
                 f"{escape(view)}: [green]materialized[/green] {message.entities_written:,} entities"
-                + ("" if full else " (those changed since the last run)")
+                + ("" if full else " (new or changed since the last run)")
             )
 
 
@@ -650,9 +663,7 @@ def features_apply(
                 )
             service.fail("ApplyFeatures", exc)
     if as_json:
-        _emit_json(
-            MessageToDict(reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-        )
+        _emit_json(_plain(reply))
         return
     for warning in reply.warnings:
         errors.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
@@ -718,9 +729,7 @@ def options_generate(
     with _ingest_service(state_dir, target) as service:
         reply = service.call("GenerateOptions", request, timeout=DEFAULT_LONG_TIMEOUT_S)
     if as_json:
-        _emit_json(
-            MessageToDict(reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-        )
+        _emit_json(_plain(reply))
         return
     done = "dry run, nothing written" if reply.dry_run else f"[green]{mode.value}d[/green]"
     console.print(

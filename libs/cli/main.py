@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from libs.cli import decision_commands
+from libs.cli import decision_commands, trainer_commands
 from libs.cli.config_commands import config_app
 from libs.cli.ingest_commands import register as register_ingest_commands
 from libs.cli.simulate_command import simulate
@@ -37,6 +37,7 @@ keys_app = typer.Typer(help="API keys (hashed at rest).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(config_app, name="config")
 register_ingest_commands(app)
+trainer_commands.register(app)
 app.command("simulate")(simulate)
 
 console = Console()

@@ -46,6 +46,7 @@ from libs.common.settings import ClientSettings
 from libs.protos.liveloop.config.v1 import config_pb2, config_pb2_grpc
 from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 from services.predictor.core.simulation import (
+    NEAR_BEST_TOLERANCE,
     Environment,
     PolicySettings,
     Round,
@@ -390,9 +391,17 @@ def _print_report(report: SimulationReport) -> None:
                 f"{report.regret_before_change:,.1f} / {report.regret_after_change:,.1f}",
             ),
             ("rounds to recover", _count(report.recovery_rounds, "not recovered")),
+            (
+                f"  within {NEAR_BEST_TOLERANCE * 100:g} pt of the best",
+                _count(report.near_best_recovery_rounds, "not recovered"),
+            ),
         ]
     rows += [
         ("rounds to converge", _count(report.convergence_rounds, "not converged")),
+        (
+            f"  within {NEAR_BEST_TOLERANCE * 100:g} pt of the best",
+            _count(report.near_best_convergence_rounds, "not converged"),
+        ),
         ("best offer, last 500 rounds", f"{report.best_share_last_window:.1%}"),
         ("wall time", f"{report.wall_seconds:,.1f} s ({report.rounds_per_second:,.0f} rounds/s)"),
     ]
@@ -410,6 +419,7 @@ def _print_report(report: SimulationReport) -> None:
     console.print(
         "regret is expected regret: the best offer's take-up minus the chosen offer's, summed over rounds; "
         "rounds to recover: the end of the first 500-round window after the change in which at least 90% "
-        "of choices were the new best offer",
+        f"of choices were the new best offer (or, in the looser line, an offer whose take-up is within "
+        f"{NEAR_BEST_TOLERANCE * 100:g} percentage point of it); rounds to converge: the same rule from round 0",
         style="dim",
     )

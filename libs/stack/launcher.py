@@ -237,8 +237,11 @@ def plan_processes(settings: StackSettings, credentials: Credentials) -> list[Pr
         settings.trainer_metrics_port if metrics else None,
         {
             "DATABASE_URL": database_url("trainer"),
+            "OFFLINE_STORE_URL": database_url("ingest"),
             "ARTIFACT_DIR": str(state / "artifacts"),
             "CONFIG_TARGET": config_target,
+            # Promote publishes a config revision, which takes the admin role.
+            "CONFIG_API_KEY": credentials.admin_key,
         },
     )
     add(

@@ -7,6 +7,7 @@ publishes to a real config service on its own port.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -80,6 +81,7 @@ async def stack(tmp_path: Path, api_keys: ApiKeys) -> AsyncIterator[Stack]:
         config_target=target(config_running),
         config_api_key=api_keys.admin,
         artifact_dir=artifact_dir,
+        max_concurrent_jobs=2,
     )
     running = await build_trainer(trainer_settings)
     channels: list[aio.Channel] = []
@@ -114,14 +116,21 @@ async def train(stack: Stack, spec: trainer_pb2.TrainingSpec) -> list[trainer_pb
     return await watch(stack, started.job_id)
 
 
-async def test_a_job_streams_its_epochs_registers_a_version_and_is_promoted(stack: Stack) -> None:
-    events = await train(stack, training_spec())
-
-    states = [event.state for event in events]
+async def test_jobs_stream_their_epochs_register_versions_and_one_is_promoted(stack: Stack) -> None:
+    # Two jobs at once (the trainer runs two workers): an MLP with the offer, and a logistic
+    # regression without it; versions are numbered in the order the jobs finish.
+    mlp_events, lr_events = await asyncio.gather(
+        train(stack, training_spec()),
+        train(
+            stack, training_spec(model_type=trainer_pb2.MODEL_TYPE_LOGISTIC_REGRESSION, features=FEATURES[:3])
+        ),
+    )
+    states = [event.state for event in mlp_events]
     assert states[0] == trainer_pb2.JOB_STATE_QUEUED
     assert trainer_pb2.JOB_STATE_RUNNING in states
-    assert states[-1] == trainer_pb2.JOB_STATE_SUCCEEDED, events[-1].message
-    epochs = [event for event in events if event.epoch and event.state == trainer_pb2.JOB_STATE_RUNNING]
+    assert states[-1] == trainer_pb2.JOB_STATE_SUCCEEDED, mlp_events[-1].message
+    assert lr_events[-1].state == trainer_pb2.JOB_STATE_SUCCEEDED, lr_events[-1].message
+    epochs = [event for event in mlp_events if event.epoch and event.state == trainer_pb2.JOB_STATE_RUNNING]
     assert [event.epoch for event in epochs] == [1, 2, 3, 4]
     for event in epochs:
         assert event.max_epochs == 4
@@ -132,14 +141,15 @@ async def test_a_job_streams_its_epochs_registers_a_version_and_is_promoted(stac
         assert event.progress.unit == "epochs"
         assert event.progress.done == event.epoch
     assert epochs[-1].eta_seconds == 0
-    final = events[-1]
-    assert final.model.name == "take-up"
-    assert final.model.version == 1
+    mlp, lr = mlp_events[-1].model.version, lr_events[-1].model.version
+    assert mlp_events[-1].model.name == "take-up"
+    assert {mlp, lr} == {1, 2}
 
-    got = await stack.trainer.GetModel(trainer_pb2.GetModelRequest(name="take-up"))
+    got = await stack.trainer.GetModel(trainer_pb2.GetModelRequest(name="take-up", version=mlp))
     version = got.model
-    assert list(got.versions) == [1]
-    assert version.version == 1
+    assert list(got.versions) == [1, 2]
+    assert version.version == mlp
+    assert version.model_type == trainer_pb2.MODEL_TYPE_MLP
     assert version.label == "label"
     assert version.training_set == "take_up"
     assert 0.5 < version.metrics.auc <= 1
@@ -155,10 +165,10 @@ async def test_a_job_streams_its_epochs_registers_a_version_and_is_promoted(stac
     assert len(version.data_fingerprint) == 64
     assert len(version.checksum) == 64
     assert version.code_version.startswith("0.1.0")
-    assert version.artifact_uri == (stack.artifact_dir / "take-up" / "1").resolve().as_uri()
+    artifact = stack.artifact_dir / "take-up" / str(mlp)
+    assert version.artifact_uri == artifact.resolve().as_uri()
     assert version.training_rows == 360
     assert version.hyperparameters["hidden_sizes"].list_value.values[0].number_value == 8
-    artifact = stack.artifact_dir / "take-up" / "1"
     assert sorted(p.name for p in artifact.iterdir()) == [
         "manifest.json",
         "model.pt",
@@ -166,30 +176,34 @@ async def test_a_job_streams_its_epochs_registers_a_version_and_is_promoted(stac
         "reference.json",
     ]
     assert not any((stack.artifact_dir / ".staging").glob("*"))
+    newest = await stack.trainer.GetModel(trainer_pb2.GetModelRequest(name="take-up"))
+    assert newest.model.version == 2
 
     jobs = await stack.trainer.ListJobs(trainer_pb2.ListJobsRequest())
-    assert [job.state for job in jobs.jobs] == [trainer_pb2.JOB_STATE_SUCCEEDED]
-    job = jobs.jobs[0]
+    assert [job.state for job in jobs.jobs] == [trainer_pb2.JOB_STATE_SUCCEEDED] * 2
+    job = next(job for job in jobs.jobs if job.model.version == mlp)
     assert job.epochs_done == 4
-    assert job.model.version == 1
     assert job.spec.features == FEATURES
     assert job.spec.max_epochs == 4
     assert job.author == "test-admin"
     assert job.started_at.seconds
     assert job.finished_at.seconds
+    page = await stack.trainer.ListJobs(trainer_pb2.ListJobsRequest(page=common_pb2.PageRequest(page_size=1)))
+    assert len(page.jobs) == 1
+    assert page.page.total_size == 2
+    rest = await stack.trainer.ListJobs(
+        trainer_pb2.ListJobsRequest(
+            page=common_pb2.PageRequest(page_size=1, page_token=page.page.next_page_token)
+        )
+    )
+    assert [j.job_id for j in rest.jobs] != [j.job_id for j in page.jobs]
+    assert rest.page.next_page_token == ""
 
-    # A second version, logistic regression on the same data: compared side by side.
-    events = await train(
-        stack,
-        training_spec(model_type=trainer_pb2.MODEL_TYPE_LOGISTIC_REGRESSION, features=FEATURES[:3]),
-    )
-    assert events[-1].state == trainer_pb2.JOB_STATE_SUCCEEDED, events[-1].message
-    assert events[-1].model.version == 2
+    # The two versions side by side.
     compared = await stack.trainer.Compare(
-        trainer_pb2.CompareRequest(name="take-up", version_a=1, version_b=2)
+        trainer_pb2.CompareRequest(name="take-up", version_a=mlp, version_b=lr)
     )
-    assert compared.a.version == 1
-    assert compared.b.version == 2
+    assert compared.a.version == mlp
     assert compared.b.model_type == trainer_pb2.MODEL_TYPE_LOGISTIC_REGRESSION
     assert {d.metric for d in compared.deltas} == {"auc", "log_loss", "calibration_error", "brier_score"}
     for delta in compared.deltas:
@@ -200,27 +214,32 @@ async def test_a_job_streams_its_epochs_registers_a_version_and_is_promoted(stac
     models = await stack.trainer.ListModels(trainer_pb2.ListModelsRequest())
     assert [(m.name, m.latest_version, m.version_count) for m in models.models] == [("take-up", 2, 2)]
 
-    # Promote version 1 into a deployment: a new config revision binds it.
+    # Promote the MLP into a deployment: a new config revision binds it.
     spec = {"name": "telco", "offers": [{"id": offer} for offer in OFFERS]}
     published = await stack.config.Publish(config_pb2.PublishRequest(spec_text=yaml.safe_dump(spec)))
     dry = await stack.trainer.Promote(
-        trainer_pb2.PromoteRequest(model="take-up", version=1, deployment="telco", dry_run=True)
+        trainer_pb2.PromoteRequest(model="take-up", version=mlp, deployment="telco", dry_run=True)
     )
     assert '"model"' in dry.diff
     head = await stack.config.Get(config_pb2.GetRequest(deployment=common_pb2.DeploymentRef(name="telco")))
     assert head.deployment.revision == published.revision  # a dry run publishes nothing
     promoted = await stack.trainer.Promote(
-        trainer_pb2.PromoteRequest(model="take-up", version=1, deployment="telco", message="v1 is good")
+        trainer_pb2.PromoteRequest(model="take-up", version=mlp, deployment="telco", message="the MLP")
     )
     assert promoted.config_revision == published.revision + 1
     assert promoted.model.name == "take-up"
-    assert promoted.model.version == 1
+    assert promoted.model.version == mlp
     head = await stack.config.Get(config_pb2.GetRequest(deployment=common_pb2.DeploymentRef(name="telco")))
-    assert json.loads(head.deployment.spec_json)["model"] == {"name": "take-up", "version": 1}
-    got = await stack.trainer.GetModel(trainer_pb2.GetModelRequest(name="take-up", version=1))
+    assert json.loads(head.deployment.spec_json)["model"] == {"name": "take-up", "version": mlp}
+    got = await stack.trainer.GetModel(trainer_pb2.GetModelRequest(name="take-up", version=mlp))
     assert list(got.model.deployments) == ["telco"]
     models = await stack.trainer.ListModels(trainer_pb2.ListModelsRequest())
-    assert [(d.name, d.revision) for d in models.models[0].deployments] == [("telco", 1)]
+    assert [(d.name, d.revision) for d in models.models[0].deployments] == [("telco", mlp)]
+    code, details = await status_of(
+        stack.trainer.Promote(trainer_pb2.PromoteRequest(model="take-up", version=9, deployment="telco"))
+    )
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert details.startswith("version: model 'take-up' has no version 9")
 
 
 async def status_of(call: Any) -> tuple[grpc.StatusCode, str]:

@@ -149,7 +149,8 @@ def load_target(
 
 
 def summary_of(messages: list[ingest_pb2.IngestProgress]) -> ingest_pb2.LoadSummary:
-    assert messages and messages[-1].HasField("summary"), messages
+    assert messages, "no progress at all"
+    assert messages[-1].HasField("summary"), messages
     return messages[-1].summary
 
 
@@ -621,9 +622,8 @@ async def test_sql_source_from_a_sqlite_file_and_one_that_fails_half_way(stack: 
         ("SELECT 1 WHERE 0", "no rows"),
     ):
         error = await failure(stack.ingest_sql(url, bad_query, "failing"))
-        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and words in (error.details() or ""), (
-            bad_query
-        )
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, bad_query
+        assert words in (error.details() or ""), bad_query
     error = await failure(stack.ingest_sql("mysql+nodriver://x/y", "SELECT 1", "failing"))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert await stack.state() == before
@@ -950,7 +950,7 @@ def _wine_csv(path: Path, clean_names: bool) -> tuple[list[str], np.ndarray]:
     return names, wine.data
 
 
-async def test_a_public_data_set_through_ingest_describe_materialize_and_options(stack: IngestStack) -> None:
+async def test_a_public_data_set_through_ingest_features_materialize_and_options(stack: IngestStack) -> None:
     """scikit-learn's copy of the UCI wine data (178 rows, 13 measurements): a data set liveloop
     did not make. Its raw column names are refused with the name given; cleaned, it goes through."""
     raw = stack.data / "wine-raw.csv"
@@ -971,6 +971,27 @@ async def test_a_public_data_set_through_ingest_describe_materialize_and_options
         assert stats[name].mean == pytest.approx(float(data[:, index].mean()), rel=1e-9)
         assert stats[name].min == pytest.approx(float(data[:, index].min()))
     assert [(v.value, v.count) for v in stats["cultivar"].top_values] == [("1", 71), ("0", 59), ("2", 48)]
+
+    # Features: a feature view over it, computed by ApplyFeatures, materialized like any table.
+    view = unique("wine_profile")
+    spec = (
+        f"views:\n  - name: {view}\n    source: {wine}\n    entity: customer\n    features:\n"
+        "      - {name: alcohol, column: alcohol}\n"
+        "      - name: strength\n        discretize: {input: alcohol, edges: [12.5, 13.5], labels: [light, medium, strong]}\n"
+        "      - name: color_per_hue\n        ratio: {numerator: color_intensity, denominator: hue}\n"
+    )
+    applied = await stack.stub.ApplyFeatures(ingest_pb2.ApplyFeaturesRequest(spec_yaml=spec))
+    assert [f.name for f in applied.views[0].features] == ["alcohol", "strength", "color_per_hue"]
+    assert _written(await _materialize(stack, view)) == {view: 178}
+    profile = await stack.stub.GetOnlineFeatures(
+        ingest_pb2.GetOnlineFeaturesRequest(
+            entity_keys=["w010"], features=[f"{view}.strength", f"{view}.color_per_hue"]
+        )
+    )
+    strength = ["light", "medium", "strong"][int(np.searchsorted([12.5, 13.5], data[10, 0], side="right"))]
+    assert profile.entities[0].features[f"{view}.strength"].string_value == strength
+    ratio = data[10, names.index("color_intensity")] / data[10, names.index("hue")]
+    assert float(profile.entities[0].features[f"{view}.color_per_hue"].string_value) == pytest.approx(ratio)
 
     assert _written(await _materialize(stack, wine, full=True)) == {wine: 178}
     reply = await stack.stub.GetOnlineFeatures(
@@ -1006,8 +1027,8 @@ async def test_a_public_data_set_through_ingest_describe_materialize_and_options
 async def test_the_generated_million_row_file_through_the_pipeline(
     stack: IngestStack, database_url: str
 ) -> None:
-    """The benchmark's 1M-row, 20-column file: ingest, describe, materialize (1M entities),
-    online reads, and options generation with the same table as the history."""
+    """The benchmark's 1M-row, 20-column file: ingest, describe, a feature view over it,
+    materialize (1M entities), online reads, and options generation with the table as history."""
     if not database_url.startswith("sqlite"):
         pytest.skip("the 1M-row run goes through SQLite here; bench/ingest_throughput.py runs both databases")
     path = stack.data / "million.csv"
@@ -1023,22 +1044,32 @@ async def test_the_generated_million_row_file_through_the_pipeline(
     assert len(messages) > 10  # progress all along
     described = await stack.stub.Describe(ingest_pb2.DescribeRequest(table=table, skip_stats=True))
     assert described.table.row_count == 1_000_000
+    view = unique("million_profile")
+    spec = (
+        f"views:\n  - name: {view}\n    source: {table}\n    entity: customer\n"
+        "    event_time: presented_at\n    features:\n"
+        "      - {name: age, column: age}\n"
+        "      - name: spend_per_gb\n        ratio: {numerator: monthly_spend, denominator: data_gb}\n"
+        "      - name: log_tenure\n        log: {input: tenure_months, offset: 1}\n"
+    )
+    applied = await stack.stub.ApplyFeatures(ingest_pb2.ApplyFeaturesRequest(spec_yaml=spec), timeout=1100)
+    assert [v.name for v in applied.views] == [view]
     materialized = [
         m
         async for m in stack.stub.Materialize(
-            ingest_pb2.MaterializeRequest(feature_views=[table], full=True), timeout=1100
+            ingest_pb2.MaterializeRequest(feature_views=[view], full=True), timeout=1100
         )
     ]
-    assert _written(materialized) == {table: 1_000_000}
+    assert _written(materialized) == {view: 1_000_000}
     reply = await stack.stub.GetOnlineFeatures(
-        ingest_pb2.GetOnlineFeaturesRequest(entity_keys=["c00000001", "c01000000"], features=[f"{table}.age"])
+        ingest_pb2.GetOnlineFeaturesRequest(entity_keys=["c00000001", "c01000000"], features=[f"{view}.age"])
     )
     assert all(entity.found for entity in reply.entities)
     generated = await _generate(stack, ingest_pb2.OPTIONS_MODE_GENERATE, history_table=table)
     assert generated.history_rows == 1_000_000
     assert generated.arms_created == 7 * 4 * 2 * 2
     batch: list[bytes] = []
-    for key in stack.redis.scan_iter(match=redis_keys.online_features(table, "*"), count=10_000):
+    for key in stack.redis.scan_iter(match=redis_keys.online_features(view, "*"), count=10_000):
         batch.append(key)
         if len(batch) == 10_000:
             stack.redis.unlink(*batch)

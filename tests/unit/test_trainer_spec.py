@@ -71,7 +71,7 @@ def test_defaults_fill_what_a_spec_leaves_out() -> None:
         ),
         (base(split={"validation_fraction": 0.5, "test_fraction": 0.4}), "spec.split", "20%"),
         (base(early_stopping={"metric": "accuracy"}), "spec.early_stopping.metric", "log_loss"),
-        (base(workers=2), "spec.workers", "not available"),
+        (base(workers=17), "spec.workers", "less than or equal to 16"),
         (base(colour="blue"), "spec.colour", "Extra inputs"),
     ],
 )

@@ -286,7 +286,7 @@ class WatchSession:
             for change in changes:
                 self._expect(record, change)
                 yield Update(change)
-            # The replay may reach past `head` (a commit between the two reads): sent is sent.
+            # The replay may reach past `head` (a commit between the two reads): never resend it.
             sent = max([head, *(change.revision for change in changes)])
             if not changes:
                 yield Heartbeat(head, datetime.now(UTC))

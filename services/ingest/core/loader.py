@@ -423,37 +423,24 @@ def _load(
             f"table names starting with {RESERVED_PREFIX} are reserved", field="target.table"
         )
     started = time.monotonic()
-    with engine.connect() as connection:
-        seen_before = connection.execute(
-            sa.select(catalog.loads.c.id).where(
-                catalog.loads.c.table_name == target.table, catalog.loads.c.fingerprint == fingerprint
-            )
-        ).first()
-        current = connection.execute(
-            sa.select(catalog.tables.c.fingerprint, catalog.tables.c.row_count).where(
-                catalog.tables.c.name == target.table
-            )
-        ).first()
-    if (
-        known_fingerprint is not None
-        and seen_before is not None
-        and (target.mode is WriteMode.APPEND or (current is not None and current.fingerprint == fingerprint))
-    ):
+    if known_fingerprint is not None:
         with engine.connect() as connection:
-            columns = _existing_columns(connection, target.table) or []
-        rows = int(current.row_count) if current is not None else 0
-        return LoadResult(
-            target.table,
-            columns,
-            0,
-            0,
-            0,
-            [],
-            time.monotonic() - started,
-            fingerprint,
-            rows,
-            already_loaded=True,
-        )
+            if _loaded_before(connection, target, known_fingerprint):
+                rows = connection.scalar(
+                    sa.select(catalog.tables.c.row_count).where(catalog.tables.c.name == target.table)
+                )
+                return LoadResult(
+                    target.table,
+                    _existing_columns(connection, target.table) or [],
+                    0,
+                    0,
+                    0,
+                    [],
+                    time.monotonic() - started,
+                    known_fingerprint,
+                    int(rows or 0),
+                    already_loaded=True,
+                )
     try:
         first = next(chunks)
     except StopIteration:
@@ -483,7 +470,7 @@ def _load(
                 state.rejects += sorted(rejects, key=lambda r: r.row_number)[:room]
             if _budget_exceeded(target, state, final=False):
                 if streamed_fingerprint is not None:
-                    _raise_if_loaded_before(connection, target.table, chunks, streamed_fingerprint)
+                    _raise_if_loaded_before(connection, target, chunks, streamed_fingerprint)
                 raise RejectBudgetExceeded(_budget_message(target, state), field="target.reject_budget")
             _insert(connection, table, batch, columns)
             state.rows_written += batch.num_rows
@@ -492,12 +479,7 @@ def _load(
             raise RejectBudgetExceeded(_budget_message(target, state), field="target.reject_budget")
         if streamed_fingerprint is not None:
             fingerprint = streamed_fingerprint()
-            repeat = connection.execute(
-                sa.select(catalog.loads.c.id).where(
-                    catalog.loads.c.table_name == target.table, catalog.loads.c.fingerprint == fingerprint
-                )
-            ).first()
-            if repeat is not None:
+            if _loaded_before(connection, target, fingerprint):
                 raise AlreadyLoaded(fingerprint)  # rolls the transaction back: nothing is written twice
         if table.name != target.table:
             preparer = connection.dialect.identifier_preparer
@@ -561,19 +543,30 @@ def _load(
     )
 
 
+def _loaded_before(connection: Connection, target: LoadTarget, fingerprint: str) -> bool:
+    """Appending: this source went into the table since its last replace. Replacing: the table holds
+    exactly this source (its fingerprint is the source's, which no append since has changed)."""
+    if target.mode is WriteMode.REPLACE:
+        current = connection.scalar(
+            sa.select(catalog.tables.c.fingerprint).where(catalog.tables.c.name == target.table)
+        )
+        return current == fingerprint
+    seen = connection.execute(
+        sa.select(catalog.loads.c.id).where(
+            catalog.loads.c.table_name == target.table, catalog.loads.c.fingerprint == fingerprint
+        )
+    ).first()
+    return seen is not None
+
+
 def _raise_if_loaded_before(
-    connection: Connection, table: str, rest: Iterator[RawChunk], fingerprint: Callable[[], str]
+    connection: Connection, target: LoadTarget, rest: Iterator[RawChunk], fingerprint: Callable[[], str]
 ) -> None:
     """A query's result known only once read: the rows of a repeat are all duplicates of the rows the
     first load wrote, so before reporting them read the rest, and call a repeat a repeat."""
     for _ in rest:
         pass
-    repeat = connection.execute(
-        sa.select(catalog.loads.c.id).where(
-            catalog.loads.c.table_name == table, catalog.loads.c.fingerprint == fingerprint()
-        )
-    ).first()
-    if repeat is not None:
+    if _loaded_before(connection, target, fingerprint()):
         raise AlreadyLoaded(fingerprint())
 
 

@@ -39,6 +39,11 @@ class MaterializeProgress:
 
 
 def _text(value: Any) -> str:
+    kind = type(value)
+    if kind is str:
+        return str(value)
+    if kind is int or kind is float:
+        return str(value)
     if isinstance(value, datetime):
         moment = value if value.tzinfo else value.replace(tzinfo=UTC)
         return moment.astimezone(UTC).isoformat()
@@ -100,6 +105,58 @@ def _latest_rows(
             yield latest
 
 
+def _command(*parts: bytes) -> bytes:
+    """One command in the Redis protocol (RESP)."""
+    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(part), part) for part in parts)
+
+
+class _EntityWriter:
+    """Writes entities in batches, each batch one MULTI/EXEC (an entity is never seen half
+    written). The commands are packed here: redis-py's own packing took 60% of materialization."""
+
+    def __init__(self, redis: Redis, ttl_seconds: int | None) -> None:
+        self._redis = redis
+        self._ttl = str(ttl_seconds).encode() if ttl_seconds else None
+        self._commands: list[bytes] = []
+        self.pending = 0
+
+    def add(self, key: str, mapping: dict[str, str]) -> None:
+        name = key.encode()
+        fields: list[bytes] = []
+        for field_name, value in mapping.items():
+            fields += (field_name.encode(), value.encode())
+        self._commands.append(_command(b"DEL", name))
+        self._commands.append(_command(b"HSET", name, *fields))
+        if self._ttl is not None:
+            self._commands.append(_command(b"EXPIRE", name, self._ttl))
+        self.pending += 1
+
+    def flush(self) -> int:
+        """Sends the batch; the number of entities written."""
+        if not self.pending:
+            return 0
+        written, commands = self.pending, self._commands
+        self._commands, self.pending = [], 0
+        pool = self._redis.connection_pool
+        connection = pool.get_connection()
+        try:
+            connection.send_packed_command([_command(b"MULTI"), *commands, _command(b"EXEC")])  # type: ignore[no-untyped-call]
+            for _ in range(len(commands) + 1):  # +OK, then +QUEUED per command
+                connection.read_response()
+            replies = connection.read_response()
+        except BaseException:
+            connection.disconnect()  # type: ignore[no-untyped-call]  # its state is unknown now
+            raise
+        finally:
+            pool.release(connection)
+        if replies is None:
+            raise RuntimeError("the Redis transaction was aborted")
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return written
+
+
 def _default_views(engine: Engine) -> list[str]:
     """No views named: every feature view, and every table materialized before."""
     with engine.connect() as connection:
@@ -151,28 +208,20 @@ def materialize(
                 results.append(state)
                 continue
         newest: datetime | None = since
-        pipeline = redis.pipeline(transaction=True)
-        pending = 0
+        writer = _EntityWriter(redis, ttl_seconds)
+        stamp = datetime.now(UTC).isoformat()
         for row in _latest_rows(engine, view, key, event_time, since, as_of):
-            redis_key = redis_keys.online_features(view, _text(row[key]))
             mapping = {name: _text(value) for name, value in row.items() if value is not None and name != key}
-            mapping[UPDATED_AT_FIELD] = datetime.now(UTC).isoformat()
-            pipeline.delete(redis_key)
-            pipeline.hset(redis_key, mapping=mapping)  # type: ignore[arg-type]
-            if ttl_seconds:
-                pipeline.expire(redis_key, ttl_seconds)
+            mapping[UPDATED_AT_FIELD] = stamp
+            writer.add(redis_keys.online_features(view, _text(row[key])), mapping)
             if event_time and row.get(event_time) is not None:
                 moment = row[event_time] if row[event_time].tzinfo else row[event_time].replace(tzinfo=UTC)
                 newest = moment if newest is None or moment > newest else newest
-            pending += 1
-            if pending >= WRITE_BATCH:
-                pipeline.execute()
-                state.entities_written += pending
-                pending = 0
+            if writer.pending >= WRITE_BATCH:
+                state.entities_written += writer.flush()
+                stamp = datetime.now(UTC).isoformat()
                 progress(state)
-        if pending:
-            pipeline.execute()
-            state.entities_written += pending
+        state.entities_written += writer.flush()
         if event_time:
             watermark = newest.isoformat() if newest is not None else (previous.watermark if previous else "")
         now = datetime.now(UTC)

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import multiprocessing
+import os
 import shutil
+import signal
+import sys
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from libs.common.errors import LiveloopError
+from services.trainer.core.distributed import parse_event, task_document
 from services.trainer.core.jobs import EpochReport, JobRecord, JobState, TrainingSummary
 from services.trainer.core.store import TrainerStore
 from services.trainer.core.worker import WorkerTask, run_training_job
@@ -52,10 +57,13 @@ class JobNotifier:
 
 @dataclass
 class _Running:
-    process: SpawnProcess | None = None
+    stop_worker: Callable[[], Awaitable[None]] | None = None  # set once the worker has started
     cancel_reason: str | None = None
     cancel_state: JobState = "cancelled"
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    summary: TrainingSummary | None = None
+    error: str = ""
+    exit_code: int | None = None
 
 
 Registrar = Callable[[str, TrainingSummary, Path], Awaitable[None]]
@@ -123,8 +131,8 @@ class JobRunner:
             return record
         if running.cancel_reason is None:
             running.cancel_reason, running.cancel_state = reason, final_state
-            if running.process is not None:
-                await asyncio.to_thread(_terminate, running.process)
+            if running.stop_worker is not None:
+                await running.stop_worker()
         await running.done.wait()
         return await asyncio.to_thread(self._store.get_job, job_id)
 
@@ -160,56 +168,107 @@ class JobRunner:
             if record is None:
                 return  # cancelled while queued
             self._notifier.notify(job_id)
-            await self._train(job_id, record, running, staging_dir)
+            task = WorkerTask(job_id, record.spec.canonical_json(), self._offline_store_url, staging_dir)
+            if record.spec.workers > 1:
+                await self._train_distributed(task, record.spec.workers, running)
+            else:
+                await self._train_in_process(task, running)
+            await self._conclude(job_id, running, staging_dir)
         finally:
             self._running.pop(job_id, None)
             running.done.set()
             await asyncio.to_thread(shutil.rmtree, staging_dir, True)
             self._notifier.notify(job_id)
 
-    async def _train(self, job_id: str, record: JobRecord, running: _Running, staging_dir: Path) -> None:
-        task = WorkerTask(job_id, record.spec.canonical_json(), self._offline_store_url, staging_dir)
+    async def _handle(self, job_id: str, running: _Running, kind: str, payload: Any) -> None:
+        if kind == "epoch" and isinstance(payload, EpochReport):
+            await asyncio.to_thread(self._store.record_epoch, job_id, payload)
+            self._notifier.notify(job_id)
+        elif kind == "done" and isinstance(payload, TrainingSummary):
+            running.summary = payload
+        elif kind == "error":
+            running.error = str(payload)
+
+    async def _train_in_process(self, task: WorkerTask, running: _Running) -> None:
+        """One spawned worker process, reporting over a pipe."""
+        job_id = task.job_id
         receiver, sender = self._context.Pipe(duplex=False)
         process = self._context.Process(
             target=run_training_job, args=(task, sender), name=f"liveloop-training-{job_id}", daemon=True
         )
         loop = asyncio.get_running_loop()
-        summary: TrainingSummary | None = None
-        error = ""
+
+        async def stop_worker() -> None:
+            await asyncio.to_thread(_terminate, process)
+
         try:
             await asyncio.to_thread(process.start)
             sender.close()  # the child holds its own copy; EOF reaches us when the child exits
-            running.process = process
+            running.stop_worker = stop_worker
             if running.cancel_reason is not None:  # cancelled while the worker was starting
-                await asyncio.to_thread(_terminate, process)
+                await stop_worker()
             logger.info("training job %s started in worker process %s", job_id, process.pid)
             while True:
                 try:
                     kind, payload = await loop.run_in_executor(self._readers, _receive, receiver)
                 except EOFError:
                     break
-                if kind == "epoch" and isinstance(payload, EpochReport):
-                    await asyncio.to_thread(self._store.record_epoch, job_id, payload)
-                    self._notifier.notify(job_id)
-                elif kind == "done" and isinstance(payload, TrainingSummary):
-                    summary = payload
-                elif kind == "error":
-                    error = str(payload)
+                await self._handle(job_id, running, kind, payload)
             await loop.run_in_executor(self._readers, process.join)
-            await self._conclude(job_id, running, summary, error, staging_dir)
+            running.exit_code = process.exitcode
         finally:
             receiver.close()
             if process.is_alive():  # this task was cancelled (the trainer is stopping)
-                await asyncio.to_thread(_terminate, process)
+                await stop_worker()
 
-    async def _conclude(
-        self,
-        job_id: str,
-        running: _Running,
-        summary: TrainingSummary | None,
-        error: str,
-        staging_dir: Path,
-    ) -> None:
+    async def _train_distributed(self, task: WorkerTask, workers: int, running: _Running) -> None:
+        """torchrun with `workers` processes (DDP over gloo); rank 0 reports on stdout."""
+        job_id = task.job_id
+        task.staging_dir.parent.mkdir(parents=True, exist_ok=True)
+        task_file = task.staging_dir.parent / f"{job_id}.json"
+        task_file.write_text(json.dumps(task_document(task)))
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",  # rendezvous on a free local port
+            f"--nproc_per_node={workers}",
+            "-m",
+            "services.trainer.core.distributed",
+            str(task_file),
+            stdout=asyncio.subprocess.PIPE,
+            start_new_session=True,  # its own process group: stopping it stops every rank
+        )
+
+        async def stop_worker() -> None:
+            await _stop_group(process)
+
+        running.stop_worker = stop_worker
+        try:
+            if running.cancel_reason is not None:
+                await stop_worker()
+            logger.info(
+                "training job %s started under torchrun (pid %s, %d workers)", job_id, process.pid, workers
+            )
+            assert process.stdout is not None
+            async for raw in process.stdout:
+                event = parse_event(raw.decode(errors="replace"))
+                if event is None:
+                    continue
+                kind, payload = event
+                if kind == "epoch":
+                    payload = EpochReport(**payload)
+                elif kind == "done":
+                    payload = TrainingSummary(**payload)
+                await self._handle(job_id, running, kind, payload)
+            running.exit_code = await process.wait()
+        finally:
+            if process.returncode is None:  # this task was cancelled (the trainer is stopping)
+                await _stop_group(process)
+            task_file.unlink(missing_ok=True)
+
+    async def _conclude(self, job_id: str, running: _Running, staging_dir: Path) -> None:
+        summary, error = running.summary, running.error
         if running.cancel_reason is not None:
             state = running.cancel_state
             await asyncio.to_thread(self._store.finish_job, job_id, state, running.cancel_reason)
@@ -226,7 +285,7 @@ class JobRunner:
                     self._store.finish_job, job_id, "failed", f"registering the model failed: {exc}"
                 )
             return
-        message = error or f"the worker process exited with code {process_exit_code(running.process)}"
+        message = error or f"the worker process exited with code {running.exit_code}"
         logger.warning("training job %s failed: %s", job_id, message)
         await asyncio.to_thread(self._store.finish_job, job_id, "failed", message)
 
@@ -238,8 +297,18 @@ def _receive(connection: Connection) -> tuple[str, Any]:
     return str(message[0]), message[1]
 
 
-def process_exit_code(process: SpawnProcess | None) -> int | None:
-    return process.exitcode if process is not None else None
+async def _stop_group(process: asyncio.subprocess.Process) -> None:
+    """SIGTERM to torchrun's process group (it and every rank), SIGKILL if it lingers."""
+    if process.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(process.wait(), TERMINATE_GRACE_SECONDS)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
 
 
 def _terminate(process: SpawnProcess) -> None:

@@ -102,7 +102,9 @@ class TrainingJobSpec(SpecModel):
     seed: int = Field(0, ge=0, le=2**63 - 1)
     max_categories: int = Field(100, ge=2, le=10_000, description="Most categories one feature may have")
     description: str = Field("", max_length=2000)
-    workers: int = Field(1, ge=0, le=64, description="torchrun workers; 0 or 1 trains in one process")
+    workers: int = Field(
+        1, ge=0, le=16, description="torchrun workers (DDP over gloo); 0 or 1 trains in one process"
+    )
 
     @field_validator("query")
     @classmethod
@@ -138,8 +140,6 @@ class TrainingJobSpec(SpecModel):
             offers += feature.encoding is Encoding.OFFER
         if offers > 1:
             raise ValueError("features: at most one feature has encoding 'offer'")
-        if self.workers > 1:
-            raise ValueError("workers: distributed (torchrun) training is not available in this trainer yet")
         return self
 
     @property

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +28,7 @@ from services.trainer.core.jobs import (
     JobRecord,
     JobState,
     TrainingSummary,
+    finite_or_none,
     metrics_json,
 )
 from services.trainer.core.schema import model_versions, models, training_job_events, training_jobs
@@ -344,7 +344,7 @@ class TrainerStore:
                         name=spec.model_name,
                         version=version,
                         model_type=spec.model_type.value,
-                        auc=_finite(metrics["auc"]),
+                        auc=finite_or_none(metrics["auc"]),
                         log_loss=metrics["log_loss"],
                         calibration_error=metrics["calibration_error"],
                         brier_score=metrics["brier_score"],
@@ -492,10 +492,6 @@ class TrainerStore:
         return summaries, total
 
 
-def _finite(value: float) -> float | None:
-    return value if value == value and abs(value) != float("inf") else None
-
-
 def manifest_bytes(name: str, version: int, files: dict[str, str]) -> bytes:
     document = {"format": MANIFEST_FORMAT, "model": name, "version": version, "files": files}
     return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
@@ -516,7 +512,3 @@ def seal_artifact(staging_dir: Path, final_dir: Path, name: str, version: int) -
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     os.replace(staging_dir, final_dir)
     return hashlib.sha256(manifest).hexdigest()
-
-
-def version_numbers(records: Sequence[ModelVersionRecord]) -> list[int]:
-    return [record.version for record in records]

@@ -12,15 +12,15 @@ import logging
 import subprocess
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import unquote, urlparse
 
 from sqlalchemy import Engine
 
 from libs.common.deployment_spec import deployment_spec_from_mapping
-from libs.common.errors import FailedPrecondition, InvalidArgument, LiveloopError, NotFound, Unimplemented
+from libs.common.errors import FailedPrecondition, InvalidArgument, LiveloopError, Unimplemented
 from services.trainer.core.job_runner import JobNotifier, JobRunner
 from services.trainer.core.job_spec import TrainingJobSpec
 from services.trainer.core.jobs import FINAL_STATES, JobEvent, JobRecord, TrainingSummary
@@ -310,14 +310,4 @@ class TrainerService:
 def _artifact_path(uri: str) -> Path:
     if not uri.startswith("file://"):
         raise FailedPrecondition(f"artifact URI '{uri}' is not a file:// URI", field="model")
-    from urllib.parse import unquote, urlparse
-
     return Path(unquote(urlparse(uri).path))
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-def not_found_version(name: str, version: int) -> NotFound:
-    return NotFound(f"model '{name}' has no version {version}", field="version")

@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from libs.common.errors import InvalidArgument
 from services.trainer.core.job_spec import ModelType, SplitSpec, TrainingJobSpec
@@ -140,13 +142,34 @@ def _better(metric: str, value: float, best: float, min_delta: float) -> bool:
     return value < best - min_delta
 
 
+class _Logits(nn.Module):
+    """What the optimiser trains: the model's logits (DistributedDataParallel wraps `forward`)."""
+
+    def __init__(self, model: TakeUpModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.logits(x)
+
+
 def train_model(
     spec: TrainingJobSpec,
     plan: TrainingSetPlan,
     data: TrainingData,
     report: Callable[[EpochReport], None] = lambda _report: None,
+    *,
+    distributed: bool = False,
 ) -> TrainingOutcome:
+    """Train with early stopping; the model holds the best epoch's weights.
+
+    With `distributed` (under torchrun, the gloo process group initialised), every process reads
+    the same rows and draws the same batches; each computes the gradient of its share of a batch and
+    DistributedDataParallel averages them, which is the gradient of the whole batch: the model
+    matches one process's up to floating-point summation order.
+    """
     configure_determinism(spec.seed)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     split = split_rows(spec.split, data, spec.seed)
     if np.unique(data.labels[split.train]).size < 2:
         raise InvalidArgument("the training split holds one class only", field="spec.split")
@@ -158,6 +181,9 @@ def train_model(
     means, stds = preprocessing.scaling()
     hidden = spec.hyperparameters.hidden_sizes if spec.model_type is ModelType.MLP else []
     model = TakeUpModel(means, stds, hidden)
+    network: nn.Module = _Logits(model)
+    if world > 1:
+        network = DistributedDataParallel(network)
     parameters = spec.hyperparameters
     optimizer = torch.optim.Adam(
         model.parameters(), lr=parameters.learning_rate, weight_decay=parameters.weight_decay
@@ -182,17 +208,21 @@ def train_model(
     epochs = parameters.epochs
     epoch = 0
     for epoch in range(1, epochs + 1):
-        model.train()
+        network.train()
         order = torch.randperm(train_x.shape[0], generator=generator)
-        total = 0.0
+        total = torch.zeros(())
         for start in range(0, train_x.shape[0], parameters.batch_size):
             batch = order[start : start + parameters.batch_size]
+            shard = batch[rank::world]
             optimizer.zero_grad()
-            loss = loss_function(model.logits(train_x[batch]), train_y[batch])
-            (loss / batch.shape[0]).backward()
+            loss = loss_function(network(train_x[shard]), train_y[shard])
+            # Summed over this shard; x world / batch: the ranks' average is the batch's mean loss.
+            (loss * world / batch.shape[0]).backward()
             optimizer.step()
-            total += float(loss.item())
-        model.eval()
+            total += loss.detach()
+        if world > 1:
+            dist.all_reduce(total)
+        network.eval()
         validation_p = predict(model, validation_x)
         metrics = binary_metrics(validation_y, validation_p)
         watched = metrics[stopping.metric]
@@ -207,7 +237,7 @@ def train_model(
             EpochReport(
                 epoch=epoch,
                 max_epochs=epochs,
-                loss=total / train_x.shape[0],
+                loss=float(total) / train_x.shape[0],
                 validation_loss=metrics["log_loss"],
                 metrics=metrics,
                 eta_seconds=0.0 if finishing else elapsed / epoch * (epochs - epoch),

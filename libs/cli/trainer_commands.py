@@ -1,0 +1,249 @@
+"""`liveloop train`, `liveloop models` and `liveloop promote`: train a model from a spec file with a
+progress bar, list the registry, bind a version to a deployment.
+
+Every command calls TrainerService through the front door with the admin key.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import grpc
+import typer
+from google.protobuf.json_format import MessageToDict
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from libs.common.client import open_blocking_channel
+from libs.common.errors import LiveloopError
+from libs.protos.liveloop.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+
+console = Console()
+if not console.is_terminal:
+    console = Console(width=160)
+errors = Console(stderr=True)
+
+StateDir = Annotated[Path | None, typer.Option("--state-dir", help="Local stack state (default .liveloop)")]
+TargetOption = Annotated[str | None, typer.Option("--target", help="host:port of the front door")]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
+
+_STATE_NAMES = {
+    trainer_pb2.JOB_STATE_QUEUED: "queued",
+    trainer_pb2.JOB_STATE_RUNNING: "running",
+    trainer_pb2.JOB_STATE_SUCCEEDED: "succeeded",
+    trainer_pb2.JOB_STATE_FAILED: "failed",
+    trainer_pb2.JOB_STATE_CANCELLED: "cancelled",
+}
+_FINAL = {trainer_pb2.JOB_STATE_SUCCEEDED, trainer_pb2.JOB_STATE_FAILED, trainer_pb2.JOB_STATE_CANCELLED}
+
+
+def _fail(message: str) -> NoReturn:
+    errors.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+    raise typer.Exit(1)
+
+
+@contextmanager
+def _trainer(state_dir: Path | None, target: str | None) -> Iterator[trainer_pb2_grpc.TrainerServiceStub]:
+    from libs.cli.main import _front_door  # main imports this module to register it
+
+    resolved, api_key = _front_door(state_dir, target, role="admin")
+    # No default deadline: WatchJob streams for as long as the job trains; unary calls set their own.
+    with open_blocking_channel(resolved, api_key=api_key, deadline_seconds=None) as channel:
+        try:
+            yield trainer_pb2_grpc.TrainerServiceStub(channel)
+        except grpc.RpcError as exc:
+            hint = " (is the stack running? `liveloop up`, or pass --target)"
+            code = exc.code()
+            _fail(f"{code.name}: {exc.details()}{hint if code == grpc.StatusCode.UNAVAILABLE else ''}")
+
+
+def _metric(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.4f}"
+
+
+def train(
+    spec_file: Annotated[
+        Path, typer.Argument(help="Training spec (YAML), e.g. examples/training/take-up.yaml")
+    ],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the spec against the data only")] = False,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the job until it ends")] = True,
+    state_dir: StateDir = None,
+    target: TargetOption = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Start a training job from a spec file and follow it with a progress bar (epochs, loss, AUC)."""
+    from services.trainer.core.job_spec import parse_training_spec
+    from services.trainer.servicer import spec_message
+
+    try:
+        spec = parse_training_spec(spec_file.read_text())
+    except OSError as exc:
+        _fail(f"cannot read {spec_file}: {exc}")
+    except LiveloopError as exc:
+        _fail(f"{spec_file}: {exc.message}")
+    with _trainer(state_dir, target) as trainer:
+        started = trainer.StartTraining(
+            trainer_pb2.StartTrainingRequest(spec=spec_message(spec), dry_run=dry_run), timeout=60
+        )
+        if dry_run:
+            console.print(f"[green]ok[/green]: {spec_file} fits the training set; nothing was queued")
+            return
+        if not wait:
+            _report({"job_id": started.job_id, "state": "queued"}, as_json)
+            return
+        final = _follow(trainer, started.job_id, spec.hyperparameters.epochs, quiet=as_json)
+    document = MessageToDict(final, preserving_proto_field_name=True)
+    if as_json:
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    elif final.state == trainer_pb2.JOB_STATE_SUCCEEDED:
+        metrics = final.metrics
+        console.print(
+            f"[green]job {started.job_id} succeeded[/green]: {final.model.name} version {final.model.version} "
+            f"(test AUC {_metric(metrics.get('auc', math.nan))}, log loss {_metric(metrics.get('log_loss', math.nan))})"
+        )
+    if final.state != trainer_pb2.JOB_STATE_SUCCEEDED:
+        _fail(f"job {started.job_id} {_STATE_NAMES.get(final.state, '?')}: {final.message}")
+
+
+def _follow(
+    trainer: trainer_pb2_grpc.TrainerServiceStub, job_id: str, epochs: int, *, quiet: bool
+) -> trainer_pb2.JobEvent:
+    last = trainer_pb2.JobEvent(job_id=job_id)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=errors,
+        disable=quiet,
+    )
+    with progress:
+        task = progress.add_task(f"job {job_id}", total=epochs, detail="queued")
+        for event in trainer.WatchJob(trainer_pb2.WatchJobRequest(job_id=job_id, from_start=True)):
+            last = event
+            detail = _STATE_NAMES.get(event.state, "")
+            if event.epoch:
+                detail = (
+                    f"loss {event.loss:.4f}  val {event.validation_loss:.4f}  "
+                    f"AUC {_metric(event.metrics.get('auc', math.nan))}"
+                )
+            progress.update(task, completed=event.epoch, total=event.max_epochs or epochs, detail=detail)
+            if event.state in _FINAL:
+                break
+    return last
+
+
+def _report(document: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    else:
+        console.print(", ".join(f"{key}: {value}" for key, value in document.items()))
+
+
+def models(
+    name: Annotated[str | None, typer.Argument(help="A model: show its newest version in full")] = None,
+    state_dir: StateDir = None,
+    target: TargetOption = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """The model registry: every model with its newest version's metrics, or one model in full."""
+    with _trainer(state_dir, target) as trainer:
+        if name:
+            got = trainer.GetModel(trainer_pb2.GetModelRequest(name=name), timeout=15)
+            document = MessageToDict(got, preserving_proto_field_name=True)
+            if as_json:
+                sys.stdout.write(json.dumps(document, indent=2) + "\n")
+                return
+            version = got.model
+            table = Table(title=f"{version.name} version {version.version} (versions: {list(got.versions)})")
+            table.add_column("field", no_wrap=True)
+            table.add_column("value", overflow="fold")
+            for key, value in (
+                ("AUC", _metric(version.metrics.auc)),
+                ("log loss", _metric(version.metrics.log_loss)),
+                ("calibration error", _metric(version.metrics.calibration_error)),
+                ("test rows", str(version.metrics.rows)),
+                ("features", ", ".join(f"{f.name} ({f.encoding})" for f in version.features)),
+                ("training set", version.training_set),
+                ("data fingerprint", version.data_fingerprint),
+                ("code version", version.code_version),
+                ("artifact", version.artifact_uri),
+                ("checksum", version.checksum),
+                ("deployments", ", ".join(version.deployments) or "-"),
+            ):
+                table.add_row(key, value)
+            console.print(table)
+            return
+        listed = trainer.ListModels(trainer_pb2.ListModelsRequest(), timeout=15)
+    if as_json:
+        sys.stdout.write(json.dumps(MessageToDict(listed, preserving_proto_field_name=True), indent=2) + "\n")
+        return
+    table = Table(title="models")
+    for column in ("model", "latest", "versions", "AUC", "log loss", "calibration", "deployments"):
+        table.add_column(column, no_wrap=True)
+    for model in listed.models:
+        metrics = model.latest_metrics
+        table.add_row(
+            model.name,
+            str(model.latest_version),
+            str(model.version_count),
+            _metric(metrics.auc),
+            _metric(metrics.log_loss),
+            _metric(metrics.calibration_error),
+            ", ".join(f"{d.name}@v{d.revision}" for d in model.deployments) or "-",
+        )
+    console.print(table)
+
+
+def promote(
+    model: Annotated[str, typer.Argument(help="Registered model name")],
+    version: Annotated[int, typer.Argument(min=0, help="Version to bind; 0 for the newest")],
+    deployment: Annotated[str, typer.Option("--deployment", "-d", help="Deployment to bind it to")],
+    message: Annotated[str, typer.Option("--message", "-m", help="Reason recorded in the history")] = "",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the diff; publish nothing")] = False,
+    state_dir: StateDir = None,
+    target: TargetOption = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Bind a model version to a deployment: a new config revision every replica loads."""
+    with _trainer(state_dir, target) as trainer:
+        reply = trainer.Promote(
+            trainer_pb2.PromoteRequest(
+                model=model, version=version, deployment=deployment, dry_run=dry_run, message=message
+            ),
+            timeout=30,
+        )
+    if as_json:
+        sys.stdout.write(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2) + "\n")
+        return
+    verb = "would publish" if dry_run else "published"
+    console.print(
+        f"{verb} revision {reply.config_revision} of {reply.deployment}: "
+        f"{reply.model.name} version {reply.model.version}"
+    )
+    for line in reply.diff.splitlines():
+        style = "green" if line.startswith("+") else "red" if line.startswith("-") else ""
+        console.print(escape(line), style=style, highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(train)
+    app.command()(models)
+    app.command()(promote)

@@ -1,0 +1,152 @@
+"""Train, register, promote and serve a model on the whole local stack, through Envoy.
+
+`liveloop ingest` loads a take-up table, `liveloop train` trains it in a trainer worker process with
+a progress bar, `liveloop promote` binds the version into a deployment, both predictor replicas
+load it, and Invoke and the Open Inference Protocol (tritonclient) answer with its predictions.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+import yaml
+
+from libs.common.client import open_blocking_channel
+from libs.protos.liveloop.common.v1 import common_pb2
+from libs.protos.liveloop.config.v1 import config_pb2, config_pb2_grpc
+from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
+from libs.stack.credentials import ensure_credentials
+from libs.stack.processes import wait_until
+from tests.e2e.conftest import LocalStack
+from tests.trainer_datasets import OFFERS, take_up_rows, write_csv
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(300)]
+
+SPEC = {
+    "model_name": "take-up",
+    "training_set": "take_up",
+    "label": "label",
+    "features": [
+        "age",
+        "tenure_months",
+        {"name": "region", "encoding": "one_hot"},
+        {"name": "offer_id", "encoding": "offer"},
+    ],
+    "hyperparameters": {"epochs": 4, "learning_rate": 0.05, "batch_size": 128, "hidden_sizes": [8]},
+    "split": {"time_column": "event_time"},
+    "seed": 1,
+}
+
+
+@pytest.fixture
+def model_stack(stack_config: LocalStack) -> LocalStack:
+    """The stack's trainer reads ingest's offline store and publishes with the admin key."""
+    credentials = ensure_credentials(stack_config.state_dir)  # the keys `liveloop up` will use
+    stack_config.env["LIVELOOP_TRAINER_OFFLINE_STORE_URL"] = (
+        f"sqlite:///{stack_config.state_dir.resolve() / 'data' / 'ingest.db'}"
+    )
+    stack_config.env["LIVELOOP_TRAINER_CONFIG_API_KEY"] = credentials.admin_key
+    return stack_config
+
+
+def test_train_promote_and_serve_through_the_front_door(model_stack: LocalStack, tmp_path: Path) -> None:
+    stack = model_stack
+    up = stack.cli("up", "--json")
+    try:
+        assert up.returncode == 0, f"liveloop up failed:\n{up.stdout}\n{up.stderr}"
+        run(stack, tmp_path)
+    finally:
+        stack.cli("down")
+
+
+def run(stack: LocalStack, tmp_path: Path) -> None:
+    data = write_csv(tmp_path / "take_up.csv", take_up_rows(600))
+    loaded = stack.cli("ingest", str(data), "--table", "take_up", "--event-time", "event_time", "--json")
+    assert loaded.returncode == 0, loaded.stderr
+
+    spec_file = tmp_path / "take-up.yaml"
+    spec_file.write_text(yaml.safe_dump(SPEC))
+    trained = stack.cli("train", str(spec_file), "--json", timeout=180)
+    assert trained.returncode == 0, trained.stderr
+    final = json.loads(trained.stdout)
+    assert final["state"] == "JOB_STATE_SUCCEEDED"
+    assert final["model"] == {"name": "take-up", "version": "1"}
+
+    credentials = stack.credentials()
+    with open_blocking_channel(
+        stack.front_door, api_key=credentials["admin"], deadline_seconds=10
+    ) as channel:
+        config = config_pb2_grpc.ConfigServiceStub(channel)
+        document = {
+            "name": "telco",
+            "offers": [{"id": offer} for offer in OFFERS],
+            "exploration_epsilon": 0.0,
+        }
+        config.Publish(config_pb2.PublishRequest(spec_text=json.dumps(document)))
+        promoted = stack.cli("promote", "take-up", "1", "--deployment", "telco", "--json")
+        assert promoted.returncode == 0, promoted.stderr
+        revision = int(json.loads(promoted.stdout)["config_revision"])
+        # Score with the model: the deployment's algorithm becomes `model`.
+        head = config.Get(config_pb2.GetRequest(deployment=common_pb2.DeploymentRef(name="telco")))
+        spec = json.loads(head.deployment.spec_json)
+        assert spec["model"] == {"name": "take-up", "version": 1}
+        spec["algorithm"] = {"approach": "model"}
+        revision = config.Publish(config_pb2.PublishRequest(spec_text=json.dumps(spec))).revision
+
+    with open_blocking_channel(
+        stack.front_door, api_key=credentials["invoke"], deadline_seconds=10
+    ) as channel:
+        predictor = predictor_pb2_grpc.PredictorServiceStub(channel)
+
+        def both_replicas_serve_it() -> bool:
+            replicas = {}
+            for _ in range(10):
+                reply = predictor.Ping(predictor_pb2.PingRequest())
+                replicas[reply.replica_id] = reply.config_revision
+            return len(replicas) == 2 and all(r >= revision for r in replicas.values())
+
+        assert wait_until(both_replicas_serve_it, timeout=30), "the replicas did not apply the model revision"
+        scores = []
+        for _ in range(6):
+            reply = predictor.Invoke(
+                predictor_pb2.InvokeRequest(campaign="telco", customer="c1", params=_params({"age": 30}))
+            )
+            assert reply.config_revision >= revision
+            assert [row.result.propensity for row in reply.final_result][:1] == [1.0]
+            scores.append(
+                sorted((row.result.offer, round(row.result.arm_reward, 6)) for row in reply.final_result)
+            )
+        assert all(row == scores[0] for row in scores)  # both replicas, the same model, the same scores
+
+    client = triton.InferenceServerClient(url=stack.front_door)
+    try:
+        headers = {"x-api-key": credentials["invoke"]}
+        metadata = client.get_model_metadata("take-up", headers=headers, as_json=True, client_timeout=10)
+        width = int(metadata["inputs"][0]["shape"][1])
+        tensor = triton.InferInput("features", [3, width], "FP32")
+        tensor.set_data_from_numpy(np.zeros((3, width), dtype=np.float32))
+        started = time.monotonic()
+        result = client.infer("take-up", [tensor], model_version="1", headers=headers, client_timeout=10)
+        assert time.monotonic() - started < 10
+        probabilities = result.as_numpy("probability")
+        assert probabilities.shape == (3, 1)
+        assert ((probabilities > 0) & (probabilities < 1)).all()
+    finally:
+        client.close()
+
+    listed = stack.cli("models", "--json")
+    assert listed.returncode == 0, listed.stderr
+    models = json.loads(listed.stdout)["models"]
+    assert models[0]["name"] == "take-up"
+    assert models[0]["deployments"] == [{"name": "telco", "revision": "1"}]
+
+
+def _params(values: dict[str, object]) -> object:
+    from google.protobuf import json_format, struct_pb2
+
+    return json_format.ParseDict(values, struct_pb2.Value())
