@@ -7,20 +7,25 @@ trainer, monitor, Envoy) on free ports in a temporary state directory, publishes
 deployment (50 offers, Thompson sampling, two context variables: `gender` from the `customers`
 feature view and `channel` from the request params), writes online features for 10,000 customers
 into Redis and waits until both replicas serve that revision. Then h2load (a C load generator,
-Debian package `nghttp2-client`) sends gRPC frames through Envoy:
+Debian package `nghttp2-client`) sends gRPC frames through Envoy, Ping and Invoke alternately:
 
 - 1 in flight (`-c1 -m1`): latency p50;
 - 50 in flight (`-c10 -m5`: 10 HTTP/2 connections x 5 streams): throughput and p99;
+- paced: one connection sending on a fixed schedule (open loop) at half of Invoke's capacity, the
+  same rate for both RPCs: latency below saturation.
 
-for Ping and Invoke alternately, in several rounds (medians are reported; each round uses another
-customer, since h2load repeats one body). Latency percentiles come from h2load's per-request
-`--log-file`. h2load counts HTTP 200 as success, which says nothing about the gRPC status, so every
-run also diffs the replicas' `liveloop_rpc_requests_total` by status code (every request, warm-up
-included), and a Python client and `nghttp -v` check grpc-status 0 for the exact bodies.
+An unrecorded warm-up per RPC and level measures the rate that sizes each measured run (`-n`, about
+`--duration` seconds). Runs are bounded by count, not time: a run cut by time cancels the requests in
+flight. Rounds repeat everything (medians are reported); each round's Invoke uses another customer,
+since h2load repeats one body. Latency percentiles come from h2load's per-request `--log-file`.
+h2load counts HTTP 200 as success, which says nothing about the gRPC status, so each run checks that
+the replicas' `liveloop_rpc_requests_total` counted exactly h2load's requests, all OK; before the
+load a Python client and `nghttp -v` check grpc-status 0 for the exact bodies, and a negative control
+with a wrong API key shows that failing calls would be caught.
 
-It records CPU (cores) of every process per run, RSS per replica before and after the load, and
-with `--profile` a py-spy profile of one replica under Invoke load. Results go to
-bench/results/invoke_throughput.{json,md}. The stack is always stopped at the end.
+It records CPU of every process per run, RSS per process before and after the load, what the load
+left in Redis, and with `--profile` a py-spy profile of one replica under Invoke and under Ping.
+Results go to bench/results/invoke_throughput.{json,md}. The stack is always stopped at the end.
 """
 
 from __future__ import annotations
@@ -1193,7 +1198,22 @@ def main() -> int:
         "--findings", type=Path, help="a text file of findings (one per line) to add to the report"
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        help="run nothing: rewrite the .md from this recorded JSON (with --findings, replace its findings)",
+    )
     args = parser.parse_args()
+
+    if args.from_json is not None:
+        recorded = json.loads(args.from_json.read_text())
+        if args.findings is not None:
+            recorded["findings"] = [
+                line.strip() for line in args.findings.read_text().splitlines() if line.strip()
+            ]
+            args.from_json.write_text(json.dumps(recorded, indent=2) + "\n")
+        write_markdown(recorded, args.from_json.with_suffix(".md"))
+        return 0
 
     missing = [tool for tool in ("h2load",) if shutil.which(tool) is None]
     if missing:

@@ -223,10 +223,14 @@ class TelemetryInterceptor(aio.ServerInterceptor):
         latency = RPC_LATENCY.labels(service, method)
         in_flight = RPC_IN_FLIGHT.labels(service)
 
-        def finish(context: aio.ServicerContext[Any, Any], started: float, failed: bool) -> None:
+        def finish(
+            context: aio.ServicerContext[Any, Any], started: float, failed: bool, cancelled: bool
+        ) -> None:
             code = context.code()
             if code is None:
                 name = "UNKNOWN" if failed else "OK"
+                if cancelled:
+                    name = "CANCELLED"  # the client went away (or its deadline passed) mid-call
             else:
                 name = code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode(code).name
             RPC_REQUESTS.labels(service, method, name).inc()
@@ -236,36 +240,42 @@ class TelemetryInterceptor(aio.ServerInterceptor):
         if inspect.isasyncgenfunction(behavior):
 
             async def generator(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-                started, failed = time.perf_counter(), False
+                started, failed, cancelled = time.perf_counter(), False, False
                 in_flight.inc()
                 span = _start_span(tracer, method, carrier)
                 try:
                     async for response in behavior(request, context):
                         yield response
+                except asyncio.CancelledError:
+                    failed = cancelled = True
+                    raise
                 except BaseException:
                     failed = True
                     raise
                 finally:
                     if span is not None:
                         span.end()
-                    finish(context, started, failed)
+                    finish(context, started, failed, cancelled)
 
             return generator
 
         async def coroutine(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-            started, failed = time.perf_counter(), False
+            started, failed, cancelled = time.perf_counter(), False, False
             in_flight.inc()
             span = _start_span(tracer, method, carrier)
             try:
                 result = behavior(request, context)
                 return await result if inspect.isawaitable(result) else result
+            except asyncio.CancelledError:
+                failed = cancelled = True
+                raise
             except BaseException:
                 failed = True
                 raise
             finally:
                 if span is not None:
                     span.end()
-                finish(context, started, failed)
+                finish(context, started, failed, cancelled)
 
         return coroutine
 

@@ -37,6 +37,7 @@ from libs.common.server import RunningServer
 from libs.protos.liveloop.config.v1 import config_pb2, config_pb2_grpc
 from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 from services.config.server import build_server as build_config
+from services.predictor.core.algorithms import PROPENSITY_SAMPLES
 from services.predictor.server import build_server as build_predictor
 from tests.conftest import ApiKeys
 from tests.grpc.conftest import SERVICES_UNDER_TEST, target
@@ -315,8 +316,8 @@ def compare_with_frequency(
     for offer in OFFERS:
         p = mean_logged[offer]
         # Var(sum of indicators) = sum p_t (1 - p_t) <= N p(1 - p) for the mean p (Jensen); a
-        # propensity that is itself a 512-draw estimate adds about 1/512 of that again.
-        variance = p * (1 - p) / total * ((1 + 1 / 512) if sampled_estimate else 1.0)
+        # propensity that is itself a PROPENSITY_SAMPLES-draw estimate adds about 1/PROPENSITY_SAMPLES of that again.
+        variance = p * (1 - p) / total * ((1 + 1 / PROPENSITY_SAMPLES) if sampled_estimate else 1.0)
         standard_error = max(math.sqrt(variance), 1 / total)
         worst = max(worst, abs(observed[offer] - p) / standard_error)
     return mean_logged, observed, worst

@@ -180,9 +180,7 @@ class OptionsStore:
         self._redis = redis
         self._clock = clock
         self._generations: dict[str, tuple[float, str]] = {}
-        self._update_arms = redis.register_script(UPDATE_ARMS)
         self._mark_responses = redis.register_script(MARK_RESPONSES)
-        self._update_linear = redis.register_script(UPDATE_LINEAR)
 
     @property
     def redis(self) -> Redis:
@@ -256,7 +254,10 @@ class OptionsStore:
         args: list[Any] = [now, policy.half_life_seconds, policy.window_seconds, policy.count_cap]
         for offer, impressions, successes in updates:
             args += [offer, impressions, successes]
-        await self._update_arms(keys=[key], args=args, client=pipeline)
+        # EVAL with the body, not a registered Script: redis-py checks SCRIPT EXISTS before every
+        # pipeline that holds a Script (one more round trip per Invoke); Redis caches the compiled
+        # body by its SHA either way, and EVAL cannot fail with NOSCRIPT after a Redis restart.
+        pipeline.eval(UPDATE_ARMS, 1, key, *args)
 
     def queue_naive_bayes_update(
         self, pipeline: Any, key: str, offer: str, context: Mapping[str, str], field: str, amount: float
@@ -268,7 +269,7 @@ class OptionsStore:
     async def queue_linear_update(
         self, pipeline: Any, key: str, vector: Sequence[float], reward: float
     ) -> None:
-        await self._update_linear(keys=[key], args=[len(vector), reward, *vector], client=pipeline)
+        pipeline.eval(UPDATE_LINEAR, 1, key, len(vector), reward, *vector)
 
     async def mark_responses(self, uuid: str, offers: Sequence[str]) -> list[str] | None:
         """Offers not answered before (None when the contact is gone)."""
