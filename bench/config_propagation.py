@@ -52,7 +52,9 @@ def run_watcher(target: str, api_key: str, replica_id: str, state_dir: Path) -> 
 
     async def main() -> None:
         async def on_change(applied: AppliedConfig) -> None:
-            sys.stdout.write(json.dumps({"replica": replica_id, "revision": applied.revision, "t": time.time()}) + "\n")
+            sys.stdout.write(
+                json.dumps({"replica": replica_id, "revision": applied.revision, "t": time.time()}) + "\n"
+            )
             sys.stdout.flush()
 
         follower = ConfigFollower(
@@ -143,7 +145,9 @@ def scenario(watchers_count: int, publishes: int, work: Path) -> dict[str, Any]:
         with open_blocking_channel(target, api_key=admin_key, deadline_seconds=10) as channel:
             stub = config_pb2_grpc.ConfigServiceStub(channel)
             for index in range(publishes):
-                text = SPEC.replace("exploration_epsilon: 0.05", f"exploration_epsilon: {0.01 + index * 1e-4:.4f}")
+                text = SPEC.replace(
+                    "exploration_epsilon: 0.05", f"exploration_epsilon: {0.01 + index * 1e-4:.4f}"
+                )
                 started_wall, started = time.time(), time.perf_counter()
                 reply = stub.Publish(config_pb2.PublishRequest(spec_text=text, message=f"bench {index}"))
                 committed_wall = started_wall + (time.perf_counter() - started)
@@ -178,7 +182,9 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--watcher":
         run_watcher(sys.argv[2], sys.argv[3], sys.argv[4], Path(sys.argv[5]))
         return 0
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--publishes", type=int, default=200)
     parser.add_argument("--watchers", type=int, nargs="+", default=[2, 16])
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
@@ -192,7 +198,11 @@ def main() -> int:
     report = {
         "benchmark": "config propagation: Publish -> ACK of every replica",
         "command": "python bench/config_propagation.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "goal": "p99 under 50 ms",
         "results": results,
