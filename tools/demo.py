@@ -13,6 +13,7 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from libs.stack.credentials import load_credentials
 from libs.stack.launcher import StackRecord, StackSettings
@@ -74,6 +75,60 @@ def data_and_options() -> None:
     liveloop("invoke", "telco-offers", "c0002", "--channel", "app")
 
 
+def learning_loop(front_door: str, invoke_key: str) -> None:
+    step(
+        "REST, as ecosystem.Ai clients send it: POST /invocations (numberoffers as a string, params as JSON text)"
+    )
+    body = {
+        "campaign": "telco-offers",
+        "customer": "c0002",
+        "channel": "app",
+        "numberoffers": "2",
+        "params": json.dumps({"channel": "app"}),
+    }
+    print(f"$ curl -H 'x-api-key: ...' -d '{json.dumps(body)}' http://{front_door}/invocations")
+    reply = _post(front_door, "/invocations", body, invoke_key)
+    for row in reply["final_result"]:
+        result = row["result"]
+        print(
+            f"  rank {result['rank']}: {result['offer']:<16} score {result['score']:.3f}  arm_reward "
+            f"{result['arm_reward']:.3f}  propensity {result['propensity']:.3f}"
+        )
+    offer = reply["final_result"][0]["result"]["offer"]
+    segment = reply["final_result"][0]["result"]["segment"]
+    step(f"The customer takes {offer}: POST /response; the arm statistics in Redis change at once")
+    answer = {
+        "uuid": reply["uuid"],
+        "offers_accepted": [{"offer_name": reply["final_result"][0]["result"]["offer_name"]}],
+    }
+    print(f"$ curl -H 'x-api-key: ...' -d '{json.dumps(answer)}' http://{front_door}/response")
+    print(json.dumps(_post(front_door, "/response", answer, invoke_key)))
+    step("Responding twice learns nothing twice")
+    print(json.dumps(_post(front_door, "/response", answer, invoke_key)))
+    step("Every replica sees the learning on its next request (both serve the same Redis statistics)")
+    before = reply["final_result"][0]["result"]["arm_count"]
+    for _ in range(2):  # round robin: one call on each replica
+        again = _post(front_door, "/invocations", {**body, "numberoffers": 7}, invoke_key)
+        row = next(r["result"] for r in again["final_result"] if r["result"]["offer"] == offer)
+        print(
+            f"  replica {again['replica_id']}: {offer} in segment {segment}: evidence {row['arm_count']:.2f} "
+            f"(was {before:.2f}), arm_reward {row['arm_reward']:.3f}"
+        )
+    step("The same over gRPC from the command line, and a response")
+    liveloop("invoke", "telco-offers", "c0003", "-n", "3", "--channel", "app")
+
+
+def _post(front_door: str, path: str, body: dict[str, object], key: str) -> dict[str, Any]:
+    request = urllib.request.Request(
+        f"http://{front_door}{path}",
+        data=json.dumps(body).encode(),
+        headers={"x-api-key": key, "content-type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        reply: dict[str, Any] = json.loads(response.read())
+        return reply
+
+
 def main() -> int:
     settings = StackSettings()
     step("Start the local stack: Redis, config, 2 predictors, ingest, trainer, monitor, Envoy")
@@ -85,11 +140,12 @@ def main() -> int:
         liveloop("ping", "--count", "6")
         live_configuration(settings.state_dir)
         data_and_options()
-        step("REST through Envoy's gRPC-JSON transcoder: GET /ping")
         record = StackRecord.load(settings.state_dir)
         credentials = load_credentials(settings.state_dir)
         assert record is not None
         assert credentials is not None
+        learning_loop(f"{settings.host}:{record.envoy_port}", credentials.invoke_key)
+        step("REST through Envoy's gRPC-JSON transcoder: GET /ping")
         url = f"http://{settings.host}:{record.envoy_port}/ping"
         print(f"$ curl -H 'x-api-key: ...' {url}")
         request = urllib.request.Request(url, headers={"x-api-key": credentials.invoke_key})
@@ -107,8 +163,8 @@ def main() -> int:
         liveloop("down")
     print(
         "\ndemo finished: the stack started healthy, served through Envoy, followed two config pushes on"
-        " both replicas, ingested and materialized the sample data, generated the options store, and"
-        " stopped cleanly."
+        " both replicas, ingested and materialized the sample data, generated the options store, ranked"
+        " offers over REST and gRPC, learned from a response on every replica, and stopped cleanly."
     )
     return 0
 
