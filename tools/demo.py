@@ -114,7 +114,7 @@ def learning_loop(front_door: str, invoke_key: str) -> None:
             f"  replica {again['replica_id']}: {offer} in segment {segment}: evidence {row['arm_count']:.2f} "
             f"(was {before:.2f}), arm_reward {row['arm_reward']:.3f}"
         )
-    step("The same over gRPC from the command line, and a response")
+    step("The same over gRPC from the command line")
     liveloop("invoke", "telco-offers", "c0003", "-n", "3", "--channel", "app")
 
 
