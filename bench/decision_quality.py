@@ -67,6 +67,14 @@ GOALS: dict[str, dict[str, float]] = {
 REVERSED_HALF_LIVES = (4_000.0, 6_000.0, 8_000.0, 10_000.0, 12_000.0, 16_000.0)
 SEGMENTS_HALF_LIVES = (5_000.0, 10_000.0, 20_000.0, 40_000.0)
 EPSILON = 0.1
+# Thompson priors: the default Beta(1, 1), and one centred near the offers' typical take-up (mean
+# 1/21, about 5%) with the weight of 20 impressions, as ingest would seed it from historical take-up.
+# The weight 20 was picked from {10, 20, 40} on the tuning seeds.
+PRIORS = ((1.0, 1.0), (1.0, 20.0))
+
+
+def prior_text(prior: Sequence[float]) -> str:
+    return f"Beta({prior[0]:g}, {prior[1]:g})"
 
 
 @dataclass(frozen=True)
@@ -453,8 +461,8 @@ def write_markdown(document: dict[str, Any], path: Path) -> None:
             + "\n"
         )
     out.append("## Half-life tuning (tuning seeds only)\n")
-    for environment, tuning in document["tuning"].items():
-        out.append(f"### {environment}\n")
+    for title, tuning in document["tuning"].items():
+        out.append(f"### {title}\n")
         rows = []
         for half_life, summary in tuning["sweep"].items():
             rows.append(
@@ -603,11 +611,11 @@ def discussion(document: dict[str, Any]) -> list[str]:
             "needs the same discrimination after first unlearning the old best, and a half-life also caps "
             "how much evidence the sampler can hold about the top two offers."
         )
-    sweep = document["tuning"].get("reversed", {}).get("sweep", {})
+    sweep = document["tuning"].get(f"reversed, prior {prior_text(PRIORS[0])}", {}).get("sweep", {})
     if sweep:
         shortest, longest = min(sweep, key=float), max(sweep, key=float)
         notes.append(
-            f"- The half-life trade-off (tuning seeds): {float(shortest):,.0f} s gives regret "
+            f"- The half-life trade-off (tuning seeds, prior Beta(1, 1)): {float(shortest):,.0f} s gives regret "
             f"{sweep[shortest]['regret_before_change_mean']:,.1f} before the change against "
             f"{sweep[longest]['regret_before_change_mean']:,.1f} with {float(longest):,.0f} s: forgotten "
             "evidence returns each arm towards the Beta(1, 1) prior (mean 0.5, far above take-up of 2-10%), "
@@ -615,6 +623,20 @@ def discussion(document: dict[str, Any]) -> list[str]:
             f"to the old best longer after the change (recovery {rounds_list(sweep[shortest]['recovery_rounds'])} "
             f"vs {rounds_list(sweep[longest]['recovery_rounds'])})."
         )
+    for environment in ("reversed", "segments"):
+        default = document["tuning"].get(f"{environment}, prior {prior_text(PRIORS[0])}")
+        informed = document["tuning"].get(f"{environment}, prior {prior_text(PRIORS[1])}")
+        if default and informed:
+            pairs = "; ".join(
+                f"{float(h):,.0f} s: {default['sweep'][h]['regret_mean']:,.1f} / "
+                f"{informed['sweep'][h]['regret_mean']:,.1f}"
+                for h in default["sweep"]
+                if h in informed["sweep"]
+            )
+            notes.append(
+                f"- The prior ({environment}, tuning seeds), mean regret by half-life with "
+                f"{prior_text(PRIORS[0])} / {prior_text(PRIORS[1])}: {pairs}."
+            )
     for environment, block in evaluation.items():
         policies = block["policies"]
         goal_label = next((label for label, entry in policies.items() if entry["goal_policy"]), None)
@@ -665,42 +687,76 @@ def main() -> int:
     scale = 10 if args.quick else 1
     rounds = {name: value // scale for name, value in ROUNDS.items()}
 
-    # 1. Tune the half-lives on the tuning seeds.
+    # 1. Tune the half-lives on the tuning seeds, for the default prior and a take-up-like prior.
+    sweeps = (("reversed", REVERSED_HALF_LIVES), ("segments", SEGMENTS_HALF_LIVES))
     tuning_jobs = [
-        Job("tuning", "reversed", rounds["reversed"], seed, PolicySettings(half_life_seconds=h / scale))
-        for h in REVERSED_HALF_LIVES
-        for seed in args.tuning_seeds
-    ] + [
-        Job("tuning", "segments", rounds["segments"], seed, PolicySettings(half_life_seconds=h / scale))
-        for h in SEGMENTS_HALF_LIVES
+        Job(
+            "tuning",
+            environment,
+            rounds[environment],
+            seed,
+            PolicySettings(half_life_seconds=h / scale, alpha0=alpha0, beta0=beta0),
+        )
+        for environment, half_lives in sweeps
+        for alpha0, beta0 in PRIORS
+        for h in half_lives
         for seed in args.tuning_seeds
     ]
     tuning_results = run_jobs(tuning_jobs, args.workers, "tuning")
     tuning: dict[str, Any] = {}
-    for environment, half_lives in (("reversed", REVERSED_HALF_LIVES), ("segments", SEGMENTS_HALF_LIVES)):
-        sweep = {
-            h / scale: summarise(select(tuning_results, environment=environment, half_life_seconds=h / scale))
-            for h in half_lives
-        }
+    chosen_half_life: dict[tuple[str, tuple[float, float]], float] = {}
+    for environment, half_lives in sweeps:
         goal = {
             key: value / scale if key == "recovery_rounds" else value
             for key, value in GOALS[environment].items()
         }
-        chosen, rule = choose_half_life(sweep, goal)
-        tuning[environment] = {"sweep": {str(h): s for h, s in sweep.items()}, "chosen": chosen, "rule": rule}
-        log(f"[tuning] {environment}: half-life {chosen:g} s ({rule})")
+        for alpha0, beta0 in PRIORS:
+            sweep = {
+                h / scale: summarise(
+                    select(
+                        tuning_results,
+                        environment=environment,
+                        half_life_seconds=h / scale,
+                        alpha0=alpha0,
+                        beta0=beta0,
+                    )
+                )
+                for h in half_lives
+            }
+            chosen, rule = choose_half_life(sweep, goal)
+            chosen_half_life[environment, (alpha0, beta0)] = chosen
+            tuning[f"{environment}, prior {prior_text((alpha0, beta0))}"] = {
+                "environment": environment,
+                "prior": [alpha0, beta0],
+                "sweep": {str(h): s for h, s in sweep.items()},
+                "chosen": chosen,
+                "rule": rule,
+            }
+            log(
+                f"[tuning] {environment}, prior {prior_text((alpha0, beta0))}: half-life {chosen:g} s ({rule})"
+            )
 
-    # 2. Evaluate on the evaluation seeds: the goal policy and the baselines.
-    reversed_h = tuning["reversed"]["chosen"]
-    segments_h = tuning["segments"]["chosen"]
+    # 2. Evaluate on the evaluation seeds: the goal policies, variants and baselines.
+    default, informed = PRIORS
+    reversed_h = chosen_half_life["reversed", default]
+    reversed_informed_h = chosen_half_life["reversed", informed]
+    segments_h = chosen_half_life["segments", default]
+    segments_informed_h = chosen_half_life["segments", informed]
+    a, b = informed
     plans: dict[str, list[tuple[str, PolicySettings, bool]]] = {
         "stationary": [
             ("thompson", PolicySettings(), True),
+            (f"thompson, prior {prior_text(informed)}", PolicySettings(alpha0=a, beta0=b), True),
             ("epsilon_greedy 0.1", PolicySettings("epsilon_greedy", epsilon=EPSILON), False),
             ("uniform random", PolicySettings("uniform"), False),
         ],
         "reversed": [
             (f"thompson, half-life {reversed_h:,.0f} s", PolicySettings(half_life_seconds=reversed_h), True),
+            (
+                f"thompson, prior {prior_text(informed)}, half-life {reversed_informed_h:,.0f} s",
+                PolicySettings(half_life_seconds=reversed_informed_h, alpha0=a, beta0=b),
+                True,
+            ),
             ("thompson, no half-life", PolicySettings(), False),
             (
                 f"epsilon_greedy 0.1, half-life {reversed_h:,.0f} s",
@@ -717,6 +773,11 @@ def main() -> int:
                 True,
             ),
             ("thompson + segment, no half-life", PolicySettings(), True),
+            (
+                f"thompson + segment, prior {prior_text(informed)}, half-life {segments_informed_h:,.0f} s",
+                PolicySettings(half_life_seconds=segments_informed_h, alpha0=a, beta0=b),
+                True,
+            ),
             (
                 f"thompson without the segment, half-life {segments_h:,.0f} s",
                 PolicySettings(half_life_seconds=segments_h, use_segment=False),

@@ -56,6 +56,7 @@ from services.predictor.core.simulation import (
     run_async_policy,
     run_in_memory,
     run_with_redis,
+    simulation_spec,
     simulation_spec_document,
 )
 
@@ -91,12 +92,12 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def _parse_take_up(text: str) -> tuple[float, float]:
+def _parse_pair(text: str, option: str, example: str) -> tuple[float, float]:
     try:
-        low, high = (float(part) for part in text.split(","))
+        first, second = (float(part) for part in text.split(","))
     except ValueError:
-        raise typer.BadParameter("expected LOW,HIGH, e.g. 0.02,0.10", param_hint="--take-up") from None
-    return low, high
+        raise typer.BadParameter(f"expected two numbers, e.g. {example}", param_hint=option) from None
+    return first, second
 
 
 @contextmanager
@@ -144,6 +145,14 @@ def simulate(
         ),
     ] = None,
     epsilon: Annotated[float, typer.Option(min=0.0, max=1.0, help="Exploration of epsilon_greedy")] = 0.1,
+    prior: Annotated[
+        str,
+        typer.Option(
+            "--prior",
+            metavar="ALPHA,BETA",
+            help="thompson: Beta prior of every arm (prior successes, failures)",
+        ),
+    ] = "1,1",
     offers: Annotated[int, typer.Option(min=2, max=1000, help="Number of offers")] = 10,
     take_up: Annotated[
         str, typer.Option("--take-up", metavar="LOW,HIGH", help="Range of the offers' take-up rates")
@@ -176,19 +185,23 @@ def simulate(
 ) -> None:
     """Run a seeded environment with known take-up rates; report regret against the oracle, CTR and
     rounds to recover after a change."""
-    low, high = _parse_take_up(take_up)
-    try:
-        world = make_environment(
-            environment.value, rounds=rounds, seed=seed, offers=offers, low=low, high=high
-        )
-    except LiveloopError as exc:
-        _fail(f"{exc.field}: {exc.message}" if exc.field else exc.message, code=2)
+    low, high = _parse_pair(take_up, "--take-up", "0.02,0.10")
+    alpha0, beta0 = _parse_pair(prior, "--prior", "1,20")
     policy = PolicySettings(
         algorithm=algorithm.value,
         half_life_seconds=half_life,
         epsilon=epsilon,
         use_segment=not no_context,
+        alpha0=alpha0,
+        beta0=beta0,
     )
+    try:
+        world = make_environment(
+            environment.value, rounds=rounds, seed=seed, offers=offers, low=low, high=high
+        )
+        simulation_spec(world, policy, "sim-check")  # the spec a run publishes must be valid
+    except LiveloopError as exc:
+        _fail(exc.message, code=2)
     if engine is EngineChoice.REDIS and not redis_url:
         _fail("--engine redis needs --redis-url (a Redis this command may write to)", code=2)
     if engine is EngineChoice.GRPC and half_life:

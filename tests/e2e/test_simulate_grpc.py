@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from libs.common import redis_keys
-from services.predictor.core.simulation import PolicySettings, make_environment, run_in_memory
+from services.predictor.core.simulation import Environment, PolicySettings, make_environment, run_in_memory
 from tests.e2e.conftest import LocalStack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(120)]
@@ -21,6 +21,10 @@ ROUNDS = 2_000
 # Four offers from 5% to 30% take-up: large gaps, so Thompson sampling settles within a few hundred rounds.
 ARGS = ["--environment", "stationary", "--rounds", str(ROUNDS), "--offers", "4", "--take-up", "0.05,0.30"]
 SEED = 4
+
+
+def stationary(seed: int) -> Environment:
+    return make_environment("stationary", rounds=ROUNDS, seed=seed, offers=4, low=0.05, high=0.30)
 
 
 def replicas_in_decision_log(stack: LocalStack, deployment: str) -> dict[str, set[str]]:
@@ -52,26 +56,16 @@ def test_simulation_through_the_front_door_learns_like_the_core(running_stack: L
     # Respond to the other: the decision log says which replica handled each.)
     served = replicas_in_decision_log(running_stack, through_grpc["settings"]["deployment"])
     assert served["contact"] | served["response"] == {"predictor-1", "predictor-2"}, served
-    assert through_grpc["best_share_last_window"] >= 0.8
+    assert through_grpc["best_share_last_window"] >= 0.7
 
     # The same seed in process: the environment (segments, click draws) is identical; the replicas'
-    # own random draws are not, so regret agrees within the spread of seeded in-memory runs.
-    environment = make_environment("stationary", rounds=ROUNDS, seed=SEED, offers=4, low=0.05, high=0.30)
-    in_memory = run_in_memory(environment, PolicySettings())
-    spread = [
-        run_in_memory(
-            make_environment("stationary", rounds=ROUNDS, seed=seed, offers=4, low=0.05, high=0.30),
-            PolicySettings(),
-        ).regret
-        for seed in range(10, 16)
-    ]
-    tolerance = 3 * statistics.pstdev([*spread, in_memory.regret]) + 10
-    assert in_memory.best_share_last_window >= 0.8
-    assert abs(through_grpc["regret"] - in_memory.regret) <= tolerance, (
-        through_grpc["regret"],
-        in_memory.regret,
-        spread,
-    )
+    # own random draws are not, so the gRPC regret must fall inside the spread of seeded in-memory
+    # runs (mean +- 4 sd + 10; over 60 seeds in-memory regret ranged 12..65, mean 29, sd 13).
+    in_memory = run_in_memory(stationary(SEED), PolicySettings())
+    spread = [run_in_memory(stationary(seed), PolicySettings()).regret for seed in range(10, 18)]
+    centre, width = statistics.mean(spread), statistics.pstdev(spread)
+    assert in_memory.best_share_last_window >= 0.7
+    assert abs(through_grpc["regret"] - centre) <= 4 * width + 10, (through_grpc["regret"], spread)
     # uniform random choice would lose (30% - mean take-up) per round: about 250 clicks here
     assert through_grpc["regret"] < 0.4 * ROUNDS * (0.30 - 0.175)
 
@@ -91,8 +85,10 @@ def test_simulation_through_the_front_door_learns_like_the_core(running_stack: L
     )
     assert result.returncode == 0, f"simulate --engine redis failed:\n{result.stdout}\n{result.stderr}"
     in_process = json.loads(result.stdout)
-    assert in_process["regret"] == pytest.approx(in_memory.regret)  # same draws, same choices
-    assert in_process["best_share_last_window"] >= 0.8
+    assert in_process["regret"] == pytest.approx(
+        in_memory.regret, abs=1e-3
+    )  # same draws, same choices (JSON rounds to 4 places)
+    assert in_process["best_share_last_window"] >= 0.7
 
     # the simulation deployment was removed again
     listed = running_stack.cli("config", "list", "--json")

@@ -182,6 +182,10 @@ def test_the_simulation_spec_declares_the_segment_only_where_asked() -> None:
     assert blind.segment_variables == []
     uniform = simulation_spec(environment, PolicySettings(algorithm="uniform"), "sim-c")
     assert uniform.exploration_epsilon == 1.0
+    informed = PolicySettings(half_life_seconds=8000, beta0=20.0)
+    spec = simulation_spec(environment, informed, "sim-d")
+    assert (spec.algorithm.alpha0, spec.algorithm.beta0) == (1.0, 20.0)  # type: ignore[union-attr]
+    assert informed.label == "thompson prior=Beta(1,20) half-life=8000s"
 
 
 # The twin against Redis ---------------------------------------------------------------------------
@@ -290,3 +294,6 @@ def test_simulate_command_prints_a_summary_and_refuses_redis_without_a_url() -> 
     refused = runner.invoke(app, ["simulate", "--engine", "redis", "--rounds", "10"])
     assert refused.exit_code == 2
     assert "--redis-url" in refused.output
+    invalid = runner.invoke(app, ["simulate", "--rounds", "10", "--prior", "0,1"])
+    assert invalid.exit_code == 2
+    assert "algorithm.alpha0" in invalid.output

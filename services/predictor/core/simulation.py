@@ -185,12 +185,16 @@ class PolicySettings:
     half_life_seconds: float | None = None
     epsilon: float = 0.1  # exploration share for epsilon_greedy
     use_segment: bool = True  # declare the segment as a context variable (segments environment)
+    alpha0: float = 1.0  # thompson prior successes
+    beta0: float = 1.0  # thompson prior failures
 
     @property
     def label(self) -> str:
         parts: list[str] = [self.algorithm]
         if self.algorithm == "epsilon_greedy":
             parts.append(f"eps={self.epsilon:g}")
+        if self.algorithm == "thompson" and (self.alpha0, self.beta0) != (1.0, 1.0):
+            parts.append(f"prior=Beta({self.alpha0:g},{self.beta0:g})")
         if self.half_life_seconds:
             parts.append(f"half-life={self.half_life_seconds:g}s")
         if not self.use_segment:
@@ -201,7 +205,7 @@ class PolicySettings:
 def simulation_spec_document(environment: Environment, policy: PolicySettings, name: str) -> dict[str, Any]:
     """The deployment spec (as published) that serves the environment's offers with the policy."""
     if policy.algorithm == "thompson":
-        algorithm: dict[str, Any] = {"approach": "thompson"}
+        algorithm: dict[str, Any] = {"approach": "thompson", "alpha0": policy.alpha0, "beta0": policy.beta0}
         epsilon = 0.0
     else:
         algorithm = {"approach": "epsilon_greedy"}
