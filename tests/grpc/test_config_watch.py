@@ -30,6 +30,7 @@ from services.config.server import build_server as build_config
 from tests.conftest import ApiKeys
 from tests.grpc.conftest import SERVICES_UNDER_TEST, target
 from tests.grpc.probe_service import status_of
+from tests.polling import eventually
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -45,18 +46,6 @@ def spec_document(name: str, price: float = 5.0, **extra: Any) -> dict[str, Any]
 
 def spec_text(name: str, price: float = 5.0, **extra: Any) -> str:
     return yaml.safe_dump(spec_document(name, price, **extra))
-
-
-async def eventually(probe: Callable[[], Awaitable[T | None]], within: float = 10.0, what: str = "") -> T:
-    """Poll `probe` until it returns something truthy (bounded); fail with the last value seen."""
-    deadline = asyncio.get_running_loop().time() + within
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"not within {within}s: {what} (last: {value!r})")
-        await asyncio.sleep(0.02)
 
 
 @dataclass

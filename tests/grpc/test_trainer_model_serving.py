@@ -35,6 +35,7 @@ from services.predictor.core.models import load_model
 from services.predictor.server import build_server as build_predictor
 from tests.conftest import ApiKeys
 from tests.grpc.conftest import PREDICTOR_REPLICA_ID, SERVICES_UNDER_TEST, target
+from tests.polling import eventually
 from tests.trainer_datasets import OFFERS, TrainedArtifact, take_up_spec, train_artifact
 
 pytestmark = pytest.mark.timeout(60)
@@ -54,17 +55,6 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TrainedAr
         scratch, root, take_up_spec(seed=9, model_type="logistic_regression"), version=2, rows=300
     )
     return root, one, two
-
-
-async def eventually(probe: Callable[[], Any], within: float = 15.0, what: str = "") -> Any:
-    deadline = asyncio.get_running_loop().time() + within
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"not within {within}s: {what} (last: {value!r})")
-        await asyncio.sleep(0.02)
 
 
 @dataclass

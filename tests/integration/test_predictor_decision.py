@@ -41,6 +41,7 @@ from services.predictor.core.algorithms import PROPENSITY_SAMPLES
 from services.predictor.server import build_server as build_predictor
 from tests.conftest import ApiKeys
 from tests.grpc.conftest import SERVICES_UNDER_TEST, target
+from tests.polling import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -81,18 +82,6 @@ def spec_document(name: str, **overrides: Any) -> dict[str, Any]:
     }
     document.update(overrides)
     return document
-
-
-async def eventually(probe: Any, within: float = 10.0, what: str = "") -> Any:
-    """Poll an async probe until it returns something truthy (bounded; no sleeps as synchronisation)."""
-    deadline = time.monotonic() + within
-    while True:
-        result = await probe()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {within}s: {what} (last: {result!r})")
-        await asyncio.sleep(0.01)
 
 
 @dataclass
