@@ -140,7 +140,7 @@ def test_ingest_materialize_generate_options_then_invoke(running_stack: LocalSta
             or time.monotonic() > deadline
         ):
             break
-        time.sleep(0.1)
+        time.sleep(0.1)  # poll again, bounded by the deadline above
     assert reply["segment"] == SEGMENT
     assert not [w for w in reply.get("warnings", []) if "no features" in w], reply
     assert len(rewards) == 3
