@@ -566,6 +566,12 @@ def write_markdown(document: dict[str, Any], path: Path) -> None:
             )
             + "\n"
         )
+        if all(len(r["invokes_per_replica"]) == 1 for r in grpc_block["runs"]):
+            out.append(
+                "Every Invoke went to one replica: Envoy's round robin alternates the two replicas per "
+                "request and the simulator alternates Invoke and Respond, so every Respond went to the other "
+                "replica, and every response the policy learned from crossed replicas through Redis.\n"
+            )
     if document.get("discussion"):
         out.append("## Discussion\n")
         out.append("\n".join(document["discussion"]) + "\n")
