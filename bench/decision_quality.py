@@ -46,6 +46,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 from redis.asyncio import Redis  # noqa: E402
 
+from libs.stack.launcher import StackSettings  # noqa: E402
 from libs.stack.processes import free_port, redis_argv, wait_until  # noqa: E402
 from services.predictor.core.simulation import (  # noqa: E402
     InMemoryPolicy,
@@ -261,20 +262,6 @@ def engine_agreement(seeds: Sequence[int], rounds: int) -> list[dict[str, Any]]:
 
 # Through the gRPC API of a whole local stack ------------------------------------------------------
 
-STACK_PORTS = (
-    "ENVOY_PORT",
-    "ENVOY_ADMIN_PORT",
-    "REDIS_PORT",
-    "CONFIG_PORT",
-    "INGEST_PORT",
-    "TRAINER_PORT",
-    "MONITOR_PORT",
-    "CONFIG_METRICS_PORT",
-    "INGEST_METRICS_PORT",
-    "TRAINER_METRICS_PORT",
-    "MONITOR_METRICS_PORT",
-)
-
 
 def _cli(
     env: dict[str, str], state_dir: Path, *args: str, timeout: float
@@ -297,10 +284,7 @@ def through_grpc(seeds: Sequence[int], rounds: int, comparison_seeds: int) -> di
     with tempfile.TemporaryDirectory(prefix="liveloop-bench-stack-") as work:
         state_dir = Path(work) / "state"
         env = {key: value for key, value in os.environ.items() if not key.startswith("LIVELOOP_")}
-        env.update({f"LIVELOOP_STACK_{name}": str(free_port()) for name in STACK_PORTS})
-        env["LIVELOOP_STACK_PREDICTOR_PORTS"] = json.dumps([free_port(), free_port()])
-        env["LIVELOOP_STACK_PREDICTOR_METRICS_PORTS"] = json.dumps([free_port(), free_port()])
-        env["LIVELOOP_STACK_STATE_DIR"] = str(state_dir)
+        env.update(StackSettings.on_free_ports(state_dir).environment())
         started = _cli(env, state_dir, "up", "--json", timeout=180)
         if started.returncode != 0:
             raise RuntimeError(f"liveloop up failed:\n{started.stdout}\n{started.stderr}")

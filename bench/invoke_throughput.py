@@ -67,7 +67,7 @@ from libs.protos.liveloop.config.v1 import config_pb2, config_pb2_grpc  # noqa: 
 from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc  # noqa: E402
 from libs.stack.credentials import load_credentials  # noqa: E402
 from libs.stack.launcher import StackRecord, StackSettings, down, up  # noqa: E402
-from libs.stack.processes import free_port, wait_until  # noqa: E402
+from libs.stack.processes import wait_until  # noqa: E402
 
 SERVICE_PATH = "/liveloop.predictor.v1.PredictorService/"
 DEPLOYMENT = "bench-offers"
@@ -166,24 +166,8 @@ def grpc_frame(message: bytes) -> bytes:
 
 
 def stack_settings(state_dir: Path) -> StackSettings:
-    return StackSettings(
-        state_dir=state_dir,
-        envoy_port=free_port(),
-        envoy_admin_port=free_port(),
-        redis_port=free_port(),
-        config_port=free_port(),
-        predictor_ports=[free_port(), free_port()],
-        ingest_port=free_port(),
-        trainer_port=free_port(),
-        monitor_port=free_port(),
-        metrics=True,  # the replicas' RPC counters by status code are how gRPC failures are counted
-        config_metrics_port=free_port(),
-        predictor_metrics_ports=[free_port(), free_port()],
-        ingest_metrics_port=free_port(),
-        trainer_metrics_port=free_port(),
-        monitor_metrics_port=free_port(),
-        startup_timeout_seconds=90.0,
-    )
+    # Metrics on: the replicas' RPC counters by status code are how gRPC failures are counted.
+    return StackSettings.on_free_ports(state_dir, metrics=True, startup_timeout_seconds=90.0)
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ from libs.stack.processes import (
     PortTaken,
     ProcessRecord,
     envoy_binary,
+    free_port,
     port_accepts,
     port_is_free,
     process_environment,
@@ -76,6 +77,45 @@ class StackSettings(BaseSettings):
     monitor_metrics_port: int = topology.MONITOR.metrics_port
     startup_timeout_seconds: float = Field(45.0, gt=0)
     log_level: str = "INFO"
+
+    @classmethod
+    def on_free_ports(cls, state_dir: Path, **overrides: Any) -> StackSettings:
+        """Every port picked free now: for tests and benchmarks that run beside other stacks."""
+        chosen: set[int] = set()
+
+        def pick() -> int:
+            while (port := free_port()) in chosen:  # the OS may hand a just-closed port out twice
+                continue
+            chosen.add(port)
+            return port
+
+        ports: dict[str, Any] = {
+            name: pick()
+            for name in (
+                "envoy_port",
+                "envoy_admin_port",
+                "redis_port",
+                "config_port",
+                "ingest_port",
+                "trainer_port",
+                "monitor_port",
+                "config_metrics_port",
+                "ingest_metrics_port",
+                "trainer_metrics_port",
+                "monitor_metrics_port",
+            )
+        }
+        ports["predictor_ports"] = [pick(), pick()]
+        ports["predictor_metrics_ports"] = [pick(), pick()]
+        return cls(state_dir=state_dir, **{**ports, **overrides})
+
+    def environment(self) -> dict[str, str]:
+        """The LIVELOOP_STACK_* variables that make a `liveloop` subprocess use these settings."""
+        variables = {}
+        for name, value in self.model_dump(mode="json", exclude_none=True).items():
+            text = json.dumps(value) if isinstance(value, list) else str(value)
+            variables[f"LIVELOOP_STACK_{name.upper()}"] = text
+        return variables
 
     @model_validator(mode="after")
     def _ports_are_consistent(self) -> StackSettings:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from libs.stack.processes import free_port
+from libs.stack.launcher import StackSettings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -47,28 +47,11 @@ class LocalStack:
 
 
 def stack_environment(state_dir: Path) -> tuple[dict[str, str], int, int]:
-    ports = {
-        name: free_port()
-        for name in (
-            "ENVOY_PORT",
-            "ENVOY_ADMIN_PORT",
-            "REDIS_PORT",
-            "CONFIG_PORT",
-            "INGEST_PORT",
-            "TRAINER_PORT",
-            "MONITOR_PORT",
-            "CONFIG_METRICS_PORT",
-            "INGEST_METRICS_PORT",
-            "TRAINER_METRICS_PORT",
-            "MONITOR_METRICS_PORT",
-        )
-    }
+    """Environment for `liveloop` subprocesses running a stack on free ports in `state_dir`."""
+    settings = StackSettings.on_free_ports(state_dir)
     env = {key: value for key, value in os.environ.items() if not key.startswith("LIVELOOP_")}
-    env.update({f"LIVELOOP_STACK_{name}": str(port) for name, port in ports.items()})
-    env["LIVELOOP_STACK_PREDICTOR_PORTS"] = json.dumps([free_port(), free_port()])
-    env["LIVELOOP_STACK_PREDICTOR_METRICS_PORTS"] = json.dumps([free_port(), free_port()])
-    env["LIVELOOP_STACK_STATE_DIR"] = str(state_dir)
-    return env, ports["ENVOY_PORT"], ports["ENVOY_ADMIN_PORT"]
+    env.update(settings.environment())
+    return env, settings.envoy_port, settings.envoy_admin_port
 
 
 @pytest.fixture
