@@ -328,16 +328,26 @@ class DeploymentSpec(SpecModel):
                     feature = defined.get(name)
                     if feature is None or feature.kind is not VariableKind.NUMERIC:
                         raise ValueError(f"{where}.features: '{name}' must be a numeric context variable")
-        if isinstance(self.algorithm, ModelAlgorithm) and self.model is None:
-            raise ValueError("model: the 'model' algorithm needs a model binding")
+        if _needs_model(self.algorithm) and self.model is None:
+            raise ValueError(f"model: {_needs_model(self.algorithm)} needs a model binding")
         for index, variant in enumerate(self.variants):
-            if isinstance(variant.algorithm, ModelAlgorithm) and variant.model is None and self.model is None:
-                raise ValueError(f"variants[{index}].model: the 'model' algorithm needs a model binding")
+            needs = _needs_model(variant.algorithm or self.algorithm)
+            if needs and variant.model is None and self.model is None:
+                raise ValueError(f"variants[{index}].model: {needs} needs a model binding")
         return self
 
     @property
     def segment_variables(self) -> list[str]:
         return [v.name for v in self.context_variables if v.segment and v.kind is VariableKind.CATEGORICAL]
+
+
+def _needs_model(algorithm: Algorithm) -> str:
+    """Why this algorithm needs a bound model ('' when it does not)."""
+    if isinstance(algorithm, ModelAlgorithm):
+        return "the 'model' algorithm"
+    if isinstance(algorithm, ThompsonAlgorithm) and algorithm.model_prior_weight > 0:
+        return "thompson with model_prior_weight > 0"
+    return ""
 
 
 def _unique(values: list[str], collection: str, field: str) -> None:

@@ -311,6 +311,12 @@ BAD_SPECS: list[tuple[str, Callable[[Document], None], str, str]] = [
         "needs a model binding",
     ),
     (
+        "thompson with a model prior but no binding",
+        _set("algorithm", {"approach": "thompson", "model_prior_weight": 20}),
+        "model",
+        "model_prior_weight > 0 needs a model binding",
+    ),
+    (
         "model binding version zero",
         _set("model", {"name": "m", "version": 0}),
         "model.version",

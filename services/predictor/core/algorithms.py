@@ -83,6 +83,8 @@ def _tie_break(values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 class Scorer:
     statistics: StatisticsKind = "arms"
+    # Whether score() needs the customer's raw features and params beside the context (a model does).
+    reads_raw_features: bool = False
 
     def score(
         self,
@@ -97,11 +99,21 @@ class Scorer:
 
 
 class ThompsonScorer(Scorer):
-    def __init__(self, algorithm: ThompsonAlgorithm) -> None:
+    """Beta-Bernoulli Thompson sampling. With a bound model and `model_prior_weight` w > 0, each arm's
+    prior also gets w pseudo-observations at the model's predicted take-up p for this customer and
+    offer (alpha += w p, beta += w (1 - p)): a cold arm starts where the model expects it, and the
+    segment's evidence takes over as it accumulates."""
+
+    def __init__(self, algorithm: ThompsonAlgorithm, model: LoadedModel | None = None) -> None:
         self._algorithm = algorithm
+        self._model = model if algorithm.model_prior_weight > 0 else None
+        self.reads_raw_features = self._model is not None
 
     def _posterior(
-        self, offers: Sequence[str], statistics: Statistics
+        self,
+        offers: Sequence[str],
+        statistics: Statistics,
+        context: Mapping[str, str | float],
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         algorithm = self._algorithm
         counts = [statistics.arms.get(offer, ArmCounts()) for offer in offers]
@@ -116,10 +128,16 @@ class ThompsonScorer(Scorer):
         beta = (
             algorithm.beta0 + np.array([c.prior_beta for c in counts]) + failures * algorithm.fail_increment
         )
+        if self._model is not None:
+            take_up = np.clip(self._model.predict_offers(context, offers), 0.0, 1.0)
+            alpha = alpha + algorithm.model_prior_weight * take_up
+            beta = beta + algorithm.model_prior_weight * (1.0 - take_up)
         return alpha, beta, impressions
 
     def score(self, offers, weights, statistics, numeric_context, categorical_context, rng):  # type: ignore[no-untyped-def]
-        alpha, beta, impressions = self._posterior(offers, statistics)
+        alpha, beta, impressions = self._posterior(
+            offers, statistics, {**categorical_context, **numeric_context}
+        )
         decision = rng.beta(alpha, beta) * weights
         draws = rng.beta(alpha, beta, size=(PROPENSITY_SAMPLES, len(offers))) * weights
         return Scores(decision, alpha / (alpha + beta), impressions, _top_probability_sampled(draws))
@@ -212,6 +230,8 @@ class ModelScorer(Scorer):
     it is (1 - eps) + eps / K. Arm statistics are still read and kept, for reporting.
     """
 
+    reads_raw_features = True
+
     def __init__(self, model: LoadedModel) -> None:
         self.model = model
 
@@ -224,7 +244,9 @@ class ModelScorer(Scorer):
 
 def build_scorer(algorithm: Algorithm, model: LoadedModel | None = None) -> Scorer:
     if isinstance(algorithm, ThompsonAlgorithm):
-        return ThompsonScorer(algorithm)
+        if algorithm.model_prior_weight > 0 and model is None:
+            raise FailedPrecondition("model_prior_weight needs a loaded model binding", field="model")
+        return ThompsonScorer(algorithm, model)
     if isinstance(algorithm, EpsilonGreedyAlgorithm):
         return EpsilonGreedyScorer(algorithm)
     if isinstance(algorithm, NaiveBayesAlgorithm):

@@ -25,7 +25,7 @@ from libs.common.deployment_spec import (
     Variant,
 )
 from libs.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.predictor.core.algorithms import LinearScorer, ModelScorer, Scorer, build_scorer
+from services.predictor.core.algorithms import LinearScorer, Scorer, build_scorer
 from services.predictor.core.context import Context, derive_context, parse_number_of_offers, parse_params
 from services.predictor.core.models import LoadedModel
 from services.predictor.core.options_store import DECISION_LOG_MAX_LENGTH, ArmPolicy, OptionsStore
@@ -285,7 +285,7 @@ class DecisionEngine:
             eligible, context, params
         )
         categorical = {k: v for k, v in context.values.items() if isinstance(v, str)}
-        if isinstance(plan.scorer, ModelScorer):  # the model reads the customer's raw features too
+        if plan.scorer.reads_raw_features:  # a model reads the customer's raw features too
             categorical = {
                 **features,
                 **{k: str(v) for k, v in params.items() if isinstance(v, str | int | float)},
