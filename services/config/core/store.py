@@ -118,9 +118,10 @@ class ConfigStore:
             raise InvalidArgument("must be 0 (head) or a positive revision", field="revision")
         with self._engine.connect() as connection:
             head = self._head(connection)
-            query = sa.select(deployment_revisions).where(deployment_revisions.c.deployment == deployment)
-            if revision:
-                query = query.where(deployment_revisions.c.revision <= revision)
+            query = sa.select(deployment_revisions).where(
+                deployment_revisions.c.deployment == deployment,
+                deployment_revisions.c.revision <= (min(revision, head) if revision else head),
+            )
             row = connection.execute(query.order_by(deployment_revisions.c.revision.desc()).limit(1)).first()
         if row is None:
             at = f" at revision {revision}" if revision else ""
@@ -136,24 +137,31 @@ class ConfigStore:
         self, deployments: Sequence[str] = (), at_revision: int = 0
     ) -> tuple[list[StoredRevision], int]:
         """Every existing deployment at the head, or as of `at_revision` when given (optionally only
-        the named ones), sorted by name."""
-        newest_query = sa.select(
-            deployment_revisions.c.deployment,
-            sa.func.max(deployment_revisions.c.revision).label("revision"),
-        ).group_by(deployment_revisions.c.deployment)
-        if at_revision:
-            newest_query = newest_query.where(deployment_revisions.c.revision <= at_revision)
-        newest = newest_query.subquery()
-        query = (
-            sa.select(deployment_revisions)
-            .join(newest, deployment_revisions.c.revision == newest.c.revision)
-            .where(deployment_revisions.c.change_kind != CHANGE_KIND_DELETE)
-            .order_by(deployment_revisions.c.deployment)
-        )
-        if deployments:
-            query = query.where(deployment_revisions.c.deployment.in_(list(deployments)))
+        the named ones), sorted by name.
+
+        Exact under concurrent publishes at READ COMMITTED too: the head is read first and the rows
+        are bounded by it, and revisions become visible in order, so a publish committed between the
+        two statements is in neither (not in the rows while the head says it is not there yet)."""
         with self._engine.connect() as connection:
             head = self._head(connection)
+            bound = min(at_revision, head) if at_revision else head
+            newest = (
+                sa.select(
+                    deployment_revisions.c.deployment,
+                    sa.func.max(deployment_revisions.c.revision).label("revision"),
+                )
+                .where(deployment_revisions.c.revision <= bound)
+                .group_by(deployment_revisions.c.deployment)
+                .subquery()
+            )
+            query = (
+                sa.select(deployment_revisions)
+                .join(newest, deployment_revisions.c.revision == newest.c.revision)
+                .where(deployment_revisions.c.change_kind != CHANGE_KIND_DELETE)
+                .order_by(deployment_revisions.c.deployment)
+            )
+            if deployments:
+                query = query.where(deployment_revisions.c.deployment.in_(list(deployments)))
             rows = connection.execute(query).all()
         return [_row_to_revision(row) for row in rows], head
 
