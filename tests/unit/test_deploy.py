@@ -4,6 +4,8 @@ Nothing here needs Docker, a cluster, promtool or the network. The Kubernetes ma
 against the JSON schemas bundled with kubernetes-validate (strict: unknown fields are errors), and every
 environment variable, port, console script and probe is cross-checked against the services' settings
 classes and pyproject.toml. A settings class that cannot be imported fails these tests; it never skips them.
+The training Job's command is checked against the real entrypoint: torchrun's own argument parser, the
+module it starts, and the task document its init container writes (run here, as the Job would run it).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib
+import importlib.metadata
+import importlib.util
 import json
 import os
 import re
@@ -289,6 +293,14 @@ def test_dockerfile_target_runs_its_console_script_as_non_root(
     assert user.split(":")[0] == "10001"
 
 
+def test_dockerfile_predictor_reads_models_where_the_trainer_writes_them() -> None:
+    _, stages = dockerfile_stages()
+    trainer = stage_env(stage_chain(stages, "trainer"))
+    predictor = stage_env(stage_chain(stages, "predictor"))
+    assert predictor["LIVELOOP_PREDICTOR_MODEL_DIR"] == trainer["LIVELOOP_TRAINER_ARTIFACT_DIR"]
+    assert trainer["LIVELOOP_TRAINER_ARTIFACT_DIR"].startswith("/var/lib/liveloop/")  # the uid's own tree
+
+
 def test_dockerignore_keeps_everything_but_the_sources_out() -> None:
     patterns = [
         line.strip()
@@ -396,6 +408,42 @@ def test_compose_predictor_scales() -> None:
     assert predictor["deploy"]["replicas"] >= 2
 
 
+def _compose_mounts(definition: dict[str, Any]) -> dict[str, tuple[str, bool]]:
+    """container path -> (source, read-only) of a compose service's short-syntax volumes."""
+    mounts = {}
+    for volume in definition.get("volumes", []):
+        source, target, *options = str(volume).split(":")
+        mounts[target] = (source, "ro" in options)
+    return mounts
+
+
+def test_compose_trainer_and_predictors_share_the_artifact_volume() -> None:
+    document = compose()
+    trainer, predictor = document["services"]["trainer"], document["services"]["predictor"]
+    artifact_dir = compose_env(trainer)["LIVELOOP_TRAINER_ARTIFACT_DIR"]
+    model_dir = compose_env(predictor)["LIVELOOP_PREDICTOR_MODEL_DIR"]
+    # The same path in both: the registry's artifact_uri (file://<artifact_dir>/<name>/<version>) is
+    # where a predictor finds that version under its model_dir.
+    assert artifact_dir == model_dir
+    assert artifact_dir is not None
+    trainer_source, trainer_read_only = _compose_mounts(trainer)[artifact_dir]
+    predictor_source, predictor_read_only = _compose_mounts(predictor)[model_dir]
+    assert trainer_source == predictor_source
+    assert trainer_source in document["volumes"], "a named volume, not a bind mount"
+    assert not trainer_read_only
+    assert predictor_read_only
+
+
+def test_compose_trainer_reads_the_offline_store_and_presents_an_admin_key() -> None:
+    services = compose()["services"]
+    trainer, ingest = compose_env(services["trainer"]), compose_env(services["ingest"])
+    assert trainer["LIVELOOP_TRAINER_OFFLINE_STORE_URL"] == ingest["LIVELOOP_INGEST_DATABASE_URL"]
+    assert services["trainer"]["environment"]["PGPASSWORD"] == services["ingest"]["environment"]["PGPASSWORD"]
+    # passed through from the shell (no value in the file), like the predictors' key
+    assert "LIVELOOP_TRAINER_CONFIG_API_KEY" in trainer
+    assert trainer["LIVELOOP_TRAINER_CONFIG_API_KEY"] is None
+
+
 @pytest.mark.parametrize("name", SERVICE_NAMES)
 def test_compose_healthcheck_asks_the_service_for_its_own_health(name: str) -> None:
     service = SERVICES[name]
@@ -471,6 +519,9 @@ def test_compose_prometheus_loads_the_repo_rules() -> None:
 # Kubernetes manifests
 
 K8S_MANIFESTS = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+TRAINING_JOB = K8S / "training-job.yaml"
+TRAINING_SPEC = K8S / "training-spec.yaml"
+DISTRIBUTED_ENTRYPOINT = "services.trainer.core.distributed"
 
 
 def k8s_documents(names: list[str] | None = None) -> Iterator[tuple[Path, dict[str, Any]]]:
@@ -481,7 +532,12 @@ def k8s_documents(names: list[str] | None = None) -> Iterator[tuple[Path, dict[s
 
 
 def k8s_objects(kind: str) -> dict[str, dict[str, Any]]:
-    return {doc["metadata"]["name"]: doc for _, doc in k8s_documents() if doc["kind"] == kind}
+    """Objects of one kind by name (by generateName for those created with `kubectl create`)."""
+    return {
+        doc["metadata"].get("name") or doc["metadata"]["generateName"]: doc
+        for _, doc in k8s_documents()
+        if doc["kind"] == kind
+    }
 
 
 def test_kubernetes_validate_has_schemas_offline() -> None:
@@ -514,12 +570,13 @@ def test_k8s_manifest_validates_against_the_kubernetes_schema(path: Path) -> Non
     assert not errors, f"{path.name} against Kubernetes {version} (strict):\n" + "\n".join(errors)
 
 
-def test_kustomization_lists_every_manifest_but_the_example_secret() -> None:
+def test_kustomization_lists_every_manifest_but_the_example_secret_and_the_training_job() -> None:
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     assert kustomization["namespace"] == "liveloop"
     listed = kustomization["resources"]
     assert len(listed) == len(set(listed))
-    expected = {p.name for p in K8S_MANIFESTS} - {"secret.example.yaml"}
+    # A Job would run on every `kubectl apply -k` and its pod template cannot change: `kubectl create -f`.
+    expected = {p.name for p in K8S_MANIFESTS} - {"secret.example.yaml", TRAINING_JOB.name}
     assert set(listed) == expected
     assert listed[0] == "namespace.yaml"
 
@@ -640,19 +697,252 @@ def test_k8s_trainer_keeps_artifacts_on_a_volume() -> None:
     assert deployment["spec"]["strategy"]["type"] == "Recreate"
 
 
+def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {item["name"]: item for item in container.get("env", [])}
+
+
+def _volume_at(
+    pod: dict[str, Any], container: dict[str, Any], path: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(volumeMount, volume) of the container's mount that holds `path`."""
+    holding = [
+        m
+        for m in container["volumeMounts"]
+        if Path(path) == Path(m["mountPath"]) or Path(m["mountPath"]) in Path(path).parents
+    ]
+    assert holding, f"{container['name']}: nothing is mounted at {path}"
+    mount = max(holding, key=lambda m: len(m["mountPath"]))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    return mount, volume
+
+
+def test_k8s_trainer_reads_the_offline_store_and_presents_an_admin_key() -> None:
+    trainer = _env(_only_container(k8s_objects("Deployment")["trainer"]))
+    ingest = _env(_only_container(k8s_objects("Deployment")["ingest"]))
+    assert (
+        trainer["LIVELOOP_TRAINER_OFFLINE_STORE_URL"]["value"]
+        == ingest["LIVELOOP_INGEST_DATABASE_URL"]["value"]
+    )
+    assert trainer["PGPASSWORD"] == ingest["PGPASSWORD"]
+    reference = trainer["LIVELOOP_TRAINER_CONFIG_API_KEY"]["valueFrom"]["secretKeyRef"]
+    predictor = _env(_only_container(k8s_objects("Deployment")["predictor"]))
+    predictor_reference = predictor["LIVELOOP_PREDICTOR_CONFIG_API_KEY"]["valueFrom"]["secretKeyRef"]
+    assert reference["name"] == predictor_reference["name"] == "liveloop-api-keys"
+    assert reference["key"] != predictor_reference["key"], "the trainer needs an admin key of its own"
+    assert reference["optional"] is True
+
+
+def test_k8s_predictors_read_the_trainer_artifacts() -> None:
+    claim = k8s_objects("PersistentVolumeClaim")["trainer-artifacts"]
+    # replicas on any node mount it (on a one-node cluster ReadWriteOnce would do: deploy/README.md)
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    trainer = k8s_objects("Deployment")["trainer"]
+    predictor = k8s_objects("Deployment")["predictor"]
+    artifact_dir = _env(_only_container(trainer))["LIVELOOP_TRAINER_ARTIFACT_DIR"]["value"]
+    model_dir = _env(_only_container(predictor))["LIVELOOP_PREDICTOR_MODEL_DIR"]["value"]
+    assert artifact_dir == model_dir, "artifact_uri paths must mean the same files in both"
+    mount, volume = _volume_at(predictor["spec"]["template"]["spec"], _only_container(predictor), model_dir)
+    assert mount["mountPath"] == model_dir
+    assert mount["readOnly"] is True
+    assert volume["persistentVolumeClaim"] == {"claimName": claim["metadata"]["name"], "readOnly": True}
+
+
+# --------------------------------------------------------------------------------------------------
+# The training Job: torchrun over the trainer's distributed entrypoint
+
+
+def _training_job() -> dict[str, Any]:
+    (job,) = load_yaml_documents(TRAINING_JOB)
+    assert job["kind"] == "Job"
+    return job
+
+
+def _training_containers() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(pod spec, the init container writing the task document, the torchrun container)."""
+    pod = _training_job()["spec"]["template"]["spec"]
+    (task,) = pod["initContainers"]
+    (train,) = pod["containers"]
+    return pod, task, train
+
+
+def test_k8s_training_job_is_a_bounded_one_off_run() -> None:
+    job = _training_job()
+    # created (never applied) with a fresh name each time; not applied with the stack
+    assert "name" not in job["metadata"]
+    assert job["metadata"]["generateName"].endswith("-")
+    assert TRAINING_JOB.name not in yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
+    spec = job["spec"]
+    assert 0 < spec["backoffLimit"] <= 3
+    assert spec["activeDeadlineSeconds"] > 0
+    assert spec["ttlSecondsAfterFinished"] > 0
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    assert pod["securityContext"]["runAsUser"] == 10001
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    # the trainer Deployment's image, so the entrypoint is the one the trainer itself runs
+    trainer_image = _only_container(k8s_objects("Deployment")["trainer"])["image"]
+    for container in pod["initContainers"] + pod["containers"]:
+        assert container["image"] == trainer_image
+        assert container["securityContext"]["runAsUser"] == 10001
+    # No Service selects the Job's pods (the trainer Service must not send RPCs to a training run).
+    labels = spec["template"]["metadata"]["labels"]
+    for name, service in k8s_objects("Service").items():
+        assert not service["spec"]["selector"].items() <= labels.items(), f"Service {name} selects the Job"
+
+
+def test_k8s_training_job_runs_the_distributed_entrypoint_under_torchrun() -> None:
+    from torch.distributed import run as torchrun
+
+    pod, task, train = _training_containers()
+    command = train["command"]
+    # `torchrun` is torch's console script in the image's venv, i.e. torch.distributed.run:main
+    scripts = {e.name: e.value for e in importlib.metadata.distribution("torch").entry_points}
+    assert command[0] == "torchrun"
+    assert scripts["torchrun"] == "torch.distributed.run:main"
+    args = torchrun.parse_args(command[1:])  # torchrun's own parser: exits on an unknown option
+    assert args.standalone is True
+    assert args.nproc_per_node == "2"
+    assert args.module is True
+    assert args.training_script == DISTRIBUTED_ENTRYPOINT
+    entrypoint = importlib.util.find_spec(DISTRIBUTED_ENTRYPOINT)
+    assert entrypoint is not None
+    assert callable(importlib.import_module(DISTRIBUTED_ENTRYPOINT).main)
+    # its one argument is the task document the init container writes, on a volume both mount
+    (task_file,) = args.training_script_args
+    assert task["command"][4] == task_file
+    train_mount, volume = _volume_at(pod, train, task_file)
+    task_mount, _ = _volume_at(pod, task, task_file)
+    assert train_mount["name"] == task_mount["name"]
+    assert "emptyDir" in volume
+    # the spec asks for as many workers as torchrun starts (StartTraining would start as many)
+    spec_text = yaml.safe_load(TRAINING_SPEC.read_text())["data"]["spec.yaml"]
+    job_spec = importlib.import_module("services.trainer.core.job_spec")
+    assert job_spec.parse_training_spec(spec_text).workers == int(args.nproc_per_node)
+
+
+def test_k8s_training_job_env_vars_are_trainer_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    _, task, train = _training_containers()
+    for container in (task, train):
+        env = {name: item.get("value") for name, item in _env(container).items()}
+        check_env(SERVICES["trainer"], env, f"{TRAINING_JOB.name} container {container['name']}", monkeypatch)
+        # Kubernetes leaves a $(NAME) of an undefined variable as it is: every one must be defined
+        for token in container["command"] + container.get("args", []):
+            for name in re.findall(r"\$\((\w+)\)", token):
+                assert name in env, f"{container['name']}: $({name}) is not defined"
+    task_env = _env(task)
+    assert task_env["TRAINING_JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.labels['batch.kubernetes.io/job-name']"
+    )
+    # the offline store is ingest's database, and the password reaches libpq as in the services
+    ingest = _env(_only_container(k8s_objects("Deployment")["ingest"]))
+    assert (
+        task_env["LIVELOOP_TRAINER_OFFLINE_STORE_URL"]["value"]
+        == ingest["LIVELOOP_INGEST_DATABASE_URL"]["value"]
+    )
+    assert _env(train)["PGPASSWORD"] == ingest["PGPASSWORD"]
+
+
+def test_k8s_training_job_writes_into_the_trainer_artifacts_volume() -> None:
+    pod, task, train = _training_containers()
+    trainer = k8s_objects("Deployment")["trainer"]
+    artifact_dir = _env(_only_container(trainer))["LIVELOOP_TRAINER_ARTIFACT_DIR"]["value"]
+    assert _env(task)["LIVELOOP_TRAINER_ARTIFACT_DIR"]["value"] == artifact_dir
+    mount, volume = _volume_at(pod, train, artifact_dir)
+    assert mount["mountPath"] == artifact_dir
+    assert not mount.get("readOnly", False)
+    assert volume["persistentVolumeClaim"]["claimName"] == "trainer-artifacts"
+    # the spec comes from the training-spec ConfigMap, mounted read-only where the task container reads it
+    spec_file = task["command"][3]
+    mount, volume = _volume_at(pod, task, spec_file)
+    assert mount["readOnly"] is True
+    configmap = k8s_objects("ConfigMap")[volume["configMap"]["name"]]
+    (item,) = [
+        i for i in volume["configMap"]["items"] if Path(mount["mountPath"]) / i["path"] == Path(spec_file)
+    ]
+    assert item["key"] in configmap["data"]
+
+
+def _run_task_container(tmp_path: Path, spec_text: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """The init container's command, run here with its own environment, on a copy of `spec_text`."""
+    _, task, _ = _training_containers()
+    python, flag, script, _, _, job_name = task["command"]
+    assert (python, flag) == ("python", "-c")
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(spec_text)
+    task_file = tmp_path / "task.json"
+    env = {name: value for name, value in os.environ.items() if not name.startswith("LIVELOOP_")}
+    env |= {name: item["value"] for name, item in _env(task).items() if "value" in item}
+    env["TRAINING_JOB_NAME"] = "training-x7k2p"  # what the downward API gives
+    job_name = re.sub(r"\$\((\w+)\)", lambda m: env[m[1]], job_name)
+    completed = subprocess.run(
+        [sys.executable, "-c", script, str(spec_file), str(task_file), job_name],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    return completed, task_file
+
+
+def test_k8s_training_job_task_container_writes_the_task_the_entrypoint_reads(tmp_path: Path) -> None:
+    distributed = importlib.import_module(DISTRIBUTED_ENTRYPOINT)
+    job_spec = importlib.import_module("services.trainer.core.job_spec")
+    configmap = k8s_objects("ConfigMap")["training-spec"]
+    spec_text = configmap["data"]["spec.yaml"]
+    completed, task_file = _run_task_container(tmp_path, spec_text)
+    assert completed.returncode == 0, completed.stderr
+
+    task = distributed.task_from_document(json.loads(task_file.read_text()))
+    assert job_spec.TrainingJobSpec.model_validate_json(task.spec_json) == job_spec.parse_training_spec(
+        spec_text
+    )
+    assert task.job_id == "training-x7k2p"
+    _, task_container, _ = _training_containers()
+    env = _env(task_container)
+    assert task.offline_store_url == env["LIVELOOP_TRAINER_OFFLINE_STORE_URL"]["value"]
+    artifact_dir = Path(env["LIVELOOP_TRAINER_ARTIFACT_DIR"]["value"])
+    # Under the artifacts volume, apart from the model versions (<name>/<version>; a model name never
+    # starts with a dot) and from the trainer's own .staging (which it clears when it starts).
+    assert task.staging_dir == artifact_dir / ".jobs" / "training-x7k2p"
+    job_runner = importlib.import_module("services.trainer.core.job_runner")
+    assert task.staging_dir.parent.name != job_runner.STAGING_DIR
+    deployment_spec = importlib.import_module("libs.common.deployment_spec")
+    assert not re.fullmatch(deployment_spec.DEPLOYMENT_NAME_PATTERN, task.staging_dir.parent.name)
+
+
+def test_k8s_training_job_fails_at_once_on_an_invalid_spec(tmp_path: Path) -> None:
+    completed, task_file = _run_task_container(tmp_path, "model_name: take-up\nlabel: accepted\n")
+    assert not task_file.exists()
+    assert "training_set" in completed.stderr
+    # exit 2, which the pod failure policy turns into a failed Job instead of retries
+    rules = _training_job()["spec"]["podFailurePolicy"]["rules"]
+    fail_job = [rule for rule in rules if rule["action"] == "FailJob"]
+    assert [
+        (rule["onExitCodes"]["containerName"], rule["onExitCodes"]["operator"], rule["onExitCodes"]["values"])
+        for rule in fail_job
+    ] == [("task", "In", [completed.returncode])]
+    assert completed.returncode == 2
+
+
 def test_k8s_every_pod_runs_non_root_read_only_and_bounded() -> None:
     problems = []
+    kinds = set()
     for _, document in k8s_documents():
-        if document["kind"] not in ("Deployment", "StatefulSet"):
+        if document["kind"] not in ("Deployment", "StatefulSet", "Job"):
             continue
-        name = f"{document['kind']}/{document['metadata']['name']}"
+        kinds.add(document["kind"])
+        metadata = document["metadata"]
+        name = f"{document['kind']}/{metadata.get('name') or metadata['generateName']}"
         pod = document["spec"]["template"]["spec"]
         pod_security = pod.get("securityContext", {})
         if pod_security.get("runAsNonRoot") is not True:
             problems.append(f"{name}: runAsNonRoot")
         if pod_security.get("seccompProfile", {}).get("type") != "RuntimeDefault":
             problems.append(f"{name}: seccompProfile")
-        for container in pod["containers"]:
+        containers = pod.get("initContainers", []) + pod["containers"]
+        for container in containers:
             security = container.get("securityContext", {})
             if security.get("allowPrivilegeEscalation") is not False:
                 problems.append(f"{name}: allowPrivilegeEscalation")
@@ -666,9 +956,12 @@ def test_k8s_every_pod_runs_non_root_read_only_and_bounded() -> None:
                     problems.append(f"{name}: resources.{part}")
             if ":" not in container["image"] or container["image"].endswith(":latest"):
                 problems.append(f"{name}: image without a pinned tag")
-        if document["metadata"]["name"] in SERVICES and pod_security.get("runAsUser") != 10001:
+        # every pod of a liveloop image runs as the image's user
+        liveloop_image = any(c["image"].startswith("liveloop/") for c in containers)
+        if (metadata.get("name") in SERVICES or liveloop_image) and pod_security.get("runAsUser") != 10001:
             problems.append(f"{name}: runAsUser 10001")
     assert not problems, "\n".join(problems)
+    assert kinds == {"Deployment", "StatefulSet", "Job"}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -26,6 +26,12 @@ class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JOB_STATE_SUCCEEDED: _ClassVar[JobState]
     JOB_STATE_FAILED: _ClassVar[JobState]
     JOB_STATE_CANCELLED: _ClassVar[JobState]
+
+class ModelUse(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODEL_USE_UNSPECIFIED: _ClassVar[ModelUse]
+    MODEL_USE_SCORE: _ClassVar[ModelUse]
+    MODEL_USE_PRIOR: _ClassVar[ModelUse]
 MODEL_TYPE_UNSPECIFIED: ModelType
 MODEL_TYPE_LOGISTIC_REGRESSION: ModelType
 MODEL_TYPE_MLP: ModelType
@@ -35,6 +41,9 @@ JOB_STATE_RUNNING: JobState
 JOB_STATE_SUCCEEDED: JobState
 JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
+MODEL_USE_UNSPECIFIED: ModelUse
+MODEL_USE_SCORE: ModelUse
+MODEL_USE_PRIOR: ModelUse
 
 class Split(_message.Message):
     __slots__ = ("validation_fraction", "test_fraction", "time_column", "group_column")
@@ -381,18 +390,22 @@ class CompareResponse(_message.Message):
     def __init__(self, a: _Optional[_Union[ModelVersion, _Mapping]] = ..., b: _Optional[_Union[ModelVersion, _Mapping]] = ..., deltas: _Optional[_Iterable[_Union[MetricDelta, _Mapping]]] = ..., features_added: _Optional[_Iterable[str]] = ..., features_removed: _Optional[_Iterable[str]] = ..., same_data: _Optional[bool] = ..., evaluated_rows: _Optional[int] = ...) -> None: ...
 
 class PromoteRequest(_message.Message):
-    __slots__ = ("model", "version", "deployment", "dry_run", "message")
+    __slots__ = ("model", "version", "deployment", "dry_run", "message", "use", "prior_weight")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    USE_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     deployment: str
     dry_run: bool
     message: str
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., deployment: _Optional[str] = ..., dry_run: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+    use: ModelUse
+    prior_weight: float
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., deployment: _Optional[str] = ..., dry_run: _Optional[bool] = ..., message: _Optional[str] = ..., use: _Optional[_Union[ModelUse, str]] = ..., prior_weight: _Optional[float] = ...) -> None: ...
 
 class PromoteResponse(_message.Message):
     __slots__ = ("config_revision", "deployment", "diff", "model")
