@@ -434,6 +434,17 @@ def test_compose_trainer_and_predictors_share_the_artifact_volume() -> None:
     assert predictor_read_only
 
 
+def test_compose_ingest_presents_a_config_key_and_stages_uploads_on_a_volume() -> None:
+    document = compose()
+    ingest = document["services"]["ingest"]
+    env = compose_env(ingest)
+    assert "LIVELOOP_INGEST_CONFIG_API_KEY" in env  # passed through from the shell
+    upload_dir = env["LIVELOOP_INGEST_UPLOAD_DIR"]
+    source, read_only = _compose_mounts(ingest)[upload_dir]
+    assert source in document["volumes"]
+    assert not read_only
+
+
 def test_compose_trainer_reads_the_offline_store_and_presents_an_admin_key() -> None:
     services = compose()["services"]
     trainer, ingest = compose_env(services["trainer"]), compose_env(services["ingest"])
@@ -730,6 +741,22 @@ def test_k8s_trainer_reads_the_offline_store_and_presents_an_admin_key() -> None
     assert reference["name"] == predictor_reference["name"] == "liveloop-api-keys"
     assert reference["key"] != predictor_reference["key"], "the trainer needs an admin key of its own"
     assert reference["optional"] is True
+
+
+def test_k8s_ingest_presents_a_config_key_and_stages_uploads_on_a_volume() -> None:
+    deployment = k8s_objects("Deployment")["ingest"]
+    container = _only_container(deployment)
+    env = _env(container)
+    reference = env["LIVELOOP_INGEST_CONFIG_API_KEY"]["valueFrom"]["secretKeyRef"]
+    assert reference == {"name": "liveloop-api-keys", "key": "ingest-config-api-key", "optional": True}
+    secret = next(d for d in load_yaml_documents(DEPLOY / "k8s" / "secret.example.yaml") if "stringData" in d)
+    assert "ingest-config-api-key" in secret["stringData"]
+    upload_dir = env["LIVELOOP_INGEST_UPLOAD_DIR"]["value"]
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert upload_dir in mounts, "the root filesystem is read-only: uploads need a volume"
+    assert not mounts[upload_dir].get("readOnly", False)
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert "emptyDir" in volumes[mounts[upload_dir]["name"]]
 
 
 def test_k8s_predictors_read_the_trainer_artifacts() -> None:
