@@ -11,17 +11,17 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import grpc
 import typer
 import yaml
 from google.protobuf.timestamp_pb2 import Timestamp
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from libs.cli.output import JsonFlag, StateDir, TargetOption, console, emit_json, errors, fail, front_door
 from libs.common.client import open_blocking_channel
 from libs.common.deployment_spec import spec_diff
 from libs.common.settings import ClientSettings
@@ -33,14 +33,7 @@ config_app = typer.Typer(
     no_args_is_help=True,
 )
 
-console = Console()
-if not console.is_terminal:
-    console = Console(width=160)  # piped into a log or a script: do not squeeze tables into 80 columns
-errors = Console(stderr=True)
 
-StateDir = Annotated[Path | None, typer.Option("--state-dir", help="Local stack state (default .liveloop)")]
-TargetOption = Annotated[str | None, typer.Option("--target", help="host:port of the front door")]
-JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
 MessageOption = Annotated[str, typer.Option("--message", "-m", help="Reason recorded in the history")]
 DryRunFlag = Annotated[bool, typer.Option("--dry-run", help="Validate and show the diff; store nothing")]
 DiffFlag = Annotated[bool, typer.Option("--diff/--no-diff", help="Print the diff of the change")]
@@ -52,15 +45,6 @@ _FORMATS = {
     ".yml": config_pb2.SPEC_FORMAT_YAML,
     ".json": config_pb2.SPEC_FORMAT_JSON,
 }
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    errors.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def _emit_json(document: Any) -> None:
-    sys.stdout.write(json.dumps(document, indent=2) + "\n")
 
 
 def _table(title: str, columns: list[str], wrapping: tuple[str, ...] = ()) -> Table:
@@ -77,9 +61,7 @@ def _table(title: str, columns: list[str], wrapping: tuple[str, ...] = ()) -> Ta
 def _endpoint(state_dir: Path | None, target: str | None) -> tuple[str, str | None]:
     """The front door and admin key, resolved like every other command (flags, LIVELOOP_TARGET /
     LIVELOOP_API_KEY, then the local stack's record and credentials)."""
-    from libs.cli.main import _front_door  # main imports this module to register it
-
-    return _front_door(state_dir, target, role="admin")
+    return front_door(state_dir, target, role="admin")
 
 
 @contextlib.contextmanager
@@ -106,7 +88,7 @@ class _ConfigCalls:
             hint = ""
             if code == grpc.StatusCode.UNAVAILABLE:
                 hint = " (is the stack running? `liveloop up`, or pass --target)"
-            _fail(f"{method} via {self.target} failed: {code.name}: {exc.details()}{hint}")
+            fail(f"{method} via {self.target} failed: {code.name}: {exc.details()}{hint}")
 
 
 def _time(value: Timestamp) -> str:
@@ -149,9 +131,9 @@ def _read_spec(file: Path) -> tuple[str, config_pb2.SpecFormat]:
     try:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        _fail(f"{file} is not UTF-8 text")
+        fail(f"{file} is not UTF-8 text")
     except OSError as exc:
-        _fail(f"cannot read {file}: {exc.strerror}")
+        fail(f"cannot read {file}: {exc.strerror}")
     return text, _FORMATS.get(file.suffix.lower(), config_pb2.SPEC_FORMAT_UNSPECIFIED)
 
 
@@ -195,7 +177,7 @@ def publish(
     with _config_service(state_dir, target) as service:
         reply = service.call("Publish", request)
     if as_json:
-        _emit_json(
+        emit_json(
             {
                 "deployment": reply.deployment,
                 "revision": reply.revision,
@@ -236,7 +218,7 @@ def get(
     deployment = reply.deployment
     spec = json.loads(deployment.spec_json)
     if as_json:
-        _emit_json(_deployment_json(deployment) | {"head_revision": reply.head_revision, "spec": spec})
+        emit_json(_deployment_json(deployment) | {"head_revision": reply.head_revision, "spec": spec})
         return
     errors.print(
         f"# {escape(deployment.name)} revision {deployment.revision} by {escape(deployment.author)} "
@@ -260,7 +242,7 @@ def list_deployments(
     with _config_service(state_dir, target) as service:
         reply = service.call("List", config_pb2.ListRequest())
     if as_json:
-        _emit_json(
+        emit_json(
             {
                 "head_revision": reply.head_revision,
                 "deployments": [_deployment_json(d) for d in reply.deployments],
@@ -294,7 +276,7 @@ def history(
         reply = service.call("History", config_pb2.HistoryRequest(deployment=name, limit=limit))
     entries = list(reply.entries)
     if as_json:
-        _emit_json(
+        emit_json(
             [
                 {
                     "revision": e.revision,
@@ -357,7 +339,7 @@ def diff(
         ).deployment
     text = spec_diff(old.spec_json, new.spec_json, f"{name}@{old.revision}", f"{name}@{new.revision}")
     if as_json:
-        _emit_json(
+        emit_json(
             {
                 "deployment": name,
                 "from_revision": old.revision,
@@ -391,7 +373,7 @@ def rollback(
     with _config_service(state_dir, target) as service:
         reply = service.call("Rollback", request)
     if as_json:
-        _emit_json(
+        emit_json(
             {
                 "deployment": reply.deployment,
                 "revision": reply.revision,
@@ -419,16 +401,16 @@ def delete(
     Its history is kept: roll back to one of its revisions to restore it."""
     if not yes:
         if not sys.stdin.isatty():
-            _fail(
+            fail(
                 f"refusing to delete '{name}' without confirmation: no terminal to ask on; pass --yes", code=2
             )
         if not typer.confirm(f"Delete deployment '{name}'? Every replica stops serving it.", default=False):
-            _fail(f"'{name}' not deleted")
+            fail(f"'{name}' not deleted")
     request = config_pb2.DeleteRequest(deployment=name, message=message)
     with _config_service(state_dir, target) as service:
         reply = service.call("Delete", request)
     if as_json:
-        _emit_json({"deployment": name, "revision": reply.revision})
+        emit_json({"deployment": name, "revision": reply.revision})
         return
     console.print(f"[green]deleted[/green] {escape(name)} at revision {reply.revision}")
 
@@ -496,7 +478,7 @@ def status(
             time.sleep(min(STATUS_POLL_SECONDS, remaining))
     waited = round(time.monotonic() - started, 3)
     if as_json:
-        _emit_json(
+        emit_json(
             {
                 "head_revision": reply.head_revision,
                 "on_head": current,
@@ -544,9 +526,9 @@ def refresh(
     with _config_service(state_dir, target) as service:
         reply = service.call("Refresh", config_pb2.RefreshRequest(replica_id=replica))
     if replica and not reply.replicas_notified:
-        _fail(f"replica '{replica}' is not connected to the config service (see `liveloop config status`)")
+        fail(f"replica '{replica}' is not connected to the config service (see `liveloop config status`)")
     if as_json:
-        _emit_json({"replicas_notified": reply.replicas_notified, "head_revision": reply.head_revision})
+        emit_json({"replicas_notified": reply.replicas_notified, "head_revision": reply.head_revision})
     else:
         console.print(
             f"sent a snapshot of head revision {reply.head_revision} to {reply.replicas_notified} replica(s)"

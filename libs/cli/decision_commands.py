@@ -6,37 +6,23 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import grpc
 import typer
 from google.protobuf.json_format import MessageToDict
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from libs.cli.output import JsonFlag, StateDir, TargetOption, console, fail, front_door
 from libs.common.client import open_blocking_channel
 from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
-
-console = Console()
-errors = Console(stderr=True)
-
-StateDir = Annotated[Path | None, typer.Option("--state-dir", help="Local stack state (default .liveloop)")]
-TargetOption = Annotated[str | None, typer.Option("--target", help="host:port of the front door")]
-JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
-
-
-def _fail(message: str) -> NoReturn:
-    errors.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
-    raise typer.Exit(1)
 
 
 def _stub(
     state_dir: Path | None, target: str | None
 ) -> tuple[str, predictor_pb2_grpc.PredictorServiceStub, grpc.Channel]:
-    from libs.cli.main import _front_door  # main imports this module to register it
-
-    resolved, api_key = _front_door(state_dir, target)
+    resolved, api_key = front_door(state_dir, target)
     channel = open_blocking_channel(resolved, api_key=api_key, deadline_seconds=10)
     return resolved, predictor_pb2_grpc.PredictorServiceStub(channel), channel
 
@@ -66,7 +52,7 @@ def invoke(
         try:
             reply = stub.Invoke(request)
         except grpc.RpcError as exc:
-            _fail(f"Invoke via {resolved} failed: {exc.code().name}: {exc.details()}")
+            fail(f"Invoke via {resolved} failed: {exc.code().name}: {exc.details()}")
     if as_json:
         sys.stdout.write(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2) + "\n")
         return
@@ -114,7 +100,7 @@ def respond(
         try:
             reply = stub.Respond(request)
         except grpc.RpcError as exc:
-            _fail(f"Respond via {resolved} failed: {exc.code().name}: {exc.details()}")
+            fail(f"Respond via {resolved} failed: {exc.code().name}: {exc.details()}")
     if as_json:
         sys.stdout.write(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2) + "\n")
         return

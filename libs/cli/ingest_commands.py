@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import hashlib
-import json
-import sys
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +18,6 @@ from typing import Annotated, Any, NoReturn
 import grpc
 import typer
 from google.protobuf.timestamp_pb2 import Timestamp
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
@@ -34,20 +31,20 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from libs.cli.output import (
+    JsonFlag,
+    StateDir,
+    TargetOption,
+    TimeoutOption,
+    console,
+    emit_json,
+    errors,
+    fail,
+    front_door,
+    plain,
+)
 from libs.common.client import open_blocking_channel
 from libs.protos.liveloop.ingest.v1 import ingest_pb2, ingest_pb2_grpc
-
-console = Console()
-if not console.is_terminal:
-    console = Console(width=160)  # piped into a log or a script: do not squeeze tables into 80 columns
-errors = Console(stderr=True)
-
-StateDir = Annotated[Path | None, typer.Option("--state-dir", help="Local stack state (default .liveloop)")]
-TargetOption = Annotated[str | None, typer.Option("--target", help="host:port of the front door")]
-JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
-TimeoutOption = Annotated[
-    float, typer.Option("--timeout", min=1, help="Seconds the whole operation may take (its deadline)")
-]
 
 UPLOAD_CHUNK_BYTES = 1 << 20  # the size the protocol recommends
 REJECTS_SHOWN = 20
@@ -104,34 +101,8 @@ _OPTIONS_MODES = {
 }
 
 
-def _fail(message: str, code: int = 1) -> NoReturn:
-    errors.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def _emit_json(document: Any) -> None:
-    sys.stdout.write(json.dumps(document, indent=2) + "\n")
-
-
 def _type_name(column_type: int) -> str:
     return str(ingest_pb2.ColumnType.Name(column_type)).removeprefix("COLUMN_TYPE_").lower()
-
-
-def _plain(message: Any) -> dict[str, Any]:
-    """A message as JSON-ready Python: numbers stay numbers (protobuf's JSON writes int64 as text),
-    optional fields appear only when set."""
-    document: dict[str, Any] = {}
-    for field in message.DESCRIPTOR.fields:
-        value = getattr(message, field.name)
-        if field.label == field.LABEL_REPEATED:
-            document[field.name] = [_plain(v) if hasattr(v, "DESCRIPTOR") else v for v in value]
-        elif field.has_presence and not message.HasField(field.name):
-            continue
-        elif field.type == field.TYPE_MESSAGE:
-            document[field.name] = _plain(value)
-        else:
-            document[field.name] = value
-    return document
 
 
 def _time(value: Timestamp) -> str:
@@ -154,7 +125,7 @@ class _IngestCalls:
             hint = " (is the stack running? `liveloop up`, or pass --target)"
         elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
             hint = " (raise --timeout)"
-        _fail(f"{method} via {self.target} failed: {code.name}: {exc.details()}{hint}")
+        fail(f"{method} via {self.target} failed: {code.name}: {exc.details()}{hint}")
 
     def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
         rpc: Callable[..., Any] = getattr(self.stub, method)
@@ -172,15 +143,14 @@ class _IngestCalls:
             self.fail(method, exc)
         except KeyboardInterrupt:
             call.cancel()
-            _fail(f"interrupted: {method} was cancelled", code=130)
+            fail(f"interrupted: {method} was cancelled", code=130)
 
 
 @contextlib.contextmanager
 def _ingest_service(state_dir: Path | None, target: str | None) -> Iterator[_IngestCalls]:
-    from libs.cli.main import _front_door  # main imports this module to register it
     from libs.common.settings import ClientSettings
 
-    resolved, api_key = _front_door(state_dir, target, role="admin")
+    resolved, api_key = front_door(state_dir, target, role="admin")
     deadline = ClientSettings().deadline_seconds
     with open_blocking_channel(resolved, api_key=api_key, deadline_seconds=deadline) as channel:
         yield _IngestCalls(ingest_pb2_grpc.IngestServiceStub(channel), resolved)
@@ -206,10 +176,10 @@ def _overrides(types: list[str]) -> dict[str, ingest_pb2.ColumnType]:
     for item in types:
         name, sep, type_name = item.partition("=")
         if not sep or not name.strip():
-            _fail(f"--type {item!r}: write COLUMN=TYPE, e.g. --type age=float64")
+            fail(f"--type {item!r}: write COLUMN=TYPE, e.g. --type age=float64")
         column_type = _TYPES.get(type_name.strip().lower())
         if column_type is None:
-            _fail(
+            fail(
                 f"--type {item!r}: unknown type; use one of string, int64, float64, bool, timestamp, date, json"
             )
         overrides[name.strip()] = column_type
@@ -355,11 +325,11 @@ def ingest(
 
     Types are inferred (override them with --type); bad rows are rejected with their row number and reason; over the reject budget nothing is written. Loading the same file again writes nothing."""
     if not table:
-        _fail("name the table to load with --table")
+        fail("name the table to load with --table")
     if (file is None) == (not query):
-        _fail("give a FILE, or --sql-url with --query (not both)")
+        fail("give a FILE, or --sql-url with --query (not both)")
     if query and not sql_url:
-        _fail("--query needs --sql-url")
+        fail("--query needs --sql-url")
     target_message = ingest_pb2.LoadTarget(
         table=table,
         key=_keys(key or []),
@@ -371,7 +341,7 @@ def ingest(
     with _ingest_service(state_dir, target) as service:
         if file is not None and upload:
             if not file.is_file():
-                _fail(f"{file} is not a readable file")
+                fail(f"{file} is not a readable file")
             header = ingest_pb2.UploadHeader(
                 filename=file.name,
                 format=_FORMATS[file_format] if file_format else ingest_pb2.FILE_FORMAT_UNSPECIFIED,
@@ -408,7 +378,7 @@ def ingest(
                 what = "query"
             summary, rejects = _stream_ingest(service, request, what, timeout, show=not as_json)
     if as_json:
-        _emit_json(_summary_json(summary, rejects))
+        emit_json(_summary_json(summary, rejects))
         return
     _print_summary(summary, rejects)
 
@@ -442,9 +412,9 @@ def _stream_ingest(
         except KeyboardInterrupt:
             call.cancel()
             progress.stop()
-            _fail("interrupted: the load was cancelled", code=130)
+            fail("interrupted: the load was cancelled", code=130)
     if summary is None:
-        _fail("the Ingest stream ended without a summary")
+        fail("the Ingest stream ended without a summary")
     return summary, rejects
 
 
@@ -493,7 +463,7 @@ def tables(
             return
         listed = service.call("ListTables", ingest_pb2.ListTablesRequest(prefix=prefix))
     if as_json:
-        _emit_json([_table_json(t) for t in listed.tables])
+        emit_json([_table_json(t) for t in listed.tables])
         return
     if not listed.tables:
         console.print("no tables" + (f" starting with {escape(prefix)}" if prefix else ""))
@@ -525,10 +495,10 @@ def _print_description(reply: ingest_pb2.DescribeResponse, as_json: bool) -> Non
         document = _table_json(reply.table)
         document["columns"] = [
             {"name": c.name, "type": _type_name(c.type), "key": c.key, "nullable": c.nullable}
-            | ({"stats": _plain(stats[c.name])} if c.name in stats else {})
+            | ({"stats": plain(stats[c.name])} if c.name in stats else {})
             for c in reply.columns
         ]
-        _emit_json(document)
+        emit_json(document)
         return
     info = reply.table
     console.print(
@@ -588,7 +558,7 @@ def materialize(
         try:
             moment = datetime.fromisoformat(as_of.replace("Z", "+00:00"))
         except ValueError:
-            _fail(f"--as-of {as_of!r} is not an ISO 8601 time")
+            fail(f"--as-of {as_of!r} is not an ISO 8601 time")
         request.as_of.FromDatetime(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
     results: dict[str, ingest_pb2.MaterializeProgress] = {}
     progress = _progress(not as_json, BarColumn(), TextColumn("{task.fields[counts]}"))
@@ -621,7 +591,7 @@ def materialize(
         for view, message in results.items()
     ]
     if as_json:
-        _emit_json(rows)
+        emit_json(rows)
         return
     for view, message in results.items():
         if message.progress.message == "unchanged since the last run":
@@ -649,21 +619,21 @@ def features_apply(
     try:
         text = spec.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        _fail(f"{spec} is not UTF-8 text")
+        fail(f"{spec} is not UTF-8 text")
     except OSError as exc:
-        _fail(f"cannot read {spec}: {exc.strerror}")
+        fail(f"cannot read {spec}: {exc.strerror}")
     request = ingest_pb2.ApplyFeaturesRequest(spec_yaml=text, dry_run=dry_run)
     with _ingest_service(state_dir, target) as service:
         try:
             reply = service.stub.ApplyFeatures(request, timeout=timeout)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                _fail(
+                fail(
                     f"the ingest service at {service.target} does not implement ApplyFeatures yet (UNIMPLEMENTED)"
                 )
             service.fail("ApplyFeatures", exc)
     if as_json:
-        _emit_json(_plain(reply))
+        emit_json(plain(reply))
         return
     for warning in reply.warnings:
         errors.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
@@ -717,7 +687,7 @@ def options_generate(
 
     The new generation becomes live all at once: predictors never see half of it."""
     if not deployment:
-        _fail("name the deployment with --deployment")
+        fail("name the deployment with --deployment")
     request = ingest_pb2.GenerateOptionsRequest(
         deployment=deployment,
         mode=_OPTIONS_MODES[mode],
@@ -729,7 +699,7 @@ def options_generate(
     with _ingest_service(state_dir, target) as service:
         reply = service.call("GenerateOptions", request, timeout=DEFAULT_LONG_TIMEOUT_S)
     if as_json:
-        _emit_json(_plain(reply))
+        emit_json(plain(reply))
         return
     done = "dry run, nothing written" if reply.dry_run else f"[green]{mode.value}d[/green]"
     console.print(

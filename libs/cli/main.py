@@ -10,21 +10,26 @@ from typing import Annotated, Any
 
 import grpc
 import typer
-from pydantic import ValidationError
-from rich.console import Console
 from rich.table import Table
 
 from libs.cli import decision_commands, trainer_commands
 from libs.cli.config_commands import config_app
 from libs.cli.ingest_commands import register as register_ingest_commands
+from libs.cli.output import (
+    JsonFlag,
+    StateDir,
+    TargetOption,
+    console,
+    fail,
+    front_door,
+    stack_settings,
+)
 from libs.cli.simulate_command import simulate
 from libs.common.auth import ApiKeyStore, Role, generate_api_key
 from libs.common.client import open_blocking_channel
 from libs.common.errors import LiveloopError
-from libs.common.settings import ClientSettings
 from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 from libs.stack import launcher
-from libs.stack.credentials import load_credentials
 from libs.stack.processes import PortTaken
 from libs.stack.topology import SERVICE_HEADER, SERVICES
 
@@ -40,35 +45,11 @@ register_ingest_commands(app)
 trainer_commands.register(app)
 app.command("simulate")(simulate)
 
-console = Console()
-errors = Console(stderr=True)
-
-StateDir = Annotated[Path | None, typer.Option("--state-dir", help="Local stack state (default .liveloop)")]
-JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
-
-
-def _stack_settings(state_dir: Path | None) -> launcher.StackSettings:
-    try:
-        settings = launcher.StackSettings()
-    except ValidationError as exc:
-        for error in exc.errors():
-            field = ".".join(str(part) for part in error["loc"])
-            errors.print(f"[red]invalid setting LIVELOOP_STACK_{field.upper()}: {error['msg']}[/red]")
-        raise typer.Exit(2) from None
-    if state_dir is not None:
-        settings = settings.model_copy(update={"state_dir": state_dir})
-    return settings
-
-
-def _fail(message: str, code: int = 1) -> None:
-    errors.print(f"[red]error:[/red] {message}")
-    raise typer.Exit(code)
-
 
 @app.command()
 def up(state_dir: StateDir = None, as_json: JsonFlag = False) -> None:
     """Start Redis, the five services (two predictor replicas) and Envoy, and wait until all are healthy."""
-    settings = _stack_settings(state_dir)
+    settings = stack_settings(state_dir)
     try:
         if as_json:
             launcher.up(settings)
@@ -76,7 +57,7 @@ def up(state_dir: StateDir = None, as_json: JsonFlag = False) -> None:
             with console.status("starting the local stack") as spinner:
                 launcher.up(settings, progress=lambda message: spinner.update(message))
     except (PortTaken, launcher.StackError, LiveloopError, FileNotFoundError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     _print_status(settings.state_dir, settings.host, as_json)
 
 
@@ -110,7 +91,7 @@ def _print_status(state_dir: Path, host: str, as_json: bool) -> dict[str, Any]:
 @app.command()
 def status(state_dir: StateDir = None, as_json: JsonFlag = False) -> None:
     """Show every process of the local stack: pid, port, health, and Envoy's view of it."""
-    settings = _stack_settings(state_dir)
+    settings = stack_settings(state_dir)
     report = _print_status(settings.state_dir, settings.host, as_json)
     healthy = report["processes"] and all(row["health"] == "SERVING" for row in report["processes"])
     raise typer.Exit(0 if healthy else 1)
@@ -119,38 +100,17 @@ def status(state_dir: StateDir = None, as_json: JsonFlag = False) -> None:
 @app.command()
 def down(state_dir: StateDir = None, as_json: JsonFlag = False) -> None:
     """Stop every process `liveloop up` started (by pid), leaving nothing behind."""
-    settings = _stack_settings(state_dir)
+    settings = stack_settings(state_dir)
     try:
         result = launcher.down(settings.state_dir)
     except launcher.StackError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
     else:
         console.print(result["message"] + (f": {', '.join(result['stopped'])}" if result["stopped"] else ""))
         if result["killed"]:
             console.print(f"[yellow]had to kill: {', '.join(result['killed'])}[/yellow]")
-
-
-def _front_door(state_dir: Path | None, target: str | None, role: str = "invoke") -> tuple[str, str | None]:
-    """Where to call and with which key: flags, then LIVELOOP_TARGET / LIVELOOP_API_KEY, then the
-    local stack's own record and credentials."""
-    client = ClientSettings()
-    stack = _stack_settings(state_dir)
-    record = launcher.StackRecord.load(stack.state_dir)
-    resolved_target = target or client.target
-    if resolved_target is None:
-        port = record.envoy_port if record is not None else stack.envoy_port
-        resolved_target = f"{stack.host}:{port}"
-    api_key = client.api_key
-    if api_key is None:
-        credentials = load_credentials(stack.state_dir)
-        if credentials is not None:
-            api_key = credentials.admin_key if role == "admin" else credentials.invoke_key
-    return resolved_target, api_key
-
-
-TargetOption = Annotated[str | None, typer.Option("--target", help="host:port of the front door")]
 
 
 @app.command()
@@ -161,7 +121,7 @@ def ping(
     as_json: JsonFlag = False,
 ) -> None:
     """Call PredictorService.Ping through the front door and show which replica answered."""
-    resolved_target, api_key = _front_door(state_dir, target)
+    resolved_target, api_key = front_door(state_dir, target)
     with open_blocking_channel(resolved_target, api_key=api_key, deadline_seconds=5) as channel:
         stub = predictor_pb2_grpc.PredictorServiceStub(channel)
         replies = []
@@ -170,7 +130,7 @@ def ping(
             try:
                 reply = stub.Ping(predictor_pb2.PingRequest())
             except grpc.RpcError as exc:
-                _fail(f"Ping through {resolved_target} failed: {exc.code().name}: {exc.details()}")
+                fail(f"Ping through {resolved_target} failed: {exc.code().name}: {exc.details()}")
             replies.append(
                 {
                     "replica_id": reply.replica_id,
@@ -191,7 +151,7 @@ def ping(
 @app.command()
 def health(state_dir: StateDir = None, target: TargetOption = None, as_json: JsonFlag = False) -> None:
     """Ask every service for its gRPC health through the front door."""
-    resolved_target, _key = _front_door(state_dir, target)
+    resolved_target, _key = front_door(state_dir, target)
     report = {
         service.name: launcher.grpc_health(
             resolved_target, service.health_service, timeout=3, metadata=((SERVICE_HEADER, service.name),)
@@ -232,7 +192,7 @@ def keys_list(file: Annotated[Path, typer.Argument(help="Key file")], as_json: J
     try:
         store = ApiKeyStore.load(file)
     except LiveloopError as exc:
-        _fail(exc.message)
+        fail(exc.message)
     rows = [
         {"key_id": r.key_id, "role": r.role.value, "name": r.name, "created_at": r.created_at}
         for r in store.records

@@ -27,8 +27,6 @@ from google.protobuf.struct_pb2 import Value
 from grpc import aio
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from rich.console import Console
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -40,6 +38,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from libs.cli.output import console, errors, fail, front_door
 from libs.common.client import open_channel
 from libs.common.errors import LiveloopError
 from libs.common.settings import ClientSettings
@@ -59,11 +58,6 @@ from services.predictor.core.simulation import (
     simulation_spec,
     simulation_spec_document,
 )
-
-console = Console()
-if not console.is_terminal:
-    console = Console(width=160)
-errors = Console(stderr=True)
 
 REPLICA_WAIT_SECONDS = 30.0
 REPLICA_POLL_SECONDS = 0.2
@@ -85,11 +79,6 @@ class EngineChoice(enum.StrEnum):
     MEMORY = "memory"
     REDIS = "redis"
     GRPC = "grpc"
-
-
-def _fail(message: str, code: int = 1) -> None:
-    errors.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def _parse_pair(text: str, option: str, example: str) -> tuple[float, float]:
@@ -201,9 +190,9 @@ def simulate(
         )
         simulation_spec(world, policy, "sim-check")  # the spec a run publishes must be valid
     except LiveloopError as exc:
-        _fail(exc.message, code=2)
+        fail(exc.message, code=2)
     if engine is EngineChoice.REDIS and not redis_url:
-        _fail("--engine redis needs --redis-url (a Redis this command may write to)", code=2)
+        fail("--engine redis needs --redis-url (a Redis this command may write to)", code=2)
     if engine is EngineChoice.GRPC and half_life:
         errors.print(
             "[yellow]warning:[/yellow] through gRPC the stack keeps time with its own clock: the "
@@ -250,7 +239,7 @@ async def _run_redis(
             keep_state=keep,
         )
     except (RedisError, OSError) as exc:
-        _fail(f"cannot use Redis at {redis_url}: {exc}")
+        fail(f"cannot use Redis at {redis_url}: {exc}")
         raise
     finally:
         await client.aclose()
@@ -287,11 +276,8 @@ class _GrpcPolicy:
 
 def _endpoints(state_dir: Path | None, target: str | None) -> tuple[str, str | None, str | None]:
     """The front door, the admin key (to publish) and the invoke key (to Invoke/Respond)."""
-    from libs.cli.config_commands import _endpoint  # imported late: main imports this module
-    from libs.cli.main import _front_door
-
-    resolved_target, admin_key = _endpoint(state_dir, target)
-    _, invoke_key = _front_door(state_dir, resolved_target, role="invoke")
+    resolved_target, admin_key = front_door(state_dir, target, role="admin")
+    _, invoke_key = front_door(state_dir, resolved_target, role="invoke")
     return resolved_target, admin_key, invoke_key
 
 
@@ -362,10 +348,10 @@ async def _run_grpc(
             if exc.code() == grpc.StatusCode.UNAVAILABLE
             else ""
         )
-        _fail(f"{exc.code().name}: {exc.details()}{hint}")
+        fail(f"{exc.code().name}: {exc.details()}{hint}")
         raise
     except TimeoutError as exc:
-        _fail(str(exc))
+        fail(str(exc))
         raise
     finally:
         if published and not keep:

@@ -1,5 +1,6 @@
-"""`liveloop train`, `liveloop models` and `liveloop promote`: train a model from a spec file with a
-progress bar, list the registry, bind a version to a deployment.
+"""`liveloop train`, `liveloop models`, `liveloop compare` and `liveloop promote`: train a model from
+a spec file with a progress bar, list the registry, compare two versions (on their stored test
+metrics or scored on a table of the offline store), bind a version to a deployment.
 
 Every command calls TrainerService through the front door with the admin key.
 """
@@ -59,9 +60,9 @@ def _fail(message: str) -> NoReturn:
 
 @contextmanager
 def _trainer(state_dir: Path | None, target: str | None) -> Iterator[trainer_pb2_grpc.TrainerServiceStub]:
-    from libs.cli.main import _front_door  # main imports this module to register it
+    from libs.cli.output import front_door
 
-    resolved, api_key = _front_door(state_dir, target, role="admin")
+    resolved, api_key = front_door(state_dir, target, role="admin")
     # No default deadline: WatchJob streams for as long as the job trains; unary calls set their own.
     with open_blocking_channel(resolved, api_key=api_key, deadline_seconds=None) as channel:
         try:
@@ -212,6 +213,80 @@ def models(
     console.print(table)
 
 
+_LOWER_IS_BETTER = {"log_loss", "calibration_error", "brier_score"}
+_METRIC_TITLES = {
+    "auc": "AUC",
+    "log_loss": "log loss",
+    "calibration_error": "calibration error",
+    "brier_score": "Brier score",
+}
+
+
+def compare(
+    name: Annotated[str, typer.Argument(help="Registered model name")],
+    version_a: Annotated[int, typer.Argument(min=1, help="Baseline version")],
+    version_b: Annotated[int, typer.Argument(min=1, help="Candidate version")],
+    on: Annotated[
+        str,
+        typer.Option(
+            "--on",
+            "--evaluation-table",
+            help="Score both versions on this offline-store table (at most the trainer's "
+            "max_evaluation_rows rows, 1,000,000 by default) instead of comparing their stored test metrics",
+        ),
+    ] = "",
+    timeout: Annotated[
+        float,
+        typer.Option(
+            "--timeout", min=1, help="Deadline of the call in seconds (scoring a table takes a while)"
+        ),
+    ] = 600.0,
+    state_dir: StateDir = None,
+    target: TargetOption = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Compare two versions of a model: metrics side by side, features added or removed, same data."""
+    with _trainer(state_dir, target) as trainer:
+        reply = trainer.Compare(
+            trainer_pb2.CompareRequest(
+                name=name, version_a=version_a, version_b=version_b, evaluation_table=on
+            ),
+            timeout=timeout if on else min(timeout, 15.0),
+        )
+    if as_json:
+        sys.stdout.write(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2) + "\n")
+        return
+    basis = f"scored on table {on} ({reply.evaluated_rows:,} rows)" if on else "stored test metrics"
+    table = Table(title=escape(f"{name}: version {version_a} vs version {version_b}, {basis}"))
+    for column in ("metric", f"v{version_a}", f"v{version_b}", "delta", "better"):
+        table.add_column(column, no_wrap=True, justify="left" if column == "metric" else "right")
+    for delta in reply.deltas:
+        better = (
+            f"[green]v{version_b}[/green]"
+            if delta.b_better
+            else ("=" if delta.delta == 0 else f"[yellow]v{version_a}[/yellow]")
+        )
+        arrow = "lower is better" if delta.metric in _LOWER_IS_BETTER else "higher is better"
+        table.add_row(
+            f"{_METRIC_TITLES.get(delta.metric, delta.metric)} ({arrow})",
+            _metric(delta.a),
+            _metric(delta.b),
+            f"{delta.delta:+.4f}",
+            better,
+        )
+    console.print(table)
+    if not reply.deltas:
+        console.print("no metric is defined for both versions")
+    for label, features in (("added", reply.features_added), ("removed", reply.features_removed)):
+        if features:
+            console.print(f"features {label} in v{version_b}: {escape(', '.join(features))}")
+    console.print(
+        "trained on the same data"
+        if reply.same_data
+        else "trained on different data (their training-set fingerprints differ)"
+    )
+
+
 def promote(
     model: Annotated[str, typer.Argument(help="Registered model name")],
     version: Annotated[int, typer.Argument(min=0, help="Version to bind; 0 for the newest")],
@@ -246,4 +321,5 @@ def promote(
 def register(app: typer.Typer) -> None:
     app.command()(train)
     app.command()(models)
+    app.command()(compare)
     app.command()(promote)

@@ -132,6 +132,7 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServiceServicer):
                         segment=decision.segment,
                         arm_count=row.arm_count,
                         offer_details=details,
+                        model_score=row.model_score or 0.0,
                     )
                 )
             )
@@ -148,6 +149,7 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServiceServicer):
             segment=decision.segment,
             replica_id=self._replica.replica_id,
             warnings=decision.warnings,
+            model=decision.model,
         )
 
     async def Respond(

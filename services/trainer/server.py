@@ -34,6 +34,8 @@ async def build_server(settings: TrainerSettings) -> RunningServer:
         artifact_dir=settings.artifact_dir,
         max_concurrent_jobs=settings.max_concurrent_jobs,
         config=config,
+        max_concurrent_evaluations=settings.max_concurrent_evaluations,
+        max_evaluation_rows=settings.max_evaluation_rows,
     )
     servicer = TrainerServicer(service)
 

@@ -339,6 +339,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             features_added=comparison.features_added,
             features_removed=comparison.features_removed,
             same_data=comparison.same_data,
+            evaluated_rows=comparison.evaluated_rows,
         )
 
     async def Promote(self, request: trainer_pb2.PromoteRequest, context: Any) -> trainer_pb2.PromoteResponse:

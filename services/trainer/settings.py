@@ -26,4 +26,13 @@ class TrainerSettings(ServiceSettings):
         None, description="Admin key this service presents to the config service (Promote publishes)"
     )
     max_concurrent_jobs: int = Field(1, ge=1, le=16, description="Training jobs running at once")
+    max_concurrent_evaluations: int = Field(
+        2,
+        ge=1,
+        le=16,
+        description="Compare calls scoring an evaluation table at once (one worker process each)",
+    )
+    max_evaluation_rows: int = Field(
+        1_000_000, ge=1, le=100_000_000, description="Most rows Compare scores; a larger table is refused"
+    )
     config_deadline_seconds: float = Field(10.0, gt=0, le=120, description="Deadline of calls to config")

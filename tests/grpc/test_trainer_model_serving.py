@@ -163,10 +163,12 @@ async def test_invoke_ranks_offers_by_the_models_take_up_with_honest_propensitie
         reply = await serving.invoke()
         assert reply.config_revision == revision
         assert list(reply.warnings) == []
+        assert reply.model == "take-up:1"
         rows = [row.result for row in reply.final_result]
         assert sorted(row.offer for row in rows) == sorted(OFFERS)
         for row in rows:
             assert abs(row.arm_reward - expected[row.offer]) <= 1e-6
+            assert abs(row.model_score - expected[row.offer]) <= 1e-6
             assert abs(row.score - expected[row.offer]) <= 1e-6
             top = (1 - EPSILON) + EPSILON / 3
             assert row.propensity == pytest.approx(top if row.offer == best else EPSILON / 3)
@@ -176,6 +178,35 @@ async def test_invoke_ranks_offers_by_the_models_take_up_with_honest_propensitie
             exploited += 1
             assert [row.offer for row in rows] == sorted(OFFERS, key=lambda o: -expected[o])
     assert exploited > 0
+
+
+async def test_thompson_reports_the_bound_model_and_can_start_from_it(
+    serving: Serving, artifacts: tuple[Path, TrainedArtifact, TrainedArtifact]
+) -> None:
+    expected = predictions(serving.model_dir / "take-up" / "1")
+    # Bound but not scored with: Thompson sampling as usual, the model's take-up reported per offer.
+    revision = await serving.publish(1, algorithm={"approach": "thompson"})
+    await eventually(lambda: _at_least(serving, revision), what="the replica on the plain thompson revision")
+    reply = await serving.invoke()
+    assert reply.model == "take-up:1"
+    for row in (row.result for row in reply.final_result):
+        assert abs(row.model_score - expected[row.offer]) <= 1e-6
+        # Beta(1, 1) and the impressions so far (no response): the model is not its prior
+        assert row.arm_reward == pytest.approx(1 / (2 + row.arm_count), abs=1e-6)
+    # As the prior: every arm starts with 50 pseudo-observations at the model's take-up.
+    weight = 50.0
+    revision = await serving.publish(1, algorithm={"approach": "thompson", "model_prior_weight": weight})
+    await eventually(lambda: _at_least(serving, revision), what="the replica on the model-prior revision")
+    reply = await serving.invoke(customer="c-no-history")
+    for row in (row.result for row in reply.final_result):
+        assert abs(row.model_score - predictions_for(serving, {})[row.offer]) <= 1e-6
+        prior_mean = (1 + weight * row.model_score) / (2 + weight + row.arm_count)
+        assert row.arm_reward == pytest.approx(prior_mean, abs=1e-6)
+
+
+def predictions_for(serving: Serving, features: dict[str, str]) -> dict[str, float]:
+    model = load_model(serving.model_dir / "take-up" / "1", "take-up", 1)
+    return dict(zip(OFFERS, model.predict_offers(features, list(OFFERS)).tolist(), strict=True))
 
 
 async def _at_least(serving: Serving, revision: int) -> bool:

@@ -61,6 +61,8 @@ class Scores:
     arm_reward: np.ndarray
     arm_count: np.ndarray
     top_probability: np.ndarray
+    # The bound model's predicted take-up per offer, when the scorer consulted it.
+    model_score: np.ndarray | None = None
 
 
 def _top_probability_deterministic(values: np.ndarray) -> np.ndarray:
@@ -114,7 +116,7 @@ class ThompsonScorer(Scorer):
         offers: Sequence[str],
         statistics: Statistics,
         context: Mapping[str, str | float],
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         algorithm = self._algorithm
         counts = [statistics.arms.get(offer, ArmCounts()) for offer in offers]
         successes = np.array([c.successes for c in counts])
@@ -128,19 +130,20 @@ class ThompsonScorer(Scorer):
         beta = (
             algorithm.beta0 + np.array([c.prior_beta for c in counts]) + failures * algorithm.fail_increment
         )
+        take_up = None
         if self._model is not None:
             take_up = np.clip(self._model.predict_offers(context, offers), 0.0, 1.0)
             alpha = alpha + algorithm.model_prior_weight * take_up
             beta = beta + algorithm.model_prior_weight * (1.0 - take_up)
-        return alpha, beta, impressions
+        return alpha, beta, impressions, take_up
 
     def score(self, offers, weights, statistics, numeric_context, categorical_context, rng):  # type: ignore[no-untyped-def]
-        alpha, beta, impressions = self._posterior(
+        alpha, beta, impressions, take_up = self._posterior(
             offers, statistics, {**categorical_context, **numeric_context}
         )
         decision = rng.beta(alpha, beta) * weights
         draws = rng.beta(alpha, beta, size=(PROPENSITY_SAMPLES, len(offers))) * weights
-        return Scores(decision, alpha / (alpha + beta), impressions, _top_probability_sampled(draws))
+        return Scores(decision, alpha / (alpha + beta), impressions, _top_probability_sampled(draws), take_up)
 
 
 class EpsilonGreedyScorer(Scorer):
@@ -239,7 +242,9 @@ class ModelScorer(Scorer):
         take_up = self.model.predict_offers({**categorical_context, **numeric_context}, offers)
         impressions = np.array([statistics.arms.get(offer, ArmCounts()).impressions for offer in offers])
         ranked = take_up * weights
-        return Scores(_tie_break(ranked, rng), take_up, impressions, _top_probability_deterministic(ranked))
+        return Scores(
+            _tie_break(ranked, rng), take_up, impressions, _top_probability_deterministic(ranked), take_up
+        )
 
 
 def build_scorer(algorithm: Algorithm, model: LoadedModel | None = None) -> Scorer:

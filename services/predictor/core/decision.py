@@ -43,6 +43,13 @@ class ServingPlan:
     scorer: Scorer
     epsilon: float
     policy: ArmPolicy
+    # The model version this variant binds (scored or not, its output is reported per offer).
+    model: LoadedModel | None = None
+
+    @property
+    def model_ref(self) -> str:
+        """The bound model as "name:version"; empty when none."""
+        return f"{self.model.name}:{self.model.version}" if self.model is not None else ""
 
 
 @dataclass(frozen=True)
@@ -74,7 +81,12 @@ class DeploymentRuntime:
             binding = variant.model if variant is not None and variant.model is not None else spec.model
             model = loaded.get((binding.name, binding.version)) if binding is not None else None
             return ServingPlan(
-                name, algorithm, build_scorer(algorithm, model), epsilon, ArmPolicy.from_algorithm(algorithm)
+                name,
+                algorithm,
+                build_scorer(algorithm, model),
+                epsilon,
+                ArmPolicy.from_algorithm(algorithm),
+                model,
             )
 
         plans = {"": plan("", None)} | {v.name: plan(v.name, v) for v in spec.variants}
@@ -124,6 +136,7 @@ class RankedOffer:
     arm_count: float
     propensity: float
     explored: bool
+    model_score: float | None = None  # the bound model's predicted take-up for this offer
 
 
 @dataclass(frozen=True)
@@ -137,6 +150,7 @@ class Decision:
     context: Mapping[str, str | float]
     offers: list[RankedOffer]
     warnings: list[str]
+    model: str = ""  # the bound model as "name:version"; empty when none
 
 
 @dataclass(frozen=True)
@@ -285,13 +299,16 @@ class DecisionEngine:
             eligible, context, params
         )
         categorical = {k: v for k, v in context.values.items() if isinstance(v, str)}
-        if plan.scorer.reads_raw_features:  # a model reads the customer's raw features too
+        if plan.model is not None or plan.scorer.reads_raw_features:  # a model reads raw features too
             categorical = {
                 **features,
                 **{k: str(v) for k, v in params.items() if isinstance(v, str | int | float)},
                 **categorical,
             }
         scores = plan.scorer.score(offer_ids, weights, statistics, context.numeric, categorical, self.rng)
+        model_scores = scores.model_score
+        if model_scores is None and plan.model is not None:  # bound, not scored with: still reported
+            model_scores = plan.model.predict_offers({**categorical, **context.numeric}, offer_ids)
         explore = bool(self.rng.random() < plan.epsilon)
         order = self.rng.permutation(len(eligible)) if explore else np.argsort(-scores.score, kind="stable")
         propensity = (1.0 - plan.epsilon) * scores.top_probability + plan.epsilon / len(eligible)
@@ -305,6 +322,7 @@ class DecisionEngine:
                 arm_count=float(scores.arm_count[i]),
                 propensity=float(propensity[i]),
                 explored=explore,
+                model_score=float(model_scores[i]) if model_scores is not None else None,
             )
             for position, i in enumerate(order)
         ]
@@ -322,6 +340,7 @@ class DecisionEngine:
             context.values,
             ranked,
             warnings,
+            plan.model_ref,
         )
         await self._record_contact(decision, runtime, plan, generation, context, request, started)
         return decision
@@ -359,6 +378,7 @@ class DecisionEngine:
                 )
         offers_logged = [
             {"offer": row.offer.id, "rank": row.rank, "score": row.score, "propensity": row.propensity}
+            | ({"model_score": row.model_score} if row.model_score is not None else {})
             for row in decision.offers
         ]
         contact_key = redis_keys.contact(decision.uuid)
@@ -395,6 +415,7 @@ class DecisionEngine:
                         "channel": request.channel,
                         "segment": decision.segment,
                         "explore": decision.explore,
+                        "model": decision.model,
                         "offers": offers_logged,
                         "time": now,
                         "latency_ms": round((time.perf_counter() - started) * 1000, 3),

@@ -110,6 +110,43 @@ class Preprocessing:
             "offer_feature": self.offer_feature or None,
         }
 
+    @classmethod
+    def from_json(cls, document: Mapping[str, Any]) -> Preprocessing:
+        """The preprocessing an artifact's preprocessing.json records (`to_json`'s output).
+
+        ValueError (or KeyError, TypeError) when the document is not one: an unknown format, an
+        unknown encoding, or an input list that disagrees with the features'.
+        """
+        if document.get("format") != PREPROCESSING_FORMAT:
+            raise ValueError(f"unknown preprocessing format {document.get('format')!r}")
+        features = []
+        for entry in document["features"]:
+            encoding = Encoding(str(entry["encoding"]))
+            if encoding is Encoding.AUTO:
+                raise ValueError(f"feature {entry['name']!r} has no resolved encoding")
+            if encoding is Encoding.STANDARDIZE:
+                features.append(
+                    EncodedFeature(
+                        str(entry["name"]),
+                        encoding,
+                        str(entry["dtype"]),
+                        mean=float(entry["mean"]),
+                        std=float(entry["std"]),
+                    )
+                )
+            else:
+                categories = tuple(str(category) for category in entry["categories"])
+                features.append(
+                    EncodedFeature(str(entry["name"]), encoding, str(entry["dtype"]), categories=categories)
+                )
+        preprocessing = cls(tuple(features), str(document["label"]))
+        listed = [str(name) for name in document["inputs"]]
+        if listed != preprocessing.inputs:
+            raise ValueError(
+                f"the features encode to {preprocessing.width} inputs but {len(listed)} are listed"
+            )
+        return preprocessing
+
 
 def fit_preprocessing(
     features: Sequence[ResolvedFeature], columns: Mapping[str, np.ndarray], rows: np.ndarray, label: str

@@ -1,7 +1,9 @@
-"""The trainer's operations: validate and queue jobs, follow them, the registry, and promotion.
+"""The trainer's operations: validate and queue jobs, follow them, the registry, comparison and
+promotion.
 
 Promotion talks to the config service through the `DeploymentConfig` interface (the gRPC client
-lives outside core/), so this module never imports grpc.
+lives outside core/), so this module never imports grpc. Comparing on an evaluation table scores in
+a worker process (services.trainer.core.evaluation), so this process never imports torch either.
 """
 
 from __future__ import annotations
@@ -9,20 +11,28 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import subprocess
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import unquote, urlparse
 
 from sqlalchemy import Engine
 
 from libs.common.deployment_spec import deployment_spec_from_mapping
-from libs.common.errors import FailedPrecondition, InvalidArgument, LiveloopError, Unimplemented
+from libs.common.errors import FailedPrecondition, InvalidArgument, LiveloopError
+from services.trainer.core.artifacts import artifact_path, read_verified_artifact
+from services.trainer.core.evaluation import (
+    MAX_CONCURRENT_EVALUATIONS,
+    MAX_EVALUATION_ROWS,
+    EvaluationResult,
+    EvaluationRunner,
+    EvaluationTask,
+)
 from services.trainer.core.job_runner import JobNotifier, JobRunner
-from services.trainer.core.job_spec import TrainingJobSpec
+from services.trainer.core.job_spec import Encoding, TrainingJobSpec
 from services.trainer.core.jobs import FINAL_STATES, JobEvent, JobRecord, TrainingSummary
 from services.trainer.core.store import (
     MANIFEST_FILE,
@@ -30,7 +40,11 @@ from services.trainer.core.store import (
     ModelVersionRecord,
     TrainerStore,
 )
-from services.trainer.core.training_data import inspect_training_set
+from services.trainer.core.training_data import (
+    ResolvedFeature,
+    inspect_evaluation_table,
+    inspect_training_set,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +92,7 @@ class Comparison:
     features_added: list[str]
     features_removed: list[str]
     same_data: bool
+    evaluated_rows: int = 0  # rows of the evaluation table scored; 0: stored test metrics compared
 
 
 def code_version(repository: Path | None = None) -> str:
@@ -123,10 +138,15 @@ class TrainerService:
         artifact_dir: Path,
         max_concurrent_jobs: int,
         config: DeploymentConfig | None,
+        max_concurrent_evaluations: int = MAX_CONCURRENT_EVALUATIONS,
+        max_evaluation_rows: int = MAX_EVALUATION_ROWS,
     ) -> None:
         self.store = store
         self._offline_engine = offline_engine
+        self._offline_store_url = offline_store_url
         self._artifact_dir = artifact_dir
+        self._max_evaluation_rows = max_evaluation_rows
+        self.evaluations = EvaluationRunner(max_concurrent_evaluations)
         self._config = config
         self._code_version = "unknown"
         self.notifier = JobNotifier()
@@ -146,6 +166,7 @@ class TrainerService:
 
     async def stop(self) -> None:
         await self.runner.stop()
+        await self.evaluations.stop()
 
     async def _register(self, job_id: str, summary: TrainingSummary, staging_dir: Path) -> None:
         record = await asyncio.to_thread(
@@ -237,14 +258,10 @@ class TrainerService:
             return {}
 
     async def compare(self, name: str, version_a: int, version_b: int, evaluation_table: str) -> Comparison:
+        """Two versions side by side: their stored test metrics, or, with `evaluation_table`, the
+        metrics of both scored on that table of the offline store (see `_evaluate`)."""
         if not name:
             raise InvalidArgument("must name a model", field="name")
-        if evaluation_table:
-            raise Unimplemented(
-                "scoring versions on an evaluation table is not available yet; stored test metrics are "
-                "compared when evaluation_table is empty",
-                field="evaluation_table",
-            )
         for field, value in (("version_a", version_a), ("version_b", version_b)):
             if value <= 0:
                 raise InvalidArgument("must be a version number (1, 2, ...)", field=field)
@@ -254,10 +271,17 @@ class TrainerService:
         b, _ = await asyncio.to_thread(
             lambda: self.store.get_version(name, version_b, version_field="version_b")
         )
+        metrics_a: Mapping[str, float | None] = a.metrics
+        metrics_b: Mapping[str, float | None] = b.metrics
+        evaluated_rows = 0
+        if evaluation_table:
+            evaluated = await self._evaluate(a, b, evaluation_table)
+            (metrics_a, metrics_b), evaluated_rows = evaluated.metrics, evaluated.rows
         deltas = []
         for metric, higher_better in COMPARED_METRICS.items():
-            value_a, value_b = a.metrics.get(metric), b.metrics.get(metric)
-            if value_a is None or value_b is None:
+            value_a, value_b = metrics_a.get(metric), metrics_b.get(metric)
+            # Missing (older versions) or undefined (AUC on a table with one class): not compared.
+            if value_a is None or value_b is None or not math.isfinite(value_a + value_b):
                 continue
             delta = value_b - value_a
             deltas.append((metric, value_a, value_b, delta, delta > 0 if higher_better else delta < 0))
@@ -270,7 +294,54 @@ class TrainerService:
             features_added=[n for n in names_b if n not in names_a],
             features_removed=[n for n in names_a if n not in names_b],
             same_data=a.data_fingerprint == b.data_fingerprint,
+            evaluated_rows=evaluated_rows,
         )
+
+    async def _evaluate(self, a: ModelVersionRecord, b: ModelVersionRecord, table: str) -> EvaluationResult:
+        """Score both versions on `table` and measure them against its label.
+
+        Both must predict the same label (else InvalidArgument naming evaluation_table). The table
+        is checked here (NotFound, or InvalidArgument naming evaluation_table and the column: a
+        missing label or feature, an unusable type, no rows, more than `max_evaluation_rows` rows:
+        no sampling, the caller chooses the sample), then both artifacts are verified
+        (FailedPrecondition naming version_a / version_b), all in threads; the scoring itself runs
+        in a worker process (EvaluationRunner, which says why).
+        """
+        if a.label != b.label:
+            raise InvalidArgument(
+                f"version {a.version} predicts '{a.label}' and version {b.version} predicts '{b.label}'; "
+                "one table cannot score both",
+                field="evaluation_table",
+            )
+        features = {
+            f"version {record.version}": [
+                ResolvedFeature(f["name"], Encoding(f["encoding"]), f["dtype"]) for f in record.features
+            ]
+            for record in (a, b)
+        }
+        plan = await asyncio.to_thread(
+            lambda: inspect_evaluation_table(
+                self._offline_engine, table, a.label, features, max_rows=self._max_evaluation_rows
+            )
+        )
+        artifacts = await asyncio.to_thread(
+            lambda: tuple(
+                (field, read_verified_artifact(record, field=field))
+                for field, record in (("version_a", a), ("version_b", b))
+            )
+        )
+        result = await self.evaluations.evaluate(
+            EvaluationTask(self._offline_store_url, plan, artifacts, self._max_evaluation_rows)
+        )
+        logger.info(
+            "compared %s versions %d and %d on table %s (%d rows)",
+            a.name,
+            a.version,
+            b.version,
+            table,
+            result.rows,
+        )
+        return result
 
     # Promotion ----------------------------------------------------------------------------------
 
@@ -286,7 +357,7 @@ class TrainerService:
         record, _ = await asyncio.to_thread(
             lambda: self.store.get_version(model, version, name_field="model")
         )
-        artifact = _artifact_path(record.artifact_uri)
+        artifact = artifact_path(record.artifact_uri)
         if not await asyncio.to_thread((artifact / MANIFEST_FILE).is_file):
             raise FailedPrecondition(
                 f"the artifact of {model} version {record.version} is missing at {artifact}", field="model"
@@ -305,9 +376,3 @@ class TrainerService:
             dry_run=dry_run,
         )
         return PromoteResult(new_revision, deployment, diff, model, record.version)
-
-
-def _artifact_path(uri: str) -> Path:
-    if not uri.startswith("file://"):
-        raise FailedPrecondition(f"artifact URI '{uri}' is not a file:// URI", field="model")
-    return Path(unquote(urlparse(uri).path))

@@ -22,15 +22,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from libs.common.errors import InvalidArgument
+from services.trainer.core.artifacts import MODEL_FILE, PREPROCESSING_FILE, REFERENCE_FILE
 from services.trainer.core.job_spec import ModelType, SplitSpec, TrainingJobSpec
 from services.trainer.core.jobs import EpochReport, TrainingSummary
 from services.trainer.core.metrics import binary_metrics
 from services.trainer.core.preprocessing import Preprocessing, fit_preprocessing
 from services.trainer.core.training_data import TrainingData, TrainingSetPlan
 
-MODEL_FILE = "model.pt"
-PREPROCESSING_FILE = "preprocessing.json"
-REFERENCE_FILE = "reference.json"
 REFERENCE_ROWS = 8
 INPUT_NAME = "features"
 OUTPUT_NAME = "probability"

@@ -4,6 +4,9 @@ A training set is a table ingest wrote (listed in its `ll_tables` catalog, with 
 and event-time column) or the result of a SELECT over the offline store. Rows are read in a fixed
 order (every selected column, ascending), so the same data always gives the same arrays, the same
 split and, with the same seed, the same model; the fingerprint is a hash of exactly those arrays.
+
+An evaluation table (Compare's `evaluation_table`) is a table of the same store, checked and read
+the same way (same column types, same value conversions), but whole: no split, no fixed order.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterator, Sequence
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -24,7 +28,7 @@ from sqlalchemy import Connection, Engine
 
 from libs.common.database import UtcDateTime, create_database_engine, redact_database_url
 from libs.common.errors import InvalidArgument, NotFound, Unavailable
-from services.trainer.core.job_spec import Encoding, FeatureSpec, TrainingJobSpec
+from services.trainer.core.job_spec import COLUMN_PATTERN, Encoding, FeatureSpec, TrainingJobSpec
 
 ColumnKind = Literal["numeric", "bool", "string", "time", "other"]
 CATALOG_TABLE = "ll_tables"
@@ -179,18 +183,26 @@ def _kind_of_values(values: Sequence[Any]) -> tuple[ColumnKind, str]:
     return "other", "json"
 
 
-def _sampled_columns(connection: Connection, spec: TrainingJobSpec) -> dict[str, ColumnInfo]:
-    result = connection.execute(sa.text(f"SELECT * FROM {_source(connection, spec)} LIMIT {SAMPLE_ROWS}"))
+def _sampled_kinds(connection: Connection, source: str) -> dict[str, ColumnInfo] | None:
+    """Column types inferred from the first rows of a source; None when it has no rows."""
+    result = connection.execute(sa.text(f"SELECT * FROM {source} LIMIT {SAMPLE_ROWS}"))
     names = list(result.keys())
     rows = result.fetchall()
-    if not rows:  # nothing to infer column types from, and nothing to train on
-        raise InvalidArgument(
-            "the training set is empty", field="spec.training_set" if spec.training_set else "spec.query"
-        )
+    if not rows:
+        return None
     columns = {}
     for index, name in enumerate(names):
         kind, dtype = _kind_of_values([row[index] for row in rows])
         columns[name] = ColumnInfo(name, kind, dtype)
+    return columns
+
+
+def _sampled_columns(connection: Connection, spec: TrainingJobSpec) -> dict[str, ColumnInfo]:
+    columns = _sampled_kinds(connection, _source(connection, spec))
+    if columns is None:  # nothing to infer column types from, and nothing to train on
+        raise InvalidArgument(
+            "the training set is empty", field="spec.training_set" if spec.training_set else "spec.query"
+        )
     return columns
 
 
@@ -274,14 +286,9 @@ def _resolve_features(
     return resolved
 
 
-def _check_label(connection: Connection, spec: TrainingJobSpec, info: ColumnInfo) -> tuple[int, int]:
-    """(rows, positives), or InvalidArgument naming spec.label / spec.training_set."""
-    if info.kind not in ("numeric", "bool"):
-        raise InvalidArgument(
-            f"'{spec.label}' is a {info.dtype} column; the label must be 0/1 or true/false",
-            field="spec.label",
-        )
-    label = _quote(connection, spec.label)
+def _label_counts(connection: Connection, source: str, info: ColumnInfo) -> tuple[int, int, int, int]:
+    """(rows, rows without a label (NULL or NaN), positives, negatives) of a numeric or bool label."""
+    label = _quote(connection, info.name)
     value = f"(CASE WHEN {label} THEN 1 ELSE 0 END)" if info.kind == "bool" else label
     postgres = connection.dialect.name == "postgresql"
     # SQLite stores NaN as NULL; PostgreSQL keeps NaN, which compares equal to itself there.
@@ -295,15 +302,24 @@ def _check_label(connection: Connection, spec: TrainingJobSpec, info: ColumnInfo
             f"SELECT COUNT(*), COUNT({label}), {nan}, "
             f"SUM(CASE WHEN {value} = 1 THEN 1 ELSE 0 END), "
             f"SUM(CASE WHEN {value} = 0 THEN 1 ELSE 0 END) "
-            f"FROM {_source(connection, spec)}"
+            f"FROM {source}"
         )
     ).one()
     rows, present, nans = int(row[0]), int(row[1]), int(row[2] or 0)
-    positives, negatives = int(row[3] or 0), int(row[4] or 0)
+    return rows, rows - present + nans, int(row[3] or 0), int(row[4] or 0)
+
+
+def _check_label(connection: Connection, spec: TrainingJobSpec, info: ColumnInfo) -> tuple[int, int]:
+    """(rows, positives), or InvalidArgument naming spec.label / spec.training_set."""
+    if info.kind not in ("numeric", "bool"):
+        raise InvalidArgument(
+            f"'{spec.label}' is a {info.dtype} column; the label must be 0/1 or true/false",
+            field="spec.label",
+        )
+    rows, missing, positives, negatives = _label_counts(connection, _source(connection, spec), info)
     where = "spec.training_set" if spec.training_set else "spec.query"
     if rows == 0:
         raise InvalidArgument("the training set is empty", field=where)
-    missing = rows - present + nans
     if missing:
         raise InvalidArgument(
             f"'{spec.label}' is NaN or missing in {missing} of {rows} rows", field="spec.label"
@@ -389,15 +405,17 @@ def _as_float(value: Any) -> float:
     return float(value)
 
 
+def _catalog_table(table: str, columns: Mapping[str, ColumnInfo]) -> sa.TableClause:
+    """A catalogued table with its columns typed as ingest wrote them."""
+    return sa.table(
+        table,
+        *(sa.column(name, _CATALOG_SQL_TYPES.get(info.dtype, sa.Text())) for name, info in columns.items()),
+    )
+
+
 def _typed_source(connection: Connection, spec: TrainingJobSpec, plan: TrainingSetPlan) -> Any:
     if spec.training_set and plan.in_catalog:
-        return sa.table(
-            spec.training_set,
-            *(
-                sa.column(name, _CATALOG_SQL_TYPES.get(info.dtype, sa.Text()))
-                for name, info in plan.columns.items()
-            ),
-        )
+        return _catalog_table(spec.training_set, plan.columns)
     return sa.text(
         spec.query.strip().rstrip(";") if spec.query else f"SELECT * FROM {_source(connection, spec)}"
     )
@@ -430,10 +448,10 @@ def read_training_set(engine: Engine, spec: TrainingJobSpec, plan: TrainingSetPl
     for offset, feature in enumerate(plan.features, start=1):
         raw = values[offset]
         if feature.encoding is Encoding.STANDARDIZE:
-            array = np.array([_as_float(v) for v in raw], dtype=np.float64)
+            array = numeric_values(raw)
             digest.update(array.tobytes())
         else:
-            array = np.array([category_label(v) for v in raw], dtype=object)
+            array = category_values(raw)
             digest.update("\x1f".join("\x00" if v is None else v for v in array).encode())
         columns[feature.name] = array
     split_values: np.ndarray | None = None
@@ -444,6 +462,16 @@ def read_training_set(engine: Engine, spec: TrainingJobSpec, plan: TrainingSetPl
         else:
             split_values = np.array([category_label(v) or "" for v in raw], dtype=object)
     return TrainingData(labels, columns, split_values, digest.hexdigest())
+
+
+def numeric_values(values: Iterable[Any]) -> np.ndarray:
+    """Raw values of a standardized feature (or of the label): float64, NaN for missing."""
+    return np.array([_as_float(v) for v in values], dtype=np.float64)
+
+
+def category_values(values: Iterable[Any]) -> np.ndarray:
+    """Raw values of a one-hot or offer feature: category labels (object), None for missing."""
+    return np.array([category_label(v) for v in values], dtype=object)
 
 
 def category_label(value: Any) -> str | None:
@@ -458,3 +486,181 @@ def category_label(value: Any) -> str | None:
         if value.is_integer():
             return str(int(value))
     return str(value)
+
+
+# Evaluation tables ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvaluationTablePlan:
+    """What Compare reads from an evaluation table, once the table has been checked."""
+
+    table: str
+    columns: dict[str, ColumnInfo]
+    in_catalog: bool
+    label: str
+    numeric: tuple[str, ...]  # columns read as numbers: features some version standardizes
+    categorical: tuple[str, ...]  # columns read as category labels: one-hot and offer features
+    row_count: int
+    positives: int
+
+
+@dataclass(frozen=True)
+class EvaluationData:
+    """Every row of an evaluation table: the label, and each feature column as its encodings need it."""
+
+    labels: np.ndarray  # float64 0/1
+    numbers: dict[str, np.ndarray]  # float64, NaN for missing
+    categories: dict[str, np.ndarray]  # category labels (object), None for missing
+
+    @property
+    def rows(self) -> int:
+        return int(self.labels.shape[0])
+
+    def columns_for(self, features: Iterable[tuple[str, Encoding]]) -> dict[str, np.ndarray]:
+        """The raw columns one version's preprocessing encodes, as read_training_set gives them."""
+        return {
+            name: self.numbers[name] if encoding is Encoding.STANDARDIZE else self.categories[name]
+            for name, encoding in features
+        }
+
+
+def _table_columns(connection: Connection, table: str, field: str) -> tuple[dict[str, ColumnInfo], bool]:
+    """(columns, in_catalog) of an offline-store table; NotFound, or InvalidArgument when it is empty
+    and not in the catalog (nothing to learn its column types from)."""
+    catalogued = _catalog_columns(connection, table)
+    if catalogued is not None:
+        columns, _ = catalogued
+        infos = {
+            c["name"]: ColumnInfo(c["name"], _CATALOG_KINDS.get(c["type"], "other"), c["type"])
+            for c in columns
+        }
+        return infos, True
+    if not sa.inspect(connection).has_table(table):
+        raise NotFound(f"no table '{table}' in the offline store", field=field)
+    sampled = _sampled_kinds(connection, _quote(connection, table))
+    if sampled is None:
+        raise InvalidArgument(f"table '{table}' is empty: there are no rows to score", field=field)
+    return sampled, False
+
+
+def inspect_evaluation_table(
+    engine: Engine,
+    table: str,
+    label: str,
+    features: Mapping[str, Sequence[ResolvedFeature]],
+    *,
+    max_rows: int,
+    field: str = "evaluation_table",
+) -> EvaluationTablePlan:
+    """Check that `table` holds the label and every feature (`features`: by who reads them, e.g.
+    "version 2") with types their encodings accept, and 1 to `max_rows` rows with a 0/1 label.
+
+    NotFound for an unknown table; InvalidArgument otherwise; both name `field` and say which column.
+    A table with one class only passes (AUC is then undefined; the other metrics are not).
+    """
+    if not re.fullmatch(COLUMN_PATTERN, table):
+        raise InvalidArgument(f"'{table[:80]}' is not a table name", field=field)
+    with _reading(engine) as connection:
+        columns, in_catalog = _table_columns(connection, table, field)
+        present = ", ".join(columns)
+        label_info = columns.get(label)
+        if label_info is None:
+            raise InvalidArgument(
+                f"no label column '{label}' in table '{table}' (it has: {present})", field=field
+            )
+        if label_info.kind not in ("numeric", "bool"):
+            raise InvalidArgument(
+                f"the label '{label}' is a {label_info.dtype} column in table '{table}'; "
+                "it must be 0/1 or true/false",
+                field=field,
+            )
+        numeric: dict[str, None] = {}
+        categorical: dict[str, None] = {}
+        for reader, wanted in features.items():
+            for feature in wanted:
+                info = columns.get(feature.name)
+                if info is None:
+                    raise InvalidArgument(
+                        f"no column '{feature.name}' in table '{table}'; {reader} reads it as a feature "
+                        f"(the table has: {present})",
+                        field=field,
+                    )
+                if feature.encoding is Encoding.STANDARDIZE:
+                    accepted: tuple[ColumnKind, ...] = ("numeric", "bool")
+                    numeric[feature.name] = None
+                else:
+                    accepted = ("string", "bool", "numeric")
+                    categorical[feature.name] = None
+                if info.kind not in accepted:
+                    raise InvalidArgument(
+                        f"column '{feature.name}' of table '{table}' is {info.dtype}; {reader} encodes it "
+                        f"with {feature.encoding.value} (trained on {feature.dtype})",
+                        field=field,
+                    )
+        rows, missing, positives, negatives = _label_counts(connection, _quote(connection, table), label_info)
+    if rows == 0:
+        raise InvalidArgument(f"table '{table}' is empty: there are no rows to score", field=field)
+    if rows > max_rows:
+        raise InvalidArgument(
+            f"table '{table}' has {rows:,} rows, more than the {max_rows:,} an evaluation reads; "
+            "compare on a sample of it",
+            field=field,
+        )
+    if missing:
+        raise InvalidArgument(
+            f"the label '{label}' is NaN or missing in {missing} of {rows} rows of table '{table}'",
+            field=field,
+        )
+    others = rows - positives - negatives
+    if others:
+        raise InvalidArgument(
+            f"the label '{label}' must be 0 or 1 (or true/false); {others} rows of table '{table}' hold "
+            "other values",
+            field=field,
+        )
+    return EvaluationTablePlan(
+        table=table,
+        columns=columns,
+        in_catalog=in_catalog,
+        label=label,
+        numeric=tuple(numeric),
+        categorical=tuple(categorical),
+        row_count=rows,
+        positives=positives,
+    )
+
+
+def read_evaluation_table(engine: Engine, plan: EvaluationTablePlan, *, max_rows: int) -> EvaluationData:
+    """Every row of the table (at most `max_rows`, should it have grown since it was inspected), with
+    the conversions read_training_set applies: same values, same arrays, in the table's own order."""
+    names = list(dict.fromkeys([plan.label, *plan.numeric, *plan.categorical]))
+    position = {name: index for index, name in enumerate(names)}
+    labels: list[np.ndarray] = []
+    numbers: dict[str, list[np.ndarray]] = {name: [] for name in plan.numeric}
+    categories: dict[str, list[np.ndarray]] = {name: [] for name in plan.categorical}
+    with _reading(engine) as connection:
+        source: Any
+        if plan.in_catalog:
+            source = _catalog_table(plan.table, plan.columns)
+        else:
+            text = sa.text(f"SELECT * FROM {_quote(connection, plan.table)}")
+            source = text.columns(*(sa.column(name) for name in plan.columns)).subquery("ll_source")
+        query = sa.select(*(source.c[name] for name in names)).limit(max_rows)
+        result = connection.execution_options(stream_results=True).execute(query)
+        for chunk in result.partitions(READ_CHUNK_ROWS):
+            values = list(zip(*chunk, strict=True))
+            labels.append(numeric_values(values[0]))
+            for name, parts in numbers.items():
+                parts.append(numeric_values(values[position[name]]))
+            for name, parts in categories.items():
+                parts.append(category_values(values[position[name]]))
+
+    def joined(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+    return EvaluationData(
+        labels=joined(labels, np.float64),
+        numbers={name: joined(parts, np.float64) for name, parts in numbers.items()},
+        categories={name: joined(parts, object) for name, parts in categories.items()},
+    )
