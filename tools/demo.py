@@ -7,19 +7,24 @@ train, promote) extend this script.
 
 from __future__ import annotations
 
+import csv
 import json
 import shlex
 import subprocess
 import sys
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 from libs.stack.credentials import load_credentials
 from libs.stack.launcher import StackRecord, StackSettings
+from services.predictor.core.models import FeatureEncoder
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_SPEC = Path("examples/deployments/telco-offers.yaml")
+TRAINING_SPEC = Path("examples/training/telco-take-up.yaml")
+CUSTOMERS = Path("examples/data/customers.csv")
 
 
 def step(title: str) -> None:
@@ -118,6 +123,90 @@ def learning_loop(front_door: str, invoke_key: str) -> None:
     liveloop("invoke", "telco-offers", "c0003", "-n", "3", "--channel", "app")
 
 
+def trained_model(front_door: str, invoke_key: str) -> None:
+    step("Train a take-up model on the ingested sample: a torch job in a trainer worker process")
+    liveloop("train", str(TRAINING_SPEC))
+    step("The model registry: each version with its held-out AUC, log loss and calibration error")
+    liveloop("models")
+    step(
+        "Promote it (version 0: the newest): a config revision binds it to telco-offers and ranks by its"
+        " predicted take-up;"
+        " every replica verifies the artifact's checksums, loads, warms and swaps it before it ACKs"
+    )
+    liveloop("promote", "take-up", "0", "--deployment", "telco-offers", "--use", "score", "--no-diff")
+    liveloop("config", "status", "--wait-for-head", "30")
+    step("Invoke now ranks by the model: score = P(take-up | customer, offer), the same on both replicas")
+    body = {"campaign": "telco-offers", "customer": "c0002", "channel": "app", "numberoffers": 7}
+    invoked = [_post(front_door, "/invocations", body, invoke_key) for _ in range(2)]
+    take_up = {}
+    for reply in invoked:
+        take_up[reply["replica_id"]] = {
+            r["result"]["offer"]: r["result"]["arm_reward"] for r in reply["final_result"]
+        }
+    if len(set(map(lambda scores: tuple(sorted(scores.items())), take_up.values()))) != 1:
+        raise SystemExit(f"demo failed: the replicas score the model differently: {take_up}")
+    scores = next(iter(take_up.values()))
+    model = invoked[0]["model"]  # "name:version"
+    print(f"  scored by {model} on replicas {', '.join(sorted(take_up))}")
+    for offer, value in sorted(scores.items(), key=lambda item: -item[1]):
+        print(f"  {offer:<16} {value:.4f}")
+    step("The same model over the Open Inference Protocol: a standard tritonclient, through Envoy")
+    segment = dict(
+        part.split("=", 1) for part in invoked[0]["final_result"][0]["result"]["segment"].split("|")
+    )
+    with (REPO / CUSTOMERS).open(newline="") as handle:
+        customer = next(row for row in csv.DictReader(handle) if row["customer"] == "c0002")
+    values = {**customer, **segment}
+    print(
+        f"  inputs of c0002: {json.dumps({k: values[k] for k in ('age', 'gender', 'trips_per_year', 'age_band', 'channel')})}"
+    )
+    served = _infer_over_oip(front_door, invoke_key, model.split(":")[1], values, list(scores))
+    worst = max(abs(served[offer] - scores[offer]) for offer in scores)
+    for offer in sorted(scores, key=lambda o: -scores[o]):
+        print(f"  {offer:<16} ModelInfer {served[offer]:.6f}   Invoke {scores[offer]:.6f}")
+    if worst > 1e-6:
+        raise SystemExit(f"demo failed: ModelInfer and Invoke differ by {worst:.2e}")
+    print(f"  largest difference {worst:.1e}: Invoke and ModelInfer run the same artifact")
+
+
+def _infer_over_oip(
+    front_door: str, invoke_key: str, version: str, values: dict[str, str], offers: list[str]
+) -> dict[str, float]:
+    """Encode the customer x each offer as the artifact's preprocessing.json says, then ModelInfer."""
+    import numpy as np
+    import tritonclient.grpc as triton
+
+    described = json.loads(liveloop_output("models", "take-up", "--json"))  # its newest version
+    artifact = Path(urllib.parse.urlparse(described["model"]["artifact_uri"]).path)
+    encoder = FeatureEncoder(json.loads((artifact / "preprocessing.json").read_text()))
+    matrix = encoder.encode_offers(values, offers).astype(np.float32)
+    headers = {"x-api-key": invoke_key}
+    client = triton.InferenceServerClient(url=front_door)
+    try:
+        print(
+            f"$ tritonclient: server ready {client.is_server_ready(headers=headers)}, model ready "
+            f"{client.is_model_ready('take-up', version, headers=headers)}"
+        )
+        metadata = client.get_model_metadata("take-up", version, headers=headers, as_json=True)
+        print(f"  model metadata: inputs {metadata['inputs']} outputs {metadata['outputs']}")
+        tensor = triton.InferInput("features", list(matrix.shape), "FP32")
+        tensor.set_data_from_numpy(matrix)
+        result = client.infer("take-up", [tensor], model_version=version, headers=headers, client_timeout=10)
+    finally:
+        client.close()
+    probabilities = result.as_numpy("probability").reshape(-1)
+    return {offer: float(p) for offer, p in zip(offers, probabilities, strict=True)}
+
+
+def liveloop_output(*args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "libs.cli.main", *args], cwd=REPO, check=False, capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"demo failed at `liveloop {shlex.join(args)}`: {result.stderr.strip()}")
+    return result.stdout
+
+
 def _post(front_door: str, path: str, body: dict[str, object], key: str) -> dict[str, Any]:
     request = urllib.request.Request(
         f"http://{front_door}{path}",
@@ -145,6 +234,7 @@ def main() -> int:
         assert record is not None
         assert credentials is not None
         learning_loop(f"{settings.host}:{record.envoy_port}", credentials.invoke_key)
+        trained_model(f"{settings.host}:{record.envoy_port}", credentials.invoke_key)
         step("REST through Envoy's gRPC-JSON transcoder: GET /ping")
         url = f"http://{settings.host}:{record.envoy_port}/ping"
         print(f"$ curl -H 'x-api-key: ...' {url}")
@@ -164,7 +254,8 @@ def main() -> int:
     print(
         "\ndemo finished: the stack started healthy, served through Envoy, followed two config pushes on"
         " both replicas, ingested and materialized the sample data, generated the options store, ranked"
-        " offers over REST and gRPC, learned from a response on every replica, and stopped cleanly."
+        " offers over REST and gRPC, learned from a response on every replica, trained and promoted a take-up"
+        " model that both replicas served through Invoke and the Open Inference Protocol, and stopped cleanly."
     )
     return 0
 

@@ -12,13 +12,13 @@ import math
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import grpc
 import typer
 from google.protobuf.json_format import MessageToDict
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
@@ -30,18 +30,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from libs.cli.output import JsonFlag, StateDir, TargetOption, console, errors, fail, front_door
 from libs.common.client import open_blocking_channel
 from libs.common.errors import LiveloopError
 from libs.protos.liveloop.trainer.v1 import trainer_pb2, trainer_pb2_grpc
-
-console = Console()
-if not console.is_terminal:
-    console = Console(width=160)
-errors = Console(stderr=True)
-
-StateDir = Annotated[Path | None, typer.Option("--state-dir", help="Local stack state (default .liveloop)")]
-TargetOption = Annotated[str | None, typer.Option("--target", help="host:port of the front door")]
-JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
 
 _STATE_NAMES = {
     trainer_pb2.JOB_STATE_QUEUED: "queued",
@@ -53,15 +45,8 @@ _STATE_NAMES = {
 _FINAL = {trainer_pb2.JOB_STATE_SUCCEEDED, trainer_pb2.JOB_STATE_FAILED, trainer_pb2.JOB_STATE_CANCELLED}
 
 
-def _fail(message: str) -> NoReturn:
-    errors.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
-    raise typer.Exit(1)
-
-
 @contextmanager
 def _trainer(state_dir: Path | None, target: str | None) -> Iterator[trainer_pb2_grpc.TrainerServiceStub]:
-    from libs.cli.output import front_door
-
     resolved, api_key = front_door(state_dir, target, role="admin")
     # No default deadline: WatchJob streams for as long as the job trains; unary calls set their own.
     with open_blocking_channel(resolved, api_key=api_key, deadline_seconds=None) as channel:
@@ -70,7 +55,7 @@ def _trainer(state_dir: Path | None, target: str | None) -> Iterator[trainer_pb2
         except grpc.RpcError as exc:
             hint = " (is the stack running? `liveloop up`, or pass --target)"
             code = exc.code()
-            _fail(f"{code.name}: {exc.details()}{hint if code == grpc.StatusCode.UNAVAILABLE else ''}")
+            fail(f"{code.name}: {exc.details()}{hint if code == grpc.StatusCode.UNAVAILABLE else ''}")
 
 
 def _metric(value: float) -> str:
@@ -94,9 +79,9 @@ def train(
     try:
         spec = parse_training_spec(spec_file.read_text())
     except OSError as exc:
-        _fail(f"cannot read {spec_file}: {exc}")
+        fail(f"cannot read {spec_file}: {exc}")
     except LiveloopError as exc:
-        _fail(f"{spec_file}: {exc.message}")
+        fail(f"{spec_file}: {exc.message}")
     with _trainer(state_dir, target) as trainer:
         started = trainer.StartTraining(
             trainer_pb2.StartTrainingRequest(spec=spec_message(spec), dry_run=dry_run), timeout=60
@@ -118,7 +103,7 @@ def train(
             f"(test AUC {_metric(metrics.get('auc', math.nan))}, log loss {_metric(metrics.get('log_loss', math.nan))})"
         )
     if final.state != trainer_pb2.JOB_STATE_SUCCEEDED:
-        _fail(f"job {started.job_id} {_STATE_NAMES.get(final.state, '?')}: {final.message}")
+        fail(f"job {started.job_id} {_STATE_NAMES.get(final.state, '?')}: {final.message}")
 
 
 def _follow(
@@ -137,14 +122,18 @@ def _follow(
     )
     with progress:
         task = progress.add_task(f"job {job_id}", total=epochs, detail="queued")
+        epoch_detail = ""
         for event in trainer.WatchJob(trainer_pb2.WatchJobRequest(job_id=job_id, from_start=True)):
             last = event
             detail = _STATE_NAMES.get(event.state, "")
-            if event.epoch:
-                detail = (
+            if event.state == trainer_pb2.JOB_STATE_RUNNING and event.epoch:
+                epoch_detail = (
                     f"loss {event.loss:.4f}  val {event.validation_loss:.4f}  "
                     f"AUC {_metric(event.metrics.get('auc', math.nan))}"
                 )
+                detail = epoch_detail
+            elif event.state in _FINAL and epoch_detail:  # the final event carries no epoch figures
+                detail = f"{detail}: {epoch_detail}"
             progress.update(task, completed=event.epoch, total=event.max_epochs or epochs, detail=detail)
             if event.state in _FINAL:
                 break
@@ -287,12 +276,38 @@ def compare(
     )
 
 
+class ModelUseChoice(StrEnum):
+    BIND = "bind"
+    SCORE = "score"
+    PRIOR = "prior"
+
+
+_MODEL_USES = {
+    ModelUseChoice.BIND: trainer_pb2.MODEL_USE_UNSPECIFIED,
+    ModelUseChoice.SCORE: trainer_pb2.MODEL_USE_SCORE,
+    ModelUseChoice.PRIOR: trainer_pb2.MODEL_USE_PRIOR,
+}
+
+
 def promote(
     model: Annotated[str, typer.Argument(help="Registered model name")],
     version: Annotated[int, typer.Argument(min=0, help="Version to bind; 0 for the newest")],
     deployment: Annotated[str, typer.Option("--deployment", "-d", help="Deployment to bind it to")],
     message: Annotated[str, typer.Option("--message", "-m", help="Reason recorded in the history")] = "",
+    use: Annotated[
+        ModelUseChoice,
+        typer.Option(
+            "--use",
+            help="bind: only bind it (served over OIP); score: rank by its predicted take-up (algorithm "
+            "model); prior: keep Thompson sampling, each arm starting at the model's take-up",
+        ),
+    ] = ModelUseChoice.BIND,
+    prior_weight: Annotated[
+        float,
+        typer.Option("--prior-weight", min=0.0, help="With --use prior: pseudo-observations per arm (0: 20)"),
+    ] = 0.0,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the diff; publish nothing")] = False,
+    show_diff: Annotated[bool, typer.Option("--diff/--no-diff", help="Print the spec's diff")] = True,
     state_dir: StateDir = None,
     target: TargetOption = None,
     as_json: JsonFlag = False,
@@ -301,7 +316,13 @@ def promote(
     with _trainer(state_dir, target) as trainer:
         reply = trainer.Promote(
             trainer_pb2.PromoteRequest(
-                model=model, version=version, deployment=deployment, dry_run=dry_run, message=message
+                model=model,
+                version=version,
+                deployment=deployment,
+                dry_run=dry_run,
+                message=message,
+                use=_MODEL_USES[use],
+                prior_weight=prior_weight,
             ),
             timeout=30,
         )
@@ -309,10 +330,17 @@ def promote(
         sys.stdout.write(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2) + "\n")
         return
     verb = "would publish" if dry_run else "published"
+    how = {
+        ModelUseChoice.BIND: "bound",
+        ModelUseChoice.SCORE: "ranking",
+        ModelUseChoice.PRIOR: "as the prior",
+    }
     console.print(
         f"{verb} revision {reply.config_revision} of {reply.deployment}: "
-        f"{reply.model.name} version {reply.model.version}"
+        f"{reply.model.name} version {reply.model.version} ({how[use]})"
     )
+    if not show_diff:
+        return
     for line in reply.diff.splitlines():
         style = "green" if line.startswith("+") else "red" if line.startswith("-") else ""
         console.print(escape(line), style=style, highlight=False)

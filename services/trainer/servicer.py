@@ -31,7 +31,7 @@ from services.trainer.core.job_spec import (
 )
 from services.trainer.core.jobs import JobEvent, JobRecord
 from services.trainer.core.store import ModelVersionRecord
-from services.trainer.core.trainer_service import TrainerService
+from services.trainer.core.trainer_service import ModelUse, TrainerService
 
 _STATES = {
     "queued": trainer_pb2.JOB_STATE_QUEUED,
@@ -49,6 +49,11 @@ _MODEL_TYPES = {
 _MODEL_TYPE_VALUES = {
     "logistic_regression": trainer_pb2.MODEL_TYPE_LOGISTIC_REGRESSION,
     "mlp": trainer_pb2.MODEL_TYPE_MLP,
+}
+_MODEL_USES = {
+    trainer_pb2.MODEL_USE_UNSPECIFIED: ModelUse.BIND,
+    trainer_pb2.MODEL_USE_SCORE: ModelUse.SCORE,
+    trainer_pb2.MODEL_USE_PRIOR: ModelUse.PRIOR,
 }
 _CORE_METRICS = ("auc", "log_loss", "calibration_error", "brier_score", "rows")
 
@@ -343,12 +348,17 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         )
 
     async def Promote(self, request: trainer_pb2.PromoteRequest, context: Any) -> trainer_pb2.PromoteResponse:
+        use = _MODEL_USES.get(request.use)
+        if use is None:
+            raise InvalidArgument(f"unknown model use {request.use}", field="use")
         result = await self._service.promote(
             request.model,
             request.version,
             request.deployment,
             dry_run=request.dry_run,
             message=request.message,
+            use=use,
+            prior_weight=request.prior_weight,
         )
         return trainer_pb2.PromoteResponse(
             config_revision=result.revision,

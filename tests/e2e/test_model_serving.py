@@ -88,15 +88,15 @@ def run(stack: LocalStack, tmp_path: Path) -> None:
             "exploration_epsilon": 0.0,
         }
         config.Publish(config_pb2.PublishRequest(spec_text=json.dumps(document)))
-        promoted = stack.cli("promote", "take-up", "1", "--deployment", "telco", "--json")
+        # Score with the model: the deployment's algorithm becomes `model`.
+        promoted = stack.cli("promote", "take-up", "1", "--deployment", "telco", "--use", "score", "--json")
         assert promoted.returncode == 0, promoted.stderr
         revision = int(json.loads(promoted.stdout)["config_revision"])
-        # Score with the model: the deployment's algorithm becomes `model`.
         head = config.Get(config_pb2.GetRequest(deployment=common_pb2.DeploymentRef(name="telco")))
         spec = json.loads(head.deployment.spec_json)
         assert spec["model"] == {"name": "take-up", "version": 1}
-        spec["algorithm"] = {"approach": "model"}
-        revision = config.Publish(config_pb2.PublishRequest(spec_text=json.dumps(spec))).revision
+        assert spec["algorithm"] == {"approach": "model"}
+        assert head.deployment.revision == revision
 
     with open_blocking_channel(
         stack.front_door, api_key=credentials["invoke"], deadline_seconds=10
@@ -117,6 +117,7 @@ def run(stack: LocalStack, tmp_path: Path) -> None:
                 predictor_pb2.InvokeRequest(campaign="telco", customer="c1", params=_params({"age": 30}))
             )
             assert reply.config_revision >= revision
+            assert reply.model == "take-up:1"
             assert [row.result.propensity for row in reply.final_result][:1] == [1.0]
             scores.append(
                 sorted((row.result.offer, round(row.result.arm_reward, 6)) for row in reply.final_result)

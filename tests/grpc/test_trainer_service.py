@@ -241,6 +241,64 @@ async def test_jobs_stream_their_epochs_register_versions_and_one_is_promoted(st
     assert code == grpc.StatusCode.NOT_FOUND
     assert details.startswith("version: model 'take-up' has no version 9")
 
+    # As Thompson sampling's prior: the algorithm stays, with the weight (20 unless given).
+    prior = await stack.trainer.Promote(
+        trainer_pb2.PromoteRequest(
+            model="take-up", version=mlp, deployment="telco", use=trainer_pb2.MODEL_USE_PRIOR
+        )
+    )
+    head = await stack.config.Get(config_pb2.GetRequest(deployment=common_pb2.DeploymentRef(name="telco")))
+    assert head.deployment.revision == prior.config_revision
+    algorithm = json.loads(head.deployment.spec_json)["algorithm"]
+    assert (algorithm["approach"], algorithm["model_prior_weight"]) == ("thompson", 20.0)
+    # As the scorer: the deployment ranks by the model from now on.
+    scored = await stack.trainer.Promote(
+        trainer_pb2.PromoteRequest(
+            model="take-up", version=lr, deployment="telco", use=trainer_pb2.MODEL_USE_SCORE
+        )
+    )
+    head = await stack.config.Get(config_pb2.GetRequest(deployment=common_pb2.DeploymentRef(name="telco")))
+    assert head.deployment.revision == scored.config_revision
+    document = json.loads(head.deployment.spec_json)
+    assert document["algorithm"]["approach"] == "model"
+    assert document["model"] == {"name": "take-up", "version": lr}
+    # Bad uses are refused naming the field, and nothing is published.
+    for request, code_wanted, prefix in [
+        (
+            trainer_pb2.PromoteRequest(
+                model="take-up", version=lr, deployment="telco", use=trainer_pb2.MODEL_USE_PRIOR
+            ),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "use: deployment 'telco' uses the 'model' algorithm; a model prior needs 'thompson'",
+        ),
+        (
+            trainer_pb2.PromoteRequest(model="take-up", version=lr, deployment="telco", prior_weight=5),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "prior_weight: applies only when the model is used as the prior",
+        ),
+        (
+            trainer_pb2.PromoteRequest(
+                model="take-up",
+                version=lr,
+                deployment="telco",
+                use=trainer_pb2.MODEL_USE_PRIOR,
+                prior_weight=-1,
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "prior_weight: must be a non-negative number",
+        ),
+        (
+            trainer_pb2.PromoteRequest(model="take-up", version=lr, deployment="telco", use=7),  # type: ignore[arg-type]
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "use: unknown model use 7",
+        ),
+    ]:
+        code, details = await status_of(stack.trainer.Promote(request))
+        assert code == code_wanted, details
+        assert details.startswith(prefix), details
+    head = await stack.config.Get(config_pb2.GetRequest(deployment=common_pb2.DeploymentRef(name="telco")))
+    assert head.deployment.revision == scored.config_revision
+
 
 async def status_of(call: Any) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(aio.AioRpcError) as raised:

@@ -15,6 +15,7 @@ import math
 import subprocess
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Protocol
@@ -73,6 +74,17 @@ class DeploymentConfig(Protocol):
 
     async def bindings(self) -> Mapping[str, tuple[str, int]]:
         """Deployment -> (model, version) bound by its head spec."""
+
+
+class ModelUse(StrEnum):
+    """What a promoted model does in its deployment."""
+
+    BIND = "bind"  # bound only: served over the Open Inference Protocol, the algorithm unchanged
+    SCORE = "score"  # the deployment ranks by it (algorithm `model`)
+    PRIOR = "prior"  # Thompson sampling starts each arm at its take-up (model_prior_weight)
+
+
+DEFAULT_MODEL_PRIOR_WEIGHT = 20.0
 
 
 @dataclass(frozen=True)
@@ -346,14 +358,28 @@ class TrainerService:
     # Promotion ----------------------------------------------------------------------------------
 
     async def promote(
-        self, model: str, version: int, deployment: str, *, dry_run: bool, message: str
+        self,
+        model: str,
+        version: int,
+        deployment: str,
+        *,
+        dry_run: bool,
+        message: str,
+        use: ModelUse = ModelUse.BIND,
+        prior_weight: float = 0.0,
     ) -> PromoteResult:
+        """Publish a config revision binding the version to the deployment and, by `use`, making it
+        the scorer (algorithm `model`) or Thompson sampling's prior (`model_prior_weight`)."""
         if not model:
             raise InvalidArgument("must name a model", field="model")
         if not deployment:
             raise InvalidArgument("must name a deployment", field="deployment")
         if version < 0:
             raise InvalidArgument("must not be negative", field="version")
+        if not math.isfinite(prior_weight) or prior_weight < 0:
+            raise InvalidArgument("must be a non-negative number", field="prior_weight")
+        if prior_weight and use is not ModelUse.PRIOR:
+            raise InvalidArgument("applies only when the model is used as the prior", field="prior_weight")
         record, _ = await asyncio.to_thread(
             lambda: self.store.get_version(model, version, name_field="model")
         )
@@ -367,12 +393,28 @@ class TrainerService:
         spec_json, revision = await self._config.get(deployment)
         document = json.loads(spec_json)
         document["model"] = {"name": model, "version": record.version}
+        how = ""
+        if use is ModelUse.SCORE:
+            document["algorithm"] = {"approach": "model"}
+            how = ", ranking by its take-up"
+        elif use is ModelUse.PRIOR:
+            algorithm = dict(document.get("algorithm") or {"approach": "thompson"})
+            approach = algorithm.get("approach", "thompson")
+            if approach != "thompson":
+                raise FailedPrecondition(
+                    f"deployment '{deployment}' uses the '{approach}' algorithm; a model prior needs "
+                    "'thompson' (or promote with use MODEL_USE_SCORE)",
+                    field="use",
+                )
+            algorithm["model_prior_weight"] = prior_weight or DEFAULT_MODEL_PRIOR_WEIGHT
+            document["algorithm"] = algorithm
+            how = f", as Thompson sampling's prior (weight {algorithm['model_prior_weight']:g})"
         deployment_spec_from_mapping(document)  # refuse here, naming the field, what config would refuse
         new_revision, diff = await self._config.publish(
             json.dumps(document, sort_keys=True),
             deployment=deployment,
             expected_revision=revision,
-            message=message or f"promote {model} version {record.version}",
+            message=message or f"promote {model} version {record.version}{how}",
             dry_run=dry_run,
         )
         return PromoteResult(new_revision, deployment, diff, model, record.version)
