@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
@@ -109,6 +110,24 @@ def test_what_the_data_cannot_satisfy_is_refused_naming_the_field(offline: sa.En
     with pytest.raises(NotFound) as missing:
         inspect_training_set(offline, spec(training_set="nope"))
     assert missing.value.field == "spec.training_set"
+
+
+def test_a_query_can_split_by_the_time_of_a_timestamp_column(offline: sa.Engine) -> None:
+    # Through a query, SQLite returns timestamps as text: the split still reads them as times.
+    query = "SELECT t.event_time AS shown_at, t.age, t.region, t.offer_id, t.label FROM take_up AS t"
+    by_time = spec(training_set="", query=query, features=["age"], split={"time_column": "shown_at"})
+    plan = inspect_training_set(offline, by_time)
+    assert plan.split_column == "shown_at"
+    data = read_training_set(offline, by_time, plan)
+    assert data.split_values is not None
+    assert np.isfinite(data.split_values.astype(float)).all()  # every row has a time, as seconds
+    assert len(set(data.split_values.tolist())) == data.rows  # one hour apart: all distinct
+    # Text that is not a time is still refused.
+    error = refusal(
+        offline,
+        spec(training_set="", query=query, features=["age"], split={"time_column": "region"}),
+    )
+    assert error.field == "spec.split.time_column"
 
 
 def test_nan_or_missing_labels_and_empty_tables_are_refused(database_url: str, offline: sa.Engine) -> None:

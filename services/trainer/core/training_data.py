@@ -356,7 +356,10 @@ def inspect_training_set(engine: Engine, spec: TrainingJobSpec) -> TrainingSetPl
             split_info = columns.get(split_column)
             if split_info is None:
                 raise InvalidArgument(f"no column '{split_column}' in the training set", field=where)
-            if spec.split.time_column and split_info.kind not in ("time", "numeric"):
+            if spec.split.time_column and not (
+                split_info.kind in ("time", "numeric")
+                or (split_info.kind == "string" and _holds_times(connection, spec, split_column))
+            ):
                 raise InvalidArgument(
                     f"'{split_column}' is a {split_info.dtype} column, not a time", field=where
                 )
@@ -385,6 +388,24 @@ def inspect_training_set(engine: Engine, spec: TrainingJobSpec) -> TrainingSetPl
         positives=positives,
         in_catalog=in_catalog,
     )
+
+
+def _holds_times(connection: Connection, spec: TrainingJobSpec, column: str) -> bool:
+    """Whether a text column holds ISO-8601 times (how SQLite returns a query's timestamps)."""
+    sample = connection.execute(
+        sa.text(
+            f"SELECT {_quote(connection, column)} FROM {_source(connection, spec)} "
+            f"WHERE {_quote(connection, column)} IS NOT NULL LIMIT {SAMPLE_ROWS}"
+        )
+    ).scalars()
+    seen = False
+    for value in sample:
+        try:
+            datetime.fromisoformat(str(value))
+        except ValueError:
+            return False
+        seen = True
+    return seen
 
 
 def _as_float(value: Any) -> float:
