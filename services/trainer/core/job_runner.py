@@ -118,6 +118,13 @@ class JobRunner:
     def submit(self, job_id: str) -> None:
         self._queue.put_nowait(job_id)
 
+    async def run_now(self, job_id: str) -> None:
+        """Run one queued job to its end here, without the dispatcher: a batch run (the Kubernetes
+        training Job). Unlike start(), this touches no other job: it neither fails interrupted jobs
+        nor clears the staging directory, which a trainer service may share."""
+        await self._slots.acquire()
+        await self._run_then_release(job_id)
+
     @property
     def running_jobs(self) -> list[str]:
         return list(self._running)

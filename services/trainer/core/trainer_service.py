@@ -197,6 +197,20 @@ class TrainerService:
         self.runner.submit(record.id)
         return record
 
+    async def record_batch_job(self, spec: TrainingJobSpec, *, author: str) -> JobRecord:
+        """Check the spec against the data and record a job that this process will run itself with
+        run_batch_job (a batch run: the Kubernetes training Job). The job, its epochs and the version
+        it registers are in the service's SQL store, so `liveloop models` and WatchJob see them."""
+        self._code_version = await asyncio.to_thread(code_version)
+        await asyncio.to_thread(self._artifact_dir.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(inspect_training_set, self._offline_engine, spec)
+        return await asyncio.to_thread(self.store.create_job, spec, author)
+
+    async def run_batch_job(self, job_id: str) -> JobRecord:
+        """Run a job recorded by record_batch_job to its end; its final record."""
+        await self.runner.run_now(job_id)
+        return await asyncio.to_thread(self.store.get_job, job_id)
+
     async def watch(self, job_id: str, from_start: bool) -> AsyncIterator[JobEvent]:
         """Events of a job until it ends: the past ones first if `from_start`, else the latest."""
         if not job_id:
