@@ -116,7 +116,7 @@ async def _follow(service: TrainerService, job_id: str) -> None:
             )
 
 
-def main(argv: list[str] | None = None) -> int:
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m services.trainer.batch", description=__doc__.split("\n")[0]
     )
@@ -124,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--author", default=f"batch:{socket.gethostname()}", help="who the job is recorded as started by"
     )
-    arguments = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = argument_parser().parse_args(argv)
     settings = load_settings(TrainerSettings)
     try:
         spec = parse_training_spec(arguments.spec.read_text(encoding="utf-8"))

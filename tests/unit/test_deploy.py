@@ -10,6 +10,7 @@ module it starts, and the task document its init container writes (run here, as 
 
 from __future__ import annotations
 
+import argparse
 import base64
 import hashlib
 import importlib
@@ -532,7 +533,7 @@ def test_compose_prometheus_loads_the_repo_rules() -> None:
 K8S_MANIFESTS = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
 TRAINING_JOB = K8S / "training-job.yaml"
 TRAINING_SPEC = K8S / "training-spec.yaml"
-DISTRIBUTED_ENTRYPOINT = "services.trainer.core.distributed"
+BATCH_ENTRYPOINT = "services.trainer.batch"
 
 
 def k8s_documents(names: list[str] | None = None) -> Iterator[tuple[Path, dict[str, Any]]]:
@@ -784,12 +785,12 @@ def _training_job() -> dict[str, Any]:
     return job
 
 
-def _training_containers() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """(pod spec, the init container writing the task document, the torchrun container)."""
+def _training_container() -> tuple[dict[str, Any], dict[str, Any]]:
+    """(pod spec, the one container: the batch training entrypoint)."""
     pod = _training_job()["spec"]["template"]["spec"]
-    (task,) = pod["initContainers"]
+    assert "initContainers" not in pod
     (train,) = pod["containers"]
-    return pod, task, train
+    return pod, train
 
 
 def test_k8s_training_job_is_a_bounded_one_off_run() -> None:
@@ -802,155 +803,112 @@ def test_k8s_training_job_is_a_bounded_one_off_run() -> None:
     assert 0 < spec["backoffLimit"] <= 3
     assert spec["activeDeadlineSeconds"] > 0
     assert spec["ttlSecondsAfterFinished"] > 0
-    pod = spec["template"]["spec"]
+    pod, train = _training_container()
     assert pod["restartPolicy"] == "Never"
     assert pod["securityContext"]["runAsUser"] == 10001
     assert pod["securityContext"]["runAsNonRoot"] is True
     # the trainer Deployment's image, so the entrypoint is the one the trainer itself runs
-    trainer_image = _only_container(k8s_objects("Deployment")["trainer"])["image"]
-    for container in pod["initContainers"] + pod["containers"]:
-        assert container["image"] == trainer_image
-        assert container["securityContext"]["runAsUser"] == 10001
+    assert train["image"] == _only_container(k8s_objects("Deployment")["trainer"])["image"]
+    assert train["securityContext"]["runAsUser"] == 10001
     # No Service selects the Job's pods (the trainer Service must not send RPCs to a training run).
     labels = spec["template"]["metadata"]["labels"]
     for name, service in k8s_objects("Service").items():
         assert not service["spec"]["selector"].items() <= labels.items(), f"Service {name} selects the Job"
 
 
-def test_k8s_training_job_runs_the_distributed_entrypoint_under_torchrun() -> None:
-    from torch.distributed import run as torchrun
+def _batch_arguments(train: dict[str, Any]) -> argparse.Namespace:
+    python, flag, module, *arguments = train["command"]
+    assert (python, flag, module) == ("python", "-m", BATCH_ENTRYPOINT)
+    batch = importlib.import_module(BATCH_ENTRYPOINT)
+    return batch.argument_parser().parse_args(arguments)  # exits on an unknown option
 
-    pod, task, train = _training_containers()
-    command = train["command"]
-    # `torchrun` is torch's console script in the image's venv, i.e. torch.distributed.run:main
-    scripts = {e.name: e.value for e in importlib.metadata.distribution("torch").entry_points}
-    assert command[0] == "torchrun"
-    assert scripts["torchrun"] == "torch.distributed.run:main"
-    args = torchrun.parse_args(command[1:])  # torchrun's own parser: exits on an unknown option
-    assert args.standalone is True
-    assert args.nproc_per_node == "2"
-    assert args.module is True
-    assert args.training_script == DISTRIBUTED_ENTRYPOINT
-    entrypoint = importlib.util.find_spec(DISTRIBUTED_ENTRYPOINT)
-    assert entrypoint is not None
-    assert callable(importlib.import_module(DISTRIBUTED_ENTRYPOINT).main)
-    # its one argument is the task document the init container writes, on a volume both mount
-    (task_file,) = args.training_script_args
-    assert task["command"][4] == task_file
-    train_mount, volume = _volume_at(pod, train, task_file)
-    task_mount, _ = _volume_at(pod, task, task_file)
-    assert train_mount["name"] == task_mount["name"]
-    assert "emptyDir" in volume
-    # the spec asks for as many workers as torchrun starts (StartTraining would start as many)
+
+def test_k8s_training_job_runs_the_batch_entrypoint_with_two_ddp_workers() -> None:
+    pod, train = _training_container()
+    arguments = _batch_arguments(train)
+    assert arguments.author == "$(TRAINING_JOB_NAME)"
+    # the spec asks for two workers: the entrypoint runs them under torchrun (DDP over gloo, loopback)
     spec_text = yaml.safe_load(TRAINING_SPEC.read_text())["data"]["spec.yaml"]
     job_spec = importlib.import_module("services.trainer.core.job_spec")
-    assert job_spec.parse_training_spec(spec_text).workers == int(args.nproc_per_node)
-
-
-def test_k8s_training_job_env_vars_are_trainer_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    _, task, train = _training_containers()
-    for container in (task, train):
-        env = {name: item.get("value") for name, item in _env(container).items()}
-        check_env(SERVICES["trainer"], env, f"{TRAINING_JOB.name} container {container['name']}", monkeypatch)
-        # Kubernetes leaves a $(NAME) of an undefined variable as it is: every one must be defined
-        for token in container["command"] + container.get("args", []):
-            for name in re.findall(r"\$\((\w+)\)", token):
-                assert name in env, f"{container['name']}: $({name}) is not defined"
-    task_env = _env(task)
-    assert task_env["TRAINING_JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == (
-        "metadata.labels['batch.kubernetes.io/job-name']"
-    )
-    # the offline store is ingest's database, and the password reaches libpq as in the services
-    ingest = _env(_only_container(k8s_objects("Deployment")["ingest"]))
-    assert (
-        task_env["LIVELOOP_TRAINER_OFFLINE_STORE_URL"]["value"]
-        == ingest["LIVELOOP_INGEST_DATABASE_URL"]["value"]
-    )
-    assert _env(train)["PGPASSWORD"] == ingest["PGPASSWORD"]
-
-
-def test_k8s_training_job_writes_into_the_trainer_artifacts_volume() -> None:
-    pod, task, train = _training_containers()
-    trainer = k8s_objects("Deployment")["trainer"]
-    artifact_dir = _env(_only_container(trainer))["LIVELOOP_TRAINER_ARTIFACT_DIR"]["value"]
-    assert _env(task)["LIVELOOP_TRAINER_ARTIFACT_DIR"]["value"] == artifact_dir
-    mount, volume = _volume_at(pod, train, artifact_dir)
-    assert mount["mountPath"] == artifact_dir
-    assert not mount.get("readOnly", False)
-    assert volume["persistentVolumeClaim"]["claimName"] == "trainer-artifacts"
-    # the spec comes from the training-spec ConfigMap, mounted read-only where the task container reads it
-    spec_file = task["command"][3]
-    mount, volume = _volume_at(pod, task, spec_file)
+    assert job_spec.parse_training_spec(spec_text).workers == 2
+    env = _env(train)
+    assert env["GLOO_SOCKET_IFNAME"]["value"] == "lo"
+    # the spec file is the training-spec ConfigMap, mounted read-only
+    mount, volume = _volume_at(pod, train, str(arguments.spec))
     assert mount["readOnly"] is True
     configmap = k8s_objects("ConfigMap")[volume["configMap"]["name"]]
     (item,) = [
-        i for i in volume["configMap"]["items"] if Path(mount["mountPath"]) / i["path"] == Path(spec_file)
+        i
+        for i in volume["configMap"]["items"]
+        if Path(mount["mountPath"]) / i["path"] == Path(arguments.spec)
     ]
     assert item["key"] in configmap["data"]
 
 
-def _run_task_container(tmp_path: Path, spec_text: str) -> tuple[subprocess.CompletedProcess[str], Path]:
-    """The init container's command, run here with its own environment, on a copy of `spec_text`."""
-    _, task, _ = _training_containers()
-    python, flag, script, _, _, job_name = task["command"]
-    assert (python, flag) == ("python", "-c")
+def test_k8s_training_job_env_vars_are_trainer_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    _, train = _training_container()
+    env = {name: item.get("value") for name, item in _env(train).items()}
+    check_env(SERVICES["trainer"], env, f"{TRAINING_JOB.name} container train", monkeypatch)
+    # Kubernetes leaves a $(NAME) of an undefined variable as it is: every one must be defined
+    for token in train["command"] + train.get("args", []):
+        for name in re.findall(r"\$\((\w+)\)", token):
+            assert name in env, f"$({name}) is not defined"
+    train_env = _env(train)
+    assert train_env["TRAINING_JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.labels['batch.kubernetes.io/job-name']"
+    )
+    # the same registry as the trainer service, the offline store is ingest's database, and the
+    # password reaches libpq as in the services
+    trainer = _env(_only_container(k8s_objects("Deployment")["trainer"]))
+    ingest = _env(_only_container(k8s_objects("Deployment")["ingest"]))
+    assert train_env["LIVELOOP_TRAINER_DATABASE_URL"] == trainer["LIVELOOP_TRAINER_DATABASE_URL"]
+    assert (
+        train_env["LIVELOOP_TRAINER_OFFLINE_STORE_URL"]["value"]
+        == ingest["LIVELOOP_INGEST_DATABASE_URL"]["value"]
+    )
+    assert train_env["PGPASSWORD"] == ingest["PGPASSWORD"]
+
+
+def test_k8s_training_job_writes_into_the_trainer_artifacts_volume() -> None:
+    pod, train = _training_container()
+    trainer = k8s_objects("Deployment")["trainer"]
+    artifact_dir = _env(_only_container(trainer))["LIVELOOP_TRAINER_ARTIFACT_DIR"]["value"]
+    assert _env(train)["LIVELOOP_TRAINER_ARTIFACT_DIR"]["value"] == artifact_dir
+    mount, volume = _volume_at(pod, train, artifact_dir)
+    assert mount["mountPath"] == artifact_dir
+    assert not mount.get("readOnly", False)
+    assert volume["persistentVolumeClaim"]["claimName"] == "trainer-artifacts"
+
+
+def test_k8s_training_job_fails_at_once_on_an_invalid_spec(tmp_path: Path) -> None:
+    """The container's command, run here with its own environment on a spec that names no training
+    set: exit 2 before it connects to anything, which the pod failure policy turns into a failed Job."""
+    _, train = _training_container()
     spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(spec_text)
-    task_file = tmp_path / "task.json"
+    spec_file.write_text("model_name: take-up\nlabel: accepted\n")
     env = {name: value for name, value in os.environ.items() if not name.startswith("LIVELOOP_")}
-    env |= {name: item["value"] for name, item in _env(task).items() if "value" in item}
-    env["TRAINING_JOB_NAME"] = "training-x7k2p"  # what the downward API gives
-    job_name = re.sub(r"\$\((\w+)\)", lambda m: env[m[1]], job_name)
+    env |= {name: item["value"] for name, item in _env(train).items() if "value" in item}
+    _python, flag, module, _, *rest = train["command"]
+    rest = [re.sub(r"\$\((\w+)\)", "training-x7k2p", token) for token in rest]
     completed = subprocess.run(
-        [sys.executable, "-c", script, str(spec_file), str(task_file), job_name],
+        [sys.executable, flag, module, str(spec_file), *rest],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=60,
         check=False,
     )
-    return completed, task_file
-
-
-def test_k8s_training_job_task_container_writes_the_task_the_entrypoint_reads(tmp_path: Path) -> None:
-    distributed = importlib.import_module(DISTRIBUTED_ENTRYPOINT)
-    job_spec = importlib.import_module("services.trainer.core.job_spec")
-    configmap = k8s_objects("ConfigMap")["training-spec"]
-    spec_text = configmap["data"]["spec.yaml"]
-    completed, task_file = _run_task_container(tmp_path, spec_text)
-    assert completed.returncode == 0, completed.stderr
-
-    task = distributed.task_from_document(json.loads(task_file.read_text()))
-    assert job_spec.TrainingJobSpec.model_validate_json(task.spec_json) == job_spec.parse_training_spec(
-        spec_text
-    )
-    assert task.job_id == "training-x7k2p"
-    _, task_container, _ = _training_containers()
-    env = _env(task_container)
-    assert task.offline_store_url == env["LIVELOOP_TRAINER_OFFLINE_STORE_URL"]["value"]
-    artifact_dir = Path(env["LIVELOOP_TRAINER_ARTIFACT_DIR"]["value"])
-    # Under the artifacts volume, apart from the model versions (<name>/<version>; a model name never
-    # starts with a dot) and from the trainer's own .staging (which it clears when it starts).
-    assert task.staging_dir == artifact_dir / ".jobs" / "training-x7k2p"
-    job_runner = importlib.import_module("services.trainer.core.job_runner")
-    assert task.staging_dir.parent.name != job_runner.STAGING_DIR
-    deployment_spec = importlib.import_module("libs.common.deployment_spec")
-    assert not re.fullmatch(deployment_spec.DEPLOYMENT_NAME_PATTERN, task.staging_dir.parent.name)
-
-
-def test_k8s_training_job_fails_at_once_on_an_invalid_spec(tmp_path: Path) -> None:
-    completed, task_file = _run_task_container(tmp_path, "model_name: take-up\nlabel: accepted\n")
-    assert not task_file.exists()
-    assert "training_set" in completed.stderr
-    # exit 2, which the pod failure policy turns into a failed Job instead of retries
+    assert completed.returncode == 2, completed.stderr
+    refused = json.loads(completed.stdout.splitlines()[-1])
+    assert refused["event"] == "refused"
+    assert "training_set" in refused["message"]
     rules = _training_job()["spec"]["podFailurePolicy"]["rules"]
     fail_job = [rule for rule in rules if rule["action"] == "FailJob"]
     assert [
         (rule["onExitCodes"]["containerName"], rule["onExitCodes"]["operator"], rule["onExitCodes"]["values"])
         for rule in fail_job
-    ] == [("task", "In", [completed.returncode])]
-    assert completed.returncode == 2
+    ] == [("train", "In", [2])]
 
 
 def test_k8s_every_pod_runs_non_root_read_only_and_bounded() -> None:
