@@ -26,8 +26,11 @@ whose algorithm is `model` and which binds version 1, and waits until both repli
    version it does not hold, swaps, and drops the old one. After each Publish it polls both replicas
    directly (Ping's config_revision, every 5 ms) until both serve the revision: swap latency is
    Publish start -> the second replica serving. It records every request's outcome and the version
-   that answered it, checks that each Invoke's model matches the binding of the revision it was
-   served with, counts gRPC codes on the replicas and Envoy's upstream retries and 5xx, and samples
+   that answered it (Invoke: InvokeResponse.model, "name:version"; ModelInfer: model_version),
+   cross-checks each Invoke's model against the version bound by the config revision it names
+   (disagreements are counted), checks that each offer's model_score equals its arm_reward (the
+   `model` algorithm scores with the model), counts gRPC codes on the replicas and Envoy's upstream
+   retries and 5xx, and samples
    each replica's RSS (psutil, pid from the stack record) before the first swap (after the warm-up)
    and after every swap: growth after 10 and after all swaps, and the slope over swaps 10..N.
 
@@ -543,8 +546,9 @@ def load_generator(
     results: Any,
 ) -> None:
     """Closed-loop grpc.aio clients through Envoy until `stop` is set; then one result on `results`:
-    per request (rpc, monotonic start, latency ms, outcome), outcome being the version that answered
-    (Invoke: "<revision>:<model>", ModelInfer: "<version>") or "!<gRPC code>: <details>"."""
+    per request (rpc, monotonic start, latency ms, outcome), outcome being what answered and the
+    scores (Invoke: "<revision>|<combination>|<model>|<offers with model_score != arm_reward>|<scores>",
+    ModelInfer: "<version>|<scores>") or "!<gRPC code>: <details>"."""
     results.put(
         asyncio.run(
             _generate(
@@ -584,7 +588,11 @@ async def _generate(
                         f"{row.result.offer}={row.result.arm_reward:.6f}"
                         for row in sorted(reply.final_result, key=lambda row: row.result.offer)
                     )
-                    outcome = f"{reply.config_revision}|{index % COMBINATIONS}|{reply.model}|{scores}"
+                    # The `model` algorithm scores with the model: its score per offer is the reward.
+                    score_mismatches = sum(
+                        1 for row in reply.final_result if row.result.model_score != row.result.arm_reward
+                    )
+                    outcome = f"{reply.config_revision}|{index % COMBINATIONS}|{reply.model}|{score_mismatches}|{scores}"
                     if len(reply.final_result) != len(OFFERS):
                         outcome = (
                             f"!SHORT: {len(reply.final_result)} offers in revision {reply.config_revision}"
@@ -800,10 +808,12 @@ def analyse_load(
 ) -> dict[str, Any]:
     """Per RPC: totals, failures, versions served, latency before and during the swaps.
 
-    The model behind an answer: ModelInfer names its version; an Invoke names the config revision
-    it was served with, whose binding we published. Both are checked against the scores themselves:
-    the model is deterministic, so every answer for the same input (Invoke: the same feature
-    combination) from the same version must carry the same scores, and the two versions differ.
+    The model behind an answer: ModelInfer names its version (model_version); an Invoke names it in
+    InvokeResponse.model ("name:version"), cross-checked against the version bound by the config
+    revision the answer names (whose binding we published): disagreements are counted. Both are
+    checked against the scores themselves: the model is deterministic, so every answer for the same
+    input (Invoke: the same feature combination) from the same version must carry the same scores,
+    and the two versions differ. For Invoke, each offer's model_score must equal its arm_reward.
     """
     result: dict[str, Any] = {"error": generated.get("error")} if generated.get("error") else {}
     for rpc in ("Invoke", "ModelInfer"):
@@ -811,18 +821,37 @@ def analyse_load(
         failures = [r for r in rows if r[3].startswith("!")]
         versions: collections.Counter[str] = collections.Counter()
         model_field: collections.Counter[str] = collections.Counter()
+        disagreements: collections.Counter[str] = collections.Counter()  # "model named -> revision binds"
+        disagreement_examples: list[dict[str, Any]] = []
+        score_mismatch_replies = score_mismatch_offers = 0
         scores: dict[tuple[str, str], collections.Counter[str]] = collections.defaultdict(collections.Counter)
-        for _, _, _, outcome in rows:
+        for _, started, _, outcome in rows:
             if outcome.startswith("!"):
                 continue
             if rpc == "Invoke":
-                revision_text, combination, model, scored = outcome.split("|", 3)
-                version = str(bound.get(int(revision_text), f"unknown (revision {revision_text})"))
+                revision_text, combination, model, mismatched, scored = outcome.split("|", 4)
+                name, _, version = model.partition(":")
+                if name != MODEL or not version:
+                    version = f"unnamed ({model!r})"
+                expected = bound.get(int(revision_text))
+                if expected is None or version != str(expected):
+                    disagreements[f"{model!r} in revision {revision_text} (binds {expected})"] += 1
+                    if len(disagreement_examples) < 10:
+                        disagreement_examples.append(
+                            {
+                                "at_s_from_first_swap": round(started - began, 3),
+                                "config_revision": int(revision_text),
+                                "model": model,
+                                "bound_version": expected,
+                            }
+                        )
                 model_field[model] += 1
+                score_mismatch_offers += int(mismatched)
+                score_mismatch_replies += int(mismatched) > 0
             else:
                 version, scored = outcome.split("|", 1)
                 combination = ""
-            versions[f"{MODEL}:{version}"] += 1
+            versions[f"{MODEL}:{version}" if version.isdigit() else version] += 1
             scores[(combination, version)][scored] += 1
         # Answers whose scores are not the usual ones of their version for that input.
         inconsistent = sum(sum(c.values()) - max(c.values()) for c in scores.values())
@@ -857,7 +886,14 @@ def analyse_load(
             "latency_ms_during_swaps": latency_summary(rows, began, ended),
         }
         if rpc == "Invoke":
-            result[rpc]["model_field_of_replies"] = dict(model_field)
+            result[rpc] |= {
+                "model_field_of_replies": dict(sorted(model_field.items())),
+                "model_disagrees_with_revision_binding": sum(disagreements.values()),
+                "model_disagreement_kinds": dict(disagreements),
+                "first_model_disagreements": disagreement_examples,
+                "replies_with_model_score_not_arm_reward": score_mismatch_replies,
+                "offers_with_model_score_not_arm_reward": score_mismatch_offers,
+            }
     return result
 
 
@@ -967,8 +1003,8 @@ def goals(report: dict[str, Any]) -> list[dict[str, Any]]:
             and all(r["applied_revision"] == last_revision and r["last_nack_revision"] == 0 for r in status),
         },
         {
-            "goal": "every answer scored by the version that served it (Invoke: the version its config revision "
-            "binds; ModelInfer: the version it names): same scores as the other answers of that version",
+            "goal": "every answer scored by the version that served it (Invoke: InvokeResponse.model; "
+            "ModelInfer: model_version): same scores as the other answers of that version",
             "value": f"{mismatches} answers with other scores; v1 and v2 scores differ on "
             + ", ".join(
                 f"{load[r]['inputs_where_v1_and_v2_scores_differ']} of the {load[r]['inputs_answered_by_both_versions']} "
@@ -987,12 +1023,28 @@ def goals(report: dict[str, Any]) -> list[dict[str, Any]]:
         },
     ]
     if "Invoke" in load:
-        named = load["Invoke"]["model_field_of_replies"]
+        invoke = load["Invoke"]
+        named = invoke["model_field_of_replies"]
+        disagree = invoke["model_disagrees_with_revision_binding"]
+        answered = sum(named.values())
         result.append(
             {
-                "goal": 'InvokeResponse.model names the bound model ("name:version", predictor.proto field 12)',
-                "value": ", ".join(f"{v} replies with {k!r}" for k, v in named.items()),
-                "met": bool(named) and all(k.startswith(f"{MODEL}:") for k in named),
+                "goal": 'every Invoke\'s InvokeResponse.model ("name:version") is the version bound by the config '
+                "revision it names",
+                "value": f"{disagree} of {answered} disagree"
+                + (f" ({invoke['model_disagreement_kinds']})" if disagree else "")
+                + "; "
+                + ", ".join(f"{k!r}: {v}" for k, v in named.items()),
+                "met": answered > 0 and disagree == 0,
+            }
+        )
+        offers = invoke["offers_with_model_score_not_arm_reward"]
+        result.append(
+            {
+                "goal": "algorithm `model`: every offer's FinalResult.Result.model_score equals its arm_reward",
+                "value": f"{offers} of {answered * len(OFFERS)} offers differ "
+                f"({invoke['replies_with_model_score_not_arm_reward']} of {answered} replies)",
+                "met": answered > 0 and offers == 0,
             }
         )
     after_key = f"after_{summary['swaps_done']}"
@@ -1085,11 +1137,12 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         "loads and warms the version, swaps, drops the old one) and polls both replicas' Ping every "
         f"{1000 * POLL_SECONDS:g} ms: swap latency = Publish start -> both replicas serving the revision; then the new "
         f"version serves for {part2['settings'].get('dwell_s', 0):g} s before the next swap. RSS from psutil (pids from "
-        "the stack record) at the end of each swap's dwell. Which version answered: ModelInfer names it; "
-        "for an Invoke it is the version bound by the config revision the answer names (InvokeResponse.model would "
-        "name it but comes back empty, see Goals). Both are checked against the scores: the model is deterministic, so "
-        f"the answers of one version to one input (Invoke: {COMBINATIONS} feature combinations) must all carry the same "
-        "scores, and differ from the other version's.",
+        "the stack record) at the end of each swap's dwell. Which version answered: ModelInfer names it "
+        '(model_version), an Invoke names it in InvokeResponse.model ("name:version"), cross-checked against the '
+        "version bound by the config revision the answer names. Both are checked against the scores: the model is "
+        f"deterministic, so the answers of one version to one input (Invoke: {COMBINATIONS} feature combinations) must "
+        "all carry the same scores, and differ from the other version's; and on every Invoke offer model_score must "
+        "equal arm_reward (algorithm `model`).",
         "",
         "| measure | value |",
         "|---|---|",
@@ -1100,6 +1153,10 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"| requests (whole load) | {swap_summary['requests']} |",
         f"| failed requests (client) | **{swap_summary['failed']}** |",
         f"| non-OK on the replicas (Invoke, ModelInfer) | {swap_summary['server_non_ok']} |",
+        "| Invoke: InvokeResponse.model != version bound by its config revision | "
+        f"**{part2['load'].get('Invoke', {}).get('model_disagrees_with_revision_binding')}** |",
+        "| Invoke: offers with model_score != arm_reward | "
+        f"**{part2['load'].get('Invoke', {}).get('offers_with_model_score_not_arm_reward')}** |",
         f"| replica counters | {part2['server_grpc_codes']} |",
         f"| Envoy upstream (predictor cluster) | {part2['envoy_upstream']} |",
         f"| cores during the swaps | {part2['cpu_cores_during_swaps']} |",

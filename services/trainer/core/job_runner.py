@@ -208,6 +208,7 @@ class JobRunner:
         async def stop_worker() -> None:
             await asyncio.to_thread(_terminate, process)
 
+        reading: asyncio.Future[tuple[str, Any]] | None = None
         try:
             await asyncio.to_thread(process.start)
             sender.close()  # the child holds its own copy; EOF reaches us when the child exits
@@ -216,17 +217,23 @@ class JobRunner:
                 await stop_worker()
             logger.info("training job %s started in worker process %s", job_id, process.pid)
             while True:
+                reading = loop.run_in_executor(self._readers, _receive, receiver)
                 try:
-                    kind, payload = await loop.run_in_executor(self._readers, _receive, receiver)
+                    kind, payload = await reading
                 except EOFError:
                     break
                 await self._handle(job_id, running, kind, payload)
             await loop.run_in_executor(self._readers, process.join)
             running.exit_code = process.exitcode
         finally:
-            receiver.close()
             if process.is_alive():  # this task was cancelled (the trainer is stopping)
                 await stop_worker()
+            if reading is not None:
+                # A reader thread may still block in recv on this pipe: the worker has exited, so it
+                # gets EOF; close the pipe only after it is done (closing under it could hand its file
+                # descriptor to the next file opened, and the thread would read from that).
+                await asyncio.gather(reading, return_exceptions=True)
+            receiver.close()
 
     async def _train_distributed(self, task: WorkerTask, workers: int, running: _Running) -> None:
         """torchrun with `workers` processes (DDP over gloo); rank 0 reports on stdout."""
