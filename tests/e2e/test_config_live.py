@@ -241,11 +241,11 @@ def small(name: str, price: float) -> dict[str, Any]:
 
 
 def write_model_artifact(directory: Path, name: str, version: int) -> None:
-    """The smallest artifact a replica loads (services/predictor/core/models.py): a TorchScript
+    """The smallest artifact a replica loads (libs/common/model_artifacts.py): a TorchScript
     logistic model of one numeric feature, its preprocessing, reference rows and the manifest."""
     import torch
 
-    from services.predictor.core import models
+    from libs.common import model_artifacts
 
     class Logistic(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -255,22 +255,24 @@ def write_model_artifact(directory: Path, name: str, version: int) -> None:
     staging.mkdir(parents=True)
     with warnings.catch_warnings():  # TorchScript is the artifact format; torch 2.13 deprecates it
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.save(torch.jit.script(Logistic()), str(staging / models.MODEL_FILE))
+        torch.jit.save(torch.jit.script(Logistic()), str(staging / model_artifacts.MODEL_FILE))
     preprocessing = {
-        "format": models.PREPROCESSING_FORMAT,
+        "format": model_artifacts.PREPROCESSING_FORMAT,
         "features": [{"name": "age", "encoding": "standardize", "mean": 35.0}],
         "inputs": ["age"],
     }
-    (staging / models.PREPROCESSING_FILE).write_text(json.dumps(preprocessing))
+    (staging / model_artifacts.PREPROCESSING_FILE).write_text(json.dumps(preprocessing))
     rows = [{"age": 20}, {"age": 60}]
     predictions = [float(torch.sigmoid(torch.tensor(0.01 * row["age"]))) for row in rows]
-    (staging / models.REFERENCE_FILE).write_text(json.dumps({"rows": rows, "predictions": predictions}))
+    (staging / model_artifacts.REFERENCE_FILE).write_text(
+        json.dumps({"rows": rows, "predictions": predictions})
+    )
     files = {
         file: hashlib.sha256((staging / file).read_bytes()).hexdigest()
-        for file in (models.MODEL_FILE, models.PREPROCESSING_FILE, models.REFERENCE_FILE)
+        for file in model_artifacts.REQUIRED_FILES
     }
-    manifest = {"format": models.MANIFEST_FORMAT, "model": name, "version": version, "files": files}
-    (staging / models.MANIFEST_FILE).write_text(json.dumps(manifest))
+    manifest = {"format": model_artifacts.MANIFEST_FORMAT, "model": name, "version": version, "files": files}
+    (staging / model_artifacts.MANIFEST_FILE).write_text(json.dumps(manifest))
     staging.rename(directory)
 
 

@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 
 from libs.common.client import open_channel
 from libs.common.database import apply_migrations, create_database_engine
+from libs.common.model_artifacts import MODEL_FILE
 from libs.common.server import RunningServer
 from libs.protos.liveloop.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from services.predictor.core.models import load_model
@@ -111,7 +112,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
     finally:
         reader.dispose()
         engine.dispose()
-    with (scratch / "artifacts" / "take-up" / "3" / training.MODEL_FILE).open("ab") as model:
+    with (scratch / "artifacts" / "take-up" / "3" / MODEL_FILE).open("ab") as model:
         model.write(b"\0")
     return Registry(registry_url, offline_url, scratch / "artifacts")
 

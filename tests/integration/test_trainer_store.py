@@ -15,10 +15,11 @@ from alembic.runtime.migration import MigrationContext
 
 from libs.common.database import apply_migrations
 from libs.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from libs.common.model_artifacts import MANIFEST_FILE
 from services.trainer.core import schema
 from services.trainer.core.job_spec import TrainingJobSpec
 from services.trainer.core.jobs import EpochReport, TrainingSummary
-from services.trainer.core.store import MANIFEST_FILE, TrainerStore, sha256_file
+from services.trainer.core.store import TrainerStore, sha256_file
 from services.trainer.core.training_data import inspect_training_set, open_offline_store, read_training_set
 from tests.trainer_datasets import load_table, offline_store, take_up_rows, take_up_spec
 

@@ -15,13 +15,9 @@ from pathlib import Path
 import pytest
 
 from libs.common.errors import FailedPrecondition
+from libs.common.model_artifacts import MANIFEST_FILE, MODEL_FILE, PREPROCESSING_FILE, REFERENCE_FILE
 from services.trainer.core import training
-from services.trainer.core.artifacts import (
-    MODEL_FILE,
-    PREPROCESSING_FILE,
-    REFERENCE_FILE,
-    read_verified_artifact,
-)
+from services.trainer.core.artifacts import read_verified_artifact
 from services.trainer.core.evaluation import (
     EvaluationRunner,
     EvaluationTask,
@@ -30,7 +26,7 @@ from services.trainer.core.evaluation import (
 )
 from services.trainer.core.metrics import binary_metrics
 from services.trainer.core.preprocessing import Preprocessing
-from services.trainer.core.store import MANIFEST_FILE, ModelVersionRecord, seal_artifact
+from services.trainer.core.store import ModelVersionRecord, seal_artifact
 from services.trainer.core.training_data import EvaluationTablePlan
 from tests.trainer_datasets import TrainedArtifact, take_up_spec, train_artifact
 

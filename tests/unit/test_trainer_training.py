@@ -13,11 +13,12 @@ import torch
 from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score
 
 from libs.common.errors import FailedPrecondition
+from libs.common.model_artifacts import MANIFEST_FILE
 from services.predictor.core.algorithms import ModelScorer, Statistics
 from services.predictor.core.models import load_model
 from services.trainer.core import metrics, training
 from services.trainer.core.job_spec import SplitSpec
-from services.trainer.core.store import MANIFEST_FILE, manifest_bytes, sha256_file
+from services.trainer.core.store import manifest_bytes, sha256_file
 from services.trainer.core.training_data import TrainingData
 from tests.trainer_datasets import OFFERS, TrainedArtifact, take_up_spec, train_artifact
 

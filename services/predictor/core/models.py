@@ -1,19 +1,17 @@
 """Model versions as a replica serves them: the trainer's artifact, verified, loaded and warmed up.
 
-An artifact directory (`<model_dir>/<name>/<version>/`) holds `model.pt` (TorchScript: encoded
-input (batch, inputs) float32 -> take-up probability (batch, 1)), `preprocessing.json` (feature
-order, one-hot categories, means and stds), `reference.json` (test rows and the trainer's
-predictions for them) and `manifest.json` (SHA-256 of each file). Loading checks every file against
-the manifest, loads the model from the bytes it checked, and replays the reference rows: a model
-that does not reproduce the trainer's predictions to 1e-6, or whose input width disagrees with its
-preprocessing, is refused (FailedPrecondition), so the replica NACKs the revision that binds it.
+An artifact directory (`<model_dir>/<name>/<version>/`) is in the format libs.common.model_artifacts
+describes: a TorchScript model, its preprocessing, reference rows with the trainer's predictions for
+them, and a manifest of SHA-256 checksums. Loading checks every file against the manifest, loads the
+model from the bytes it checked, and replays the reference rows: a model that does not reproduce the
+trainer's predictions to REFERENCE_TOLERANCE, or whose input width disagrees with its preprocessing,
+is refused (FailedPrecondition), so the replica NACKs the revision that binds it.
 
 torch is imported on the first load, so a replica that serves no model never pays for it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -27,15 +25,16 @@ from typing import Any
 import numpy as np
 
 from libs.common.errors import FailedPrecondition
+from libs.common.model_artifacts import (
+    MODEL_FILE,
+    PREPROCESSING_FILE,
+    PREPROCESSING_FORMAT,
+    REFERENCE_FILE,
+    REFERENCE_TOLERANCE,
+    category_label,
+    read_verified,
+)
 
-MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT = "liveloop.artifact/1"
-PREPROCESSING_FORMAT = "liveloop.preprocessing/1"
-MODEL_FILE = "model.pt"
-PREPROCESSING_FILE = "preprocessing.json"
-REFERENCE_FILE = "reference.json"
-REQUIRED_FILES = (MODEL_FILE, PREPROCESSING_FILE, REFERENCE_FILE)
-REFERENCE_TOLERANCE = 1e-6
 INPUT_NAME = "features"
 OUTPUT_NAME = "probability"
 
@@ -49,20 +48,6 @@ def _torch() -> Any:
         # Scoring runs inline on the replica's event loop: intra-op threads would only contend.
         torch.set_num_threads(1)
         return torch
-
-
-def category_label(value: Any) -> str | None:
-    """The category a raw value stands for, as the trainer maps training values."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return None
-        if value.is_integer():
-            return str(int(value))
-    return str(value)
 
 
 def _number(value: Any) -> float | None:
@@ -178,53 +163,13 @@ class LoadedModel:
         return self.predict(self.encoder.encode_offers(values, offers)).astype(np.float64)
 
 
-def _read_verified(directory: Path, name: str, version: int) -> tuple[str, dict[str, bytes]]:
-    where = f"model '{name}' version {version}"
-    manifest_path = directory / MANIFEST_FILE
-    try:
-        manifest_bytes = manifest_path.read_bytes()
-    except FileNotFoundError:
-        raise FailedPrecondition(
-            f"{where} cannot be loaded: {manifest_path} does not exist", field="model"
-        ) from None
-    try:
-        manifest = json.loads(manifest_bytes)
-        files = {str(k): str(v) for k, v in manifest["files"].items()}
-        identity = (manifest["format"], manifest["model"], int(manifest["version"]))
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise FailedPrecondition(f"{where}: unreadable manifest ({exc})", field="model") from None
-    if identity != (MANIFEST_FORMAT, name, version):
-        raise FailedPrecondition(
-            f"{where}: the manifest in {directory} describes {identity[1]!r} version {identity[2]}",
-            field="model",
-        )
-    contents: dict[str, bytes] = {}
-    for file in REQUIRED_FILES:
-        if file not in files:
-            raise FailedPrecondition(f"{where}: the manifest lists no {file}", field="model")
-    for file, expected in files.items():
-        try:
-            data = (directory / Path(file).name).read_bytes()
-        except OSError as exc:
-            raise FailedPrecondition(f"{where}: cannot read {file}: {exc}", field="model") from None
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != expected:
-            raise FailedPrecondition(
-                f"{where}: checksum mismatch for {file} (manifest {expected[:12]}..., file {actual[:12]}...); "
-                "the artifact is corrupt or was changed after training",
-                field="model",
-            )
-        contents[file] = data
-    return hashlib.sha256(manifest_bytes).hexdigest(), contents
-
-
 def load_model(directory: Path, name: str, version: int) -> LoadedModel:
     """Verify, load and warm up one version; FailedPrecondition says why it cannot serve."""
-    where = f"model '{name}' version {version}"
-    checksum, contents = _read_verified(directory, name, version)
+    artifact = read_verified(directory, name, version)
+    where = artifact.where
     try:
-        encoder = FeatureEncoder(json.loads(contents[PREPROCESSING_FILE]))
-        reference = json.loads(contents[REFERENCE_FILE])
+        encoder = FeatureEncoder(json.loads(artifact.files[PREPROCESSING_FILE]))
+        reference = json.loads(artifact.files[REFERENCE_FILE])
         rows: list[dict[str, Any]] = list(reference["rows"])
         expected = np.asarray(reference["predictions"], dtype=np.float64)
     except (ValueError, KeyError, TypeError) as exc:
@@ -233,11 +178,11 @@ def load_model(directory: Path, name: str, version: int) -> LoadedModel:
     try:
         with warnings.catch_warnings():  # TorchScript is the artifact format; torch 2.13 deprecates it
             warnings.simplefilter("ignore", DeprecationWarning)
-            module = torch.jit.load(io.BytesIO(contents[MODEL_FILE]), map_location="cpu")
+            module = torch.jit.load(io.BytesIO(artifact.files[MODEL_FILE]), map_location="cpu")
         module.eval()
     except Exception as exc:
         raise FailedPrecondition(f"{where}: cannot load {MODEL_FILE}: {exc}", field="model") from None
-    model = LoadedModel(name, version, checksum, encoder, module)
+    model = LoadedModel(name, version, artifact.checksum, encoder, module)
     # Warm-up: the first inference of a TorchScript module compiles it; do it here, off the hot
     # path, on the trainer's own test rows, and require the trainer's predictions back.
     matrix = np.stack([encoder.encode(row) for row in rows]) if rows else np.zeros((1, encoder.width))

@@ -37,7 +37,13 @@ from typing import Any
 import numpy as np
 
 from libs.common.errors import FailedPrecondition, InvalidArgument, LiveloopError
-from services.trainer.core.artifacts import MODEL_FILE, PREPROCESSING_FILE, REFERENCE_FILE, VerifiedArtifact
+from libs.common.model_artifacts import (
+    MODEL_FILE,
+    PREPROCESSING_FILE,
+    REFERENCE_FILE,
+    REFERENCE_TOLERANCE,
+    VerifiedArtifact,
+)
 from services.trainer.core.job_spec import Encoding
 from services.trainer.core.metrics import binary_metrics
 from services.trainer.core.preprocessing import Preprocessing
@@ -55,7 +61,6 @@ logger = logging.getLogger(__name__)
 MAX_EVALUATION_ROWS = 1_000_000
 MAX_CONCURRENT_EVALUATIONS = 2
 SCORING_BATCH_ROWS = 65_536
-REFERENCE_TOLERANCE = 1e-6  # as a predictor checks a version's reference rows
 TERMINATE_GRACE_SECONDS = 5.0
 
 

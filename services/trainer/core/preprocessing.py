@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from libs.common.model_artifacts import PREPROCESSING_FORMAT
 from services.trainer.core.job_spec import Encoding
 from services.trainer.core.training_data import ResolvedFeature
 
-PREPROCESSING_FORMAT = "liveloop.preprocessing/1"
 _MIN_STD = 1e-12
 
 

@@ -21,6 +21,7 @@ from sqlalchemy import Connection, Engine
 
 from libs.common.database import write_transaction
 from libs.common.errors import FailedPrecondition, NotFound
+from libs.common.model_artifacts import MANIFEST_FILE, MANIFEST_FORMAT
 from services.trainer.core.job_spec import TrainingJobSpec
 from services.trainer.core.jobs import (
     EpochReport,
@@ -32,9 +33,6 @@ from services.trainer.core.jobs import (
     metrics_json,
 )
 from services.trainer.core.schema import model_versions, models, training_job_events, training_jobs
-
-MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT = "liveloop.artifact/1"
 
 
 @dataclass(frozen=True)

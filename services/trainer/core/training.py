@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from libs.common.errors import InvalidArgument
-from services.trainer.core.artifacts import MODEL_FILE, PREPROCESSING_FILE, REFERENCE_FILE
+from libs.common.model_artifacts import MODEL_FILE, PREPROCESSING_FILE, REFERENCE_FILE
 from services.trainer.core.job_spec import ModelType, SplitSpec, TrainingJobSpec
 from services.trainer.core.jobs import EpochReport, TrainingSummary
 from services.trainer.core.metrics import binary_metrics

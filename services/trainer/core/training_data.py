@@ -28,6 +28,7 @@ from sqlalchemy import Connection, Engine
 
 from libs.common.database import UtcDateTime, create_database_engine, redact_database_url
 from libs.common.errors import InvalidArgument, NotFound, Unavailable
+from libs.common.model_artifacts import category_label
 from services.trainer.core.job_spec import COLUMN_PATTERN, Encoding, FeatureSpec, TrainingJobSpec
 
 ColumnKind = Literal["numeric", "bool", "string", "time", "other"]
@@ -493,20 +494,6 @@ def numeric_values(values: Iterable[Any]) -> np.ndarray:
 def category_values(values: Iterable[Any]) -> np.ndarray:
     """Raw values of a one-hot or offer feature: category labels (object), None for missing."""
     return np.array([category_label(v) for v in values], dtype=object)
-
-
-def category_label(value: Any) -> str | None:
-    """The category a raw value stands for; the predictor's loader maps serving values the same way."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return None
-        if value.is_integer():
-            return str(int(value))
-    return str(value)
 
 
 # Evaluation tables ------------------------------------------------------------------------------
