@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from pydantic import TypeAdapter
 
-from libs.common.deployment_spec import Algorithm, Offer, PluginRef
+from libs.common.deployment_spec import Algorithm, Offer, PluginRef, ThompsonAlgorithm
 from libs.common.errors import FailedPrecondition, InvalidArgument
 from services.predictor.core.algorithms import (
+    PROPENSITY_POOL_SECONDS,
     PROPENSITY_SAMPLES,
     ArmCounts,
     LinearScorer,
@@ -25,6 +26,7 @@ from services.predictor.core.algorithms import (
     Scorer,
     Scores,
     Statistics,
+    ThompsonScorer,
     build_scorer,
 )
 from services.predictor.core.context import Context
@@ -171,6 +173,38 @@ def test_sampled_propensity_matches_the_argmax_frequency_of_the_decision_sample(
     )
     assert np.all(np.abs(observed - estimated) < tolerance), (estimated, observed, tolerance)
     assert estimated.max() < 0.95  # a genuinely randomised choice
+
+
+def test_thompson_propensities_follow_the_posterior_at_once_and_per_segment() -> None:
+    """A segment's pool of draws is reused and refreshed a slice per call, but a posterior that moved
+    (a response learned), another segment, or an old pool gets fresh draws at once."""
+    now = [0.0]
+    scorer_ = ThompsonScorer(ThompsonAlgorithm(), clock=lambda: now[0])
+    a_leads = arms(a=(100, 60), b=(100, 10), c=(100, 10), d=(100, 10))
+    b_leads = arms(a=(100, 10), b=(100, 60), c=(100, 10), d=(100, 10))
+    rng = np.random.default_rng(3)
+
+    def top(statistics: Statistics, segment: str) -> np.ndarray:
+        return scorer_.score(OFFERS, np.ones(4), statistics, {}, {}, rng, segment=segment).top_probability
+
+    assert top(a_leads, "s1")[0] == 1.0
+    assert top(a_leads, "s1")[0] == 1.0  # the pool, refreshed by a slice
+    assert top(b_leads, "s1")[1] == 1.0  # the posterior moved: fresh draws, not the old pool
+    assert top(a_leads, "s2")[0] == 1.0  # another segment has its own pool
+    assert top(b_leads, "s1")[1] == 1.0
+    # A flat posterior: no offer wins every draw.
+    flat = arms(a=(2, 1), b=(2, 1), c=(2, 1), d=(2, 1))
+    first = top(flat, "s3")
+    assert first.sum() == pytest.approx(1.0)
+    assert first.max() < 1.0
+    # An old pool is drawn afresh even when the posterior did not move.
+    pool = scorer_._pools[("s3", tuple(OFFERS), np.ones(4).tobytes())]
+    now[0] += PROPENSITY_POOL_SECONDS
+    top(flat, "s3")
+    assert scorer_._pools[("s3", tuple(OFFERS), np.ones(4).tobytes())] is not pool
+    # Without propensities (a simulation) nothing is drawn for them.
+    plain = scorer_.score(OFFERS, np.ones(4), flat, {}, {}, rng, segment="s4", propensities=False)
+    assert np.isnan(plain.top_probability).all()
 
 
 def test_linucb_prefers_the_offer_whose_linear_model_fits_the_context() -> None:

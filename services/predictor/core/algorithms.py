@@ -7,7 +7,8 @@ deterministic ones report 1 for the top offer (split evenly among exact ties) an
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -26,6 +27,10 @@ from libs.common.errors import FailedPrecondition
 from services.predictor.core.models import LoadedModel
 
 PROPENSITY_SAMPLES = 256  # the estimate's standard error is at most 1/(2*16) = 0.031
+PROPENSITY_REFRESH_SAMPLES = 32  # fresh draws per call into a segment's pool of PROPENSITY_SAMPLES
+PROPENSITY_POOL_SECONDS = 1.0  # a pool is drawn afresh this often at least
+PROPENSITY_POOL_TOLERANCE = 0.02  # ... and when an arm's alpha or beta moved by more than this share
+PROPENSITY_POOLS = 4096  # pools kept per scorer (segment x eligible offers x weights)
 StatisticsKind = Literal["arms", "naive_bayes", "linear"]
 
 
@@ -96,7 +101,12 @@ class Scorer:
         numeric_context: Mapping[str, float],
         categorical_context: Mapping[str, str],
         rng: np.random.Generator,
+        *,
+        segment: str = "",
+        propensities: bool = True,
     ) -> Scores:
+        """`segment` names the statistics' segment (a randomised policy may reuse work per segment);
+        with `propensities` False (a simulation) the top probability need not be estimated."""
         raise NotImplementedError
 
 
@@ -106,10 +116,21 @@ class ThompsonScorer(Scorer):
     offer (alpha += w p, beta += w (1 - p)): a cold arm starts where the model expects it, and the
     segment's evidence takes over as it accumulates."""
 
-    def __init__(self, algorithm: ThompsonAlgorithm, model: LoadedModel | None = None) -> None:
+    def __init__(
+        self,
+        algorithm: ThompsonAlgorithm,
+        model: LoadedModel | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        propensity_rng: np.random.Generator | None = None,
+    ) -> None:
         self._algorithm = algorithm
+        # The draws that estimate propensities come from a generator of their own, so the decisions'
+        # generator yields the same decisions whether or not (and however often) they are estimated.
+        self._propensity_rng = propensity_rng or np.random.default_rng()
         self._model = model if algorithm.model_prior_weight > 0 else None
         self.reads_raw_features = self._model is not None
+        self._clock = clock
+        self._pools: dict[tuple[str, tuple[str, ...], bytes], _DrawPool] = {}  # (segment, offers, weights)
 
     def _posterior(
         self,
@@ -137,20 +158,96 @@ class ThompsonScorer(Scorer):
             beta = beta + algorithm.model_prior_weight * (1.0 - take_up)
         return alpha, beta, impressions, take_up
 
-    def score(self, offers, weights, statistics, numeric_context, categorical_context, rng):  # type: ignore[no-untyped-def]
+    def score(
+        self,
+        offers: Sequence[str],
+        weights: np.ndarray,
+        statistics: Statistics,
+        numeric_context: Mapping[str, float],
+        categorical_context: Mapping[str, str],
+        rng: np.random.Generator,
+        *,
+        segment: str = "",
+        propensities: bool = True,
+    ) -> Scores:
         alpha, beta, impressions, take_up = self._posterior(
             offers, statistics, {**categorical_context, **numeric_context}
         )
         decision = rng.beta(alpha, beta) * weights
-        draws = rng.beta(alpha, beta, size=(PROPENSITY_SAMPLES, len(offers))) * weights
-        return Scores(decision, alpha / (alpha + beta), impressions, _top_probability_sampled(draws), take_up)
+        if propensities:
+            top = self._top_probability(offers, weights, alpha, beta, segment)
+        else:
+            top = np.full(len(offers), np.nan)
+        return Scores(decision, alpha / (alpha + beta), impressions, top, take_up)
+
+    def _top_probability(
+        self,
+        offers: Sequence[str],
+        weights: np.ndarray,
+        alpha: np.ndarray,
+        beta: np.ndarray,
+        segment: str,
+    ) -> np.ndarray:
+        """P(each offer ranks first), as the share of PROPENSITY_SAMPLES posterior draws in which it
+        is the largest. The draws cost most of an Invoke, so each segment (with its offers and
+        weights) keeps a pool of them and every call replaces PROPENSITY_REFRESH_SAMPLES of the
+        oldest with fresh ones: every draw counts in PROPENSITY_SAMPLES / PROPENSITY_REFRESH_SAMPLES
+        estimates, so the estimates stay unbiased and their mean converges as with independent
+        pools. The pool is drawn afresh when any arm's alpha or beta has moved by more than
+        PROPENSITY_POOL_TOLERANCE since it was, or after PROPENSITY_POOL_SECONDS."""
+        key = (segment, tuple(offers), weights.tobytes())
+        now = self._clock()
+        pool = self._pools.get(key)
+        if pool is not None and (
+            now - pool.drawn_at >= PROPENSITY_POOL_SECONDS
+            or np.any(np.abs(alpha - pool.alpha) > PROPENSITY_POOL_TOLERANCE * pool.alpha)
+            or np.any(np.abs(beta - pool.beta) > PROPENSITY_POOL_TOLERANCE * pool.beta)
+        ):
+            del self._pools[key]
+            pool = None
+        if pool is None:
+            if len(self._pools) >= PROPENSITY_POOLS:
+                del self._pools[next(iter(self._pools))]  # the oldest
+            draws = self._propensity_rng.beta(alpha, beta, size=(PROPENSITY_SAMPLES, len(offers))) * weights
+            self._pools[key] = _DrawPool(now, alpha, beta, draws.argmax(axis=1))
+            return _top_probability_sampled(draws)
+        fresh = (
+            self._propensity_rng.beta(alpha, beta, size=(PROPENSITY_REFRESH_SAMPLES, len(offers))) * weights
+        )
+        start = pool.next_row
+        pool.winners[start : start + PROPENSITY_REFRESH_SAMPLES] = fresh.argmax(axis=1)
+        pool.next_row = (start + PROPENSITY_REFRESH_SAMPLES) % PROPENSITY_SAMPLES
+        result: np.ndarray = np.bincount(pool.winners, minlength=len(offers)) / PROPENSITY_SAMPLES
+        return result
+
+
+@dataclass
+class _DrawPool:
+    """The winners (argmax offer) of PROPENSITY_SAMPLES posterior draws, refreshed a slice a call."""
+
+    drawn_at: float
+    alpha: np.ndarray
+    beta: np.ndarray
+    winners: np.ndarray
+    next_row: int = 0
 
 
 class EpsilonGreedyScorer(Scorer):
     def __init__(self, algorithm: EpsilonGreedyAlgorithm) -> None:
         self._algorithm = algorithm
 
-    def score(self, offers, weights, statistics, numeric_context, categorical_context, rng):  # type: ignore[no-untyped-def]
+    def score(
+        self,
+        offers: Sequence[str],
+        weights: np.ndarray,
+        statistics: Statistics,
+        numeric_context: Mapping[str, float],
+        categorical_context: Mapping[str, str],
+        rng: np.random.Generator,
+        *,
+        segment: str = "",
+        propensities: bool = True,
+    ) -> Scores:
         counts = [statistics.arms.get(offer, ArmCounts()) for offer in offers]
         impressions = np.array([c.impressions for c in counts])
         successes = np.array([c.successes for c in counts])
@@ -166,7 +263,18 @@ class NaiveBayesScorer(Scorer):
     def __init__(self, algorithm: NaiveBayesAlgorithm) -> None:
         self._smoothing = algorithm.smoothing
 
-    def score(self, offers, weights, statistics, numeric_context, categorical_context, rng):  # type: ignore[no-untyped-def]
+    def score(
+        self,
+        offers: Sequence[str],
+        weights: np.ndarray,
+        statistics: Statistics,
+        numeric_context: Mapping[str, float],
+        categorical_context: Mapping[str, str],
+        rng: np.random.Generator,
+        *,
+        segment: str = "",
+        propensities: bool = True,
+    ) -> Scores:
         counts = statistics.naive_bayes
         a = self._smoothing
         take_up = np.zeros(len(offers))
@@ -201,7 +309,18 @@ class LinearScorer(Scorer):
     def vector(self, numeric_context: Mapping[str, float]) -> np.ndarray:
         return np.array([1.0, *(numeric_context.get(name, 0.0) for name in self.features)])
 
-    def score(self, offers, weights, statistics, numeric_context, categorical_context, rng):  # type: ignore[no-untyped-def]
+    def score(
+        self,
+        offers: Sequence[str],
+        weights: np.ndarray,
+        statistics: Statistics,
+        numeric_context: Mapping[str, float],
+        categorical_context: Mapping[str, str],
+        rng: np.random.Generator,
+        *,
+        segment: str = "",
+        propensities: bool = True,
+    ) -> Scores:
         d = self.dimension
         x = self.vector(numeric_context)
         ridge = self._algorithm.ridge
@@ -238,7 +357,18 @@ class ModelScorer(Scorer):
     def __init__(self, model: LoadedModel) -> None:
         self.model = model
 
-    def score(self, offers, weights, statistics, numeric_context, categorical_context, rng):  # type: ignore[no-untyped-def]
+    def score(
+        self,
+        offers: Sequence[str],
+        weights: np.ndarray,
+        statistics: Statistics,
+        numeric_context: Mapping[str, float],
+        categorical_context: Mapping[str, str],
+        rng: np.random.Generator,
+        *,
+        segment: str = "",
+        propensities: bool = True,
+    ) -> Scores:
         take_up = self.model.predict_offers({**categorical_context, **numeric_context}, offers)
         impressions = np.array([statistics.arms.get(offer, ArmCounts()).impressions for offer in offers])
         ranked = take_up * weights

@@ -305,7 +305,9 @@ class DecisionEngine:
                 **{k: str(v) for k, v in params.items() if isinstance(v, str | int | float)},
                 **categorical,
             }
-        scores = plan.scorer.score(offer_ids, weights, statistics, context.numeric, categorical, self.rng)
+        scores = plan.scorer.score(
+            offer_ids, weights, statistics, context.numeric, categorical, self.rng, segment=context.segment
+        )
         model_scores = scores.model_score
         if model_scores is None and plan.model is not None:  # bound, not scored with: still reported
             model_scores = plan.model.predict_offers({**categorical, **context.numeric}, offer_ids)

@@ -403,7 +403,14 @@ class InMemoryPolicy:
         segment, numeric, categorical = self._context(round.params)
         statistics = Statistics(arms=parse_arms(self.arm_fields(segment), plan.policy, round.now))
         scores = plan.scorer.score(
-            self._offer_ids, self._weights, statistics, numeric, categorical, self._rng
+            self._offer_ids,
+            self._weights,
+            statistics,
+            numeric,
+            categorical,
+            self._rng,
+            segment=segment,
+            propensities=False,  # a simulated round logs nothing
         )
         explore = bool(self._rng.random() < plan.epsilon)
         if explore:
