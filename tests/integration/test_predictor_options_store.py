@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from libs.common import redis_keys
@@ -268,3 +270,64 @@ async def test_the_generation_is_read_from_redis_and_cached(options: Store) -> N
     await options.redis.set(redis_keys.options_generation(options.deployment), "7")
     other = OptionsStore(options.redis)  # a fresh replica reads the switch at once
     assert await other.generation(options.deployment) == "7"
+
+
+def _reference_parse_arms(raw: dict[str, str], policy: ArmPolicy, now: float) -> dict[str, tuple[float, ...]]:
+    """The arm decay rules, offer by offer (the Lua scripts apply the same ones when writing)."""
+    fields: dict[str, dict[str, float]] = {}
+    for key, value in raw.items():
+        offer, _, part = key.rpartition("|")
+        fields.setdefault(offer, {})[part] = float(value)
+    arms = {}
+    for offer, values in fields.items():
+        if policy.window_seconds > 0 and "wb" in values:
+            window = policy.window_seconds
+            elapsed = now - values["wb"]
+            if elapsed >= 2 * window:
+                n = s = 0.0
+            elif elapsed >= window:
+                weight = max(0.0, 1.0 - (elapsed - window) / window)
+                n, s = values.get("wn", 0.0) * weight, values.get("ws", 0.0) * weight
+            else:
+                weight = max(0.0, 1.0 - elapsed / window)
+                n = values.get("wn", 0.0) + values.get("pn", 0.0) * weight
+                s = values.get("ws", 0.0) + values.get("ps", 0.0) * weight
+        else:
+            n, s = values.get("n", 0.0), values.get("s", 0.0)
+            if policy.half_life_seconds > 0:
+                factor = 0.5 ** (max(now - values.get("t", now), 0.0) / policy.half_life_seconds)
+                n, s = n * factor, s * factor
+        arms[offer] = (n, min(s, n), values.get("pa", 0.0), values.get("pb", 0.0))
+    return arms
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    hashes=st.dictionaries(
+        st.tuples(
+            st.sampled_from(["a", "b", "c|x", "dé"]),
+            st.sampled_from(["n", "s", "t", "pa", "pb", "wb", "wn", "ws", "pn", "ps", "other"]),
+        ),
+        st.floats(min_value=0, max_value=1e6, allow_nan=False),
+        max_size=30,
+    ),
+    half_life=st.sampled_from([0.0, 60.0, 3600.0]),
+    window=st.sampled_from([0.0, 30.0, 600.0]),
+    now=st.floats(min_value=0, max_value=2e6, allow_nan=False),
+)
+def test_the_vectorised_parse_applies_the_decay_rules_of_every_arm(
+    hashes: dict[tuple[str, str], float], half_life: float, window: float, now: float
+) -> None:
+    raw = {f"{offer}|{part}": repr(value) for (offer, part), value in hashes.items()}
+    policy = ArmPolicy(half_life_seconds=half_life, window_seconds=window)
+    parsed = parse_arms({key.encode(): value.encode() for key, value in raw.items()}, policy, now)
+    expected = _reference_parse_arms(raw, policy, now)
+    assert set(parsed) == set(expected)
+    for offer, values in expected.items():
+        arm = parsed[offer]
+        got = (arm.impressions, arm.successes, arm.prior_alpha, arm.prior_beta)
+        assert got == pytest.approx(values, rel=1e-9, abs=1e-9), offer
+    offers = [*expected, "unknown"]
+    n, s, pa, pb = parsed.columns(offers)
+    assert n[-1] == s[-1] == pa[-1] == pb[-1] == 0.0
+    assert [parsed[o].impressions for o in expected] == n[:-1].tolist()

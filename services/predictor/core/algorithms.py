@@ -29,7 +29,7 @@ from services.predictor.core.models import LoadedModel
 PROPENSITY_SAMPLES = 256  # the estimate's standard error is at most 1/(2*16) = 0.031
 PROPENSITY_REFRESH_SAMPLES = 32  # fresh draws per call into a segment's pool of PROPENSITY_SAMPLES
 PROPENSITY_POOL_SECONDS = 1.0  # a pool is drawn afresh this often at least
-PROPENSITY_POOL_TOLERANCE = 0.02  # ... and when an arm's alpha or beta moved by more than this share
+PROPENSITY_POOL_TOLERANCE = 0.05  # ... and when an arm's alpha or beta moved by more than this share
 PROPENSITY_POOLS = 4096  # pools kept per scorer (segment x eligible offers x weights)
 StatisticsKind = Literal["arms", "naive_bayes", "linear"]
 
@@ -68,6 +68,24 @@ class Scores:
     top_probability: np.ndarray
     # The bound model's predicted take-up per offer, when the scorer consulted it.
     model_score: np.ndarray | None = None
+
+
+def arm_columns(
+    arms: Mapping[str, ArmCounts], offers: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(impressions, successes, prior alpha, prior beta) of these offers, zeros where unknown; at
+    once from the options store's column table, offer by offer from any other mapping."""
+    columns = getattr(arms, "columns", None)
+    if columns is not None:
+        result: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] = columns(offers)
+        return result
+    counts = [arms.get(offer, ArmCounts()) for offer in offers]
+    return (
+        np.array([c.impressions for c in counts], dtype=np.float64),
+        np.array([c.successes for c in counts], dtype=np.float64),
+        np.array([c.prior_alpha for c in counts], dtype=np.float64),
+        np.array([c.prior_beta for c in counts], dtype=np.float64),
+    )
 
 
 def _top_probability_deterministic(values: np.ndarray) -> np.ndarray:
@@ -139,18 +157,10 @@ class ThompsonScorer(Scorer):
         context: Mapping[str, str | float],
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         algorithm = self._algorithm
-        counts = [statistics.arms.get(offer, ArmCounts()) for offer in offers]
-        successes = np.array([c.successes for c in counts])
-        impressions = np.array([c.impressions for c in counts])
+        impressions, successes, prior_alpha, prior_beta = arm_columns(statistics.arms, offers)
         failures = np.maximum(impressions - successes, 0.0)
-        alpha = (
-            algorithm.alpha0
-            + np.array([c.prior_alpha for c in counts])
-            + successes * algorithm.success_increment
-        )
-        beta = (
-            algorithm.beta0 + np.array([c.prior_beta for c in counts]) + failures * algorithm.fail_increment
-        )
+        alpha = algorithm.alpha0 + prior_alpha + successes * algorithm.success_increment
+        beta = algorithm.beta0 + prior_beta + failures * algorithm.fail_increment
         take_up = None
         if self._model is not None:
             take_up = np.clip(self._model.predict_offers(context, offers), 0.0, 1.0)
@@ -248,9 +258,7 @@ class EpsilonGreedyScorer(Scorer):
         segment: str = "",
         propensities: bool = True,
     ) -> Scores:
-        counts = [statistics.arms.get(offer, ArmCounts()) for offer in offers]
-        impressions = np.array([c.impressions for c in counts])
-        successes = np.array([c.successes for c in counts])
+        impressions, successes, _, _ = arm_columns(statistics.arms, offers)
         prior = self._algorithm.prior_take_up
         take_up = np.where(impressions > 0, (successes + prior) / (impressions + 1.0), prior)
         ranked = take_up * weights
@@ -370,7 +378,7 @@ class ModelScorer(Scorer):
         propensities: bool = True,
     ) -> Scores:
         take_up = self.model.predict_offers({**categorical_context, **numeric_context}, offers)
-        impressions = np.array([statistics.arms.get(offer, ArmCounts()).impressions for offer in offers])
+        impressions = arm_columns(statistics.arms, offers)[0]
         ranked = take_up * weights
         return Scores(
             _tie_break(ranked, rng), take_up, impressions, _top_probability_deterministic(ranked), take_up

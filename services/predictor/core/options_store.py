@@ -7,9 +7,8 @@ replica changes what every replica scores on its next request.
 from __future__ import annotations
 
 import json
-import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,7 +138,121 @@ class ArmPolicy:
         return cls(half_life_seconds=half_life or 0.0)
 
 
-def parse_arms(raw: Mapping[bytes | str, bytes | str], policy: ArmPolicy, now: float) -> dict[str, ArmCounts]:
+_ARM_FIELDS = ("n", "s", "t", "pa", "pb", "wb", "wn", "ws", "pn", "ps")
+_PARSE_PLANS_KEPT = 256
+
+
+@dataclass(frozen=True)
+class _ParsePlan:
+    """Where each field of each offer sits in an arm hash's HGETALL reply (-1: absent)."""
+
+    offers: tuple[str, ...]
+    positions: dict[str, np.ndarray]  # field -> per offer, its position among the values, or -1
+
+
+_parse_plans: dict[tuple[bytes | str, ...], _ParsePlan] = {}
+
+
+def _parse_plan(keys: tuple[bytes | str, ...]) -> _ParsePlan | None:
+    """The plan for a hash with these fields, made once per field layout (a segment's hash keeps
+    its fields; values change). None when a field is not `<offer>|<field>`."""
+    plan = _parse_plans.get(keys)
+    if plan is not None:
+        return plan
+    offers: dict[str, int] = {}
+    located: list[tuple[int, str, int]] = []
+    for position, key in enumerate(keys):
+        name = key.decode() if isinstance(key, bytes) else key
+        offer, _, part = name.rpartition("|")
+        located.append((offers.setdefault(offer, len(offers)), part, position))
+    positions = {field: np.full(len(offers), -1, dtype=np.intp) for field in _ARM_FIELDS}
+    for index, part, position in located:
+        if part in positions:
+            positions[part][index] = position
+    plan = _ParsePlan(tuple(offers), positions)
+    if len(_parse_plans) >= _PARSE_PLANS_KEPT:
+        _parse_plans.clear()
+    _parse_plans[keys] = plan
+    return plan
+
+
+class ArmTable(Mapping[str, ArmCounts]):
+    """The arms of one segment, decayed to now, as columns; a Mapping of offer -> ArmCounts."""
+
+    def __init__(
+        self,
+        offers: Sequence[str],
+        impressions: np.ndarray,
+        successes: np.ndarray,
+        prior_alpha: np.ndarray,
+        prior_beta: np.ndarray,
+    ) -> None:
+        self._index = {offer: position for position, offer in enumerate(offers)}
+        # One zero row at the end stands for every offer without statistics.
+        self._columns = tuple(
+            np.append(column.astype(np.float64), 0.0)
+            for column in (impressions, successes, prior_alpha, prior_beta)
+        )
+
+    def __getitem__(self, offer: str) -> ArmCounts:
+        position = self._index[offer]
+        n, s, pa, pb = (float(column[position]) for column in self._columns)
+        return ArmCounts(n, s, pa, pb)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def columns(self, offers: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(impressions, successes, prior alpha, prior beta) of these offers; zeros for unknown ones."""
+        missing = len(self._index)
+        rows = np.fromiter((self._index.get(offer, missing) for offer in offers), np.intp, len(offers))
+        n, s, pa, pb = (column[rows] for column in self._columns)
+        return n, s, pa, pb
+
+
+def parse_arms(raw: Mapping[Any, Any], policy: ArmPolicy, now: float) -> ArmTable:
+    """An arm hash (`<offer>|<field>` -> number) decayed to `now`, vectorised over its offers.
+    A field whose value is not a number is ignored."""
+    plan = _parse_plan(tuple(raw))
+    try:
+        values = np.fromiter((float(value) for value in raw.values()), np.float64, len(raw))
+    except ValueError:  # a field that is not a number: the careful path
+        return _parse_arms_field_by_field(raw, policy, now)
+    assert plan is not None
+    padded = np.append(values, np.nan)  # position -1 reads the NaN: "absent"
+
+    def field(name: str) -> np.ndarray:
+        column: np.ndarray = padded[plan.positions[name]]
+        return column
+
+    n, s = np.nan_to_num(field("n")), np.nan_to_num(field("s"))
+    if policy.half_life_seconds > 0:
+        elapsed = np.maximum(now - np.where(np.isnan(field("t")), now, field("t")), 0.0)
+        factor = np.power(0.5, elapsed / policy.half_life_seconds)
+        n, s = n * factor, s * factor
+    if policy.window_seconds > 0:
+        window = policy.window_seconds
+        begun = field("wb")
+        windowed = ~np.isnan(begun)
+        elapsed = now - np.nan_to_num(begun)
+        wn, ws = np.nan_to_num(field("wn")), np.nan_to_num(field("ws"))
+        pn, ps = np.nan_to_num(field("pn")), np.nan_to_num(field("ps"))
+        expired = elapsed >= 2 * window
+        previous = (elapsed >= window) & ~expired
+        fading = np.maximum(0.0, 1.0 - (elapsed - window) / window)
+        current = np.maximum(0.0, 1.0 - elapsed / window)
+        window_n = np.where(expired, 0.0, np.where(previous, wn * fading, wn + pn * current))
+        window_s = np.where(expired, 0.0, np.where(previous, ws * fading, ws + ps * current))
+        n, s = np.where(windowed, window_n, n), np.where(windowed, window_s, s)
+    return ArmTable(plan.offers, n, np.minimum(s, n), np.nan_to_num(field("pa")), np.nan_to_num(field("pb")))
+
+
+def _parse_arms_field_by_field(
+    raw: Mapping[bytes | str, bytes | str], policy: ArmPolicy, now: float
+) -> ArmTable:
     fields: dict[str, dict[str, float]] = {}
     for key, value in raw.items():
         name = key.decode() if isinstance(key, bytes) else key
@@ -148,27 +261,10 @@ def parse_arms(raw: Mapping[bytes | str, bytes | str], policy: ArmPolicy, now: f
             fields.setdefault(offer, {})[part] = float(value)
         except ValueError:
             continue
-    arms = {}
-    for offer, values in fields.items():
-        if policy.window_seconds > 0 and "wb" in values:
-            window = policy.window_seconds
-            elapsed = now - values.get("wb", 0.0)
-            if elapsed >= 2 * window:
-                n = s = 0.0
-            elif elapsed >= window:
-                previous_weight = max(0.0, 1.0 - (elapsed - window) / window)
-                n, s = values.get("wn", 0.0) * previous_weight, values.get("ws", 0.0) * previous_weight
-            else:
-                previous_weight = max(0.0, 1.0 - elapsed / window)
-                n = values.get("wn", 0.0) + values.get("pn", 0.0) * previous_weight
-                s = values.get("ws", 0.0) + values.get("ps", 0.0) * previous_weight
-        else:
-            n, s = values.get("n", 0.0), values.get("s", 0.0)
-            if policy.half_life_seconds > 0:
-                factor = math.pow(0.5, max(now - values.get("t", now), 0.0) / policy.half_life_seconds)
-                n, s = n * factor, s * factor
-        arms[offer] = ArmCounts(n, min(s, n), values.get("pa", 0.0), values.get("pb", 0.0))
-    return arms
+    filtered = {
+        f"{offer}|{part}": str(value) for offer, parts in fields.items() for part, value in parts.items()
+    }
+    return parse_arms(filtered, policy, now)
 
 
 def _text(value: Any) -> str:
