@@ -314,10 +314,11 @@ class DecisionEngine:
         explore = bool(self.rng.random() < plan.epsilon)
         order = self.rng.permutation(len(eligible)) if explore else np.argsort(-scores.score, kind="stable")
         propensity = (1.0 - plan.epsilon) * scores.top_probability + plan.epsilon / len(eligible)
-        ranked = [
+        # Made as the plugins take them: only the offers shown (and those a category cap skips).
+        candidates = (
             RankedOffer(
                 offer=eligible[i],
-                rank=position + 1,
+                rank=0,
                 score=float(scores.score[i]),
                 final_score=float(scores.score[i]),
                 arm_reward=float(scores.arm_reward[i]),
@@ -326,11 +327,11 @@ class DecisionEngine:
                 explored=explore,
                 model_score=float(model_scores[i]) if model_scores is not None else None,
             )
-            for position, i in enumerate(order)
-        ]
+            for i in order.tolist()
+        )
         ranked = [
             replace(row, rank=position + 1)
-            for position, row in enumerate(runtime.plugins.arrange(ranked, count))
+            for position, row in enumerate(runtime.plugins.arrange(candidates, count))
         ]
         decision = Decision(
             str(uuid_module.uuid4()),

@@ -12,7 +12,7 @@ Built in:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -80,8 +80,8 @@ class PluginChain:
             result = result * plugin.factors(offers)
         return result
 
-    def arrange(self, ranked: list[RankedT], count: int) -> list[RankedT]:
-        """The first `count` of the ranking, respecting category caps."""
+    def arrange(self, ranked: Iterable[RankedT], count: int) -> list[RankedT]:
+        """The first `count` of the ranking (read no further than needed), respecting category caps."""
         chosen: list[RankedT] = []
         per_category: dict[str, int] = {}
         limit = min(cap.max_per_category for cap in self.caps) if self.caps else None
