@@ -102,7 +102,7 @@ async def run(spec: TrainingJobSpec, settings: TrainerSettings, author: str) -> 
 async def _follow(service: TrainerService, job_id: str) -> None:
     """One line per epoch of the job (read back from the SQL store, as WatchJob does)."""
     async for event in service.watch(job_id, from_start=True):
-        if event.epoch:
+        if event.epoch and event.state == "running":
             _line(
                 {
                     "event": "epoch",
