@@ -5,6 +5,8 @@ from __future__ import annotations
 
 PREFIX = "ll"
 DECISION_STREAM = f"{PREFIX}:decisions"  # contacts and responses, for the monitor and offline evaluation
+# Pub/sub: the key of an arm hash that learned from a response; replicas drop their copy of it.
+ARM_UPDATES_CHANNEL = f"{PREFIX}:arm-updates"
 
 
 def online_features(feature_view: str, entity: str) -> str:

@@ -7,6 +7,7 @@ from its persisted last-known-good copy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from grpc import aio
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -89,7 +90,16 @@ async def build_server(settings: PredictorSettings) -> RunningServer:
             health_check_interval=30,
         )
     )
-    engine = DecisionEngine(OptionsStore(redis), settings.replica_id)
+    options = OptionsStore(redis, statistics_max_age=settings.statistics_max_age_ms / 1000)
+    engine = DecisionEngine(options, settings.replica_id)
+    update_feed: asyncio.Task[None] | None = None
+
+    async def stop_update_feed() -> None:
+        if update_feed is not None:
+            update_feed.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await update_feed
+
     predictor = PredictorServicer(replica, follower, engine)
     inference = InferenceServicer(replica)
 
@@ -104,9 +114,10 @@ async def build_server(settings: PredictorSettings) -> RunningServer:
         method_roles=METHOD_ROLES,
         descriptors=(predictor_pb2.DESCRIPTOR, grpc_predict_v2_pb2.DESCRIPTOR),
         serving_at_start=False,
-        on_stop=[follower.stop, redis.aclose],
+        on_stop=[follower.stop, stop_update_feed, redis.aclose],
     )
     running = await start_server(definition, settings)
+    update_feed = asyncio.create_task(options.follow_updates(), name="arm-update-feed")
     await follower.start()
     if replica.config is not None:  # the last-known-good copy was applied before the server existed
         serving.set()

@@ -29,3 +29,10 @@ class PredictorSettings(ServiceSettings):
         Path(".liveloop/artifacts"), description="Model artifacts, as the trainer writes them"
     )
     deployments: list[str] = Field(default_factory=list, description="Deployments to serve; empty serves all")
+    statistics_max_age_ms: int = Field(
+        100,
+        ge=0,
+        le=1000,
+        description="Reuse a segment's arm statistics this long (responses still reach every replica at "
+        "once; only impressions wait); 0 reads them from Redis on every Invoke",
+    )

@@ -5,6 +5,7 @@ concurrency. The clock is injected, so decay and windows are exact, not timing-d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import uuid as uuid_module
@@ -19,6 +20,7 @@ from redis.asyncio import Redis
 
 from libs.common import redis_keys
 from services.predictor.core.options_store import ArmPolicy, OptionsStore, parse_arms
+from tests.polling import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -331,3 +333,53 @@ def test_the_vectorised_parse_applies_the_decay_rules_of_every_arm(
     n, s, pa, pb = parsed.columns(offers)
     assert n[-1] == s[-1] == pa[-1] == pb[-1] == 0.0
     assert [parsed[o].impressions for o in expected] == n[:-1].tolist()
+
+
+async def test_a_replica_reuses_a_segments_statistics_until_a_response_or_their_age(
+    options: Store, redis_url: str
+) -> None:
+    """With statistics_max_age, a replica reads a segment's arm hash once per max age; an impression
+    (Invoke) waits for the next read, a response (Respond, on any replica) is seen at once."""
+    keep = ArmPolicy()
+    other_client = Redis.from_url(redis_url)
+    caching = Store(
+        OptionsStore(other_client, clock=options.clock, statistics_max_age=3600.0),
+        other_client,
+        options.clock,
+        options.deployment,
+    )
+    subscribed = asyncio.Event()
+    feed = asyncio.create_task(caching.store.follow_updates(on_subscribed=subscribed.set))
+    try:
+        await asyncio.wait_for(subscribed.wait(), 10)
+        await options.update(keep, ("a", 3, 0))
+        assert await caching.read(keep) == {"a": (3.0, 0.0)}
+        await options.update(keep, ("a", 2, 0))  # impressions on another replica
+        assert await caching.read(keep) == {"a": (3.0, 0.0)}  # the copy, until it ages out
+        await options.update(keep, ("a", 0, 1))  # a response on another replica: published
+
+        async def learned() -> dict[str, tuple[float, float]] | None:
+            seen = await caching.read(keep)
+            return seen if seen == {"a": (5.0, 1.0)} else None
+
+        await eventually(learned, within=5, what="the response reached the caching replica")
+        # Its own response drops its copy at once, before any message comes back.
+        await caching.update(keep, ("a", 0, 1))
+        assert await caching.read(keep) == {"a": (5.0, 2.0)}
+        # An interrupted feed drops every copy.
+        await options.update(keep, ("a", 1, 0))
+        caching.store.forget_arm_statistics()
+        assert await caching.read(keep) == {"a": (6.0, 2.0)}
+    finally:
+        feed.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await feed
+        await other_client.aclose()
+
+
+async def test_a_zero_max_age_reads_redis_on_every_invoke(options: Store) -> None:
+    keep = ArmPolicy()
+    await options.update(keep, ("a", 1, 0))
+    assert await options.read(keep) == {"a": (1.0, 0.0)}
+    await options.redis.hset(options.key, "a|n", "7")  # behind the store's back
+    assert await options.read(keep) == {"a": (7.0, 0.0)}

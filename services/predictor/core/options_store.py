@@ -6,21 +6,30 @@ replica changes what every replica scores on its next request.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import random
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from libs.common import redis_keys
 from libs.common.deployment_spec import ThompsonAlgorithm
 from services.predictor.core.algorithms import ArmCounts, LinearState, Statistics
 
+logger = logging.getLogger(__name__)
+
 DECISION_LOG_MAX_LENGTH = 1_000_000
 GENERATION_CACHE_SECONDS = 1.0
+ARM_HASHES_KEPT = 10_000  # segments whose arm statistics a replica keeps (statistics_max_age > 0)
+UPDATE_FEED_RETRY_SECONDS = 0.2
+UPDATE_FEED_RETRY_MAX_SECONDS = 5.0
 
 # KEYS[1] = arm statistics hash. ARGV: now, half_life (0 = none), window (0 = none), cap (0 = none),
 # then triples (offer, impressions to add, successes to add). Per arm: decay the evidence to now,
@@ -272,9 +281,11 @@ def _text(value: Any) -> str:
 
 
 class OptionsStore:
-    def __init__(self, redis: Redis, clock: Any = time.time) -> None:
+    def __init__(self, redis: Redis, clock: Any = time.time, statistics_max_age: float = 0.0) -> None:
         self._redis = redis
         self._clock = clock
+        self._statistics_max_age = statistics_max_age
+        self._arm_hashes: dict[str, tuple[float, Mapping[Any, Any]]] = {}
         self._generations: dict[str, tuple[float, str]] = {}
         self._mark_responses = redis.register_script(MARK_RESPONSES)
 
@@ -307,7 +318,19 @@ class OptionsStore:
         policy: ArmPolicy,
         feature_key: str | None,
     ) -> tuple[Statistics, dict[str, str]]:
-        """Features and statistics for one Invoke, in one round trip."""
+        """Features and statistics for one Invoke, in one round trip; a segment's arm statistics
+        from this replica's copy when it is younger than statistics_max_age (see follow_updates)."""
+        if kind == "arms" and feature_key is None and self._statistics_max_age > 0:
+            key = redis_keys.arm_statistics(deployment, generation, segment)
+            cached = self._arm_hashes.get(key)
+            now = time.monotonic()
+            if cached is None or now - cached[0] >= self._statistics_max_age:
+                self._arm_hashes.pop(key, None)
+                if len(self._arm_hashes) >= ARM_HASHES_KEPT:
+                    del self._arm_hashes[next(iter(self._arm_hashes))]  # the oldest
+                cached = (now, await self._redis.hgetall(key))
+                self._arm_hashes[key] = cached
+            return Statistics(arms=parse_arms(cached[1], policy, self.now())), {}
         pipeline = self._redis.pipeline(transaction=False)
         if feature_key is not None:
             pipeline.hgetall(feature_key)
@@ -350,10 +373,43 @@ class OptionsStore:
         args: list[Any] = [now, policy.half_life_seconds, policy.window_seconds, policy.count_cap]
         for offer, impressions, successes in updates:
             args += [offer, impressions, successes]
+        learned = any(successes for _, _, successes in updates)
         # EVAL with the body, not a registered Script: redis-py checks SCRIPT EXISTS before every
         # pipeline that holds a Script (one more round trip per Invoke); Redis caches the compiled
         # body by its SHA either way, and EVAL cannot fail with NOSCRIPT after a Redis restart.
         pipeline.eval(UPDATE_ARMS, 1, key, *args)
+        if learned:  # a response: every replica (this one at once) drops its copy of the segment
+            self._arm_hashes.pop(key, None)
+            pipeline.publish(redis_keys.ARM_UPDATES_CHANNEL, key)
+
+    def forget_arm_statistics(self) -> None:
+        """Drop every copy of arm statistics (the update feed was interrupted)."""
+        self._arm_hashes.clear()
+
+    async def follow_updates(self, on_subscribed: Callable[[], None] | None = None) -> None:
+        """Until cancelled: drop this replica's copy of a segment's arm statistics as soon as any
+        replica learns into it (a Respond publishes the key). Copies kept between responses only
+        miss the impressions of the last statistics_max_age; when the feed breaks, every copy is
+        dropped and it resubscribes with backoff, and copies still age out meanwhile."""
+        if self._statistics_max_age <= 0:
+            return
+        delay = UPDATE_FEED_RETRY_SECONDS
+        while True:
+            try:
+                async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(redis_keys.ARM_UPDATES_CHANNEL)
+                    self.forget_arm_statistics()  # anything learned before the subscription
+                    delay = UPDATE_FEED_RETRY_SECONDS
+                    if on_subscribed is not None:
+                        on_subscribed()
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            self._arm_hashes.pop(_text(message["data"]), None)
+            except (RedisError, OSError) as exc:
+                self.forget_arm_statistics()
+                logger.warning("arm update feed interrupted (%s); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, UPDATE_FEED_RETRY_MAX_SECONDS)
 
     def queue_naive_bayes_update(
         self, pipeline: Any, key: str, offer: str, context: Mapping[str, str], field: str, amount: float
