@@ -52,6 +52,7 @@ async def run(spec: TrainingJobSpec, settings: TrainerSettings, author: str) -> 
         artifact_dir=settings.artifact_dir,
         max_concurrent_jobs=1,
         config=None,
+        runner_name=f"batch:{author}",
     )
     loop = asyncio.get_running_loop()
     stopping: list[asyncio.Task[object]] = []

@@ -6,6 +6,7 @@ ends the job it was running."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,12 @@ import sqlalchemy as sa
 from libs.common.database import apply_migrations
 from services.predictor.core.models import load_model
 from services.trainer.core import schema, training
-from services.trainer.core.job_runner import INTERRUPTED_REASON
+from services.trainer.core.job_runner import (
+    BATCH_STAGING_DIR,
+    INTERRUPTED_REASON,
+    JOB_SILENT_SECONDS,
+    SILENT_REASON,
+)
 from services.trainer.core.jobs import JobEvent
 from services.trainer.core.store import TrainerStore
 from services.trainer.core.trainer_service import TrainerService
@@ -60,6 +66,10 @@ async def test_a_restart_fails_the_job_left_running_and_runs_the_queued_one(
     spec = take_up_spec()
     interrupted = store.create_job(spec, "alice")
     store.claim_job(interrupted.id)  # a trainer died while this one trained
+    batch = store.create_job(spec, "training-x7k2p")
+    store.claim_job(batch.id, "batch:training-x7k2p")  # a Kubernetes Job trains beside the service
+    batch_staging = artifact_dir / BATCH_STAGING_DIR / batch.id
+    batch_staging.mkdir(parents=True)
     waiting = store.create_job(spec, "alice")
 
     await trainer.start()
@@ -67,6 +77,21 @@ async def test_a_restart_fails_the_job_left_running_and_runs_the_queued_one(
     failed = await trainer.get_job(interrupted.id)
     assert failed.state == "failed"
     assert failed.error == INTERRUPTED_REASON
+    # Another runner's job and its staging directory are left alone while its heartbeat is fresh...
+    assert (await trainer.get_job(batch.id)).state == "running"
+    assert batch_staging.is_dir()
+    assert await trainer.runner.sweep() == []
+    # ... and failed, with its staging directory removed, once it has gone silent.
+    with store.engine.begin() as connection:
+        connection.execute(
+            sa.update(schema.training_jobs)
+            .where(schema.training_jobs.c.id == batch.id)
+            .values(heartbeat_at=datetime.now(UTC) - timedelta(seconds=JOB_SILENT_SECONDS + 1))
+        )
+    assert await trainer.runner.sweep() == [batch.id]
+    silent = await trainer.get_job(batch.id)
+    assert (silent.state, silent.error) == ("failed", SILENT_REASON)
+    assert not batch_staging.exists()
     events = await events_of(trainer, waiting.id)
     assert [e.state for e in events][-1] == "succeeded", events[-1].message
     assert [e.epoch for e in events if e.state == "running" and e.epoch] == [1, 2, 3]

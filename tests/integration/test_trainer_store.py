@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -298,3 +299,19 @@ def test_jobs_left_running_by_a_dead_trainer_are_failed_with_a_reason(store: Tra
     assert store.events_after(running.id, 0)[-1].message == "the trainer stopped"
     assert store.get_job(queued.id).state == "queued"
     assert store.queued_job_ids() == [queued.id]
+
+
+def test_a_batch_runs_job_fails_only_when_its_heartbeat_is_stale(store: TrainerStore) -> None:
+    batch = store.create_job(spec(), "training-x7k2p")
+    assert store.claim_job(batch.id, "batch:training-x7k2p") is not None
+    assert store.claim_job(batch.id) is None  # the service cannot take it over
+    assert store.fail_interrupted_jobs("the trainer stopped") == []  # not the service's job
+    store.beat([batch.id])
+    now = datetime.now(UTC)
+    assert store.fail_silent_jobs("silent", now - timedelta(seconds=60)) == []
+    assert store.fail_silent_jobs("silent", now + timedelta(seconds=1)) == [batch.id]
+    assert (store.get_job(batch.id).state, store.get_job(batch.id).error) == ("failed", "silent")
+    # The service's own running jobs are never "silent": they fail at its restart instead.
+    mine = store.create_job(spec(), "erin")
+    store.claim_job(mine.id)
+    assert store.fail_silent_jobs("silent", now + timedelta(days=1)) == []

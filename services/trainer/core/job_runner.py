@@ -20,6 +20,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnProcess
 from pathlib import Path
@@ -28,14 +29,18 @@ from typing import Any
 from libs.common.errors import LiveloopError
 from services.trainer.core.distributed import parse_event, task_document
 from services.trainer.core.jobs import EpochReport, JobRecord, JobState, TrainingSummary
-from services.trainer.core.store import TrainerStore
+from services.trainer.core.store import SERVICE_RUNNER, TrainerStore
 from services.trainer.core.worker import WorkerTask, run_training_job
 
 logger = logging.getLogger(__name__)
 
-STAGING_DIR = ".staging"
+STAGING_DIR = ".staging"  # the service's; it clears it when it starts
+BATCH_STAGING_DIR = ".staging-batch"  # batch runs', one directory per job, never cleared wholesale
 INTERRUPTED_REASON = "the trainer stopped while this job was running; start it again"
+SILENT_REASON = "its batch run stopped reporting (killed?); start it again"
 TERMINATE_GRACE_SECONDS = 5.0
+JOB_HEARTBEAT_SECONDS = 10.0  # a runner says it still runs its jobs this often
+JOB_SILENT_SECONDS = 60.0  # a batch run's job whose heartbeat is this old is failed by the service
 
 
 class JobNotifier:
@@ -79,10 +84,15 @@ class JobRunner:
         max_concurrent_jobs: int,
         register: Registrar,
         notifier: JobNotifier,
+        runner_name: str = SERVICE_RUNNER,
     ) -> None:
         self._store = store
         self._offline_store_url = offline_store_url
-        self._staging_root = artifact_dir / STAGING_DIR
+        self._runner_name = runner_name
+        self._batch_staging_root = artifact_dir / BATCH_STAGING_DIR
+        is_service = runner_name == SERVICE_RUNNER
+        self._staging_root = artifact_dir / STAGING_DIR if is_service else self._batch_staging_root
+        self._heartbeat: asyncio.Task[None] | None = None
         self._register = register
         self._notifier = notifier
         self._slots = asyncio.Semaphore(max_concurrent_jobs)
@@ -95,19 +105,51 @@ class JobRunner:
         self._context = multiprocessing.get_context("spawn")
 
     async def start(self) -> None:
-        interrupted = await asyncio.to_thread(self._store.fail_interrupted_jobs, INTERRUPTED_REASON)
+        interrupted = await asyncio.to_thread(
+            self._store.fail_interrupted_jobs, INTERRUPTED_REASON, self._runner_name
+        )
         for job_id in interrupted:
             logger.warning("training job %s was running when the trainer stopped; marked failed", job_id)
         await asyncio.to_thread(shutil.rmtree, self._staging_root, True)
         for job_id in await asyncio.to_thread(self._store.queued_job_ids):
             self._queue.put_nowait(job_id)
         self._dispatcher = asyncio.create_task(self._dispatch(), name="trainer-dispatcher")
+        self._start_heartbeat()
+
+    def _start_heartbeat(self) -> None:
+        if self._heartbeat is None:
+            self._heartbeat = asyncio.create_task(self._beat(), name="trainer-job-heartbeat")
+
+    async def _beat(self) -> None:
+        """Every JOB_HEARTBEAT_SECONDS: this runner still runs its jobs; and (the service) batch
+        runs' jobs that went silent are failed and their staging directories removed."""
+        while True:
+            await asyncio.sleep(JOB_HEARTBEAT_SECONDS)
+            try:
+                await self.sweep()
+            except Exception:  # a database hiccup: the next beat tries again
+                logger.exception("training job heartbeat failed")
+
+    async def sweep(self) -> list[str]:
+        """One heartbeat: beat for the running jobs; the service also fails silent batch jobs
+        (returned) and removes their staging directories."""
+        await asyncio.to_thread(self._store.beat, list(self._running))
+        if self._runner_name != SERVICE_RUNNER:
+            return []
+        older_than = datetime.now(UTC) - timedelta(seconds=JOB_SILENT_SECONDS)
+        silent = await asyncio.to_thread(self._store.fail_silent_jobs, SILENT_REASON, older_than)
+        for job_id in silent:
+            logger.warning("training job %s: its batch run went silent; marked failed", job_id)
+            await asyncio.to_thread(shutil.rmtree, self._batch_staging_root / job_id, True)
+            self._notifier.notify(job_id)
+        return silent
 
     async def stop(self) -> None:
-        if self._dispatcher is not None:
-            self._dispatcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._dispatcher
+        for task in (self._dispatcher, self._heartbeat):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for job_id in list(self._running):
             await self.cancel(job_id, INTERRUPTED_REASON, final_state="failed")
         for task in list(self._tasks):
@@ -122,6 +164,7 @@ class JobRunner:
         """Run one queued job to its end here, without the dispatcher: a batch run (the Kubernetes
         training Job). Unlike start(), this touches no other job: it neither fails interrupted jobs
         nor clears the staging directory, which a trainer service may share."""
+        self._start_heartbeat()
         await self._slots.acquire()
         await self._run_then_release(job_id)
 
@@ -171,7 +214,7 @@ class JobRunner:
         self._running[job_id] = running
         staging_dir = self._staging_root / job_id
         try:
-            record = await asyncio.to_thread(self._store.claim_job, job_id)
+            record = await asyncio.to_thread(self._store.claim_job, job_id, self._runner_name)
             if record is None:
                 return  # cancelled while queued
             self._notifier.notify(job_id)

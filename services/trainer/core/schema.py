@@ -16,8 +16,8 @@ FINAL_JOB_STATES = frozenset({"succeeded", "failed", "cancelled"})
 metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
 
 # One row per training job; the state machine is queued -> running -> succeeded | failed | cancelled
-# (queued -> cancelled too). Rows outlive the trainer process: at start, a job left `running`
-# by a trainer that died is marked failed.
+# (queued -> cancelled too). Rows outlive the trainer process: at start, a job the trainer service
+# left `running` when it died is marked failed; a batch run's job, once its heartbeat is stale.
 training_jobs = sa.Table(
     "training_jobs",
     metadata,
@@ -34,6 +34,10 @@ training_jobs = sa.Table(
     sa.Column("started_at", UtcDateTime),
     sa.Column("finished_at", UtcDateTime),
     sa.Column("model_version", sa.BigInteger),  # the registered version, once succeeded
+    # Who runs it: "service" (the trainer service) or "batch:<name>" (services.trainer.batch), and
+    # when that runner last said it still does (every JOB_HEARTBEAT_SECONDS while running).
+    sa.Column("runner", sa.String(200)),
+    sa.Column("heartbeat_at", UtcDateTime),
     sa.CheckConstraint(
         "state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')", name="state_known"
     ),

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +34,8 @@ from services.trainer.core.jobs import (
     metrics_json,
 )
 from services.trainer.core.schema import model_versions, models, training_job_events, training_jobs
+
+SERVICE_RUNNER = "service"  # the trainer service's runner; a batch run is "batch:<who>"
 
 
 @dataclass(frozen=True)
@@ -189,8 +192,9 @@ class TrainerStore:
                 )
             )
 
-    def claim_job(self, job_id: str) -> JobRecord | None:
-        """queued -> running; None when the job is no longer queued (cancelled meanwhile)."""
+    def claim_job(self, job_id: str, runner: str = SERVICE_RUNNER) -> JobRecord | None:
+        """queued -> running, by `runner`; None when the job is no longer queued (cancelled, or
+        claimed by another runner meanwhile)."""
         now = _now()
         with write_transaction(self.engine) as connection:
             job = self._locked_job(connection, job_id)
@@ -199,7 +203,7 @@ class TrainerStore:
             connection.execute(
                 sa.update(training_jobs)
                 .where(training_jobs.c.id == job_id)
-                .values(state="running", started_at=now)
+                .values(state="running", started_at=now, runner=runner, heartbeat_at=now)
             )
             self._append_event(
                 connection,
@@ -268,15 +272,49 @@ class TrainerStore:
             )
             return self._locked_job(connection, job_id)
 
-    def fail_interrupted_jobs(self, reason: str) -> list[str]:
-        """At start: jobs a previous trainer process left running cannot be resumed; they fail."""
+    def fail_interrupted_jobs(self, reason: str, runner: str = SERVICE_RUNNER) -> list[str]:
+        """At start: jobs this runner left running cannot be resumed; they fail. Jobs of other
+        runners (a batch run training beside the service) are left to their heartbeats."""
         with self.engine.connect() as connection:
             running = list(
-                connection.scalars(sa.select(training_jobs.c.id).where(training_jobs.c.state == "running"))
+                connection.scalars(
+                    sa.select(training_jobs.c.id).where(
+                        training_jobs.c.state == "running",
+                        sa.or_(training_jobs.c.runner == runner, training_jobs.c.runner.is_(None)),
+                    )
+                )
             )
         for job_id in running:
             self.finish_job(job_id, "failed", reason)
         return running
+
+    def beat(self, job_ids: Sequence[str]) -> None:
+        """The runner of these jobs still runs them."""
+        if not job_ids:
+            return
+        with write_transaction(self.engine) as connection:
+            connection.execute(
+                sa.update(training_jobs)
+                .where(training_jobs.c.id.in_(list(job_ids)), training_jobs.c.state == "running")
+                .values(heartbeat_at=_now())
+            )
+
+    def fail_silent_jobs(self, reason: str, older_than: datetime) -> list[str]:
+        """Running jobs of other runners whose last heartbeat is older than `older_than` (a batch run
+        that was killed without a word): they fail."""
+        with self.engine.connect() as connection:
+            silent = list(
+                connection.scalars(
+                    sa.select(training_jobs.c.id).where(
+                        training_jobs.c.state == "running",
+                        training_jobs.c.runner != SERVICE_RUNNER,
+                        training_jobs.c.heartbeat_at < older_than,
+                    )
+                )
+            )
+        for job_id in silent:
+            self.finish_job(job_id, "failed", reason)
+        return silent
 
     def events_after(self, job_id: str, sequence: int) -> list[JobEvent]:
         with self.engine.connect() as connection:

@@ -37,6 +37,7 @@ from services.trainer.core.job_runner import JobNotifier, JobRunner
 from services.trainer.core.job_spec import Encoding, TrainingJobSpec
 from services.trainer.core.jobs import FINAL_STATES, JobEvent, JobRecord, TrainingSummary
 from services.trainer.core.store import (
+    SERVICE_RUNNER,
     ModelSummaryRecord,
     ModelVersionRecord,
     TrainerStore,
@@ -152,6 +153,7 @@ class TrainerService:
         config: DeploymentConfig | None,
         max_concurrent_evaluations: int = MAX_CONCURRENT_EVALUATIONS,
         max_evaluation_rows: int = MAX_EVALUATION_ROWS,
+        runner_name: str = SERVICE_RUNNER,
     ) -> None:
         self.store = store
         self._offline_engine = offline_engine
@@ -169,6 +171,7 @@ class TrainerService:
             max_concurrent_jobs=max_concurrent_jobs,
             register=self._register,
             notifier=self.notifier,
+            runner_name=runner_name,
         )
 
     async def start(self) -> None:
