@@ -12,6 +12,9 @@ those the example feature spec (examples/features/telco-features.yaml) reads.
 history.csv: one row per offer shown: customer, offer, accepted (0/1), channel, the customer's
 age_band and gender at the time (the deployment's segment variables, as the decision log records
 them), presented_at. Take-up depends on the offer and the segment, so priors differ by segment.
+
+events.csv: the same presentations as the `events` table the example feature spec reads: customer,
+event_time, offer, accepted, amount (the offer's price when taken, else 0).
 """
 
 from __future__ import annotations
@@ -50,6 +53,16 @@ AGE_FACTOR = {
     "middle": {"family-bundle": 2.0, "voice-100": 1.5},
     "senior": {"voice-unlimited": 3.5, "voice-100": 2.0, "data-20gb": 0.3},
 }
+# From examples/deployments/telco-offers.yaml: what a customer who takes the offer pays.
+PRICE = {
+    "data-1gb": 5.0,
+    "data-5gb": 15.0,
+    "data-20gb": 40.0,
+    "voice-100": 4.0,
+    "voice-unlimited": 20.0,
+    "roaming-week": 12.0,
+    "family-bundle": 35.0,
+}
 GENDER_FACTOR = {"female": {"roaming-week": 1.3}, "male": {"data-20gb": 1.2}}
 
 
@@ -82,6 +95,8 @@ def sample_data() -> dict[str, str]:
         people.append((customer, age, gender, trips))
     history = io.StringIO()
     history.write("customer,offer,accepted,channel,age_band,gender,presented_at\n")
+    events = io.StringIO()
+    events.write("customer,event_time,offer,accepted,amount\n")
     offers = list(TAKE_UP)
     for index in range(PRESENTATIONS):
         customer, age, gender, trips = rng.choice(people)
@@ -96,7 +111,15 @@ def sample_data() -> dict[str, str]:
             f"{customer},{offer},{accepted},{channel},{band},{gender},"
             f"{moment.isoformat().replace('+00:00', 'Z')}\n"
         )
-    return {"customers.csv": customers.getvalue(), "history.csv": history.getvalue()}
+        events.write(
+            f"{customer},{moment.isoformat().replace('+00:00', 'Z')},{offer},{accepted},"
+            f"{PRICE[offer] if accepted else 0.0:.2f}\n"
+        )
+    return {
+        "customers.csv": customers.getvalue(),
+        "history.csv": history.getvalue(),
+        "events.csv": events.getvalue(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

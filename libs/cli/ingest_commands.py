@@ -652,6 +652,65 @@ def features_apply(
     console.print(table)
 
 
+# features training-set ----------------------------------------------------------------------
+
+
+@features_app.command("training-set")
+def features_training_set(
+    output: Annotated[str, typer.Argument(help="Name of the training-set table to write")],
+    labels: Annotated[str, typer.Option("--labels", help="Table of entity keys, event times and labels")],
+    label: Annotated[str, typer.Option("--label", help="Label column of the --labels table")],
+    feature: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--feature",
+            "-f",
+            help="A feature view (all its features) or view.feature; repeat it; none: every view",
+        ),
+    ] = None,
+    event_time: Annotated[
+        str, typer.Option("--event-time", help="Event-time column of --labels (default: the table's own)")
+    ] = "",
+    keep: Annotated[
+        list[str] | None,
+        typer.Option("--keep", help="Another column of --labels to copy (e.g. the offer shown); repeat it"),
+    ] = None,
+    mode: Annotated[Mode, typer.Option("--mode", help="append to the table or replace it")] = Mode.REPLACE,
+    sample: Annotated[
+        float, typer.Option("--sample", min=0.0, max=1.0, help="Share of label rows to keep (0: all)")
+    ] = 0.0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the sample")] = 0,
+    timeout: TimeoutOption = DEFAULT_LONG_TIMEOUT_S,
+    state_dir: StateDir = None,
+    target: TargetOption = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Join labels with point-in-time-correct features (each label gets the newest feature values at
+    or before its event time) into a training-set table that `liveloop train` reads."""
+    request = ingest_pb2.BuildTrainingSetRequest(
+        output_table=output,
+        label_table=labels,
+        label_column=label,
+        features=feature or [],
+        event_time_column=event_time,
+        mode=_MODES[mode],
+        sample_fraction=sample,
+        seed=seed,
+        label_table_columns=keep or [],
+    )
+    with _ingest_service(state_dir, target) as service:
+        reply = service.call("BuildTrainingSet", request, timeout=timeout)
+    if as_json:
+        emit_json(plain(reply))
+        return
+    console.print(
+        f"{escape(reply.table)}: [green]written[/green] {reply.row_count:,} rows, label mean "
+        f"{reply.label_mean:.4f}, {reply.rows_missing_features:,} rows without features at their time "
+        f"(defaults used); fingerprint {reply.fingerprint[:12]}"
+    )
+    console.print("columns: " + escape(", ".join(f"{c.name} ({_type_name(c.type)})" for c in reply.columns)))
+
+
 # options generate ----------------------------------------------------------------------------
 
 

@@ -300,6 +300,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             mode=WriteMode.REPLACE if request.mode == ingest_pb2.WRITE_MODE_REPLACE else WriteMode.APPEND,
             sample_fraction=request.sample_fraction,
             seed=request.seed,
+            carried_columns=list(request.label_table_columns),
         )
         return ingest_pb2.BuildTrainingSetResponse(
             table=result.table,

@@ -150,3 +150,38 @@ def test_ingest_materialize_generate_options_then_invoke(running_stack: LocalSta
 
     unknown = ok_json(stack, "invoke", "telco-offers", "nobody", "--channel", "app")
     assert any("no features for 'nobody'" in w for w in unknown["warnings"])
+
+
+def test_the_point_in_time_path_of_the_readme_trains_the_example_model(running_stack: LocalStack) -> None:
+    """examples/training/take-up.yaml, as its header says: events and customers in, the example
+    feature views, a point-in-time training set keeping the offer, a take-up model trained on it."""
+    stack = running_stack
+    ok(stack, "ingest", str(DATA / "customers.csv"), "--table", "customers", "--key", "customer")
+    ok(stack, "ingest", str(DATA / "events.csv"), "--table", "events", "--event-time", "event_time")
+    applied = ok_json(stack, "features", "apply", str(REPO / "examples" / "features" / "telco-features.yaml"))
+    assert [v["name"] for v in applied["views"]] == ["customer_profile", "customer_activity"]
+    built = ok_json(
+        stack,
+        "features",
+        "training-set",
+        "telco_take_up",
+        "--labels",
+        "events",
+        "--label",
+        "accepted",
+        "--feature",
+        "customer_profile",
+        "--keep",
+        "offer",
+    )
+    assert built["row_count"] == 4000
+    names = [c["name"] for c in built["columns"]]
+    assert names[:4] == ["customer", "event_time", "accepted", "offer"]
+    assert "customer_profile__age_band" in names
+    assert built["rows_missing_features"] == 0  # every customer signed up before 2024
+    trained = stack.cli("train", str(REPO / "examples" / "training" / "take-up.yaml"), "--json", timeout=240)
+    assert trained.returncode == 0, trained.stderr
+    final = json.loads(trained.stdout)
+    assert final["state"] == "JOB_STATE_SUCCEEDED"
+    assert final["model"]["name"] == "take-up"
+    assert 0.5 < final["metrics"]["auc"] <= 1.0

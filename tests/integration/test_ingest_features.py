@@ -648,6 +648,8 @@ def test_training_sets_are_deterministic_and_sampled_by_seed(engine: sa.Engine) 
         ({"output_table": "events"}, InvalidArgument, "output_table"),
         ({"sample_fraction": 1.5}, InvalidArgument, "sample_fraction"),
         ({"label_column": "customer"}, InvalidArgument, "label_column"),
+        ({"carried_columns": ["offer", "nope"]}, InvalidArgument, "label_table_columns[1]"),
+        ({"carried_columns": ["accepted"]}, InvalidArgument, "label_table_columns[0]"),
     ],
 )
 def test_training_set_errors_name_the_field(
@@ -667,6 +669,28 @@ def test_training_set_errors_name_the_field(
 
     assert caught.value.field == field
     assert "train" not in table_names(engine)
+
+
+def test_a_training_set_carries_the_label_tables_columns_asked_for(engine: sa.Engine) -> None:
+    """An offer take-up model needs the offer each label is about: copied from the label table."""
+    load_telco(engine)
+    apply(engine, EXAMPLE.read_text())
+    result = build_training_set(
+        engine,
+        output_table="take_up",
+        label_table="events",
+        label_column="accepted",
+        features=["customer_profile"],
+        carried_columns=["offer", "amount"],
+    )
+    names = [c.name for c in result.columns]
+    assert names[:5] == ["customer", "event_time", "accepted", "offer", "amount"]
+    assert all(name.startswith("customer_profile__") for name in names[5:])
+    written = rows(engine, "take_up", "customer, event_time, offer")
+    events = rows(engine, "events", "customer, event_time, offer")
+    assert [(r["customer"], r["event_time"], r["offer"], r["amount"]) for r in written] == [
+        (r["customer"], r["event_time"], r["offer"], r["amount"]) for r in events
+    ]
 
 
 async def test_the_servicer_answers_with_views_and_training_sets(engine: sa.Engine) -> None:

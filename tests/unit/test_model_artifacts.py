@@ -156,3 +156,25 @@ def test_an_artifact_sealed_by_the_trainers_registry_reads_back(tmp_path: Path) 
 )
 def test_category_label(value: Any, label: str | None) -> None:
     assert category_label(value) == label
+
+
+def test_a_training_set_feature_is_served_from_the_online_feature_of_the_same_name() -> None:
+    """BuildTrainingSet names columns <view>__<feature>; the online store keeps <feature>."""
+    from libs.common.model_artifacts import PREPROCESSING_FORMAT
+    from services.predictor.core.models import FeatureEncoder
+
+    encoder = FeatureEncoder(
+        {
+            "format": PREPROCESSING_FORMAT,
+            "features": [
+                {"name": "customer_profile__age", "encoding": "standardize", "mean": 40.0},
+                {"name": "offer", "encoding": "offer", "categories": ["a", "b"]},
+            ],
+            "inputs": ["customer_profile__age", "offer=a", "offer=b"],
+            "offer_feature": "offer",
+        }
+    )
+    assert encoder.encode({"age": "30"}).tolist() == [30.0, 0.0, 0.0]
+    assert encoder.encode({}).tolist() == [40.0, 0.0, 0.0]  # missing: the training mean
+    assert encoder.encode({"customer_profile__age": 20, "age": 30}).tolist() == [20.0, 0.0, 0.0]
+    assert encoder.encode_offers({"age": 25}, ["b"]).tolist() == [[25.0, 0.0, 1.0]]

@@ -1357,6 +1357,7 @@ class _TrainingPlan:
     label_type: ColumnType
     selections: list[_Selection]
     columns: list[Column]
+    carried: list[tuple[str, ColumnType]] = field(default_factory=list)  # label-table columns copied
 
 
 def _plan_training_set(
@@ -1366,6 +1367,7 @@ def _plan_training_set(
     label_column: str,
     features: Sequence[str],
     event_time_column: str,
+    carried_columns: Sequence[str] = (),
 ) -> _TrainingPlan:
     labels = _table_info(connection, label_table)
     if labels is None:
@@ -1405,6 +1407,16 @@ def _plan_training_set(
         Column(time_column, ColumnType.TIMESTAMP),
         Column(label_column, label_type),
     ]
+    carried: list[tuple[str, ColumnType]] = []
+    for index, name in enumerate(carried_columns):
+        check_name(name, f"label_table_columns[{index}]")
+        if name in (entity, time_column, label_column):
+            raise InvalidArgument(
+                f"'{name}' is the entity, the event time or the label, copied already",
+                field=f"label_table_columns[{index}]",
+            )
+        carried.append((name, _column_type(labels, name, f"label_table_columns[{index}]")))
+        columns.append(Column(name, carried[-1][1]))
     for selection in selections:
         for name in selection.features:
             output = f"{selection.view.name}__{name}"
@@ -1414,21 +1426,27 @@ def _plan_training_set(
     if len(set(names)) != len(names):
         raise InvalidArgument(f"the training set's column names repeat: {names}", field="features")
     return _TrainingPlan(
-        labels, entity, entity_type, time_column, label_column, label_type, selections, columns
+        labels, entity, entity_type, time_column, label_column, label_type, selections, columns, carried
     )
 
 
 def _label_query(connection: Connection, plan: _TrainingPlan) -> sa.Select[Any]:
-    """(entity, time, label) ordered by entity and time; the label breaks ties, for a stable output."""
+    """(entity, time, label, carried...) ordered by entity and time; the label and the carried
+    columns break ties, for a stable output."""
     table = _table_clause(plan.labels)
     entity, moment, label = table.c[plan.entity], table.c[plan.time_column], table.c[plan.label_column]
+    carried = [table.c[name] for name, _ in plan.carried]
     return (
-        sa.select(entity, moment, label)
+        sa.select(entity, moment, label, *carried)
         .where(entity.is_not(None), moment.is_not(None))
         .order_by(
             _sort_key(connection, entity, plan.entity_type),
             moment,
             _sort_key(connection, label, plan.label_type).asc().nulls_first(),
+            *(
+                _sort_key(connection, column, column_type).asc().nulls_first()
+                for column, (_, column_type) in zip(carried, plan.carried, strict=True)
+            ),
         )
     )
 
@@ -1457,7 +1475,8 @@ def _training_rows(
     chunk_rows: int,
     stack: contextlib.ExitStack,
 ) -> Iterator[tuple[list[list[Any]], int]]:
-    """Chunks of output rows (entity, time, label, features...) and how many of them miss a view."""
+    """Chunks of output rows (entity, time, label, carried..., features...) and how many of them miss
+    a view."""
     labels = _rows(connection, _label_query(connection, plan), chunk_rows, stack)
     cursors = []
     for selection in plan.selections:
@@ -1467,10 +1486,10 @@ def _training_rows(
     sampling = 0.0 < sample_fraction < 1.0
     chunk: list[list[Any]] = []
     missing = 0
-    for entity, moment, label in labels:
+    for entity, moment, label, *carried in labels:
         if sampling and not _sampled(seed, entity, moment, sample_fraction):
             continue
-        out = [entity, moment, label]
+        out = [entity, moment, label, *carried]
         complete = True
         for cursor, width, count in cursors:
             found = cursor.at(entity, moment)
@@ -1500,10 +1519,12 @@ def build_training_set(
     sample_fraction: float = 0.0,
     seed: int = 0,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    carried_columns: Sequence[str] = (),
 ) -> TrainingSetResult:
     """Labels joined with point-in-time-correct features: for each label row and each view, the view's
     newest row of the same entity with event time <= the label's event time (a view without an event
-    time is valid at all times). Columns: entity, event time, label, then <view>__<feature>. A
+    time is valid at all times). Columns: entity, event time, label, the carried_columns of the label
+    table as they are (e.g. the offer shown), then <view>__<feature>. A
     sample_fraction in (0, 1) keeps the label rows whose seeded hash of (entity, time) falls below it."""
     _check_table_name(output_table, "output_table")
     check_name(label_table, "label_table")
@@ -1517,7 +1538,7 @@ def build_training_set(
     with write_transaction(engine, lock_timeout_s=WRITE_LOCK_TIMEOUT_S) as connection:
         _lock(connection, f"table:{output_table}")
         plan = _plan_training_set(
-            connection, output_table, label_table, label_column, features, event_time_column
+            connection, output_table, label_table, label_column, features, event_time_column, carried_columns
         )
         columns = plan.columns
         existing = _table_info(connection, output_table)

@@ -356,6 +356,7 @@ class IngestService:
         mode: WriteMode,
         sample_fraction: float,
         seed: int,
+        carried_columns: list[str] | None = None,
     ) -> feature_engineering.TrainingSetResult:
         def work() -> feature_engineering.TrainingSetResult:
             return feature_engineering.build_training_set(
@@ -368,6 +369,7 @@ class IngestService:
                 mode=mode,
                 sample_fraction=sample_fraction,
                 seed=seed,
+                carried_columns=carried_columns or [],
                 chunk_rows=self._chunk_rows,
             )
 

@@ -114,6 +114,10 @@ class FeatureEncoder:
         for feature in self.features:
             start, categories = self._offsets[feature.name]
             value = values.get(feature.name)
+            if value is None and "__" in feature.name:
+                # A training set from BuildTrainingSet names a feature <view>__<feature>; a replica
+                # reads the same feature from the online store under its own name.
+                value = values.get(feature.name.split("__", 1)[1])
             if feature.encoding == "standardize":
                 number = _number(value)
                 row[start] = feature.mean if number is None else number

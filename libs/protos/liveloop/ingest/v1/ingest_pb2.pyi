@@ -361,7 +361,7 @@ class ApplyFeaturesResponse(_message.Message):
     def __init__(self, views: _Optional[_Iterable[_Union[FeatureViewInfo, _Mapping]]] = ..., warnings: _Optional[_Iterable[str]] = ..., dry_run: _Optional[bool] = ...) -> None: ...
 
 class BuildTrainingSetRequest(_message.Message):
-    __slots__ = ("output_table", "label_table", "label_column", "features", "event_time_column", "mode", "sample_fraction", "seed")
+    __slots__ = ("output_table", "label_table", "label_column", "features", "event_time_column", "mode", "sample_fraction", "seed", "label_table_columns")
     OUTPUT_TABLE_FIELD_NUMBER: _ClassVar[int]
     LABEL_TABLE_FIELD_NUMBER: _ClassVar[int]
     LABEL_COLUMN_FIELD_NUMBER: _ClassVar[int]
@@ -370,6 +370,7 @@ class BuildTrainingSetRequest(_message.Message):
     MODE_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FRACTION_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    LABEL_TABLE_COLUMNS_FIELD_NUMBER: _ClassVar[int]
     output_table: str
     label_table: str
     label_column: str
@@ -378,7 +379,8 @@ class BuildTrainingSetRequest(_message.Message):
     mode: WriteMode
     sample_fraction: float
     seed: int
-    def __init__(self, output_table: _Optional[str] = ..., label_table: _Optional[str] = ..., label_column: _Optional[str] = ..., features: _Optional[_Iterable[str]] = ..., event_time_column: _Optional[str] = ..., mode: _Optional[_Union[WriteMode, str]] = ..., sample_fraction: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    label_table_columns: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, output_table: _Optional[str] = ..., label_table: _Optional[str] = ..., label_column: _Optional[str] = ..., features: _Optional[_Iterable[str]] = ..., event_time_column: _Optional[str] = ..., mode: _Optional[_Union[WriteMode, str]] = ..., sample_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., label_table_columns: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BuildTrainingSetResponse(_message.Message):
     __slots__ = ("table", "row_count", "columns", "fingerprint", "label_mean", "rows_missing_features")
