@@ -57,6 +57,21 @@ class Statistics:
     linear: Mapping[str, LinearState] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class ScoringRequest:
+    """What a scorer scores: the eligible offers with their weights, the segment's statistics and
+    the customer's context (see Scorer.score)."""
+
+    offers: Sequence[str]
+    weights: np.ndarray
+    statistics: Statistics
+    numeric_context: Mapping[str, float]
+    categorical_context: Mapping[str, str]
+    rng: np.random.Generator
+    segment: str = ""
+    propensities: bool = True
+
+
 @dataclass(frozen=True)
 class Scores:
     """Per offer, in the order given: the ranking score, the reward estimate, the evidence count and
@@ -125,6 +140,13 @@ class Scorer:
     ) -> Scores:
         """`segment` names the statistics' segment (a randomised policy may reuse work per segment);
         with `propensities` False (a simulation) the top probability need not be estimated."""
+        return self._score(
+            ScoringRequest(
+                offers, weights, statistics, numeric_context, categorical_context, rng, segment, propensities
+            )
+        )
+
+    def _score(self, request: ScoringRequest) -> Scores:
         raise NotImplementedError
 
 
@@ -168,26 +190,15 @@ class ThompsonScorer(Scorer):
             beta = beta + algorithm.model_prior_weight * (1.0 - take_up)
         return alpha, beta, impressions, take_up
 
-    def score(
-        self,
-        offers: Sequence[str],
-        weights: np.ndarray,
-        statistics: Statistics,
-        numeric_context: Mapping[str, float],
-        categorical_context: Mapping[str, str],
-        rng: np.random.Generator,
-        *,
-        segment: str = "",
-        propensities: bool = True,
-    ) -> Scores:
+    def _score(self, request: ScoringRequest) -> Scores:
         alpha, beta, impressions, take_up = self._posterior(
-            offers, statistics, {**categorical_context, **numeric_context}
+            request.offers, request.statistics, {**request.categorical_context, **request.numeric_context}
         )
-        decision = rng.beta(alpha, beta) * weights
-        if propensities:
-            top = self._top_probability(offers, weights, alpha, beta, segment)
+        decision = request.rng.beta(alpha, beta) * request.weights
+        if request.propensities:
+            top = self._top_probability(request.offers, request.weights, alpha, beta, request.segment)
         else:
-            top = np.full(len(offers), np.nan)
+            top = np.full(len(request.offers), np.nan)
         return Scores(decision, alpha / (alpha + beta), impressions, top, take_up)
 
     def _top_probability(
@@ -246,23 +257,14 @@ class EpsilonGreedyScorer(Scorer):
     def __init__(self, algorithm: EpsilonGreedyAlgorithm) -> None:
         self._algorithm = algorithm
 
-    def score(
-        self,
-        offers: Sequence[str],
-        weights: np.ndarray,
-        statistics: Statistics,
-        numeric_context: Mapping[str, float],
-        categorical_context: Mapping[str, str],
-        rng: np.random.Generator,
-        *,
-        segment: str = "",
-        propensities: bool = True,
-    ) -> Scores:
-        impressions, successes, _, _ = arm_columns(statistics.arms, offers)
+    def _score(self, request: ScoringRequest) -> Scores:
+        impressions, successes, _, _ = arm_columns(request.statistics.arms, request.offers)
         prior = self._algorithm.prior_take_up
         take_up = np.where(impressions > 0, (successes + prior) / (impressions + 1.0), prior)
-        ranked = take_up * weights
-        return Scores(_tie_break(ranked, rng), take_up, impressions, _top_probability_deterministic(ranked))
+        ranked = take_up * request.weights
+        return Scores(
+            _tie_break(ranked, request.rng), take_up, impressions, _top_probability_deterministic(ranked)
+        )
 
 
 class NaiveBayesScorer(Scorer):
@@ -271,34 +273,25 @@ class NaiveBayesScorer(Scorer):
     def __init__(self, algorithm: NaiveBayesAlgorithm) -> None:
         self._smoothing = algorithm.smoothing
 
-    def score(
-        self,
-        offers: Sequence[str],
-        weights: np.ndarray,
-        statistics: Statistics,
-        numeric_context: Mapping[str, float],
-        categorical_context: Mapping[str, str],
-        rng: np.random.Generator,
-        *,
-        segment: str = "",
-        propensities: bool = True,
-    ) -> Scores:
-        counts = statistics.naive_bayes
+    def _score(self, request: ScoringRequest) -> Scores:
+        counts = request.statistics.naive_bayes
         a = self._smoothing
-        take_up = np.zeros(len(offers))
-        evidence = np.zeros(len(offers))
-        for index, offer in enumerate(offers):
+        take_up = np.zeros(len(request.offers))
+        evidence = np.zeros(len(request.offers))
+        for index, offer in enumerate(request.offers):
             n = counts.get(f"{offer}|n", 0.0)
             s = min(counts.get(f"{offer}|s", 0.0), n)
             log_odds = np.log((s + a) / (n - s + a))
-            for name, value in categorical_context.items():
+            for name, value in request.categorical_context.items():
                 n_x = counts.get(f"{offer}|{name}={value}|n", 0.0)
                 s_x = min(counts.get(f"{offer}|{name}={value}|s", 0.0), n_x)
                 log_odds += np.log((s_x + a) / (s + 2 * a)) - np.log((n_x - s_x + a) / (n - s + 2 * a))
             take_up[index] = 1.0 / (1.0 + np.exp(-log_odds))
             evidence[index] = n
-        ranked = take_up * weights
-        return Scores(_tie_break(ranked, rng), take_up, evidence, _top_probability_deterministic(ranked))
+        ranked = take_up * request.weights
+        return Scores(
+            _tie_break(ranked, request.rng), take_up, evidence, _top_probability_deterministic(ranked)
+        )
 
 
 class LinearScorer(Scorer):
@@ -317,39 +310,35 @@ class LinearScorer(Scorer):
     def vector(self, numeric_context: Mapping[str, float]) -> np.ndarray:
         return np.array([1.0, *(numeric_context.get(name, 0.0) for name in self.features)])
 
-    def score(
-        self,
-        offers: Sequence[str],
-        weights: np.ndarray,
-        statistics: Statistics,
-        numeric_context: Mapping[str, float],
-        categorical_context: Mapping[str, str],
-        rng: np.random.Generator,
-        *,
-        segment: str = "",
-        propensities: bool = True,
-    ) -> Scores:
+    def _score(self, request: ScoringRequest) -> Scores:
         d = self.dimension
-        x = self.vector(numeric_context)
+        x = self.vector(request.numeric_context)
         ridge = self._algorithm.ridge
         # Models of another dimension were learned over features the deployment no longer uses.
-        models = {o: m for o, m in statistics.linear.items() if m.b.shape == (d,) and m.a.shape == (d, d)}
-        a = np.stack([models[o].a if o in models else np.zeros((d, d)) for o in offers])
-        b = np.stack([models[o].b if o in models else np.zeros(d) for o in offers])
+        models = {
+            o: m for o, m in request.statistics.linear.items() if m.b.shape == (d,) and m.a.shape == (d, d)
+        }
+        a = np.stack([models[o].a if o in models else np.zeros((d, d)) for o in request.offers])
+        b = np.stack([models[o].b if o in models else np.zeros(d) for o in request.offers])
         a = a + ridge * np.eye(d)
         a_inverse = np.linalg.inv(a)
         theta = np.einsum("kij,kj->ki", a_inverse, b)
         mean = theta @ x
         variance = np.maximum(np.einsum("i,kij,j->k", x, a_inverse, x), 0.0)
-        counts = np.array([models[o].a[0, 0] if o in models else 0.0 for o in offers])
+        counts = np.array([models[o].a[0, 0] if o in models else 0.0 for o in request.offers])
         if isinstance(self._algorithm, LinUcbAlgorithm):
-            upper = (mean + self._algorithm.alpha * np.sqrt(variance)) * weights
-            return Scores(_tie_break(upper, rng), mean, counts, _top_probability_deterministic(upper))
+            upper = (mean + self._algorithm.alpha * np.sqrt(variance)) * request.weights
+            return Scores(_tie_break(upper, request.rng), mean, counts, _top_probability_deterministic(upper))
         scale = self._algorithm.scale
-        decision = (mean + scale * np.sqrt(variance) * rng.standard_normal(len(offers))) * weights
+        decision = (
+            mean + scale * np.sqrt(variance) * request.rng.standard_normal(len(request.offers))
+        ) * request.weights
         draws = (
-            mean + scale * np.sqrt(variance) * rng.standard_normal((PROPENSITY_SAMPLES, len(offers)))
-        ) * weights
+            mean
+            + scale
+            * np.sqrt(variance)
+            * request.rng.standard_normal((PROPENSITY_SAMPLES, len(request.offers)))
+        ) * request.weights
         return Scores(decision, mean, counts, _top_probability_sampled(draws))
 
 
@@ -365,23 +354,18 @@ class ModelScorer(Scorer):
     def __init__(self, model: LoadedModel) -> None:
         self.model = model
 
-    def score(
-        self,
-        offers: Sequence[str],
-        weights: np.ndarray,
-        statistics: Statistics,
-        numeric_context: Mapping[str, float],
-        categorical_context: Mapping[str, str],
-        rng: np.random.Generator,
-        *,
-        segment: str = "",
-        propensities: bool = True,
-    ) -> Scores:
-        take_up = self.model.predict_offers({**categorical_context, **numeric_context}, offers)
-        impressions = arm_columns(statistics.arms, offers)[0]
-        ranked = take_up * weights
+    def _score(self, request: ScoringRequest) -> Scores:
+        take_up = self.model.predict_offers(
+            {**request.categorical_context, **request.numeric_context}, request.offers
+        )
+        impressions = arm_columns(request.statistics.arms, request.offers)[0]
+        ranked = take_up * request.weights
         return Scores(
-            _tie_break(ranked, rng), take_up, impressions, _top_probability_deterministic(ranked), take_up
+            _tie_break(ranked, request.rng),
+            take_up,
+            impressions,
+            _top_probability_deterministic(ranked),
+            take_up,
         )
 
 
