@@ -180,6 +180,36 @@ async def test_invoke_ranks_offers_by_the_models_take_up_with_honest_propensitie
     assert exploited > 0
 
 
+async def test_a_bound_model_does_not_change_what_another_algorithm_scores(
+    serving: Serving, redis_url: str
+) -> None:
+    """Naive Bayes reads the context only: binding a model (reported per offer) must not add the
+    customer's raw features to what it scores with."""
+    naive_bayes = {"approach": "naive_bayes"}
+    revision = await serving.publish(1, algorithm=naive_bayes)
+    await eventually(lambda: _at_least(serving, revision), what="the replica on the naive Bayes revision")
+    for _ in range(3):  # counts for the shown offers, none for raw feature values
+        await serving.invoke()
+    redis = Redis.from_url(redis_url)
+    key = redis_keys.naive_bayes_counts("telco", "0")
+    try:
+        counts = await redis.hgetall(key)
+        assert counts
+        bound = await serving.invoke()
+        await redis.delete(key)
+        await redis.hset(key, mapping=counts)  # the same counts for the unbound revision
+        revision = await serving.publish(1, algorithm=naive_bayes, model=None)
+        await eventually(lambda: _at_least(serving, revision), what="the replica on the unbound revision")
+        plain = await serving.invoke()
+    finally:
+        await redis.aclose()
+    assert (bound.model, plain.model) == ("take-up:1", "")
+    expected = predictions(serving.model_dir / "take-up" / "1")
+    assert all(abs(row.result.model_score - expected[row.result.offer]) <= 1e-6 for row in bound.final_result)
+    rewards = {row.result.offer: row.result.arm_reward for row in plain.final_result}
+    assert {row.result.offer: row.result.arm_reward for row in bound.final_result} == pytest.approx(rewards)
+
+
 async def test_thompson_reports_the_bound_model_and_can_start_from_it(
     serving: Serving, artifacts: tuple[Path, TrainedArtifact, TrainedArtifact]
 ) -> None:

@@ -299,18 +299,25 @@ class DecisionEngine:
             eligible, context, params
         )
         categorical = {k: v for k, v in context.values.items() if isinstance(v, str)}
-        if plan.model is not None or plan.scorer.reads_raw_features:  # a model reads raw features too
-            categorical = {
+        model_inputs = categorical  # a model reads the customer's raw features and params too
+        if plan.model is not None or plan.scorer.reads_raw_features:
+            model_inputs = {
                 **features,
                 **{k: str(v) for k, v in params.items() if isinstance(v, str | int | float)},
                 **categorical,
             }
         scores = plan.scorer.score(
-            offer_ids, weights, statistics, context.numeric, categorical, self.rng, segment=context.segment
+            offer_ids,
+            weights,
+            statistics,
+            context.numeric,
+            model_inputs if plan.scorer.reads_raw_features else categorical,
+            self.rng,
+            segment=context.segment,
         )
         model_scores = scores.model_score
         if model_scores is None and plan.model is not None:  # bound, not scored with: still reported
-            model_scores = plan.model.predict_offers({**categorical, **context.numeric}, offer_ids)
+            model_scores = plan.model.predict_offers({**model_inputs, **context.numeric}, offer_ids)
         explore = bool(self.rng.random() < plan.epsilon)
         order = self.rng.permutation(len(eligible)) if explore else np.argsort(-scores.score, kind="stable")
         propensity = (1.0 - plan.epsilon) * scores.top_probability + plan.epsilon / len(eligible)
