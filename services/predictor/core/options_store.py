@@ -162,9 +162,9 @@ class _ParsePlan:
 _parse_plans: dict[tuple[bytes | str, ...], _ParsePlan] = {}
 
 
-def _parse_plan(keys: tuple[bytes | str, ...]) -> _ParsePlan | None:
+def _parse_plan(keys: tuple[bytes | str, ...]) -> _ParsePlan:
     """The plan for a hash with these fields, made once per field layout (a segment's hash keeps
-    its fields; values change). None when a field is not `<offer>|<field>`."""
+    its fields; values change)."""
     plan = _parse_plans.get(keys)
     if plan is not None:
         return plan
@@ -230,7 +230,6 @@ def parse_arms(raw: Mapping[Any, Any], policy: ArmPolicy, now: float) -> ArmTabl
         values = np.fromiter((float(value) for value in raw.values()), np.float64, len(raw))
     except ValueError:  # a field that is not a number: the careful path
         return _parse_arms_field_by_field(raw, policy, now)
-    assert plan is not None
     padded = np.append(values, np.nan)  # position -1 reads the NaN: "absent"
 
     def field(name: str) -> np.ndarray:

@@ -174,9 +174,12 @@ class TrainerService:
             runner_name=runner_name,
         )
 
-    async def start(self) -> None:
+    async def _prepare(self) -> None:
         self._code_version = await asyncio.to_thread(code_version)
         await asyncio.to_thread(self._artifact_dir.mkdir, parents=True, exist_ok=True)
+
+    async def start(self) -> None:
+        await self._prepare()
         await self.runner.start()
 
     async def stop(self) -> None:
@@ -204,8 +207,7 @@ class TrainerService:
         """Check the spec against the data and record a job that this process will run itself with
         run_batch_job (a batch run: the Kubernetes training Job). The job, its epochs and the version
         it registers are in the service's SQL store, so `liveloop models` and WatchJob see them."""
-        self._code_version = await asyncio.to_thread(code_version)
-        await asyncio.to_thread(self._artifact_dir.mkdir, parents=True, exist_ok=True)
+        await self._prepare()
         await asyncio.to_thread(inspect_training_set, self._offline_engine, spec)
         return await asyncio.to_thread(self.store.create_job, spec, author)
 
