@@ -30,6 +30,7 @@ from services.predictor.settings import PredictorSettings
 PREDICTOR_SERVICE = "/liveloop.predictor.v1.PredictorService/"
 REDIS_MAX_CONNECTIONS = 100
 REDIS_CONNECTION_WAIT_SECONDS = 5.0
+UPDATE_FEED_STOP_SECONDS = 2.0  # a stopping replica waits this long for its update feed to end
 INFERENCE_SERVICE = "/inference.GRPCInferenceService/"
 
 # Everything an application calls needs only the `invoke` role; nothing here changes config.
@@ -97,8 +98,8 @@ async def build_server(settings: PredictorSettings) -> RunningServer:
     async def stop_update_feed() -> None:
         if update_feed is not None:
             update_feed.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await update_feed
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(update_feed, UPDATE_FEED_STOP_SECONDS)
 
     predictor = PredictorServicer(replica, follower, engine)
     inference = InferenceServicer(replica)

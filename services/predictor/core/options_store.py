@@ -405,6 +405,11 @@ class OptionsStore:
                         if message.get("type") == "message":
                             self._arm_hashes.pop(_text(message["data"]), None)
             except (RedisError, OSError) as exc:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    # Closing the subscription while being cancelled can raise a connection error
+                    # in place of the cancellation: stop, do not resubscribe.
+                    raise asyncio.CancelledError from exc
                 self.forget_arm_statistics()
                 logger.warning("arm update feed interrupted (%s); retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.5))
