@@ -37,7 +37,7 @@ def synthetic(rows: int, features: int, seed: int) -> tuple[Any, Any]:
     """A TrainingSetPlan and TrainingData with `features` numeric inputs and a logistic label."""
     import numpy as np
 
-    from services.trainer.core.job_spec import Encoding
+    from libs.common.training_spec import Encoding
     from services.trainer.core.training_data import ColumnInfo, ResolvedFeature, TrainingData, TrainingSetPlan
 
     rng = np.random.default_rng(seed)
@@ -63,7 +63,7 @@ def worker(arguments: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from services.trainer.core import training
-    from services.trainer.core.job_spec import TrainingJobSpec
+    from libs.common.training_spec import TrainingJobSpec
 
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
     if distributed:

@@ -19,11 +19,11 @@ from typing import Any
 import sqlalchemy as sa
 
 from libs.common.database import apply_migrations, create_database_engine
+from libs.common.training_spec import TrainingJobSpec
 from services.ingest.core.catalog import MIGRATIONS_PACKAGE as INGEST_MIGRATIONS
 from services.ingest.core.columns import ColumnType
 from services.ingest.core.loader import LoadTarget, WriteMode, load
 from services.ingest.core.sources import FileFormat, read_file
-from services.trainer.core.job_spec import TrainingJobSpec
 
 OFFERS = ("airtime_50", "data_1gb", "voice_bundle")
 REGIONS = ("north", "south", "east")

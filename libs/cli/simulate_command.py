@@ -1,11 +1,12 @@
 """`liveloop simulate`: decision quality against seeded environments whose take-up rates are known.
 
 Reports cumulative expected regret against the oracle (the best offer's take-up every round minus
-the chosen offer's), CTR against the oracle's, and the rounds to recover after a change. Three
-engines drive the same rounds: `memory` (the core's scorers and arm arithmetic, no Redis; for long
-runs), `redis` (the real DecisionEngine over an options store in Redis, on a simulated clock) and
-`grpc` (Invoke and Respond through a running stack's front door, after publishing a simulation
-deployment with the admin key).
+the chosen offer's), CTR against the oracle's, and the rounds to recover after a change. Two
+engines drive the same rounds: `memory` (the shared policy of libs/policy, arm statistics in
+memory, a simulated clock; for long runs) and `grpc` (Invoke and Respond through a running stack's
+front door, after publishing a simulation deployment with the admin key). The predictor's engine
+over Redis on a simulated clock runs in bench/decision_quality.py, which checks that it chooses
+exactly as the memory engine does.
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ import typer
 from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Value
 from grpc import aio
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -44,20 +43,16 @@ from libs.common.errors import LiveloopError
 from libs.common.settings import ClientSettings
 from libs.protos.liveloop.config.v1 import config_pb2, config_pb2_grpc
 from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
-from services.predictor.core.simulation import (
-    NEAR_BEST_TOLERANCE,
+from libs.simulation.environments import (
     Environment,
     PolicySettings,
     Round,
-    SimulationReport,
     deployment_name,
     make_environment,
-    run_async_policy,
-    run_in_memory,
-    run_with_redis,
     simulation_spec,
     simulation_spec_document,
 )
+from libs.simulation.runs import NEAR_BEST_TOLERANCE, SimulationReport, run_async_policy, run_in_memory
 
 REPLICA_WAIT_SECONDS = 30.0
 REPLICA_POLL_SECONDS = 0.2
@@ -77,7 +72,6 @@ class AlgorithmChoice(enum.StrEnum):
 
 class EngineChoice(enum.StrEnum):
     MEMORY = "memory"
-    REDIS = "redis"
     GRPC = "grpc"
 
 
@@ -151,21 +145,15 @@ def simulate(
     ] = False,
     engine: Annotated[
         EngineChoice,
-        typer.Option(help="memory (core, no Redis), redis (engine + Redis), grpc (a running stack)"),
+        typer.Option(help="memory (the shared policy, no Redis) or grpc (a running stack)"),
     ] = EngineChoice.MEMORY,
-    redis_url: Annotated[
-        str | None,
-        typer.Option("--redis-url", help="Redis for --engine redis (e.g. redis://127.0.0.1:6379/0)"),
-    ] = None,
     step_seconds: Annotated[
-        float, typer.Option("--step-seconds", min=0.001, help="Simulated seconds per round (memory, redis)")
+        float, typer.Option("--step-seconds", min=0.001, help="Simulated seconds per round (memory)")
     ] = 1.0,
     sample_every: Annotated[
         int | None, typer.Option(min=1, help="Regret curve point every N rounds (default rounds/100)")
     ] = None,
-    keep: Annotated[
-        bool, typer.Option("--keep", help="Keep the run's deployment (grpc) or Redis state (redis)")
-    ] = False,
+    keep: Annotated[bool, typer.Option("--keep", help="Keep the run's deployment (grpc)")] = False,
     state_dir: Annotated[
         Path | None, typer.Option("--state-dir", help="Local stack state (default .liveloop)")
     ] = None,
@@ -191,8 +179,6 @@ def simulate(
         simulation_spec(world, policy, "sim-check")  # the spec a run publishes must be valid
     except LiveloopError as exc:
         fail(exc.message, code=2)
-    if engine is EngineChoice.REDIS and not redis_url:
-        fail("--engine redis needs --redis-url (a Redis this command may write to)", code=2)
     if engine is EngineChoice.GRPC and half_life:
         errors.print(
             "[yellow]warning:[/yellow] through gRPC the stack keeps time with its own clock: the "
@@ -204,45 +190,12 @@ def simulate(
             report = run_in_memory(
                 world, policy, step_seconds=step_seconds, sample_every=sample_every, progress=advance
             )
-        elif engine is EngineChoice.REDIS:
-            assert redis_url is not None
-            report = asyncio.run(
-                _run_redis(world, policy, redis_url, step_seconds, sample_every, keep, advance)
-            )
         else:
             report = asyncio.run(_run_grpc(world, policy, state_dir, target, sample_every, keep, advance))
     if as_json:
         sys.stdout.write(json.dumps(report.to_dict() | {"take_up": world.describe()}, indent=2) + "\n")
         return
     _print_report(report)
-
-
-async def _run_redis(
-    world: Environment,
-    policy: PolicySettings,
-    redis_url: str,
-    step_seconds: float,
-    sample_every: int | None,
-    keep: bool,
-    advance: Any,
-) -> SimulationReport:
-    client = Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=5)
-    try:
-        await client.ping()
-        return await run_with_redis(
-            world,
-            policy,
-            client,
-            step_seconds=step_seconds,
-            sample_every=sample_every,
-            progress=advance,
-            keep_state=keep,
-        )
-    except (RedisError, OSError) as exc:
-        fail(f"cannot use Redis at {redis_url}: {exc}")
-        raise
-    finally:
-        await client.aclose()
 
 
 class _GrpcPolicy:

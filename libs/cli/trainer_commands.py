@@ -73,8 +73,8 @@ def train(
     as_json: JsonFlag = False,
 ) -> None:
     """Start a training job from a spec file and follow it with a progress bar (epochs, loss, AUC)."""
-    from services.trainer.core.job_spec import parse_training_spec
-    from services.trainer.servicer import spec_message
+    from libs.common.training_messages import spec_message
+    from libs.common.training_spec import parse_training_spec
 
     try:
         spec = parse_training_spec(spec_file.read_text())

@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 from grpc import aio
 
@@ -33,24 +33,28 @@ logger = logging.getLogger(__name__)
 LAST_KNOWN_GOOD_FILE = "config-last-known-good.json"
 
 
+# What a replica builds from each spec before serving it (the predictor: a PreparedDeployment).
+PreparedT = TypeVar("PreparedT")
+
+
 @dataclass(frozen=True)
-class AppliedDeployment:
+class AppliedDeployment(Generic[PreparedT]):
     name: str
     revision: int
     checksum: str
     spec: DeploymentSpec
-    prepared: object | None  # whatever the replica built from the spec (scorers, loaded models)
+    prepared: PreparedT
 
 
 @dataclass(frozen=True)
-class AppliedConfig:
+class AppliedConfig(Generic[PreparedT]):
     revision: int
-    deployments: Mapping[str, AppliedDeployment]
+    deployments: Mapping[str, AppliedDeployment[PreparedT]]
     source: Literal["stream", "last_known_good"]
 
 
-Preparer = Callable[[DeploymentSpec], Awaitable[object | None]]
-Listener = Callable[[AppliedConfig], Awaitable[None]]
+async def _keep_spec(spec: DeploymentSpec) -> DeploymentSpec:
+    return spec
 
 
 class SpecRejected(Exception):
@@ -68,7 +72,10 @@ def _raise_if_cancelling() -> None:
         raise asyncio.CancelledError
 
 
-class ConfigFollower:
+class ConfigFollower(Generic[PreparedT]):
+    """`prepare` builds what the replica serves from a spec (validating it: raising NACKs the
+    revision); a follower without one serves the spec itself."""
+
     def __init__(
         self,
         *,
@@ -79,8 +86,8 @@ class ConfigFollower:
         service: str = "predictor",
         version: str = "",
         deployments: tuple[str, ...] = (),
-        prepare: Preparer | None = None,
-        on_change: Listener | None = None,
+        prepare: Callable[[DeploymentSpec], Awaitable[PreparedT]] = _keep_spec,  # type: ignore[assignment]
+        on_change: Callable[[AppliedConfig[PreparedT]], Awaitable[None]] | None = None,
         heartbeat_timeout_seconds: float = 15.0,
         backoff_initial_seconds: float = 0.1,
         backoff_max_seconds: float = 5.0,
@@ -97,7 +104,7 @@ class ConfigFollower:
         self._heartbeat_timeout = heartbeat_timeout_seconds
         self._backoff_initial = backoff_initial_seconds
         self._backoff_max = backoff_max_seconds
-        self._current: AppliedConfig | None = None
+        self._current: AppliedConfig[PreparedT] | None = None
         self._synced_revision = 0
         self._send: Callable[[config_pb2.WatchRequest], Awaitable[None]] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -109,7 +116,7 @@ class ConfigFollower:
         self.last_rejection: tuple[int, str] | None = None
 
     @property
-    def current(self) -> AppliedConfig | None:
+    def current(self) -> AppliedConfig[PreparedT] | None:
         return self._current
 
     @property
@@ -241,7 +248,7 @@ class ConfigFollower:
 
     async def _build(
         self, changes: Mapping[str, tuple[int, str] | None], replace_all: bool
-    ) -> dict[str, AppliedDeployment]:
+    ) -> dict[str, AppliedDeployment[PreparedT]]:
         current = {} if replace_all or self._current is None else dict(self._current.deployments)
         for name, change in changes.items():
             if change is None:
@@ -251,21 +258,21 @@ class ConfigFollower:
             current[name] = await self._prepared(name, deployment_revision, spec_json)
         return current
 
-    async def _prepared(self, name: str, revision: int, spec_json: str) -> AppliedDeployment:
+    async def _prepared(self, name: str, revision: int, spec_json: str) -> AppliedDeployment[PreparedT]:
         existing = self._current.deployments.get(name) if self._current is not None else None
         checksum = spec_checksum(spec_json)
         if existing is not None and existing.checksum == checksum:
             return AppliedDeployment(name, revision, checksum, existing.spec, existing.prepared)
         try:
             spec = deployment_spec_from_mapping(json.loads(spec_json))
-            prepared = await self._prepare(spec) if self._prepare is not None else None
+            prepared = await self._prepare(spec)
         except LiveloopError as exc:
             raise SpecRejected(name, exc.message) from None
         except Exception as exc:  # a spec this replica cannot serve, whatever the cause
             raise SpecRejected(name, f"{type(exc).__name__}: {exc}") from None
         return AppliedDeployment(name, revision, checksum, spec, prepared)
 
-    async def _swap(self, applied: AppliedConfig) -> None:
+    async def _swap(self, applied: AppliedConfig[PreparedT]) -> None:
         self._current = applied
         self.ready.set()
         await asyncio.to_thread(self._persist, applied)
@@ -274,7 +281,7 @@ class ConfigFollower:
 
     # Last-known-good copy -----------------------------------------------------------------------
 
-    def _persist(self, applied: AppliedConfig) -> None:
+    def _persist(self, applied: AppliedConfig[PreparedT]) -> None:
         document = {
             "revision": applied.revision,
             "deployments": {

@@ -17,10 +17,9 @@ from typing import Any
 import numpy as np
 
 from libs.common.errors import InvalidArgument, NotFound
+from libs.policy.models import INPUT_NAME, OUTPUT_NAME, LoadedModel
 from libs.protos.inference import grpc_predict_v2_pb2 as oip
 from libs.protos.inference import grpc_predict_v2_pb2_grpc
-from services.predictor.core.decision import DeploymentRuntime
-from services.predictor.core.models import INPUT_NAME, OUTPUT_NAME, LoadedModel
 from services.predictor.core.replica import ReplicaState
 
 DATATYPE = "FP32"
@@ -55,10 +54,8 @@ class InferenceServicer(grpc_predict_v2_pb2_grpc.GRPCInferenceServiceServicer):
         if config is None:
             return loaded
         for deployment in config.deployments.values():
-            runtime = deployment.prepared
-            if isinstance(runtime, DeploymentRuntime):
-                for (name, number), model in runtime.models.items():
-                    loaded.setdefault(name, {})[number] = model
+            for (name, number), model in deployment.prepared.models.items():
+                loaded.setdefault(name, {})[number] = model
         return loaded
 
     def _model(self, name: str, requested_version: str, field: str) -> LoadedModel:

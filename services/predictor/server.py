@@ -16,11 +16,12 @@ from libs.common.auth import Role
 from libs.common.config_follower import AppliedConfig, ConfigFollower
 from libs.common.deployment_spec import DeploymentSpec
 from libs.common.server import RunningServer, ServiceDefinition, start_server
+from libs.policy.deployment import PreparedDeployment
+from libs.policy.model_repository import ModelRepository
 from libs.protos.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 from libs.stack.topology import PREDICTOR
-from services.predictor.core.decision import DecisionEngine, DeploymentRuntime
-from services.predictor.core.model_repository import ModelRepository
+from services.predictor.core.decision import DecisionEngine
 from services.predictor.core.options_store import OptionsStore
 from services.predictor.core.replica import ReplicaState
 from services.predictor.inference_servicer import SERVER_VERSION, InferenceServicer
@@ -56,19 +57,19 @@ async def build_server(settings: PredictorSettings) -> RunningServer:
     serving = asyncio.Event()
     running: RunningServer | None = None
 
-    async def prepare(spec: DeploymentSpec) -> object | None:
+    async def prepare(spec: DeploymentSpec) -> PreparedDeployment:
         # Verify, load and warm up every bound model version off the event loop; a failure here
         # NACKs the revision and the models of the current one keep serving.
         loaded = await asyncio.to_thread(models.load_bindings, spec)
-        return DeploymentRuntime.prepare(spec, loaded)
+        return PreparedDeployment.prepare(spec, loaded)
 
-    async def on_change(applied: AppliedConfig) -> None:
+    async def on_change(applied: AppliedConfig[PreparedDeployment]) -> None:
         replica.config = applied
         if running is not None and not serving.is_set():
             serving.set()
             await running.set_serving(True)
 
-    follower = ConfigFollower(
+    follower = ConfigFollower[PreparedDeployment](
         target=settings.config_target,
         api_key=settings.config_api_key,
         replica_id=settings.replica_id,

@@ -10,6 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from libs.common.config_follower import ConfigFollower
 from libs.common.errors import InvalidArgument, Unavailable
+from libs.policy.deployment import PreparedDeployment
 from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 from services.predictor.core.decision import Decision, DecisionEngine, InvokeInput, RespondInput
 from services.predictor.core.replica import ReplicaState
@@ -70,7 +71,9 @@ def _event_time(request: predictor_pb2.RespondRequest) -> float | None:
 
 
 class PredictorServicer(predictor_pb2_grpc.PredictorServiceServicer):
-    def __init__(self, replica: ReplicaState, follower: ConfigFollower, engine: DecisionEngine) -> None:
+    def __init__(
+        self, replica: ReplicaState, follower: ConfigFollower[PreparedDeployment], engine: DecisionEngine
+    ) -> None:
         self._replica = replica
         self._follower = follower
         self._engine = engine

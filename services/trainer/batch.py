@@ -24,8 +24,8 @@ from pathlib import Path
 from libs.common.errors import LiveloopError
 from libs.common.service_database import open_service_database
 from libs.common.settings import load_settings
+from libs.common.training_spec import TrainingJobSpec, parse_training_spec
 from libs.stack.topology import TRAINER
-from services.trainer.core.job_spec import TrainingJobSpec, parse_training_spec
 from services.trainer.core.schema import MIGRATIONS_PACKAGE
 from services.trainer.core.store import TrainerStore
 from services.trainer.core.trainer_service import TrainerService

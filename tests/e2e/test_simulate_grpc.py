@@ -10,9 +10,9 @@ import statistics
 
 import pytest
 import redis
+from services.predictor.core.simulation import Environment, PolicySettings, make_environment, run_in_memory
 
 from libs.common import redis_keys
-from services.predictor.core.simulation import Environment, PolicySettings, make_environment, run_in_memory
 from tests.e2e.conftest import LocalStack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(120)]

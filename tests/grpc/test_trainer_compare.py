@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 from grpc import aio
+from services.predictor.core.models import load_model
 from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score
 from typer.testing import CliRunner
 
@@ -28,10 +29,9 @@ from libs.common.client import open_channel
 from libs.common.database import apply_migrations, create_database_engine
 from libs.common.model_artifacts import MODEL_FILE
 from libs.common.server import RunningServer
+from libs.common.training_spec import TrainingJobSpec
 from libs.protos.liveloop.trainer.v1 import trainer_pb2, trainer_pb2_grpc
-from services.predictor.core.models import load_model
 from services.trainer.core import schema, training
-from services.trainer.core.job_spec import TrainingJobSpec
 from services.trainer.core.store import TrainerStore
 from services.trainer.core.training_data import inspect_training_set, open_offline_store, read_training_set
 from services.trainer.server import build_server as build_trainer

@@ -21,6 +21,7 @@ import pytest
 import tritonclient.grpc as triton
 from grpc import aio
 from redis.asyncio import Redis
+from services.predictor.core.models import load_model
 from tritonclient.utils import InferenceServerException
 
 from libs.common import redis_keys
@@ -31,7 +32,6 @@ from libs.protos.inference import grpc_predict_v2_pb2_grpc
 from libs.protos.liveloop.config.v1 import config_pb2, config_pb2_grpc
 from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 from services.config.server import build_server as build_config
-from services.predictor.core.models import load_model
 from services.predictor.server import build_server as build_predictor
 from tests.conftest import ApiKeys
 from tests.grpc.conftest import PREDICTOR_REPLICA_ID, SERVICES_UNDER_TEST, target

@@ -30,6 +30,7 @@ from grpc import aio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
+from services.predictor.core.algorithms import PROPENSITY_SAMPLES
 
 from libs.common import redis_keys
 from libs.common.client import open_blocking_channel, open_channel
@@ -37,7 +38,6 @@ from libs.common.server import RunningServer
 from libs.protos.liveloop.config.v1 import config_pb2, config_pb2_grpc
 from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 from services.config.server import build_server as build_config
-from services.predictor.core.algorithms import PROPENSITY_SAMPLES
 from services.predictor.server import build_server as build_predictor
 from tests.conftest import ApiKeys
 from tests.grpc.conftest import SERVICES_UNDER_TEST, target

@@ -13,8 +13,8 @@ import sqlalchemy as sa
 
 from libs.common.database import apply_migrations
 from libs.common.errors import InvalidArgument, NotFound
+from libs.common.training_spec import Encoding, TrainingJobSpec
 from services.trainer.core import schema, training
-from services.trainer.core.job_spec import Encoding, TrainingJobSpec
 from services.trainer.core.store import ModelVersionRecord, TrainerStore
 from services.trainer.core.trainer_service import COMPARED_METRICS, TrainerService
 from services.trainer.core.training_data import (

@@ -17,8 +17,8 @@ from alembic.runtime.migration import MigrationContext
 from libs.common.database import apply_migrations
 from libs.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from libs.common.model_artifacts import MANIFEST_FILE
+from libs.common.training_spec import TrainingJobSpec
 from services.trainer.core import schema
-from services.trainer.core.job_spec import TrainingJobSpec
 from services.trainer.core.jobs import EpochReport, TrainingSummary
 from services.trainer.core.store import TrainerStore, sha256_file
 from services.trainer.core.training_data import inspect_training_set, open_offline_store, read_training_set

@@ -829,7 +829,7 @@ def test_k8s_training_job_runs_the_batch_entrypoint_with_two_ddp_workers() -> No
     assert arguments.author == "$(TRAINING_JOB_NAME)"
     # the spec asks for two workers: the entrypoint runs them under torchrun (DDP over gloo, loopback)
     spec_text = yaml.safe_load(TRAINING_SPEC.read_text())["data"]["spec.yaml"]
-    job_spec = importlib.import_module("services.trainer.core.job_spec")
+    job_spec = importlib.import_module("libs.common.training_spec")
     assert job_spec.parse_training_spec(spec_text).workers == 2
     env = _env(train)
     assert env["GLOO_SOCKET_IFNAME"]["value"] == "lo"

@@ -14,9 +14,6 @@ from typing import Any
 import numpy as np
 import pytest
 from pydantic import TypeAdapter
-
-from libs.common.deployment_spec import Algorithm, Offer, PluginRef, ThompsonAlgorithm
-from libs.common.errors import FailedPrecondition, InvalidArgument
 from services.predictor.core.algorithms import (
     PROPENSITY_POOL_SECONDS,
     PROPENSITY_SAMPLES,
@@ -31,6 +28,9 @@ from services.predictor.core.algorithms import (
 )
 from services.predictor.core.context import Context
 from services.predictor.core.plugins import build_plugin_chain
+
+from libs.common.deployment_spec import Algorithm, Offer, PluginRef, ThompsonAlgorithm
+from libs.common.errors import FailedPrecondition, InvalidArgument
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -11,15 +11,15 @@ from collections import Counter
 from typing import Any
 
 import pytest
-
-from libs.common.deployment_spec import DeploymentSpec, EligibilityRule
-from libs.common.errors import InvalidArgument
 from services.predictor.core.context import (
     MAX_PARAMS_BYTES,
     derive_context,
     parse_number_of_offers,
     parse_params,
 )
+
+from libs.common.deployment_spec import DeploymentSpec, EligibilityRule
+from libs.common.errors import InvalidArgument
 from services.predictor.core.decision import DeploymentRuntime, _rule_holds
 
 pytestmark = pytest.mark.timeout(30)

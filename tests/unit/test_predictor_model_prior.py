@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from services.predictor.core.algorithms import ArmCounts, Statistics, ThompsonScorer, build_scorer
+from services.predictor.core.models import LoadedModel, load_model
 
 from libs.common.deployment_spec import ThompsonAlgorithm
 from libs.common.errors import FailedPrecondition
-from services.predictor.core.algorithms import ArmCounts, Statistics, ThompsonScorer, build_scorer
-from services.predictor.core.models import LoadedModel, load_model
 from tests.trainer_datasets import OFFERS, take_up_spec, train_artifact
 
 pytestmark = pytest.mark.timeout(60)

@@ -10,11 +10,6 @@ from collections.abc import AsyncIterator
 import numpy as np
 import pytest
 from redis.asyncio import Redis
-from typer.testing import CliRunner
-
-from libs.cli.main import app
-from libs.common import redis_keys
-from services.predictor.core.options_store import ArmPolicy, OptionsStore, parse_arms
 from services.predictor.core.simulation import (
     SIMULATION_START,
     ArmHash,
@@ -32,6 +27,11 @@ from services.predictor.core.simulation import (
     simulation_spec,
     update_arm_fields,
 )
+from typer.testing import CliRunner
+
+from libs.cli.main import app
+from libs.common import redis_keys
+from services.predictor.core.options_store import ArmPolicy, OptionsStore, parse_arms
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -9,14 +9,14 @@ import pytest
 from google.protobuf import json_format, struct_pb2
 
 from libs.common.errors import InvalidArgument
-from libs.protos.liveloop.trainer.v1 import trainer_pb2
-from services.trainer.core.job_spec import (
+from libs.common.training_messages import spec_from_message, spec_message
+from libs.common.training_spec import (
     Encoding,
     ModelType,
     parse_training_spec,
     training_spec_from_mapping,
 )
-from services.trainer.servicer import spec_from_message, spec_message
+from libs.protos.liveloop.trainer.v1 import trainer_pb2
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from services.predictor.core.algorithms import ModelScorer, Statistics
+from services.predictor.core.models import load_model
 from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score
 
 from libs.common.errors import FailedPrecondition
 from libs.common.model_artifacts import MANIFEST_FILE
-from services.predictor.core.algorithms import ModelScorer, Statistics
-from services.predictor.core.models import load_model
+from libs.common.training_spec import SplitSpec
 from services.trainer.core import metrics, training
-from services.trainer.core.job_spec import SplitSpec
 from services.trainer.core.store import manifest_bytes, sha256_file
 from services.trainer.core.training_data import TrainingData
 from tests.trainer_datasets import OFFERS, TrainedArtifact, take_up_spec, train_artifact

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from libs.common.config_follower import AppliedConfig
+from libs.policy.deployment import PreparedDeployment
 
 
 @dataclass
@@ -12,7 +13,7 @@ class ReplicaState:
     """Identity and the config being served, swapped whole on every change (None until one is applied)."""
 
     replica_id: str
-    config: AppliedConfig | None = None
+    config: AppliedConfig[PreparedDeployment] | None = None
 
     @property
     def config_revision(self) -> int:

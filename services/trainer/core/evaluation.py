@@ -44,7 +44,7 @@ from libs.common.model_artifacts import (
     REFERENCE_TOLERANCE,
     VerifiedArtifact,
 )
-from services.trainer.core.job_spec import Encoding
+from libs.common.training_spec import Encoding
 from services.trainer.core.metrics import binary_metrics
 from services.trainer.core.preprocessing import Preprocessing
 from services.trainer.core.training_data import (

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from libs.common.model_artifacts import PREPROCESSING_FORMAT
-from services.trainer.core.job_spec import Encoding
+from libs.common.training_spec import Encoding
 from services.trainer.core.training_data import ResolvedFeature
 
 _MIN_STD = 1e-12

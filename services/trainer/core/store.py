@@ -23,7 +23,7 @@ from sqlalchemy import Connection, Engine
 from libs.common.database import write_transaction
 from libs.common.errors import FailedPrecondition, NotFound
 from libs.common.model_artifacts import MANIFEST_FILE, MANIFEST_FORMAT
-from services.trainer.core.job_spec import TrainingJobSpec
+from libs.common.training_spec import TrainingJobSpec
 from services.trainer.core.jobs import (
     EpochReport,
     JobEvent,

@@ -25,6 +25,7 @@ from sqlalchemy import Engine
 from libs.common.deployment_spec import deployment_spec_from_mapping
 from libs.common.errors import FailedPrecondition, InvalidArgument, LiveloopError
 from libs.common.model_artifacts import MANIFEST_FILE
+from libs.common.training_spec import Encoding, TrainingJobSpec
 from services.trainer.core.artifacts import artifact_path, read_verified_artifact
 from services.trainer.core.evaluation import (
     MAX_CONCURRENT_EVALUATIONS,
@@ -34,7 +35,6 @@ from services.trainer.core.evaluation import (
     EvaluationTask,
 )
 from services.trainer.core.job_runner import JobNotifier, JobRunner
-from services.trainer.core.job_spec import Encoding, TrainingJobSpec
 from services.trainer.core.jobs import FINAL_STATES, JobEvent, JobRecord, TrainingSummary
 from services.trainer.core.store import (
     SERVICE_RUNNER,

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from libs.common.errors import InvalidArgument
 from libs.common.model_artifacts import MODEL_FILE, PREPROCESSING_FILE, REFERENCE_FILE
-from services.trainer.core.job_spec import ModelType, SplitSpec, TrainingJobSpec
+from libs.common.training_spec import ModelType, SplitSpec, TrainingJobSpec
 from services.trainer.core.jobs import EpochReport, TrainingSummary
 from services.trainer.core.metrics import binary_metrics
 from services.trainer.core.preprocessing import Preprocessing, fit_preprocessing

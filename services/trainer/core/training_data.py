@@ -29,7 +29,7 @@ from sqlalchemy import Connection, Engine
 from libs.common.database import UtcDateTime, create_database_engine, redact_database_url
 from libs.common.errors import InvalidArgument, NotFound, Unavailable
 from libs.common.model_artifacts import category_label
-from services.trainer.core.job_spec import COLUMN_PATTERN, Encoding, FeatureSpec, TrainingJobSpec
+from libs.common.training_spec import COLUMN_PATTERN, Encoding, FeatureSpec, TrainingJobSpec
 
 ColumnKind = Literal["numeric", "bool", "string", "time", "other"]
 CATALOG_TABLE = "ll_tables"

@@ -28,8 +28,8 @@ class WorkerTask:
 def run_training_job(task: WorkerTask, channel: Connection) -> None:
     """Entry point of the spawned process; never raises (the parent reads the outcome from the pipe)."""
     try:
+        from libs.common.training_spec import TrainingJobSpec
         from services.trainer.core import training
-        from services.trainer.core.job_spec import TrainingJobSpec
         from services.trainer.core.training_data import (
             inspect_training_set,
             open_offline_store,

@@ -12,23 +12,15 @@ Built in:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 import numpy as np
 
 from libs.common.deployment_spec import Offer, PluginRef, PluginStage
 from libs.common.errors import InvalidArgument
-from services.predictor.core.context import Context
-
-
-class Ranked(Protocol):
-    @property
-    def offer(self) -> Offer: ...
-
-
-RankedT = TypeVar("RankedT", bound=Ranked)
+from libs.policy.context import Context
 
 
 @dataclass(frozen=True)
@@ -80,20 +72,10 @@ class PluginChain:
             result = result * plugin.factors(offers)
         return result
 
-    def arrange(self, ranked: Iterable[RankedT], count: int) -> list[RankedT]:
-        """The first `count` of the ranking (read no further than needed), respecting category caps."""
-        chosen: list[RankedT] = []
-        per_category: dict[str, int] = {}
-        limit = min(cap.max_per_category for cap in self.caps) if self.caps else None
-        for row in ranked:
-            category = row.offer.category
-            if limit is not None and per_category.get(category, 0) >= limit:
-                continue
-            per_category[category] = per_category.get(category, 0) + 1
-            chosen.append(row)
-            if len(chosen) == count:
-                break
-        return chosen
+    @property
+    def category_limit(self) -> int | None:
+        """At most this many offers of one category in a result (the tightest cap); None: no cap."""
+        return min(cap.max_per_category for cap in self.caps) if self.caps else None
 
 
 def build_plugin_chain(plugins: Sequence[PluginRef]) -> PluginChain:

@@ -156,3 +156,18 @@ def derive_context(
     segment = "|".join(f"{name}={values[name]}" for name in spec.segment_variables) or "all"
     numeric = {k: float(v) for k, v in values.items() if isinstance(v, float)}
     return Context(values, segment, numeric, tuple(warnings))
+
+
+def segment_reads_features(spec: DeploymentSpec) -> bool:
+    """Whether a customer's segment can depend on their online features (a segment variable is a
+    feature, or is derived from one); if not, the segment is known from the request alone."""
+    reads: dict[str, bool] = {}
+    for variable in spec.context_variables:  # declaration order: a virtual one reads earlier ones
+        transform = variable.transform
+        if isinstance(transform, DiscretizeTransform):
+            reads[variable.name] = reads.get(transform.input, False)
+        elif isinstance(transform, ConcatTransform):
+            reads[variable.name] = any(reads.get(name, False) for name in transform.inputs)
+        else:
+            reads[variable.name] = variable.source is ContextSource.FEATURE
+    return any(reads.get(name, False) for name in spec.segment_variables)

@@ -16,7 +16,7 @@ from pathlib import Path
 from libs.common.deployment_spec import DeploymentSpec, ModelBinding
 from libs.common.errors import FailedPrecondition
 from libs.common.model_artifacts import MANIFEST_FILE
-from services.predictor.core.models import LoadedModel, load_model
+from libs.policy.models import LoadedModel, load_model
 
 ModelKey = tuple[str, int]
 

@@ -1,16 +1,18 @@
-"""Scoring algorithms. Each scores every eligible offer for one request and reports, honestly, the
-probability that it would put each offer first (its propensity), before exploration is mixed in.
+"""Scorers: each scores every eligible offer of one request and says how the policy would order
+them when it exploits (ranking.py mixes in exploration, applies the top-k and the caps, and derives
+the exact propensities from what a scorer returns).
 
-Randomised policies (Thompson sampling) estimate that probability by drawing many posterior samples;
-deterministic ones report 1 for the top offer (split evenly among exact ties) and 0 for the rest.
+A deterministic scorer returns one value per offer: the policy orders by it, exact ties broken
+uniformly at random. A randomised one (Thompson sampling, linear Thompson sampling) returns a set
+of equally likely outcomes, posterior draws, and the one draw this request is ranked by, chosen
+uniformly among them: the probability of any ordering is then the share of outcomes that give it,
+exactly, with no estimate in between.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -24,37 +26,13 @@ from libs.common.deployment_spec import (
     ThompsonAlgorithm,
 )
 from libs.common.errors import FailedPrecondition
-from services.predictor.core.models import LoadedModel
+from libs.policy.models import LoadedModel
+from libs.policy.statistics import Statistics, StatisticsKind, arm_columns
 
-PROPENSITY_SAMPLES = 256  # the estimate's standard error is at most 1/(2*16) = 0.031
-PROPENSITY_REFRESH_SAMPLES = 32  # fresh draws per call into a segment's pool of PROPENSITY_SAMPLES
-PROPENSITY_POOL_SECONDS = 1.0  # a pool is drawn afresh this often at least
-PROPENSITY_POOL_TOLERANCE = 0.05  # ... and when an arm's alpha or beta moved by more than this share
-PROPENSITY_POOLS = 4096  # pools kept per scorer (segment x eligible offers x weights)
-StatisticsKind = Literal["arms", "naive_bayes", "linear"]
-
-
-@dataclass(frozen=True)
-class ArmCounts:
-    """One offer's evidence in a segment, decayed to now."""
-
-    impressions: float = 0.0
-    successes: float = 0.0
-    prior_alpha: float = 0.0
-    prior_beta: float = 0.0
-
-
-@dataclass(frozen=True)
-class LinearState:
-    a: np.ndarray  # (d, d)
-    b: np.ndarray  # (d,)
-
-
-@dataclass
-class Statistics:
-    arms: Mapping[str, ArmCounts] = field(default_factory=dict)
-    naive_bayes: Mapping[str, float] = field(default_factory=dict)  # "<offer>|<var>=<value>|n|s" counts
-    linear: Mapping[str, LinearState] = field(default_factory=dict)
+POSTERIOR_DRAWS = 256  # equally likely outcomes of a randomised scorer: propensities are multiples of 1/256
+POOL_REFRESH_DRAWS = 32  # fresh draws per call into a segment's pool of POSTERIOR_DRAWS
+POOL_TOLERANCE = 0.05  # a pool is drawn afresh when an arm's alpha or beta moved by more than this share
+POOL_BYTES = 64 * 1024 * 1024  # draws kept per Thompson scorer (segment x eligible offers x weights)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,56 +47,20 @@ class ScoringRequest:
     categorical_context: Mapping[str, str]
     rng: np.random.Generator
     segment: str = ""
-    propensities: bool = True
 
 
 @dataclass(frozen=True)
 class Scores:
-    """Per offer, in the order given: the ranking score, the reward estimate, the evidence count and
-    the probability of being ranked first (before exploration)."""
+    """Per offer, in the order given: the value the request is ranked by (descending), the reward
+    estimate and the evidence count. `outcomes` (randomised scorers only) holds equally likely
+    rows of values, one of which is `score`; a deterministic scorer leaves it None."""
 
     score: np.ndarray
     arm_reward: np.ndarray
     arm_count: np.ndarray
-    top_probability: np.ndarray
+    outcomes: np.ndarray | None = None
     # The bound model's predicted take-up per offer, when the scorer consulted it.
     model_score: np.ndarray | None = None
-
-
-def arm_columns(
-    arms: Mapping[str, ArmCounts], offers: Sequence[str]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(impressions, successes, prior alpha, prior beta) of these offers, zeros where unknown; at
-    once from the options store's column table, offer by offer from any other mapping."""
-    columns = getattr(arms, "columns", None)
-    if columns is not None:
-        result: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] = columns(offers)
-        return result
-    counts = [arms.get(offer, ArmCounts()) for offer in offers]
-    return (
-        np.array([c.impressions for c in counts], dtype=np.float64),
-        np.array([c.successes for c in counts], dtype=np.float64),
-        np.array([c.prior_alpha for c in counts], dtype=np.float64),
-        np.array([c.prior_beta for c in counts], dtype=np.float64),
-    )
-
-
-def _top_probability_deterministic(values: np.ndarray) -> np.ndarray:
-    ties = np.isclose(values, values.max(), rtol=0, atol=1e-12).astype(float)
-    result: np.ndarray = ties / ties.sum()
-    return result
-
-
-def _top_probability_sampled(samples: np.ndarray) -> np.ndarray:
-    """samples: (draws, offers) -> share of draws in which each offer is the largest."""
-    winners = samples.argmax(axis=1)
-    result: np.ndarray = np.bincount(winners, minlength=samples.shape[1]) / samples.shape[0]
-    return result
-
-
-def _tie_break(values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Order-preserving tiny noise so exact ties (cold start) are ranked at random."""
-    return values + rng.uniform(0, 1e-9, size=values.shape)
 
 
 class Scorer:
@@ -136,14 +78,10 @@ class Scorer:
         rng: np.random.Generator,
         *,
         segment: str = "",
-        propensities: bool = True,
     ) -> Scores:
-        """`segment` names the statistics' segment (a randomised policy may reuse work per segment);
-        with `propensities` False (a simulation) the top probability need not be estimated."""
+        """`segment` names the statistics' segment (a randomised policy may reuse draws per segment)."""
         return self._score(
-            ScoringRequest(
-                offers, weights, statistics, numeric_context, categorical_context, rng, segment, propensities
-            )
+            ScoringRequest(offers, weights, statistics, numeric_context, categorical_context, rng, segment)
         )
 
     def _score(self, request: ScoringRequest) -> Scores:
@@ -154,23 +92,22 @@ class ThompsonScorer(Scorer):
     """Beta-Bernoulli Thompson sampling. With a bound model and `model_prior_weight` w > 0, each arm's
     prior also gets w pseudo-observations at the model's predicted take-up p for this customer and
     offer (alpha += w p, beta += w (1 - p)): a cold arm starts where the model expects it, and the
-    segment's evidence takes over as it accumulates."""
+    segment's evidence takes over as it accumulates.
 
-    def __init__(
-        self,
-        algorithm: ThompsonAlgorithm,
-        model: LoadedModel | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        propensity_rng: np.random.Generator | None = None,
-    ) -> None:
+    Drawing POSTERIOR_DRAWS samples per request would cost most of an Invoke, so each segment (with
+    its eligible offers and weights) keeps a pool of them: every call replaces POOL_REFRESH_DRAWS of
+    the oldest with fresh draws from the current posterior and ranks by one row of the pool chosen
+    uniformly at random. That row is a posterior draw at most POSTERIOR_DRAWS / POOL_REFRESH_DRAWS
+    calls old; the pool is drawn afresh when any arm's alpha or beta has moved by more than
+    POOL_TOLERANCE since it was. The logged propensities count rows of the very pool the decision
+    came from, so they are exact."""
+
+    def __init__(self, algorithm: ThompsonAlgorithm, model: LoadedModel | None = None) -> None:
         self._algorithm = algorithm
-        # The draws that estimate propensities come from a generator of their own, so the decisions'
-        # generator yields the same decisions whether or not (and however often) they are estimated.
-        self._propensity_rng = propensity_rng or np.random.default_rng()
         self._model = model if algorithm.model_prior_weight > 0 else None
         self.reads_raw_features = self._model is not None
-        self._clock = clock
         self._pools: dict[tuple[str, tuple[str, ...], bytes], _DrawPool] = {}  # (segment, offers, weights)
+        self._pool_bytes = 0
 
     def _posterior(
         self,
@@ -194,62 +131,46 @@ class ThompsonScorer(Scorer):
         alpha, beta, impressions, take_up = self._posterior(
             request.offers, request.statistics, {**request.categorical_context, **request.numeric_context}
         )
-        decision = request.rng.beta(alpha, beta) * request.weights
-        if request.propensities:
-            top = self._top_probability(request.offers, request.weights, alpha, beta, request.segment)
-        else:
-            top = np.full(len(request.offers), np.nan)
-        return Scores(decision, alpha / (alpha + beta), impressions, top, take_up)
+        draws = self._pool(request, alpha, beta)
+        row = int(request.rng.integers(POSTERIOR_DRAWS))
+        return Scores(draws[row], alpha / (alpha + beta), impressions, draws, take_up)
 
-    def _top_probability(
-        self,
-        offers: Sequence[str],
-        weights: np.ndarray,
-        alpha: np.ndarray,
-        beta: np.ndarray,
-        segment: str,
-    ) -> np.ndarray:
-        """P(each offer ranks first), as the share of PROPENSITY_SAMPLES posterior draws in which it
-        is the largest. The draws cost most of an Invoke, so each segment (with its offers and
-        weights) keeps a pool of them and every call replaces PROPENSITY_REFRESH_SAMPLES of the
-        oldest with fresh ones: every draw counts in PROPENSITY_SAMPLES / PROPENSITY_REFRESH_SAMPLES
-        estimates, so the estimates stay unbiased and their mean converges as with independent
-        pools. The pool is drawn afresh when any arm's alpha or beta has moved by more than
-        PROPENSITY_POOL_TOLERANCE since it was, or after PROPENSITY_POOL_SECONDS."""
-        key = (segment, tuple(offers), weights.tobytes())
-        now = self._clock()
+    def _pool(self, request: ScoringRequest, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
+        """The segment's POSTERIOR_DRAWS weighted posterior draws, refreshed for this call."""
+        rng, weights, width = request.rng, request.weights, len(request.offers)
+        key = (request.segment, tuple(request.offers), weights.tobytes())
         pool = self._pools.get(key)
         if pool is not None and (
-            now - pool.drawn_at >= PROPENSITY_POOL_SECONDS
-            or np.any(np.abs(alpha - pool.alpha) > PROPENSITY_POOL_TOLERANCE * pool.alpha)
-            or np.any(np.abs(beta - pool.beta) > PROPENSITY_POOL_TOLERANCE * pool.beta)
+            np.any(np.abs(alpha - pool.alpha) > POOL_TOLERANCE * pool.alpha)
+            or np.any(np.abs(beta - pool.beta) > POOL_TOLERANCE * pool.beta)
         ):
-            del self._pools[key]
+            self._forget(key)
             pool = None
         if pool is None:
-            if len(self._pools) >= PROPENSITY_POOLS:
-                del self._pools[next(iter(self._pools))]  # the oldest
-            draws = self._propensity_rng.beta(alpha, beta, size=(PROPENSITY_SAMPLES, len(offers))) * weights
-            self._pools[key] = _DrawPool(now, alpha, beta, draws.argmax(axis=1))
-            return _top_probability_sampled(draws)
-        fresh = (
-            self._propensity_rng.beta(alpha, beta, size=(PROPENSITY_REFRESH_SAMPLES, len(offers))) * weights
-        )
+            draws: np.ndarray = rng.beta(alpha, beta, size=(POSTERIOR_DRAWS, width)) * weights
+            while self._pools and self._pool_bytes + draws.nbytes > POOL_BYTES:
+                self._forget(next(iter(self._pools)))  # the oldest
+            self._pools[key] = _DrawPool(alpha, beta, draws)
+            self._pool_bytes += draws.nbytes
+            return draws
         start = pool.next_row
-        pool.winners[start : start + PROPENSITY_REFRESH_SAMPLES] = fresh.argmax(axis=1)
-        pool.next_row = (start + PROPENSITY_REFRESH_SAMPLES) % PROPENSITY_SAMPLES
-        result: np.ndarray = np.bincount(pool.winners, minlength=len(offers)) / PROPENSITY_SAMPLES
-        return result
+        pool.draws[start : start + POOL_REFRESH_DRAWS] = (
+            rng.beta(alpha, beta, size=(POOL_REFRESH_DRAWS, width)) * weights
+        )
+        pool.next_row = (start + POOL_REFRESH_DRAWS) % POSTERIOR_DRAWS
+        return pool.draws
+
+    def _forget(self, key: tuple[str, tuple[str, ...], bytes]) -> None:
+        self._pool_bytes -= self._pools.pop(key).draws.nbytes
 
 
 @dataclass
 class _DrawPool:
-    """The winners (argmax offer) of PROPENSITY_SAMPLES posterior draws, refreshed a slice a call."""
+    """POSTERIOR_DRAWS weighted posterior draws of one segment, refreshed a slice a call."""
 
-    drawn_at: float
     alpha: np.ndarray
     beta: np.ndarray
-    winners: np.ndarray
+    draws: np.ndarray  # (POSTERIOR_DRAWS, offers)
     next_row: int = 0
 
 
@@ -261,10 +182,7 @@ class EpsilonGreedyScorer(Scorer):
         impressions, successes, _, _ = arm_columns(request.statistics.arms, request.offers)
         prior = self._algorithm.prior_take_up
         take_up = np.where(impressions > 0, (successes + prior) / (impressions + 1.0), prior)
-        ranked = take_up * request.weights
-        return Scores(
-            _tie_break(ranked, request.rng), take_up, impressions, _top_probability_deterministic(ranked)
-        )
+        return Scores(take_up * request.weights, take_up, impressions)
 
 
 class NaiveBayesScorer(Scorer):
@@ -288,10 +206,7 @@ class NaiveBayesScorer(Scorer):
                 log_odds += np.log((s_x + a) / (s + 2 * a)) - np.log((n_x - s_x + a) / (n - s + 2 * a))
             take_up[index] = 1.0 / (1.0 + np.exp(-log_odds))
             evidence[index] = n
-        ranked = take_up * request.weights
-        return Scores(
-            _tie_break(ranked, request.rng), take_up, evidence, _top_probability_deterministic(ranked)
-        )
+        return Scores(take_up * request.weights, take_up, evidence)
 
 
 class LinearScorer(Scorer):
@@ -328,18 +243,15 @@ class LinearScorer(Scorer):
         counts = np.array([models[o].a[0, 0] if o in models else 0.0 for o in request.offers])
         if isinstance(self._algorithm, LinUcbAlgorithm):
             upper = (mean + self._algorithm.alpha * np.sqrt(variance)) * request.weights
-            return Scores(_tie_break(upper, request.rng), mean, counts, _top_probability_deterministic(upper))
+            return Scores(upper, mean, counts)
+        # Linear Thompson sampling: the context differs per customer, so no pool; the request is
+        # ranked by one of POSTERIOR_DRAWS fresh draws, chosen uniformly.
         scale = self._algorithm.scale
-        decision = (
-            mean + scale * np.sqrt(variance) * request.rng.standard_normal(len(request.offers))
-        ) * request.weights
         draws = (
             mean
-            + scale
-            * np.sqrt(variance)
-            * request.rng.standard_normal((PROPENSITY_SAMPLES, len(request.offers)))
+            + scale * np.sqrt(variance) * request.rng.standard_normal((POSTERIOR_DRAWS, len(request.offers)))
         ) * request.weights
-        return Scores(decision, mean, counts, _top_probability_sampled(draws))
+        return Scores(draws[int(request.rng.integers(POSTERIOR_DRAWS))], mean, counts, draws)
 
 
 class ModelScorer(Scorer):
@@ -359,14 +271,7 @@ class ModelScorer(Scorer):
             {**request.categorical_context, **request.numeric_context}, request.offers
         )
         impressions = arm_columns(request.statistics.arms, request.offers)[0]
-        ranked = take_up * request.weights
-        return Scores(
-            _tie_break(ranked, request.rng),
-            take_up,
-            impressions,
-            _top_probability_deterministic(ranked),
-            take_up,
-        )
+        return Scores(take_up * request.weights, take_up, impressions, model_score=take_up)
 
 
 def build_scorer(algorithm: Algorithm, model: LoadedModel | None = None) -> Scorer:

@@ -1,0 +1,261 @@
+"""The decision log: what the predictor writes to the Redis stream `ll:decisions` for every Invoke
+(a contact) and every Respond (a response), and what the monitor and offline evaluation read back.
+One module, beside the key layout, so writer and readers agree on every field.
+
+A stream entry has the fields `kind` ("contact" or "response"), `uuid`, `schema` (the
+SCHEMA_VERSION it was written with) and `body` (compact JSON). `decode_entry` turns an entry back
+into a `Contact` or a `Response` and raises `MalformedEntry` (with a short `kind` for counting)
+for anything else: an unknown schema version, a body that is not the record, a missing field.
+
+Propensities are logged exactly. For the first slot the logging policy's probability for eligible
+offer i is epsilon / K + (1 - epsilon) * count_i / outcomes (K eligible offers; the exploiting
+branch's outcomes are a randomised scorer's equally likely posterior draws, or a deterministic
+scorer's tied best offers): the counts are integers, so the record holds them and not rounded
+floats. A shown offer's `propensity` is P(it at its rank | the offers ranked above); see
+libs/policy/ranking.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+SCHEMA_VERSION = 1
+SCORE_DIGITS = 6  # significant digits of the eligible offers' scores (the propensities are exact)
+
+EntryKind = Literal["contact", "response"]
+
+
+class MalformedEntry(ValueError):
+    """A stream entry this module cannot read; `kind` names the problem, for counting."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class ShownOffer:
+    offer: str
+    rank: int
+    score: float
+    propensity: float  # P(this offer at this rank | the offers ranked above)
+    explored: bool
+    model_score: float | None = None
+
+
+@dataclass(frozen=True)
+class FirstSlot:
+    """The logging policy's first-slot distribution over the eligible offers, exactly."""
+
+    epsilon: float
+    outcomes: int  # the exploiting branch's equally likely outcomes
+    counts: Mapping[int, int]  # eligible offer index -> outcomes that put it first (others: 0)
+
+    def propensity(self, index: int, eligible: int) -> float:
+        return self.epsilon / eligible + (1.0 - self.epsilon) * self.counts.get(index, 0) / self.outcomes
+
+
+@dataclass(frozen=True)
+class Contact:
+    uuid: str
+    time: float  # seconds since the epoch, when it was served
+    deployment: str
+    campaign: str
+    channel: str
+    config_revision: int
+    variant: str
+    replica: str
+    options_generation: str
+    customer: str
+    segment: str
+    context: Mapping[str, str | float]  # every context variable: categorical as text, numeric as number
+    features: Mapping[str, str]  # the online features the context was derived from
+    eligible: Sequence[str]  # every eligible offer, in the order scored
+    eligible_scores: Sequence[float]  # per eligible offer, the value it was ranked by
+    first_slot: FirstSlot
+    shown: Sequence[ShownOffer]
+    explore: bool
+    model: str  # the bound model as "name:version"; empty when none
+    latency_ms: float
+    schema_version: int = SCHEMA_VERSION
+
+    def first_slot_propensities(self) -> list[float]:
+        """Per eligible offer, P(the logging policy shows it first)."""
+        return [self.first_slot.propensity(i, len(self.eligible)) for i in range(len(self.eligible))]
+
+    def encode(self) -> dict[str, str]:
+        body = {
+            "time": self.time,
+            "deployment": self.deployment,
+            "campaign": self.campaign,
+            "channel": self.channel,
+            "revision": self.config_revision,
+            "variant": self.variant,
+            "replica": self.replica,
+            "generation": self.options_generation,
+            "customer": self.customer,
+            "segment": self.segment,
+            "context": dict(self.context),
+            "features": dict(self.features),
+            "eligible": list(self.eligible),
+            "scores": [_significant(value) for value in self.eligible_scores],
+            "epsilon": self.first_slot.epsilon,
+            "outcomes": self.first_slot.outcomes,
+            "counts": {str(index): count for index, count in self.first_slot.counts.items()},
+            "shown": [
+                [row.offer, row.rank, _significant(row.score), row.propensity, row.explored, row.model_score]
+                for row in self.shown
+            ],
+            "explore": self.explore,
+            "model": self.model,
+            "latency_ms": round(self.latency_ms, 3),
+        }
+        return _entry("contact", self.uuid, body)
+
+
+@dataclass(frozen=True)
+class Response:
+    uuid: str
+    time: float
+    deployment: str
+    accepted: Sequence[str]  # offers the response credits (ids)
+    learned_offers: Sequence[str]  # the accepted offers learned now (empty: late, duplicate, not served)
+    reward: float | None  # as sent; None: the deployment's default reward
+    channel: str
+    learned: bool
+    late: bool
+    duplicate: bool
+    replica: str
+    schema_version: int = SCHEMA_VERSION
+
+    def encode(self) -> dict[str, str]:
+        body = {
+            "time": self.time,
+            "deployment": self.deployment,
+            "accepted": list(self.accepted),
+            "learned_offers": list(self.learned_offers),
+            "reward": self.reward,
+            "channel": self.channel,
+            "learned": self.learned,
+            "late": self.late,
+            "duplicate": self.duplicate,
+            "replica": self.replica,
+        }
+        return _entry("response", self.uuid, body)
+
+
+def _entry(kind: EntryKind, uuid: str, body: Mapping[str, Any]) -> dict[str, str]:
+    return {
+        "kind": kind,
+        "uuid": uuid,
+        "schema": str(SCHEMA_VERSION),
+        "body": json.dumps(body, separators=(",", ":"), allow_nan=False),
+    }
+
+
+def _significant(value: float) -> float:
+    if not math.isfinite(value) or value == 0:
+        return 0.0 if not math.isfinite(value) else value
+    return float(f"{value:.{SCORE_DIGITS}g}")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def decode_entry(fields: Mapping[Any, Any]) -> Contact | Response:
+    """A stream entry (as XREAD returns its fields, bytes or text) as a record."""
+    entry = {_text(k): _text(v) for k, v in fields.items()}
+    schema = entry.get("schema", "")
+    if schema != str(SCHEMA_VERSION):
+        raise MalformedEntry("unknown_schema", f"schema version {schema or '(none)'!r}")
+    kind, uuid = entry.get("kind"), entry.get("uuid", "")
+    if not uuid:
+        raise MalformedEntry("missing_uuid", "no uuid")
+    try:
+        body = json.loads(entry["body"])
+        if kind == "contact":
+            return _contact(uuid, body)
+        if kind == "response":
+            return _response(uuid, body)
+    except MalformedEntry:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise MalformedEntry("malformed_body", f"{kind} {uuid}: {type(exc).__name__}: {exc}") from None
+    raise MalformedEntry("unknown_kind", f"kind {kind!r}")
+
+
+def _contact(uuid: str, body: Mapping[str, Any]) -> Contact:
+    eligible = [str(offer) for offer in body["eligible"]]
+    scores = [float(value) for value in body["scores"]]
+    if len(scores) != len(eligible):
+        raise MalformedEntry(
+            "malformed_body", f"contact {uuid}: {len(eligible)} offers, {len(scores)} scores"
+        )
+    counts = {int(index): int(count) for index, count in body["counts"].items()}
+    if any(not 0 <= index < len(eligible) for index in counts):
+        raise MalformedEntry("malformed_body", f"contact {uuid}: a count names no eligible offer")
+    return Contact(
+        uuid=uuid,
+        time=float(body["time"]),
+        deployment=str(body["deployment"]),
+        campaign=str(body["campaign"]),
+        channel=str(body["channel"]),
+        config_revision=int(body["revision"]),
+        variant=str(body["variant"]),
+        replica=str(body["replica"]),
+        options_generation=str(body["generation"]),
+        customer=str(body["customer"]),
+        segment=str(body["segment"]),
+        context={str(k): v if isinstance(v, int | float) else str(v) for k, v in body["context"].items()},
+        features={str(k): str(v) for k, v in body["features"].items()},
+        eligible=eligible,
+        eligible_scores=scores,
+        first_slot=FirstSlot(float(body["epsilon"]), int(body["outcomes"]), counts),
+        shown=[
+            ShownOffer(
+                str(offer),
+                int(rank),
+                float(score),
+                float(propensity),
+                bool(explored),
+                None if model_score is None else float(model_score),
+            )
+            for offer, rank, score, propensity, explored, model_score in body["shown"]
+        ],
+        explore=bool(body["explore"]),
+        model=str(body["model"]),
+        latency_ms=float(body["latency_ms"]),
+    )
+
+
+def _response(uuid: str, body: Mapping[str, Any]) -> Response:
+    reward = body["reward"]
+    return Response(
+        uuid=uuid,
+        time=float(body["time"]),
+        deployment=str(body["deployment"]),
+        accepted=[str(offer) for offer in body["accepted"]],
+        learned_offers=[str(offer) for offer in body["learned_offers"]],
+        reward=None if reward is None else float(reward),
+        channel=str(body["channel"]),
+        learned=bool(body["learned"]),
+        late=bool(body["late"]),
+        duplicate=bool(body["duplicate"]),
+        replica=str(body["replica"]),
+    )
+
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Contact",
+    "FirstSlot",
+    "MalformedEntry",
+    "Response",
+    "ShownOffer",
+    "decode_entry",
+]

@@ -1,0 +1,204 @@
+"""The statistics a scorer reads, as plain values and arrays: arm counts per offer of a segment
+(decayed to now, windows applied), naive Bayes counts, and linear models. Where they are stored
+and how they are updated is the statistics store's business (the predictor keeps them in Redis, a
+simulation in memory); this module only reads them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from libs.common.deployment_spec import ThompsonAlgorithm
+
+StatisticsKind = Literal["arms", "naive_bayes", "linear"]
+
+
+@dataclass(frozen=True)
+class ArmCounts:
+    """One offer's evidence in a segment, decayed to now."""
+
+    impressions: float = 0.0
+    successes: float = 0.0
+    prior_alpha: float = 0.0
+    prior_beta: float = 0.0
+
+
+@dataclass(frozen=True)
+class LinearState:
+    a: np.ndarray  # (d, d)
+    b: np.ndarray  # (d,)
+
+
+@dataclass
+class Statistics:
+    arms: Mapping[str, ArmCounts] = field(default_factory=dict)
+    naive_bayes: Mapping[str, float] = field(default_factory=dict)  # "<offer>|<var>=<value>|n|s" counts
+    linear: Mapping[str, LinearState] = field(default_factory=dict)
+
+
+def arm_columns(
+    arms: Mapping[str, ArmCounts], offers: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(impressions, successes, prior alpha, prior beta) of these offers, zeros where unknown; at
+    once from the options store's column table, offer by offer from any other mapping."""
+    if isinstance(arms, ArmTable):
+        return arms.columns(offers)
+    counts = [arms.get(offer, ArmCounts()) for offer in offers]
+    return (
+        np.array([c.impressions for c in counts], dtype=np.float64),
+        np.array([c.successes for c in counts], dtype=np.float64),
+        np.array([c.prior_alpha for c in counts], dtype=np.float64),
+        np.array([c.prior_beta for c in counts], dtype=np.float64),
+    )
+
+
+@dataclass(frozen=True)
+class ArmPolicy:
+    """How evidence ages: from the Thompson parameters (other arm algorithms keep it forever)."""
+
+    half_life_seconds: float = 0.0
+    window_seconds: float = 0.0
+    count_cap: float = 0.0
+
+    @classmethod
+    def from_algorithm(cls, algorithm: object) -> ArmPolicy:
+        if isinstance(algorithm, ThompsonAlgorithm):
+            return cls(
+                algorithm.half_life_seconds or 0.0,
+                algorithm.window_seconds or 0.0,
+                algorithm.count_cap or 0.0,
+            )
+        half_life = getattr(algorithm, "half_life_seconds", None)
+        return cls(half_life_seconds=half_life or 0.0)
+
+
+_ARM_FIELDS = ("n", "s", "t", "pa", "pb", "wb", "wn", "ws", "pn", "ps")
+_PARSE_PLANS_KEPT = 256
+
+
+@dataclass(frozen=True)
+class _ParsePlan:
+    """Where each field of each offer sits in an arm hash's HGETALL reply (-1: absent)."""
+
+    offers: tuple[str, ...]
+    positions: dict[str, np.ndarray]  # field -> per offer, its position among the values, or -1
+
+
+_parse_plans: dict[tuple[bytes | str, ...], _ParsePlan] = {}
+
+
+def _parse_plan(keys: tuple[bytes | str, ...]) -> _ParsePlan:
+    """The plan for a hash with these fields, made once per field layout (a segment's hash keeps
+    its fields; values change)."""
+    plan = _parse_plans.get(keys)
+    if plan is not None:
+        return plan
+    offers: dict[str, int] = {}
+    located: list[tuple[int, str, int]] = []
+    for position, key in enumerate(keys):
+        name = key.decode() if isinstance(key, bytes) else key
+        offer, _, part = name.rpartition("|")
+        located.append((offers.setdefault(offer, len(offers)), part, position))
+    positions = {field: np.full(len(offers), -1, dtype=np.intp) for field in _ARM_FIELDS}
+    for index, part, position in located:
+        if part in positions:
+            positions[part][index] = position
+    plan = _ParsePlan(tuple(offers), positions)
+    if len(_parse_plans) >= _PARSE_PLANS_KEPT:
+        _parse_plans.clear()
+    _parse_plans[keys] = plan
+    return plan
+
+
+class ArmTable(Mapping[str, ArmCounts]):
+    """The arms of one segment, decayed to now, as columns; a Mapping of offer -> ArmCounts."""
+
+    def __init__(
+        self,
+        offers: Sequence[str],
+        impressions: np.ndarray,
+        successes: np.ndarray,
+        prior_alpha: np.ndarray,
+        prior_beta: np.ndarray,
+    ) -> None:
+        self._index = {offer: position for position, offer in enumerate(offers)}
+        # One zero row at the end stands for every offer without statistics.
+        self._columns = tuple(
+            np.append(column.astype(np.float64), 0.0)
+            for column in (impressions, successes, prior_alpha, prior_beta)
+        )
+
+    def __getitem__(self, offer: str) -> ArmCounts:
+        position = self._index[offer]
+        n, s, pa, pb = (float(column[position]) for column in self._columns)
+        return ArmCounts(n, s, pa, pb)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def columns(self, offers: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(impressions, successes, prior alpha, prior beta) of these offers; zeros for unknown ones."""
+        missing = len(self._index)
+        rows = np.fromiter((self._index.get(offer, missing) for offer in offers), np.intp, len(offers))
+        n, s, pa, pb = (column[rows] for column in self._columns)
+        return n, s, pa, pb
+
+
+def parse_arms(raw: Mapping[Any, Any], policy: ArmPolicy, now: float) -> ArmTable:
+    """An arm hash (`<offer>|<field>` -> number) decayed to `now`, vectorised over its offers.
+    A field whose value is not a number is ignored."""
+    plan = _parse_plan(tuple(raw))
+    try:
+        values = np.fromiter((float(value) for value in raw.values()), np.float64, len(raw))
+    except ValueError:  # a field that is not a number: the careful path
+        return _parse_arms_field_by_field(raw, policy, now)
+    padded = np.append(values, np.nan)  # position -1 reads the NaN: "absent"
+
+    def field(name: str) -> np.ndarray:
+        column: np.ndarray = padded[plan.positions[name]]
+        return column
+
+    n, s = np.nan_to_num(field("n")), np.nan_to_num(field("s"))
+    if policy.half_life_seconds > 0:
+        elapsed = np.maximum(now - np.where(np.isnan(field("t")), now, field("t")), 0.0)
+        factor = np.power(0.5, elapsed / policy.half_life_seconds)
+        n, s = n * factor, s * factor
+    if policy.window_seconds > 0:
+        window = policy.window_seconds
+        begun = field("wb")
+        windowed = ~np.isnan(begun)
+        elapsed = now - np.nan_to_num(begun)
+        wn, ws = np.nan_to_num(field("wn")), np.nan_to_num(field("ws"))
+        pn, ps = np.nan_to_num(field("pn")), np.nan_to_num(field("ps"))
+        expired = elapsed >= 2 * window
+        previous = (elapsed >= window) & ~expired
+        fading = np.maximum(0.0, 1.0 - (elapsed - window) / window)
+        current = np.maximum(0.0, 1.0 - elapsed / window)
+        window_n = np.where(expired, 0.0, np.where(previous, wn * fading, wn + pn * current))
+        window_s = np.where(expired, 0.0, np.where(previous, ws * fading, ws + ps * current))
+        n, s = np.where(windowed, window_n, n), np.where(windowed, window_s, s)
+    return ArmTable(plan.offers, n, np.minimum(s, n), np.nan_to_num(field("pa")), np.nan_to_num(field("pb")))
+
+
+def _parse_arms_field_by_field(
+    raw: Mapping[bytes | str, bytes | str], policy: ArmPolicy, now: float
+) -> ArmTable:
+    fields: dict[str, dict[str, float]] = {}
+    for key, value in raw.items():
+        name = key.decode() if isinstance(key, bytes) else key
+        offer, _, part = name.rpartition("|")
+        try:
+            fields.setdefault(offer, {})[part] = float(value)
+        except ValueError:
+            continue
+    filtered = {
+        f"{offer}|{part}": str(value) for offer, parts in fields.items() for part, value in parts.items()
+    }
+    return parse_arms(filtered, policy, now)
