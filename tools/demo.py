@@ -19,7 +19,7 @@ from typing import Any
 
 from libs.stack.credentials import load_credentials
 from libs.stack.launcher import StackRecord, StackSettings
-from services.predictor.core.models import FeatureEncoder
+from libs.policy.models import FeatureEncoder
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_SPEC = Path("examples/deployments/telco-offers.yaml")

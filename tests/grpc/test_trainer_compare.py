@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 from grpc import aio
-from services.predictor.core.models import load_model
 from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score
 from typer.testing import CliRunner
 
@@ -30,6 +29,7 @@ from libs.common.database import apply_migrations, create_database_engine
 from libs.common.model_artifacts import MODEL_FILE
 from libs.common.server import RunningServer
 from libs.common.training_spec import TrainingJobSpec
+from libs.policy.models import load_model
 from libs.protos.liveloop.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from services.trainer.core import schema, training
 from services.trainer.core.store import TrainerStore

@@ -21,12 +21,12 @@ import pytest
 import tritonclient.grpc as triton
 from grpc import aio
 from redis.asyncio import Redis
-from services.predictor.core.models import load_model
 from tritonclient.utils import InferenceServerException
 
 from libs.common import redis_keys
 from libs.common.client import open_channel
 from libs.common.server import RunningServer
+from libs.policy.models import load_model
 from libs.protos.inference import grpc_predict_v2_pb2 as oip
 from libs.protos.inference import grpc_predict_v2_pb2_grpc
 from libs.protos.liveloop.config.v1 import config_pb2, config_pb2_grpc

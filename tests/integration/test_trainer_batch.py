@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 import yaml
-from services.predictor.core.models import load_model
 
 from libs.common.database import create_database_engine
+from libs.policy.models import load_model
 from services.trainer.core.store import TrainerStore
 from tests.trainer_datasets import load_table, offline_store, take_up_rows, take_up_spec
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from services.predictor.core.models import load_model
 
 from libs.common.database import apply_migrations
+from libs.policy.models import load_model
 from services.trainer.core import schema, training
 from services.trainer.core.job_runner import (
     BATCH_STAGING_DIR,

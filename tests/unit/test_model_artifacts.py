@@ -160,9 +160,8 @@ def test_category_label(value: Any, label: str | None) -> None:
 
 def test_a_training_set_feature_is_served_from_the_online_feature_of_the_same_name() -> None:
     """BuildTrainingSet names columns <view>__<feature>; the online store keeps <feature>."""
-    from services.predictor.core.models import FeatureEncoder
-
     from libs.common.model_artifacts import PREPROCESSING_FORMAT
+    from libs.policy.models import FeatureEncoder
 
     encoder = FeatureEncoder(
         {

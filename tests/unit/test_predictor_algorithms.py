@@ -1,9 +1,9 @@
 """Scoring algorithms and plugins, without a server or Redis.
 
-Every algorithm reports, per offer, the probability of ranking it first (its propensity before
-exploration is mixed in). Those probabilities sum to 1; deterministic scorers give 1 to the top
-offer (split evenly over exact ties) and 0 to the rest; randomised ones estimate them from posterior
-draws, and the estimate must match how often their own decision sample puts each offer first.
+Every algorithm's scores give, per offer, the probability that exploiting ranks it first (see
+libs/policy/ranking.py): those probabilities sum to 1; deterministic scorers give 1 to the top
+offer (split evenly over exact ties) and 0 to the rest; randomised ones count them over their
+equally likely posterior draws, one of which is the request's own.
 """
 
 from __future__ import annotations
@@ -14,23 +14,14 @@ from typing import Any
 import numpy as np
 import pytest
 from pydantic import TypeAdapter
-from services.predictor.core.algorithms import (
-    PROPENSITY_POOL_SECONDS,
-    PROPENSITY_SAMPLES,
-    ArmCounts,
-    LinearScorer,
-    LinearState,
-    Scorer,
-    Scores,
-    Statistics,
-    ThompsonScorer,
-    build_scorer,
-)
-from services.predictor.core.context import Context
-from services.predictor.core.plugins import build_plugin_chain
 
 from libs.common.deployment_spec import Algorithm, Offer, PluginRef, ThompsonAlgorithm
 from libs.common.errors import FailedPrecondition, InvalidArgument
+from libs.policy.context import Context
+from libs.policy.plugins import build_plugin_chain
+from libs.policy.ranking import rank
+from libs.policy.scorers import POSTERIOR_DRAWS, LinearScorer, Scorer, Scores, ThompsonScorer, build_scorer
+from libs.policy.statistics import ArmCounts, LinearState, Statistics
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -61,6 +52,19 @@ def score(
         categorical or {},
         rng,
     )
+
+
+def first_slot(scored: Scores) -> np.ndarray:
+    """P(each offer is ranked first) when the policy exploits (no exploration)."""
+    ranking = rank(
+        scored,
+        ["any"] * len(scored.score),
+        epsilon=0.0,
+        count=1,
+        category_limit=None,
+        rng=np.random.default_rng(0),
+    )
+    return ranking.first_slot.propensities
 
 
 def arms(**counts: tuple[float, float]) -> Statistics:
@@ -96,24 +100,35 @@ def test_top_probabilities_are_a_distribution(
     case: str, document: dict[str, Any], statistics: Statistics
 ) -> None:
     scored = score(scorer(**document), statistics, numeric={"x": 0.7}, categorical={"region": "north"})
-    for array in (scored.score, scored.arm_reward, scored.arm_count, scored.top_probability):
+    for array in (scored.score, scored.arm_reward, scored.arm_count, first_slot(scored)):
         assert array.shape == (len(OFFERS),)
         assert np.all(np.isfinite(array))
-    assert np.all(scored.top_probability >= 0)
-    assert scored.top_probability.sum() == pytest.approx(1.0)
+    assert np.all(first_slot(scored) >= 0)
+    assert first_slot(scored).sum() == pytest.approx(1.0)
 
 
 def test_deterministic_scorers_give_one_to_the_best_and_split_exact_ties() -> None:
     greedy = scorer(approach="epsilon_greedy")
     best = score(greedy, arms(a=(100, 10), b=(100, 30), c=(100, 20), d=(100, 5)))
-    assert best.top_probability.tolist() == [0.0, 1.0, 0.0, 0.0]
+    assert first_slot(best).tolist() == [0.0, 1.0, 0.0, 0.0]
     assert int(np.argmax(best.score)) == 1
     tied = score(greedy, arms(a=(100, 30), b=(100, 30), c=(100, 20), d=(100, 5)))
-    assert tied.top_probability.tolist() == [0.5, 0.5, 0.0, 0.0]
+    assert first_slot(tied).tolist() == [0.5, 0.5, 0.0, 0.0]
     cold = score(greedy, Statistics())
-    assert cold.top_probability.tolist() == [0.25] * 4
+    assert first_slot(cold).tolist() == [0.25] * 4
     # Ties are ranked at random (and evenly), as the split propensity says.
-    leaders = [int(np.argmax(score(greedy, Statistics(), seed=seed).score)) for seed in range(2000)]
+    cold_scores = score(greedy, Statistics())
+    leaders = [
+        rank(
+            cold_scores,
+            ["any"] * 4,
+            epsilon=0.0,
+            count=1,
+            category_limit=None,
+            rng=np.random.default_rng(seed),
+        ).shown[0]
+        for seed in range(2000)
+    ]
     shares = np.bincount(leaders, minlength=4) / 2000
     assert np.all(np.abs(shares - 0.25) < 4 * np.sqrt(0.25 * 0.75 / 2000)), shares
 
@@ -122,10 +137,10 @@ def test_weights_scale_scores_and_a_zero_weight_never_leads() -> None:
     greedy = scorer(approach="epsilon_greedy")
     statistics = arms(a=(100, 30), b=(100, 20), c=(100, 10), d=(100, 5))
     weighted = score(greedy, statistics, weights=[1.0, 2.0, 1.0, 0.0])
-    assert weighted.top_probability.tolist() == [0.0, 1.0, 0.0, 0.0]
+    assert first_slot(weighted).tolist() == [0.0, 1.0, 0.0, 0.0]
     assert weighted.arm_reward.tolist() == pytest.approx([30 / 101, 20 / 101, 10 / 101, 5 / 101])
     thompson = score(scorer(approach="thompson"), statistics, weights=[1.0, 1.0, 1.0, 0.0])
-    assert thompson.top_probability[3] == 0.0
+    assert first_slot(thompson)[3] == 0.0
 
 
 def test_thompson_reward_estimate_and_counts() -> None:
@@ -150,13 +165,13 @@ def test_thompson_reward_estimate_and_counts() -> None:
     ],
     ids=["thompson", "linear-thompson"],
 )
-def test_sampled_propensity_matches_the_argmax_frequency_of_the_decision_sample(
+def test_sampled_propensity_is_the_share_of_draws_and_matches_the_observed_frequency(
     document: dict[str, Any], statistics: Statistics, numeric: Mapping[str, float]
 ) -> None:
-    """Over many calls, the mean reported top probability of each offer equals the share of calls in
-    which the offer's decision sample was the largest. Each call's estimate is an average of
-    PROPENSITY_SAMPLES independent draws, so the difference of the two means has a standard error of
-    sqrt(p (1 - p) / calls * (1 + 1 / PROPENSITY_SAMPLES)); the tolerance is 4 of those."""
+    """A randomised scorer ranks by one of its POSTERIOR_DRAWS equally likely draws, so the
+    first-slot propensity of an offer is exactly the share of draws it wins: over many calls the
+    share of calls it came first matches the mean propensity within binomial noise alone
+    (4 standard errors of sqrt(p (1 - p) / calls))."""
     scorer_ = scorer(**document)
     rng = np.random.default_rng(2024)
     calls = 4000
@@ -164,31 +179,37 @@ def test_sampled_propensity_matches_the_argmax_frequency_of_the_decision_sample(
     leads = np.zeros(len(OFFERS))
     for _ in range(calls):
         scored = score(scorer_, statistics, numeric=numeric, seed=rng)
-        estimated += scored.top_probability
+        assert scored.outcomes is not None
+        assert scored.outcomes.shape == (POSTERIOR_DRAWS, len(OFFERS))
+        assert any(np.array_equal(row, scored.score) for row in scored.outcomes)  # the request's own draw
+        propensities = first_slot(scored)
+        assert np.all(propensities * POSTERIOR_DRAWS == np.round(propensities * POSTERIOR_DRAWS))
+        assert propensities[int(np.argmax(scored.score))] >= 1 / POSTERIOR_DRAWS  # never 0 for the winner
+        estimated += propensities
         leads[int(np.argmax(scored.score))] += 1
     estimated /= calls
     observed = leads / calls
-    tolerance = 4 * np.sqrt(
-        np.maximum(estimated * (1 - estimated), 1e-4) / calls * (1 + 1 / PROPENSITY_SAMPLES)
-    )
+    tolerance = 4 * np.sqrt(np.maximum(estimated * (1 - estimated), 1e-4) / calls)
     assert np.all(np.abs(observed - estimated) < tolerance), (estimated, observed, tolerance)
     assert estimated.max() < 0.95  # a genuinely randomised choice
 
 
-def test_thompson_propensities_follow_the_posterior_at_once_and_per_segment() -> None:
+def test_thompson_pools_follow_the_posterior_at_once_and_per_segment() -> None:
     """A segment's pool of draws is reused and refreshed a slice per call, but a posterior that moved
-    (a response learned), another segment, or an old pool gets fresh draws at once."""
-    now = [0.0]
-    scorer_ = ThompsonScorer(ThompsonAlgorithm(), clock=lambda: now[0])
+    (a response learned) or another segment gets fresh draws at once."""
+    scorer_ = ThompsonScorer(ThompsonAlgorithm())
     a_leads = arms(a=(100, 60), b=(100, 10), c=(100, 10), d=(100, 10))
     b_leads = arms(a=(100, 10), b=(100, 60), c=(100, 10), d=(100, 10))
     rng = np.random.default_rng(3)
 
     def top(statistics: Statistics, segment: str) -> np.ndarray:
-        return scorer_.score(OFFERS, np.ones(4), statistics, {}, {}, rng, segment=segment).top_probability
+        return first_slot(scorer_.score(OFFERS, np.ones(4), statistics, {}, {}, rng, segment=segment))
 
     assert top(a_leads, "s1")[0] == 1.0
+    pool = scorer_._pools[("s1", tuple(OFFERS), np.ones(4).tobytes())]
     assert top(a_leads, "s1")[0] == 1.0  # the pool, refreshed by a slice
+    assert scorer_._pools[("s1", tuple(OFFERS), np.ones(4).tobytes())] is pool
+    assert pool.next_row == 32
     assert top(b_leads, "s1")[1] == 1.0  # the posterior moved: fresh draws, not the old pool
     assert top(a_leads, "s2")[0] == 1.0  # another segment has its own pool
     assert top(b_leads, "s1")[1] == 1.0
@@ -197,14 +218,6 @@ def test_thompson_propensities_follow_the_posterior_at_once_and_per_segment() ->
     first = top(flat, "s3")
     assert first.sum() == pytest.approx(1.0)
     assert first.max() < 1.0
-    # An old pool is drawn afresh even when the posterior did not move.
-    pool = scorer_._pools[("s3", tuple(OFFERS), np.ones(4).tobytes())]
-    now[0] += PROPENSITY_POOL_SECONDS
-    top(flat, "s3")
-    assert scorer_._pools[("s3", tuple(OFFERS), np.ones(4).tobytes())] is not pool
-    # Without propensities (a simulation) nothing is drawn for them.
-    plain = scorer_.score(OFFERS, np.ones(4), flat, {}, {}, rng, segment="s4", propensities=False)
-    assert np.isnan(plain.top_probability).all()
 
 
 def test_linucb_prefers_the_offer_whose_linear_model_fits_the_context() -> None:
@@ -219,14 +232,12 @@ def test_linucb_prefers_the_offer_whose_linear_model_fits_the_context() -> None:
     offers = ["young", "old", "flat"]
     low = score(linucb, statistics, offers=offers, numeric={"x": 0.05})
     high = score(linucb, statistics, offers=offers, numeric={"x": 0.95})
-    assert low.top_probability.tolist() == [1.0, 0.0, 0.0]
-    assert high.top_probability.tolist() == [0.0, 1.0, 0.0]
+    assert first_slot(low).tolist() == [1.0, 0.0, 0.0]
+    assert first_slot(high).tolist() == [0.0, 1.0, 0.0]
     assert low.arm_reward[0] > 0.6 > low.arm_reward[1]
     assert low.arm_count.tolist() == [400, 400, 400]
     # With no evidence the upper bounds tie: split evenly, ranked at random.
-    assert (
-        score(linucb, Statistics(), offers=offers, numeric={"x": 0.3}).top_probability.tolist() == [1 / 3] * 3
-    )
+    assert first_slot(score(linucb, Statistics(), offers=offers, numeric={"x": 0.3})).tolist() == [1 / 3] * 3
 
 
 def test_linear_models_over_other_features_are_ignored() -> None:
@@ -234,7 +245,7 @@ def test_linear_models_over_other_features_are_ignored() -> None:
     stale = linear_statistics([("a", [1, 0.5, 2.0], 1.0)], 3)
     scored = score(scorer(approach="linucb", features=["x"]), stale, offers=["a", "b"], numeric={"x": 1})
     assert scored.arm_count.tolist() == [0.0, 0.0]
-    assert scored.top_probability.tolist() == [0.5, 0.5]
+    assert first_slot(scored).tolist() == [0.5, 0.5]
 
 
 def test_linear_vector_has_an_intercept_and_zero_for_missing_features() -> None:
@@ -254,8 +265,8 @@ def test_naive_bayes_uses_the_context() -> None:
     statistics = Statistics(naive_bayes={k: float(v) for k, v in counts.items()})
     north = score(bayes, statistics, offers=["a", "b"], categorical={"region": "north"})
     south = score(bayes, statistics, offers=["a", "b"], categorical={"region": "south"})
-    assert north.top_probability.tolist() == [1.0, 0.0]
-    assert south.top_probability.tolist() == [0.0, 1.0]
+    assert first_slot(north).tolist() == [1.0, 0.0]
+    assert first_slot(south).tolist() == [0.0, 1.0]
     assert north.arm_reward[0] > 0.3 > north.arm_reward[1]
     assert north.arm_count.tolist() == [200, 200]
 
@@ -313,18 +324,23 @@ def test_value_weighting_by_margin_or_price_with_a_power() -> None:
 
 def test_category_cap_keeps_the_order_and_skips_over_full_categories() -> None:
     capped = chain({"name": "category_cap", "stage": "post_score", "params": {"max_per_category": 1}})
-    ranked = [CATALOGUE[i] for i in (1, 0, 3, 2, 4)]  # d2, d1, v2, v1, r1
-
-    class Row:
-        def __init__(self, offer: Offer) -> None:
-            self.offer = offer
-
-    rows = [Row(offer) for offer in ranked]
-    assert ids([row.offer for row in capped.arrange(rows, 3)]) == ["d2", "v2", "r1"]
-    assert ids([row.offer for row in capped.arrange(rows, 5)]) == ["d2", "v2", "r1"]  # fewer than asked
-    assert ids([row.offer for row in chain().arrange(rows, 2)]) == ["d2", "d1"]
     two = chain({"name": "category_cap", "stage": "post_score", "params": {"max_per_category": 2}})
-    assert ids([row.offer for row in two.arrange(rows, 4)]) == ["d2", "d1", "v2", "v1"]
+    assert (capped.category_limit, two.category_limit, chain().category_limit) == (1, 2, None)
+    # Ranked d2, d1, v2, v1, r1 by score.
+    scores = Scores(np.array([4.0, 5.0, 2.0, 3.0, 1.0]), np.zeros(5), np.zeros(5))
+    categories = [offer.category for offer in CATALOGUE]
+
+    def shown(count: int, limit: int | None) -> list[str]:
+        ranking = rank(
+            scores, categories, epsilon=0.0, count=count, category_limit=limit, rng=np.random.default_rng(0)
+        )
+        assert ranking.propensities == [1.0] * len(ranking.shown)  # deterministic: each slot certain
+        return [CATALOGUE[index].id for index in ranking.shown]
+
+    assert shown(3, 1) == ["d2", "v2", "r1"]
+    assert shown(5, 1) == ["d2", "v2", "r1"]  # fewer than asked
+    assert shown(2, None) == ["d2", "d1"]
+    assert shown(4, 2) == ["d2", "d1", "v2", "v1"]
 
 
 @pytest.mark.parametrize(

@@ -11,16 +11,17 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from services.predictor.core.context import (
+
+from libs.common.deployment_spec import DeploymentSpec, EligibilityRule
+from libs.common.errors import InvalidArgument
+from libs.policy.context import (
     MAX_PARAMS_BYTES,
     derive_context,
     parse_number_of_offers,
     parse_params,
 )
-
-from libs.common.deployment_spec import DeploymentSpec, EligibilityRule
-from libs.common.errors import InvalidArgument
-from services.predictor.core.decision import DeploymentRuntime, _rule_holds
+from libs.policy.deployment import PreparedDeployment
+from libs.policy.eligibility import rule_holds
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -303,14 +304,14 @@ def rule(operator: str, target: Any) -> EligibilityRule:
     ],
 )
 def test_eligibility_rules(operator: str, target: Any, value: Any, holds: bool) -> None:
-    assert _rule_holds(rule(operator, target), value) is holds
+    assert rule_holds(rule(operator, target), value) is holds
 
 
 # Experiment variants --------------------------------------------------------------------------
 
 
 def test_variants_are_sticky_per_customer_and_split_by_weight() -> None:
-    runtime = DeploymentRuntime.prepare(
+    runtime = PreparedDeployment.prepare(
         DeploymentSpec.model_validate(
             {
                 "name": "experiment",
@@ -343,5 +344,7 @@ def test_variants_are_sticky_per_customer_and_split_by_weight() -> None:
 
 
 def test_without_variants_everyone_gets_the_default_plan() -> None:
-    runtime = DeploymentRuntime.prepare(DeploymentSpec.model_validate({"name": "x", "offers": [{"id": "a"}]}))
+    runtime = PreparedDeployment.prepare(
+        DeploymentSpec.model_validate({"name": "x", "offers": [{"id": "a"}]})
+    )
     assert runtime.variant_for("anyone").name == ""

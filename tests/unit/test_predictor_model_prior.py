@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from services.predictor.core.algorithms import ArmCounts, Statistics, ThompsonScorer, build_scorer
-from services.predictor.core.models import LoadedModel, load_model
 
 from libs.common.deployment_spec import ThompsonAlgorithm
 from libs.common.errors import FailedPrecondition
+from libs.policy.models import LoadedModel, load_model
+from libs.policy.ranking import rank
+from libs.policy.scorers import ThompsonScorer, build_scorer
+from libs.policy.statistics import ArmCounts, Statistics
 from tests.trainer_datasets import OFFERS, take_up_spec, train_artifact
 
 pytestmark = pytest.mark.timeout(60)
@@ -34,7 +36,8 @@ def test_a_strong_model_prior_puts_every_arm_at_the_models_take_up(model: Loaded
     assert np.allclose(scores.arm_reward, (1 + weight * expected) / (2 + weight), atol=1e-9)
     assert np.allclose(scores.score, expected, atol=0.005)
     best = int(np.argmax(expected))
-    assert scores.top_probability[best] == 1.0
+    first = rank(scores, ["any"] * 3, epsilon=0.0, count=1, category_limit=None, rng=np.random.default_rng(0))
+    assert first.first_slot.propensities[best] == 1.0
 
 
 def test_evidence_adds_to_the_models_pseudo_counts(model: LoadedModel) -> None:

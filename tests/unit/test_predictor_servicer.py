@@ -15,8 +15,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from libs.common.config_follower import AppliedConfig, AppliedDeployment
 from libs.common.deployment_spec import DeploymentSpec
 from libs.common.errors import InvalidArgument, NotFound
+from libs.policy.deployment import PreparedDeployment
 from libs.protos.liveloop.predictor.v1 import predictor_pb2
-from services.predictor.core.decision import DecisionEngine, DeploymentRuntime, InvokeInput
+from services.predictor.core.decision import DecisionEngine, InvokeInput
 from services.predictor.servicer import _accepted_offers, _event_time, _plain
 
 pytestmark = pytest.mark.timeout(30)
@@ -111,13 +112,13 @@ def test_an_impossible_event_time_names_the_field(seconds: int) -> None:
 
 def deployments(name: str, campaign: str) -> dict[str, AppliedDeployment]:
     spec = DeploymentSpec.model_validate({"name": name, "campaigns": [campaign], "offers": [{"id": "a"}]})
-    return {name: AppliedDeployment(name, 1, "", spec, DeploymentRuntime.prepare(spec))}
+    return {name: AppliedDeployment(name, 1, "", spec, PreparedDeployment.prepare(spec))}
 
 
 def test_campaigns_resolve_against_the_config_being_served_across_many_swaps() -> None:
     """Configs come and go; a cache keyed by id() would serve a freed config's campaigns to a new
     config allocated at the same address (CPython reuses it at once)."""
-    engine = DecisionEngine(store=None, replica_id="r")  # type: ignore[arg-type]
+    engine = DecisionEngine(options=None, replica_id="r")  # type: ignore[arg-type]
     versions = [deployments("dep-x", "campaign-x"), deployments("dep-y", "campaign-y")]
     for revision in range(1, 50):
         served, other = revision % 2, 1 - revision % 2

@@ -10,28 +10,25 @@ from collections.abc import AsyncIterator
 import numpy as np
 import pytest
 from redis.asyncio import Redis
-from services.predictor.core.simulation import (
-    SIMULATION_START,
-    ArmHash,
-    InMemoryPolicy,
-    OraclePolicy,
-    PolicySettings,
-    RunRecorder,
-    make_environment,
-    make_round,
-    policy_rng,
-    rounds_to_window_share,
-    run_in_memory,
-    run_policy,
-    run_with_redis,
-    simulation_spec,
-    update_arm_fields,
-)
 from typer.testing import CliRunner
 
 from libs.cli.main import app
 from libs.common import redis_keys
-from services.predictor.core.options_store import ArmPolicy, OptionsStore, parse_arms
+from libs.policy.statistics import ArmPolicy, parse_arms
+from libs.simulation.environments import (
+    SIMULATION_START,
+    OraclePolicy,
+    PolicySettings,
+    make_environment,
+    make_round,
+    policy_rng,
+    simulation_spec,
+)
+from libs.simulation.in_memory import ArmHash, InMemoryPolicy, update_arm_fields
+from libs.simulation.runs import RunRecorder, rounds_to_window_share, run_in_memory, run_policy
+from services.predictor.core.engine_simulation import run_with_redis
+from services.predictor.core.options_store import OptionsStore
+from services.predictor.core.statistics_stores import Scope
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -219,7 +216,8 @@ async def test_in_memory_update_equals_the_lua_update(redis_client: Redis, polic
     """The same sequence of impressions and successes, at irregular times, through UPDATE_ARMS in
     Redis and through update_arm_fields, leaves the same hash (every field, every digit)."""
     store = OptionsStore(redis_client)
-    key = redis_keys.arm_statistics(f"twin-{random.getrandbits(32):x}", "0", "all")
+    scope = Scope(f"twin-{random.getrandbits(32):x}", "0", "all")
+    key = redis_keys.arm_statistics(scope.deployment, scope.generation, scope.segment)
     rng = random.Random(42)
     fields: ArmHash = {}
     now = SIMULATION_START
@@ -230,7 +228,7 @@ async def test_in_memory_update_equals_the_lua_update(redis_client: Redis, polic
             for _ in range(rng.randint(1, 2))
         ]
         pipeline = redis_client.pipeline(transaction=False)
-        await store.queue_arm_update(pipeline, key, policy, updates, now)
+        store.arms.queue_update(pipeline, scope, policy, updates, now)
         await pipeline.execute()
         update_arm_fields(fields, policy, updates, now)
     stored: ArmHash = {_text(k): _text(v) for k, v in (await redis_client.hgetall(key)).items()}
@@ -286,14 +284,14 @@ def test_simulate_command_reports_json() -> None:
     assert len(report["take_up"]["take_up_after"][0]) == 10
 
 
-def test_simulate_command_prints_a_summary_and_refuses_redis_without_a_url() -> None:
+def test_simulate_command_prints_a_summary_and_refuses_an_unknown_engine() -> None:
     runner = CliRunner()
     result = runner.invoke(app, ["simulate", "--rounds", "600", "--algorithm", "epsilon_greedy"])
     assert result.exit_code == 0, result.output
     assert "regret (expected)" in result.stdout
     refused = runner.invoke(app, ["simulate", "--engine", "redis", "--rounds", "10"])
     assert refused.exit_code == 2
-    assert "--redis-url" in refused.output
+    assert "memory" in refused.output  # the engines there are
     invalid = runner.invoke(app, ["simulate", "--rounds", "10", "--prior", "0,1"])
     assert invalid.exit_code == 2
     assert "algorithm.alpha0" in invalid.output

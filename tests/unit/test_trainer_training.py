@@ -10,13 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from services.predictor.core.algorithms import ModelScorer, Statistics
-from services.predictor.core.models import load_model
 from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score
 
 from libs.common.errors import FailedPrecondition
 from libs.common.model_artifacts import MANIFEST_FILE
 from libs.common.training_spec import SplitSpec
+from libs.policy.models import load_model
+from libs.policy.ranking import rank
+from libs.policy.scorers import ModelScorer
+from libs.policy.statistics import Statistics
 from services.trainer.core import metrics, training
 from services.trainer.core.store import manifest_bytes, sha256_file
 from services.trainer.core.training_data import TrainingData
@@ -150,7 +152,8 @@ def test_the_model_scorer_ranks_by_predicted_take_up_with_honest_propensities(
     expected = model.predict_offers(values, list(OFFERS))
     assert np.allclose(scores.arm_reward, expected)
     best = int(np.argmax(expected))
-    assert scores.top_probability.tolist() == [1.0 if i == best else 0.0 for i in range(3)]
+    first = rank(scores, ["any"] * 3, epsilon=0.0, count=1, category_limit=None, rng=np.random.default_rng(0))
+    assert first.first_slot.propensities.tolist() == [1.0 if i == best else 0.0 for i in range(3)]
     # An offer the model never saw scores as "no offer feature": still a number, never an error.
     unseen = scorer.score(["brand_new"], np.ones(1), Statistics(), {}, values, np.random.default_rng(0))
     assert 0 < unseen.arm_reward[0] < 1
