@@ -30,10 +30,10 @@ from grpc import aio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
-from services.predictor.core.algorithms import PROPENSITY_SAMPLES
 
-from libs.common import redis_keys
+from libs.common import decision_log, redis_keys
 from libs.common.client import open_blocking_channel, open_channel
+from libs.common.decision_log import Contact, Response
 from libs.common.server import RunningServer
 from libs.protos.liveloop.config.v1 import config_pb2, config_pb2_grpc
 from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
@@ -128,14 +128,15 @@ class Loop:
         newest = await self.redis.xrevrange(redis_keys.DECISION_STREAM, count=1)
         return newest[0][0].decode() if newest else "0-0"
 
-    async def log_entries(self, after: str, deployment: str) -> list[dict[str, Any]]:
+    async def log_entries(self, after: str, deployment: str) -> list[Contact | Response]:
+        """This deployment's decision log entries after `after`, read as the monitor reads them."""
         entries = await self.redis.xrange(redis_keys.DECISION_STREAM, min=f"({after}")
-        found = []
-        for _id, fields in entries:
-            body = json.loads(fields[b"body"])
-            if body.get("deployment") == deployment:
-                found.append({"kind": fields[b"kind"].decode(), "uuid": fields[b"uuid"].decode(), **body})
-        return found
+        records = [decision_log.decode_entry(fields) for _id, fields in entries]
+        return [record for record in records if record.deployment == deployment]
+
+    async def contacts(self, after: str, deployment: str) -> dict[str, Contact]:
+        entries = await self.log_entries(after, deployment)
+        return {entry.uuid: entry for entry in entries if isinstance(entry, Contact)}
 
 
 @pytest.fixture
@@ -286,28 +287,25 @@ async def seed_arms(loop: Loop, name: str, segment: str, counts: Mapping[str, tu
     )
 
 
-def compare_with_frequency(
-    replies: Iterable[predictor_pb2.InvokeResponse], sampled_estimate: bool
-) -> tuple[dict[str, float], dict[str, float], float]:
-    """Per offer: mean logged propensity at rank 1 and observed share at rank 1; the largest
-    |difference| in standard errors."""
-    replies = list(replies)
-    total = len(replies)
+def compare_with_frequency(contacts: Iterable[Contact]) -> tuple[dict[str, float], dict[str, float], float]:
+    """Per offer: mean logged first-slot propensity and observed share at rank 1; the largest
+    |difference| in standard errors. The propensities are exact (not estimates), so the noise is
+    the Bernoulli noise of the choices alone."""
+    contacts = list(contacts)
+    total = len(contacts)
     logged: dict[str, float] = dict.fromkeys(OFFERS, 0.0)
     top: Counter[str] = Counter()
-    for reply in replies:
-        top[reply.final_result[0].result.offer] += 1
-        for row in reply.final_result:
-            logged[row.result.offer] += row.result.propensity
+    for contact in contacts:
+        top[contact.shown[0].offer] += 1
+        for offer, propensity in zip(contact.eligible, contact.first_slot_propensities(), strict=True):
+            logged[offer] += propensity
     mean_logged = {offer: logged[offer] / total for offer in OFFERS}
     observed = {offer: top[offer] / total for offer in OFFERS}
     worst = 0.0
     for offer in OFFERS:
         p = mean_logged[offer]
-        # Var(sum of indicators) = sum p_t (1 - p_t) <= N p(1 - p) for the mean p (Jensen); a
-        # propensity that is itself a PROPENSITY_SAMPLES-draw estimate adds about 1/PROPENSITY_SAMPLES of that again.
-        variance = p * (1 - p) / total * ((1 + 1 / PROPENSITY_SAMPLES) if sampled_estimate else 1.0)
-        standard_error = max(math.sqrt(variance), 1 / total)
+        # Var(sum of indicators) = sum p_t (1 - p_t) <= N p(1 - p) for the mean p (Jensen).
+        standard_error = max(math.sqrt(p * (1 - p) / total), 1 / total)
         worst = max(worst, abs(observed[offer] - p) / standard_error)
     return mean_logged, observed, worst
 
@@ -334,10 +332,18 @@ async def test_logged_propensity_matches_observed_frequency_epsilon_greedy(loop:
     # Analytically: (1 - eps) to the greedy best, eps / K to every offer by exploration.
     k = len(OFFERS)
     expected = {offer: (1 - epsilon) * (offer == "alpha") + epsilon / k for offer in OFFERS}
+    contacts = await loop.contacts(tail, name)
+    assert set(contacts) == {reply.uuid for reply in replies}
     for reply in replies:
-        for row in reply.final_result:
-            assert row.result.propensity == pytest.approx(expected[row.result.offer], abs=1e-12)
-    mean_logged, observed, worst = compare_with_frequency(replies, sampled_estimate=False)
+        contact = contacts[reply.uuid]
+        first = dict(zip(contact.eligible, contact.first_slot_propensities(), strict=True))
+        assert first == pytest.approx(expected, abs=1e-12)
+        # Rank 1 reports the first-slot propensity; ranks 2.. the probability given the ranks above.
+        assert reply.final_result[0].result.propensity == pytest.approx(
+            expected[reply.final_result[0].result.offer], abs=1e-12
+        )
+        assert all(0 < row.result.propensity <= 1 for row in reply.final_result)
+    mean_logged, observed, worst = compare_with_frequency(contacts.values())
     print(
         f"\nepsilon-greedy eps={epsilon}: {len(replies)} Invokes in {elapsed:.1f}s; "
         f"logged {mean_logged}; observed {observed}; max deviation {worst:.2f} standard errors"
@@ -348,11 +354,8 @@ async def test_logged_propensity_matches_observed_frequency_epsilon_greedy(loop:
     )
 
     # The decision log holds the same propensities, one contact per reply.
-    contacts = {e["uuid"]: e for e in await loop.log_entries(tail, name) if e["kind"] == "contact"}
-    assert set(contacts) == {reply.uuid for reply in replies}
     for reply in replies:
-        logged = contacts[reply.uuid]["offers"]
-        assert [(o["offer"], o["propensity"]) for o in logged] == [
+        assert [(o.offer, o.propensity) for o in contacts[reply.uuid].shown] == [
             (row.result.offer, row.result.propensity) for row in reply.final_result
         ]
 
@@ -377,10 +380,13 @@ async def test_logged_propensity_matches_observed_frequency_thompson(loop: Loop)
     started = time.perf_counter()
     replies = await invoke_many(loop, name, INVOKES_FOR_PROPENSITY, numberoffers=len(OFFERS))
     elapsed = time.perf_counter() - started
+    contacts = await loop.contacts(tail, name)
     for reply in replies:
-        assert sum(row.result.propensity for row in reply.final_result) == pytest.approx(1.0)
-        assert all(row.result.propensity >= epsilon / len(OFFERS) - 1e-12 for row in reply.final_result)
-    mean_logged, observed, worst = compare_with_frequency(replies, sampled_estimate=True)
+        first = contacts[reply.uuid].first_slot_propensities()
+        assert sum(first) == pytest.approx(1.0)
+        assert all(p >= epsilon / len(OFFERS) - 1e-12 for p in first)
+        assert all(0 < row.result.propensity <= 1 for row in reply.final_result)
+    mean_logged, observed, worst = compare_with_frequency(contacts.values())
     print(
         f"\nthompson eps={epsilon}: {len(replies)} Invokes in {elapsed:.1f}s; "
         f"logged {mean_logged}; observed {observed}; max deviation {worst:.2f} standard errors"
@@ -388,12 +394,11 @@ async def test_logged_propensity_matches_observed_frequency_thompson(loop: Loop)
     assert worst < STANDARD_ERRORS
     assert 0.15 < mean_logged["alpha"] < 0.85  # a genuinely randomised choice, not a sure thing
 
-    contacts = {e["uuid"]: e for e in await loop.log_entries(tail, name) if e["kind"] == "contact"}
     for reply in replies:
         logged = contacts[reply.uuid]
-        assert logged["offers"][0]["propensity"] == reply.final_result[0].result.propensity
-        assert logged["replica"] == reply.replica_id
-        assert logged["revision"] == reply.config_revision
+        assert logged.shown[0].propensity == reply.final_result[0].result.propensity
+        assert logged.replica == reply.replica_id
+        assert logged.config_revision == reply.config_revision
 
 
 # Cold start, responses -------------------------------------------------------------------------
@@ -417,8 +422,11 @@ async def test_cold_start_never_fails_and_fills_at_random(loop: Loop, algorithm:
     assert all(
         abs(count / len(replies) - 0.25) < 4 * math.sqrt(0.25 * 0.75 / len(replies)) for count in top.values()
     ), top
-    if algorithm != "thompson":  # deterministic scorers split exact ties evenly
-        assert all(row.result.propensity == 0.25 for reply in replies for row in reply.final_result)
+    if algorithm != "thompson":  # deterministic scorers split exact ties evenly, slot by slot
+        for reply in replies:
+            assert [row.result.propensity for row in reply.final_result] == pytest.approx(
+                [1 / 4, 1 / 3, 1 / 2, 1]
+            )
 
 
 async def test_a_repeated_response_is_acknowledged_as_duplicate_and_learns_nothing(loop: Loop) -> None:
@@ -462,11 +470,12 @@ async def test_a_late_response_is_logged_but_not_learned(loop: Loop) -> None:
     assert (late.learned, late.late, late.duplicate) == (False, True, False)
     assert "reward window" in late.message
     assert await loop.arms(name, shown.segment) == before
-    (logged,) = [e for e in await loop.log_entries(tail, name) if e["kind"] == "response"]
-    assert logged["uuid"] == shown.uuid
-    assert logged["late"] is True
-    assert logged["learned_offers"] == []
-    assert logged["accepted"] == [offer]
+    (logged,) = [e for e in await loop.log_entries(tail, name) if isinstance(e, Response)]
+    assert logged.uuid == shown.uuid
+    assert logged.late is True
+    assert logged.learned is False
+    assert logged.learned_offers == []
+    assert logged.accepted == [offer]
 
     # Inside the window (an explicit event time one second after the contact) it is learned.
     in_time = await loop.a.Invoke(invoke_request(name))
@@ -506,51 +515,36 @@ async def test_decision_log_has_contacts_and_responses_with_their_fields(loop: L
         respond_request(shown.uuid, [shown.final_result[1].result.offer], channel_name="sms", reward=0.5)
     )
     contact, response = await loop.log_entries(tail, name)
-    assert contact["kind"] == "contact"
-    assert {
-        "uuid",
-        "deployment",
-        "revision",
-        "variant",
-        "replica",
-        "customer",
-        "campaign",
-        "channel",
-        "segment",
-        "explore",
-        "offers",
-        "time",
-        "latency_ms",
-    } <= set(contact)
-    assert contact["uuid"] == shown.uuid
-    assert (contact["revision"], contact["replica"], contact["customer"]) == (
+    assert isinstance(contact, Contact)
+    assert isinstance(response, Response)
+    assert contact.uuid == shown.uuid
+    assert (contact.config_revision, contact.replica, contact.customer) == (
         revision,
         "replica-a",
         "log-customer",
     )
-    assert (contact["campaign"], contact["channel"], contact["segment"]) == (name, "app", "region=north")
-    assert contact["explore"] == bool(shown.explore)
-    assert [(o["offer"], o["rank"], o["propensity"]) for o in contact["offers"]] == [
-        (r.result.offer, r.result.rank, r.result.propensity) for r in shown.final_result
+    assert (contact.campaign, contact.channel, contact.segment) == (name, "app", "region=north")
+    assert (contact.variant, contact.options_generation, contact.deployment) == ("", "0", name)
+    assert contact.explore == bool(shown.explore)
+    assert contact.latency_ms > 0
+    # Every context value, numeric ones as numbers (the reply carries them as text).
+    assert {k: str(v) for k, v in contact.context.items()} == dict(shown.final_result[0].result.context)
+    assert contact.context["age"] == 30.0
+    # Every eligible offer with its score and first-slot propensity; the shown ones with rank.
+    assert sorted(contact.eligible) == sorted(OFFERS)
+    assert len(contact.eligible_scores) == len(OFFERS)
+    assert sum(contact.first_slot_propensities()) == pytest.approx(1.0)
+    assert min(contact.first_slot_propensities()) >= 0.2 / len(OFFERS) - 1e-12
+    assert [(o.offer, o.rank, o.propensity, o.explored) for o in contact.shown] == [
+        (r.result.offer, r.result.rank, r.result.propensity, r.result.explored) for r in shown.final_result
     ]
-    assert response["kind"] == "response"
-    assert {
-        "uuid",
-        "deployment",
-        "accepted",
-        "learned_offers",
-        "reward",
-        "late",
-        "duplicate",
-        "channel",
-        "replica",
-        "time",
-    } <= set(response)
-    assert response["uuid"] == shown.uuid
-    assert response["accepted"] == response["learned_offers"] == list(answered.matched_offers)
-    assert (response["reward"], response["channel"], response["replica"]) == (0.5, "sms", "replica-b")
-    assert (response["late"], response["duplicate"]) == (False, False)
-    assert response["time"] >= contact["time"]
+    first = dict(zip(contact.eligible, contact.first_slot_propensities(), strict=True))
+    assert first[contact.shown[0].offer] == contact.shown[0].propensity
+    assert response.uuid == shown.uuid
+    assert list(response.accepted) == list(response.learned_offers) == list(answered.matched_offers)
+    assert (response.reward, response.channel, response.replica) == (0.5, "sms", "replica-b")
+    assert (response.learned, response.late, response.duplicate) == (True, False, False)
+    assert response.time >= contact.time
 
 
 # Bad input -------------------------------------------------------------------------------------

@@ -19,7 +19,9 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from libs.common import redis_keys
-from services.predictor.core.options_store import ArmPolicy, OptionsStore, parse_arms
+from libs.policy.statistics import ArmPolicy, parse_arms
+from services.predictor.core.options_store import OptionsStore
+from services.predictor.core.statistics_stores import Scope
 from tests.polling import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -44,9 +46,13 @@ class Store:
     def key(self) -> str:
         return redis_keys.arm_statistics(self.deployment, "0", "all")
 
+    @property
+    def scope(self) -> Scope:
+        return Scope(self.deployment, "0", "all")
+
     async def update(self, policy: ArmPolicy, *updates: tuple[str, float, float]) -> None:
         pipeline = self.redis.pipeline(transaction=False)
-        await self.store.queue_arm_update(pipeline, self.key, policy, list(updates), self.clock.now)
+        self.store.arms.queue_update(pipeline, self.scope, policy, list(updates), self.clock.now)
         await pipeline.execute()
 
     async def raw(self) -> dict[str, float]:
@@ -55,15 +61,7 @@ class Store:
     async def read(
         self, policy: ArmPolicy, offers: tuple[str, ...] = ("a",)
     ) -> dict[str, tuple[float, float]]:
-        statistics, _ = await self.store.read(
-            deployment=self.deployment,
-            generation="0",
-            segment="all",
-            kind="arms",
-            offers=offers,
-            policy=policy,
-            feature_key=None,
-        )
+        statistics = await self.store.read_statistics("arms", self.scope, offers, policy)
         return {offer: (arm.impressions, arm.successes) for offer, arm in statistics.arms.items()}
 
 
@@ -230,7 +228,7 @@ async def test_linear_model_updates_accumulate_a_and_b(options: Store) -> None:
     rows = [([1.0, 0.5, 2.0], 1.0), ([1.0, -1.0, 0.0], 0.0), ([1.0, 3.0, 1.5], 0.25)]
     for vector, reward in rows:
         pipeline = options.redis.pipeline(transaction=False)
-        await options.store.queue_linear_update(pipeline, key, vector, reward)
+        options.store.linear.queue_update(pipeline, options.scope, "a", vector, reward)
         await pipeline.execute()
     stored = await options.redis.hgetall(key)
     a = np.array(json.loads(stored[b"a"])).reshape(3, 3)
@@ -239,21 +237,13 @@ async def test_linear_model_updates_accumulate_a_and_b(options: Store) -> None:
     y = np.array([reward for _, reward in rows])
     np.testing.assert_allclose(a, x.T @ x)
     np.testing.assert_allclose(b, x.T @ y)
-    statistics, _ = await options.store.read(
-        deployment=options.deployment,
-        generation="0",
-        segment="all",
-        kind="linear",
-        offers=["a", "b"],
-        policy=ArmPolicy(),
-        feature_key=None,
-    )
+    statistics = await options.store.read_statistics("linear", options.scope, ["a", "b"], ArmPolicy())
     assert set(statistics.linear) == {"a"}
     np.testing.assert_allclose(statistics.linear["a"].a, x.T @ x)
 
     # The deployment's features change (d = 2): the old model is replaced, not mixed in.
     pipeline = options.redis.pipeline(transaction=False)
-    await options.store.queue_linear_update(pipeline, key, [1.0, 4.0], 1.0)
+    options.store.linear.queue_update(pipeline, options.scope, "a", [1.0, 4.0], 1.0)
     await pipeline.execute()
     stored = await options.redis.hgetall(key)
     assert json.loads(stored[b"a"]) == [1, 4, 4, 16]
@@ -368,7 +358,7 @@ async def test_a_replica_reuses_a_segments_statistics_until_a_response_or_their_
         assert await caching.read(keep) == {"a": (5.0, 2.0)}
         # An interrupted feed drops every copy.
         await options.update(keep, ("a", 1, 0))
-        caching.store.forget_arm_statistics()
+        caching.store.arms.forget()
         assert await caching.read(keep) == {"a": (6.0, 2.0)}
     finally:
         feed.cancel()

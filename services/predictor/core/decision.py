@@ -205,16 +205,10 @@ class DecisionEngine:
         eligible = prepared.eligible(context, params)
         if reader is not None:
             return features, context, eligible, reader(replies)
-        pipeline = self.options.redis.pipeline(transaction=False)
-        reader = store.queue_read(
-            pipeline,
-            Scope(spec.name, generation, context.segment),
-            [offer.id for offer in eligible],
-            plan.policy,
-            now,
-        )
-        replies = iter(await pipeline.execute()) if len(pipeline) else iter(())
-        return features, context, eligible, reader(replies)
+        scope = Scope(spec.name, generation, context.segment)
+        offers = [offer.id for offer in eligible]
+        statistics = await self.options.read_statistics(store.kind, scope, offers, plan.policy)
+        return features, context, eligible, statistics
 
     async def _record_contact(
         self,

@@ -12,11 +12,12 @@ from typing import Any
 from redis.asyncio import Redis
 
 from libs.common import redis_keys
-from libs.policy.statistics import StatisticsKind
+from libs.policy.statistics import ArmPolicy, Statistics, StatisticsKind
 from services.predictor.core.statistics_stores import (
     ArmStatistics,
     LinearModels,
     NaiveBayesCounts,
+    Scope,
     StatisticsStore,
 )
 
@@ -70,6 +71,14 @@ class OptionsStore:
         generation = _text(value) if value is not None else "0"
         self._generations[deployment] = (now, generation)
         return generation
+
+    async def read_statistics(
+        self, kind: StatisticsKind, scope: Scope, offers: Sequence[str], policy: ArmPolicy
+    ) -> Statistics:
+        """One kind of statistics for these offers, in one round trip (none for a kept copy)."""
+        pipeline = self._redis.pipeline(transaction=False)
+        reader = self.statistics[kind].queue_read(pipeline, scope, offers, policy, self.now())
+        return reader(iter(await pipeline.execute()) if len(pipeline) else iter(()))
 
     async def follow_updates(self, on_subscribed: Callable[[], None] | None = None) -> None:
         """Until cancelled: keep this replica's copies of arm statistics in step with every response."""
