@@ -9,8 +9,8 @@ Goals (from the issue):
 
 Protocol: the half-lives are tuned on separate seeds (--tuning-seeds) with a fixed sweep, chosen by
 a stated rule, and only then evaluated on --seeds, so the reported numbers are not the tuning runs.
-Long runs use the in-memory engine (the core's Scorer classes, parse_arms, and a twin of the
-UPDATE_ARMS Lua script). In the same run the benchmark checks that the in-memory engine makes the
+Long runs use the in-memory engine (the shared policy of libs/policy, parse_arms, and a twin of
+the UPDATE_ARMS Lua script). In the same run the benchmark checks that the in-memory engine makes the
 same choices as the real DecisionEngine over Redis on the same seeds, and drives shorter runs through
 a whole local stack (Envoy, two predictor replicas, Redis) over gRPC. Baselines: uniform random
 and epsilon-greedy (0.1). Results go to bench/results/decision_quality.{json,md}.
@@ -46,18 +46,12 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 from redis.asyncio import Redis  # noqa: E402
 
+from libs.simulation.environments import PolicySettings, make_environment, policy_rng, simulation_spec  # noqa: E402
+from libs.simulation.in_memory import InMemoryPolicy  # noqa: E402
+from libs.simulation.runs import run_in_memory, run_policy  # noqa: E402
 from libs.stack.launcher import StackSettings  # noqa: E402
 from libs.stack.processes import free_port, redis_argv, wait_until  # noqa: E402
-from services.predictor.core.simulation import (  # noqa: E402
-    InMemoryPolicy,
-    PolicySettings,
-    make_environment,
-    policy_rng,
-    run_in_memory,
-    run_policy,
-    run_with_redis,
-    simulation_spec,
-)
+from services.predictor.core.engine_simulation import run_with_redis  # noqa: E402
 
 ROUNDS = {"stationary": 100_000, "reversed": 100_000, "segments": 40_000}
 GOALS: dict[str, dict[str, float]] = {

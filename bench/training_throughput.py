@@ -62,8 +62,8 @@ def worker(arguments: argparse.Namespace) -> None:
     """One training run (one process, or one rank under torchrun); rank 0 writes the result."""
     import torch.distributed as dist
 
-    from services.trainer.core import training
     from libs.common.training_spec import TrainingJobSpec
+    from services.trainer.core import training
 
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
     if distributed:

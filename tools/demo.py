@@ -17,9 +17,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from libs.policy.models import FeatureEncoder
 from libs.stack.credentials import load_credentials
 from libs.stack.launcher import StackRecord, StackSettings
-from libs.policy.models import FeatureEncoder
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_SPEC = Path("examples/deployments/telco-offers.yaml")

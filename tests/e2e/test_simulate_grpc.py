@@ -5,14 +5,19 @@ DecisionEngine over the same Redis, and the in-memory engine) must behave the sa
 
 from __future__ import annotations
 
+import asyncio
 import json
 import statistics
 
 import pytest
 import redis
-from services.predictor.core.simulation import Environment, PolicySettings, make_environment, run_in_memory
+from redis.asyncio import Redis
 
 from libs.common import redis_keys
+from libs.common.decision_log import decode_entry
+from libs.simulation.environments import Environment, PolicySettings, make_environment
+from libs.simulation.runs import SimulationReport, run_in_memory
+from services.predictor.core.engine_simulation import run_with_redis
 from tests.e2e.conftest import LocalStack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(120)]
@@ -35,12 +40,20 @@ def replicas_in_decision_log(stack: LocalStack, deployment: str) -> dict[str, se
     try:
         entries: list[tuple[str, dict[str, str]]] = client.xrange(redis_keys.DECISION_STREAM)  # type: ignore[assignment]
         for _, entry in entries:
-            body = json.loads(entry["body"])
-            if body.get("deployment") == deployment:
-                served[entry["kind"]].add(body["replica"])
+            record = decode_entry(entry)
+            if record.deployment == deployment:
+                served[entry["kind"]].add(record.replica)
     finally:
         client.close()
     return served
+
+
+async def engine_over_redis(stack: LocalStack) -> SimulationReport:
+    client = Redis(host="127.0.0.1", port=int(stack.env["LIVELOOP_STACK_REDIS_PORT"]))
+    try:
+        return await run_with_redis(stationary(SEED), PolicySettings(), client)
+    finally:
+        await client.aclose()
 
 
 def test_simulation_through_the_front_door_learns_like_the_core(running_stack: LocalStack) -> None:
@@ -69,26 +82,10 @@ def test_simulation_through_the_front_door_learns_like_the_core(running_stack: L
     # uniform random choice would lose (30% - mean take-up) per round: about 250 clicks here
     assert through_grpc["regret"] < 0.4 * ROUNDS * (0.30 - 0.175)
 
-    # The DecisionEngine in process over the stack's Redis, same seed: same behaviour.
-    redis_port = running_stack.env["LIVELOOP_STACK_REDIS_PORT"]
-    result = running_stack.cli(
-        "simulate",
-        *ARGS,
-        "--seed",
-        str(SEED),
-        "--engine",
-        "redis",
-        "--redis-url",
-        f"redis://127.0.0.1:{redis_port}/0",
-        "--json",
-        timeout=60,
-    )
-    assert result.returncode == 0, f"simulate --engine redis failed:\n{result.stdout}\n{result.stderr}"
-    in_process = json.loads(result.stdout)
-    assert in_process["regret"] == pytest.approx(
-        in_memory.regret, abs=1e-3
-    )  # same draws, same choices (JSON rounds to 4 places)
-    assert in_process["best_share_last_window"] >= 0.7
+    # The DecisionEngine in process over the stack's Redis, same seed: the same choices.
+    in_process = asyncio.run(engine_over_redis(running_stack))
+    assert in_process.regret == pytest.approx(in_memory.regret, abs=1e-9)  # same draws, same choices
+    assert in_process.best_share_last_window >= 0.7
 
     # the simulation deployment was removed again
     listed = running_stack.cli("config", "list", "--json")
