@@ -36,11 +36,15 @@ lint: $(STAMP) ## ruff
 typecheck: $(STAMP) ## mypy --strict on libs/ and services/
 	$(BIN)/mypy
 
+imports: $(STAMP) ## Check the layers: libs/ never imports services/, the policy imports no grpc or Redis
+	$(BIN)/lint-imports
+
 test: $(STAMP) ## Set up .venv and run every check and test (the CI command)
 	$(BIN)/python tools/generate_protos.py --check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 demo: $(STAMP) ## Set up .venv, start the local stack, call it through Envoy, stop it
@@ -62,4 +66,4 @@ fmt: $(STAMP) ## Format and autofix
 clean: ## Remove the local state directory and caches (keeps .venv)
 	rm -rf .liveloop .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help venv protos check-protos envoy-config lint typecheck test demo up status down fmt clean
+.PHONY: help venv protos check-protos envoy-config lint typecheck imports test demo up status down fmt clean

@@ -138,9 +138,12 @@ def _propensities(
                 remaining = values[candidates]
                 tied = candidates[remaining == remaining.max()]
                 q_exploit = 1.0 / len(tied) if chosen in tied else 0.0
-        total = epsilon * likelihood_explore + (1.0 - epsilon) * likelihood_exploit
-        mixed = epsilon * likelihood_explore * q_explore + (1.0 - epsilon) * likelihood_exploit * q_exploit
-        propensities.append(min(1.0, mixed / total))
+        if slot == 0:  # the same arithmetic as the logged first slot, so the two agree to the bit
+            propensities.append(float(first_slot.propensities[chosen]))
+        else:
+            total = epsilon * likelihood_explore + (1.0 - epsilon) * likelihood_exploit
+            mixed = epsilon * likelihood_explore * q_explore + (1.0 - epsilon) * likelihood_exploit * q_exploit
+            propensities.append(min(1.0, mixed / total))
         likelihood_explore *= q_explore
         likelihood_exploit *= q_exploit
         allowed[chosen] = False
