@@ -107,7 +107,14 @@ class Contact:
             "outcomes": self.first_slot.outcomes,
             "counts": {str(index): count for index, count in self.first_slot.counts.items()},
             "shown": [
-                [row.offer, row.rank, _significant(row.score), row.propensity, row.explored, row.model_score]
+                [
+                    row.offer,
+                    row.rank,
+                    _significant(row.score),
+                    row.propensity,
+                    row.explored,
+                    _finite(row.model_score),
+                ]
                 for row in self.shown
             ],
             "explore": self.explore,
@@ -161,6 +168,10 @@ def _significant(value: float) -> float:
     if not math.isfinite(value) or value == 0:
         return 0.0 if not math.isfinite(value) else value
     return float(f"{value:.{SCORE_DIGITS}g}")
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
 
 
 def _text(value: Any) -> str:

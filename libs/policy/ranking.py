@@ -142,7 +142,9 @@ def _propensities(
             propensities.append(float(first_slot.propensities[chosen]))
         else:
             total = epsilon * likelihood_explore + (1.0 - epsilon) * likelihood_exploit
-            mixed = epsilon * likelihood_explore * q_explore + (1.0 - epsilon) * likelihood_exploit * q_exploit
+            mixed = (
+                epsilon * likelihood_explore * q_explore + (1.0 - epsilon) * likelihood_exploit * q_exploit
+            )
             propensities.append(min(1.0, mixed / total))
         likelihood_explore *= q_explore
         likelihood_exploit *= q_exploit

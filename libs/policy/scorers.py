@@ -131,9 +131,9 @@ class ThompsonScorer(Scorer):
         alpha, beta, impressions, take_up = self._posterior(
             request.offers, request.statistics, {**request.categorical_context, **request.numeric_context}
         )
-        draws = self._pool(request, alpha, beta)
+        draws = self._pool(request, alpha, beta)  # the pool itself: read it before the next call
         row = int(request.rng.integers(POSTERIOR_DRAWS))
-        return Scores(draws[row], alpha / (alpha + beta), impressions, draws, take_up)
+        return Scores(draws[row].copy(), alpha / (alpha + beta), impressions, draws, take_up)
 
     def _pool(self, request: ScoringRequest, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
         """The segment's POSTERIOR_DRAWS weighted posterior draws, refreshed for this call."""

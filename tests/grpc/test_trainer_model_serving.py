@@ -170,13 +170,18 @@ async def test_invoke_ranks_offers_by_the_models_take_up_with_honest_propensitie
             assert abs(row.arm_reward - expected[row.offer]) <= 1e-6
             assert abs(row.model_score - expected[row.offer]) <= 1e-6
             assert abs(row.score - expected[row.offer]) <= 1e-6
-            top = (1 - EPSILON) + EPSILON / 3
-            assert row.propensity == pytest.approx(top if row.offer == best else EPSILON / 3)
+            assert 0 < row.propensity <= 1
+        # Rank 1: P(first) = (1 - eps) + eps / 3 for the model's best, eps / 3 for the others.
+        top = (1 - EPSILON) + EPSILON / 3
+        assert rows[0].propensity == pytest.approx(top if rows[0].offer == best else EPSILON / 3)
         if reply.explore:
             explored += 1
         else:
             exploited += 1
             assert [row.offer for row in rows] == sorted(OFFERS, key=lambda o: -expected[o])
+            # Rank 2 given rank 1: the exploiting branch is sure of it, exploring picks 1 of 2.
+            second = (EPSILON / 3 / 2 + (1 - EPSILON)) / (EPSILON / 3 + (1 - EPSILON))
+            assert [row.propensity for row in rows] == pytest.approx([top, second, 1.0])
     assert exploited > 0
 
 

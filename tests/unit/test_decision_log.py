@@ -129,6 +129,6 @@ def test_an_entry_that_is_not_a_record_is_refused_with_a_kind(entry: dict[str, s
 
 
 def test_a_contact_costs_about_this_many_bytes() -> None:
-    """Documented in the README: the body of a contact with 3 eligible offers, 2 shown."""
+    """The whole entry of a contact with 3 eligible offers, 2 shown, 3 context values and 3 features."""
     size = sum(len(key) + len(value) for key, value in CONTACT.encode().items())
     assert 500 < size < 1000, size

@@ -19,6 +19,7 @@ from libs.policy.context import (
     derive_context,
     parse_number_of_offers,
     parse_params,
+    segment_reads_features,
 )
 from libs.policy.deployment import PreparedDeployment
 from libs.policy.eligibility import rule_holds
@@ -266,6 +267,33 @@ def test_without_segment_variables_the_segment_is_all() -> None:
     )
     assert derive_context(bare, features={}, params={}, channel="app").segment == "all"
     assert DeploymentSpec.model_validate({"name": "x", "offers": [{"id": "a"}]}).segment_variables == []
+
+
+def test_whether_the_segment_can_depend_on_the_features() -> None:
+    """The engine reads a segment's statistics with the features when the segment is known from
+    the request alone; a feature, or a virtual variable built on one, in the segment means not."""
+    assert segment_reads_features(spec())  # age_band (from the feature age) and gender
+    from_params = [
+        {"name": "channel", "source": "param", "default": "app"},
+        {"name": "spend", "source": "feature", "kind": "numeric", "segment": False},
+        {"name": "tier", "source": "feature", "segment": False},
+        {
+            "name": "where",
+            "source": "virtual",
+            "transform": {"kind": "concat", "inputs": ["channel", "channel"]},
+        },
+    ]
+    assert not segment_reads_features(spec(context_variables=from_params))
+    built_on_a_feature = [
+        *from_params,
+        {
+            "name": "mixed",
+            "source": "virtual",
+            "transform": {"kind": "concat", "inputs": ["channel", "tier"]},
+        },
+    ]
+    assert segment_reads_features(spec(context_variables=built_on_a_feature))
+    assert not segment_reads_features(spec(context_variables=[]))
 
 
 # Eligibility rules ----------------------------------------------------------------------------

@@ -180,8 +180,10 @@ class DecisionEngine:
         request: InvokeInput,
         params: Mapping[str, Any],
     ) -> tuple[dict[str, str] | None, Context, list[Offer], Statistics]:
-        """The customer's features (None: none found), context, eligible offers and statistics, read in one round trip when neither the segment nor (for per-offer
-        statistics) the eligible offers depend on the features, in two otherwise."""
+        """The customer's features (None: none found), context, eligible offers and statistics:
+        in one round trip when the statistics' keys do not depend on the features (naive Bayes
+        counts always; arm statistics when the segment comes from the request alone), in two
+        otherwise (the segment or, for linear models, the eligible offers must be known first)."""
         spec = prepared.spec
         store = self.options.statistics[plan.scorer.statistics]
         now = self.options.now()
@@ -191,8 +193,10 @@ class DecisionEngine:
         if lookup is not None:
             entity = request.customer if lookup.key == "customer" else request.userid
             pipeline.hgetall(redis_keys.online_features(lookup.feature_view, entity))
-            if not prepared.segment_reads_features and store.kind != "linear":
-                # The segment is known from the request: its statistics come in the same trip.
+            if store.keyed_by == "deployment" or (
+                store.keyed_by == "segment" and not prepared.segment_reads_features
+            ):
+                # The key is known from the request: the statistics come in the same trip.
                 segment = derive_context(spec, {}, params, request.channel).segment
                 reader = store.queue_read(
                     pipeline, Scope(spec.name, generation, segment), (), plan.policy, now

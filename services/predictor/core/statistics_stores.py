@@ -16,7 +16,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 from redis.asyncio import Redis
@@ -142,8 +142,13 @@ class Scope:
 StatisticsReader = Callable[[Iterator[Any]], Statistics]
 
 
+# What a store's keys depend on, so the engine knows when it can read them with the features.
+KeyedBy = Literal["deployment", "segment", "eligible_offers"]
+
+
 class StatisticsStore(Protocol):
     kind: StatisticsKind
+    keyed_by: KeyedBy
 
     def queue_read(
         self, pipeline: Any, scope: Scope, offers: Sequence[str], policy: ArmPolicy, now: float
@@ -187,6 +192,7 @@ class ArmStatistics:
     the impressions of the last `max_age`."""
 
     kind: StatisticsKind = "arms"
+    keyed_by: KeyedBy = "segment"
 
     def __init__(self, redis: Redis, max_age: float = 0.0) -> None:
         self._redis = redis
@@ -307,6 +313,7 @@ class NaiveBayesCounts:
     (`<offer>|<variable>=<value>|n|s`), each a HINCRBYFLOAT."""
 
     kind: StatisticsKind = "naive_bayes"
+    keyed_by: KeyedBy = "deployment"
 
     def queue_read(
         self, pipeline: Any, scope: Scope, offers: Sequence[str], policy: ArmPolicy, now: float
@@ -360,6 +367,7 @@ class LinearModels:
     (UPDATE_LINEAR), b += reward x on a response (ADD_TO_B). The contact keeps x."""
 
     kind: StatisticsKind = "linear"
+    keyed_by: KeyedBy = "eligible_offers"
 
     def queue_read(
         self, pipeline: Any, scope: Scope, offers: Sequence[str], policy: ArmPolicy, now: float

@@ -1,0 +1,91 @@
+"""How many Redis round trips an Invoke costs, on a real Redis: the reads (features and statistics)
+in one when the statistics' key is known from the request, two when the segment comes from the
+customer's features; the writes (impressions, contact, decision log) always in one more."""
+
+from __future__ import annotations
+
+import uuid as uuid_module
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from libs.common import redis_keys
+from libs.common.deployment_spec import deployment_spec_from_mapping
+from services.predictor.core.decision import DecisionEngine, InvokeInput
+from services.predictor.core.engine_simulation import applied_config
+from services.predictor.core.options_store import OptionsStore
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+
+class CountingRedis(Redis):
+    """A real client that counts the pipelines it sends (one pipeline, one round trip)."""
+
+    executed = 0
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+        pipeline = super().pipeline(transaction=transaction, shard_hint=shard_hint)
+        execute = pipeline.execute
+        client = self
+
+        async def counted(raise_on_error: bool = True) -> Any:
+            client.executed += 1
+            return await execute(raise_on_error)
+
+        pipeline.execute = counted  # type: ignore[method-assign]
+        return pipeline
+
+
+@pytest.fixture
+async def counting(redis_url: str) -> AsyncIterator[CountingRedis]:
+    client = CountingRedis.from_url(redis_url)
+    assert isinstance(client, CountingRedis)
+    yield client
+    await client.aclose()
+
+
+def document(name: str, segment_source: str, algorithm: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "offers": [{"id": f"o{i}"} for i in range(5)],
+        "algorithm": {"approach": algorithm, **({"features": ["age"]} if algorithm == "linucb" else {})},
+        "context_variables": [
+            {"name": "tier", "source": segment_source, "default": "basic"},
+            {"name": "age", "source": "feature", "kind": "numeric", "default": 30, "segment": False},
+        ],
+        "feature_lookup": {"feature_view": name.replace("-", "_")},
+    }
+
+
+@pytest.mark.parametrize(
+    ("segment_source", "algorithm", "trips"),
+    [
+        ("param", "thompson", 2),  # features + arm statistics, then the writes
+        ("feature", "thompson", 3),  # features, then the segment's arm statistics, then the writes
+        ("feature", "naive_bayes", 2),  # one hash per deployment, whatever the segment
+        ("param", "linucb", 3),  # per eligible offer: the offers must be known first
+    ],
+)
+async def test_an_invoke_costs_the_round_trips_it_needs(
+    counting: CountingRedis, segment_source: str, algorithm: str, trips: int
+) -> None:
+    name = f"trips-{uuid_module.uuid4().hex[:8]}"
+    spec = deployment_spec_from_mapping(document(name, segment_source, algorithm))
+    await counting.hset(
+        redis_keys.online_features(name.replace("-", "_"), "c1"), mapping={"tier": "gold", "age": "41"}
+    )
+    engine = DecisionEngine(OptionsStore(counting), "replica-trips")
+    config = applied_config(spec)
+    request = InvokeInput(
+        "", "", "", "c1", "", 2, {"tier": "gold"} if segment_source == "param" else None, None, name
+    )
+    first = await engine.invoke(request, config)  # reads the options generation once (cached after)
+    assert first.segment == "tier=gold"
+    before = counting.executed
+    decision = await engine.invoke(request, config)
+    assert counting.executed - before == trips
+    assert decision.segment == "tier=gold"
+    assert len(decision.offers) == 2
+    assert decision.context["age"] == 41.0  # the features were read
