@@ -18,14 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from libs.common import decision_log, redis_keys
+from libs.common import decision_log
 from libs.common.config_follower import AppliedConfig, AppliedDeployment
 from libs.common.deployment_spec import Offer
 from libs.common.errors import InvalidArgument, NotFound
 from libs.policy.context import Context, derive_context, parse_number_of_offers, parse_params
 from libs.policy.deployment import Choice, PreparedDeployment, RankedOffer, VariantPlan
 from libs.policy.statistics import Statistics
-from services.predictor.core.options_store import DECISION_LOG_MAX_LENGTH, OptionsStore
+from services.predictor.core.options_store import OptionsStore
 from services.predictor.core.statistics_stores import Scope
 
 CONTACT_MINIMUM_TTL_SECONDS = 24 * 3600
@@ -188,11 +188,11 @@ class DecisionEngine:
         store = self.options.statistics[plan.scorer.statistics]
         now = self.options.now()
         lookup = spec.feature_lookup
-        pipeline = self.options.redis.pipeline(transaction=False)
+        pipeline = self.options.pipeline()
         reader = None
         if lookup is not None:
             entity = request.customer if lookup.key == "customer" else request.userid
-            pipeline.hgetall(redis_keys.online_features(lookup.feature_view, entity))
+            self.options.queue_features(pipeline, lookup.feature_view, entity)
             if store.keyed_by == "deployment" or (
                 store.keyed_by == "segment" and not prepared.segment_reads_features
             ):
@@ -231,11 +231,10 @@ class DecisionEngine:
         now = self.options.now()
         store = self.options.statistics[plan.scorer.statistics]
         shown = [row.offer.id for row in decision.offers]
-        pipeline = self.options.redis.pipeline(transaction=False)
+        pipeline = self.options.pipeline()
         store.queue_impressions(pipeline, scope, shown, plan, context, now)
         categorical = {k: v for k, v in context.values.items() if isinstance(v, str)}
-        contact_key = redis_keys.contact(decision.uuid)
-        fields: dict[Any, Any] = {
+        fields = {
             "deployment": spec_name,
             "revision": decision.config_revision,
             "variant": decision.variant,
@@ -247,8 +246,8 @@ class DecisionEngine:
             "context": json.dumps(categorical),
             **store.contact_fields(plan, context),
         }
-        pipeline.hset(contact_key, mapping=fields)
-        pipeline.expire(contact_key, int(max(2 * reward_window, CONTACT_MINIMUM_TTL_SECONDS)))
+        ttl = max(2 * reward_window, CONTACT_MINIMUM_TTL_SECONDS)
+        self.options.queue_contact(pipeline, decision.uuid, fields, ttl)
         first_slot = choice.first_slot
         record = decision_log.Contact(
             uuid=decision.uuid,
@@ -281,8 +280,7 @@ class DecisionEngine:
             model=decision.model,
             latency_ms=(time.perf_counter() - started) * 1000,
         )
-        entry: dict[Any, Any] = record.encode()
-        pipeline.xadd(redis_keys.DECISION_STREAM, entry, maxlen=DECISION_LOG_MAX_LENGTH, approximate=True)
+        self.options.queue_log(pipeline, record)
         await pipeline.execute()
 
     async def respond(self, request: RespondInput, config: ServedConfig | None) -> ResponseOutcome:
@@ -290,13 +288,12 @@ class DecisionEngine:
             raise InvalidArgument("must be the uuid of an earlier Invoke", field="uuid")
         if len(request.uuid) > 64:
             raise InvalidArgument("is not a uuid", field="uuid")
-        raw = await self.options.redis.hgetall(redis_keys.contact(request.uuid))
-        if not raw:
+        contact = await self.options.read_contact(request.uuid)
+        if contact is None:
             raise NotFound(
                 f"no contact with uuid '{request.uuid}' (unknown, or older than its reward window)",
                 field="uuid",
             )
-        contact = {_text(k): _text(v) for k, v in raw.items()}
         deployment = contact["deployment"]
         shown: list[str] = json.loads(contact["offers"])
         applied = config.deployments.get(deployment) if config is not None else None
@@ -307,7 +304,11 @@ class DecisionEngine:
             # Checked before the response is marked: a refused one can be sent again, corrected.
             if not math.isfinite(request.reward):
                 raise InvalidArgument(f"must be a finite number, got {request.reward}", field="reward")
-            if request.reward < 0 and plan is not None and plan.scorer.statistics != "linear":
+            if (
+                request.reward < 0
+                and plan is not None
+                and not self.options.statistics[plan.scorer.statistics].takes_negative_rewards
+            ):
                 # Success counts cannot go down: a negative count makes the Beta posterior invalid.
                 raise InvalidArgument(
                     f"must not be negative for '{plan.algorithm.approach}' (it counts successes)",
@@ -322,7 +323,7 @@ class DecisionEngine:
             raise NotFound(f"the contact '{request.uuid}' expired", field="uuid")
         duplicate = (bool(accepted) and not fresh) or (not accepted and contact.get("responded") == "1")
         learned = False
-        pipeline = self.options.redis.pipeline(transaction=False)
+        pipeline = self.options.pipeline()
         if prepared is not None and plan is not None and not late and fresh:
             reward = request.reward if request.reward is not None else prepared.spec.reward.default_reward
             scope = Scope(deployment, contact.get("generation", "0"), contact["segment"])
@@ -341,8 +342,7 @@ class DecisionEngine:
             duplicate=duplicate,
             replica=self.replica_id,
         )
-        entry: dict[Any, Any] = record.encode()
-        pipeline.xadd(redis_keys.DECISION_STREAM, entry, maxlen=DECISION_LOG_MAX_LENGTH, approximate=True)
+        self.options.queue_log(pipeline, record)
         await pipeline.execute()
         if late:
             message = "response logged after the reward window; not learned"

@@ -1,17 +1,18 @@
-"""The options store in Redis: the statistics stores of every kind (statistics_stores.py), the
-live options generation of each deployment, and contacts, kept for the Respond join. The decision
-log stream is written by the decision engine in the format of libs/common/decision_log.py.
+"""The predictor's side of Redis: the statistics stores of every kind (statistics_stores.py), the
+live options generation of each deployment, the customers' online features, contacts (kept for
+the Respond join) and the decision log stream (in the format of libs/common/decision_log.py).
+Writes are queued on a pipeline the caller sends, so one request's writes take one round trip.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
 
-from libs.common import redis_keys
+from libs.common import decision_log, redis_keys
 from libs.policy.statistics import ArmPolicy, Statistics, StatisticsKind
 from services.predictor.core.statistics_stores import (
     ArmStatistics,
@@ -58,6 +59,33 @@ class OptionsStore:
     def redis(self) -> Redis:
         return self._redis
 
+    def pipeline(self) -> Any:
+        """A pipeline (no transaction): what is queued on it goes to Redis in one round trip."""
+        return self._redis.pipeline(transaction=False)
+
+    @staticmethod
+    def queue_features(pipeline: Any, feature_view: str, entity: str) -> None:
+        """The entity's online features (a hash; empty when there are none)."""
+        pipeline.hgetall(redis_keys.online_features(feature_view, entity))
+
+    @staticmethod
+    def queue_contact(pipeline: Any, uuid: str, fields: Mapping[str, Any], ttl_seconds: float) -> None:
+        """Keep what Respond will need of this Invoke for `ttl_seconds`."""
+        key = redis_keys.contact(uuid)
+        pipeline.hset(key, mapping=dict(fields))
+        pipeline.expire(key, int(ttl_seconds))
+
+    async def read_contact(self, uuid: str) -> dict[str, str] | None:
+        """An Invoke's contact (None: unknown, or older than its reward window)."""
+        raw = await self._redis.hgetall(redis_keys.contact(uuid))
+        return {_text(k): _text(v) for k, v in raw.items()} if raw else None
+
+    @staticmethod
+    def queue_log(pipeline: Any, record: decision_log.Contact | decision_log.Response) -> None:
+        """Append a record to the decision log stream (capped at DECISION_LOG_MAX_LENGTH)."""
+        entry: dict[Any, Any] = record.encode()
+        pipeline.xadd(redis_keys.DECISION_STREAM, entry, maxlen=DECISION_LOG_MAX_LENGTH, approximate=True)
+
     def now(self) -> float:
         return float(self._clock())
 
@@ -76,7 +104,7 @@ class OptionsStore:
         self, kind: StatisticsKind, scope: Scope, offers: Sequence[str], policy: ArmPolicy
     ) -> Statistics:
         """One kind of statistics for these offers, in one round trip (none for a kept copy)."""
-        pipeline = self._redis.pipeline(transaction=False)
+        pipeline = self.pipeline()
         reader = self.statistics[kind].queue_read(pipeline, scope, offers, policy, self.now())
         return reader(iter(await pipeline.execute()) if len(pipeline) else iter(()))
 

@@ -149,6 +149,7 @@ KeyedBy = Literal["deployment", "segment", "eligible_offers"]
 class StatisticsStore(Protocol):
     kind: StatisticsKind
     keyed_by: KeyedBy
+    takes_negative_rewards: bool  # counts of successes cannot go down; a linear model's b can
 
     def queue_read(
         self, pipeline: Any, scope: Scope, offers: Sequence[str], policy: ArmPolicy, now: float
@@ -193,6 +194,7 @@ class ArmStatistics:
 
     kind: StatisticsKind = "arms"
     keyed_by: KeyedBy = "segment"
+    takes_negative_rewards = False
 
     def __init__(self, redis: Redis, max_age: float = 0.0) -> None:
         self._redis = redis
@@ -314,6 +316,7 @@ class NaiveBayesCounts:
 
     kind: StatisticsKind = "naive_bayes"
     keyed_by: KeyedBy = "deployment"
+    takes_negative_rewards = False
 
     def queue_read(
         self, pipeline: Any, scope: Scope, offers: Sequence[str], policy: ArmPolicy, now: float
@@ -368,6 +371,7 @@ class LinearModels:
 
     kind: StatisticsKind = "linear"
     keyed_by: KeyedBy = "eligible_offers"
+    takes_negative_rewards = True
 
     def queue_read(
         self, pipeline: Any, scope: Scope, offers: Sequence[str], policy: ArmPolicy, now: float
