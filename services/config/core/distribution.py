@@ -200,8 +200,6 @@ class ReplicaRegistry:
         record.pending.clear()
         record.refresh.clear()
         record.last_seen = datetime.now(UTC)
-        if subscribe.known_revision and not record.applied_revision:
-            record.applied_revision = subscribe.known_revision  # from its last-known-good copy
         return record
 
     def disconnect(self, record: ReplicaRecord) -> None:
@@ -269,13 +267,20 @@ class WatchSession:
         followed = subscribe.deployments
         sent = subscribe.known_revision
         head = await asyncio.to_thread(self._store.head_revision)
+        held_revisions: dict[str, int] | None = None
+        if 0 < sent <= head and not record.deployment_revisions:
+            # A registry that never saw this replica (this service restarted, say) takes its word
+            # that it holds what it follows as of `sent`, so ReplicaStatus can list it.
+            held, _ = await asyncio.to_thread(self._store.list_current, followed, sent)
+            held_revisions = {d.deployment: d.revision for d in held}
+        # The revision it holds (from its last-known-good copy) and what that revision holds are
+        # set together, with no await in between: a status never shows one without the other.
+        if held_revisions is not None:
+            record.deployment_revisions = held_revisions
+        if sent and not record.applied_revision:
+            record.applied_revision = sent
         changes: list[StoredRevision] = []
         if 0 < sent <= head:
-            if not record.deployment_revisions:
-                # A registry that never saw this replica (this service restarted, say) takes its
-                # word that it holds what it follows as of `sent`, so ReplicaStatus can list it.
-                held, _ = await asyncio.to_thread(self._store.list_current, followed, sent)
-                record.deployment_revisions = {d.deployment: d.revision for d in held}
             changes = await asyncio.to_thread(self._store.changes_after, sent, followed, MAX_REPLAY + 1)
         if sent == 0 or sent > head or len(changes) > MAX_REPLAY:
             # Nothing to replay from (new replica, or a store that was reset), or too much.
