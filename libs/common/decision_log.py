@@ -53,7 +53,7 @@ class FirstSlot:
 
     epsilon: float
     outcomes: int  # the exploiting branch's equally likely outcomes
-    counts: Mapping[int, int]  # eligible offer index -> outcomes that put it first (others: 0)
+    counts: Mapping[int, int]  # eligible offer index -> outcomes that put it first (absent: 0)
 
     def propensity(self, index: int, eligible: int) -> float:
         return self.epsilon / eligible + (1.0 - self.epsilon) * self.counts.get(index, 0) / self.outcomes
@@ -105,7 +105,7 @@ class Contact:
             "scores": [_significant(value) for value in self.eligible_scores],
             "epsilon": self.first_slot.epsilon,
             "outcomes": self.first_slot.outcomes,
-            "counts": {str(index): count for index, count in self.first_slot.counts.items()},
+            "counts": [self.first_slot.counts.get(index, 0) for index in range(len(self.eligible))],
             "shown": [
                 [
                     row.offer,
@@ -207,9 +207,10 @@ def _contact(uuid: str, body: Mapping[str, Any]) -> Contact:
         raise MalformedEntry(
             "malformed_body", f"contact {uuid}: {len(eligible)} offers, {len(scores)} scores"
         )
-    counts = {int(index): int(count) for index, count in body["counts"].items()}
-    if any(not 0 <= index < len(eligible) for index in counts):
-        raise MalformedEntry("malformed_body", f"contact {uuid}: a count names no eligible offer")
+    dense = [int(count) for count in body["counts"]]
+    if len(dense) != len(eligible):
+        raise MalformedEntry("malformed_body", f"contact {uuid}: {len(eligible)} offers, {len(dense)} counts")
+    counts = {index: count for index, count in enumerate(dense) if count}
     return Contact(
         uuid=uuid,
         time=float(body["time"]),
