@@ -3,7 +3,7 @@
 One module, beside the key layout, so writer and readers agree on every field.
 
 A stream entry has the fields `kind` ("contact" or "response"), `uuid`, `schema` (the
-SCHEMA_VERSION it was written with) and `body` (compact JSON). `decode_entry` turns an entry back
+SCHEMA_VERSION it was written with) and `body` (compact JSON; scores rounded to SCORE_DECIMALS places). `decode_entry` turns an entry back
 into a `Contact` or a `Response` and raises `MalformedEntry` (with a short `kind` for counting)
 for anything else: an unknown schema version, a body that is not the record, a missing field.
 
@@ -23,8 +23,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
+
 SCHEMA_VERSION = 1
-SCORE_DIGITS = 6  # significant digits of the eligible offers' scores (the propensities are exact)
+SCORE_DECIMALS = 6  # decimal places of the eligible offers' scores (the propensities are exact)
 
 EntryKind = Literal["contact", "response"]
 
@@ -53,10 +55,10 @@ class FirstSlot:
 
     epsilon: float
     outcomes: int  # the exploiting branch's equally likely outcomes
-    counts: Mapping[int, int]  # eligible offer index -> outcomes that put it first (absent: 0)
+    counts: Sequence[int]  # per eligible offer: the outcomes that put it first
 
-    def propensity(self, index: int, eligible: int) -> float:
-        return self.epsilon / eligible + (1.0 - self.epsilon) * self.counts.get(index, 0) / self.outcomes
+    def propensity(self, index: int) -> float:
+        return self.epsilon / len(self.counts) + (1.0 - self.epsilon) * self.counts[index] / self.outcomes
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ class Contact:
 
     def first_slot_propensities(self) -> list[float]:
         """Per eligible offer, P(the logging policy shows it first)."""
-        return [self.first_slot.propensity(i, len(self.eligible)) for i in range(len(self.eligible))]
+        return [self.first_slot.propensity(i) for i in range(len(self.eligible))]
 
     def encode(self) -> dict[str, str]:
         body = {
@@ -102,15 +104,15 @@ class Contact:
             "context": dict(self.context),
             "features": dict(self.features),
             "eligible": list(self.eligible),
-            "scores": [_significant(value) for value in self.eligible_scores],
+            "scores": _rounded_all(self.eligible_scores),
             "epsilon": self.first_slot.epsilon,
             "outcomes": self.first_slot.outcomes,
-            "counts": [self.first_slot.counts.get(index, 0) for index in range(len(self.eligible))],
+            "counts": list(self.first_slot.counts),
             "shown": [
                 [
                     row.offer,
                     row.rank,
-                    _significant(row.score),
+                    _rounded(row.score),
                     row.propensity,
                     row.explored,
                     _finite(row.model_score),
@@ -164,10 +166,15 @@ def _entry(kind: EntryKind, uuid: str, body: Mapping[str, Any]) -> dict[str, str
     }
 
 
-def _significant(value: float) -> float:
-    if not math.isfinite(value) or value == 0:
-        return 0.0 if not math.isfinite(value) else value
-    return float(f"{value:.{SCORE_DIGITS}g}")
+def _rounded_all(values: Sequence[float]) -> list[float]:
+    array = np.asarray(values, dtype=np.float64)
+    finite = np.where(np.isfinite(array), array, 0.0)
+    rounded: list[float] = np.round(finite, SCORE_DECIMALS).tolist()
+    return rounded
+
+
+def _rounded(value: float) -> float:
+    return round(value, SCORE_DECIMALS) if math.isfinite(value) else 0.0
 
 
 def _finite(value: float | None) -> float | None:
@@ -207,10 +214,11 @@ def _contact(uuid: str, body: Mapping[str, Any]) -> Contact:
         raise MalformedEntry(
             "malformed_body", f"contact {uuid}: {len(eligible)} offers, {len(scores)} scores"
         )
-    dense = [int(count) for count in body["counts"]]
-    if len(dense) != len(eligible):
-        raise MalformedEntry("malformed_body", f"contact {uuid}: {len(eligible)} offers, {len(dense)} counts")
-    counts = {index: count for index, count in enumerate(dense) if count}
+    counts = [int(count) for count in body["counts"]]
+    if len(counts) != len(eligible):
+        raise MalformedEntry(
+            "malformed_body", f"contact {uuid}: {len(eligible)} offers, {len(counts)} counts"
+        )
     return Contact(
         uuid=uuid,
         time=float(body["time"]),

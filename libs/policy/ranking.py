@@ -67,7 +67,9 @@ def rank(
 ) -> Ranking:
     """Rank the eligible offers (in the order `scores` has them) and say how likely that was."""
     width = len(categories)
-    values = np.where(np.isnan(scores.score), -np.inf, scores.score)
+    values = scores.score
+    if scores.outcomes is None:  # a draw is never NaN; a model's value might be: it ranks last
+        values = np.where(np.isnan(values), -np.inf, values)
     explore = bool(rng.random() < epsilon)
     if explore:
         order = rng.permutation(width)
@@ -118,36 +120,36 @@ def _propensities(
     labels = np.asarray(categories) if limit is not None else None
     allowed = np.ones(width, dtype=bool)
     rows = np.arange(len(outcomes)) if outcomes is not None else None
-    likelihood_explore = likelihood_exploit = 1.0
     propensities: list[float] = []
+    likelihood_explore = likelihood_exploit = 1.0
     for slot, chosen in enumerate(shown):
-        candidates = np.flatnonzero(allowed)
-        q_explore = 1.0 / len(candidates)
-        q_exploit = 0.0
         if slot == 0:
-            q_exploit = int(first_slot.counts[chosen]) / first_slot.outcomes
+            count = int(first_slot.counts[chosen])
+            # The same arithmetic as FirstSlotCounts.propensities, so the two agree to the bit.
+            propensities.append(epsilon / width + (1.0 - epsilon) * count / first_slot.outcomes)
+            likelihood_explore, likelihood_exploit = 1.0 / width, count / first_slot.outcomes
             if rows is not None:
                 rows = rows[winners == chosen]
-        elif likelihood_exploit > 0:
-            if outcomes is not None and rows is not None:
-                slot_winners = candidates[outcomes[rows][:, candidates].argmax(axis=1)]
+        else:
+            candidates = np.flatnonzero(allowed)
+            q_explore = 1.0 / len(candidates)
+            q_exploit = 0.0
+            if likelihood_exploit > 0 and rows is not None and outcomes is not None:
+                slot_winners = candidates[outcomes[np.ix_(rows, candidates)].argmax(axis=1)]
                 matching = slot_winners == chosen
                 q_exploit = int(matching.sum()) / len(rows)
                 rows = rows[matching]
-            else:
+            elif likelihood_exploit > 0:
                 remaining = values[candidates]
                 tied = candidates[remaining == remaining.max()]
                 q_exploit = 1.0 / len(tied) if chosen in tied else 0.0
-        if slot == 0:  # the same arithmetic as the logged first slot, so the two agree to the bit
-            propensities.append(float(first_slot.propensities[chosen]))
-        else:
             total = epsilon * likelihood_explore + (1.0 - epsilon) * likelihood_exploit
             mixed = (
                 epsilon * likelihood_explore * q_explore + (1.0 - epsilon) * likelihood_exploit * q_exploit
             )
             propensities.append(min(1.0, mixed / total))
-        likelihood_explore *= q_explore
-        likelihood_exploit *= q_exploit
+            likelihood_explore *= q_explore
+            likelihood_exploit *= q_exploit
         allowed[chosen] = False
         if labels is not None and limit is not None:
             category = labels[chosen]

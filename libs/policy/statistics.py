@@ -77,6 +77,7 @@ class ArmPolicy:
 
 
 _ARM_FIELDS = ("n", "s", "t", "pa", "pb", "wb", "wn", "ws", "pn", "ps")
+_COUNT_FIELDS = ("n", "s", "pa", "pb", "wn", "ws", "pn", "ps")
 _PARSE_PLANS_KEPT = 256
 
 
@@ -124,8 +125,12 @@ class ArmTable(Mapping[str, ArmCounts]):
         successes: np.ndarray,
         prior_alpha: np.ndarray,
         prior_beta: np.ndarray,
+        *,
+        index: Mapping[str, int] | None = None,
     ) -> None:
-        self._index = {offer: position for position, offer in enumerate(offers)}
+        self._index = (
+            index if index is not None else {offer: position for position, offer in enumerate(offers)}
+        )
         # One zero row at the end stands for every offer without statistics.
         self._columns = tuple(
             np.append(column.astype(np.float64), 0.0)
@@ -151,54 +156,74 @@ class ArmTable(Mapping[str, ArmCounts]):
         return n, s, pa, pb
 
 
+@dataclass(frozen=True)
+class ArmFields:
+    """An arm hash read once (`<offer>|<field>` -> number): each field as a column over the offers,
+    NaN where absent. `at` decays it to a moment, so a replica that keeps a segment's hash for a
+    while parses its text once and only decays it per request."""
+
+    offers: tuple[str, ...]
+    index: Mapping[str, int]  # offer -> its row
+    columns: Mapping[str, np.ndarray]  # field -> per offer
+
+    @classmethod
+    def read(cls, raw: Mapping[Any, Any]) -> ArmFields:
+        """A field whose value is not a number is ignored."""
+        plan = _parse_plan(tuple(raw))
+        try:
+            values = np.fromiter((float(value) for value in raw.values()), np.float64, len(raw))
+        except ValueError:  # a field that is not a number: the careful path
+            return cls.read(_numbers_only(raw))
+        padded = np.append(values, np.nan)  # position -1 reads the NaN: "absent"
+        index = {offer: position for position, offer in enumerate(plan.offers)}
+        columns = {name: padded[rows] for name, rows in plan.positions.items()}
+        for name in _COUNT_FIELDS:  # absent counts are zero; only times keep their NaN
+            columns[name] = np.nan_to_num(columns[name])
+        return cls(plan.offers, index, columns)
+
+    def at(self, policy: ArmPolicy, now: float) -> ArmTable:
+        """The arms decayed to `now` (half-life, two-bucket window), vectorised over the offers."""
+        field = self.columns.__getitem__
+        n, s = field("n"), field("s")
+        if policy.half_life_seconds > 0:
+            elapsed = np.maximum(now - np.where(np.isnan(field("t")), now, field("t")), 0.0)
+            factor = np.power(0.5, elapsed / policy.half_life_seconds)
+            n, s = n * factor, s * factor
+        if policy.window_seconds > 0:
+            window = policy.window_seconds
+            begun = field("wb")
+            windowed = ~np.isnan(begun)
+            elapsed = now - np.nan_to_num(begun)
+            wn, ws, pn, ps = field("wn"), field("ws"), field("pn"), field("ps")
+            expired = elapsed >= 2 * window
+            previous = (elapsed >= window) & ~expired
+            fading = np.maximum(0.0, 1.0 - (elapsed - window) / window)
+            current = np.maximum(0.0, 1.0 - elapsed / window)
+            window_n = np.where(expired, 0.0, np.where(previous, wn * fading, wn + pn * current))
+            window_s = np.where(expired, 0.0, np.where(previous, ws * fading, ws + ps * current))
+            n, s = np.where(windowed, window_n, n), np.where(windowed, window_s, s)
+        return ArmTable(
+            self.offers,
+            n,
+            np.minimum(s, n),
+            field("pa"),
+            field("pb"),
+            index=self.index,
+        )
+
+
 def parse_arms(raw: Mapping[Any, Any], policy: ArmPolicy, now: float) -> ArmTable:
     """An arm hash (`<offer>|<field>` -> number) decayed to `now`, vectorised over its offers.
     A field whose value is not a number is ignored."""
-    plan = _parse_plan(tuple(raw))
-    try:
-        values = np.fromiter((float(value) for value in raw.values()), np.float64, len(raw))
-    except ValueError:  # a field that is not a number: the careful path
-        return _parse_arms_field_by_field(raw, policy, now)
-    padded = np.append(values, np.nan)  # position -1 reads the NaN: "absent"
-
-    def field(name: str) -> np.ndarray:
-        column: np.ndarray = padded[plan.positions[name]]
-        return column
-
-    n, s = np.nan_to_num(field("n")), np.nan_to_num(field("s"))
-    if policy.half_life_seconds > 0:
-        elapsed = np.maximum(now - np.where(np.isnan(field("t")), now, field("t")), 0.0)
-        factor = np.power(0.5, elapsed / policy.half_life_seconds)
-        n, s = n * factor, s * factor
-    if policy.window_seconds > 0:
-        window = policy.window_seconds
-        begun = field("wb")
-        windowed = ~np.isnan(begun)
-        elapsed = now - np.nan_to_num(begun)
-        wn, ws = np.nan_to_num(field("wn")), np.nan_to_num(field("ws"))
-        pn, ps = np.nan_to_num(field("pn")), np.nan_to_num(field("ps"))
-        expired = elapsed >= 2 * window
-        previous = (elapsed >= window) & ~expired
-        fading = np.maximum(0.0, 1.0 - (elapsed - window) / window)
-        current = np.maximum(0.0, 1.0 - elapsed / window)
-        window_n = np.where(expired, 0.0, np.where(previous, wn * fading, wn + pn * current))
-        window_s = np.where(expired, 0.0, np.where(previous, ws * fading, ws + ps * current))
-        n, s = np.where(windowed, window_n, n), np.where(windowed, window_s, s)
-    return ArmTable(plan.offers, n, np.minimum(s, n), np.nan_to_num(field("pa")), np.nan_to_num(field("pb")))
+    return ArmFields.read(raw).at(policy, now)
 
 
-def _parse_arms_field_by_field(
-    raw: Mapping[bytes | str, bytes | str], policy: ArmPolicy, now: float
-) -> ArmTable:
-    fields: dict[str, dict[str, float]] = {}
+def _numbers_only(raw: Mapping[bytes | str, bytes | str]) -> dict[str, str]:
+    numbers: dict[str, str] = {}
     for key, value in raw.items():
-        name = key.decode() if isinstance(key, bytes) else key
-        offer, _, part = name.rpartition("|")
         try:
-            fields.setdefault(offer, {})[part] = float(value)
+            number = float(value)
         except ValueError:
             continue
-    filtered = {
-        f"{offer}|{part}": str(value) for offer, parts in fields.items() for part, value in parts.items()
-    }
-    return parse_arms(filtered, policy, now)
+        numbers[key.decode() if isinstance(key, bytes) else key] = str(number)
+    return numbers

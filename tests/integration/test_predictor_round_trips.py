@@ -21,9 +21,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 
 class CountingRedis(Redis):
-    """A real client that counts the pipelines it sends (one pipeline, one round trip)."""
+    """A real client that counts its round trips: each command sent alone, each pipeline."""
 
     executed = 0
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.executed += 1
+        return await super().execute_command(*args, **options)
 
     def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
         pipeline = super().pipeline(transaction=transaction, shard_hint=shard_hint)

@@ -35,7 +35,7 @@ CONTACT = Contact(
     features={"gender": "f", "age": "31", "tenure": "12"},
     eligible=["data-1", "voice-2", "roaming-3"],
     eligible_scores=[0.123457, 0.0456, 0.0],
-    first_slot=FirstSlot(epsilon=0.05, outcomes=256, counts={0: 200, 1: 56}),
+    first_slot=FirstSlot(epsilon=0.05, outcomes=256, counts=[200, 56, 0]),
     shown=[
         ShownOffer("data-1", 1, 0.123457, 0.05 / 3 + 0.95 * 200 / 256, False, 0.31),
         ShownOffer("voice-2", 2, 0.0456, 0.9876, False, None),
@@ -80,11 +80,11 @@ def test_first_slot_propensities_are_exact_and_sum_to_one() -> None:
     assert propensities[0] == CONTACT.shown[0].propensity
 
 
-def test_scores_keep_six_significant_digits_and_propensities_every_digit() -> None:
+def test_scores_keep_six_decimals_and_propensities_every_digit() -> None:
     precise = Contact(**{**CONTACT.__dict__, "eligible_scores": [0.12345678901, 1e-9, 2.5]})
     back = decode_entry(precise.encode())
     assert isinstance(back, Contact)
-    assert back.eligible_scores == [0.123457, 1e-9, 2.5]
+    assert back.eligible_scores == [0.123457, 0.0, 2.5]
     assert back.shown[0].propensity == CONTACT.shown[0].propensity
 
 

@@ -188,30 +188,35 @@ class DecisionEngine:
         store = self.options.statistics[plan.scorer.statistics]
         now = self.options.now()
         lookup = spec.feature_lookup
-        pipeline = self.options.pipeline()
-        reader = None
+        statistics: Statistics | None = None
+        raw: dict[Any, Any] = {}
         if lookup is not None:
             entity = request.customer if lookup.key == "customer" else request.userid
-            self.options.queue_features(pipeline, lookup.feature_view, entity)
+            together: Scope | None = None  # statistics to fetch in the features' round trip
             if store.keyed_by == "deployment" or (
                 store.keyed_by == "segment" and not prepared.segment_reads_features
-            ):
-                # The key is known from the request: the statistics come in the same trip.
+            ):  # the statistics' key is known from the request
                 segment = derive_context(spec, {}, params, request.channel).segment
-                reader = store.queue_read(
-                    pipeline, Scope(spec.name, generation, segment), (), plan.policy, now
-                )
-        replies = iter(await pipeline.execute()) if len(pipeline) else iter(())
-        raw = next(replies) if lookup is not None else {}
+                together = Scope(spec.name, generation, segment)
+                if store.kept(together, plan.policy, now) is not None:
+                    together = None  # this replica's copy will do
+            if together is not None:
+                pipeline = self.options.pipeline()
+                self.options.queue_features(pipeline, lookup.feature_view, entity)
+                reader = store.queue_read(pipeline, together, (), plan.policy, now)
+                replies = iter(await pipeline.execute())
+                raw = next(replies)
+                statistics = reader(replies)
+            else:
+                raw = await self.options.read_features(lookup.feature_view, entity)
         features = {_text(k): _text(v) for k, v in raw.items()} if raw else None
         values = {**lookup.defaults, **(features or {})} if lookup is not None else {}
         context = derive_context(spec, values, params, request.channel)
         eligible = prepared.eligible(context, params)
-        if reader is not None:
-            return features, context, eligible, reader(replies)
-        scope = Scope(spec.name, generation, context.segment)
-        offers = [offer.id for offer in eligible]
-        statistics = await self.options.read_statistics(store.kind, scope, offers, plan.policy)
+        if statistics is None:
+            scope = Scope(spec.name, generation, context.segment)
+            offers = [offer.id for offer in eligible]
+            statistics = await self.options.read_statistics(store.kind, scope, offers, plan.policy)
         return features, context, eligible, statistics
 
     async def _record_contact(
@@ -266,9 +271,7 @@ class DecisionEngine:
             eligible=[offer.id for offer in choice.eligible],
             eligible_scores=choice.scores.tolist(),
             first_slot=decision_log.FirstSlot(
-                first_slot.epsilon,
-                first_slot.outcomes,
-                {int(i): int(first_slot.counts[i]) for i in np.flatnonzero(first_slot.counts)},
+                first_slot.epsilon, first_slot.outcomes, first_slot.counts.tolist()
             ),
             shown=[
                 decision_log.ShownOffer(

@@ -68,6 +68,11 @@ class OptionsStore:
         """The entity's online features (a hash; empty when there are none)."""
         pipeline.hgetall(redis_keys.online_features(feature_view, entity))
 
+    async def read_features(self, feature_view: str, entity: str) -> dict[Any, Any]:
+        """The same in a command of its own (cheaper than a pipeline of one)."""
+        raw: dict[Any, Any] = await self._redis.hgetall(redis_keys.online_features(feature_view, entity))
+        return raw
+
     @staticmethod
     def queue_contact(pipeline: Any, uuid: str, fields: Mapping[str, Any], ttl_seconds: float) -> None:
         """Keep what Respond will need of this Invoke for `ttl_seconds`."""
@@ -104,9 +109,13 @@ class OptionsStore:
         self, kind: StatisticsKind, scope: Scope, offers: Sequence[str], policy: ArmPolicy
     ) -> Statistics:
         """One kind of statistics for these offers, in one round trip (none for a kept copy)."""
+        store, now = self.statistics[kind], self.now()
+        kept = store.kept(scope, policy, now)
+        if kept is not None:
+            return kept
         pipeline = self.pipeline()
-        reader = self.statistics[kind].queue_read(pipeline, scope, offers, policy, self.now())
-        return reader(iter(await pipeline.execute()) if len(pipeline) else iter(()))
+        reader = store.queue_read(pipeline, scope, offers, policy, now)
+        return reader(iter(await pipeline.execute()))
 
     async def follow_updates(self, on_subscribed: Callable[[], None] | None = None) -> None:
         """Until cancelled: keep this replica's copies of arm statistics in step with every response."""

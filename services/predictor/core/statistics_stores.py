@@ -26,7 +26,7 @@ from libs.common import redis_keys
 from libs.policy.context import Context
 from libs.policy.deployment import VariantPlan
 from libs.policy.scorers import LinearScorer
-from libs.policy.statistics import ArmPolicy, LinearState, Statistics, StatisticsKind, parse_arms
+from libs.policy.statistics import ArmFields, ArmPolicy, LinearState, Statistics, StatisticsKind
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +151,10 @@ class StatisticsStore(Protocol):
     keyed_by: KeyedBy
     takes_negative_rewards: bool  # counts of successes cannot go down; a linear model's b can
 
+    def kept(self, scope: Scope, policy: ArmPolicy, now: float) -> Statistics | None:
+        """Statistics this replica may use without asking Redis (None: ask)."""
+        ...
+
     def queue_read(
         self, pipeline: Any, scope: Scope, offers: Sequence[str], policy: ArmPolicy, now: float
     ) -> StatisticsReader:
@@ -199,31 +203,39 @@ class ArmStatistics:
     def __init__(self, redis: Redis, max_age: float = 0.0) -> None:
         self._redis = redis
         self._max_age = max_age
-        self._kept: dict[str, tuple[float, Mapping[Any, Any]]] = {}
+        self._kept: dict[str, tuple[float, ArmFields]] = {}
+
+    def kept(self, scope: Scope, policy: ArmPolicy, now: float) -> Statistics | None:
+        """This replica's copy of the segment's statistics, if it is younger than max_age."""
+        if self._max_age <= 0:
+            return None
+        kept = self._kept.get(redis_keys.arm_statistics(scope.deployment, scope.generation, scope.segment))
+        if kept is None or time.monotonic() - kept[0] >= self._max_age:
+            return None
+        return Statistics(arms=kept[1].at(policy, now))
 
     def queue_read(
         self, pipeline: Any, scope: Scope, offers: Sequence[str], policy: ArmPolicy, now: float
     ) -> StatisticsReader:
+        kept = self.kept(scope, policy, now)
+        if kept is not None:
+            return lambda _: kept
         key = redis_keys.arm_statistics(scope.deployment, scope.generation, scope.segment)
-        if self._max_age > 0:
-            kept = self._kept.get(key)
-            if kept is not None and time.monotonic() - kept[0] < self._max_age:
-                return lambda _: Statistics(arms=parse_arms(kept[1], policy, now))
         pipeline.hgetall(key)
 
         def read(replies: Iterator[Any]) -> Statistics:
-            raw = next(replies)
+            fields = ArmFields.read(next(replies))
             if self._max_age > 0:
-                self._keep(key, raw)
-            return Statistics(arms=parse_arms(raw, policy, now))
+                self._keep(key, fields)
+            return Statistics(arms=fields.at(policy, now))
 
         return read
 
-    def _keep(self, key: str, raw: Mapping[Any, Any]) -> None:
+    def _keep(self, key: str, fields: ArmFields) -> None:
         self._kept.pop(key, None)
         if len(self._kept) >= ARM_HASHES_KEPT:
             del self._kept[next(iter(self._kept))]  # the oldest
-        self._kept[key] = (time.monotonic(), raw)
+        self._kept[key] = (time.monotonic(), fields)
 
     def contact_fields(self, plan: VariantPlan, context: Context) -> dict[str, str]:
         return {}
@@ -318,6 +330,9 @@ class NaiveBayesCounts:
     keyed_by: KeyedBy = "deployment"
     takes_negative_rewards = False
 
+    def kept(self, scope: Scope, policy: ArmPolicy, now: float) -> Statistics | None:
+        return None
+
     def queue_read(
         self, pipeline: Any, scope: Scope, offers: Sequence[str], policy: ArmPolicy, now: float
     ) -> StatisticsReader:
@@ -372,6 +387,9 @@ class LinearModels:
     kind: StatisticsKind = "linear"
     keyed_by: KeyedBy = "eligible_offers"
     takes_negative_rewards = True
+
+    def kept(self, scope: Scope, policy: ArmPolicy, now: float) -> Statistics | None:
+        return None
 
     def queue_read(
         self, pipeline: Any, scope: Scope, offers: Sequence[str], policy: ArmPolicy, now: float
