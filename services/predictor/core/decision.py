@@ -120,11 +120,11 @@ class DecisionEngine:
         count = parse_number_of_offers(request.numberoffers, spec.default_number_of_offers, len(spec.offers))
         plan = prepared.variant_for(request.customer)
         generation = await self.options.generation(spec.name)
-        features, context, eligible, statistics = await self._inputs(
+        found, features, context, eligible, statistics = await self._inputs(
             prepared, plan, generation, request, params
         )
         warnings = list(context.warnings)
-        if spec.feature_lookup is not None and features is None:
+        if spec.feature_lookup is not None and not found:
             warnings.append(
                 f"no features for '{request.customer}' in '{spec.feature_lookup.feature_view}'; defaults used"
             )
@@ -151,7 +151,7 @@ class DecisionEngine:
             statistics,
             self.rng,
             count=count,
-            features=features or {},
+            features=features,
             params=params,
         )
         decision = Decision(
@@ -179,8 +179,9 @@ class DecisionEngine:
         generation: str,
         request: InvokeInput,
         params: Mapping[str, Any],
-    ) -> tuple[dict[str, str] | None, Context, list[Offer], Statistics]:
-        """The customer's features (None: none found), context, eligible offers and statistics:
+    ) -> tuple[bool, dict[str, Any], Context, list[Offer], Statistics]:
+        """Whether the customer's features were found, the features (the lookup's defaults where
+        one is missing), the context, the eligible offers and the statistics:
         in one round trip when the statistics' keys do not depend on the features (naive Bayes
         counts always; arm statistics when the segment comes from the request alone), in two
         otherwise (the segment or, for linear models, the eligible offers must be known first)."""
@@ -209,15 +210,15 @@ class DecisionEngine:
                 statistics = reader(replies)
             else:
                 raw = await self.options.read_features(lookup.feature_view, entity)
-        features = {_text(k): _text(v) for k, v in raw.items()} if raw else None
-        values = {**lookup.defaults, **(features or {})} if lookup is not None else {}
-        context = derive_context(spec, values, params, request.channel)
+        defaults = lookup.defaults if lookup is not None else {}
+        features = {**defaults, **{_text(k): _text(v) for k, v in raw.items()}}
+        context = derive_context(spec, features, params, request.channel)
         eligible = prepared.eligible(context, params)
         if statistics is None:
             scope = Scope(spec.name, generation, context.segment)
             offers = [offer.id for offer in eligible]
             statistics = await self.options.read_statistics(store.kind, scope, offers, plan.policy)
-        return features, context, eligible, statistics
+        return bool(raw), features, context, eligible, statistics
 
     async def _record_contact(
         self,
@@ -226,7 +227,7 @@ class DecisionEngine:
         plan: VariantPlan,
         scope: Scope,
         context: Context,
-        features: Mapping[str, str] | None,
+        features: Mapping[str, Any],
         request: InvokeInput,
         reward_window: float,
         started: float,
@@ -267,7 +268,7 @@ class DecisionEngine:
             customer=request.customer,
             segment=decision.segment,
             context=context.values,
-            features=features or {},
+            features={name: str(value) for name, value in features.items()},
             eligible=[offer.id for offer in choice.eligible],
             eligible_scores=choice.scores.tolist(),
             first_slot=decision_log.FirstSlot(

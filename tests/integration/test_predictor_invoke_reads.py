@@ -1,21 +1,28 @@
-"""How many Redis round trips an Invoke costs, on a real Redis: the reads (features and statistics)
-in one when the statistics' key is known from the request, two when the segment comes from the
-customer's features; the writes (impressions, contact, decision log) always in one more."""
+"""What an Invoke reads, on a real Redis: the features and statistics in one round trip when the
+statistics' key is known from the request, two when the segment comes from the customer's
+features, the writes (impressions, contact, decision log) always in one more; and the feature
+lookup's defaults where the customer's features lack one."""
 
 from __future__ import annotations
 
 import uuid as uuid_module
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from redis.asyncio import Redis
 
 from libs.common import redis_keys
+from libs.common.config_follower import AppliedConfig, AppliedDeployment
 from libs.common.deployment_spec import deployment_spec_from_mapping
+from libs.policy.deployment import PreparedDeployment
+from libs.policy.models import load_model
 from services.predictor.core.decision import DecisionEngine, InvokeInput
 from services.predictor.core.engine_simulation import applied_config
 from services.predictor.core.options_store import OptionsStore
+from tests.trainer_datasets import OFFERS, take_up_spec, train_artifact
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -93,3 +100,36 @@ async def test_an_invoke_costs_the_round_trips_it_needs(
     assert decision.segment == "tier=gold"
     assert len(decision.offers) == 2
     assert decision.context["age"] == 41.0  # the features were read
+
+
+async def test_a_bound_model_reads_the_lookups_default_for_a_missing_feature(
+    counting: CountingRedis, tmp_path: Path
+) -> None:
+    """A customer whose online features lack one gets the feature lookup's default for it, in the
+    context and in what the bound model scores (as ModelInfer with the same inputs would)."""
+    trained = train_artifact(tmp_path, tmp_path / "artifacts", take_up_spec(), rows=300)
+    model = load_model(trained.directory, "take-up", 1)
+    name = f"model-{uuid_module.uuid4().hex[:8]}"
+    view = name.replace("-", "_")
+    spec = deployment_spec_from_mapping(
+        {
+            "name": name,
+            "offers": [{"id": offer} for offer in OFFERS],
+            "algorithm": {"approach": "model"},
+            "model": {"name": "take-up", "version": 1},
+            "exploration_epsilon": 0.0,
+            "context_variables": [{"name": "region", "source": "feature", "default": "unknown"}],
+            "feature_lookup": {"feature_view": view, "defaults": {"region": "south", "tenure_months": 48}},
+        }
+    )
+    await counting.hset(redis_keys.online_features(view, "c1"), mapping={"age": "33"})  # no region, no tenure
+    prepared = PreparedDeployment.prepare(spec, {("take-up", 1): model})
+    config = AppliedConfig(1, {name: AppliedDeployment(name, 1, "", spec, prepared)}, "stream")
+    engine = DecisionEngine(OptionsStore(counting), "replica-model")
+    decision = await engine.invoke(InvokeInput("", "", "", "c1", "", 3, None, None, name), config)
+    assert decision.context["region"] == "south"
+    expected = model.predict_offers({"age": "33", "region": "south", "tenure_months": 48}, list(OFFERS))
+    scored = {row.offer.id: row.model_score for row in decision.offers}
+    assert scored == dict(zip(OFFERS, expected.tolist(), strict=True))
+    without_defaults = model.predict_offers({"age": "33"}, list(OFFERS))
+    assert not np.allclose(expected, without_defaults)  # the defaults make a difference here
