@@ -187,7 +187,10 @@ def _text(value: Any) -> str:
 
 def decode_entry(fields: Mapping[Any, Any]) -> Contact | Response:
     """A stream entry (as XREAD returns its fields, bytes or text) as a record."""
-    entry = {_text(k): _text(v) for k, v in fields.items()}
+    try:
+        entry = {_text(k): _text(v) for k, v in fields.items()}
+    except UnicodeDecodeError as exc:
+        raise MalformedEntry("not_text", str(exc)) from None
     schema = entry.get("schema", "")
     if schema != str(SCHEMA_VERSION):
         raise MalformedEntry("unknown_schema", f"schema version {schema or '(none)'!r}")
@@ -195,16 +198,34 @@ def decode_entry(fields: Mapping[Any, Any]) -> Contact | Response:
     if not uuid:
         raise MalformedEntry("missing_uuid", "no uuid")
     try:
-        body = json.loads(entry["body"])
+        body = json.loads(entry["body"], parse_constant=_no_constant)
         if kind == "contact":
             return _contact(uuid, body)
         if kind == "response":
             return _response(uuid, body)
     except MalformedEntry:
         raise
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+    except (
+        KeyError,
+        TypeError,
+        ValueError,
+        IndexError,
+        AttributeError,
+        OverflowError,
+        RecursionError,
+    ) as exc:
         raise MalformedEntry("malformed_body", f"{kind} {uuid}: {type(exc).__name__}: {exc}") from None
     raise MalformedEntry("unknown_kind", f"kind {kind!r}")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number the log writes")
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{value!r} is not true or false")
+    return value
 
 
 def _contact(uuid: str, body: Mapping[str, Any]) -> Contact:
@@ -218,6 +239,11 @@ def _contact(uuid: str, body: Mapping[str, Any]) -> Contact:
     if len(counts) != len(eligible):
         raise MalformedEntry(
             "malformed_body", f"contact {uuid}: {len(eligible)} offers, {len(counts)} counts"
+        )
+    epsilon, outcomes = float(body["epsilon"]), int(body["outcomes"])
+    if not 0.0 <= epsilon <= 1.0 or outcomes < 1 or min(counts, default=0) < 0 or sum(counts) != outcomes:
+        raise MalformedEntry(
+            "malformed_body", f"contact {uuid}: not a first-slot distribution (epsilon, outcomes, counts)"
         )
     return Contact(
         uuid=uuid,
@@ -235,19 +261,19 @@ def _contact(uuid: str, body: Mapping[str, Any]) -> Contact:
         features={str(k): str(v) for k, v in body["features"].items()},
         eligible=eligible,
         eligible_scores=scores,
-        first_slot=FirstSlot(float(body["epsilon"]), int(body["outcomes"]), counts),
+        first_slot=FirstSlot(epsilon, outcomes, counts),
         shown=[
             ShownOffer(
                 str(offer),
                 int(rank),
                 float(score),
                 float(propensity),
-                bool(explored),
+                _flag(explored),
                 None if model_score is None else float(model_score),
             )
             for offer, rank, score, propensity, explored, model_score in body["shown"]
         ],
-        explore=bool(body["explore"]),
+        explore=_flag(body["explore"]),
         model=str(body["model"]),
         latency_ms=float(body["latency_ms"]),
     )
@@ -263,9 +289,9 @@ def _response(uuid: str, body: Mapping[str, Any]) -> Response:
         learned_offers=[str(offer) for offer in body["learned_offers"]],
         reward=None if reward is None else float(reward),
         channel=str(body["channel"]),
-        learned=bool(body["learned"]),
-        late=bool(body["late"]),
-        duplicate=bool(body["duplicate"]),
+        learned=_flag(body["learned"]),
+        late=_flag(body["late"]),
+        duplicate=_flag(body["duplicate"]),
         replica=str(body["replica"]),
     )
 

@@ -67,6 +67,8 @@ def rank(
 ) -> Ranking:
     """Rank the eligible offers (in the order `scores` has them) and say how likely that was."""
     width = len(categories)
+    if width == 0:
+        raise ValueError("nothing to rank: no eligible offer")
     values = scores.score
     if scores.outcomes is None:  # a draw is never NaN; a model's value might be: it ranks last
         values = np.where(np.isnan(values), -np.inf, values)
@@ -87,6 +89,8 @@ def rank(
 def _arrange(order: np.ndarray, categories: Sequence[str], count: int, limit: int | None) -> list[int]:
     """The first `count` offers of the order (read no further than needed) within the caps."""
     shown: list[int] = []
+    if count <= 0:
+        return shown
     per_category: dict[str, int] = {}
     for index in order.tolist():
         if limit is not None:

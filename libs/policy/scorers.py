@@ -58,7 +58,7 @@ class Scores:
     score: np.ndarray
     arm_reward: np.ndarray
     arm_count: np.ndarray
-    outcomes: np.ndarray | None = None
+    outcomes: np.ndarray | None = None  # never NaN (a deterministic score may be: it ranks last)
     # The bound model's predicted take-up per offer, when the scorer consulted it.
     model_score: np.ndarray | None = None
 
@@ -123,8 +123,10 @@ class ThompsonScorer(Scorer):
         take_up = None
         if self._model is not None:
             take_up = np.clip(self._model.predict_offers(context, offers), 0.0, 1.0)
-            alpha = alpha + algorithm.model_prior_weight * take_up
-            beta = beta + algorithm.model_prior_weight * (1.0 - take_up)
+            # A prediction that is not a number adds no pseudo-counts (the draws stay numbers).
+            weight = np.where(np.isnan(take_up), 0.0, algorithm.model_prior_weight)
+            alpha = alpha + weight * np.nan_to_num(take_up)
+            beta = beta + weight * (1.0 - np.nan_to_num(take_up))
         return alpha, beta, impressions, take_up
 
     def _score(self, request: ScoringRequest) -> Scores:

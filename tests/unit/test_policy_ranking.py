@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from libs.common.deployment_spec import deployment_spec_from_mapping
+from libs.common.deployment_spec import ThompsonAlgorithm, deployment_spec_from_mapping
 from libs.policy.context import derive_context
 from libs.policy.deployment import PreparedDeployment
 from libs.policy.models import LoadedModel, load_model
 from libs.policy.ranking import _arrange, rank
-from libs.policy.scorers import Scores
+from libs.policy.scorers import Scores, ThompsonScorer
 from libs.policy.statistics import ArmCounts, LinearState, Statistics
 from tests.propensity_calibration import Calibration
 from tests.trainer_datasets import take_up_spec, train_artifact
@@ -184,3 +184,35 @@ def test_first_slot_propensities_are_calibrated_over_20000_decisions(
         assert all(0 < row.propensity <= 1 for row in choice.offers)
         calibration.add(propensities, first)
     calibration.check(algorithm)
+
+
+def test_nothing_asked_shows_nothing_and_nothing_eligible_is_refused() -> None:
+    scores = Scores(np.array([0.4, 0.1, 0.3, 0.2]), np.zeros(4), np.zeros(4))
+    ranking = rank(
+        scores, CATEGORIES, epsilon=0.1, count=0, category_limit=None, rng=np.random.default_rng(0)
+    )
+    assert (ranking.shown, ranking.propensities) == ([], [])
+    assert ranking.first_slot.propensities.sum() == pytest.approx(1.0)
+    empty = Scores(np.zeros(0), np.zeros(0), np.zeros(0))
+    with pytest.raises(ValueError, match="no eligible offer"):
+        rank(empty, [], epsilon=0.1, count=1, category_limit=None, rng=np.random.default_rng(0))
+
+
+def test_a_model_prior_that_predicts_no_number_adds_no_pseudo_counts() -> None:
+    """Thompson's draws stay numbers, so the first slot's counts and the decision agree."""
+
+    class Unsure:
+        name, version = "unsure", 1
+
+        def predict_offers(self, values: Any, offers: Sequence[str]) -> np.ndarray:
+            return np.array([np.nan, 0.9, np.nan])
+
+    scorer = ThompsonScorer(ThompsonAlgorithm(model_prior_weight=50), Unsure())  # type: ignore[arg-type]
+    rng = np.random.default_rng(4)
+    scores = scorer.score(["a", "b", "c"], np.ones(3), Statistics(), {}, {}, rng)
+    assert scores.outcomes is not None
+    assert np.isfinite(scores.outcomes).all()
+    ranking = rank(scores, ["x"] * 3, epsilon=0.0, count=2, category_limit=None, rng=rng)
+    assert ranking.shown[0] == int(np.argmax(scores.score))
+    assert all(0 < p <= 1 for p in ranking.propensities)
+    assert scores.arm_reward.tolist() == pytest.approx([0.5, (1 + 45) / (2 + 50), 0.5])
