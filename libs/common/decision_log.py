@@ -75,7 +75,7 @@ class Contact:
     customer: str
     segment: str
     context: Mapping[str, str | float]  # every context variable: categorical as text, numeric as number
-    features: Mapping[str, str]  # the online features the context was derived from
+    features: Mapping[str, str]  # the online features the context was derived from (defaults filled in)
     eligible: Sequence[str]  # every eligible offer, in the order scored
     eligible_scores: Sequence[float]  # per eligible offer, the value it was ranked by
     first_slot: FirstSlot
