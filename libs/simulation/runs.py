@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ from libs.simulation.environments import (
     Environment,
     Policy,
     PolicySettings,
+    Round,
     make_round,
     policy_rng,
     simulation_spec,
@@ -172,6 +173,42 @@ def _progress_every(rounds: int) -> int:
     return max(1, min(1000, rounds // 200))
 
 
+class _Drive:
+    """What driving any policy through an environment takes besides the policy: the rounds in
+    order, the click of each choice, the record, progress, and the report at the end."""
+
+    def __init__(self, environment: Environment, step_seconds: float, progress: Progress | None) -> None:
+        self.environment = environment
+        self._recorder = RunRecorder(environment)
+        self._step_seconds = step_seconds
+        self._progress = progress
+        self._every = _progress_every(environment.rounds)
+        self._started = time.perf_counter()
+
+    def rounds(self) -> Iterator[Round]:
+        for index in range(self.environment.rounds):
+            yield make_round(self.environment, index, self._step_seconds)
+
+    def outcome(self, round_: Round, offer: int) -> bool:
+        """Whether the customer took the offer chosen for this round (recorded)."""
+        clicked = self.environment.clicked(round_.index, offer)
+        self._recorder.record(round_.index, offer, clicked)
+        if self._progress is not None and (round_.index + 1) % self._every == 0:
+            self._progress(round_.index + 1)
+        return clicked
+
+    def report(
+        self, *, engine: str, label: str, sample_every: int | None, settings: Mapping[str, Any] | None
+    ) -> SimulationReport:
+        return self._recorder.report(
+            engine=engine,
+            policy=label,
+            wall_seconds=time.perf_counter() - self._started,
+            sample_every=sample_every,
+            settings=settings,
+        )
+
+
 def run_policy(
     environment: Environment,
     policy: Policy,
@@ -184,24 +221,11 @@ def run_policy(
     settings: Mapping[str, Any] | None = None,
 ) -> SimulationReport:
     """Drive a synchronous policy through every round of the environment."""
-    recorder = RunRecorder(environment)
-    every = _progress_every(environment.rounds)
-    started = time.perf_counter()
-    for index in range(environment.rounds):
-        round_ = make_round(environment, index, step_seconds)
+    drive = _Drive(environment, step_seconds, progress)
+    for round_ in drive.rounds():
         offer = policy.choose(round_)
-        clicked = environment.clicked(index, offer)
-        policy.learn(round_, offer, clicked)
-        recorder.record(index, offer, clicked)
-        if progress is not None and (index + 1) % every == 0:
-            progress(index + 1)
-    return recorder.report(
-        engine=engine,
-        policy=label,
-        wall_seconds=time.perf_counter() - started,
-        sample_every=sample_every,
-        settings=settings,
-    )
+        policy.learn(round_, offer, drive.outcome(round_, offer))
+    return drive.report(engine=engine, label=label, sample_every=sample_every, settings=settings)
 
 
 async def run_async_policy(
@@ -217,24 +241,11 @@ async def run_async_policy(
 ) -> SimulationReport:
     """Drive an asynchronous policy (the engine over Redis, or the gRPC API) round by round: each
     Respond completes before the next Invoke, so every decision sees all earlier feedback."""
-    recorder = RunRecorder(environment)
-    every = _progress_every(environment.rounds)
-    started = time.perf_counter()
-    for index in range(environment.rounds):
-        round_ = make_round(environment, index, step_seconds)
+    drive = _Drive(environment, step_seconds, progress)
+    for round_ in drive.rounds():
         offer = await policy.choose(round_)
-        clicked = environment.clicked(index, offer)
-        await policy.learn(round_, offer, clicked)
-        recorder.record(index, offer, clicked)
-        if progress is not None and (index + 1) % every == 0:
-            progress(index + 1)
-    return recorder.report(
-        engine=engine,
-        policy=label,
-        wall_seconds=time.perf_counter() - started,
-        sample_every=sample_every,
-        settings=settings,
-    )
+        await policy.learn(round_, offer, drive.outcome(round_, offer))
+    return drive.report(engine=engine, label=label, sample_every=sample_every, settings=settings)
 
 
 def _settings(policy: PolicySettings, step_seconds: float, **extra: Any) -> dict[str, Any]:
