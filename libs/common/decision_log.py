@@ -139,6 +139,17 @@ class Response:
     late: bool
     duplicate: bool
     replica: str
+    # What the monitor attributes the response to, copied from the contact so that a reader needs
+    # no join: the offers accepted here for the first time, the reward each of them earned (the
+    # deployment's default when none was sent), and the contact's time, segment, variant and revision.
+    # Entries written before these fields existed read back with the defaults.
+    new_offers: Sequence[str] = ()
+    credited_reward: float = 1.0
+    contact_time: float = 0.0
+    segment: str = ""
+    variant: str = ""
+    config_revision: int = 0
+    latency_ms: float = 0.0
     schema_version: int = SCHEMA_VERSION
 
     def encode(self) -> dict[str, str]:
@@ -153,6 +164,13 @@ class Response:
             "late": self.late,
             "duplicate": self.duplicate,
             "replica": self.replica,
+            "new_offers": list(self.new_offers),
+            "credited_reward": self.credited_reward,
+            "contact_time": self.contact_time,
+            "segment": self.segment,
+            "variant": self.variant,
+            "revision": self.config_revision,
+            "latency_ms": round(self.latency_ms, 3),
         }
         return _entry("response", self.uuid, body)
 
@@ -293,7 +311,21 @@ def _response(uuid: str, body: Mapping[str, Any]) -> Response:
         late=_flag(body["late"]),
         duplicate=_flag(body["duplicate"]),
         replica=str(body["replica"]),
+        new_offers=[str(offer) for offer in body.get("new_offers", ())],
+        credited_reward=_finite_number(body.get("credited_reward", 1.0)),
+        contact_time=float(body.get("contact_time", 0.0)),
+        segment=str(body.get("segment", "")),
+        variant=str(body.get("variant", "")),
+        config_revision=int(body.get("revision", 0)),
+        latency_ms=float(body.get("latency_ms", 0.0)),
     )
+
+
+def _finite_number(value: Any) -> float:
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{value!r} is not a finite number")
+    return number
 
 
 __all__ = [

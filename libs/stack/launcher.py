@@ -289,7 +289,15 @@ def plan_processes(settings: StackSettings, credentials: Credentials) -> list[Pr
         "monitor",
         settings.monitor_port,
         settings.monitor_metrics_port if metrics else None,
-        {"DATABASE_URL": database_url("monitor"), "REDIS_URL": redis_url},
+        {
+            "DATABASE_URL": database_url("monitor"),
+            "REDIS_URL": redis_url,
+            "ARCHIVE_DIR": str(state / "decisions"),
+            "CONFIG_TARGET": config_target,
+            # Reads deployments and replica states; EvaluatePolicy reads stored revisions.
+            "CONFIG_API_KEY": credentials.admin_key,
+            "REPLICA_ID": "monitor-1",
+        },
     )
     return plans
 

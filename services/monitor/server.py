@@ -1,33 +1,66 @@
-"""Builds the monitor service's server over its SQL store."""
+"""Builds the monitor service's server: its SQL store, the decision archive, the decision-log
+consumer and the config service client."""
 
 from __future__ import annotations
 
 import asyncio
 
 from grpc import aio
+from redis.asyncio import Redis
 
 from libs.common.server import RunningServer, ServiceDefinition, start_server
 from libs.common.service_database import open_service_database
 from libs.protos.liveloop.monitor.v1 import monitor_pb2_grpc
 from libs.stack.topology import MONITOR
+from services.monitor.config_client import ConfigServiceClient
+from services.monitor.core.decision_archive import DecisionArchive
+from services.monitor.core.decision_consumer import ConsumerOptions, DecisionLogConsumer
+from services.monitor.core.monitor_service import MonitorService
+from services.monitor.core.rollup_store import RollupStore
+from services.monitor.core.schema import MIGRATIONS_PACKAGE
 from services.monitor.servicer import MonitorServicer
 from services.monitor.settings import MonitorSettings
 
 
 async def build_server(settings: MonitorSettings) -> RunningServer:
-    engine = await open_service_database(settings.database_url, service=MONITOR.name)
-    servicer = MonitorServicer()
+    engine = await open_service_database(
+        settings.database_url, service=MONITOR.name, migrations_package=MIGRATIONS_PACKAGE
+    )
+    redis = Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+    config = ConfigServiceClient(
+        settings.config_target, settings.config_api_key, settings.config_deadline_seconds
+    )
+    store = RollupStore(engine)
+    archive = DecisionArchive(settings.archive_dir, settings.archive_retention_hours)
+    consumer = DecisionLogConsumer(
+        redis,
+        store,
+        archive,
+        ConsumerOptions(
+            group=settings.consumer_group,
+            start_at_newest=settings.consumer_start == "newest",
+            consumer=settings.replica_id,
+            batch_size=settings.consumer_batch_size,
+            claim_idle_ms=int(settings.consumer_claim_idle_seconds * 1000),
+        ),
+    )
+    service = MonitorService(store, archive, consumer, config)
+    servicer = MonitorServicer(service)
 
     def register(server: aio.Server) -> None:
         monitor_pb2_grpc.add_MonitorServiceServicer_to_server(servicer, server)
 
     async def dispose() -> None:
+        await service.stop()
+        await config.close()
+        await redis.aclose()
         await asyncio.to_thread(engine.dispose)
 
     definition = ServiceDefinition(
         name=MONITOR.name, service_names=MONITOR.grpc_services, register=register, on_stop=[dispose]
     )
     try:
+        await service.start()
         return await start_server(definition, settings)
     except BaseException:
         await dispose()

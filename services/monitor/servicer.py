@@ -2,8 +2,129 @@
 
 from __future__ import annotations
 
-from libs.protos.liveloop.monitor.v1 import monitor_pb2_grpc
+import asyncio
+from typing import Any
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from libs.protos.liveloop.monitor.v1 import monitor_pb2, monitor_pb2_grpc
+from services.monitor.core.monitor_service import MonitorService
+from services.monitor.core.summaries import UptakeRow
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    value = Timestamp()
+    value.FromNanoseconds(round(seconds * 1e9))
+    return value
+
+
+def _seconds(value: Duration | Timestamp, present: bool) -> float | None:
+    return value.ToNanoseconds() / 1e9 if present else None
+
+
+def _uptake(row: UptakeRow, variant: bool = False) -> monitor_pb2.UptakeRow:
+    return monitor_pb2.UptakeRow(
+        offer=row.offer,
+        segment="" if variant else row.segment,
+        variant=row.segment if variant else "",
+        impressions=row.impressions,
+        accepted=row.accepted,
+        uptake_rate=row.uptake_rate,
+        reward_sum=row.reward_sum,
+        explored_impressions=row.explored_impressions,
+    )
 
 
 class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
-    """Its RPCs land with the monitor issue; until then the generated base answers UNIMPLEMENTED."""
+    def __init__(self, service: MonitorService) -> None:
+        self._service = service
+
+    async def GetSummary(
+        self, request: monitor_pb2.GetSummaryRequest, context: Any
+    ) -> monitor_pb2.GetSummaryResponse:
+        summary = await self._service.summary(
+            request.deployment,
+            _seconds(request.window, request.HasField("window")),
+            _seconds(request.end_time, request.HasField("end_time")),
+        )
+        status = await asyncio.to_thread(self._service.decision_log_status)
+        return monitor_pb2.GetSummaryResponse(
+            deployment=summary.deployment,
+            window_start=_timestamp(summary.window_start),
+            window_end=_timestamp(summary.window_end),
+            invocations=summary.invocations,
+            responses=summary.responses,
+            uptake_rate=summary.uptake_rate,
+            by_offer=[_uptake(row) for row in summary.by_offer],
+            by_segment=[_uptake(row) for row in summary.by_segment],
+            by_offer_segment=[_uptake(row) for row in summary.by_offer_segment],
+            by_variant=[_uptake(row, variant=True) for row in summary.by_variant],
+            explore_share=summary.explore_share,
+            latency=[
+                monitor_pb2.LatencyQuantiles(
+                    method=row.method,
+                    count=row.count,
+                    p50_seconds=row.p50_seconds,
+                    p90_seconds=row.p90_seconds,
+                    p99_seconds=row.p99_seconds,
+                    p999_seconds=row.p999_seconds,
+                    max_seconds=row.max_seconds,
+                )
+                for row in summary.latency
+            ],
+            replicas=[
+                monitor_pb2.ReplicaRevision(
+                    replica_id=row.replica_id,
+                    config_revision=row.config_revision,
+                    last_seen=_timestamp(row.last_seen),
+                    invocations=row.invocations,
+                    stale=row.stale,
+                )
+                for row in summary.replicas
+            ],
+            head_revision=summary.head_revision,
+            late_responses=summary.late_responses,
+            duplicate_responses=summary.duplicate_responses,
+            impressions=summary.impressions,
+            accepted=summary.accepted,
+            decision_log=monitor_pb2.DecisionLogStatus(
+                lag=-1 if status.lag is None else status.lag,
+                trimmed_entries=status.trimmed_entries,
+                malformed_entries=status.malformed_entries,
+                consumed_entries=status.consumed_entries,
+            ),
+        )
+
+    async def GetTimeSeries(
+        self, request: monitor_pb2.GetTimeSeriesRequest, context: Any
+    ) -> monitor_pb2.GetTimeSeriesResponse:
+        window, offers, invokes = await self._service.time_series(
+            request.deployment,
+            _seconds(request.window, request.HasField("window")),
+            _seconds(request.end_time, request.HasField("end_time")),
+        )
+        return monitor_pb2.GetTimeSeriesResponse(
+            deployment=request.deployment,
+            window_start=_timestamp(window.minutes[0]),
+            window_end=_timestamp(window.end),
+            offers=[
+                monitor_pb2.OfferMinute(
+                    minute=_timestamp(point.minute),
+                    offer=point.offer,
+                    impressions=point.impressions,
+                    accepted=point.accepted,
+                    explored_impressions=point.explored_impressions,
+                )
+                for point in offers
+            ],
+            invocations=[
+                monitor_pb2.InvokeMinute(
+                    minute=_timestamp(minute),
+                    invocations=calls,
+                    p50_seconds=latency.quantile(0.5),
+                    p99_seconds=latency.quantile(0.99),
+                )
+                for minute, calls, latency in invokes
+            ],
+        )

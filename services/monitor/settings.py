@@ -2,16 +2,44 @@
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from libs.common.settings import ServiceSettings
-from libs.stack.topology import MONITOR
+from libs.stack.topology import CONFIG, MONITOR
 
 
 class MonitorSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="LIVELOOP_MONITOR_", extra="ignore", frozen=True)
 
     port: int = Field(MONITOR.port, ge=0, le=65535)
-    database_url: str = Field("sqlite:///.liveloop/data/monitor.db", description="Decision log and summaries")
+    database_url: str = Field("sqlite:///.liveloop/data/monitor.db", description="Per-minute rollups, alerts")
     redis_url: str = Field("redis://127.0.0.1:6380/0", description="Decision log stream source")
+    archive_dir: Path = Field(
+        Path(".liveloop/decisions"), description="Hourly Parquet partitions of the raw decision log"
+    )
+    archive_retention_hours: int = Field(
+        24 * 8, ge=1, le=24 * 400, description="How long raw decisions are kept (evaluation, drift)"
+    )
+    replica_id: str = Field(
+        default_factory=socket.gethostname,
+        min_length=1,
+        max_length=100,
+        description="This replica's consumer name in the decision log's consumer group",
+    )
+    consumer_group: str = Field("liveloop-monitor", min_length=1, description="Decision log consumer group")
+    consumer_start: Literal["oldest", "newest"] = Field(
+        "oldest",
+        description="Where a new consumer group starts: every entry the stream holds, or only new ones",
+    )
+    consumer_batch_size: int = Field(1000, ge=1, le=100_000, description="Entries read per batch")
+    consumer_claim_idle_seconds: float = Field(
+        30.0, gt=0, description="Another replica's unacknowledged entry is taken over after this long"
+    )
+    config_target: str = Field(f"127.0.0.1:{CONFIG.port}", description="host:port of the config service")
+    config_api_key: str | None = Field(None, description="Key this service presents to the config service")
+    config_deadline_seconds: float = Field(5.0, gt=0, le=120, description="Deadline of calls to config")

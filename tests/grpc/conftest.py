@@ -7,6 +7,7 @@ interceptors), on 127.0.0.1:0 with a fresh SQLite file, and stops it after the t
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +133,13 @@ class ServiceUnderTest:
             values["state_dir"] = tmp_path / "predictor-state"
         if self.settings_class is TrainerSettings:
             values["artifact_dir"] = tmp_path / "artifacts"
+        if self.settings_class is MonitorSettings:
+            # Its own consumer group, reading only what is logged after it starts: the session's
+            # Redis holds every other test's decisions too.
+            values["archive_dir"] = tmp_path / "decisions"
+            values["replica_id"] = "monitor-under-test"
+            values["consumer_group"] = f"monitor-test-{uuid.uuid4().hex[:8]}"
+            values["consumer_start"] = "newest"
         values.update(overrides)
         return self.settings_class(**values)
 

@@ -288,6 +288,7 @@ class DecisionEngine:
         await pipeline.execute()
 
     async def respond(self, request: RespondInput, config: ServedConfig | None) -> ResponseOutcome:
+        started = time.perf_counter()
         if not request.uuid:
             raise InvalidArgument("must be the uuid of an earlier Invoke", field="uuid")
         if len(request.uuid) > 64:
@@ -328,8 +329,10 @@ class DecisionEngine:
         duplicate = (bool(accepted) and not fresh) or (not accepted and contact.get("responded") == "1")
         learned = False
         pipeline = self.options.pipeline()
+        reward = request.reward
+        if reward is None:
+            reward = prepared.spec.reward.default_reward if prepared is not None else 1.0
         if prepared is not None and plan is not None and not late and fresh:
-            reward = request.reward if request.reward is not None else prepared.spec.reward.default_reward
             scope = Scope(deployment, contact.get("generation", "0"), contact["segment"])
             store = self.options.statistics[plan.scorer.statistics]
             learned = store.queue_rewards(pipeline, scope, contact, fresh, reward, plan, now)
@@ -345,6 +348,13 @@ class DecisionEngine:
             late=late,
             duplicate=duplicate,
             replica=self.replica_id,
+            new_offers=fresh,
+            credited_reward=reward,
+            contact_time=float(contact["time"]),
+            segment=contact["segment"],
+            variant=contact.get("variant", ""),
+            config_revision=int(contact.get("revision", 0)),
+            latency_ms=(time.perf_counter() - started) * 1000,
         )
         self.options.queue_log(pipeline, record)
         await pipeline.execute()

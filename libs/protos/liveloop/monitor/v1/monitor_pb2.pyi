@@ -56,7 +56,7 @@ class GetSummaryRequest(_message.Message):
     def __init__(self, deployment: _Optional[str] = ..., window: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class UptakeRow(_message.Message):
-    __slots__ = ("offer", "segment", "impressions", "accepted", "uptake_rate", "reward_sum", "explored_impressions")
+    __slots__ = ("offer", "segment", "impressions", "accepted", "uptake_rate", "reward_sum", "explored_impressions", "variant")
     OFFER_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_FIELD_NUMBER: _ClassVar[int]
     IMPRESSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,7 @@ class UptakeRow(_message.Message):
     UPTAKE_RATE_FIELD_NUMBER: _ClassVar[int]
     REWARD_SUM_FIELD_NUMBER: _ClassVar[int]
     EXPLORED_IMPRESSIONS_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
     offer: str
     segment: str
     impressions: int
@@ -71,7 +72,8 @@ class UptakeRow(_message.Message):
     uptake_rate: float
     reward_sum: float
     explored_impressions: int
-    def __init__(self, offer: _Optional[str] = ..., segment: _Optional[str] = ..., impressions: _Optional[int] = ..., accepted: _Optional[int] = ..., uptake_rate: _Optional[float] = ..., reward_sum: _Optional[float] = ..., explored_impressions: _Optional[int] = ...) -> None: ...
+    variant: str
+    def __init__(self, offer: _Optional[str] = ..., segment: _Optional[str] = ..., impressions: _Optional[int] = ..., accepted: _Optional[int] = ..., uptake_rate: _Optional[float] = ..., reward_sum: _Optional[float] = ..., explored_impressions: _Optional[int] = ..., variant: _Optional[str] = ...) -> None: ...
 
 class LatencyQuantiles(_message.Message):
     __slots__ = ("method", "count", "p50_seconds", "p90_seconds", "p99_seconds", "p999_seconds", "max_seconds")
@@ -106,7 +108,7 @@ class ReplicaRevision(_message.Message):
     def __init__(self, replica_id: _Optional[str] = ..., config_revision: _Optional[int] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., invocations: _Optional[int] = ..., stale: _Optional[bool] = ...) -> None: ...
 
 class GetSummaryResponse(_message.Message):
-    __slots__ = ("deployment", "window_start", "window_end", "invocations", "responses", "uptake_rate", "by_offer", "by_segment", "explore_share", "latency", "replicas", "head_revision", "by_offer_segment", "late_responses")
+    __slots__ = ("deployment", "window_start", "window_end", "invocations", "responses", "uptake_rate", "by_offer", "by_segment", "explore_share", "latency", "replicas", "head_revision", "by_offer_segment", "late_responses", "duplicate_responses", "by_variant", "impressions", "accepted", "decision_log")
     DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
     WINDOW_START_FIELD_NUMBER: _ClassVar[int]
     WINDOW_END_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +123,11 @@ class GetSummaryResponse(_message.Message):
     HEAD_REVISION_FIELD_NUMBER: _ClassVar[int]
     BY_OFFER_SEGMENT_FIELD_NUMBER: _ClassVar[int]
     LATE_RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    BY_VARIANT_FIELD_NUMBER: _ClassVar[int]
+    IMPRESSIONS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    DECISION_LOG_FIELD_NUMBER: _ClassVar[int]
     deployment: str
     window_start: _timestamp_pb2.Timestamp
     window_end: _timestamp_pb2.Timestamp
@@ -135,7 +142,81 @@ class GetSummaryResponse(_message.Message):
     head_revision: int
     by_offer_segment: _containers.RepeatedCompositeFieldContainer[UptakeRow]
     late_responses: int
-    def __init__(self, deployment: _Optional[str] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., invocations: _Optional[int] = ..., responses: _Optional[int] = ..., uptake_rate: _Optional[float] = ..., by_offer: _Optional[_Iterable[_Union[UptakeRow, _Mapping]]] = ..., by_segment: _Optional[_Iterable[_Union[UptakeRow, _Mapping]]] = ..., explore_share: _Optional[float] = ..., latency: _Optional[_Iterable[_Union[LatencyQuantiles, _Mapping]]] = ..., replicas: _Optional[_Iterable[_Union[ReplicaRevision, _Mapping]]] = ..., head_revision: _Optional[int] = ..., by_offer_segment: _Optional[_Iterable[_Union[UptakeRow, _Mapping]]] = ..., late_responses: _Optional[int] = ...) -> None: ...
+    duplicate_responses: int
+    by_variant: _containers.RepeatedCompositeFieldContainer[UptakeRow]
+    impressions: int
+    accepted: int
+    decision_log: DecisionLogStatus
+    def __init__(self, deployment: _Optional[str] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., invocations: _Optional[int] = ..., responses: _Optional[int] = ..., uptake_rate: _Optional[float] = ..., by_offer: _Optional[_Iterable[_Union[UptakeRow, _Mapping]]] = ..., by_segment: _Optional[_Iterable[_Union[UptakeRow, _Mapping]]] = ..., explore_share: _Optional[float] = ..., latency: _Optional[_Iterable[_Union[LatencyQuantiles, _Mapping]]] = ..., replicas: _Optional[_Iterable[_Union[ReplicaRevision, _Mapping]]] = ..., head_revision: _Optional[int] = ..., by_offer_segment: _Optional[_Iterable[_Union[UptakeRow, _Mapping]]] = ..., late_responses: _Optional[int] = ..., duplicate_responses: _Optional[int] = ..., by_variant: _Optional[_Iterable[_Union[UptakeRow, _Mapping]]] = ..., impressions: _Optional[int] = ..., accepted: _Optional[int] = ..., decision_log: _Optional[_Union[DecisionLogStatus, _Mapping]] = ...) -> None: ...
+
+class DecisionLogStatus(_message.Message):
+    __slots__ = ("lag", "trimmed_entries", "malformed_entries", "consumed_entries")
+    class MalformedEntriesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    LAG_FIELD_NUMBER: _ClassVar[int]
+    TRIMMED_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    MALFORMED_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    CONSUMED_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    lag: int
+    trimmed_entries: int
+    malformed_entries: _containers.ScalarMap[str, int]
+    consumed_entries: int
+    def __init__(self, lag: _Optional[int] = ..., trimmed_entries: _Optional[int] = ..., malformed_entries: _Optional[_Mapping[str, int]] = ..., consumed_entries: _Optional[int] = ...) -> None: ...
+
+class GetTimeSeriesRequest(_message.Message):
+    __slots__ = ("deployment", "window", "end_time")
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    deployment: str
+    window: _duration_pb2.Duration
+    end_time: _timestamp_pb2.Timestamp
+    def __init__(self, deployment: _Optional[str] = ..., window: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class OfferMinute(_message.Message):
+    __slots__ = ("minute", "offer", "impressions", "accepted", "explored_impressions")
+    MINUTE_FIELD_NUMBER: _ClassVar[int]
+    OFFER_FIELD_NUMBER: _ClassVar[int]
+    IMPRESSIONS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    EXPLORED_IMPRESSIONS_FIELD_NUMBER: _ClassVar[int]
+    minute: _timestamp_pb2.Timestamp
+    offer: str
+    impressions: int
+    accepted: int
+    explored_impressions: int
+    def __init__(self, minute: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., offer: _Optional[str] = ..., impressions: _Optional[int] = ..., accepted: _Optional[int] = ..., explored_impressions: _Optional[int] = ...) -> None: ...
+
+class InvokeMinute(_message.Message):
+    __slots__ = ("minute", "invocations", "p50_seconds", "p99_seconds")
+    MINUTE_FIELD_NUMBER: _ClassVar[int]
+    INVOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    P50_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    P99_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    minute: _timestamp_pb2.Timestamp
+    invocations: int
+    p50_seconds: float
+    p99_seconds: float
+    def __init__(self, minute: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., invocations: _Optional[int] = ..., p50_seconds: _Optional[float] = ..., p99_seconds: _Optional[float] = ...) -> None: ...
+
+class GetTimeSeriesResponse(_message.Message):
+    __slots__ = ("deployment", "window_start", "window_end", "offers", "invocations")
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_START_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_END_FIELD_NUMBER: _ClassVar[int]
+    OFFERS_FIELD_NUMBER: _ClassVar[int]
+    INVOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    deployment: str
+    window_start: _timestamp_pb2.Timestamp
+    window_end: _timestamp_pb2.Timestamp
+    offers: _containers.RepeatedCompositeFieldContainer[OfferMinute]
+    invocations: _containers.RepeatedCompositeFieldContainer[InvokeMinute]
+    def __init__(self, deployment: _Optional[str] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., offers: _Optional[_Iterable[_Union[OfferMinute, _Mapping]]] = ..., invocations: _Optional[_Iterable[_Union[InvokeMinute, _Mapping]]] = ...) -> None: ...
 
 class GetDriftRequest(_message.Message):
     __slots__ = ("deployment", "window", "features", "reference_model")

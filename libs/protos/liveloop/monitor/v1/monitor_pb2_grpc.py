@@ -45,6 +45,11 @@ class MonitorServiceStub:
                 request_serializer=liveloop_dot_monitor_dot_v1_dot_monitor__pb2.GetDriftRequest.SerializeToString,
                 response_deserializer=liveloop_dot_monitor_dot_v1_dot_monitor__pb2.GetDriftResponse.FromString,
                 _registered_method=True)
+        self.GetTimeSeries = channel.unary_unary(
+                '/liveloop.monitor.v1.MonitorService/GetTimeSeries',
+                request_serializer=liveloop_dot_monitor_dot_v1_dot_monitor__pb2.GetTimeSeriesRequest.SerializeToString,
+                response_deserializer=liveloop_dot_monitor_dot_v1_dot_monitor__pb2.GetTimeSeriesResponse.FromString,
+                _registered_method=True)
         self.ListAlerts = channel.unary_unary(
                 '/liveloop.monitor.v1.MonitorService/ListAlerts',
                 request_serializer=liveloop_dot_monitor_dot_v1_dot_monitor__pb2.ListAlertsRequest.SerializeToString,
@@ -71,6 +76,13 @@ class MonitorServiceServicer:
 
     def GetDrift(self, request, context):
         """Compares recent feature and score distributions with the training reference.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTimeSeries(self, request, context):
+        """Per-minute uptake per offer and Invoke rate and latency over a window, for charts.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -103,6 +115,11 @@ def add_MonitorServiceServicer_to_server(servicer, server):
                     servicer.GetDrift,
                     request_deserializer=liveloop_dot_monitor_dot_v1_dot_monitor__pb2.GetDriftRequest.FromString,
                     response_serializer=liveloop_dot_monitor_dot_v1_dot_monitor__pb2.GetDriftResponse.SerializeToString,
+            ),
+            'GetTimeSeries': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTimeSeries,
+                    request_deserializer=liveloop_dot_monitor_dot_v1_dot_monitor__pb2.GetTimeSeriesRequest.FromString,
+                    response_serializer=liveloop_dot_monitor_dot_v1_dot_monitor__pb2.GetTimeSeriesResponse.SerializeToString,
             ),
             'ListAlerts': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAlerts,
@@ -170,6 +187,33 @@ class MonitorService:
             '/liveloop.monitor.v1.MonitorService/GetDrift',
             liveloop_dot_monitor_dot_v1_dot_monitor__pb2.GetDriftRequest.SerializeToString,
             liveloop_dot_monitor_dot_v1_dot_monitor__pb2.GetDriftResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTimeSeries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/liveloop.monitor.v1.MonitorService/GetTimeSeries',
+            liveloop_dot_monitor_dot_v1_dot_monitor__pb2.GetTimeSeriesRequest.SerializeToString,
+            liveloop_dot_monitor_dot_v1_dot_monitor__pb2.GetTimeSeriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

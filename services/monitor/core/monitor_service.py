@@ -1,0 +1,174 @@
+"""The monitor's logic behind its RPCs: the decision-log consumer in the background, and the
+window queries over what it stored."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from libs.common.errors import InvalidArgument, NotFound, Unavailable
+from services.monitor.core.decision_archive import DecisionArchive
+from services.monitor.core.decision_consumer import DecisionLogConsumer
+from services.monitor.core.rollup_store import MinuteSeries, RollupStore
+from services.monitor.core.rollups import LatencyCounts, minute_of
+from services.monitor.core.summaries import Summary, build_summary
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SUMMARY_WINDOW_SECONDS = 3600.0
+MAX_SUMMARY_WINDOW_SECONDS = 90 * 86400.0  # the rollups are kept this long
+ARCHIVE_PRUNE_EVERY_SECONDS = 600.0
+
+
+class DeploymentConfig(Protocol):
+    """What the monitor reads of the config service."""
+
+    async def head_revision(self, deployment: str) -> int | None:
+        """The revision the deployment last changed at; None when the config service has no such deployment."""
+
+
+@dataclass(frozen=True)
+class Window:
+    start: float  # epoch seconds, the first whole minute in the window
+    end: float  # epoch seconds, exclusive
+
+    @property
+    def minutes(self) -> tuple[int, int]:
+        return minute_of(self.start), minute_of(self.end - 1e-9) + 60
+
+
+def resolve_window(
+    window_seconds: float | None,
+    end_time: float | None,
+    *,
+    default_seconds: float,
+    max_seconds: float,
+    now: float,
+    field: str = "window",
+) -> Window:
+    """[end - window, end), checked: a zero, negative or over-long window is refused with its field."""
+    seconds = default_seconds if window_seconds is None else window_seconds
+    if seconds <= 0:
+        raise InvalidArgument(f"must be longer than zero, got {seconds:g} s", field=field)
+    if seconds > max_seconds:
+        raise InvalidArgument(
+            f"must be at most {max_seconds / 86400:g} days (what is kept), got {seconds / 86400:g} days",
+            field=field,
+        )
+    end = now if end_time is None else end_time
+    if end > now + 60:
+        raise InvalidArgument("is in the future", field="end_time")
+    return Window(end - seconds, end)
+
+
+class MonitorService:
+    def __init__(
+        self,
+        store: RollupStore,
+        archive: DecisionArchive,
+        consumer: DecisionLogConsumer | None,
+        config: DeploymentConfig | None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.archive = archive
+        self.consumer = consumer
+        self.config = config
+        self._clock = clock
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        if self.consumer is not None:
+            self._tasks.append(asyncio.create_task(self.consumer.run(), name="decision-log-consumer"))
+        self._tasks.append(asyncio.create_task(self._prune_archive(), name="archive-retention"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+
+    async def _prune_archive(self) -> None:
+        while True:
+            try:
+                removed = await asyncio.to_thread(self.archive.prune, self._clock())
+                if removed:
+                    logger.info("removed %d decision archive partitions past the retention", removed)
+            except OSError:
+                logger.exception("decision archive retention failed")
+            await asyncio.sleep(ARCHIVE_PRUNE_EVERY_SECONDS)
+
+    async def head_revision(self, deployment: str) -> int:
+        """The deployment's head revision; NotFound when neither the config service nor the log knows it."""
+        if not deployment:
+            raise InvalidArgument("is required", field="deployment")
+        head: int | None = None
+        if self.config is not None:
+            try:
+                head = await self.config.head_revision(deployment)
+            except Unavailable:
+                logger.warning(
+                    "config service unavailable: summary of %s without the head revision", deployment
+                )
+                head = 0
+        if head is None:
+            known = await asyncio.to_thread(self.store.deployments)
+            if deployment not in known:
+                raise NotFound(
+                    f"no deployment '{deployment}' in the config or the decision log", field="deployment"
+                )
+            head = 0
+        return head
+
+    async def summary(self, deployment: str, window_seconds: float | None, end_time: float | None) -> Summary:
+        window = resolve_window(
+            window_seconds,
+            end_time,
+            default_seconds=DEFAULT_SUMMARY_WINDOW_SECONDS,
+            max_seconds=MAX_SUMMARY_WINDOW_SECONDS,
+            now=self._clock(),
+        )
+        head = await self.head_revision(deployment)
+        start, end = window.minutes
+        totals = await asyncio.to_thread(self.store.window, deployment, start, end)
+        return build_summary(deployment, window.start, window.end, totals, head)
+
+    async def time_series(
+        self, deployment: str, window_seconds: float | None, end_time: float | None
+    ) -> tuple[Window, list[MinuteSeries], list[tuple[int, int, LatencyCounts]]]:
+        window = resolve_window(
+            window_seconds,
+            end_time,
+            default_seconds=DEFAULT_SUMMARY_WINDOW_SECONDS,
+            max_seconds=MAX_SUMMARY_WINDOW_SECONDS,
+            now=self._clock(),
+        )
+        await self.head_revision(deployment)
+        start, end = window.minutes
+        offers = await asyncio.to_thread(self.store.offer_series, deployment, start, end)
+        invokes = await asyncio.to_thread(self.store.invoke_series, deployment, start, end)
+        return window, offers, invokes
+
+    def decision_log_status(self) -> DecisionLogStatus:
+        consumer = self.consumer
+        return DecisionLogStatus(
+            lag=consumer.state.lag if consumer is not None else None,
+            trimmed_entries=self.store.trimmed(consumer.options.stream) if consumer is not None else 0,
+            malformed_entries=self.store.malformed(),
+            consumed_entries=consumer.state.applied if consumer is not None else 0,
+        )
+
+
+@dataclass(frozen=True)
+class DecisionLogStatus:
+    lag: int | None
+    trimmed_entries: int
+    malformed_entries: dict[str, int]
+    consumed_entries: int
