@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
@@ -206,6 +207,18 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     ) -> trainer_pb2.GetModelResponse:
         record, versions, deployments = await self._service.get_model(request.name, request.version)
         return trainer_pb2.GetModelResponse(model=version_message(record, deployments), versions=versions)
+
+    async def GetTrainingReference(
+        self, request: trainer_pb2.GetTrainingReferenceRequest, context: Any
+    ) -> trainer_pb2.GetTrainingReferenceResponse:
+        reference = await self._service.get_training_reference(request.name, request.version)
+        return trainer_pb2.GetTrainingReferenceResponse(
+            model=common_pb2.ModelRef(name=reference.model_name, version=reference.model_version),
+            reference_json=json.dumps(reference.to_json(), allow_nan=False),
+            inputs=list(reference.inputs),
+            rows=reference.rows,
+            created_at=timestamp(reference.created_at),
+        )
 
     async def Compare(self, request: trainer_pb2.CompareRequest, context: Any) -> trainer_pb2.CompareResponse:
         comparison = await self._service.compare(

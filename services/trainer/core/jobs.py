@@ -15,6 +15,11 @@ from libs.common.training_spec import TrainingJobSpec
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+# What a worker leaves in its staging directory beside the artifact: the TrainingReference
+# (libs.common.distribution_drift) of the model inputs and score. The registry stores it with the
+# version and takes it out before sealing, so the artifact format is unchanged. A file, not a field
+# of TrainingSummary: it can be long, and a distributed job reports the summary on one stdout line.
+TRAINING_REFERENCE_FILE = "training_reference.json"
 
 
 @dataclass(frozen=True)

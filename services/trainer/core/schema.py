@@ -91,5 +91,8 @@ model_versions = sa.Table(
     sa.Column("description", sa.Text, nullable=False, server_default=sa.text("''")),
     sa.Column("job_id", sa.String(64), sa.ForeignKey("training_jobs.id"), nullable=False),
     sa.Column("created_at", UtcDateTime, nullable=False),
+    # JSON: the TrainingReference (libs.common.distribution_drift) drift monitoring compares served
+    # inputs and scores with; null for versions registered before the trainer recorded one.
+    sa.Column("training_reference", sa.Text),
     sa.Index("ix_model_versions_job_id", "job_id"),
 )

@@ -21,10 +21,12 @@ import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 
 from libs.common.database import write_transaction
+from libs.common.distribution_drift import TrainingReference
 from libs.common.errors import FailedPrecondition, NotFound
 from libs.common.model_artifacts import MANIFEST_FILE, MANIFEST_FORMAT
 from libs.common.training_spec import TrainingJobSpec
 from services.trainer.core.jobs import (
+    TRAINING_REFERENCE_FILE,
     EpochReport,
     JobEvent,
     JobRecord,
@@ -36,6 +38,8 @@ from services.trainer.core.jobs import (
 from services.trainer.core.schema import model_versions, models, training_job_events, training_jobs
 
 SERVICE_RUNNER = "service"  # the trainer service's runner; a batch run is "batch:<who>"
+# Every column of a version but its training reference, which can be long and only one RPC reads.
+_VERSION_COLUMNS = [column for column in model_versions.c if column.name != "training_reference"]
 
 
 @dataclass(frozen=True)
@@ -361,9 +365,11 @@ class TrainerStore:
         artifact_root: Path,
         code_version: str,
     ) -> ModelVersionRecord:
-        """Number the next version, move the artifact in place with its manifest, record it, and
-        mark the job succeeded: all or nothing (a failed insert removes the moved directory)."""
+        """Number the next version, move the artifact in place with its manifest, record it with
+        the training reference the worker left beside it, and mark the job succeeded: all or nothing
+        (a failed insert removes the moved directory)."""
         now = _now()
+        reference = read_training_reference(staging_dir)
         final_dir: Path | None = None
         try:
             with write_transaction(self.engine) as connection:
@@ -409,6 +415,11 @@ class TrainerStore:
                         description=spec.description,
                         job_id=job_id,
                         created_at=now,
+                        training_reference=None
+                        if reference is None
+                        else json.dumps(
+                            reference.for_version(spec.model_name, version).to_json(), allow_nan=False
+                        ),
                     )
                 )
                 connection.execute(
@@ -433,7 +444,7 @@ class TrainerStore:
                     ),
                 )
                 row = connection.execute(
-                    sa.select(model_versions).where(
+                    sa.select(*_VERSION_COLUMNS).where(
                         model_versions.c.name == spec.model_name, model_versions.c.version == version
                     )
                 ).one()
@@ -475,7 +486,7 @@ class TrainerStore:
                 raise NotFound(f"no model '{name}' in the registry", field=name_field)
             wanted = version or versions[-1]
             row = connection.execute(
-                sa.select(model_versions).where(
+                sa.select(*_VERSION_COLUMNS).where(
                     model_versions.c.name == name, model_versions.c.version == wanted
                 )
             ).first()
@@ -485,6 +496,24 @@ class TrainerStore:
                 field=version_field,
             )
         return _version(row), versions
+
+    def get_training_reference(self, name: str, version: int = 0) -> TrainingReference:
+        """The training reference of a version (0: the newest); NotFound when the model or the
+        version does not exist, or the version was registered before the trainer recorded one."""
+        record, _ = self.get_version(name, version)
+        with self.engine.connect() as connection:
+            stored = connection.scalar(
+                sa.select(model_versions.c.training_reference).where(
+                    model_versions.c.name == name, model_versions.c.version == record.version
+                )
+            )
+        if stored is None:
+            raise NotFound(
+                f"model '{name}' version {record.version} has no training reference (it was registered "
+                "before the trainer recorded one); retrain it to get one",
+                field="version",
+            )
+        return TrainingReference.from_json(json.loads(stored))
 
     def list_models(
         self, *, name_prefix: str = "", limit: int = 50, offset: int = 0
@@ -496,7 +525,9 @@ class TrainerStore:
             .subquery()
         )
         query = (
-            sa.select(model_versions, counts.c.version_count, models.c.updated_at.label("model_updated_at"))
+            sa.select(
+                *_VERSION_COLUMNS, counts.c.version_count, models.c.updated_at.label("model_updated_at")
+            )
             .join(
                 models,
                 sa.and_(
@@ -528,6 +559,20 @@ class TrainerStore:
         return summaries, total
 
 
+def read_training_reference(staging_dir: Path) -> TrainingReference | None:
+    """The training reference a worker left in its staging directory; None when there is none (a
+    worker of an older trainer). ValueError when the file is not one."""
+    path = staging_dir / TRAINING_REFERENCE_FILE
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        return TrainingReference.from_json(json.loads(text))
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path} is not a training reference: {exc!r}") from None
+
+
 def manifest_bytes(name: str, version: int, files: dict[str, str]) -> bytes:
     document = {"format": MANIFEST_FORMAT, "model": name, "version": version, "files": files}
     return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
@@ -535,7 +580,9 @@ def manifest_bytes(name: str, version: int, files: dict[str, str]) -> bytes:
 
 def seal_artifact(staging_dir: Path, final_dir: Path, name: str, version: int) -> str:
     """Write the manifest (SHA-256 of every file) and move the directory in place; returns the
-    SHA-256 of the manifest, the artifact's checksum."""
+    SHA-256 of the manifest, the artifact's checksum. The worker's training reference is removed
+    first: it is no part of the artifact (the registry keeps it in SQL; see read_training_reference)."""
+    (staging_dir / TRAINING_REFERENCE_FILE).unlink(missing_ok=True)
     files = {
         path.name: sha256_file(path)
         for path in sorted(staging_dir.iterdir())

@@ -23,6 +23,7 @@ from typing import Protocol
 from sqlalchemy import Engine
 
 from libs.common.deployment_spec import deployment_spec_from_mapping
+from libs.common.distribution_drift import TrainingReference
 from libs.common.errors import FailedPrecondition, InvalidArgument, LiveloopError
 from libs.common.model_artifacts import MANIFEST_FILE
 from libs.common.training_spec import Encoding, TrainingJobSpec
@@ -278,6 +279,15 @@ class TrainerService:
             d for d, (m, v) in (await self._bindings()).items() if (m, v) == (name, record.version)
         )
         return record, versions, bound
+
+    async def get_training_reference(self, name: str, version: int) -> TrainingReference:
+        """What the version's inputs and predicted score looked like in training (0: the newest
+        version); NotFound for a version registered before the trainer recorded references."""
+        if not name:
+            raise InvalidArgument("must name a model", field="name")
+        if version < 0:
+            raise InvalidArgument("must not be negative", field="version")
+        return await asyncio.to_thread(self.store.get_training_reference, name, version)
 
     async def _bindings(self) -> Mapping[str, tuple[str, int]]:
         if self._config is None:

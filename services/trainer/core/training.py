@@ -21,10 +21,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from libs.common.distribution_drift import TrainingReference, build_reference
 from libs.common.errors import InvalidArgument
 from libs.common.model_artifacts import MODEL_FILE, PREPROCESSING_FILE, REFERENCE_FILE
-from libs.common.training_spec import ModelType, SplitSpec, TrainingJobSpec
-from services.trainer.core.jobs import EpochReport, TrainingSummary
+from libs.common.training_spec import Encoding, ModelType, SplitSpec, TrainingJobSpec
+from services.trainer.core.jobs import TRAINING_REFERENCE_FILE, EpochReport, TrainingSummary
 from services.trainer.core.metrics import binary_metrics
 from services.trainer.core.preprocessing import Preprocessing, fit_preprocessing
 from services.trainer.core.training_data import TrainingData, TrainingSetPlan
@@ -118,6 +119,7 @@ class TrainingOutcome:
     preprocessing: Preprocessing
     summary: TrainingSummary
     reference: dict[str, Any]  # raw test rows and the trainer's predictions for them
+    training_reference: TrainingReference  # what drift monitoring compares served values with
 
 
 def configure_determinism(seed: int) -> None:
@@ -269,7 +271,32 @@ def train_model(
         "rows": [_raw_row(data.columns, preprocessing, int(row)) for row in reference_rows],
         "predictions": test_p[: reference_rows.size].tolist(),
     }
-    return TrainingOutcome(model, preprocessing, summary, reference)
+    return TrainingOutcome(
+        model,
+        preprocessing,
+        summary,
+        reference,
+        describe_training_data(spec, preprocessing, data, model, matrix),
+    )
+
+
+def describe_training_data(
+    spec: TrainingJobSpec,
+    preprocessing: Preprocessing,
+    data: TrainingData,
+    model: TakeUpModel,
+    matrix: np.ndarray,
+) -> TrainingReference:
+    """The reference drift monitoring compares served values with: every model input's raw values
+    as read from the training set (before encoding) and the trained model's predicted take-up, over
+    every row of the training set (all three splits: the population the model was built from)."""
+    return build_reference(
+        {feature.name: data.columns[feature.name] for feature in preprocessing.features},
+        predict(model, matrix),
+        categorical={f.name for f in preprocessing.features if f.encoding is not Encoding.STANDARDIZE},
+        offer_input=preprocessing.offer_feature,
+        model_name=spec.model_name,
+    )
 
 
 def _raw_row(columns: Mapping[str, np.ndarray], preprocessing: Preprocessing, row: int) -> dict[str, Any]:
@@ -292,7 +319,8 @@ def script(model: TakeUpModel) -> torch.jit.ScriptModule:
 
 
 def write_artifact(outcome: TrainingOutcome, directory: Path) -> None:
-    """model.pt (TorchScript), preprocessing.json and reference.json; the registry adds the manifest."""
+    """model.pt (TorchScript), preprocessing.json and reference.json; the registry adds the manifest.
+    Beside them the training reference, which the registry stores and takes out (see jobs.py)."""
     directory.mkdir(parents=True, exist_ok=True)
     scripted = script(outcome.model)
     with warnings.catch_warnings():
@@ -300,3 +328,6 @@ def write_artifact(outcome: TrainingOutcome, directory: Path) -> None:
         torch.jit.save(scripted, str(directory / MODEL_FILE))
     (directory / PREPROCESSING_FILE).write_text(json.dumps(outcome.preprocessing.to_json(), indent=2))
     (directory / REFERENCE_FILE).write_text(json.dumps(outcome.reference, indent=2))
+    (directory / TRAINING_REFERENCE_FILE).write_text(
+        json.dumps(outcome.training_reference.to_json(), allow_nan=False)
+    )

@@ -345,6 +345,28 @@ class GetModelResponse(_message.Message):
     versions: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, model: _Optional[_Union[ModelVersion, _Mapping]] = ..., versions: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class GetTrainingReferenceRequest(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class GetTrainingReferenceResponse(_message.Message):
+    __slots__ = ("model", "reference_json", "inputs", "rows", "created_at")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_JSON_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    model: _common_pb2.ModelRef
+    reference_json: str
+    inputs: _containers.RepeatedScalarFieldContainer[str]
+    rows: int
+    created_at: _timestamp_pb2.Timestamp
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., reference_json: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., rows: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
 class CompareRequest(_message.Message):
     __slots__ = ("name", "version_a", "version_b", "evaluation_table")
     NAME_FIELD_NUMBER: _ClassVar[int]

@@ -65,6 +65,11 @@ class TrainerServiceStub:
                 request_serializer=liveloop_dot_trainer_dot_v1_dot_trainer__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=liveloop_dot_trainer_dot_v1_dot_trainer__pb2.GetModelResponse.FromString,
                 _registered_method=True)
+        self.GetTrainingReference = channel.unary_unary(
+                '/liveloop.trainer.v1.TrainerService/GetTrainingReference',
+                request_serializer=liveloop_dot_trainer_dot_v1_dot_trainer__pb2.GetTrainingReferenceRequest.SerializeToString,
+                response_deserializer=liveloop_dot_trainer_dot_v1_dot_trainer__pb2.GetTrainingReferenceResponse.FromString,
+                _registered_method=True)
         self.Compare = channel.unary_unary(
                 '/liveloop.trainer.v1.TrainerService/Compare',
                 request_serializer=liveloop_dot_trainer_dot_v1_dot_trainer__pb2.CompareRequest.SerializeToString,
@@ -123,6 +128,15 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTrainingReference(self, request, context):
+        """Returns what a model version's inputs and predicted score looked like in training: the
+        reference that drift monitoring compares served values with. NOT_FOUND for an unknown model or
+        version, and for a version registered before the trainer recorded references (it has none).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Compare(self, request, context):
         """Compares two versions of a model: metrics, features and training data.
         """
@@ -169,6 +183,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=liveloop_dot_trainer_dot_v1_dot_trainer__pb2.GetModelRequest.FromString,
                     response_serializer=liveloop_dot_trainer_dot_v1_dot_trainer__pb2.GetModelResponse.SerializeToString,
+            ),
+            'GetTrainingReference': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTrainingReference,
+                    request_deserializer=liveloop_dot_trainer_dot_v1_dot_trainer__pb2.GetTrainingReferenceRequest.FromString,
+                    response_serializer=liveloop_dot_trainer_dot_v1_dot_trainer__pb2.GetTrainingReferenceResponse.SerializeToString,
             ),
             'Compare': grpc.unary_unary_rpc_method_handler(
                     servicer.Compare,
@@ -344,6 +363,33 @@ class TrainerService:
             '/liveloop.trainer.v1.TrainerService/GetModel',
             liveloop_dot_trainer_dot_v1_dot_trainer__pb2.GetModelRequest.SerializeToString,
             liveloop_dot_trainer_dot_v1_dot_trainer__pb2.GetModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTrainingReference(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/liveloop.trainer.v1.TrainerService/GetTrainingReference',
+            liveloop_dot_trainer_dot_v1_dot_trainer__pb2.GetTrainingReferenceRequest.SerializeToString,
+            liveloop_dot_trainer_dot_v1_dot_trainer__pb2.GetTrainingReferenceResponse.FromString,
             options,
             channel_credentials,
             insecure,
