@@ -9,6 +9,7 @@ from libs.common.client import open_channel
 from libs.common.errors import FailedPrecondition, Unavailable
 from libs.protos.liveloop.common.v1 import common_pb2
 from libs.protos.liveloop.config.v1 import config_pb2, config_pb2_grpc
+from services.monitor.core.monitor_service import ReplicaState
 
 
 class ConfigServiceClient:
@@ -47,3 +48,23 @@ class ConfigServiceClient:
         return Unavailable(
             f"config service at {self._target}: {code.name}: {error.details() or ''}", field="config_target"
         )
+
+    async def replica_states(self) -> list[ReplicaState]:
+        """Every replica the config service knows: what it applied, its last NACK, whether connected."""
+        try:
+            response = await self._stub.ReplicaStatus(config_pb2.ReplicaStatusRequest())
+        except aio.AioRpcError as error:
+            raise self._translate(error) from None
+        return [
+            ReplicaState(
+                replica_id=state.replica_id,
+                applied_revision=state.applied_revision,
+                last_nack_revision=state.last_nack_revision,
+                last_nack_reason=state.last_nack_reason,
+                revisions_behind=state.revisions_behind,
+                connected=state.connected,
+                staleness_seconds=state.staleness_seconds,
+                deployments=[ref.name for ref in state.deployments],
+            )
+            for state in response.replicas
+        ]

@@ -30,7 +30,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import SQLAlchemyError
 
 from libs.common import redis_keys
-from libs.common.decision_log import MalformedEntry, decode_entry
+from libs.common.decision_log import Contact, MalformedEntry, decode_entry
+from services.monitor.core import metrics
 from services.monitor.core.decision_archive import DecisionArchive
 from services.monitor.core.rollup_store import EntryId, RollupStore, StreamEntry
 
@@ -115,6 +116,7 @@ class DecisionLogConsumer:
 
     def _failed(self, reason: str, exc: BaseException) -> None:
         self.state.errors[reason] += 1
+        metrics.CONSUMER_ERRORS.labels(reason).inc()
         self.state.last_error = f"{reason}: {exc}"
         logger.warning("decision log consumer: %s error, will retry: %s", reason, exc)
 
@@ -183,6 +185,7 @@ class DecisionLogConsumer:
         if deleted:
             # Pending entries trimmed before anyone applied them: gone, count them.
             self.state.trimmed += len(deleted)
+            metrics.ENTRIES_TRIMMED.inc(len(deleted))
             await asyncio.to_thread(
                 self._store.count_trimmed, self.options.stream, len(deleted), f"claimed:{_text(deleted[0])}"
             )
@@ -221,6 +224,12 @@ class DecisionLogConsumer:
                 self._store.count_trimmed, self.options.stream, gone, f"pending:{_text(raw[0][0])}"
             )
         await self._redis.xack(self.options.stream, self.options.group, *[raw_id for raw_id, _ in raw])
+        contacts = sum(isinstance(entry.record, Contact) for entry in entries)
+        metrics.ENTRIES_CONSUMED.labels("contact").inc(contacts)
+        metrics.ENTRIES_CONSUMED.labels("response").inc(len(entries) - contacts)
+        for reason, count in malformed.items():
+            metrics.ENTRIES_MALFORMED.labels(reason).inc(count)
+        metrics.ENTRIES_TRIMMED.inc(gone)
         self.state.applied += applied.applied
         self.state.skipped += applied.skipped
         self.state.malformed.update(malformed)
@@ -242,6 +251,8 @@ class DecisionLogConsumer:
         last_delivered = EntryId.parse(_text(group.get("last-delivered-id", "0-0")))
         lag = group.get("lag")
         self.state.lag = int(lag) if lag is not None else None
+        if self.state.lag is not None:
+            metrics.CONSUMER_LAG.set(self.state.lag)
         first = stream.get("first-entry")
         added, read = stream.get("entries-added"), group.get("entries-read")
         length = int(stream.get("length", 0))
@@ -254,6 +265,7 @@ class DecisionLogConsumer:
                 marker = f"gap:{last_delivered}"
                 if await asyncio.to_thread(self._store.count_trimmed, self.options.stream, gap, marker):
                     self.state.trimmed += gap
+                    metrics.ENTRIES_TRIMMED.inc(gap)
                     logger.warning(
                         "%d decision log entries were trimmed before the monitor read them (stream capped)",
                         gap,

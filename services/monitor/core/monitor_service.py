@@ -25,11 +25,31 @@ MAX_SUMMARY_WINDOW_SECONDS = 90 * 86400.0  # the rollups are kept this long
 ARCHIVE_PRUNE_EVERY_SECONDS = 600.0
 
 
+@dataclass(frozen=True)
+class ReplicaState:
+    """A predictor replica as the config service sees it."""
+
+    replica_id: str
+    applied_revision: int
+    last_nack_revision: int
+    last_nack_reason: str
+    revisions_behind: int
+    connected: bool
+    staleness_seconds: float
+    deployments: list[str]
+
+
 class DeploymentConfig(Protocol):
     """What the monitor reads of the config service."""
 
     async def head_revision(self, deployment: str) -> int | None:
         """The revision the deployment last changed at; None when the config service has no such deployment."""
+
+    async def spec(self, deployment: str, revision: int) -> tuple[str, int] | None:
+        """(spec JSON, revision) at `revision` (0: head); None when there is none."""
+
+    async def replica_states(self) -> list[ReplicaState]:
+        """Every replica the config service knows."""
 
 
 @dataclass(frozen=True)
@@ -115,9 +135,8 @@ class MonitorService:
                 head = await self.config.head_revision(deployment)
             except Unavailable:
                 logger.warning(
-                    "config service unavailable: summary of %s without the head revision", deployment
+                    "config service unavailable: %s answered without its head revision", deployment
                 )
-                head = 0
         if head is None:
             known = await asyncio.to_thread(self.store.deployments)
             if deployment not in known:

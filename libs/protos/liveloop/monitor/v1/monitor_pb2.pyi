@@ -320,7 +320,7 @@ class ListAlertsResponse(_message.Message):
     def __init__(self, alerts: _Optional[_Iterable[_Union[Alert, _Mapping]]] = ..., page: _Optional[_Union[_common_pb2.PageResponse, _Mapping]] = ...) -> None: ...
 
 class EvaluatePolicyRequest(_message.Message):
-    __slots__ = ("deployment", "candidate_spec_json", "candidate_revision", "window", "end_time", "estimators", "confidence_level", "max_importance_weight", "bootstrap_samples", "seed")
+    __slots__ = ("deployment", "candidate_spec_json", "candidate_revision", "window", "end_time", "estimators", "confidence_level", "max_importance_weight", "bootstrap_samples", "seed", "logged_table")
     DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -331,6 +331,7 @@ class EvaluatePolicyRequest(_message.Message):
     MAX_IMPORTANCE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     BOOTSTRAP_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    LOGGED_TABLE_FIELD_NUMBER: _ClassVar[int]
     deployment: str
     candidate_spec_json: str
     candidate_revision: int
@@ -341,7 +342,8 @@ class EvaluatePolicyRequest(_message.Message):
     max_importance_weight: float
     bootstrap_samples: int
     seed: int
-    def __init__(self, deployment: _Optional[str] = ..., candidate_spec_json: _Optional[str] = ..., candidate_revision: _Optional[int] = ..., window: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., estimators: _Optional[_Iterable[_Union[Estimator, str]]] = ..., confidence_level: _Optional[float] = ..., max_importance_weight: _Optional[float] = ..., bootstrap_samples: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+    logged_table: str
+    def __init__(self, deployment: _Optional[str] = ..., candidate_spec_json: _Optional[str] = ..., candidate_revision: _Optional[int] = ..., window: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., estimators: _Optional[_Iterable[_Union[Estimator, str]]] = ..., confidence_level: _Optional[float] = ..., max_importance_weight: _Optional[float] = ..., bootstrap_samples: _Optional[int] = ..., seed: _Optional[int] = ..., logged_table: _Optional[str] = ...) -> None: ...
 
 class PolicyEstimate(_message.Message):
     __slots__ = ("estimator", "value", "lower", "upper", "std_error", "lift")
@@ -360,7 +362,7 @@ class PolicyEstimate(_message.Message):
     def __init__(self, estimator: _Optional[_Union[Estimator, str]] = ..., value: _Optional[float] = ..., lower: _Optional[float] = ..., upper: _Optional[float] = ..., std_error: _Optional[float] = ..., lift: _Optional[float] = ...) -> None: ...
 
 class EvaluatePolicyResponse(_message.Message):
-    __slots__ = ("decisions", "usable_decisions", "logged_value", "estimates", "effective_sample_size", "max_weight", "warnings", "confidence_level")
+    __slots__ = ("decisions", "usable_decisions", "logged_value", "estimates", "effective_sample_size", "max_weight", "warnings", "confidence_level", "notes", "unsupported_mass", "refused")
     DECISIONS_FIELD_NUMBER: _ClassVar[int]
     USABLE_DECISIONS_FIELD_NUMBER: _ClassVar[int]
     LOGGED_VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -369,6 +371,9 @@ class EvaluatePolicyResponse(_message.Message):
     MAX_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
+    UNSUPPORTED_MASS_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
     decisions: int
     usable_decisions: int
     logged_value: float
@@ -377,4 +382,7 @@ class EvaluatePolicyResponse(_message.Message):
     max_weight: float
     warnings: _containers.RepeatedScalarFieldContainer[str]
     confidence_level: float
-    def __init__(self, decisions: _Optional[int] = ..., usable_decisions: _Optional[int] = ..., logged_value: _Optional[float] = ..., estimates: _Optional[_Iterable[_Union[PolicyEstimate, _Mapping]]] = ..., effective_sample_size: _Optional[float] = ..., max_weight: _Optional[float] = ..., warnings: _Optional[_Iterable[str]] = ..., confidence_level: _Optional[float] = ...) -> None: ...
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    unsupported_mass: float
+    refused: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, decisions: _Optional[int] = ..., usable_decisions: _Optional[int] = ..., logged_value: _Optional[float] = ..., estimates: _Optional[_Iterable[_Union[PolicyEstimate, _Mapping]]] = ..., effective_sample_size: _Optional[float] = ..., max_weight: _Optional[float] = ..., warnings: _Optional[_Iterable[str]] = ..., confidence_level: _Optional[float] = ..., notes: _Optional[_Iterable[str]] = ..., unsupported_mass: _Optional[float] = ..., refused: _Optional[_Iterable[str]] = ...) -> None: ...
