@@ -37,6 +37,8 @@ class ConfigServiceClient:
             if error.code() == grpc.StatusCode.NOT_FOUND:
                 return None
             raise self._translate(error) from None
+        if revision > response.head_revision:
+            return None  # the store reads "as of" a revision: one past its head does not exist yet
         return response.deployment.spec_json, response.deployment.revision
 
     def _translate(self, error: aio.AioRpcError) -> Exception:

@@ -8,9 +8,19 @@ from typing import Any
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from libs.common.errors import InvalidArgument, Unimplemented
 from libs.protos.liveloop.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from services.monitor.core.monitor_service import MonitorService
+from services.monitor.core.policy_evaluation import EvaluationRequest
 from services.monitor.core.summaries import UptakeRow
+
+_ESTIMATOR_NAMES = {
+    monitor_pb2.ESTIMATOR_IPS: "ips",
+    monitor_pb2.ESTIMATOR_SNIPS: "snips",
+    monitor_pb2.ESTIMATOR_DM: "dm",
+    monitor_pb2.ESTIMATOR_DR: "dr",
+}
+_ESTIMATOR_VALUES = {name: value for value, name in _ESTIMATOR_NAMES.items()}
 
 
 def _timestamp(seconds: float) -> Timestamp:
@@ -127,4 +137,58 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
                 )
                 for minute, calls, latency in invokes
             ],
+        )
+
+    async def EvaluatePolicy(
+        self, request: monitor_pb2.EvaluatePolicyRequest, context: Any
+    ) -> monitor_pb2.EvaluatePolicyResponse:
+        if request.logged_table:
+            raise Unimplemented(
+                "evaluating another system's logs is not served yet; evaluate the decision log",
+                field="logged_table",
+            )
+        names = [_ESTIMATOR_NAMES[value] for value in request.estimators if value in _ESTIMATOR_NAMES]
+        unknown = [value for value in request.estimators if value not in _ESTIMATOR_NAMES]
+        if unknown:
+            raise InvalidArgument(f"unknown estimator {unknown[0]}", field="estimators")
+        if not 0 <= request.confidence_level < 1:
+            raise InvalidArgument("must lie in (0, 1); 0 means 0.95", field="confidence_level")
+        evaluation = await self._service.evaluate(
+            request.deployment,
+            candidate_spec_json=request.candidate_spec_json or None,
+            candidate_revision=request.candidate_revision or None,
+            window_seconds=_seconds(request.window, request.HasField("window")),
+            end_time=_seconds(request.end_time, request.HasField("end_time")),
+            request=EvaluationRequest(
+                estimators=names or list(_ESTIMATOR_NAMES.values()),
+                confidence_level=request.confidence_level or 0.95,
+                max_importance_weight=request.max_importance_weight,
+                bootstrap_samples=request.bootstrap_samples,
+                seed=request.seed,
+            ),
+        )
+        result = evaluation.result
+        return monitor_pb2.EvaluatePolicyResponse(
+            decisions=evaluation.decisions,
+            usable_decisions=result.usable_decisions,
+            logged_value=result.logged_value or 0.0,
+            estimates=[
+                monitor_pb2.PolicyEstimate(
+                    estimator=_ESTIMATOR_VALUES[estimate.estimator],
+                    value=estimate.value,
+                    lower=estimate.lower,
+                    upper=estimate.upper,
+                    std_error=estimate.std_error,
+                    lift=estimate.lift,
+                )
+                for estimate in result.estimates.values()
+                if estimate.estimator in _ESTIMATOR_VALUES
+            ],
+            effective_sample_size=result.effective_sample_size,
+            max_weight=result.max_weight,
+            warnings=result.warnings,
+            confidence_level=result.confidence_level,
+            notes=evaluation.notes,
+            unsupported_mass=result.unsupported_mass,
+            refused=[f"{name}: {reason}" for name, reason in result.refused.items()],
         )

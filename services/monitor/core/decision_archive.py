@@ -162,6 +162,10 @@ class DecisionArchive:
     def root(self) -> Path:
         return self._root
 
+    @property
+    def retention_seconds(self) -> float:
+        return self._retention_hours * 3600.0
+
     # -- writing ---------------------------------------------------------------------------------
 
     def write(self, entries: Sequence[StreamEntry]) -> list[Path]:

@@ -11,9 +11,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from libs.common.errors import InvalidArgument, NotFound, Unavailable
+from libs.common.deployment_spec import parse_deployment_spec
+from libs.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.monitor.core.decision_archive import DecisionArchive
 from services.monitor.core.decision_consumer import DecisionLogConsumer
+from services.monitor.core.policy_evaluation import (
+    CandidateEvaluation,
+    EvaluationRequest,
+    check_candidate,
+    evaluate_candidate,
+)
 from services.monitor.core.rollup_store import MinuteSeries, RollupStore
 from services.monitor.core.rollups import LatencyCounts, minute_of
 from services.monitor.core.summaries import Summary, build_summary
@@ -23,6 +30,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_SUMMARY_WINDOW_SECONDS = 3600.0
 MAX_SUMMARY_WINDOW_SECONDS = 90 * 86400.0  # the rollups are kept this long
 ARCHIVE_PRUNE_EVERY_SECONDS = 600.0
+DEFAULT_EVALUATION_WINDOW_SECONDS = 7 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -174,6 +182,56 @@ class MonitorService:
         offers = await asyncio.to_thread(self.store.offer_series, deployment, start, end)
         invokes = await asyncio.to_thread(self.store.invoke_series, deployment, start, end)
         return window, offers, invokes
+
+    async def evaluate(
+        self,
+        deployment: str,
+        *,
+        candidate_spec_json: str | None,
+        candidate_revision: int | None,
+        window_seconds: float | None,
+        end_time: float | None,
+        request: EvaluationRequest,
+    ) -> CandidateEvaluation:
+        """The candidate's estimated value on the decisions the deployment logged in the window."""
+        await self.head_revision(deployment)
+        window = resolve_window(
+            window_seconds,
+            end_time,
+            default_seconds=min(DEFAULT_EVALUATION_WINDOW_SECONDS, self.archive.retention_seconds),
+            max_seconds=self.archive.retention_seconds,
+            now=self._clock(),
+        )
+        if candidate_spec_json:
+            spec = parse_deployment_spec(candidate_spec_json, "json")
+        elif candidate_revision:
+            stored = (
+                await self.config.spec(deployment, candidate_revision) if self.config is not None else None
+            )
+            if stored is None:
+                raise NotFound(
+                    f"the config service has no revision {candidate_revision} of '{deployment}'",
+                    field="candidate_revision",
+                )
+            spec = parse_deployment_spec(stored[0], "json")
+        else:
+            raise InvalidArgument("name a candidate: a spec or a stored revision", field="candidate")
+        if spec.name != deployment:
+            raise InvalidArgument(
+                f"the candidate is a spec of '{spec.name}', not of '{deployment}'",
+                field="candidate_spec_json",
+            )
+        check_candidate(spec)
+        contacts = await asyncio.to_thread(self.archive.contacts, deployment, window.start, window.end)
+        responses = await asyncio.to_thread(
+            self.archive.responses, deployment, window.start, self._clock() + 60
+        )
+        if contacts.num_rows == 0:
+            raise FailedPrecondition(
+                f"no decisions of '{deployment}' logged between {window.start:.0f} and {window.end:.0f}",
+                field="window",
+            )
+        return await asyncio.to_thread(evaluate_candidate, spec, contacts, responses, request)
 
     def decision_log_status(self) -> DecisionLogStatus:
         consumer = self.consumer
