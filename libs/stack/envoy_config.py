@@ -3,6 +3,11 @@
 One builder, two address modes: STATIC upstreams on loopback ports (local processes) or STRICT_DNS
 on service hostnames (docker compose and Kubernetes, where `predictor` resolves to every replica).
 `python -m libs.stack.envoy_config --write deploy/envoy/envoy.yaml` regenerates the container file.
+
+Envoy also serves the monitoring dashboard's static shell (deploy/dashboard/) at GET /dashboard as
+direct responses inlined into the config, so the page needs no web server and no mount of its own
+(the Kubernetes ConfigMap copy of envoy.yaml carries it too). The page holds no data: it reads
+everything from the monitor's REST routes (gRPC-JSON transcoding) with the caller's API key.
 """
 
 from __future__ import annotations
@@ -20,7 +25,38 @@ from libs.stack.topology import ENVOY_ADMIN_PORT, ENVOY_PORT, PREDICTOR, SERVICE
 
 CONTAINER_DESCRIPTOR_PATH = "/etc/envoy/liveloop.pb"
 REPO_DESCRIPTOR_PATH = Path(__file__).resolve().parents[2] / "deploy" / "envoy" / "liveloop.pb"
-TRANSCODED_SERVICES = ("liveloop.predictor.v1.PredictorService",)
+REPO_DASHBOARD_DIR = Path(__file__).resolve().parents[2] / "deploy" / "dashboard"
+# Services whose google.api.http annotations are served as REST (only annotated RPCs are mapped).
+TRANSCODED_SERVICES = (
+    "liveloop.predictor.v1.PredictorService",
+    "liveloop.config.v1.ConfigService",
+    "liveloop.monitor.v1.MonitorService",
+)
+
+DASHBOARD_PATH = "/dashboard"
+
+
+@dataclass(frozen=True)
+class StaticAsset:
+    """A file of the dashboard shell served by Envoy itself."""
+
+    path: str
+    file_name: str
+    content_type: str
+
+
+DASHBOARD_ASSETS = (
+    StaticAsset(DASHBOARD_PATH, "index.html", "text/html; charset=utf-8"),
+    StaticAsset(f"{DASHBOARD_PATH}/dashboard.js", "dashboard.js", "text/javascript; charset=utf-8"),
+    StaticAsset(f"{DASHBOARD_PATH}/dashboard.css", "dashboard.css", "text/css; charset=utf-8"),
+)
+# The page may talk only to its own origin (the REST routes below); nothing is loaded from elsewhere.
+DASHBOARD_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+# Envoy refuses direct responses above 4 KiB unless the route configuration raises the bound.
+MAX_STATIC_BODY_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -109,8 +145,38 @@ def _route_action(cluster: str) -> dict[str, Any]:
     }
 
 
-def _routes(upstreams: Sequence[Upstream]) -> list[dict[str, Any]]:
+def _header(name: str, value: str) -> dict[str, Any]:
+    return {"header": {"key": name, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+
+
+def dashboard_routes(dashboard_dir: Path) -> list[dict[str, Any]]:
+    """GET /dashboard and its two assets as direct responses (no upstream, no API key: no data)."""
     routes: list[dict[str, Any]] = []
+    for asset in DASHBOARD_ASSETS:
+        body = (dashboard_dir / asset.file_name).read_text(encoding="utf-8")
+        if len(body.encode("utf-8")) > MAX_STATIC_BODY_BYTES:
+            raise ValueError(f"{asset.file_name} is larger than {MAX_STATIC_BODY_BYTES} bytes")
+        routes.append(
+            {
+                "match": {
+                    "path": asset.path,
+                    "headers": [{"name": ":method", "string_match": {"safe_regex": {"regex": "GET|HEAD"}}}],
+                },
+                "direct_response": {"status": 200, "body": {"inline_string": body}},
+                "response_headers_to_add": [
+                    _header("content-type", asset.content_type),
+                    _header("cache-control", "no-store"),
+                    _header("x-content-type-options", "nosniff"),
+                    _header("referrer-policy", "no-referrer"),
+                    _header("content-security-policy", DASHBOARD_CSP),
+                ],
+            }
+        )
+    return routes
+
+
+def _routes(upstreams: Sequence[Upstream], dashboard_dir: Path | None) -> list[dict[str, Any]]:
+    routes: list[dict[str, Any]] = dashboard_routes(dashboard_dir) if dashboard_dir is not None else []
     for upstream in upstreams:
         routes.append(
             {
@@ -139,6 +205,7 @@ def build_envoy_config(
     descriptor_path: str | None,
     dns: bool,
     access_log: bool = False,
+    dashboard_dir: Path | None = None,
 ) -> dict[str, Any]:
     http_filters: list[dict[str, Any]] = []
     if descriptor_path is not None:
@@ -170,7 +237,10 @@ def build_envoy_config(
         "stream_idle_timeout": "0s",
         "route_config": {
             "name": "liveloop",
-            "virtual_hosts": [{"name": "liveloop", "domains": ["*"], "routes": _routes(upstreams)}],
+            "virtual_hosts": [
+                {"name": "liveloop", "domains": ["*"], "routes": _routes(upstreams, dashboard_dir)}
+            ],
+            "max_direct_response_body_size_bytes": MAX_STATIC_BODY_BYTES,
         },
         "http_filters": http_filters,
     }
@@ -222,9 +292,21 @@ def container_upstreams(predictor_host: str = PREDICTOR.name) -> list[Upstream]:
     ]
 
 
+class _ReadableDumper(yaml.SafeDumper):
+    """Writes multi-line strings (the dashboard's files) as literal blocks, so the file stays readable."""
+
+
+def _represent_text(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_ReadableDumper.add_representer(str, _represent_text)
+
+
 def render(config: dict[str, Any]) -> str:
     header = "# Generated by `make envoy-config` (libs/stack/envoy_config.py); do not edit by hand.\n"
-    return header + yaml.safe_dump(config, sort_keys=False, width=120)
+    return header + yaml.dump(config, Dumper=_ReadableDumper, sort_keys=False, width=120)
 
 
 def container_config_text() -> str:
@@ -236,6 +318,7 @@ def container_config_text() -> str:
         admin_port=ENVOY_ADMIN_PORT,
         descriptor_path=CONTAINER_DESCRIPTOR_PATH,
         dns=True,
+        dashboard_dir=REPO_DASHBOARD_DIR,
     )
     return render(config)
 

@@ -25,7 +25,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from libs.stack import topology
 from libs.stack.credentials import Credentials, ensure_credentials
-from libs.stack.envoy_config import REPO_DESCRIPTOR_PATH, Upstream, build_envoy_config, render
+from libs.stack.envoy_config import (
+    REPO_DASHBOARD_DIR,
+    REPO_DESCRIPTOR_PATH,
+    Upstream,
+    build_envoy_config,
+    render,
+)
 from libs.stack.processes import (
     PortTaken,
     ProcessRecord,
@@ -332,6 +338,8 @@ def envoy_plan(settings: StackSettings) -> ProcessPlan:
         admin_port=settings.envoy_admin_port,
         descriptor_path=descriptor,
         dns=False,
+        # The monitoring page at GET /dashboard (its data comes from the monitor over REST).
+        dashboard_dir=REPO_DASHBOARD_DIR if REPO_DASHBOARD_DIR.is_dir() else None,
     )
     config_path = state / "envoy.yaml"
     config_path.write_text(render(config))

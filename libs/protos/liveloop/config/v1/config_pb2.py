@@ -22,76 +22,79 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from libs.protos.liveloop.common.v1 import common_pb2 as liveloop_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fliveloop/config/v1/config.proto\x12\x12liveloop.config.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1fliveloop/common/v1/common.proto\"\x91\x01\n\nDeployment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x11\n\tspec_json\x18\x03 \x01(\t\x12.\n\nupdated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61uthor\x18\x05 \x01(\t\x12\x10\n\x08\x63hecksum\x18\x06 \x01(\t\"\xee\x01\n\x0ePublishRequest\x12\x13\n\tspec_text\x18\x01 \x01(\tH\x00\x12.\n\x0bspec_struct\x18\x02 \x01(\x0b\x32\x17.google.protobuf.StructH\x00\x12.\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x1e.liveloop.config.v1.SpecFormat\x12\x0f\n\x07\x64ry_run\x18\x04 \x01(\x08\x12\x12\n\ndeployment\x18\x05 \x01(\t\x12\x0e\n\x06\x61uthor\x18\x06 \x01(\t\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x19\n\x11\x65xpected_revision\x18\x08 \x01(\x03\x42\x06\n\x04spec\"y\n\x0fPublishResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\x0c\n\x04\x64iff\x18\x03 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x04 \x01(\x08\x12\x0f\n\x07\x64ry_run\x18\x05 \x01(\x08\x12\x10\n\x08warnings\x18\x06 \x03(\t\"C\n\nGetRequest\x12\x35\n\ndeployment\x18\x01 \x01(\x0b\x32!.liveloop.common.v1.DeploymentRef\"X\n\x0bGetResponse\x12\x32\n\ndeployment\x18\x01 \x01(\x0b\x32\x1e.liveloop.config.v1.Deployment\x12\x15\n\rhead_revision\x18\x02 \x01(\x03\"R\n\x0bListRequest\x12-\n\x04page\x18\x01 \x01(\x0b\x32\x1f.liveloop.common.v1.PageRequest\x12\x14\n\x0cinclude_spec\x18\x02 \x01(\x08\"\x8a\x01\n\x0cListResponse\x12\x33\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x1e.liveloop.config.v1.Deployment\x12\x15\n\rhead_revision\x18\x02 \x01(\x03\x12.\n\x04page\x18\x03 \x01(\x0b\x32 .liveloop.common.v1.PageResponse\"L\n\x0eHistoryRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\x17\n\x0f\x62\x65\x66ore_revision\x18\x03 \x01(\x03\"\xd4\x01\n\x0cHistoryEntry\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\x0e\n\x06\x61uthor\x18\x03 \x01(\t\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x64iff\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\x12,\n\x04kind\x18\x07 \x01(\x0e\x32\x1e.liveloop.config.v1.ChangeKind\x12\x17\n\x0fsource_revision\x18\x08 \x01(\x03\"D\n\x0fHistoryResponse\x12\x31\n\x07\x65ntries\x18\x01 \x03(\x0b\x32 .liveloop.config.v1.HistoryEntry\"l\n\x0fRollbackRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x13\n\x0bto_revision\x18\x02 \x01(\x03\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\x12\x0e\n\x06\x61uthor\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\"W\n\x10RollbackResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\x0c\n\x04\x64iff\x18\x03 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x04 \x01(\x08\"D\n\rDeleteRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x0e\n\x06\x61uthor\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\"\n\x0e\x44\x65leteResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\"\x9c\x01\n\x0cWatchRequest\x12\x32\n\tsubscribe\x18\x01 \x01(\x0b\x32\x1d.liveloop.config.v1.SubscribeH\x00\x12&\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x17.liveloop.config.v1.AckH\x00\x12(\n\x04nack\x18\x03 \x01(\x0b\x32\x18.liveloop.config.v1.NackH\x00\x42\x06\n\x04kind\"n\n\tSubscribe\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65ployments\x18\x02 \x03(\t\x12\x16\n\x0eknown_revision\x18\x03 \x01(\x03\x12\x0f\n\x07service\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\"\x17\n\x03\x41\x63k\x12\x10\n\x08revision\x18\x01 \x01(\x03\"<\n\x04Nack\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\ndeployment\x18\x03 \x01(\t\"\xab\x01\n\rWatchResponse\x12\x30\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1c.liveloop.config.v1.SnapshotH\x00\x12,\n\x06update\x18\x02 \x01(\x0b\x32\x1a.liveloop.config.v1.UpdateH\x00\x12\x32\n\theartbeat\x18\x03 \x01(\x0b\x32\x1d.liveloop.config.v1.HeartbeatH\x00\x42\x06\n\x04kind\"b\n\x08Snapshot\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x33\n\x0b\x64\x65ployments\x18\x02 \x03(\x0b\x32\x1e.liveloop.config.v1.Deployment\x12\x0f\n\x07refresh\x18\x03 \x01(\x08\"d\n\x06Update\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\x11\n\tspec_json\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x65leted\x18\x04 \x01(\x08\x12\x10\n\x08\x63hecksum\x18\x05 \x01(\t\"S\n\tHeartbeat\x12\x15\n\rhead_revision\x18\x01 \x01(\x03\x12/\n\x0bserver_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"*\n\x14ReplicaStatusRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\"\xd1\x02\n\x0cReplicaState\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x18\n\x10\x61pplied_revision\x18\x02 \x01(\x03\x12\x1a\n\x12last_nack_revision\x18\x03 \x01(\x03\x12\x18\n\x10last_nack_reason\x18\x04 \x01(\t\x12-\n\tlast_seen\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11staleness_seconds\x18\x06 \x01(\x01\x12\x18\n\x10revisions_behind\x18\x07 \x01(\x03\x12\x11\n\tconnected\x18\x08 \x01(\x08\x12\x0f\n\x07service\x18\t \x01(\t\x12\x0f\n\x07version\x18\n \x01(\t\x12\x0c\n\x04peer\x18\x0b \x01(\t\x12\x36\n\x0b\x64\x65ployments\x18\x0c \x03(\x0b\x32!.liveloop.common.v1.DeploymentRef\"b\n\x15ReplicaStatusResponse\x12\x32\n\x08replicas\x18\x01 \x03(\x0b\x32 .liveloop.config.v1.ReplicaState\x12\x15\n\rhead_revision\x18\x02 \x01(\x03\"$\n\x0eRefreshRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\"C\n\x0fRefreshResponse\x12\x19\n\x11replicas_notified\x18\x01 \x01(\x05\x12\x15\n\rhead_revision\x18\x02 \x01(\x03*U\n\nSpecFormat\x12\x1b\n\x17SPEC_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10SPEC_FORMAT_JSON\x10\x01\x12\x14\n\x10SPEC_FORMAT_YAML\x10\x02*t\n\nChangeKind\x12\x1b\n\x17\x43HANGE_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43HANGE_KIND_PUBLISH\x10\x01\x12\x18\n\x14\x43HANGE_KIND_ROLLBACK\x10\x02\x12\x16\n\x12\x43HANGE_KIND_DELETE\x10\x03\x32\xfe\x05\n\rConfigService\x12R\n\x07Publish\x12\".liveloop.config.v1.PublishRequest\x1a#.liveloop.config.v1.PublishResponse\x12\x46\n\x03Get\x12\x1e.liveloop.config.v1.GetRequest\x1a\x1f.liveloop.config.v1.GetResponse\x12I\n\x04List\x12\x1f.liveloop.config.v1.ListRequest\x1a .liveloop.config.v1.ListResponse\x12R\n\x07History\x12\".liveloop.config.v1.HistoryRequest\x1a#.liveloop.config.v1.HistoryResponse\x12U\n\x08Rollback\x12#.liveloop.config.v1.RollbackRequest\x1a$.liveloop.config.v1.RollbackResponse\x12O\n\x06\x44\x65lete\x12!.liveloop.config.v1.DeleteRequest\x1a\".liveloop.config.v1.DeleteResponse\x12P\n\x05Watch\x12 .liveloop.config.v1.WatchRequest\x1a!.liveloop.config.v1.WatchResponse(\x01\x30\x01\x12\x64\n\rReplicaStatus\x12(.liveloop.config.v1.ReplicaStatusRequest\x1a).liveloop.config.v1.ReplicaStatusResponse\x12R\n\x07Refresh\x12\".liveloop.config.v1.RefreshRequest\x1a#.liveloop.config.v1.RefreshResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fliveloop/config/v1/config.proto\x12\x12liveloop.config.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1fliveloop/common/v1/common.proto\"\x91\x01\n\nDeployment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x11\n\tspec_json\x18\x03 \x01(\t\x12.\n\nupdated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61uthor\x18\x05 \x01(\t\x12\x10\n\x08\x63hecksum\x18\x06 \x01(\t\"\xee\x01\n\x0ePublishRequest\x12\x13\n\tspec_text\x18\x01 \x01(\tH\x00\x12.\n\x0bspec_struct\x18\x02 \x01(\x0b\x32\x17.google.protobuf.StructH\x00\x12.\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x1e.liveloop.config.v1.SpecFormat\x12\x0f\n\x07\x64ry_run\x18\x04 \x01(\x08\x12\x12\n\ndeployment\x18\x05 \x01(\t\x12\x0e\n\x06\x61uthor\x18\x06 \x01(\t\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x19\n\x11\x65xpected_revision\x18\x08 \x01(\x03\x42\x06\n\x04spec\"y\n\x0fPublishResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\x0c\n\x04\x64iff\x18\x03 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x04 \x01(\x08\x12\x0f\n\x07\x64ry_run\x18\x05 \x01(\x08\x12\x10\n\x08warnings\x18\x06 \x03(\t\"C\n\nGetRequest\x12\x35\n\ndeployment\x18\x01 \x01(\x0b\x32!.liveloop.common.v1.DeploymentRef\"X\n\x0bGetResponse\x12\x32\n\ndeployment\x18\x01 \x01(\x0b\x32\x1e.liveloop.config.v1.Deployment\x12\x15\n\rhead_revision\x18\x02 \x01(\x03\"R\n\x0bListRequest\x12-\n\x04page\x18\x01 \x01(\x0b\x32\x1f.liveloop.common.v1.PageRequest\x12\x14\n\x0cinclude_spec\x18\x02 \x01(\x08\"\x8a\x01\n\x0cListResponse\x12\x33\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x1e.liveloop.config.v1.Deployment\x12\x15\n\rhead_revision\x18\x02 \x01(\x03\x12.\n\x04page\x18\x03 \x01(\x0b\x32 .liveloop.common.v1.PageResponse\"L\n\x0eHistoryRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\x17\n\x0f\x62\x65\x66ore_revision\x18\x03 \x01(\x03\"\xd4\x01\n\x0cHistoryEntry\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\x0e\n\x06\x61uthor\x18\x03 \x01(\t\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x64iff\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\x12,\n\x04kind\x18\x07 \x01(\x0e\x32\x1e.liveloop.config.v1.ChangeKind\x12\x17\n\x0fsource_revision\x18\x08 \x01(\x03\"D\n\x0fHistoryResponse\x12\x31\n\x07\x65ntries\x18\x01 \x03(\x0b\x32 .liveloop.config.v1.HistoryEntry\"l\n\x0fRollbackRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x13\n\x0bto_revision\x18\x02 \x01(\x03\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\x12\x0e\n\x06\x61uthor\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\"W\n\x10RollbackResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\x0c\n\x04\x64iff\x18\x03 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x04 \x01(\x08\"D\n\rDeleteRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x0e\n\x06\x61uthor\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\"\n\x0e\x44\x65leteResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\"\x9c\x01\n\x0cWatchRequest\x12\x32\n\tsubscribe\x18\x01 \x01(\x0b\x32\x1d.liveloop.config.v1.SubscribeH\x00\x12&\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x17.liveloop.config.v1.AckH\x00\x12(\n\x04nack\x18\x03 \x01(\x0b\x32\x18.liveloop.config.v1.NackH\x00\x42\x06\n\x04kind\"n\n\tSubscribe\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65ployments\x18\x02 \x03(\t\x12\x16\n\x0eknown_revision\x18\x03 \x01(\x03\x12\x0f\n\x07service\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\"\x17\n\x03\x41\x63k\x12\x10\n\x08revision\x18\x01 \x01(\x03\"<\n\x04Nack\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\ndeployment\x18\x03 \x01(\t\"\xab\x01\n\rWatchResponse\x12\x30\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1c.liveloop.config.v1.SnapshotH\x00\x12,\n\x06update\x18\x02 \x01(\x0b\x32\x1a.liveloop.config.v1.UpdateH\x00\x12\x32\n\theartbeat\x18\x03 \x01(\x0b\x32\x1d.liveloop.config.v1.HeartbeatH\x00\x42\x06\n\x04kind\"b\n\x08Snapshot\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x33\n\x0b\x64\x65ployments\x18\x02 \x03(\x0b\x32\x1e.liveloop.config.v1.Deployment\x12\x0f\n\x07refresh\x18\x03 \x01(\x08\"d\n\x06Update\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\x11\n\tspec_json\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x65leted\x18\x04 \x01(\x08\x12\x10\n\x08\x63hecksum\x18\x05 \x01(\t\"S\n\tHeartbeat\x12\x15\n\rhead_revision\x18\x01 \x01(\x03\x12/\n\x0bserver_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"*\n\x14ReplicaStatusRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\"\xd1\x02\n\x0cReplicaState\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x18\n\x10\x61pplied_revision\x18\x02 \x01(\x03\x12\x1a\n\x12last_nack_revision\x18\x03 \x01(\x03\x12\x18\n\x10last_nack_reason\x18\x04 \x01(\t\x12-\n\tlast_seen\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11staleness_seconds\x18\x06 \x01(\x01\x12\x18\n\x10revisions_behind\x18\x07 \x01(\x03\x12\x11\n\tconnected\x18\x08 \x01(\x08\x12\x0f\n\x07service\x18\t \x01(\t\x12\x0f\n\x07version\x18\n \x01(\t\x12\x0c\n\x04peer\x18\x0b \x01(\t\x12\x36\n\x0b\x64\x65ployments\x18\x0c \x03(\x0b\x32!.liveloop.common.v1.DeploymentRef\"b\n\x15ReplicaStatusResponse\x12\x32\n\x08replicas\x18\x01 \x03(\x0b\x32 .liveloop.config.v1.ReplicaState\x12\x15\n\rhead_revision\x18\x02 \x01(\x03\"$\n\x0eRefreshRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\"C\n\x0fRefreshResponse\x12\x19\n\x11replicas_notified\x18\x01 \x01(\x05\x12\x15\n\rhead_revision\x18\x02 \x01(\x03*U\n\nSpecFormat\x12\x1b\n\x17SPEC_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10SPEC_FORMAT_JSON\x10\x01\x12\x14\n\x10SPEC_FORMAT_YAML\x10\x02*t\n\nChangeKind\x12\x1b\n\x17\x43HANGE_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43HANGE_KIND_PUBLISH\x10\x01\x12\x18\n\x14\x43HANGE_KIND_ROLLBACK\x10\x02\x12\x16\n\x12\x43HANGE_KIND_DELETE\x10\x03\x32\x9e\x06\n\rConfigService\x12R\n\x07Publish\x12\".liveloop.config.v1.PublishRequest\x1a#.liveloop.config.v1.PublishResponse\x12\x46\n\x03Get\x12\x1e.liveloop.config.v1.GetRequest\x1a\x1f.liveloop.config.v1.GetResponse\x12i\n\x04List\x12\x1f.liveloop.config.v1.ListRequest\x1a .liveloop.config.v1.ListResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\x12\x16/v1/config/deployments\x12R\n\x07History\x12\".liveloop.config.v1.HistoryRequest\x1a#.liveloop.config.v1.HistoryResponse\x12U\n\x08Rollback\x12#.liveloop.config.v1.RollbackRequest\x1a$.liveloop.config.v1.RollbackResponse\x12O\n\x06\x44\x65lete\x12!.liveloop.config.v1.DeleteRequest\x1a\".liveloop.config.v1.DeleteResponse\x12P\n\x05Watch\x12 .liveloop.config.v1.WatchRequest\x1a!.liveloop.config.v1.WatchResponse(\x01\x30\x01\x12\x64\n\rReplicaStatus\x12(.liveloop.config.v1.ReplicaStatusRequest\x1a).liveloop.config.v1.ReplicaStatusResponse\x12R\n\x07Refresh\x12\".liveloop.config.v1.RefreshRequest\x1a#.liveloop.config.v1.RefreshResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'libs.protos.liveloop.config.v1.config_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SPECFORMAT']._serialized_start=3125
-  _globals['_SPECFORMAT']._serialized_end=3210
-  _globals['_CHANGEKIND']._serialized_start=3212
-  _globals['_CHANGEKIND']._serialized_end=3328
-  _globals['_DEPLOYMENT']._serialized_start=152
-  _globals['_DEPLOYMENT']._serialized_end=297
-  _globals['_PUBLISHREQUEST']._serialized_start=300
-  _globals['_PUBLISHREQUEST']._serialized_end=538
-  _globals['_PUBLISHRESPONSE']._serialized_start=540
-  _globals['_PUBLISHRESPONSE']._serialized_end=661
-  _globals['_GETREQUEST']._serialized_start=663
-  _globals['_GETREQUEST']._serialized_end=730
-  _globals['_GETRESPONSE']._serialized_start=732
-  _globals['_GETRESPONSE']._serialized_end=820
-  _globals['_LISTREQUEST']._serialized_start=822
-  _globals['_LISTREQUEST']._serialized_end=904
-  _globals['_LISTRESPONSE']._serialized_start=907
-  _globals['_LISTRESPONSE']._serialized_end=1045
-  _globals['_HISTORYREQUEST']._serialized_start=1047
-  _globals['_HISTORYREQUEST']._serialized_end=1123
-  _globals['_HISTORYENTRY']._serialized_start=1126
-  _globals['_HISTORYENTRY']._serialized_end=1338
-  _globals['_HISTORYRESPONSE']._serialized_start=1340
-  _globals['_HISTORYRESPONSE']._serialized_end=1408
-  _globals['_ROLLBACKREQUEST']._serialized_start=1410
-  _globals['_ROLLBACKREQUEST']._serialized_end=1518
-  _globals['_ROLLBACKRESPONSE']._serialized_start=1520
-  _globals['_ROLLBACKRESPONSE']._serialized_end=1607
-  _globals['_DELETEREQUEST']._serialized_start=1609
-  _globals['_DELETEREQUEST']._serialized_end=1677
-  _globals['_DELETERESPONSE']._serialized_start=1679
-  _globals['_DELETERESPONSE']._serialized_end=1713
-  _globals['_WATCHREQUEST']._serialized_start=1716
-  _globals['_WATCHREQUEST']._serialized_end=1872
-  _globals['_SUBSCRIBE']._serialized_start=1874
-  _globals['_SUBSCRIBE']._serialized_end=1984
-  _globals['_ACK']._serialized_start=1986
-  _globals['_ACK']._serialized_end=2009
-  _globals['_NACK']._serialized_start=2011
-  _globals['_NACK']._serialized_end=2071
-  _globals['_WATCHRESPONSE']._serialized_start=2074
-  _globals['_WATCHRESPONSE']._serialized_end=2245
-  _globals['_SNAPSHOT']._serialized_start=2247
-  _globals['_SNAPSHOT']._serialized_end=2345
-  _globals['_UPDATE']._serialized_start=2347
-  _globals['_UPDATE']._serialized_end=2447
-  _globals['_HEARTBEAT']._serialized_start=2449
-  _globals['_HEARTBEAT']._serialized_end=2532
-  _globals['_REPLICASTATUSREQUEST']._serialized_start=2534
-  _globals['_REPLICASTATUSREQUEST']._serialized_end=2576
-  _globals['_REPLICASTATE']._serialized_start=2579
-  _globals['_REPLICASTATE']._serialized_end=2916
-  _globals['_REPLICASTATUSRESPONSE']._serialized_start=2918
-  _globals['_REPLICASTATUSRESPONSE']._serialized_end=3016
-  _globals['_REFRESHREQUEST']._serialized_start=3018
-  _globals['_REFRESHREQUEST']._serialized_end=3054
-  _globals['_REFRESHRESPONSE']._serialized_start=3056
-  _globals['_REFRESHRESPONSE']._serialized_end=3123
-  _globals['_CONFIGSERVICE']._serialized_start=3331
-  _globals['_CONFIGSERVICE']._serialized_end=4097
+  _globals['_CONFIGSERVICE'].methods_by_name['List']._loaded_options = None
+  _globals['_CONFIGSERVICE'].methods_by_name['List']._serialized_options = b'\202\323\344\223\002\030\022\026/v1/config/deployments'
+  _globals['_SPECFORMAT']._serialized_start=3155
+  _globals['_SPECFORMAT']._serialized_end=3240
+  _globals['_CHANGEKIND']._serialized_start=3242
+  _globals['_CHANGEKIND']._serialized_end=3358
+  _globals['_DEPLOYMENT']._serialized_start=182
+  _globals['_DEPLOYMENT']._serialized_end=327
+  _globals['_PUBLISHREQUEST']._serialized_start=330
+  _globals['_PUBLISHREQUEST']._serialized_end=568
+  _globals['_PUBLISHRESPONSE']._serialized_start=570
+  _globals['_PUBLISHRESPONSE']._serialized_end=691
+  _globals['_GETREQUEST']._serialized_start=693
+  _globals['_GETREQUEST']._serialized_end=760
+  _globals['_GETRESPONSE']._serialized_start=762
+  _globals['_GETRESPONSE']._serialized_end=850
+  _globals['_LISTREQUEST']._serialized_start=852
+  _globals['_LISTREQUEST']._serialized_end=934
+  _globals['_LISTRESPONSE']._serialized_start=937
+  _globals['_LISTRESPONSE']._serialized_end=1075
+  _globals['_HISTORYREQUEST']._serialized_start=1077
+  _globals['_HISTORYREQUEST']._serialized_end=1153
+  _globals['_HISTORYENTRY']._serialized_start=1156
+  _globals['_HISTORYENTRY']._serialized_end=1368
+  _globals['_HISTORYRESPONSE']._serialized_start=1370
+  _globals['_HISTORYRESPONSE']._serialized_end=1438
+  _globals['_ROLLBACKREQUEST']._serialized_start=1440
+  _globals['_ROLLBACKREQUEST']._serialized_end=1548
+  _globals['_ROLLBACKRESPONSE']._serialized_start=1550
+  _globals['_ROLLBACKRESPONSE']._serialized_end=1637
+  _globals['_DELETEREQUEST']._serialized_start=1639
+  _globals['_DELETEREQUEST']._serialized_end=1707
+  _globals['_DELETERESPONSE']._serialized_start=1709
+  _globals['_DELETERESPONSE']._serialized_end=1743
+  _globals['_WATCHREQUEST']._serialized_start=1746
+  _globals['_WATCHREQUEST']._serialized_end=1902
+  _globals['_SUBSCRIBE']._serialized_start=1904
+  _globals['_SUBSCRIBE']._serialized_end=2014
+  _globals['_ACK']._serialized_start=2016
+  _globals['_ACK']._serialized_end=2039
+  _globals['_NACK']._serialized_start=2041
+  _globals['_NACK']._serialized_end=2101
+  _globals['_WATCHRESPONSE']._serialized_start=2104
+  _globals['_WATCHRESPONSE']._serialized_end=2275
+  _globals['_SNAPSHOT']._serialized_start=2277
+  _globals['_SNAPSHOT']._serialized_end=2375
+  _globals['_UPDATE']._serialized_start=2377
+  _globals['_UPDATE']._serialized_end=2477
+  _globals['_HEARTBEAT']._serialized_start=2479
+  _globals['_HEARTBEAT']._serialized_end=2562
+  _globals['_REPLICASTATUSREQUEST']._serialized_start=2564
+  _globals['_REPLICASTATUSREQUEST']._serialized_end=2606
+  _globals['_REPLICASTATE']._serialized_start=2609
+  _globals['_REPLICASTATE']._serialized_end=2946
+  _globals['_REPLICASTATUSRESPONSE']._serialized_start=2948
+  _globals['_REPLICASTATUSRESPONSE']._serialized_end=3046
+  _globals['_REFRESHREQUEST']._serialized_start=3048
+  _globals['_REFRESHREQUEST']._serialized_end=3084
+  _globals['_REFRESHRESPONSE']._serialized_start=3086
+  _globals['_REFRESHRESPONSE']._serialized_end=3153
+  _globals['_CONFIGSERVICE']._serialized_start=3361
+  _globals['_CONFIGSERVICE']._serialized_end=4159
 # @@protoc_insertion_point(module_scope)

@@ -102,7 +102,8 @@ class ConfigServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def List(self, request, context):
-        """Lists the deployments that exist at the head revision.
+        """Lists the deployments that exist at the head revision. Also REST through Envoy:
+        GET /v1/config/deployments (the dashboard page's list of deployments).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -22,12 +22,13 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from libs.protos.liveloop.common.v1 import common_pb2 as liveloop_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!liveloop/monitor/v1/monitor.proto\x12\x13liveloop.monitor.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1fliveloop/common/v1/common.proto\"\x80\x01\n\x11GetSummaryRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12)\n\x06window\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xaa\x01\n\tUptakeRow\x12\r\n\x05offer\x18\x01 \x01(\t\x12\x0f\n\x07segment\x18\x02 \x01(\t\x12\x13\n\x0bimpressions\x18\x03 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\x03\x12\x13\n\x0buptake_rate\x18\x05 \x01(\x01\x12\x12\n\nreward_sum\x18\x06 \x01(\x01\x12\x1c\n\x14\x65xplored_impressions\x18\x07 \x01(\x03\x12\x0f\n\x07variant\x18\x08 \x01(\t\"\x9b\x01\n\x10LatencyQuantiles\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x13\n\x0bp50_seconds\x18\x03 \x01(\x01\x12\x13\n\x0bp90_seconds\x18\x04 \x01(\x01\x12\x13\n\x0bp99_seconds\x18\x05 \x01(\x01\x12\x14\n\x0cp999_seconds\x18\x06 \x01(\x01\x12\x13\n\x0bmax_seconds\x18\x07 \x01(\x01\"\x91\x01\n\x0fReplicaRevision\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onfig_revision\x18\x02 \x01(\x03\x12-\n\tlast_seen\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0binvocations\x18\x04 \x01(\x03\x12\r\n\x05stale\x18\x05 \x01(\x08\"\xd3\x05\n\x12GetSummaryResponse\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x30\n\x0cwindow_start\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nwindow_end\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0binvocations\x18\x04 \x01(\x03\x12\x11\n\tresponses\x18\x05 \x01(\x03\x12\x13\n\x0buptake_rate\x18\x06 \x01(\x01\x12\x30\n\x08\x62y_offer\x18\x07 \x03(\x0b\x32\x1e.liveloop.monitor.v1.UptakeRow\x12\x32\n\nby_segment\x18\x08 \x03(\x0b\x32\x1e.liveloop.monitor.v1.UptakeRow\x12\x15\n\rexplore_share\x18\t \x01(\x01\x12\x36\n\x07latency\x18\n \x03(\x0b\x32%.liveloop.monitor.v1.LatencyQuantiles\x12\x36\n\x08replicas\x18\x0b \x03(\x0b\x32$.liveloop.monitor.v1.ReplicaRevision\x12\x15\n\rhead_revision\x18\x0c \x01(\x03\x12\x38\n\x10\x62y_offer_segment\x18\r \x03(\x0b\x32\x1e.liveloop.monitor.v1.UptakeRow\x12\x16\n\x0elate_responses\x18\x0e \x01(\x03\x12\x1b\n\x13\x64uplicate_responses\x18\x0f \x01(\x03\x12\x32\n\nby_variant\x18\x10 \x03(\x0b\x32\x1e.liveloop.monitor.v1.UptakeRow\x12\x13\n\x0bimpressions\x18\x11 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x12 \x01(\x03\x12<\n\x0c\x64\x65\x63ision_log\x18\x13 \x01(\x0b\x32&.liveloop.monitor.v1.DecisionLogStatus\"\xe5\x01\n\x11\x44\x65\x63isionLogStatus\x12\x0b\n\x03lag\x18\x01 \x01(\x03\x12\x17\n\x0ftrimmed_entries\x18\x02 \x01(\x03\x12W\n\x11malformed_entries\x18\x03 \x03(\x0b\x32<.liveloop.monitor.v1.DecisionLogStatus.MalformedEntriesEntry\x12\x18\n\x10\x63onsumed_entries\x18\x04 \x01(\x03\x1a\x37\n\x15MalformedEntriesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x83\x01\n\x14GetTimeSeriesRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12)\n\x06window\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8d\x01\n\x0bOfferMinute\x12*\n\x06minute\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05offer\x18\x02 \x01(\t\x12\x13\n\x0bimpressions\x18\x03 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\x03\x12\x1c\n\x14\x65xplored_impressions\x18\x05 \x01(\x03\"y\n\x0cInvokeMinute\x12*\n\x06minute\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0binvocations\x18\x02 \x01(\x03\x12\x13\n\x0bp50_seconds\x18\x03 \x01(\x01\x12\x13\n\x0bp99_seconds\x18\x04 \x01(\x01\"\xf7\x01\n\x15GetTimeSeriesResponse\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x30\n\x0cwindow_start\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nwindow_end\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x06offers\x18\x04 \x03(\x0b\x32 .liveloop.monitor.v1.OfferMinute\x12\x36\n\x0binvocations\x18\x05 \x03(\x0b\x32!.liveloop.monitor.v1.InvokeMinute\"\x99\x01\n\x0fGetDriftRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12)\n\x06window\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08\x66\x65\x61tures\x18\x03 \x03(\t\x12\x35\n\x0freference_model\x18\x04 \x01(\x0b\x32\x1c.liveloop.common.v1.ModelRef\"\xf8\x01\n\x11\x44istributionDrift\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03psi\x18\x02 \x01(\x01\x12\x14\n\x0cks_statistic\x18\x03 \x01(\x01\x12\x16\n\x0ereference_mean\x18\x04 \x01(\x01\x12\x14\n\x0c\x63urrent_mean\x18\x05 \x01(\x01\x12\x1e\n\x16reference_missing_rate\x18\x06 \x01(\x01\x12\x1c\n\x14\x63urrent_missing_rate\x18\x07 \x01(\x01\x12\x15\n\rcurrent_count\x18\x08 \x01(\x03\x12/\n\x08severity\x18\t \x01(\x0e\x32\x1d.liveloop.monitor.v1.Severity\"\x9c\x02\n\x10GetDriftResponse\x12\x38\n\x08\x66\x65\x61tures\x18\x01 \x03(\x0b\x32&.liveloop.monitor.v1.DistributionDrift\x12\x35\n\x05score\x18\x02 \x01(\x0b\x32&.liveloop.monitor.v1.DistributionDrift\x12\x35\n\x0freference_model\x18\x03 \x01(\x0b\x32\x1c.liveloop.common.v1.ModelRef\x12\x30\n\x0cwindow_start\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nwindow_end\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa5\x01\n\x11ListAlertsRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x18\n\x10include_resolved\x18\x02 \x01(\x08\x12\x33\n\x0cmin_severity\x18\x03 \x01(\x0e\x32\x1d.liveloop.monitor.v1.Severity\x12-\n\x04page\x18\x04 \x01(\x0b\x32\x1f.liveloop.common.v1.PageRequest\"\x91\x03\n\x05\x41lert\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04rule\x18\x02 \x01(\t\x12\x12\n\ndeployment\x18\x03 \x01(\t\x12/\n\x08severity\x18\x04 \x01(\x0e\x32\x1d.liveloop.monitor.v1.Severity\x12.\n\x05state\x18\x05 \x01(\x0e\x32\x1f.liveloop.monitor.v1.AlertState\x12\x0f\n\x07summary\x18\x06 \x01(\t\x12\x36\n\x06labels\x18\x07 \x03(\x0b\x32&.liveloop.monitor.v1.Alert.LabelsEntry\x12\r\n\x05value\x18\x08 \x01(\x01\x12\x11\n\tthreshold\x18\t \x01(\x01\x12.\n\nstarted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bresolved_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"p\n\x12ListAlertsResponse\x12*\n\x06\x61lerts\x18\x01 \x03(\x0b\x32\x1a.liveloop.monitor.v1.Alert\x12.\n\x04page\x18\x02 \x01(\x0b\x32 .liveloop.common.v1.PageResponse\"\xfa\x02\n\x15\x45valuatePolicyRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x1d\n\x13\x63\x61ndidate_spec_json\x18\x02 \x01(\tH\x00\x12\x1c\n\x12\x63\x61ndidate_revision\x18\x03 \x01(\x03H\x00\x12)\n\x06window\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\nestimators\x18\x06 \x03(\x0e\x32\x1e.liveloop.monitor.v1.Estimator\x12\x18\n\x10\x63onfidence_level\x18\x07 \x01(\x01\x12\x1d\n\x15max_importance_weight\x18\x08 \x01(\x01\x12\x19\n\x11\x62ootstrap_samples\x18\t \x01(\x05\x12\x0c\n\x04seed\x18\n \x01(\x03\x12\x14\n\x0clogged_table\x18\x0b \x01(\tB\x0b\n\tcandidate\"\x91\x01\n\x0ePolicyEstimate\x12\x31\n\testimator\x18\x01 \x01(\x0e\x32\x1e.liveloop.monitor.v1.Estimator\x12\r\n\x05value\x18\x02 \x01(\x01\x12\r\n\x05lower\x18\x03 \x01(\x01\x12\r\n\x05upper\x18\x04 \x01(\x01\x12\x11\n\tstd_error\x18\x05 \x01(\x01\x12\x0c\n\x04lift\x18\x06 \x01(\x01\"\xac\x02\n\x16\x45valuatePolicyResponse\x12\x11\n\tdecisions\x18\x01 \x01(\x03\x12\x18\n\x10usable_decisions\x18\x02 \x01(\x03\x12\x14\n\x0clogged_value\x18\x03 \x01(\x01\x12\x36\n\testimates\x18\x04 \x03(\x0b\x32#.liveloop.monitor.v1.PolicyEstimate\x12\x1d\n\x15\x65\x66\x66\x65\x63tive_sample_size\x18\x05 \x01(\x01\x12\x12\n\nmax_weight\x18\x06 \x01(\x01\x12\x10\n\x08warnings\x18\x07 \x03(\t\x12\x18\n\x10\x63onfidence_level\x18\x08 \x01(\x01\x12\r\n\x05notes\x18\t \x03(\t\x12\x18\n\x10unsupported_mass\x18\n \x01(\x01\x12\x0f\n\x07refused\x18\x0b \x03(\t*b\n\x08Severity\x12\x18\n\x14SEVERITY_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSEVERITY_OK\x10\x01\x12\x14\n\x10SEVERITY_WARNING\x10\x02\x12\x15\n\x11SEVERITY_CRITICAL\x10\x03*[\n\nAlertState\x12\x1b\n\x17\x41LERT_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41LERT_STATE_FIRING\x10\x01\x12\x18\n\x14\x41LERT_STATE_RESOLVED\x10\x02*r\n\tEstimator\x12\x19\n\x15\x45STIMATOR_UNSPECIFIED\x10\x00\x12\x11\n\rESTIMATOR_IPS\x10\x01\x12\x13\n\x0f\x45STIMATOR_SNIPS\x10\x02\x12\x10\n\x0c\x45STIMATOR_DR\x10\x03\x12\x10\n\x0c\x45STIMATOR_DM\x10\x04\x32\xfa\x03\n\x0eMonitorService\x12]\n\nGetSummary\x12&.liveloop.monitor.v1.GetSummaryRequest\x1a\'.liveloop.monitor.v1.GetSummaryResponse\x12W\n\x08GetDrift\x12$.liveloop.monitor.v1.GetDriftRequest\x1a%.liveloop.monitor.v1.GetDriftResponse\x12\x66\n\rGetTimeSeries\x12).liveloop.monitor.v1.GetTimeSeriesRequest\x1a*.liveloop.monitor.v1.GetTimeSeriesResponse\x12]\n\nListAlerts\x12&.liveloop.monitor.v1.ListAlertsRequest\x1a\'.liveloop.monitor.v1.ListAlertsResponse\x12i\n\x0e\x45valuatePolicy\x12*.liveloop.monitor.v1.EvaluatePolicyRequest\x1a+.liveloop.monitor.v1.EvaluatePolicyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!liveloop/monitor/v1/monitor.proto\x12\x13liveloop.monitor.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1fliveloop/common/v1/common.proto\"\x80\x01\n\x11GetSummaryRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12)\n\x06window\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xaa\x01\n\tUptakeRow\x12\r\n\x05offer\x18\x01 \x01(\t\x12\x0f\n\x07segment\x18\x02 \x01(\t\x12\x13\n\x0bimpressions\x18\x03 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\x03\x12\x13\n\x0buptake_rate\x18\x05 \x01(\x01\x12\x12\n\nreward_sum\x18\x06 \x01(\x01\x12\x1c\n\x14\x65xplored_impressions\x18\x07 \x01(\x03\x12\x0f\n\x07variant\x18\x08 \x01(\t\"\x9b\x01\n\x10LatencyQuantiles\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x13\n\x0bp50_seconds\x18\x03 \x01(\x01\x12\x13\n\x0bp90_seconds\x18\x04 \x01(\x01\x12\x13\n\x0bp99_seconds\x18\x05 \x01(\x01\x12\x14\n\x0cp999_seconds\x18\x06 \x01(\x01\x12\x13\n\x0bmax_seconds\x18\x07 \x01(\x01\"\x91\x01\n\x0fReplicaRevision\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onfig_revision\x18\x02 \x01(\x03\x12-\n\tlast_seen\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0binvocations\x18\x04 \x01(\x03\x12\r\n\x05stale\x18\x05 \x01(\x08\"\xd3\x05\n\x12GetSummaryResponse\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x30\n\x0cwindow_start\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nwindow_end\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0binvocations\x18\x04 \x01(\x03\x12\x11\n\tresponses\x18\x05 \x01(\x03\x12\x13\n\x0buptake_rate\x18\x06 \x01(\x01\x12\x30\n\x08\x62y_offer\x18\x07 \x03(\x0b\x32\x1e.liveloop.monitor.v1.UptakeRow\x12\x32\n\nby_segment\x18\x08 \x03(\x0b\x32\x1e.liveloop.monitor.v1.UptakeRow\x12\x15\n\rexplore_share\x18\t \x01(\x01\x12\x36\n\x07latency\x18\n \x03(\x0b\x32%.liveloop.monitor.v1.LatencyQuantiles\x12\x36\n\x08replicas\x18\x0b \x03(\x0b\x32$.liveloop.monitor.v1.ReplicaRevision\x12\x15\n\rhead_revision\x18\x0c \x01(\x03\x12\x38\n\x10\x62y_offer_segment\x18\r \x03(\x0b\x32\x1e.liveloop.monitor.v1.UptakeRow\x12\x16\n\x0elate_responses\x18\x0e \x01(\x03\x12\x1b\n\x13\x64uplicate_responses\x18\x0f \x01(\x03\x12\x32\n\nby_variant\x18\x10 \x03(\x0b\x32\x1e.liveloop.monitor.v1.UptakeRow\x12\x13\n\x0bimpressions\x18\x11 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x12 \x01(\x03\x12<\n\x0c\x64\x65\x63ision_log\x18\x13 \x01(\x0b\x32&.liveloop.monitor.v1.DecisionLogStatus\"\xe5\x01\n\x11\x44\x65\x63isionLogStatus\x12\x0b\n\x03lag\x18\x01 \x01(\x03\x12\x17\n\x0ftrimmed_entries\x18\x02 \x01(\x03\x12W\n\x11malformed_entries\x18\x03 \x03(\x0b\x32<.liveloop.monitor.v1.DecisionLogStatus.MalformedEntriesEntry\x12\x18\n\x10\x63onsumed_entries\x18\x04 \x01(\x03\x1a\x37\n\x15MalformedEntriesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x83\x01\n\x14GetTimeSeriesRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12)\n\x06window\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8d\x01\n\x0bOfferMinute\x12*\n\x06minute\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05offer\x18\x02 \x01(\t\x12\x13\n\x0bimpressions\x18\x03 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\x03\x12\x1c\n\x14\x65xplored_impressions\x18\x05 \x01(\x03\"y\n\x0cInvokeMinute\x12*\n\x06minute\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0binvocations\x18\x02 \x01(\x03\x12\x13\n\x0bp50_seconds\x18\x03 \x01(\x01\x12\x13\n\x0bp99_seconds\x18\x04 \x01(\x01\"\xf7\x01\n\x15GetTimeSeriesResponse\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x30\n\x0cwindow_start\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nwindow_end\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x06offers\x18\x04 \x03(\x0b\x32 .liveloop.monitor.v1.OfferMinute\x12\x36\n\x0binvocations\x18\x05 \x03(\x0b\x32!.liveloop.monitor.v1.InvokeMinute\"\x99\x01\n\x0fGetDriftRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12)\n\x06window\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08\x66\x65\x61tures\x18\x03 \x03(\t\x12\x35\n\x0freference_model\x18\x04 \x01(\x0b\x32\x1c.liveloop.common.v1.ModelRef\"\xf8\x01\n\x11\x44istributionDrift\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03psi\x18\x02 \x01(\x01\x12\x14\n\x0cks_statistic\x18\x03 \x01(\x01\x12\x16\n\x0ereference_mean\x18\x04 \x01(\x01\x12\x14\n\x0c\x63urrent_mean\x18\x05 \x01(\x01\x12\x1e\n\x16reference_missing_rate\x18\x06 \x01(\x01\x12\x1c\n\x14\x63urrent_missing_rate\x18\x07 \x01(\x01\x12\x15\n\rcurrent_count\x18\x08 \x01(\x03\x12/\n\x08severity\x18\t \x01(\x0e\x32\x1d.liveloop.monitor.v1.Severity\"\x9c\x02\n\x10GetDriftResponse\x12\x38\n\x08\x66\x65\x61tures\x18\x01 \x03(\x0b\x32&.liveloop.monitor.v1.DistributionDrift\x12\x35\n\x05score\x18\x02 \x01(\x0b\x32&.liveloop.monitor.v1.DistributionDrift\x12\x35\n\x0freference_model\x18\x03 \x01(\x0b\x32\x1c.liveloop.common.v1.ModelRef\x12\x30\n\x0cwindow_start\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nwindow_end\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa5\x01\n\x11ListAlertsRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x18\n\x10include_resolved\x18\x02 \x01(\x08\x12\x33\n\x0cmin_severity\x18\x03 \x01(\x0e\x32\x1d.liveloop.monitor.v1.Severity\x12-\n\x04page\x18\x04 \x01(\x0b\x32\x1f.liveloop.common.v1.PageRequest\"\x91\x03\n\x05\x41lert\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04rule\x18\x02 \x01(\t\x12\x12\n\ndeployment\x18\x03 \x01(\t\x12/\n\x08severity\x18\x04 \x01(\x0e\x32\x1d.liveloop.monitor.v1.Severity\x12.\n\x05state\x18\x05 \x01(\x0e\x32\x1f.liveloop.monitor.v1.AlertState\x12\x0f\n\x07summary\x18\x06 \x01(\t\x12\x36\n\x06labels\x18\x07 \x03(\x0b\x32&.liveloop.monitor.v1.Alert.LabelsEntry\x12\r\n\x05value\x18\x08 \x01(\x01\x12\x11\n\tthreshold\x18\t \x01(\x01\x12.\n\nstarted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bresolved_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"p\n\x12ListAlertsResponse\x12*\n\x06\x61lerts\x18\x01 \x03(\x0b\x32\x1a.liveloop.monitor.v1.Alert\x12.\n\x04page\x18\x02 \x01(\x0b\x32 .liveloop.common.v1.PageResponse\"\xfa\x02\n\x15\x45valuatePolicyRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x1d\n\x13\x63\x61ndidate_spec_json\x18\x02 \x01(\tH\x00\x12\x1c\n\x12\x63\x61ndidate_revision\x18\x03 \x01(\x03H\x00\x12)\n\x06window\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\nestimators\x18\x06 \x03(\x0e\x32\x1e.liveloop.monitor.v1.Estimator\x12\x18\n\x10\x63onfidence_level\x18\x07 \x01(\x01\x12\x1d\n\x15max_importance_weight\x18\x08 \x01(\x01\x12\x19\n\x11\x62ootstrap_samples\x18\t \x01(\x05\x12\x0c\n\x04seed\x18\n \x01(\x03\x12\x14\n\x0clogged_table\x18\x0b \x01(\tB\x0b\n\tcandidate\"\x91\x01\n\x0ePolicyEstimate\x12\x31\n\testimator\x18\x01 \x01(\x0e\x32\x1e.liveloop.monitor.v1.Estimator\x12\r\n\x05value\x18\x02 \x01(\x01\x12\r\n\x05lower\x18\x03 \x01(\x01\x12\r\n\x05upper\x18\x04 \x01(\x01\x12\x11\n\tstd_error\x18\x05 \x01(\x01\x12\x0c\n\x04lift\x18\x06 \x01(\x01\"\xac\x02\n\x16\x45valuatePolicyResponse\x12\x11\n\tdecisions\x18\x01 \x01(\x03\x12\x18\n\x10usable_decisions\x18\x02 \x01(\x03\x12\x14\n\x0clogged_value\x18\x03 \x01(\x01\x12\x36\n\testimates\x18\x04 \x03(\x0b\x32#.liveloop.monitor.v1.PolicyEstimate\x12\x1d\n\x15\x65\x66\x66\x65\x63tive_sample_size\x18\x05 \x01(\x01\x12\x12\n\nmax_weight\x18\x06 \x01(\x01\x12\x10\n\x08warnings\x18\x07 \x03(\t\x12\x18\n\x10\x63onfidence_level\x18\x08 \x01(\x01\x12\r\n\x05notes\x18\t \x03(\t\x12\x18\n\x10unsupported_mass\x18\n \x01(\x01\x12\x0f\n\x07refused\x18\x0b \x03(\t*b\n\x08Severity\x12\x18\n\x14SEVERITY_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSEVERITY_OK\x10\x01\x12\x14\n\x10SEVERITY_WARNING\x10\x02\x12\x15\n\x11SEVERITY_CRITICAL\x10\x03*[\n\nAlertState\x12\x1b\n\x17\x41LERT_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41LERT_STATE_FIRING\x10\x01\x12\x18\n\x14\x41LERT_STATE_RESOLVED\x10\x02*r\n\tEstimator\x12\x19\n\x15\x45STIMATOR_UNSPECIFIED\x10\x00\x12\x11\n\rESTIMATOR_IPS\x10\x01\x12\x13\n\x0f\x45STIMATOR_SNIPS\x10\x02\x12\x10\n\x0c\x45STIMATOR_DR\x10\x03\x12\x10\n\x0c\x45STIMATOR_DM\x10\x04\x32\xc7\x05\n\x0eMonitorService\x12\x87\x01\n\nGetSummary\x12&.liveloop.monitor.v1.GetSummaryRequest\x1a\'.liveloop.monitor.v1.GetSummaryResponse\"(\x82\xd3\xe4\x93\x02\"\x12 /v1/monitor/{deployment}/summary\x12\x7f\n\x08GetDrift\x12$.liveloop.monitor.v1.GetDriftRequest\x1a%.liveloop.monitor.v1.GetDriftResponse\"&\x82\xd3\xe4\x93\x02 \x12\x1e/v1/monitor/{deployment}/drift\x12\x94\x01\n\rGetTimeSeries\x12).liveloop.monitor.v1.GetTimeSeriesRequest\x1a*.liveloop.monitor.v1.GetTimeSeriesResponse\",\x82\xd3\xe4\x93\x02&\x12$/v1/monitor/{deployment}/time-series\x12y\n\nListAlerts\x12&.liveloop.monitor.v1.ListAlertsRequest\x1a\'.liveloop.monitor.v1.ListAlertsResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/monitor/alerts\x12\x97\x01\n\x0e\x45valuatePolicy\x12*.liveloop.monitor.v1.EvaluatePolicyRequest\x1a+.liveloop.monitor.v1.EvaluatePolicyResponse\",\x82\xd3\xe4\x93\x02&\"!/v1/monitor/{deployment}/evaluate:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,54 +39,64 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECISIONLOGSTATUS_MALFORMEDENTRIESENTRY']._serialized_options = b'8\001'
   _globals['_ALERT_LABELSENTRY']._loaded_options = None
   _globals['_ALERT_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_SEVERITY']._serialized_start=4587
-  _globals['_SEVERITY']._serialized_end=4685
-  _globals['_ALERTSTATE']._serialized_start=4687
-  _globals['_ALERTSTATE']._serialized_end=4778
-  _globals['_ESTIMATOR']._serialized_start=4780
-  _globals['_ESTIMATOR']._serialized_end=4894
-  _globals['_GETSUMMARYREQUEST']._serialized_start=157
-  _globals['_GETSUMMARYREQUEST']._serialized_end=285
-  _globals['_UPTAKEROW']._serialized_start=288
-  _globals['_UPTAKEROW']._serialized_end=458
-  _globals['_LATENCYQUANTILES']._serialized_start=461
-  _globals['_LATENCYQUANTILES']._serialized_end=616
-  _globals['_REPLICAREVISION']._serialized_start=619
-  _globals['_REPLICAREVISION']._serialized_end=764
-  _globals['_GETSUMMARYRESPONSE']._serialized_start=767
-  _globals['_GETSUMMARYRESPONSE']._serialized_end=1490
-  _globals['_DECISIONLOGSTATUS']._serialized_start=1493
-  _globals['_DECISIONLOGSTATUS']._serialized_end=1722
-  _globals['_DECISIONLOGSTATUS_MALFORMEDENTRIESENTRY']._serialized_start=1667
-  _globals['_DECISIONLOGSTATUS_MALFORMEDENTRIESENTRY']._serialized_end=1722
-  _globals['_GETTIMESERIESREQUEST']._serialized_start=1725
-  _globals['_GETTIMESERIESREQUEST']._serialized_end=1856
-  _globals['_OFFERMINUTE']._serialized_start=1859
-  _globals['_OFFERMINUTE']._serialized_end=2000
-  _globals['_INVOKEMINUTE']._serialized_start=2002
-  _globals['_INVOKEMINUTE']._serialized_end=2123
-  _globals['_GETTIMESERIESRESPONSE']._serialized_start=2126
-  _globals['_GETTIMESERIESRESPONSE']._serialized_end=2373
-  _globals['_GETDRIFTREQUEST']._serialized_start=2376
-  _globals['_GETDRIFTREQUEST']._serialized_end=2529
-  _globals['_DISTRIBUTIONDRIFT']._serialized_start=2532
-  _globals['_DISTRIBUTIONDRIFT']._serialized_end=2780
-  _globals['_GETDRIFTRESPONSE']._serialized_start=2783
-  _globals['_GETDRIFTRESPONSE']._serialized_end=3067
-  _globals['_LISTALERTSREQUEST']._serialized_start=3070
-  _globals['_LISTALERTSREQUEST']._serialized_end=3235
-  _globals['_ALERT']._serialized_start=3238
-  _globals['_ALERT']._serialized_end=3639
-  _globals['_ALERT_LABELSENTRY']._serialized_start=3594
-  _globals['_ALERT_LABELSENTRY']._serialized_end=3639
-  _globals['_LISTALERTSRESPONSE']._serialized_start=3641
-  _globals['_LISTALERTSRESPONSE']._serialized_end=3753
-  _globals['_EVALUATEPOLICYREQUEST']._serialized_start=3756
-  _globals['_EVALUATEPOLICYREQUEST']._serialized_end=4134
-  _globals['_POLICYESTIMATE']._serialized_start=4137
-  _globals['_POLICYESTIMATE']._serialized_end=4282
-  _globals['_EVALUATEPOLICYRESPONSE']._serialized_start=4285
-  _globals['_EVALUATEPOLICYRESPONSE']._serialized_end=4585
-  _globals['_MONITORSERVICE']._serialized_start=4897
-  _globals['_MONITORSERVICE']._serialized_end=5403
+  _globals['_MONITORSERVICE'].methods_by_name['GetSummary']._loaded_options = None
+  _globals['_MONITORSERVICE'].methods_by_name['GetSummary']._serialized_options = b'\202\323\344\223\002\"\022 /v1/monitor/{deployment}/summary'
+  _globals['_MONITORSERVICE'].methods_by_name['GetDrift']._loaded_options = None
+  _globals['_MONITORSERVICE'].methods_by_name['GetDrift']._serialized_options = b'\202\323\344\223\002 \022\036/v1/monitor/{deployment}/drift'
+  _globals['_MONITORSERVICE'].methods_by_name['GetTimeSeries']._loaded_options = None
+  _globals['_MONITORSERVICE'].methods_by_name['GetTimeSeries']._serialized_options = b'\202\323\344\223\002&\022$/v1/monitor/{deployment}/time-series'
+  _globals['_MONITORSERVICE'].methods_by_name['ListAlerts']._loaded_options = None
+  _globals['_MONITORSERVICE'].methods_by_name['ListAlerts']._serialized_options = b'\202\323\344\223\002\024\022\022/v1/monitor/alerts'
+  _globals['_MONITORSERVICE'].methods_by_name['EvaluatePolicy']._loaded_options = None
+  _globals['_MONITORSERVICE'].methods_by_name['EvaluatePolicy']._serialized_options = b'\202\323\344\223\002&\"!/v1/monitor/{deployment}/evaluate:\001*'
+  _globals['_SEVERITY']._serialized_start=4617
+  _globals['_SEVERITY']._serialized_end=4715
+  _globals['_ALERTSTATE']._serialized_start=4717
+  _globals['_ALERTSTATE']._serialized_end=4808
+  _globals['_ESTIMATOR']._serialized_start=4810
+  _globals['_ESTIMATOR']._serialized_end=4924
+  _globals['_GETSUMMARYREQUEST']._serialized_start=187
+  _globals['_GETSUMMARYREQUEST']._serialized_end=315
+  _globals['_UPTAKEROW']._serialized_start=318
+  _globals['_UPTAKEROW']._serialized_end=488
+  _globals['_LATENCYQUANTILES']._serialized_start=491
+  _globals['_LATENCYQUANTILES']._serialized_end=646
+  _globals['_REPLICAREVISION']._serialized_start=649
+  _globals['_REPLICAREVISION']._serialized_end=794
+  _globals['_GETSUMMARYRESPONSE']._serialized_start=797
+  _globals['_GETSUMMARYRESPONSE']._serialized_end=1520
+  _globals['_DECISIONLOGSTATUS']._serialized_start=1523
+  _globals['_DECISIONLOGSTATUS']._serialized_end=1752
+  _globals['_DECISIONLOGSTATUS_MALFORMEDENTRIESENTRY']._serialized_start=1697
+  _globals['_DECISIONLOGSTATUS_MALFORMEDENTRIESENTRY']._serialized_end=1752
+  _globals['_GETTIMESERIESREQUEST']._serialized_start=1755
+  _globals['_GETTIMESERIESREQUEST']._serialized_end=1886
+  _globals['_OFFERMINUTE']._serialized_start=1889
+  _globals['_OFFERMINUTE']._serialized_end=2030
+  _globals['_INVOKEMINUTE']._serialized_start=2032
+  _globals['_INVOKEMINUTE']._serialized_end=2153
+  _globals['_GETTIMESERIESRESPONSE']._serialized_start=2156
+  _globals['_GETTIMESERIESRESPONSE']._serialized_end=2403
+  _globals['_GETDRIFTREQUEST']._serialized_start=2406
+  _globals['_GETDRIFTREQUEST']._serialized_end=2559
+  _globals['_DISTRIBUTIONDRIFT']._serialized_start=2562
+  _globals['_DISTRIBUTIONDRIFT']._serialized_end=2810
+  _globals['_GETDRIFTRESPONSE']._serialized_start=2813
+  _globals['_GETDRIFTRESPONSE']._serialized_end=3097
+  _globals['_LISTALERTSREQUEST']._serialized_start=3100
+  _globals['_LISTALERTSREQUEST']._serialized_end=3265
+  _globals['_ALERT']._serialized_start=3268
+  _globals['_ALERT']._serialized_end=3669
+  _globals['_ALERT_LABELSENTRY']._serialized_start=3624
+  _globals['_ALERT_LABELSENTRY']._serialized_end=3669
+  _globals['_LISTALERTSRESPONSE']._serialized_start=3671
+  _globals['_LISTALERTSRESPONSE']._serialized_end=3783
+  _globals['_EVALUATEPOLICYREQUEST']._serialized_start=3786
+  _globals['_EVALUATEPOLICYREQUEST']._serialized_end=4164
+  _globals['_POLICYESTIMATE']._serialized_start=4167
+  _globals['_POLICYESTIMATE']._serialized_end=4312
+  _globals['_EVALUATEPOLICYRESPONSE']._serialized_start=4315
+  _globals['_EVALUATEPOLICYRESPONSE']._serialized_end=4615
+  _globals['_MONITORSERVICE']._serialized_start=4927
+  _globals['_MONITORSERVICE']._serialized_end=5638
 # @@protoc_insertion_point(module_scope)
