@@ -8,6 +8,8 @@ import asyncio
 from grpc import aio
 from redis.asyncio import Redis
 
+from libs.common.distribution_drift import DriftThresholds
+from libs.common.errors import InvalidArgument
 from libs.common.server import RunningServer, ServiceDefinition, start_server
 from libs.common.service_database import open_service_database
 from libs.protos.liveloop.monitor.v1 import monitor_pb2_grpc
@@ -20,15 +22,28 @@ from services.monitor.core.rollup_store import RollupStore
 from services.monitor.core.schema import MIGRATIONS_PACKAGE
 from services.monitor.servicer import MonitorServicer
 from services.monitor.settings import MonitorSettings
+from services.monitor.trainer_client import TrainerServiceClient
 
 
 async def build_server(settings: MonitorSettings) -> RunningServer:
+    try:
+        thresholds = DriftThresholds(
+            psi_warning=settings.drift_psi_warning,
+            psi_critical=settings.drift_psi_critical,
+            ks_warning=settings.drift_ks_warning,
+            ks_critical=settings.drift_ks_critical,
+        )
+    except ValueError as exc:
+        raise InvalidArgument(str(exc), field="drift_psi_warning") from None
     engine = await open_service_database(
         settings.database_url, service=MONITOR.name, migrations_package=MIGRATIONS_PACKAGE
     )
     redis = Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
     config = ConfigServiceClient(
         settings.config_target, settings.config_api_key, settings.config_deadline_seconds
+    )
+    trainer = TrainerServiceClient(
+        settings.trainer_target, settings.trainer_api_key, settings.config_deadline_seconds
     )
     store = RollupStore(engine)
     archive = DecisionArchive(settings.archive_dir, settings.archive_retention_hours)
@@ -44,7 +59,7 @@ async def build_server(settings: MonitorSettings) -> RunningServer:
             claim_idle_ms=int(settings.consumer_claim_idle_seconds * 1000),
         ),
     )
-    service = MonitorService(store, archive, consumer, config)
+    service = MonitorService(store, archive, consumer, config, trainer, thresholds)
     servicer = MonitorServicer(service)
 
     def register(server: aio.Server) -> None:
@@ -53,6 +68,7 @@ async def build_server(settings: MonitorSettings) -> RunningServer:
     async def dispose() -> None:
         await service.stop()
         await config.close()
+        await trainer.close()
         await redis.aclose()
         await asyncio.to_thread(engine.dispose)
 

@@ -8,7 +8,9 @@ from typing import Any
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from libs.common.distribution_drift import DistributionDrift
 from libs.common.errors import InvalidArgument, Unimplemented
+from libs.protos.liveloop.common.v1 import common_pb2
 from libs.protos.liveloop.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from services.monitor.core.monitor_service import MonitorService
 from services.monitor.core.policy_evaluation import EvaluationRequest
@@ -192,3 +194,48 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
             unsupported_mass=result.unsupported_mass,
             refused=[f"{name}: {reason}" for name, reason in result.refused.items()],
         )
+
+    async def GetDrift(
+        self, request: monitor_pb2.GetDriftRequest, context: Any
+    ) -> monitor_pb2.GetDriftResponse:
+        model = None
+        if request.HasField("reference_model"):
+            if not request.reference_model.name:
+                raise InvalidArgument("needs a model name", field="reference_model.name")
+            model = (request.reference_model.name, request.reference_model.version)
+        window, report = await self._service.drift(
+            request.deployment,
+            window_seconds=_seconds(request.window, request.HasField("window")),
+            features=list(request.features),
+            model=model,
+        )
+        return monitor_pb2.GetDriftResponse(
+            features=[_drift(row) for row in report.features],
+            score=_drift(report.score),
+            reference_model=common_pb2.ModelRef(
+                name=report.reference.model_name, version=report.reference.model_version
+            ),
+            window_start=_timestamp(window.start),
+            window_end=_timestamp(window.end),
+        )
+
+
+_SEVERITIES = {
+    "ok": monitor_pb2.SEVERITY_OK,
+    "warning": monitor_pb2.SEVERITY_WARNING,
+    "critical": monitor_pb2.SEVERITY_CRITICAL,
+}
+
+
+def _drift(row: DistributionDrift) -> monitor_pb2.DistributionDrift:
+    return monitor_pb2.DistributionDrift(
+        name=row.name,
+        psi=row.psi or 0.0,
+        ks_statistic=row.ks_statistic or 0.0,
+        reference_mean=row.reference_mean or 0.0,
+        current_mean=row.current_mean or 0.0,
+        reference_missing_rate=row.reference_missing_rate,
+        current_missing_rate=row.current_missing_rate,
+        current_count=row.current_count,
+        severity=_SEVERITIES[row.severity],
+    )

@@ -10,7 +10,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from libs.common.settings import ServiceSettings
-from libs.stack.topology import CONFIG, MONITOR
+from libs.stack.topology import CONFIG, MONITOR, TRAINER
 
 
 class MonitorSettings(ServiceSettings):
@@ -40,6 +40,14 @@ class MonitorSettings(ServiceSettings):
     consumer_claim_idle_seconds: float = Field(
         30.0, gt=0, description="Another replica's unacknowledged entry is taken over after this long"
     )
+    trainer_target: str = Field(
+        f"127.0.0.1:{TRAINER.port}", description="host:port of the trainer (training references for drift)"
+    )
+    trainer_api_key: str | None = Field(None, description="Key this service presents to the trainer (admin)")
+    drift_psi_warning: float = Field(0.1, gt=0, description="PSI from which a distribution drifts (warning)")
+    drift_psi_critical: float = Field(0.25, gt=0, description="PSI from which drift is critical")
+    drift_ks_warning: float = Field(0.1, gt=0, le=1, description="KS statistic from which drift is a warning")
+    drift_ks_critical: float = Field(0.2, gt=0, le=1, description="KS statistic from which drift is critical")
     config_target: str = Field(f"127.0.0.1:{CONFIG.port}", description="host:port of the config service")
     config_api_key: str | None = Field(None, description="Key this service presents to the config service")
     config_deadline_seconds: float = Field(5.0, gt=0, le=120, description="Deadline of calls to config")

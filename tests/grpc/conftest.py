@@ -140,6 +140,7 @@ class ServiceUnderTest:
             values["replica_id"] = "monitor-under-test"
             values["consumer_group"] = f"monitor-test-{uuid.uuid4().hex[:8]}"
             values["consumer_start"] = "newest"
+            values["trainer_target"] = UNREACHABLE_TARGET
         values.update(overrides)
         return self.settings_class(**values)
 

@@ -7,14 +7,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from libs.common.deployment_spec import parse_deployment_spec
+from libs.common.distribution_drift import DriftThresholds, TrainingReference
 from libs.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.monitor.core.decision_archive import DecisionArchive
 from services.monitor.core.decision_consumer import DecisionLogConsumer
+from services.monitor.core.drift import DRIFT_COLUMNS, DriftReport, drift_report
 from services.monitor.core.policy_evaluation import (
     CandidateEvaluation,
     EvaluationRequest,
@@ -31,6 +33,7 @@ DEFAULT_SUMMARY_WINDOW_SECONDS = 3600.0
 MAX_SUMMARY_WINDOW_SECONDS = 90 * 86400.0  # the rollups are kept this long
 ARCHIVE_PRUNE_EVERY_SECONDS = 600.0
 DEFAULT_EVALUATION_WINDOW_SECONDS = 7 * 86400.0
+DEFAULT_DRIFT_WINDOW_SECONDS = 86400.0
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,13 @@ class ReplicaState:
     connected: bool
     staleness_seconds: float
     deployments: list[str]
+
+
+class TrainingReferences(Protocol):
+    """What the monitor reads of the trainer."""
+
+    async def training_reference(self, name: str, version: int) -> TrainingReference | None:
+        """The reference recorded with `name:version` (0: newest); None when there is none."""
 
 
 class DeploymentConfig(Protocol):
@@ -101,8 +111,12 @@ class MonitorService:
         archive: DecisionArchive,
         consumer: DecisionLogConsumer | None,
         config: DeploymentConfig | None,
+        trainer: TrainingReferences | None = None,
+        drift_thresholds: DriftThresholds | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self.trainer = trainer
+        self.drift_thresholds = drift_thresholds or DriftThresholds()
         self.store = store
         self.archive = archive
         self.consumer = consumer
@@ -232,6 +246,46 @@ class MonitorService:
                 field="window",
             )
         return await asyncio.to_thread(evaluate_candidate, spec, contacts, responses, request)
+
+    async def drift(
+        self,
+        deployment: str,
+        *,
+        window_seconds: float | None = None,
+        features: Sequence[str] = (),
+        model: tuple[str, int] | None = None,
+    ) -> tuple[Window, DriftReport]:
+        """Served model inputs and scores over the window against the model version's training reference."""
+        await self.head_revision(deployment)
+        window = resolve_window(
+            window_seconds,
+            None,
+            default_seconds=min(DEFAULT_DRIFT_WINDOW_SECONDS, self.archive.retention_seconds),
+            max_seconds=self.archive.retention_seconds,
+            now=self._clock(),
+        )
+        if model is None:
+            stored = await self.config.spec(deployment, 0) if self.config is not None else None
+            binding = parse_deployment_spec(stored[0], "json").model if stored is not None else None
+            if binding is None:
+                raise FailedPrecondition(
+                    f"'{deployment}' binds no model: name the reference model", field="reference_model"
+                )
+            model = (binding.name, binding.version)
+        if self.trainer is None:
+            raise Unavailable("the monitor has no trainer to read references from", field="trainer_target")
+        reference = await self.trainer.training_reference(*model)
+        if reference is None:
+            raise NotFound(
+                f"no training reference for {model[0]}:{model[1] or 'newest'} (unknown, or trained "
+                "before the trainer recorded references)",
+                field="reference_model",
+            )
+        contacts = await asyncio.to_thread(
+            self.archive.contacts, deployment, window.start, window.end, DRIFT_COLUMNS
+        )
+        report = await asyncio.to_thread(drift_report, reference, contacts, features, self.drift_thresholds)
+        return window, report
 
     def decision_log_status(self) -> DecisionLogStatus:
         consumer = self.consumer
