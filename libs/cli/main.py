@@ -15,6 +15,7 @@ from rich.table import Table
 from libs.cli import decision_commands, trainer_commands
 from libs.cli.config_commands import config_app
 from libs.cli.ingest_commands import register as register_ingest_commands
+from libs.cli.monitor_commands import monitor_app
 from libs.cli.output import (
     JsonFlag,
     StateDir,
@@ -41,6 +42,7 @@ app = typer.Typer(
 keys_app = typer.Typer(help="API keys (hashed at rest).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(config_app, name="config")
+app.add_typer(monitor_app, name="monitor")
 register_ingest_commands(app)
 trainer_commands.register(app)
 app.command("simulate")(simulate)

@@ -30,7 +30,7 @@ from libs.common.deployment_spec import DeploymentSpec
 from libs.common.errors import InvalidArgument
 from libs.policy.context import derive_context
 from libs.policy.deployment import PreparedDeployment
-from libs.policy.statistics import Statistics, parse_arms
+from libs.policy.statistics import ArmTable, Statistics, parse_arms
 from libs.simulation.in_memory import ArmHash, update_arm_fields
 from services.monitor.core.estimators import LoggedDecisions, PolicyEvaluation, estimate_policy_value
 from services.monitor.core.reward_model import cross_fitted_expected_rewards
@@ -60,6 +60,7 @@ class EvaluationRequest:
     bootstrap_samples: int = 0
     seed: int = 0
     warmup_share: float = DEFAULT_WARMUP_SHARE
+    statistics_max_age_seconds: float = 0.1  # the predictor's default STATISTICS_MAX_AGE_MS
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,9 @@ def evaluate_candidate(
     rows = contacts.select([*CONTACT_COLUMNS, "time"]).to_pylist()
     events = _events(rows, responses)
     statistics: dict[str, ArmHash] = {}
+    # As a replica reads them: a kept copy at most `statistics_max_age` old, dropped by a learned response.
+    kept: dict[str, tuple[float, ArmTable]] = {}
+    statistics_max_age = request.statistics_max_age_seconds
     warmup = int(len(rows) * request.warmup_share)
     eligible_rows: list[list[str]] = []
     candidate_rows: list[list[float]] = []
@@ -105,13 +109,14 @@ def evaluate_candidate(
     skipped_no_shown = 0
     for kind, time, payload in events:
         if kind == "reward":
-            uuid_segment, offer, reward = payload
+            reward_segment, offer, reward = payload
             update_arm_fields(
-                statistics.setdefault(uuid_segment, {}),
+                statistics.setdefault(reward_segment, {}),
                 prepared.plans[""].policy,
                 [(offer, 0.0, reward)],
                 time,
             )
+            kept.pop(reward_segment, None)  # a learned response drops every replica's copy
             continue
         index, row = payload
         context_values = json.loads(row["context"])
@@ -125,7 +130,13 @@ def evaluate_candidate(
                 skipped_no_shown += 1
             else:
                 eligible = prepared.eligible(context, params)
-                arms = parse_arms(statistics.get(context.segment, {}), plan.policy, time)
+                copy = kept.get(context.segment)
+                if copy is None or time - copy[0] > statistics_max_age:
+                    copy = kept[context.segment] = (
+                        time,
+                        parse_arms(statistics.get(context.segment, {}), plan.policy, time),
+                    )
+                arms = copy[1]
                 choice = prepared.choose(
                     plan,
                     eligible,
