@@ -21,7 +21,17 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from libs.cli.output import JsonFlag, StateDir, TargetOption, console, emit_json, errors, fail, front_door
+from libs.cli.output import (
+    JsonFlag,
+    StateDir,
+    TargetOption,
+    console,
+    emit_json,
+    errors,
+    fail,
+    front_door,
+    plain,
+)
 from libs.common.client import open_blocking_channel
 from libs.common.deployment_spec import spec_diff
 from libs.common.settings import ClientSettings
@@ -65,9 +75,11 @@ def _endpoint(state_dir: Path | None, target: str | None) -> tuple[str, str | No
 
 
 @contextlib.contextmanager
-def _config_service(state_dir: Path | None, target: str | None) -> Iterator[_ConfigCalls]:
+def _config_service(
+    state_dir: Path | None, target: str | None, at_least_seconds: float = 0.0
+) -> Iterator[_ConfigCalls]:
     resolved_target, api_key = _endpoint(state_dir, target)
-    deadline = ClientSettings().deadline_seconds
+    deadline = max(ClientSettings().deadline_seconds, at_least_seconds)
     with open_blocking_channel(resolved_target, api_key=api_key, deadline_seconds=deadline) as channel:
         yield _ConfigCalls(config_pb2_grpc.ConfigServiceStub(channel), resolved_target)
 
@@ -161,6 +173,16 @@ def publish(
     expected_revision: Annotated[
         int, typer.Option(min=0, help="Refuse unless the deployment is at this revision (0: no check)")
     ] = 0,
+    evaluate: Annotated[
+        bool,
+        typer.Option(
+            "--evaluate",
+            help="Estimate the candidate on the logged decisions against the live revision first",
+        ),
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Store it even if the deployment's publish gate refuses it")
+    ] = False,
     state_dir: StateDir = None,
     target: TargetOption = None,
     as_json: JsonFlag = False,
@@ -173,8 +195,11 @@ def publish(
         dry_run=dry_run,
         message=message,
         expected_revision=expected_revision,
+        evaluate=evaluate,
+        force=force,
     )
-    with _config_service(state_dir, target) as service:
+    # A publish may wait for the candidate's evaluation (the config service allows it 120 s).
+    with _config_service(state_dir, target, at_least_seconds=130.0) as service:
         reply = service.call("Publish", request)
     if as_json:
         emit_json(
@@ -186,13 +211,30 @@ def publish(
                 "diff": reply.diff,
                 "warnings": list(reply.warnings),
             }
+            | ({"evaluation": plain(reply.evaluation)} if reply.HasField("evaluation") else {})
         )
         return
     for warning in reply.warnings:
         errors.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
+    if reply.HasField("evaluation"):
+        _print_evaluation(reply.evaluation)
     _report_change(
         reply.deployment, "published", reply.revision, reply.changed, reply.dry_run, reply.diff, show_diff
     )
+
+
+def _print_evaluation(evaluation: config_pb2.PublishEvaluation) -> None:
+    verdict = "passed" if evaluation.passed else ("forced past the gate" if evaluation.forced else "refused")
+    if evaluation.estimator:
+        console.print(
+            f"evaluation ({verdict}): {evaluation.estimator} {evaluation.value:.4f} "
+            f"[{evaluation.lower:.4f}, {evaluation.upper:.4f}] per decision against the live revision's "
+            f"{evaluation.live_value:.4f}, on {evaluation.decisions} logged decisions"
+        )
+    if evaluation.reason:
+        console.print(f"evaluation ({verdict}): {escape(evaluation.reason)}")
+    for warning in evaluation.warnings:
+        errors.print(f"[yellow]evaluation warning:[/yellow] {escape(warning)}", soft_wrap=True)
 
 
 class SpecOutput(enum.StrEnum):

@@ -253,6 +253,21 @@ class RewardSettings(SpecModel):
     default_reward: float = Field(1.0, ge=0, description="Reward of an acceptance that names no value")
 
 
+class PublishGate(SpecModel):
+    """What a publish of this deployment must show first: the candidate's value estimated on the
+    logged decisions (the monitor's EvaluatePolicy), against what the live revision earned."""
+
+    require_evaluation: bool = Field(False, description="Every publish is evaluated before it is stored")
+    max_regression: float = Field(
+        0.0,
+        ge=0,
+        description="Refuse when the estimate's upper bound is below the live value by more than this",
+    )
+    estimator: Literal["ips", "snips", "dr"] = Field("dr", description="The estimate the gate reads")
+    window_seconds: float = Field(7 * 24 * 3600.0, gt=0, description="Logged decisions evaluated on")
+    confidence_level: float = Field(0.95, gt=0, lt=1)
+
+
 class DeploymentSpec(SpecModel):
     name: str = Field(pattern=DEPLOYMENT_NAME_PATTERN)
     environment: Environment = Environment.DEV
@@ -270,6 +285,7 @@ class DeploymentSpec(SpecModel):
     model: ModelBinding | None = None
     variants: list[Variant] = Field(default_factory=list)
     reward: RewardSettings = Field(default_factory=RewardSettings)
+    publish_gate: PublishGate = Field(default_factory=PublishGate)
 
     @field_validator("campaigns")
     @classmethod

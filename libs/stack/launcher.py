@@ -246,7 +246,12 @@ def plan_processes(settings: StackSettings, credentials: Credentials) -> list[Pr
         "config",
         settings.config_port,
         settings.config_metrics_port if metrics else None,
-        {"DATABASE_URL": database_url("config")},
+        {
+            "DATABASE_URL": database_url("config"),
+            # A publish of a gated deployment asks the monitor to evaluate the candidate first.
+            "MONITOR_TARGET": f"{settings.host}:{settings.monitor_port}",
+            "MONITOR_API_KEY": credentials.admin_key,
+        },
     )
     for index, port in enumerate(settings.predictor_ports):
         add(

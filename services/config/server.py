@@ -13,6 +13,7 @@ from libs.protos.liveloop.config.v1 import config_pb2_grpc
 from libs.stack.topology import CONFIG
 from services.config.core.config_service import ConfigService
 from services.config.core.store import ConfigStore
+from services.config.monitor_client import MonitorServiceClient
 from services.config.servicer import ConfigServicer
 from services.config.settings import ConfigSettings
 
@@ -27,8 +28,14 @@ async def build_server(settings: ConfigSettings) -> RunningServer:
     engine = await open_service_database(
         settings.database_url, service=CONFIG.name, migrations_package="services.config.core.migrations"
     )
+    monitor = MonitorServiceClient(
+        settings.monitor_target, settings.monitor_api_key, settings.monitor_deadline_seconds
+    )
     service = ConfigService(
-        ConfigStore(engine), heartbeat_seconds=settings.heartbeat_seconds, poll_seconds=settings.poll_seconds
+        ConfigStore(engine),
+        heartbeat_seconds=settings.heartbeat_seconds,
+        poll_seconds=settings.poll_seconds,
+        evaluator=monitor,
     )
     await service.start()
     servicer = ConfigServicer(service)
@@ -38,6 +45,7 @@ async def build_server(settings: ConfigSettings) -> RunningServer:
 
     async def dispose() -> None:
         await service.stop()
+        await monitor.close()
         await asyncio.to_thread(engine.dispose)
 
     definition = ServiceDefinition(

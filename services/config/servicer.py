@@ -15,6 +15,7 @@ from libs.protos.liveloop.common.v1 import common_pb2
 from libs.protos.liveloop.config.v1 import config_pb2, config_pb2_grpc
 from services.config.core import distribution
 from services.config.core.config_service import ConfigService, deployment_names
+from services.config.core.publish_gate import GateOutcome
 from services.config.core.schema import CHANGE_KIND_DELETE, CHANGE_KIND_PUBLISH, CHANGE_KIND_ROLLBACK
 from services.config.core.store import StoredRevision
 
@@ -51,13 +52,29 @@ def _author(requested: str) -> str:
     return requested or CALLER.get()
 
 
+def _evaluation(gate: GateOutcome) -> config_pb2.PublishEvaluation:
+    estimate = gate.estimate
+    return config_pb2.PublishEvaluation(
+        estimator=estimate.estimator if estimate else "",
+        value=estimate.value if estimate else 0.0,
+        lower=estimate.lower if estimate else 0.0,
+        upper=estimate.upper if estimate else 0.0,
+        live_value=estimate.live_value if estimate else 0.0,
+        decisions=estimate.decisions if estimate else 0,
+        passed=gate.passed,
+        reason=gate.reason,
+        warnings=gate.warnings,
+        forced=gate.forced,
+    )
+
+
 class ConfigServicer(config_pb2_grpc.ConfigServiceServicer):
     def __init__(self, service: ConfigService) -> None:
         self._service = service
 
     async def Publish(self, request: config_pb2.PublishRequest, context: Any) -> config_pb2.PublishResponse:
         which = request.WhichOneof("spec")
-        result = await self._service.publish(
+        result, gate = await self._service.publish(
             spec_text=request.spec_text if which == "spec_text" else None,
             spec_document=MessageToDict(request.spec_struct) if which == "spec_struct" else None,
             format=_FORMATS.get(request.format),
@@ -66,6 +83,8 @@ class ConfigServicer(config_pb2_grpc.ConfigServiceServicer):
             dry_run=request.dry_run,
             expected_deployment=request.deployment,
             expected_revision=request.expected_revision,
+            evaluate=request.evaluate,
+            force=request.force,
         )
         return config_pb2.PublishResponse(
             revision=result.revision,
@@ -73,6 +92,7 @@ class ConfigServicer(config_pb2_grpc.ConfigServiceServicer):
             diff=result.diff,
             changed=result.changed,
             dry_run=result.dry_run,
+            evaluation=_evaluation(gate) if gate is not None else None,
         )
 
     async def Get(self, request: config_pb2.GetRequest, context: Any) -> config_pb2.GetResponse:

@@ -6,7 +6,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from libs.common.settings import ServiceSettings
-from libs.stack.topology import CONFIG
+from libs.stack.topology import CONFIG, MONITOR
 
 
 class ConfigSettings(ServiceSettings):
@@ -19,4 +19,11 @@ class ConfigSettings(ServiceSettings):
     heartbeat_seconds: float = Field(5.0, gt=0, le=300, description="Watch heartbeat interval")
     poll_seconds: float = Field(
         1.0, gt=0, le=60, description="How often to look for revisions written by another config instance"
+    )
+    monitor_target: str = Field(
+        f"127.0.0.1:{MONITOR.port}", description="host:port of the monitor (evaluates candidates at Publish)"
+    )
+    monitor_api_key: str | None = Field(None, description="Admin key this service presents to the monitor")
+    monitor_deadline_seconds: float = Field(
+        120.0, gt=0, le=600, description="How long a publish waits for the candidate's evaluation"
     )

@@ -133,6 +133,8 @@ class ServiceUnderTest:
             values["state_dir"] = tmp_path / "predictor-state"
         if self.settings_class is TrainerSettings:
             values["artifact_dir"] = tmp_path / "artifacts"
+        if "monitor_target" in self.settings_class.model_fields:
+            values["monitor_target"] = UNREACHABLE_TARGET
         if self.settings_class is MonitorSettings:
             # Its own consumer group, reading only what is logged after it starts: the session's
             # Redis holds every other test's decisions too.

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
-from libs.common.deployment_spec import DeploymentSpec, deployment_spec_from_mapping, parse_deployment_spec
-from libs.common.errors import InvalidArgument, LiveloopError
+from libs.common.deployment_spec import (
+    DeploymentSpec,
+    canonical_json,
+    deployment_spec_from_mapping,
+    parse_deployment_spec,
+)
+from libs.common.errors import FailedPrecondition, InvalidArgument, LiveloopError, NotFound
 from services.config.core.distribution import (
     ReplicaMessage,
     ReplicaRegistry,
@@ -17,14 +23,21 @@ from services.config.core.distribution import (
     WatchSession,
     replica_reports,
 )
+from services.config.core.publish_gate import GateOutcome, PolicyEvaluator, evaluate_candidate
 from services.config.core.store import ChangeResult, ConfigStore, HistoryEntry, StoredRevision
 
 
 class ConfigService:
     def __init__(
-        self, store: ConfigStore, *, heartbeat_seconds: float = 5.0, poll_seconds: float = 1.0
+        self,
+        store: ConfigStore,
+        *,
+        heartbeat_seconds: float = 5.0,
+        poll_seconds: float = 1.0,
+        evaluator: PolicyEvaluator | None = None,
     ) -> None:
         self.store = store
+        self.evaluator = evaluator
         self.feed = RevisionFeed(store, poll_seconds=poll_seconds)
         self.registry = ReplicaRegistry()
         self._heartbeat_seconds = heartbeat_seconds
@@ -46,13 +59,18 @@ class ConfigService:
         dry_run: bool = False,
         expected_deployment: str = "",
         expected_revision: int = 0,
-    ) -> ChangeResult:
+        evaluate: bool = False,
+        force: bool = False,
+    ) -> tuple[ChangeResult, GateOutcome | None]:
         try:
             spec = self._validate(spec_text, spec_document, format)
             if expected_deployment and expected_deployment != spec.name:
                 raise InvalidArgument(
                     f"the spec is named '{spec.name}', not '{expected_deployment}'", field="deployment"
                 )
+            gate = await self._gate(spec, evaluate=evaluate, force=force, dry_run=dry_run)
+            if gate is not None:
+                message = f"{message} | {gate.audit_text()}" if message else gate.audit_text()
             result = await asyncio.to_thread(
                 self.store.publish,
                 spec,
@@ -71,7 +89,32 @@ class ConfigService:
                 )
             raise
         await self._announce(result)
-        return result
+        return result, gate
+
+    async def _gate(
+        self, spec: DeploymentSpec, *, evaluate: bool, force: bool, dry_run: bool
+    ) -> GateOutcome | None:
+        """The candidate's evaluation when asked for or required by the live spec; refuses (unless
+        forced or a dry run) a candidate the live spec's gate does not let through."""
+        try:
+            live, _head = await asyncio.to_thread(self.store.get, spec.name, 0)
+        except NotFound:
+            live = None
+        live_gate = parse_deployment_spec(live.spec_json, "json").publish_gate if live is not None else None
+        required = live_gate is not None and live_gate.require_evaluation
+        if not (evaluate or required):
+            return None
+        if live_gate is None:
+            return GateOutcome(None, True, "a new deployment: no logged decisions to evaluate on")
+        outcome = await evaluate_candidate(self.evaluator, spec.name, canonical_json(spec), live_gate)
+        if outcome.passed or not required or dry_run:
+            return outcome
+        if not force:
+            raise FailedPrecondition(
+                f"the publish gate refuses it: {outcome.audit_text()} (force to store it anyway)",
+                field="publish_gate",
+            )
+        return replace(outcome, forced=True)
 
     @staticmethod
     def _validate(

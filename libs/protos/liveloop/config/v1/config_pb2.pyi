@@ -50,7 +50,7 @@ class Deployment(_message.Message):
     def __init__(self, name: _Optional[str] = ..., revision: _Optional[int] = ..., spec_json: _Optional[str] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., author: _Optional[str] = ..., checksum: _Optional[str] = ...) -> None: ...
 
 class PublishRequest(_message.Message):
-    __slots__ = ("spec_text", "spec_struct", "format", "dry_run", "deployment", "author", "message", "expected_revision")
+    __slots__ = ("spec_text", "spec_struct", "format", "dry_run", "deployment", "author", "message", "expected_revision", "evaluate", "force")
     SPEC_TEXT_FIELD_NUMBER: _ClassVar[int]
     SPEC_STRUCT_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,8 @@ class PublishRequest(_message.Message):
     AUTHOR_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_REVISION_FIELD_NUMBER: _ClassVar[int]
+    EVALUATE_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
     spec_text: str
     spec_struct: _struct_pb2.Struct
     format: SpecFormat
@@ -67,23 +69,51 @@ class PublishRequest(_message.Message):
     author: str
     message: str
     expected_revision: int
-    def __init__(self, spec_text: _Optional[str] = ..., spec_struct: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., format: _Optional[_Union[SpecFormat, str]] = ..., dry_run: _Optional[bool] = ..., deployment: _Optional[str] = ..., author: _Optional[str] = ..., message: _Optional[str] = ..., expected_revision: _Optional[int] = ...) -> None: ...
+    evaluate: bool
+    force: bool
+    def __init__(self, spec_text: _Optional[str] = ..., spec_struct: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., format: _Optional[_Union[SpecFormat, str]] = ..., dry_run: _Optional[bool] = ..., deployment: _Optional[str] = ..., author: _Optional[str] = ..., message: _Optional[str] = ..., expected_revision: _Optional[int] = ..., evaluate: _Optional[bool] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class PublishEvaluation(_message.Message):
+    __slots__ = ("estimator", "value", "lower", "upper", "live_value", "decisions", "passed", "reason", "warnings", "forced")
+    ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    LOWER_FIELD_NUMBER: _ClassVar[int]
+    UPPER_FIELD_NUMBER: _ClassVar[int]
+    LIVE_VALUE_FIELD_NUMBER: _ClassVar[int]
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    PASSED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    FORCED_FIELD_NUMBER: _ClassVar[int]
+    estimator: str
+    value: float
+    lower: float
+    upper: float
+    live_value: float
+    decisions: int
+    passed: bool
+    reason: str
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    forced: bool
+    def __init__(self, estimator: _Optional[str] = ..., value: _Optional[float] = ..., lower: _Optional[float] = ..., upper: _Optional[float] = ..., live_value: _Optional[float] = ..., decisions: _Optional[int] = ..., passed: _Optional[bool] = ..., reason: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ..., forced: _Optional[bool] = ...) -> None: ...
 
 class PublishResponse(_message.Message):
-    __slots__ = ("revision", "deployment", "diff", "changed", "dry_run", "warnings")
+    __slots__ = ("revision", "deployment", "diff", "changed", "evaluation", "dry_run", "warnings")
     REVISION_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
     DIFF_FIELD_NUMBER: _ClassVar[int]
     CHANGED_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
     revision: int
     deployment: str
     diff: str
     changed: bool
+    evaluation: PublishEvaluation
     dry_run: bool
     warnings: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, revision: _Optional[int] = ..., deployment: _Optional[str] = ..., diff: _Optional[str] = ..., changed: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, revision: _Optional[int] = ..., deployment: _Optional[str] = ..., diff: _Optional[str] = ..., changed: _Optional[bool] = ..., evaluation: _Optional[_Union[PublishEvaluation, _Mapping]] = ..., dry_run: _Optional[bool] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetRequest(_message.Message):
     __slots__ = ("deployment",)
