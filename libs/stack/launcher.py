@@ -307,7 +307,16 @@ def plan_processes(settings: StackSettings, credentials: Credentials) -> list[Pr
             "CONFIG_TARGET": config_target,
             # Reads deployments and replica states; EvaluatePolicy reads stored revisions.
             "CONFIG_API_KEY": credentials.admin_key,
+            # GetDrift compares traffic with the training reference the trainer recorded (admin role).
+            "TRAINER_TARGET": f"{settings.host}:{settings.trainer_port}",
+            "TRAINER_API_KEY": credentials.admin_key,
             "REPLICA_ID": "monitor-1",
+            # The error_rate rule reads each predictor replica's own RPC counters.
+            "ALERT_METRICS_URLS": json.dumps(
+                [f"http://{settings.host}:{port}/metrics" for port in settings.predictor_metrics_ports]
+                if metrics
+                else []
+            ),
         },
     )
     return plans

@@ -15,6 +15,9 @@ from libs.common.service_database import open_service_database
 from libs.protos.liveloop.monitor.v1 import monitor_pb2_grpc
 from libs.stack.topology import MONITOR
 from services.monitor.config_client import ConfigServiceClient
+from services.monitor.core.alert_drift import MonitorDriftSource
+from services.monitor.core.alert_engine import AlertEngine
+from services.monitor.core.alert_rules import load_rules
 from services.monitor.core.decision_archive import DecisionArchive
 from services.monitor.core.decision_consumer import ConsumerOptions, DecisionLogConsumer
 from services.monitor.core.monitor_service import MonitorService
@@ -35,6 +38,7 @@ async def build_server(settings: MonitorSettings) -> RunningServer:
         )
     except ValueError as exc:
         raise InvalidArgument(str(exc), field="drift_psi_warning") from None
+    rules = load_rules(settings.alert_rules_file)  # a bad rules file stops the start, naming its line
     engine = await open_service_database(
         settings.database_url, service=MONITOR.name, migrations_package=MIGRATIONS_PACKAGE
     )
@@ -76,6 +80,16 @@ async def build_server(settings: MonitorSettings) -> RunningServer:
         name=MONITOR.name, service_names=MONITOR.grpc_services, register=register, on_stop=[dispose]
     )
     try:
+        service.alerts = AlertEngine(
+            rules,
+            store,
+            config=config,
+            drift=MonitorDriftSource(service),
+            decision_log=consumer,
+            metrics_urls=settings.alert_metrics_urls,
+            external_url=settings.alert_external_url,
+            interval_seconds=settings.alert_interval_seconds,
+        )
         await service.start()
         return await start_server(definition, settings)
     except BaseException:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Literal
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -195,6 +195,40 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
             refused=[f"{name}: {reason}" for name, reason in result.refused.items()],
         )
 
+    async def ListAlerts(
+        self, request: monitor_pb2.ListAlertsRequest, context: Any
+    ) -> monitor_pb2.ListAlertsResponse:
+        if request.min_severity and request.min_severity not in _SEVERITY_NAMES:
+            raise InvalidArgument(f"unknown severity {request.min_severity}", field="min_severity")
+        alerts, next_token, total = await self._service.list_alerts(
+            request.deployment,
+            request.include_resolved,
+            _SEVERITY_NAMES.get(request.min_severity),
+            request.page.page_size,
+            request.page.page_token,
+        )
+        return monitor_pb2.ListAlertsResponse(
+            alerts=[
+                monitor_pb2.Alert(
+                    id=alert.id,
+                    rule=alert.rule,
+                    deployment=alert.deployment,
+                    severity=_SEVERITIES[alert.severity],
+                    state=monitor_pb2.ALERT_STATE_FIRING
+                    if alert.state == "firing"
+                    else monitor_pb2.ALERT_STATE_RESOLVED,
+                    summary=alert.summary,
+                    labels=alert.labels,
+                    value=alert.value,
+                    threshold=alert.threshold,
+                    started_at=_timestamp(alert.started_at),
+                    resolved_at=_timestamp(alert.resolved_at) if alert.resolved_at is not None else None,
+                )
+                for alert in alerts
+            ],
+            page=common_pb2.PageResponse(next_page_token=next_token, total_size=total),
+        )
+
     async def GetDrift(
         self, request: monitor_pb2.GetDriftRequest, context: Any
     ) -> monitor_pb2.GetDriftResponse:
@@ -220,6 +254,11 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
         )
 
 
+_SEVERITY_NAMES: dict[int, Literal["ok", "warning", "critical"]] = {
+    monitor_pb2.SEVERITY_OK: "ok",
+    monitor_pb2.SEVERITY_WARNING: "warning",
+    monitor_pb2.SEVERITY_CRITICAL: "critical",
+}
 _SEVERITIES = {
     "ok": monitor_pb2.SEVERITY_OK,
     "warning": monitor_pb2.SEVERITY_WARNING,

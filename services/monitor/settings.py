@@ -48,6 +48,18 @@ class MonitorSettings(ServiceSettings):
     drift_psi_critical: float = Field(0.25, gt=0, description="PSI from which drift is critical")
     drift_ks_warning: float = Field(0.1, gt=0, le=1, description="KS statistic from which drift is a warning")
     drift_ks_critical: float = Field(0.2, gt=0, le=1, description="KS statistic from which drift is critical")
+    alert_rules_file: Path | None = Field(
+        None,
+        description="Alert rules (YAML); unset: the defaults shipped in services/monitor/alert-rules.yaml",
+    )
+    alert_interval_seconds: float = Field(
+        30.0, gt=0, le=3600, description="How often the rules are evaluated"
+    )
+    alert_metrics_urls: list[str] = Field(
+        default_factory=list,
+        description="Each predictor replica's own /metrics URL, for the error_rate rule (JSON list)",
+    )
+    alert_external_url: str = Field("", description="Where people see the alerts (webhooks' externalURL)")
     config_target: str = Field(f"127.0.0.1:{CONFIG.port}", description="host:port of the config service")
     config_api_key: str | None = Field(None, description="Key this service presents to the config service")
     config_deadline_seconds: float = Field(5.0, gt=0, le=120, description="Deadline of calls to config")

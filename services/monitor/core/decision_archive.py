@@ -53,7 +53,7 @@ CONTACT_SCHEMA = pa.schema(
         ("context", pa.string()),  # JSON object
         ("features", pa.string()),  # JSON object
         ("eligible", pa.list_(pa.string())),
-        ("scores", pa.list_(pa.float64())),
+        ("scores", pa.list_(pa.float32())),  # logged rounded to 6 decimals: float32 keeps them
         ("epsilon", pa.float64()),
         ("outcomes", pa.int64()),
         ("counts", pa.list_(pa.int64())),

@@ -14,6 +14,8 @@ from typing import Protocol
 from libs.common.deployment_spec import parse_deployment_spec
 from libs.common.distribution_drift import DriftThresholds, TrainingReference
 from libs.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from services.monitor.core.alert_rules import Severity
+from services.monitor.core.alert_store import Alert
 from services.monitor.core.decision_archive import DecisionArchive
 from services.monitor.core.decision_consumer import DecisionLogConsumer
 from services.monitor.core.drift import DRIFT_COLUMNS, DriftReport, drift_report
@@ -48,6 +50,21 @@ class ReplicaState:
     connected: bool
     staleness_seconds: float
     deployments: list[str]
+
+
+class AlertEvaluation(Protocol):
+    """The alert rules engine (alert_engine.AlertEngine), as the service runs and lists it."""
+
+    async def run(self) -> None: ...
+
+    async def list_alerts(
+        self,
+        deployment: str = "",
+        include_resolved: bool = False,
+        min_severity: Severity | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> tuple[list[Alert], str, int]: ...
 
 
 class TrainingReferences(Protocol):
@@ -116,6 +133,7 @@ class MonitorService:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.trainer = trainer
+        self.alerts: AlertEvaluation | None = None
         self.drift_thresholds = drift_thresholds or DriftThresholds()
         self.store = store
         self.archive = archive
@@ -128,6 +146,8 @@ class MonitorService:
         if self.consumer is not None:
             self._tasks.append(asyncio.create_task(self.consumer.run(), name="decision-log-consumer"))
         self._tasks.append(asyncio.create_task(self._prune_archive(), name="archive-retention"))
+        if self.alerts is not None:
+            self._tasks.append(asyncio.create_task(self.alerts.run(), name="alert-rules"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -286,6 +306,20 @@ class MonitorService:
         )
         report = await asyncio.to_thread(drift_report, reference, contacts, features, self.drift_thresholds)
         return window, report
+
+    async def list_alerts(
+        self,
+        deployment: str,
+        include_resolved: bool,
+        min_severity: Severity | None,
+        page_size: int,
+        page_token: str,
+    ) -> tuple[list[Alert], str, int]:
+        if self.alerts is None:
+            raise Unavailable("this monitor evaluates no alert rules", field="alert_rules_file")
+        return await self.alerts.list_alerts(
+            deployment, include_resolved, min_severity, page_size, page_token
+        )
 
     def decision_log_status(self) -> DecisionLogStatus:
         consumer = self.consumer

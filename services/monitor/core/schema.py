@@ -1,5 +1,5 @@
 """SQL tables of the monitor (SQLAlchemy Core): per-minute rollups of the decision log, the
-consumer's ledger of applied stream entries, and its counters.
+consumer's ledger of applied stream entries, its counters, and the alerts of the alert rules.
 
 Mirrors migrations/versions/; a change here needs a new migration (a test compares the two).
 A minute is the epoch second it starts at. Responses are rolled up into the minute, segment,
@@ -95,4 +95,27 @@ monitor_counters = sa.Table(
     sa.Column("name", sa.String(_NAME), primary_key=True),
     sa.Column("count", sa.BigInteger, nullable=False),
     sa.Column("text", sa.String(_NAME), nullable=False, server_default=sa.text("''")),
+)
+
+# Alerts raised by the alert rules (alert_engine.py): one row per episode, from firing to resolved.
+# `id` is the alert's fingerprint (rule, deployment, labels): the same in every episode of the same
+# condition. Resolved rows are deleted after a retention.
+alerts = sa.Table(
+    "alerts",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("started_at", sa.Float, primary_key=True, autoincrement=False),  # epoch seconds
+    sa.Column("rule", sa.String(_NAME), nullable=False),
+    sa.Column("kind", sa.String(64), nullable=False),
+    sa.Column("deployment", sa.String(_NAME), nullable=False),
+    sa.Column("severity", sa.String(16), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),  # firing, resolved
+    sa.Column("summary", sa.Text, nullable=False),
+    sa.Column("labels", sa.Text, nullable=False),  # JSON object
+    sa.Column("value", sa.Float, nullable=False),
+    sa.Column("threshold", sa.Float, nullable=False),
+    sa.Column("resolved_at", sa.Float, nullable=True),
+    sa.Column("updated_at", sa.Float, nullable=False),  # the last evaluation that saw it firing
+    sa.Index("ix_alerts_state_started_at", "state", "started_at"),
+    sa.Index("ix_alerts_deployment_started_at", "deployment", "started_at"),
 )
