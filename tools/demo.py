@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shlex
 import subprocess
 import sys
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -25,6 +27,9 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_SPEC = Path("examples/deployments/telco-offers.yaml")
 TRAINING_SPEC = Path("examples/training/telco-take-up.yaml")
 CUSTOMERS = Path("examples/data/customers.csv")
+DEMO_ALERT_RULES = Path("examples/monitoring/demo-alert-rules.yaml")
+CANDIDATE_SPEC = EXAMPLE_SPEC  # Thompson sampling without the model: what going back would earn
+TAKEN_OFFER = "family-bundle"
 
 
 def step(title: str) -> None:
@@ -123,6 +128,55 @@ def learning_loop(front_door: str, invoke_key: str) -> None:
     liveloop("invoke", "telco-offers", "c0003", "-n", "3", "--channel", "app")
 
 
+def customer_traffic(front_door: str, invoke_key: str, take_up: float, invokes: int = 150) -> float:
+    """Customers shown every offer (numberoffers 7) who take TAKEN_OFFER with probability `take_up`
+    and now and then another; returns when the last contact was made."""
+    import random
+
+    generator = random.Random(int(take_up * 1000))
+    for i in range(invokes):
+        body = {"campaign": "telco-offers", "customer": f"c{i % 40:04d}", "channel": "app", "numberoffers": 7}
+        reply = _post(front_door, "/invocations", body, invoke_key)
+        shown = [row["result"]["offer"] for row in reply["final_result"]]
+        accepted = [TAKEN_OFFER] if TAKEN_OFFER in shown and generator.random() < take_up else []
+        if generator.random() < 0.1:
+            accepted.append(generator.choice([offer for offer in shown if offer != TAKEN_OFFER]))
+        if accepted:
+            _post(front_door, "/response", {"uuid": reply["uuid"], "accepted_offers": accepted}, invoke_key)
+    print(f"  {invokes} customers shown every offer; {TAKEN_OFFER} taken by about {take_up:.0%} of them")
+    return time.time()
+
+
+def monitoring(front_door: str, invoke_key: str, baseline_ended: float) -> None:
+    step(f"Then {TAKEN_OFFER} stops selling: nobody takes it any more")
+    if int(time.time() // 60) == int(baseline_ended // 60):
+        print("  (the rules read whole minutes: waiting for the minute of the earlier traffic to close)")
+        time.sleep(60 - time.time() % 60 + 0.5)
+    collapsed = customer_traffic(front_door, invoke_key, take_up=0.0)
+    step(
+        "The monitor summarises what it consumed from the decision log: uptake, exploration, latency, replicas"
+    )
+    liveloop("monitor", "summary", "telco-offers", "--window", "1h")
+    step("Served model inputs and scores against the training reference the trainer recorded with the model")
+    liveloop("monitor", "drift", "telco-offers")
+    step(f"An alert fires: the uptake of {TAKEN_OFFER} collapsed (a significance test, not a raw ratio)")
+    wait = 60 - collapsed % 60 + 1
+    print(f"  (the minute of that traffic closes in {wait:.0f} s; the rules run every 2 s)")
+    deadline = time.time() + wait + 60
+    while time.time() < deadline:
+        alerts = json.loads(liveloop_output("monitor", "alerts", "--deployment", "telco-offers", "--json"))
+        if any(alert["rule"] == "uptake_drop" for alert in alerts["alerts"]):
+            break
+        time.sleep(2)
+    else:
+        raise SystemExit("demo failed: the uptake_drop alert did not fire")
+    liveloop("monitor", "alerts", "--deployment", "telco-offers")
+    step("Before pushing a change, estimate what it would have earned on the logged decisions")
+    liveloop("monitor", "evaluate", "telco-offers", "--spec", str(CANDIDATE_SPEC), "--window", "1h")
+    step("The same estimate at publish time (dry run: nothing stored); a deployment can require it")
+    liveloop("config", "publish", str(CANDIDATE_SPEC), "--evaluate", "--dry-run", "--no-diff")
+
+
 def trained_model(front_door: str, invoke_key: str) -> None:
     step("Train a take-up model on the ingested sample: a torch job in a trainer worker process")
     liveloop("train", str(TRAINING_SPEC))
@@ -219,6 +273,9 @@ def _post(front_door: str, path: str, body: dict[str, object], key: str) -> dict
 
 
 def main() -> int:
+    # The demo's alert rules: short windows, so that a collapse shows within the demo.
+    os.environ.setdefault("LIVELOOP_MONITOR_ALERT_RULES_FILE", str(REPO / DEMO_ALERT_RULES))
+    os.environ.setdefault("LIVELOOP_MONITOR_ALERT_INTERVAL_SECONDS", "2")
     settings = StackSettings()
     step("Start the local stack: Redis, config, 2 predictors, ingest, trainer, monitor, Envoy")
     liveloop("up")
@@ -233,8 +290,12 @@ def main() -> int:
         credentials = load_credentials(settings.state_dir)
         assert record is not None
         assert credentials is not None
-        learning_loop(f"{settings.host}:{record.envoy_port}", credentials.invoke_key)
-        trained_model(f"{settings.host}:{record.envoy_port}", credentials.invoke_key)
+        front = f"{settings.host}:{record.envoy_port}"
+        learning_loop(front, credentials.invoke_key)
+        step(f"Customers keep coming; about half of them take {TAKEN_OFFER}")
+        baseline_ended = customer_traffic(front, credentials.invoke_key, take_up=0.5)
+        trained_model(front, credentials.invoke_key)
+        monitoring(front, credentials.invoke_key, baseline_ended)
         step("REST through Envoy's gRPC-JSON transcoder: GET /ping")
         url = f"http://{settings.host}:{record.envoy_port}/ping"
         print(f"$ curl -H 'x-api-key: ...' {url}")
@@ -255,7 +316,9 @@ def main() -> int:
         "\ndemo finished: the stack started healthy, served through Envoy, followed two config pushes on"
         " both replicas, ingested and materialized the sample data, generated the options store, ranked"
         " offers over REST and gRPC, learned from a response on every replica, trained and promoted a take-up"
-        " model that both replicas served through Invoke and the Open Inference Protocol, and stopped cleanly."
+        " model that both replicas served through Invoke and the Open Inference Protocol, summarised the"
+        " traffic, compared served inputs with training, fired an alert when an offer stopped selling,"
+        " estimated a candidate on the logged decisions before a push, and stopped cleanly."
     )
     return 0
 
