@@ -39,7 +39,10 @@ typecheck: $(STAMP) ## mypy --strict on libs/ and services/
 imports: $(STAMP) ## Check the layers: libs/ never imports services/, the policy imports no grpc or Redis
 	$(BIN)/lint-imports
 
-test: $(STAMP) ## Set up .venv and run every check and test (the CI command)
+system-packages: ## Install chromium and promtool (Debian packages) when they are missing
+	bash tools/ensure_system_packages.sh
+
+test: $(STAMP) system-packages ## Set up .venv and run every check and test (the CI command)
 	$(BIN)/python tools/generate_protos.py --check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -66,4 +69,4 @@ fmt: $(STAMP) ## Format and autofix
 clean: ## Remove the local state directory and caches (keeps .venv)
 	rm -rf .liveloop .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help venv protos check-protos envoy-config lint typecheck imports test demo up status down fmt clean
+.PHONY: help venv protos check-protos envoy-config lint typecheck imports system-packages test demo up status down fmt clean

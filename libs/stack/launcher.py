@@ -311,6 +311,8 @@ def plan_processes(settings: StackSettings, credentials: Credentials) -> list[Pr
             "TRAINER_TARGET": f"{settings.host}:{settings.trainer_port}",
             "TRAINER_API_KEY": credentials.admin_key,
             "REPLICA_ID": "monitor-1",
+            # Webhooks link to the monitoring page Envoy serves.
+            "ALERT_EXTERNAL_URL": f"http://{settings.host}:{settings.envoy_port}/dashboard",
             # The error_rate rule reads each predictor replica's own RPC counters.
             "ALERT_METRICS_URLS": json.dumps(
                 [f"http://{settings.host}:{port}/metrics" for port in settings.predictor_metrics_ports]

@@ -31,6 +31,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.prometheus_metrics import exported_series, metric_names
+
 pytestmark = pytest.mark.timeout(60)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -381,6 +383,8 @@ def test_compose_env_vars_are_settings_fields(name: str, monkeypatch: pytest.Mon
     fields = settings_class(service).model_fields
     if "config_target" in fields:
         assert env[f"{service.prefix}CONFIG_TARGET"] == f"config:{default_ports(SERVICES['config'])[0]}"
+    if "trainer_target" in fields:
+        assert env[f"{service.prefix}TRAINER_TARGET"] == f"trainer:{default_ports(SERVICES['trainer'])[0]}"
     if "redis_url" in fields:
         assert env[f"{service.prefix}REDIS_URL"] == "redis://redis:6379/0"
     if "database_url" in fields:
@@ -642,6 +646,11 @@ def test_k8s_deployment_env_ports_and_probes_match_the_service(
     assert env[f"{service.prefix}LOG_FORMAT"] == "json"
     assert env[f"{service.prefix}API_KEYS_FILE"] == API_KEYS_PATH
     check_env(service, env, f"deploy/k8s/{name}.yaml", monkeypatch)
+    fields = settings_class(service).model_fields
+    for target, upstream in (("config_target", "config"), ("trainer_target", "trainer")):
+        if target in fields:
+            expected = f"{upstream}:{default_ports(SERVICES[upstream])[0]}"
+            assert env[f"{service.prefix}{target.upper()}"] == expected, target
 
     port, metrics = default_ports(service)
     assert env[f"{service.prefix}PORT"] == str(port)
@@ -985,6 +994,13 @@ def test_k8s_envoy_configmap_is_the_generated_config() -> None:
     assert annotations["liveloop.dev/envoy-config-sha256"] == digest, hint
 
 
+def test_k8s_envoy_configmap_fits_kubectl_apply() -> None:
+    """Client-side `kubectl apply` copies the whole object into an annotation, and annotations are
+    limited to 256 KiB: the config (with the dashboard page inlined) and the descriptor must fit."""
+    size = len(json.dumps(_envoy_configmap(), separators=(",", ":")))
+    assert size < 200 * 1024, f"the envoy ConfigMap is {size} bytes"
+
+
 def test_sync_script_copies_the_config_byte_for_byte(tmp_path: Path) -> None:
     manifest = tmp_path / "envoy.yaml"
     manifest.write_text((K8S / "envoy.yaml").read_text())
@@ -1028,42 +1044,8 @@ def test_sync_script_copies_the_config_byte_for_byte(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 # Prometheus
 
-ALLOWED_METRICS = {
-    "up",
-    "liveloop_rpc_requests_total",
-    "liveloop_rpc_latency_seconds",
-    "liveloop_rpc_latency_seconds_bucket",
-    "liveloop_rpc_latency_seconds_sum",
-    "liveloop_rpc_latency_seconds_count",
-}
-PROMQL_KEYWORDS = {
-    "and",
-    "or",
-    "unless",
-    "bool",
-    "offset",
-    "by",
-    "without",
-    "on",
-    "ignoring",
-    "group_left",
-    "group_right",
-    "inf",
-    "nan",
-}
-
-
-def metric_names(expr: str) -> set[str]:
-    """Metric names a PromQL expression selects (strings, label matchers, ranges and groupings removed)."""
-    expr = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'', '""', expr)
-    expr = re.sub(r"\{[^}]*\}", " ", expr)
-    expr = re.sub(r"\[[^\]]*\]", " ", expr)
-    expr = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", expr)
-    names = set()
-    for match in re.finditer(r"(?<![\w.:])([A-Za-z_:][\w:]*)\s*(\()?", expr):
-        if match[2] is None and match[1].lower() not in PROMQL_KEYWORDS:
-            names.add(match[1])
-    return names
+# Every series the code defines (Counter, Gauge, Histogram in libs/ and services/), plus Prometheus's `up`.
+ALLOWED_METRICS = exported_series() | {"up"}
 
 
 def test_metric_name_extraction() -> None:
@@ -1107,3 +1089,44 @@ def test_alert_rules_use_only_the_exported_metrics() -> None:
         assert names <= ALLOWED_METRICS, f"{rule['alert']} uses {sorted(names - ALLOWED_METRICS)}"
         used |= names
     assert {"up", "liveloop_rpc_requests_total", "liveloop_rpc_latency_seconds_bucket"} <= used
+    # the monitor's consumer and its own alert rules are watched too
+    assert {
+        "liveloop_monitor_decision_log_lag_entries",
+        "liveloop_monitor_decision_log_trimmed_total",
+        "liveloop_monitor_alerts_firing",
+    } <= used
+
+
+def test_exported_metrics_are_read_from_the_code() -> None:
+    series = exported_series()
+    # a counter, a histogram and a gauge, each with the series prometheus_client gives it
+    assert {"liveloop_rpc_requests_total", "liveloop_monitor_decision_log_trimmed_total"} <= series
+    assert {"liveloop_rpc_latency_seconds_bucket", "liveloop_config_propagation_seconds_count"} <= series
+    assert {"liveloop_monitor_decision_log_lag_entries", "liveloop_monitor_alerts_firing"} <= series
+    assert "liveloop_rpc_latency_seconds" not in series, "a histogram has no series of its bare name"
+
+
+# --------------------------------------------------------------------------------------------------
+# the local stack (libs/stack/launcher.py) configures the services the same way: only settings fields
+
+
+@pytest.mark.parametrize("name", SERVICE_NAMES)
+def test_local_stack_env_vars_are_settings_fields(
+    name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from libs.stack.credentials import ensure_credentials
+    from libs.stack.launcher import StackSettings, plan_processes
+
+    plans = [
+        plan
+        for plan in plan_processes(StackSettings(state_dir=tmp_path), ensure_credentials(tmp_path))
+        if plan.kind == "service" and plan.name.split("-")[0] == name
+    ]
+    assert plans
+    for plan in plans:
+        env: dict[str, str | None] = dict(plan.env)
+        check_env(SERVICES[name], env, f"the launcher's {plan.name}", monkeypatch)
+        fields = settings_class(SERVICES[name]).model_fields
+        for target in ("config_target", "trainer_target"):
+            if target in fields:
+                assert f"{SERVICES[name].prefix}{target.upper()}" in env, f"{plan.name}: {target} not set"

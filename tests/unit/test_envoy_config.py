@@ -5,7 +5,16 @@ import pytest
 import yaml
 
 from libs.stack import topology
-from libs.stack.envoy_config import REPO_DESCRIPTOR_PATH, build_envoy_config, container_upstreams, main
+from libs.stack.envoy_config import (
+    DASHBOARD_ASSETS,
+    DASHBOARD_CSP,
+    REPO_DASHBOARD_DIR,
+    REPO_DESCRIPTOR_PATH,
+    TRANSCODED_SERVICES,
+    build_envoy_config,
+    container_upstreams,
+    main,
+)
 from libs.stack.launcher import StackSettings, local_upstreams
 from libs.stack.processes import envoy_binary
 
@@ -64,6 +73,7 @@ def test_real_envoy_accepts_the_generated_config(tmp_path: Path) -> None:
         admin_port=2,
         descriptor_path=descriptor,
         dns=True,
+        dashboard_dir=REPO_DASHBOARD_DIR,
     )
     path = tmp_path / "envoy.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -75,3 +85,64 @@ def test_real_envoy_accepts_the_generated_config(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_dashboard_is_served_by_envoy_before_any_upstream_route() -> None:
+    config = build_envoy_config(
+        container_upstreams(),
+        listen_address="0.0.0.0",
+        listen_port=8080,
+        admin_address="0.0.0.0",
+        admin_port=9901,
+        descriptor_path="/etc/envoy/liveloop.pb",
+        dns=True,
+        dashboard_dir=REPO_DASHBOARD_DIR,
+    )
+    routes = _routes(config)
+    served = routes[: len(DASHBOARD_ASSETS)]
+    assert [route["match"]["path"] for route in served] == [asset.path for asset in DASHBOARD_ASSETS]
+    for route, asset in zip(served, DASHBOARD_ASSETS, strict=True):
+        body = route["direct_response"]["body"]["inline_string"]
+        assert body == (REPO_DASHBOARD_DIR / asset.file_name).read_text()
+        headers = {h["header"]["key"]: h["header"]["value"] for h in route["response_headers_to_add"]}
+        assert headers["content-type"] == asset.content_type
+        assert headers["content-security-policy"] == DASHBOARD_CSP
+    assert all("direct_response" not in route for route in routes[len(DASHBOARD_ASSETS) :])
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    limit = manager["route_config"]["max_direct_response_body_size_bytes"]
+    assert all(len(route["direct_response"]["body"]["inline_string"].encode()) <= limit for route in served)
+    # the page's data comes over REST from these, through the transcoder
+    (transcoder,) = [f for f in manager["http_filters"] if f["name"].endswith("grpc_json_transcoder")]
+    assert transcoder["typed_config"]["services"] == list(TRANSCODED_SERVICES)
+    assert {"liveloop.monitor.v1.MonitorService", "liveloop.config.v1.ConfigService"} <= set(
+        TRANSCODED_SERVICES
+    )
+
+
+def test_descriptor_set_maps_the_monitor_and_config_rest_routes() -> None:
+    """What the transcoder reads: GET/POST paths of MonitorService and ConfigService.List."""
+    from google.api import annotations_pb2
+    from google.protobuf import descriptor_pb2
+
+    descriptors = descriptor_pb2.FileDescriptorSet.FromString(REPO_DESCRIPTOR_PATH.read_bytes())
+    routes = {}
+    for file in descriptors.file:
+        for service in file.service:
+            for method in service.method:
+                rule = method.options.Extensions[annotations_pb2.http]
+                pattern = rule.WhichOneof("pattern")
+                if pattern is not None:
+                    routes[f"{file.package}.{service.name}/{method.name}"] = (
+                        pattern.upper(),
+                        getattr(rule, pattern),
+                        rule.body,
+                    )
+    monitor = "liveloop.monitor.v1.MonitorService"
+    assert routes[f"{monitor}/GetSummary"] == ("GET", "/v1/monitor/{deployment}/summary", "")
+    assert routes[f"{monitor}/GetTimeSeries"] == ("GET", "/v1/monitor/{deployment}/time-series", "")
+    assert routes[f"{monitor}/GetDrift"] == ("GET", "/v1/monitor/{deployment}/drift", "")
+    assert routes[f"{monitor}/ListAlerts"] == ("GET", "/v1/monitor/alerts", "")
+    assert routes[f"{monitor}/EvaluatePolicy"] == ("POST", "/v1/monitor/{deployment}/evaluate", "*")
+    assert routes["liveloop.config.v1.ConfigService/List"] == ("GET", "/v1/config/deployments", "")
+    # every service with a REST route is one the transcoder is told about
+    assert {name.split("/")[0] for name in routes} <= set(TRANSCODED_SERVICES)
