@@ -264,8 +264,11 @@ async def test_sql_unavailable_for_a_while_delays_counting_but_loses_nothing(
     await consumer._ensure_group()
     path = sa.make_url(database_url).database
     assert path is not None
-    blocker = sqlite3.connect(path, isolation_level=None, timeout=1)
-    blocker.execute("BEGIN EXCLUSIVE")  # nobody else can write (or read) until it ends
+    # The blocker's calls run in a thread: the event loop (and pytest's timeout) never wait on SQLite.
+    blocker = await asyncio.to_thread(
+        sqlite3.connect, path, isolation_level=None, timeout=1, check_same_thread=False
+    )
+    await asyncio.to_thread(blocker.execute, "BEGIN EXCLUSIVE")  # nobody else can write until it ends
     task = asyncio.create_task(consumer.run())
     try:
         await rig.write(records)
@@ -275,15 +278,15 @@ async def test_sql_unavailable_for_a_while_delays_counting_but_loses_nothing(
         assert (await rig.redis.xpending(rig.stream, rig.group))["pending"] == len(
             records
         )  # not acknowledged
-        blocker.execute("ROLLBACK")
+        await asyncio.to_thread(blocker.execute, "ROLLBACK")
         await eventually(
             holds(lambda: consumer.state.applied == len(records)), within=30, what="the batch applied"
         )
     finally:
-        blocker.close()
+        await asyncio.to_thread(blocker.close)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await task
+            await asyncio.wait_for(task, 10)
     assert_known_totals(rig.totals())
     assert (await rig.redis.xpending(rig.stream, rig.group))["pending"] == 0
 
@@ -357,3 +360,57 @@ class _RedisWithout:
 
     def __getattr__(self, name: str) -> Any:
         return self._replaced.get(name) or getattr(self._redis, name)
+
+
+async def test_an_unexpected_error_is_retried_and_never_stops_the_consumer(rig: Rig) -> None:
+    records = known_sequence(rig.deployment)
+    await rig.write(records)
+    consumer = rig.consumer()
+    real_write = rig.archive.write
+    failures = []
+
+    def failing_once(entries: Any) -> Any:
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("a bug in the archive")
+        return real_write(entries)
+
+    rig.archive.write = failing_once  # type: ignore[method-assign]
+    task = asyncio.create_task(consumer.run())
+    try:
+        await eventually(
+            holds(lambda: consumer.state.applied == len(records)), what="applied after the failure"
+        )
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)
+    assert consumer.state.errors["unexpected"] == 1
+    assert_known_totals(rig.totals())
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_archive_files_of_an_earlier_schema_are_read_and_compacted_with_new_ones(rig: Rig) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from services.monitor.core.decision_archive import CONTACT_SCHEMA
+
+    records = known_sequence(rig.deployment)
+    await rig.write(records)
+    await drain(rig.consumer())
+    (partition,) = (rig.archive.root / "contacts").glob("*/*")
+    current = pq.read_table(next(partition.glob("*.parquet")))
+    # The same rows as an older monitor wrote them: float64 scores, no latency column.
+    older = current.drop_columns(["latency_ms"]).set_column(
+        current.schema.get_field_index("scores"),
+        pa.field("scores", pa.list_(pa.float64())),
+        current.column("scores").cast(pa.list_(pa.float64())),
+    )
+    pq.write_table(older, partition / "part-older.parquet")
+    contacts = rig.archive.contacts(rig.deployment, T0, T0 + 3600)
+    assert contacts.schema == CONTACT_SCHEMA
+    assert contacts.num_rows == 3  # the same entries, once
+    assert rig.archive.compact(partition)
+    assert len(list(partition.glob("*.parquet"))) == 1
+    assert rig.archive.contacts(rig.deployment, T0, T0 + 3600).num_rows == 3

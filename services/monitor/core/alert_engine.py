@@ -48,7 +48,7 @@ from services.monitor.core.alert_rules import (
     whole_minutes,
 )
 from services.monitor.core.alert_store import Alert, AlertStore, Finding, Transitions
-from services.monitor.core.decision_consumer import DecisionLogConsumer
+from services.monitor.core.decision_consumer import DecisionLogConsumer, stop_if_cancelled
 from services.monitor.core.monitor_service import DeploymentConfig, ReplicaState
 from services.monitor.core.rollup_store import RollupStore
 from services.monitor.core.rollups import LatencyCounts, minute_of
@@ -193,6 +193,7 @@ class AlertEngine:
                     await self.evaluate_once(self._clock())
                 except Exception:
                     logger.exception("alert evaluation failed; retrying at the next interval")
+                stop_if_cancelled()
                 await asyncio.sleep(self.interval_seconds)
         finally:
             senders.cancel()

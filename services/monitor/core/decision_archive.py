@@ -202,7 +202,8 @@ class DecisionArchive:
             files = sorted(partition.glob("*.parquet"))
             if len(files) < 2:
                 return True
-            table = _deduplicated(pa.concat_tables(pq.read_table(path) for path in files))
+            schema = CONTACT_SCHEMA if partition.parent.parent.name == "contacts" else RESPONSE_SCHEMA
+            table = _deduplicated(pa.concat_tables(_conformed(pq.read_table(path), schema) for path in files))
             last = table.column("entry")[-1].as_py() if table.num_rows else "0-0"
             _write_atomically(table, partition, f"compact-{last}-{uuid_module.uuid4().hex[:8]}.parquet")
             for path in files:
@@ -252,7 +253,7 @@ class DecisionArchive:
         columns: Sequence[str] | None,
     ) -> pa.Table:
         wanted = None if columns is None else list(dict.fromkeys(["entry", "time", *columns]))
-        tables = []
+        tables: list[pa.Table] = []
         hour = datetime.fromtimestamp(start, UTC).replace(minute=0, second=0, microsecond=0)
         last = datetime.fromtimestamp(end, UTC)
         while hour <= last:
@@ -262,7 +263,8 @@ class DecisionArchive:
                 / f"deployment={quote(deployment, safe='')}"
                 / f"hour={hour.strftime(_HOUR_FORMAT)}"
             )
-            tables.extend(_read_partition(partition, wanted))
+            target = schema if wanted is None else pa.schema([schema.field(name) for name in wanted])
+            tables.extend(_conformed(table, target) for table in _read_partition(partition, wanted))
             hour += timedelta(hours=1)
         if not tables:
             empty_schema = schema if wanted is None else pa.schema([schema.field(name) for name in wanted])
@@ -287,6 +289,20 @@ def _read_partition(partition: Path, columns: list[str] | None) -> list[pa.Table
         except FileNotFoundError:
             continue
     raise RuntimeError(f"{partition} keeps changing while it is read")
+
+
+def _conformed(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A file written under an earlier version of the schema, as the current one: columns it lacks
+    are null, types are cast (e.g. float64 scores to float32)."""
+    if table.schema.equals(schema):
+        return table
+    columns = [
+        table.column(field.name).cast(field.type, safe=False)
+        if field.name in table.column_names
+        else pa.nulls(table.num_rows, field.type)
+        for field in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def _deduplicated(table: pa.Table) -> pa.Table:

@@ -95,6 +95,7 @@ class DecisionLogConsumer:
         while True:
             try:
                 while True:
+                    stop_if_cancelled()
                     await self.step()
                     backoff = 0.1
             except asyncio.CancelledError:
@@ -107,10 +108,18 @@ class DecisionLogConsumer:
                 self._read_own_pending = True
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
-                    raise
-                # Redis lost the stream or the group (a restart without persistence): make it again.
-                self._failed("nogroup", exc)
-                self._group_ready = False
+                    self._failed("redis", exc)
+                else:
+                    # Redis lost the stream or the group (a restart without persistence): make it again.
+                    self._failed("nogroup", exc)
+                    self._group_ready = False
+            except Exception as exc:
+                # Never die silently: whatever failed (the archive, a bug), the batch stays pending and
+                # is tried again; the errors metric and the lag alert make a stuck consumer visible.
+                logger.exception("decision log consumer: unexpected error, will retry")
+                self._failed("unexpected", exc)
+                self._read_own_pending = True
+            stop_if_cancelled()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.options.max_backoff_seconds)
 
@@ -295,6 +304,14 @@ class DecisionLogConsumer:
             "malformed": dict(self.state.malformed),
             "errors": dict(self.state.errors),
         }
+
+
+def stop_if_cancelled() -> None:
+    """redis-py can turn a cancellation that lands inside a command into a connection error: the
+    task was still asked to stop, and must not retry forever."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _text(value: Any) -> str:

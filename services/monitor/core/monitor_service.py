@@ -7,9 +7,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from libs.common.deployment_spec import parse_deployment_spec
 from libs.common.distribution_drift import DriftThresholds, TrainingReference
@@ -20,6 +20,7 @@ from services.monitor.core.decision_archive import DecisionArchive
 from services.monitor.core.decision_consumer import DecisionLogConsumer
 from services.monitor.core.drift import DRIFT_COLUMNS, DriftReport, drift_report
 from services.monitor.core.policy_evaluation import (
+    CONTACT_COLUMNS,
     CandidateEvaluation,
     EvaluationRequest,
     check_candidate,
@@ -144,10 +145,15 @@ class MonitorService:
 
     async def start(self) -> None:
         if self.consumer is not None:
-            self._tasks.append(asyncio.create_task(self.consumer.run(), name="decision-log-consumer"))
-        self._tasks.append(asyncio.create_task(self._prune_archive(), name="archive-retention"))
+            self._background(self.consumer.run(), "decision-log-consumer")
+        self._background(self._prune_archive(), "archive-retention")
         if self.alerts is not None:
-            self._tasks.append(asyncio.create_task(self.alerts.run(), name="alert-rules"))
+            self._background(self.alerts.run(), "alert-rules")
+
+    def _background(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        task.add_done_callback(_report_end)
+        self._tasks.append(task)
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -256,7 +262,9 @@ class MonitorService:
                 field="candidate_spec_json",
             )
         check_candidate(spec)
-        contacts = await asyncio.to_thread(self.archive.contacts, deployment, window.start, window.end)
+        contacts = await asyncio.to_thread(
+            self.archive.contacts, deployment, window.start, window.end, CONTACT_COLUMNS
+        )
         responses = await asyncio.to_thread(
             self.archive.responses, deployment, window.start, self._clock() + 60
         )
@@ -329,6 +337,17 @@ class MonitorService:
             malformed_entries=self.store.malformed(),
             consumed_entries=consumer.state.applied if consumer is not None else 0,
         )
+
+
+def _report_end(task: asyncio.Task[None]) -> None:
+    """A background task is meant to run until the service stops: say so loudly if it ends."""
+    if task.cancelled():
+        return
+    error = task.exception()
+    if error is not None:
+        logger.error("%s stopped: %r", task.get_name(), error, exc_info=error)
+    else:
+        logger.error("%s stopped", task.get_name())
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from libs.common.deployment_spec import DeploymentSpec
 from libs.common.errors import InvalidArgument
@@ -87,107 +87,110 @@ def evaluate_candidate(
     responses: pa.Table,
     request: EvaluationRequest,
 ) -> CandidateEvaluation:
-    """The candidate's estimated value on these logged contacts (in time order) and their responses."""
+    """The candidate's estimated value on these logged contacts (in time order) and their responses.
+
+    Contacts are read in batches and every decision is written into arrays over one set of offer
+    columns (the spec's offers and any other logged one), so memory grows with decisions x offers,
+    not with Python objects per decision."""
     check_candidate(spec)
     prepared = PreparedDeployment.prepare(spec)
     rng = np.random.default_rng(request.seed)
     rewards = _credited_rewards(responses)
-    rows = contacts.select([*CONTACT_COLUMNS, "time"]).to_pylist()
-    events = _events(rows, responses)
+    offers = _offer_columns(spec, contacts)
+    column_of = {offer: index for index, offer in enumerate(offers)}
+    total = contacts.num_rows
+    warmup = int(total * request.warmup_share)
+    n_max, width = max(total - warmup, 0), len(offers)
+    mask = np.zeros((n_max, width), dtype=bool)
+    candidate_matrix = np.zeros((n_max, width))
+    logging_matrix = np.zeros((n_max, width))
+    actions = np.zeros(n_max, dtype=np.intp)
+    propensities = np.zeros(n_max)
+    reward_values = np.zeros(n_max)
+    segments: list[str] = []
+    learned = _learned_rewards(contacts, responses)
+    next_reward = 0
     statistics: dict[str, ArmHash] = {}
     # As a replica reads them: a kept copy at most `statistics_max_age` old, dropped by a learned response.
     kept: dict[str, tuple[float, ArmTable]] = {}
     statistics_max_age = request.statistics_max_age_seconds
-    warmup = int(len(rows) * request.warmup_share)
-    eligible_rows: list[list[str]] = []
-    candidate_rows: list[list[float]] = []
-    logging_rows: list[list[float]] = []
-    actions: list[int] = []
-    propensities: list[float] = []
-    reward_values: list[float] = []
-    segments: list[str] = []
+    reward_policy = prepared.plans[""].policy
+    n = 0
     skipped_no_shown = 0
-    for kind, time, payload in events:
-        if kind == "reward":
-            reward_segment, offer, reward = payload
-            update_arm_fields(
-                statistics.setdefault(reward_segment, {}),
-                prepared.plans[""].policy,
-                [(offer, 0.0, reward)],
-                time,
-            )
-            kept.pop(reward_segment, None)  # a learned response drops every replica's copy
-            continue
-        index, row = payload
-        context_values = json.loads(row["context"])
-        features = json.loads(row["features"])
-        params = {name: value for name, value in context_values.items() if isinstance(value, str)}
-        context = derive_context(spec, features, params, row["channel"])
-        plan = prepared.variant_for(row["customer"])
-        shown: list[str] = list(row["shown"])
-        if index >= warmup:
-            if not shown:
+    index = -1
+    for batch in contacts.select([*CONTACT_COLUMNS, "time"]).to_batches(max_chunksize=10_000):
+        for row in batch.to_pylist():
+            index += 1
+            time = float(row["time"])
+            # Rewards learned before this contact was served (a contact goes first on a tie).
+            while next_reward < len(learned) and learned[next_reward][0] < time:
+                reward_time, reward_segment, offer, reward = learned[next_reward]
+                update_arm_fields(
+                    statistics.setdefault(reward_segment, {}),
+                    reward_policy,
+                    [(offer, 0.0, reward)],
+                    reward_time,
+                )
+                kept.pop(reward_segment, None)  # a learned response drops every replica's copy
+                next_reward += 1
+            context_values = json.loads(row["context"])
+            features = json.loads(row["features"])
+            params = {name: value for name, value in context_values.items() if isinstance(value, str)}
+            context = derive_context(spec, features, params, row["channel"])
+            plan = prepared.variant_for(row["customer"])
+            shown: list[str] = row["shown"]
+            if index >= warmup and not shown:
                 skipped_no_shown += 1
-            else:
-                eligible = prepared.eligible(context, params)
+            elif index >= warmup:
                 copy = kept.get(context.segment)
                 if copy is None or time - copy[0] > statistics_max_age:
                     copy = kept[context.segment] = (
                         time,
                         parse_arms(statistics.get(context.segment, {}), plan.policy, time),
                     )
-                arms = copy[1]
                 choice = prepared.choose(
                     plan,
-                    eligible,
+                    prepared.eligible(context, params),
                     context,
-                    Statistics(arms=arms),
+                    Statistics(arms=copy[1]),
                     rng,
                     count=1,
                     features=features,
                     params=params,
                 )
-                candidate = dict(
-                    zip((offer.id for offer in choice.eligible), choice.first_slot.propensities, strict=True)
-                )
-                logged: list[str] = list(row["eligible"])
-                columns = logged + [offer for offer in candidate if offer not in set(logged)]
-                counts = row["counts"]
+                candidate_columns = [column_of[offer.id] for offer in choice.eligible]
+                candidate_matrix[n, candidate_columns] = choice.first_slot.propensities
+                mask[n, candidate_columns] = True
+                logged_columns = [column_of[offer] for offer in row["eligible"]]
+                counts = np.asarray(row["counts"], dtype=np.float64)
                 epsilon, outcomes = float(row["epsilon"]), int(row["outcomes"])
-                first = [epsilon / len(logged) + (1 - epsilon) * count / outcomes for count in counts]
-                action = columns.index(shown[0])
-                eligible_rows.append(columns)
-                candidate_rows.append([candidate.get(offer, 0.0) for offer in columns])
-                logging_rows.append(first + [0.0] * (len(columns) - len(logged)))
-                actions.append(action)
-                propensities.append(first[action] if action < len(first) else math.nan)
-                reward_values.append(rewards.get((row["uuid"], shown[0]), 0.0))
+                first = epsilon / len(logged_columns) + (1 - epsilon) * counts / outcomes
+                logging_matrix[n, logged_columns] = first
+                mask[n, logged_columns] = True
+                action = column_of[shown[0]]
+                actions[n] = action
+                propensities[n] = logging_matrix[n, action] if action in logged_columns else math.nan
+                reward_values[n] = rewards.get((row["uuid"], shown[0]), 0.0)
                 segments.append(row["segment"])
-        if shown:
-            # What the live system learned from this contact: an impression of every shown offer.
-            update_arm_fields(
-                statistics.setdefault(row["segment"], {}),
-                plan.policy,
-                [(offer, 1.0, 0.0) for offer in shown],
-                time,
-            )
-    width = max((len(columns) for columns in eligible_rows), default=1)
-    n = len(eligible_rows)
-    mask = np.zeros((n, width), dtype=bool)
-    candidate_matrix = np.zeros((n, width))
-    logging_matrix = np.zeros((n, width))
-    for i, columns in enumerate(eligible_rows):
-        mask[i, : len(columns)] = True
-        candidate_matrix[i, : len(columns)] = candidate_rows[i]
-        logging_matrix[i, : len(columns)] = logging_rows[i]
+                n += 1
+            if shown:
+                # What the live system learned from this contact: an impression of every shown offer.
+                update_arm_fields(
+                    statistics.setdefault(row["segment"], {}),
+                    plan.policy,
+                    [(offer, 1.0, 0.0) for offer in shown],
+                    time,
+                )
+    mask, candidate_matrix, logging_matrix = mask[:n], candidate_matrix[:n], logging_matrix[:n]
+    actions, propensities, reward_values = actions[:n], propensities[:n], reward_values[:n]
     wants_model = any(name in ("dm", "dr", "sndr", "switch-dr") for name in request.estimators)
     expected = None
     if wants_model and n >= 2:
         expected = cross_fitted_expected_rewards(
             segments,
-            [columns[a] for columns, a in zip(eligible_rows, actions, strict=True)],
-            np.asarray(reward_values),
-            eligible_rows,
+            [offers[a] for a in actions],
+            reward_values,
+            [offers] * n,  # one shared list: every decision's columns are the same offers
             seed=request.seed,
         )
     estimators = [
@@ -197,9 +200,9 @@ def evaluate_candidate(
     ]
     data = LoggedDecisions(
         eligible=mask,
-        action=np.asarray(actions, dtype=np.intp),
-        logging_propensity=np.asarray(propensities, dtype=np.float64),
-        reward=np.asarray(reward_values, dtype=np.float64),
+        action=actions,
+        logging_propensity=propensities,
+        reward=reward_values,
         candidate=candidate_matrix,
         expected_reward=expected if expected is not None else None,
         logging_distribution=logging_matrix,
@@ -213,7 +216,7 @@ def evaluate_candidate(
         seed=request.seed,
     )
     notes = [
-        f"the candidate's arm statistics were rebuilt by replaying {len(rows)} logged contacts and their "
+        f"the candidate's arm statistics were rebuilt by replaying {total} logged contacts and their "
         f"responses in time order; the first {warmup} only warmed them up",
         "first slot only: the logged action is the offer shown first, its reward what the responses credited it",
     ]
@@ -242,18 +245,26 @@ def _credited_rewards(responses: pa.Table) -> dict[tuple[str, str], float]:
     return credited
 
 
-def _events(rows: Sequence[Mapping[str, Any]], responses: pa.Table) -> list[tuple[str, float, Any]]:
-    """Contacts and learned rewards, merged in time order (a contact before a reward at the same time)."""
-    events: list[tuple[str, float, Any]] = [
-        ("contact", float(row["time"]), (i, row)) for i, row in enumerate(rows)
-    ]
-    segment_of = {row["uuid"]: row["segment"] for row in rows}
-    if responses.num_rows:
-        for row in responses.select(["uuid", "time", "learned_offers", "credited_reward"]).to_pylist():
-            segment = segment_of.get(row["uuid"])
-            if segment is None:
-                continue
-            for offer in row["learned_offers"]:
-                events.append(("reward", float(row["time"]), (segment, offer, float(row["credited_reward"]))))
-    events.sort(key=lambda event: (event[1], event[0] == "reward"))
-    return events
+def _offer_columns(spec: DeploymentSpec, contacts: pa.Table) -> list[str]:
+    """The spec's offers, then any other offer the log holds as eligible (retired since)."""
+    logged = pc.unique(pc.list_flatten(contacts.column("eligible"))).to_pylist() if contacts.num_rows else []
+    known = [offer.id for offer in spec.offers]
+    return known + sorted(set(logged) - set(known))
+
+
+def _learned_rewards(contacts: pa.Table, responses: pa.Table) -> list[tuple[float, str, str, float]]:
+    """(time, segment, offer, reward) of every reward learned from a response to these contacts, in time order."""
+    if responses.num_rows == 0 or contacts.num_rows == 0:
+        return []
+    segment_of = dict(
+        zip(contacts.column("uuid").to_pylist(), contacts.column("segment").to_pylist(), strict=True)
+    )
+    learned = []
+    for row in responses.select(["uuid", "time", "learned_offers", "credited_reward"]).to_pylist():
+        segment = segment_of.get(row["uuid"])
+        if segment is None:
+            continue
+        for offer in row["learned_offers"]:
+            learned.append((float(row["time"]), segment, offer, float(row["credited_reward"])))
+    learned.sort(key=lambda item: item[0])
+    return learned
