@@ -175,6 +175,16 @@ def monitoring(front_door: str, invoke_key: str, baseline_ended: float) -> None:
     liveloop("monitor", "evaluate", "telco-offers", "--spec", str(CANDIDATE_SPEC), "--window", "1h")
     step("The same estimate at publish time (dry run: nothing stored); a deployment can require it")
     liveloop("config", "publish", str(CANDIDATE_SPEC), "--evaluate", "--dry-run", "--no-diff")
+    step(
+        "The monitoring page, served by Envoy (charts of uptake, exploration, latency, replicas, alerts, drift)"
+    )
+    print(
+        f"  http://{front_door}/dashboard?deployment=telco-offers  (while the stack runs: `liveloop up`;"
+        " it asks for the admin key in .liveloop/credentials.json)"
+    )
+    request = urllib.request.Request(f"http://{front_door}/dashboard")
+    with urllib.request.urlopen(request, timeout=5) as response:
+        print(f"  GET /dashboard: HTTP {response.status}, {len(response.read())} bytes")
 
 
 def trained_model(front_door: str, invoke_key: str) -> None:

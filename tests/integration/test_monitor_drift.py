@@ -26,7 +26,7 @@ from services.monitor.core.decision_consumer import ConsumerOptions, DecisionLog
 from services.monitor.core.monitor_service import MonitorService
 from services.monitor.core.rollup_store import RollupStore
 from services.monitor.core.schema import MIGRATIONS_PACKAGE, VERSION_TABLE
-from tests.decision_records import contact
+from tests.decision_records import OFFERS, contact
 from tests.integration.test_predictor_decision import spec_document
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -65,9 +65,11 @@ def training_reference() -> TrainingReference:
             "age": rng.normal(40, 10, TRAINING_ROWS),
             "tenure": rng.exponential(24, TRAINING_ROWS),
             "plan": rng.choice(["prepaid", "contract"], TRAINING_ROWS, p=[0.7, 0.3]),
+            "offer": rng.choice(list(OFFERS), TRAINING_ROWS),
         },
         rng.beta(2, 5, TRAINING_ROWS),
-        categorical=["plan"],
+        categorical=["plan", "offer"],
+        offer_input="offer",
         model_name="take-up",
         model_version=3,
     )
@@ -82,7 +84,7 @@ def served_contacts(deployment: str, now: float, age_shift: float) -> list[Conta
             "tenure": f"{rng.exponential(24):.2f}",
             "plan": str(rng.choice(["prepaid", "contract"], p=[0.7, 0.3])),
         }
-        base = contact(deployment, time=now - SERVED + i, features=features, shown=("alpha",))
+        base = contact(deployment, time=now - SERVED + i, features=features, shown=(OFFERS[i % len(OFFERS)],))
         records.append(
             replace(base, shown=[replace(row, model_score=float(rng.beta(2, 5))) for row in base.shown])
         )
@@ -123,7 +125,7 @@ async def test_a_shifted_input_and_only_it_is_flagged(service_with_log: tuple[Mo
     window, report = await service.drift(deployment)
     assert report.contacts == SERVED
     by_name = {row.name: row for row in report.features}
-    assert set(by_name) == {"age", "tenure", "plan"}
+    assert set(by_name) == {"age", "tenure", "plan", "offer"}
     assert report.features[0].name == "age"  # most drifted first
     assert by_name["age"].severity == "critical"
     assert by_name["age"].psi is not None
@@ -131,6 +133,10 @@ async def test_a_shifted_input_and_only_it_is_flagged(service_with_log: tuple[Mo
     assert by_name["age"].current_mean == pytest.approx(55, abs=1)
     assert by_name["tenure"].severity == "ok"
     assert by_name["plan"].severity == "ok"
+    # The model's offer input is compared with the offers shown (in no feature snapshot).
+    assert by_name["offer"].severity == "ok"
+    assert by_name["offer"].current_count == SERVED
+    assert by_name["offer"].current_missing_rate == 0
     assert report.score.severity == "ok"
     assert report.score.current_count == SERVED
     assert window.end - window.start == pytest.approx(86400)

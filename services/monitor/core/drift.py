@@ -2,7 +2,8 @@
 reference the trainer recorded with the model version (libs/common/distribution_drift.py).
 
 A served input's value is read from each archived contact as the predictor handed it to the model
-(`model_input_value`: its context first, then its feature snapshot). The served score is the bound
+(`model_input_value`: its context first, then its feature snapshot); the model's offer input is
+compared with the offers shown. The served score is the bound
 model's predicted take-up of every shown offer; shown offers are the ones ranked highest, so their
 scores sit above the training rows' (customer x offer as logged in training): read score drift with
 that bias in mind.
@@ -25,7 +26,7 @@ from libs.common.distribution_drift import (
 )
 from libs.common.errors import InvalidArgument
 
-DRIFT_COLUMNS = ("features", "context", "shown_model_scores")
+DRIFT_COLUMNS = ("features", "context", "shown", "shown_model_scores")
 _SEVERITY_ORDER = {"critical": 0, "warning": 1, "ok": 2}
 
 
@@ -53,14 +54,14 @@ def drift_report(
         )
     rows = contacts.select(list(DRIFT_COLUMNS)).to_pylist() if contacts.num_rows else []
     snapshots = [(json.loads(row["features"]), json.loads(row["context"])) for row in rows]
-    drifts = [
-        compare(
-            reference.inputs[name],
-            [model_input_value(name, served, context) for served, context in snapshots],
-            thresholds,
-        )
-        for name in names
-    ]
+    shown_offers = [offer for row in rows for offer in row["shown"]]
+
+    def served(name: str) -> list[object]:
+        if name == reference.offer_input:
+            return list(shown_offers)  # the model scores every offer; the offers shown are what was served
+        return [model_input_value(name, features, context) for features, context in snapshots]
+
+    drifts = [compare(reference.inputs[name], served(name), thresholds) for name in names]
     drifts.sort(key=lambda drift: (_SEVERITY_ORDER[drift.severity], -(drift.psi or 0.0), drift.name))
     scores = [score for row in rows for score in row["shown_model_scores"] if score is not None]
     return DriftReport(reference, drifts, compare(reference.score, scores, thresholds), len(rows))
