@@ -173,6 +173,15 @@ class MonitorService:
                 logger.exception("decision archive retention failed")
             await asyncio.sleep(ARCHIVE_PRUNE_EVERY_SECONDS)
 
+    def _rollup_window(self, window_seconds: float | None, end_time: float | None) -> Window:
+        return resolve_window(
+            window_seconds,
+            end_time,
+            default_seconds=DEFAULT_SUMMARY_WINDOW_SECONDS,
+            max_seconds=MAX_SUMMARY_WINDOW_SECONDS,
+            now=self._clock(),
+        )
+
     async def head_revision(self, deployment: str) -> int:
         """The deployment's head revision; NotFound when neither the config service nor the log knows it."""
         if not deployment:
@@ -195,13 +204,7 @@ class MonitorService:
         return head
 
     async def summary(self, deployment: str, window_seconds: float | None, end_time: float | None) -> Summary:
-        window = resolve_window(
-            window_seconds,
-            end_time,
-            default_seconds=DEFAULT_SUMMARY_WINDOW_SECONDS,
-            max_seconds=MAX_SUMMARY_WINDOW_SECONDS,
-            now=self._clock(),
-        )
+        window = self._rollup_window(window_seconds, end_time)
         head = await self.head_revision(deployment)
         start, end = window.minutes
         totals = await asyncio.to_thread(self.store.window, deployment, start, end)
@@ -210,13 +213,7 @@ class MonitorService:
     async def time_series(
         self, deployment: str, window_seconds: float | None, end_time: float | None
     ) -> tuple[Window, list[MinuteSeries], list[tuple[int, int, LatencyCounts]]]:
-        window = resolve_window(
-            window_seconds,
-            end_time,
-            default_seconds=DEFAULT_SUMMARY_WINDOW_SECONDS,
-            max_seconds=MAX_SUMMARY_WINDOW_SECONDS,
-            now=self._clock(),
-        )
+        window = self._rollup_window(window_seconds, end_time)
         await self.head_revision(deployment)
         start, end = window.minutes
         offers = await asyncio.to_thread(self.store.offer_series, deployment, start, end)

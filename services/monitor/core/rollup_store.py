@@ -24,7 +24,14 @@ from sqlalchemy.engine import Connection
 from libs.common.database import write_transaction
 from libs.common.decision_log import Contact, Response
 from services.monitor.core import schema
-from services.monitor.core.rollups import INVOKE_METHOD, LatencyCounts, Rollup, merged_latency, rollup
+from services.monitor.core.rollups import (
+    INVOKE_METHOD,
+    LatencyCounts,
+    OfferCounts,
+    Rollup,
+    merged_latency,
+    rollup,
+)
 
 _WRITE_LOCK_KEY = int.from_bytes(
     hashlib.sha256(b"liveloop:monitor:applied_batches").digest()[:8], "big", signed=True
@@ -75,14 +82,6 @@ def _malformed_name(kind: str) -> str:
 
 
 @dataclass
-class OfferTotals:
-    impressions: int = 0
-    explored_impressions: int = 0
-    accepted: int = 0
-    reward_sum: float = 0.0
-
-
-@dataclass
 class ReplicaTotals:
     replica: str
     revision: int
@@ -99,10 +98,10 @@ class WindowTotals:
     responses: int = 0
     late_responses: int = 0
     duplicate_responses: int = 0
-    by_offer: dict[str, OfferTotals] = field(default_factory=dict)
-    by_segment: dict[str, OfferTotals] = field(default_factory=dict)
-    by_offer_segment: dict[tuple[str, str], OfferTotals] = field(default_factory=dict)
-    by_variant: dict[str, OfferTotals] = field(default_factory=dict)
+    by_offer: dict[str, OfferCounts] = field(default_factory=dict)
+    by_segment: dict[str, OfferCounts] = field(default_factory=dict)
+    by_offer_segment: dict[tuple[str, str], OfferCounts] = field(default_factory=dict)
+    by_variant: dict[str, OfferCounts] = field(default_factory=dict)
     replicas: list[ReplicaTotals] = field(default_factory=list)
     latency: dict[str, LatencyCounts] = field(default_factory=dict)
 
@@ -261,13 +260,13 @@ class RollupStore:
                 .group_by(offers.c.offer, offers.c.segment, offers.c.variant)
             ).all()
             for offer, segment, variant, impressions, explored, accepted, reward_sum in offer_rows:
-                cell = OfferTotals(
+                cell = OfferCounts(
                     int(impressions or 0), int(explored or 0), int(accepted or 0), float(reward_sum or 0.0)
                 )
-                _add_totals(totals.by_offer.setdefault(offer, OfferTotals()), cell)
-                _add_totals(totals.by_segment.setdefault(segment, OfferTotals()), cell)
-                _add_totals(totals.by_offer_segment.setdefault((offer, segment), OfferTotals()), cell)
-                _add_totals(totals.by_variant.setdefault(variant, OfferTotals()), cell)
+                _add_counts(totals.by_offer.setdefault(offer, OfferCounts()), cell)
+                _add_counts(totals.by_segment.setdefault(segment, OfferCounts()), cell)
+                _add_counts(totals.by_offer_segment.setdefault((offer, segment), OfferCounts()), cell)
+                _add_counts(totals.by_variant.setdefault(variant, OfferCounts()), cell)
             replica_rows = connection.execute(
                 sa.select(
                     decisions.c.replica,
@@ -504,7 +503,7 @@ def _merge_latency(connection: Connection, increments: Rollup) -> None:
         )
 
 
-def _add_totals(target: OfferTotals, cell: OfferTotals) -> None:
+def _add_counts(target: OfferCounts, cell: OfferCounts) -> None:
     target.impressions += cell.impressions
     target.explored_impressions += cell.explored_impressions
     target.accepted += cell.accepted

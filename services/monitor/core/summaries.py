@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from services.monitor.core.rollup_store import OfferTotals, WindowTotals
-from services.monitor.core.rollups import INVOKE_METHOD, RESPOND_METHOD, LatencyCounts
+from services.monitor.core.rollup_store import WindowTotals
+from services.monitor.core.rollups import INVOKE_METHOD, RESPOND_METHOD, LatencyCounts, OfferCounts
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def _rate(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator else 0.0
 
 
-def _row(offer: str, segment: str, totals: OfferTotals) -> UptakeRow:
+def _row(offer: str, segment: str, totals: OfferCounts) -> UptakeRow:
     return UptakeRow(
         offer=offer,
         segment=segment,
