@@ -319,13 +319,16 @@ def markdown(document: dict[str, Any]) -> str:
     consumer, summary, evaluation = (
         document["results"][part] for part in ("consumer", "summary", "evaluation")
     )
-    recorded = document.get("invoke_throughput_recorded") or {}
     day = consumer["day_at_1000_invokes_per_second_gb"]
     lines = [
         "# The monitor: consumer throughput, storage, GetSummary, EvaluatePolicy",
         "",
         f"Command: `{document['command']}` ({document['date']}, {document['machine']['cpus']} CPUs, "
         f"load average {', '.join(f'{x:.2f}' for x in document['machine']['load_average'])}).",
+        *(
+            f"Part {part} re-run: `{run['command']}` ({run['date']})."
+            for part, run in document.get("reruns", {}).items()
+        ),
         "",
         "| what | measured |",
         "|---|---|",
@@ -343,11 +346,6 @@ def markdown(document: dict[str, Any]) -> str:
         f"| EvaluatePolicy peak memory (process) | {evaluation['peak_rss_mib']:,.0f} MiB (before it: {evaluation['peak_rss_before_evaluation_mib']:,.0f} MiB) |",
         "",
     ]
-    if recorded:
-        lines += [
-            f"Invoke throughput recorded by bench/invoke_throughput.py: `{json.dumps(recorded)[:300]}`",
-            "",
-        ]
     lines += [
         "The consumer's capacity is compared with the highest Invoke rate the stack sustained here",
         "(bench/results/invoke_throughput.md: about 1,100-1,240 Invokes/s through Envoy with two",
@@ -370,12 +368,20 @@ def main() -> int:
     parser.add_argument("--consumer-entries", type=int, default=100_000)
     parser.add_argument("--summary-contacts", type=int, default=10_000_000)
     parser.add_argument("--evaluation-decisions", type=int, default=1_000_000)
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=["consumer", "summary", "evaluation"],
+        help="Run only these; keep the others",
+    )
     arguments = parser.parse_args()
     sizes = {
         "consumer": arguments.consumer_entries,
         "summary": arguments.summary_contacts,
         "evaluation": arguments.evaluation_decisions,
     }
+    if arguments.parts:
+        sizes = {part: size for part, size in sizes.items() if part in arguments.parts}
     context = multiprocessing.get_context("spawn")
     results: dict[str, Any] = {}
     for name, size in sizes.items():
@@ -385,22 +391,25 @@ def main() -> int:
         results[name] = queue.get()
         process.join()
         print(name, json.dumps(results[name], indent=1), flush=True)
-    invoke = (
-        json.loads((RESULTS / "invoke_throughput.json").read_text())
-        if (RESULTS / "invoke_throughput.json").exists()
-        else {}
-    )
-    document = {
-        "command": "python bench/monitor.py " + " ".join(sys.argv[1:]),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "load_average": os.getloadavg(),
-        },
-        "results": results,
-        "invoke_throughput_recorded": invoke.get("summary", {}),
-    }
+    command = "python bench/monitor.py " + " ".join(sys.argv[1:])
+    date = datetime.now(UTC).isoformat(timespec="seconds")
+    if arguments.parts and (RESULTS / "monitor.json").exists():
+        document = json.loads((RESULTS / "monitor.json").read_text())
+        document["results"].update(results)
+        document.setdefault("reruns", {}).update(
+            {part: {"command": command, "date": date} for part in results}
+        )
+    else:
+        document = {
+            "command": command,
+            "date": date,
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "load_average": os.getloadavg(),
+            },
+            "results": results,
+        }
     (RESULTS / "monitor.json").write_text(json.dumps(document, indent=2) + "\n")
     (RESULTS / "monitor.md").write_text(markdown(document))
     print(f"wrote {RESULTS / 'monitor.json'} and monitor.md")
