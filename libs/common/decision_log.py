@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -143,7 +143,7 @@ class Response:
     # no join: the offers accepted here for the first time, the reward each of them earned (the
     # deployment's default when none was sent), and the contact's time, segment, variant and revision.
     # Entries written before these fields existed read back with the defaults.
-    new_offers: Sequence[str] = ()
+    new_offers: Sequence[str] = field(default_factory=list)
     credited_reward: float = 1.0
     contact_time: float = 0.0
     segment: str = ""
