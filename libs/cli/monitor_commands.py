@@ -252,7 +252,9 @@ def candidate_spec_json(path: Path) -> str:
 def evaluate(
     deployment: Annotated[str, typer.Argument(help="Deployment whose logged decisions to replay")],
     spec: Annotated[Path | None, typer.Option("--spec", help="Candidate spec file (YAML or JSON)")] = None,
-    revision: Annotated[int, typer.Option("--revision", min=0, help="Or a stored config revision")] = 0,
+    revision: Annotated[
+        int, typer.Option("--revision", min=0, show_default=False, help="Or a stored config revision")
+    ] = 0,
     window: WindowOption = None,
     estimator: Annotated[
         list[str] | None, typer.Option("--estimator", "-e", help="ips, snips, dm, dr (default all)")
@@ -269,7 +271,9 @@ def evaluate(
     as_json: JsonFlag = False,
 ) -> None:
     """Estimate what a candidate spec (or stored revision) would have earned on the logged decisions."""
-    if (spec is None) == (revision == 0):
+    if spec is not None and revision:
+        fail("name one candidate, not both: --spec FILE or --revision N", code=2)
+    if spec is None and not revision:
         fail("name a candidate: --spec FILE or --revision N", code=2)
     unknown = [name for name in estimator or [] if name not in _ESTIMATORS]
     if unknown:

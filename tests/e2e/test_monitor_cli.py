@@ -1,0 +1,91 @@
+"""`liveloop monitor` against a whole local stack, as a person runs it: traffic through the front
+door, then summary, alerts and evaluate as tables and as JSON, and bad input as clear errors."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import REPO, LocalStack
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(240)]
+
+EXAMPLE = REPO / "examples" / "deployments" / "telco-offers.yaml"
+
+
+def _post(stack: LocalStack, path: str, body: dict[str, Any], key: str) -> dict[str, Any]:
+    request = urllib.request.Request(
+        f"http://{stack.front_door}{path}",
+        data=json.dumps(body).encode(),
+        headers={"x-api-key": key, "content-type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        reply: dict[str, Any] = json.loads(response.read())
+        return reply
+
+
+def test_monitor_commands_on_a_live_stack(running_stack: LocalStack) -> None:
+    stack = running_stack
+    published = stack.cli("config", "publish", str(EXAMPLE), "--no-diff")
+    assert published.returncode == 0, published.stderr
+    key = stack.credentials()["invoke"]
+    accepted = 0
+    for i in range(40):
+        reply = _post(
+            stack, "/invocations", {"campaign": "telco-offers", "customer": f"c{i}", "numberoffers": 2}, key
+        )
+        if i % 4 == 0:
+            _post(
+                stack,
+                "/response",
+                {"uuid": reply["uuid"], "accepted_offers": [reply["final_result"][0]["result"]["offer"]]},
+                key,
+            )
+            accepted += 1
+
+    deadline = time.monotonic() + 30
+    while True:
+        summary = stack.cli("monitor", "summary", "telco-offers", "--window", "1h", "--json")
+        assert summary.returncode == 0, summary.stderr
+        document = json.loads(summary.stdout)
+        if document["invocations"] == 40 and document["responses"] == accepted:
+            break
+        assert time.monotonic() < deadline, f"not summarised in 30 s: {document}"
+        time.sleep(0.5)  # polling the command a person would run; bounded by the deadline
+    assert document["impressions"] == 80
+    assert document["accepted"] == accepted
+    assert {row["replica_id"] for row in document["replicas"]} == {"predictor-1", "predictor-2"}
+
+    table = stack.cli("monitor", "summary", "telco-offers")
+    assert table.returncode == 0, table.stderr
+    assert "40 invocations" in table.stdout
+    assert "uptake by offer" in table.stdout
+
+    alerts = stack.cli("monitor", "alerts", "--json")
+    assert alerts.returncode == 0, alerts.stderr
+    assert "alerts" in json.loads(alerts.stdout)
+
+    evaluation = stack.cli("monitor", "evaluate", "telco-offers", "--revision", "1", "--json", timeout=180)
+    assert evaluation.returncode == 0, evaluation.stderr
+    result = json.loads(evaluation.stdout)
+    assert result["decisions"] == 40
+    assert {row["estimator"] for row in result["estimates"]} <= {"ips", "snips", "dm", "dr"}
+
+    drift = stack.cli("monitor", "drift", "telco-offers")
+    assert drift.returncode == 1
+    assert "binds no model" in drift.stderr
+
+    for args, code, words in (
+        (("summary", "no-such-deployment"), 1, "NOT_FOUND"),
+        (("summary", "telco-offers", "--window", "1x"), 2, "not a duration"),
+        (("evaluate", "telco-offers"), 2, "name a candidate"),
+        (("evaluate", "telco-offers", "--revision", "1", "--spec", str(EXAMPLE)), 2, "not both"),
+        (("evaluate", "telco-offers", "--revision", "99"), 1, "candidate_revision"),
+    ):
+        refused = stack.cli("monitor", *args)
+        assert refused.returncode == code, (args, refused.stdout, refused.stderr)
+        assert words in refused.stderr, (args, refused.stderr)
