@@ -4,12 +4,12 @@ door, then summary, alerts and evaluate as tables and as JSON, and bad input as 
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 from typing import Any
 
 import pytest
 
+from libs.stack.processes import wait_until
 from tests.e2e.conftest import REPO, LocalStack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(240)]
@@ -47,15 +47,15 @@ def test_monitor_commands_on_a_live_stack(running_stack: LocalStack) -> None:
             )
             accepted += 1
 
-    deadline = time.monotonic() + 30
-    while True:
+    def summarised() -> dict[str, Any] | None:
         summary = stack.cli("monitor", "summary", "telco-offers", "--window", "1h", "--json")
         assert summary.returncode == 0, summary.stderr
-        document = json.loads(summary.stdout)
-        if document["invocations"] == 40 and document["responses"] == accepted:
-            break
-        assert time.monotonic() < deadline, f"not summarised in 30 s: {document}"
-        time.sleep(0.5)  # polling the command a person would run; bounded by the deadline
+        document: dict[str, Any] = json.loads(summary.stdout)
+        return document if (document["invocations"], document["responses"]) == (40, accepted) else None
+
+    assert wait_until(summarised, timeout=30), "not summarised within 30 s"
+    document = summarised()
+    assert document is not None
     assert document["impressions"] == 80
     assert document["accepted"] == accepted
     assert {row["replica_id"] for row in document["replicas"]} == {"predictor-1", "predictor-2"}
