@@ -127,11 +127,11 @@ def train_artifact(
     scratch: Path, artifact_root: Path, spec: TrainingJobSpec, version: int = 1, rows: int = 400
 ) -> TrainedArtifact:
     """Train in this process (no worker) and write a sealed artifact where a predictor looks for it."""
+    from libs.common.offline_store import open_offline_store
     from services.trainer.core import training
     from services.trainer.core.store import seal_artifact
     from services.trainer.core.training_data import (
         inspect_training_set,
-        open_offline_store,
         read_training_set,
     )
 

@@ -266,6 +266,15 @@ def evaluate(
         float, typer.Option("--clip", min=0, help="Clip importance weights at this (0: no clipping)")
     ] = 0.0,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the candidate's draws and the bootstrap")] = 0,
+    logged_table: Annotated[
+        str,
+        typer.Option(
+            "--logged-table",
+            help="Evaluate on another system's decisions instead: a table ingested into the offline store "
+            "(columns offer, slot, propensity, reward, optional time and customer, the rest context); "
+            "without --window, the whole table",
+        ),
+    ] = "",
     state_dir: StateDir = None,
     target: TargetOption = None,
     as_json: JsonFlag = False,
@@ -285,6 +294,7 @@ def evaluate(
         confidence_level=confidence,
         max_importance_weight=clip,
         seed=seed,
+        logged_table=logged_table,
     )
     if spec is not None:
         request.candidate_spec_json = candidate_spec_json(spec)
@@ -294,7 +304,8 @@ def evaluate(
     if as_json:
         emit_json(evaluation_document(reply))
         return
-    print_evaluation(reply, title=f"candidate for {deployment}")
+    source = f" on table {logged_table}" if logged_table else ""
+    print_evaluation(reply, title=f"candidate for {deployment}{source}")
 
 
 def evaluation_document(reply: monitor_pb2.EvaluatePolicyResponse) -> dict[str, Any]:

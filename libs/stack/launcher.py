@@ -304,6 +304,8 @@ def plan_processes(settings: StackSettings, credentials: Credentials) -> list[Pr
             "DATABASE_URL": database_url("monitor"),
             "REDIS_URL": redis_url,
             "ARCHIVE_DIR": str(state / "decisions"),
+            # EvaluatePolicy reads other systems' decision logs that ingest loaded (read only).
+            "OFFLINE_STORE_URL": database_url("ingest"),
             "CONFIG_TARGET": config_target,
             # Reads deployments and replica states; EvaluatePolicy reads stored revisions.
             "CONFIG_API_KEY": credentials.admin_key,

@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 
 from libs.common.distribution_drift import DriftThresholds
 from libs.common.errors import InvalidArgument
+from libs.common.offline_store import open_offline_store
 from libs.common.server import RunningServer, ServiceDefinition, start_server
 from libs.common.service_database import open_service_database
 from libs.protos.liveloop.monitor.v1 import monitor_pb2_grpc
@@ -63,7 +64,10 @@ async def build_server(settings: MonitorSettings) -> RunningServer:
             claim_idle_ms=int(settings.consumer_claim_idle_seconds * 1000),
         ),
     )
-    service = MonitorService(store, archive, consumer, config, trainer, thresholds)
+    offline_store = open_offline_store(settings.offline_store_url)
+    service = MonitorService(
+        store, archive, consumer, config, trainer, thresholds, offline_store=offline_store
+    )
     servicer = MonitorServicer(service)
 
     def register(server: aio.Server) -> None:
@@ -75,6 +79,7 @@ async def build_server(settings: MonitorSettings) -> RunningServer:
         await trainer.close()
         await redis.aclose()
         await asyncio.to_thread(engine.dispose)
+        await asyncio.to_thread(offline_store.dispose)
 
     definition = ServiceDefinition(
         name=MONITOR.name, service_names=MONITOR.grpc_services, register=register, on_stop=[dispose]

@@ -9,7 +9,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from libs.common.distribution_drift import DistributionDrift
-from libs.common.errors import InvalidArgument, Unimplemented
+from libs.common.errors import InvalidArgument
 from libs.protos.liveloop.common.v1 import common_pb2
 from libs.protos.liveloop.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from services.monitor.core.monitor_service import MonitorService
@@ -144,11 +144,6 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
     async def EvaluatePolicy(
         self, request: monitor_pb2.EvaluatePolicyRequest, context: Any
     ) -> monitor_pb2.EvaluatePolicyResponse:
-        if request.logged_table:
-            raise Unimplemented(
-                "evaluating another system's logs is not served yet; evaluate the decision log",
-                field="logged_table",
-            )
         names = [_ESTIMATOR_NAMES[value] for value in request.estimators if value in _ESTIMATOR_NAMES]
         unknown = [value for value in request.estimators if value not in _ESTIMATOR_NAMES]
         if unknown:
@@ -168,6 +163,7 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
                 bootstrap_samples=request.bootstrap_samples,
                 seed=request.seed,
             ),
+            logged_table=request.logged_table,
         )
         result = evaluation.result
         return monitor_pb2.EvaluatePolicyResponse(

@@ -40,6 +40,10 @@ class MonitorSettings(ServiceSettings):
     consumer_claim_idle_seconds: float = Field(
         30.0, gt=0, description="Another replica's unacknowledged entry is taken over after this long"
     )
+    offline_store_url: str = Field(
+        "sqlite:///.liveloop/data/ingest.db",
+        description="The offline store ingest writes (read only): other systems' decision logs to evaluate",
+    )
     trainer_target: str = Field(
         f"127.0.0.1:{TRAINER.port}", description="host:port of the trainer (training references for drift)"
     )

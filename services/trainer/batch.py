@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from libs.common.errors import LiveloopError
+from libs.common.offline_store import open_offline_store
 from libs.common.service_database import open_service_database
 from libs.common.settings import load_settings
 from libs.common.training_spec import TrainingJobSpec, parse_training_spec
@@ -29,7 +30,6 @@ from libs.stack.topology import TRAINER
 from services.trainer.core.schema import MIGRATIONS_PACKAGE
 from services.trainer.core.store import TrainerStore
 from services.trainer.core.trainer_service import TrainerService
-from services.trainer.core.training_data import open_offline_store
 from services.trainer.settings import TrainerSettings
 
 STOPPED_REASON = "the batch training run was stopped (SIGTERM)"

@@ -6,6 +6,7 @@ import asyncio
 
 from grpc import aio
 
+from libs.common.offline_store import open_offline_store
 from libs.common.server import RunningServer, ServiceDefinition, start_server
 from libs.common.service_database import open_service_database
 from libs.protos.liveloop.trainer.v1 import trainer_pb2_grpc
@@ -14,7 +15,6 @@ from services.trainer.config_client import ConfigServiceClient
 from services.trainer.core.schema import MIGRATIONS_PACKAGE
 from services.trainer.core.store import TrainerStore
 from services.trainer.core.trainer_service import TrainerService
-from services.trainer.core.training_data import open_offline_store
 from services.trainer.servicer import TrainerServicer
 from services.trainer.settings import TrainerSettings
 

@@ -143,6 +143,7 @@ class ServiceUnderTest:
             values["consumer_group"] = f"monitor-test-{uuid.uuid4().hex[:8]}"
             values["consumer_start"] = "newest"
             values["trainer_target"] = UNREACHABLE_TARGET
+            values["offline_store_url"] = f"sqlite:///{tmp_path / 'offline-store.db'}"
         values.update(overrides)
         return self.settings_class(**values)
 

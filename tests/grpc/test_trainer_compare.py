@@ -27,13 +27,14 @@ from typer.testing import CliRunner
 from libs.common.client import open_channel
 from libs.common.database import apply_migrations, create_database_engine
 from libs.common.model_artifacts import MODEL_FILE
+from libs.common.offline_store import open_offline_store
 from libs.common.server import RunningServer
 from libs.common.training_spec import TrainingJobSpec
 from libs.policy.models import load_model
 from libs.protos.liveloop.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from services.trainer.core import schema, training
 from services.trainer.core.store import TrainerStore
-from services.trainer.core.training_data import inspect_training_set, open_offline_store, read_training_set
+from services.trainer.core.training_data import inspect_training_set, read_training_set
 from services.trainer.server import build_server as build_trainer
 from tests.conftest import ApiKeys
 from tests.grpc.conftest import SERVICES_UNDER_TEST, health_status, target

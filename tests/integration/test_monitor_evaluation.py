@@ -133,9 +133,9 @@ async def test_candidates_with_known_values_are_estimated_within_their_intervals
             "algorithm.approach",
         ),
         (
-            {"candidate_revision": -1, "logged_table": "old_system"},
-            grpc.StatusCode.UNIMPLEMENTED,
-            "logged_table",
+            {"candidate_spec_json": json.dumps(logging_spec("{name}")), "logged_table": "old_system"},
+            grpc.StatusCode.NOT_FOUND,
+            "no table 'old_system' in the offline store",
         ),
     ],
 )

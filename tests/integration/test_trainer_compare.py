@@ -13,6 +13,7 @@ import sqlalchemy as sa
 
 from libs.common.database import apply_migrations
 from libs.common.errors import InvalidArgument, NotFound
+from libs.common.offline_store import open_offline_store
 from libs.common.training_spec import Encoding, TrainingJobSpec
 from services.trainer.core import schema, training
 from services.trainer.core.store import ModelVersionRecord, TrainerStore
@@ -21,7 +22,6 @@ from services.trainer.core.training_data import (
     ResolvedFeature,
     inspect_evaluation_table,
     inspect_training_set,
-    open_offline_store,
     read_training_set,
 )
 from tests.trainer_datasets import COLUMNS, load_table, offline_store, take_up_rows, take_up_spec

@@ -14,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from libs.common.database import apply_migrations
+from libs.common.offline_store import open_offline_store
 from libs.policy.models import load_model
 from services.trainer.core import schema, training
 from services.trainer.core.job_runner import (
@@ -25,7 +26,7 @@ from services.trainer.core.job_runner import (
 from services.trainer.core.jobs import JobEvent
 from services.trainer.core.store import TrainerStore
 from services.trainer.core.trainer_service import TrainerService
-from services.trainer.core.training_data import inspect_training_set, open_offline_store, read_training_set
+from services.trainer.core.training_data import inspect_training_set, read_training_set
 from tests.trainer_datasets import load_table, offline_store, take_up_rows, take_up_spec
 
 pytestmark = pytest.mark.timeout(90)

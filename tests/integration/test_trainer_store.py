@@ -17,11 +17,12 @@ from alembic.runtime.migration import MigrationContext
 from libs.common.database import apply_migrations
 from libs.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from libs.common.model_artifacts import MANIFEST_FILE
+from libs.common.offline_store import open_offline_store
 from libs.common.training_spec import TrainingJobSpec
 from services.trainer.core import schema
 from services.trainer.core.jobs import EpochReport, TrainingSummary
 from services.trainer.core.store import TrainerStore, sha256_file
-from services.trainer.core.training_data import inspect_training_set, open_offline_store, read_training_set
+from services.trainer.core.training_data import inspect_training_set, read_training_set
 from tests.trainer_datasets import load_table, offline_store, take_up_rows, take_up_spec
 
 pytestmark = pytest.mark.timeout(60)

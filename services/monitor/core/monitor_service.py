@@ -11,7 +11,9 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from libs.common.deployment_spec import parse_deployment_spec
+from sqlalchemy import Engine
+
+from libs.common.deployment_spec import DeploymentSpec, parse_deployment_spec
 from libs.common.distribution_drift import DriftThresholds, TrainingReference
 from libs.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.monitor.core.alert_rules import Severity
@@ -19,12 +21,14 @@ from services.monitor.core.alert_store import Alert
 from services.monitor.core.decision_archive import DecisionArchive
 from services.monitor.core.decision_consumer import DecisionLogConsumer
 from services.monitor.core.drift import DRIFT_COLUMNS, DriftReport, drift_report
+from services.monitor.core.logged_table import inspect_logged_table, read_logged_rows
 from services.monitor.core.policy_evaluation import (
     CONTACT_COLUMNS,
     CandidateEvaluation,
     EvaluationRequest,
     check_candidate,
     evaluate_candidate,
+    evaluate_logged_rows,
 )
 from services.monitor.core.rollup_store import MinuteSeries, RollupStore
 from services.monitor.core.rollups import LatencyCounts, minute_of
@@ -36,6 +40,7 @@ DEFAULT_SUMMARY_WINDOW_SECONDS = 3600.0
 MAX_SUMMARY_WINDOW_SECONDS = 90 * 86400.0  # the rollups are kept this long
 ARCHIVE_PRUNE_EVERY_SECONDS = 600.0
 DEFAULT_EVALUATION_WINDOW_SECONDS = 7 * 86400.0
+MAX_LOGGED_TABLE_WINDOW_SECONDS = 5 * 366 * 86400.0  # another system's log may be old
 DEFAULT_DRIFT_WINDOW_SECONDS = 86400.0
 
 
@@ -132,7 +137,9 @@ class MonitorService:
         trainer: TrainingReferences | None = None,
         drift_thresholds: DriftThresholds | None = None,
         clock: Callable[[], float] = time.time,
+        offline_store: Engine | None = None,
     ) -> None:
+        self.offline_store = offline_store  # read only: other systems' decision logs
         self.trainer = trainer
         self.alerts: AlertEvaluation | None = None
         self.drift_thresholds = drift_thresholds or DriftThresholds()
@@ -229,14 +236,18 @@ class MonitorService:
         window_seconds: float | None,
         end_time: float | None,
         request: EvaluationRequest,
+        logged_table: str = "",
     ) -> CandidateEvaluation:
-        """The candidate's estimated value on the decisions the deployment logged in the window."""
-        await self.head_revision(deployment)
+        """The candidate's estimated value on the decisions the deployment logged in the window, or
+        on another system's decisions in an ingested table (`logged_table`)."""
+        if not (logged_table and candidate_spec_json):
+            # A team evaluating its old system's log may have published nothing yet.
+            await self.head_revision(deployment)
         window = resolve_window(
             window_seconds,
             end_time,
             default_seconds=min(DEFAULT_EVALUATION_WINDOW_SECONDS, self.archive.retention_seconds),
-            max_seconds=self.archive.retention_seconds,
+            max_seconds=MAX_LOGGED_TABLE_WINDOW_SECONDS if logged_table else self.archive.retention_seconds,
             now=self._clock(),
         )
         if candidate_spec_json:
@@ -259,6 +270,8 @@ class MonitorService:
                 field="candidate_spec_json",
             )
         check_candidate(spec)
+        if logged_table:
+            return await self._evaluate_logged_table(spec, logged_table, window_seconds, end_time, request)
         contacts = await asyncio.to_thread(
             self.archive.contacts, deployment, window.start, window.end, CONTACT_COLUMNS
         )
@@ -271,6 +284,42 @@ class MonitorService:
                 field="window",
             )
         return await asyncio.to_thread(evaluate_candidate, spec, contacts, responses, request)
+
+    async def _evaluate_logged_table(
+        self,
+        spec: DeploymentSpec,
+        table: str,
+        window_seconds: float | None,
+        end_time: float | None,
+        request: EvaluationRequest,
+    ) -> CandidateEvaluation:
+        if self.offline_store is None:
+            raise FailedPrecondition(
+                "this monitor has no offline store to read logged tables from", field="logged_table"
+            )
+        start: float | None = None
+        end: float | None = None
+        if window_seconds is not None or end_time is not None:  # else the whole table
+            window = resolve_window(
+                window_seconds,
+                end_time,
+                default_seconds=MAX_LOGGED_TABLE_WINDOW_SECONDS,
+                max_seconds=MAX_LOGGED_TABLE_WINDOW_SECONDS,
+                now=self._clock(),
+            )
+            start, end = window.start, window.end
+        engine = self.offline_store
+        logged = await asyncio.to_thread(inspect_logged_table, engine, table, start, end)
+        return await asyncio.to_thread(
+            lambda: evaluate_logged_rows(
+                spec,
+                read_logged_rows(engine, logged, start, end),
+                logged.first_slot_rows,
+                logged.offers,
+                request,
+                source=f"table '{table}'",
+            )
+        )
 
     async def drift(
         self,

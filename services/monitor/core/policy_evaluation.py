@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -28,11 +29,16 @@ import pyarrow.compute as pc
 
 from libs.common.deployment_spec import DeploymentSpec
 from libs.common.errors import InvalidArgument
-from libs.policy.context import derive_context
-from libs.policy.deployment import PreparedDeployment
-from libs.policy.statistics import ArmTable, Statistics, parse_arms
+from libs.policy.context import Context, derive_context
+from libs.policy.deployment import Choice, PreparedDeployment, VariantPlan
+from libs.policy.statistics import ArmPolicy, ArmTable, Statistics, parse_arms
 from libs.simulation.in_memory import ArmHash, update_arm_fields
-from services.monitor.core.estimators import LoggedDecisions, PolicyEvaluation, estimate_policy_value
+from services.monitor.core.estimators import (
+    MODEL_BASED_ESTIMATORS,
+    LoggedDecisions,
+    PolicyEvaluation,
+    estimate_policy_value,
+)
 from services.monitor.core.reward_model import cross_fitted_expected_rewards
 
 REPLAYED_ALGORITHMS = ("thompson", "epsilon_greedy")
@@ -81,41 +87,168 @@ def check_candidate(spec: DeploymentSpec) -> None:
         )
 
 
+class _Replay:
+    """The candidate's view of the learned arm statistics while a log is replayed in time order:
+    an in-memory twin of the options store, read as a replica reads it (a kept copy at most
+    `statistics_max_age` old, dropped by a learned response)."""
+
+    def __init__(self, spec: DeploymentSpec, request: EvaluationRequest) -> None:
+        self.prepared = PreparedDeployment.prepare(spec)
+        self._rng = np.random.default_rng(request.seed)
+        self._statistics: dict[str, ArmHash] = {}
+        self._kept: dict[str, tuple[float, ArmTable]] = {}
+        self._max_age = request.statistics_max_age_seconds
+
+    def learn(
+        self,
+        time: float,
+        segment: str,
+        policy: ArmPolicy,
+        updates: list[tuple[str, float, float]],
+        response: bool,
+    ) -> None:
+        """Impressions and rewards (offer, impressions, reward) learned at `time`; a learned
+        response drops every replica's kept copy, as its invalidation does."""
+        update_arm_fields(self._statistics.setdefault(segment, {}), policy, updates, time)
+        if response:
+            self._kept.pop(segment, None)
+
+    def choose(
+        self,
+        time: float,
+        plan: VariantPlan,
+        context: Context,
+        params: dict[str, Any],
+        features: dict[str, Any],
+    ) -> Choice:
+        """The candidate's first-slot choice for one logged request."""
+        copy = self._kept.get(context.segment)
+        if copy is None or time - copy[0] > self._max_age:
+            copy = self._kept[context.segment] = (
+                time,
+                parse_arms(self._statistics.get(context.segment, {}), plan.policy, time),
+            )
+        return self.prepared.choose(
+            plan,
+            self.prepared.eligible(context, params),
+            context,
+            Statistics(arms=copy[1]),
+            self._rng,
+            count=1,
+            features=features,
+            params=params,
+        )
+
+
+class _Decisions:
+    """The evaluated decisions written into arrays over one set of offer columns, so that memory
+    grows with decisions x offers, not with Python objects per decision."""
+
+    def __init__(self, capacity: int, offers: list[str]) -> None:
+        self.offers = offers
+        self._column = {offer: index for index, offer in enumerate(offers)}
+        width = len(offers)
+        self.mask = np.zeros((capacity, width), dtype=bool)
+        self.candidate = np.zeros((capacity, width))
+        self.logging: np.ndarray | None = np.zeros((capacity, width))
+        self.actions = np.zeros(capacity, dtype=np.intp)
+        self.propensities = np.zeros(capacity)
+        self.rewards = np.zeros(capacity)
+        self.segments: list[str] = []
+        self.n = 0
+
+    def add(
+        self,
+        choice: Choice,
+        shown: str,
+        propensity: float | None,
+        reward: float,
+        segment: str,
+        logged_distribution: tuple[list[str], np.ndarray] | None = None,
+    ) -> None:
+        """One decision: the candidate's choice, the offer shown first and its logging propensity
+        (from the logged distribution when there is one, else as given; None: missing)."""
+        n = self.n
+        candidate_columns = [self._column[offer.id] for offer in choice.eligible]
+        self.candidate[n, candidate_columns] = choice.first_slot.propensities
+        self.mask[n, candidate_columns] = True
+        action = self._column[shown]
+        self.actions[n] = action
+        self.mask[n, action] = True
+        if logged_distribution is not None and self.logging is not None:
+            logged_columns = [self._column[offer] for offer in logged_distribution[0]]
+            self.logging[n, logged_columns] = logged_distribution[1]
+            self.mask[n, logged_columns] = True
+            propensity = float(self.logging[n, action]) if action in logged_columns else None
+        else:
+            self.logging = None  # known for every decision or for none
+        self.propensities[n] = math.nan if propensity is None else propensity
+        self.rewards[n] = reward
+        self.segments.append(segment)
+        self.n += 1
+
+    def estimate(self, request: EvaluationRequest) -> PolicyEvaluation:
+        n = self.n
+        actions, rewards = self.actions[:n], self.rewards[:n]
+        wants_model = any(name in MODEL_BASED_ESTIMATORS for name in request.estimators)
+        expected = None
+        if wants_model and n >= 2:
+            expected = cross_fitted_expected_rewards(
+                self.segments,
+                [self.offers[a] for a in actions],
+                rewards,
+                [self.offers] * n,  # one shared list: every decision's columns are the same offers
+                seed=request.seed,
+            )
+        estimators = [
+            name for name in request.estimators if expected is not None or name not in MODEL_BASED_ESTIMATORS
+        ]
+        data = LoggedDecisions(
+            eligible=self.mask[:n],
+            action=actions,
+            logging_propensity=self.propensities[:n],
+            reward=rewards,
+            candidate=self.candidate[:n],
+            expected_reward=expected,
+            logging_distribution=None if self.logging is None else self.logging[:n],
+        )
+        return estimate_policy_value(
+            data,
+            estimators or ("ips",),
+            confidence_level=request.confidence_level,
+            max_importance_weight=request.max_importance_weight,
+            bootstrap_samples=request.bootstrap_samples,
+            seed=request.seed,
+        )
+
+
+def _notes(result: PolicyEvaluation) -> list[str]:
+    notes = []
+    if "dm" in result.estimates:
+        notes.append(
+            "dm's interval holds the reward model fixed, so it understates dm's uncertainty; "
+            "prefer dr's interval for a decision"
+        )
+    return notes
+
+
 def evaluate_candidate(
     spec: DeploymentSpec,
     contacts: pa.Table,
     responses: pa.Table,
     request: EvaluationRequest,
 ) -> CandidateEvaluation:
-    """The candidate's estimated value on these logged contacts (in time order) and their responses.
-
-    Contacts are read in batches and every decision is written into arrays over one set of offer
-    columns (the spec's offers and any other logged one), so memory grows with decisions x offers,
-    not with Python objects per decision."""
+    """The candidate's estimated value on these logged contacts (in time order) and their responses."""
     check_candidate(spec)
-    prepared = PreparedDeployment.prepare(spec)
-    rng = np.random.default_rng(request.seed)
+    replay = _Replay(spec, request)
+    prepared = replay.prepared
     rewards = _credited_rewards(responses)
-    offers = _offer_columns(spec, contacts)
-    column_of = {offer: index for index, offer in enumerate(offers)}
     total = contacts.num_rows
     warmup = int(total * request.warmup_share)
-    n_max, width = max(total - warmup, 0), len(offers)
-    mask = np.zeros((n_max, width), dtype=bool)
-    candidate_matrix = np.zeros((n_max, width))
-    logging_matrix = np.zeros((n_max, width))
-    actions = np.zeros(n_max, dtype=np.intp)
-    propensities = np.zeros(n_max)
-    reward_values = np.zeros(n_max)
-    segments: list[str] = []
+    decisions = _Decisions(max(total - warmup, 0), _offer_columns(spec, contacts))
     learned = _learned_rewards(contacts, responses)
     next_reward = 0
-    statistics: dict[str, ArmHash] = {}
-    # As a replica reads them: a kept copy at most `statistics_max_age` old, dropped by a learned response.
-    kept: dict[str, tuple[float, ArmTable]] = {}
-    statistics_max_age = request.statistics_max_age_seconds
     reward_policy = prepared.plans[""].policy
-    n = 0
     skipped_no_shown = 0
     index = -1
     for batch in contacts.select([*CONTACT_COLUMNS, "time"]).to_batches(max_chunksize=10_000):
@@ -125,13 +258,9 @@ def evaluate_candidate(
             # Rewards learned before this contact was served (a contact goes first on a tie).
             while next_reward < len(learned) and learned[next_reward][0] < time:
                 reward_time, reward_segment, offer, reward = learned[next_reward]
-                update_arm_fields(
-                    statistics.setdefault(reward_segment, {}),
-                    reward_policy,
-                    [(offer, 0.0, reward)],
-                    reward_time,
+                replay.learn(
+                    reward_time, reward_segment, reward_policy, [(offer, 0.0, reward)], response=True
                 )
-                kept.pop(reward_segment, None)  # a learned response drops every replica's copy
                 next_reward += 1
             context_values = json.loads(row["context"])
             features = json.loads(row["features"])
@@ -142,92 +271,93 @@ def evaluate_candidate(
             if index >= warmup and not shown:
                 skipped_no_shown += 1
             elif index >= warmup:
-                copy = kept.get(context.segment)
-                if copy is None or time - copy[0] > statistics_max_age:
-                    copy = kept[context.segment] = (
-                        time,
-                        parse_arms(statistics.get(context.segment, {}), plan.policy, time),
-                    )
-                choice = prepared.choose(
-                    plan,
-                    prepared.eligible(context, params),
-                    context,
-                    Statistics(arms=copy[1]),
-                    rng,
-                    count=1,
-                    features=features,
-                    params=params,
-                )
-                candidate_columns = [column_of[offer.id] for offer in choice.eligible]
-                candidate_matrix[n, candidate_columns] = choice.first_slot.propensities
-                mask[n, candidate_columns] = True
-                logged_columns = [column_of[offer] for offer in row["eligible"]]
+                choice = replay.choose(time, plan, context, params, features)
                 counts = np.asarray(row["counts"], dtype=np.float64)
                 epsilon, outcomes = float(row["epsilon"]), int(row["outcomes"])
-                first = epsilon / len(logged_columns) + (1 - epsilon) * counts / outcomes
-                logging_matrix[n, logged_columns] = first
-                mask[n, logged_columns] = True
-                action = column_of[shown[0]]
-                actions[n] = action
-                propensities[n] = logging_matrix[n, action] if action in logged_columns else math.nan
-                reward_values[n] = rewards.get((row["uuid"], shown[0]), 0.0)
-                segments.append(row["segment"])
-                n += 1
+                first = epsilon / len(row["eligible"]) + (1 - epsilon) * counts / outcomes
+                decisions.add(
+                    choice,
+                    shown[0],
+                    None,
+                    rewards.get((row["uuid"], shown[0]), 0.0),
+                    row["segment"],
+                    logged_distribution=(row["eligible"], first),
+                )
             if shown:
                 # What the live system learned from this contact: an impression of every shown offer.
-                update_arm_fields(
-                    statistics.setdefault(row["segment"], {}),
-                    plan.policy,
-                    [(offer, 1.0, 0.0) for offer in shown],
-                    time,
+                replay.learn(
+                    time, row["segment"], plan.policy, [(offer, 1.0, 0.0) for offer in shown], response=False
                 )
-    mask, candidate_matrix, logging_matrix = mask[:n], candidate_matrix[:n], logging_matrix[:n]
-    actions, propensities, reward_values = actions[:n], propensities[:n], reward_values[:n]
-    wants_model = any(name in ("dm", "dr", "sndr", "switch-dr") for name in request.estimators)
-    expected = None
-    if wants_model and n >= 2:
-        expected = cross_fitted_expected_rewards(
-            segments,
-            [offers[a] for a in actions],
-            reward_values,
-            [offers] * n,  # one shared list: every decision's columns are the same offers
-            seed=request.seed,
-        )
-    estimators = [
-        name
-        for name in request.estimators
-        if expected is not None or name not in ("dm", "dr", "sndr", "switch-dr")
-    ]
-    data = LoggedDecisions(
-        eligible=mask,
-        action=actions,
-        logging_propensity=propensities,
-        reward=reward_values,
-        candidate=candidate_matrix,
-        expected_reward=expected if expected is not None else None,
-        logging_distribution=logging_matrix,
-    )
-    result = estimate_policy_value(
-        data,
-        estimators or ("ips",),
-        confidence_level=request.confidence_level,
-        max_importance_weight=request.max_importance_weight,
-        bootstrap_samples=request.bootstrap_samples,
-        seed=request.seed,
-    )
+    result = decisions.estimate(request)
     notes = [
         f"the candidate's arm statistics were rebuilt by replaying {total} logged contacts and their "
         f"responses in time order; the first {warmup} only warmed them up",
         "first slot only: the logged action is the offer shown first, its reward what the responses credited it",
+        *_notes(result),
     ]
-    if "dm" in result.estimates:
-        notes.append(
-            "dm's interval holds the reward model fixed, so it understates dm's uncertainty; "
-            "prefer dr's interval for a decision"
-        )
     if skipped_no_shown:
         notes.append(f"{skipped_no_shown} contacts showed no offer and were left out")
-    return CandidateEvaluation(decisions=contacts.num_rows, result=result, notes=notes)
+    return CandidateEvaluation(decisions=total, result=result, notes=notes)
+
+
+@dataclass(frozen=True)
+class LoggedRow:
+    """One row of another system's decision log: an offer shown at a slot, with what it earned."""
+
+    time: float
+    customer: str
+    context: dict[str, Any]  # the context columns, each both a param and a feature
+    offer: str
+    slot: int
+    propensity: float | None  # the logging system's probability of showing it there; None: missing
+    reward: float
+
+
+def evaluate_logged_rows(
+    spec: DeploymentSpec,
+    rows: Iterable[LoggedRow],
+    first_slot_rows: int,
+    logged_offers: Sequence[str],
+    request: EvaluationRequest,
+    source: str,
+) -> CandidateEvaluation:
+    """The candidate's estimated value on another system's log (rows in time order).
+
+    Every row is an impression the candidate's statistics learn, with its reward, right after the
+    decision it belongs to (that log says nothing of when the response came); first-slot rows are
+    evaluated, once the first `warmup_share` of them have warmed the statistics up. The logging
+    system's segments are unknown, so the candidate's own segment of each row's context is used.
+    """
+    check_candidate(spec)
+    replay = _Replay(spec, request)
+    prepared = replay.prepared
+    known = [offer.id for offer in spec.offers]
+    offers = known + sorted(set(logged_offers) - set(known))
+    warmup = int(first_slot_rows * request.warmup_share)
+    decisions = _Decisions(max(first_slot_rows - warmup, 0), offers)
+    seen = 0
+    rows_read = 0
+    for row in rows:
+        rows_read += 1
+        params = row.context  # every column is a value the request carried: a param and a feature
+        context = derive_context(spec, row.context, params, str(params.get("channel", "")))
+        plan = prepared.variant_for(row.customer)
+        if row.slot == 1:
+            if seen >= warmup:
+                choice = replay.choose(row.time, plan, context, params, row.context)
+                decisions.add(choice, row.offer, row.propensity, row.reward, context.segment)
+            seen += 1
+        replay.learn(row.time, context.segment, plan.policy, [(row.offer, 1.0, row.reward)], response=True)
+    result = decisions.estimate(request)
+    notes = [
+        f"decisions logged by another system: {first_slot_rows} first-slot rows of {source} "
+        f"({rows_read} rows read in time order); the first {warmup} only warmed the candidate's "
+        "arm statistics up",
+        "every row was learned as an impression with its reward right after its decision; segments "
+        "are the candidate's own, derived from each row's context columns",
+        *_notes(result),
+    ]
+    return CandidateEvaluation(decisions=first_slot_rows, result=result, notes=notes)
 
 
 def _credited_rewards(responses: pa.Table) -> dict[tuple[str, str], float]:

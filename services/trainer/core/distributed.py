@@ -58,11 +58,11 @@ def parse_event(line: str) -> tuple[str, Any] | None:
 def main(argv: list[str]) -> int:
     import torch.distributed as dist
 
+    from libs.common.offline_store import open_offline_store
     from libs.common.training_spec import TrainingJobSpec
     from services.trainer.core import training
     from services.trainer.core.training_data import (
         inspect_training_set,
-        open_offline_store,
         read_training_set,
     )
 

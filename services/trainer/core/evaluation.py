@@ -44,6 +44,7 @@ from libs.common.model_artifacts import (
     REFERENCE_TOLERANCE,
     VerifiedArtifact,
 )
+from libs.common.offline_store import open_offline_store
 from libs.common.training_spec import Encoding
 from services.trainer.core.metrics import binary_metrics
 from services.trainer.core.preprocessing import Preprocessing
@@ -52,7 +53,6 @@ from services.trainer.core.training_data import (
     EvaluationTablePlan,
     category_values,
     numeric_values,
-    open_offline_store,
     read_evaluation_table,
 )
 

@@ -15,8 +15,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -26,13 +25,12 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 
-from libs.common.database import UtcDateTime, create_database_engine, redact_database_url
-from libs.common.errors import InvalidArgument, NotFound, Unavailable
+from libs.common.errors import InvalidArgument, NotFound
 from libs.common.model_artifacts import category_label
+from libs.common.offline_store import CATALOG_SQL_TYPES, CatalogEntry, catalog_entry, quote, reading
 from libs.common.training_spec import COLUMN_PATTERN, Encoding, FeatureSpec, TrainingJobSpec
 
 ColumnKind = Literal["numeric", "bool", "string", "time", "other"]
-CATALOG_TABLE = "ll_tables"
 SAMPLE_ROWS = 1000
 READ_CHUNK_ROWS = 50_000
 
@@ -44,15 +42,6 @@ _CATALOG_KINDS: dict[str, ColumnKind] = {
     "timestamp": "time",
     "date": "time",
     "json": "other",
-}
-_CATALOG_SQL_TYPES: dict[str, Any] = {
-    "int64": sa.BigInteger(),
-    "float64": sa.Float(precision=53),
-    "bool": sa.Boolean(),
-    "string": sa.Text(),
-    "timestamp": UtcDateTime(),
-    "date": sa.Date(),
-    "json": sa.Text(),
 }
 
 
@@ -103,69 +92,17 @@ class TrainingData:
         return int(self.labels.shape[0])
 
 
-def open_offline_store(url: str) -> Engine:
-    """An engine on the offline store that can only read (a query in a spec must not write)."""
-    try:
-        engine = create_database_engine(url)
-    except ValueError as exc:
-        raise InvalidArgument(str(exc), field="offline_store_url") from None
-
-    def read_only(dbapi_connection: Any, _record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        try:
-            if engine.dialect.name == "sqlite":
-                cursor.execute("PRAGMA query_only = ON")
-            else:
-                cursor.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
-        finally:
-            cursor.close()
-        if engine.dialect.name != "sqlite":
-            dbapi_connection.commit()
-
-    sa.event.listen(engine, "connect", read_only)
-    return engine
-
-
-@contextmanager
-def _reading(engine: Engine) -> Iterator[Connection]:
-    try:
-        with engine.connect() as connection:
-            yield connection
-    except sa.exc.OperationalError as exc:
-        reason = str(getattr(exc, "orig", exc)).splitlines()[0]
-        raise Unavailable(
-            f"cannot read the offline store at {redact_database_url(str(engine.url))}: {reason}",
-            field="offline_store_url",
-        ) from None
-
-
-def _quote(connection: Connection, name: str) -> str:
-    return str(connection.dialect.identifier_preparer.quote(name))
-
-
 def _source(connection: Connection, spec: TrainingJobSpec) -> str:
     if spec.training_set:
-        return _quote(connection, spec.training_set)
+        return quote(connection, spec.training_set)
     return f"({spec.query.strip().rstrip(';')}) AS ll_source"
 
 
-def _catalog_columns(connection: Connection, table: str) -> tuple[list[dict[str, str]], list[str]] | None:
-    if not sa.inspect(connection).has_table(CATALOG_TABLE):
-        return None
-    catalog = sa.table(CATALOG_TABLE, sa.column("name"), sa.column("columns"), sa.column("key_columns"))
-    row = connection.execute(
-        sa.select(catalog.c.columns, catalog.c.key_columns).where(catalog.c.name == table)
-    ).first()
-    if row is None:
-        return None
-    columns = [{"name": str(c["name"]), "type": str(c["type"])} for c in json.loads(row[0])]
-    return columns, [str(key) for key in json.loads(row[1])]
-
-
-def _event_time_column(connection: Connection, table: str) -> str:
-    catalog = sa.table(CATALOG_TABLE, sa.column("name"), sa.column("event_time_column"))
-    value = connection.scalar(sa.select(catalog.c.event_time_column).where(catalog.c.name == table))
-    return str(value or "")
+def _catalog_infos(entry: CatalogEntry) -> dict[str, ColumnInfo]:
+    return {
+        c["name"]: ColumnInfo(c["name"], _CATALOG_KINDS.get(c["type"], "other"), c["type"])
+        for c in entry.columns
+    }
 
 
 def _kind_of_values(values: Sequence[Any]) -> tuple[ColumnKind, str]:
@@ -212,17 +149,12 @@ def _describe_source(
 ) -> tuple[dict[str, ColumnInfo], set[str], bool]:
     """Columns of the source, the columns never used as features (keys, event time), in_catalog."""
     if spec.training_set:
-        catalogued = _catalog_columns(connection, spec.training_set)
-        if catalogued is not None:
-            columns, keys = catalogued
-            infos = {
-                c["name"]: ColumnInfo(c["name"], _CATALOG_KINDS.get(c["type"], "other"), c["type"])
-                for c in columns
-            }
-            excluded = set(keys)
-            event_time = _event_time_column(connection, spec.training_set)
-            if event_time:
-                excluded.add(event_time)
+        entry = catalog_entry(connection, spec.training_set)
+        if entry is not None:
+            infos = _catalog_infos(entry)
+            excluded = set(entry.key_columns)
+            if entry.event_time_column:
+                excluded.add(entry.event_time_column)
             return infos, excluded, True
         if not sa.inspect(connection).has_table(spec.training_set):
             raise NotFound(f"no table '{spec.training_set}' in the offline store", field="spec.training_set")
@@ -289,7 +221,7 @@ def _resolve_features(
 
 def _label_counts(connection: Connection, source: str, info: ColumnInfo) -> tuple[int, int, int, int]:
     """(rows, rows without a label (NULL or NaN), positives, negatives) of a numeric or bool label."""
-    label = _quote(connection, info.name)
+    label = quote(connection, info.name)
     value = f"(CASE WHEN {label} THEN 1 ELSE 0 END)" if info.kind == "bool" else label
     postgres = connection.dialect.name == "postgresql"
     # SQLite stores NaN as NULL; PostgreSQL keeps NaN, which compares equal to itself there.
@@ -342,7 +274,7 @@ def _check_label(connection: Connection, spec: TrainingJobSpec, info: ColumnInfo
 
 def inspect_training_set(engine: Engine, spec: TrainingJobSpec) -> TrainingSetPlan:
     """Check a spec against the offline store before any work; InvalidArgument names the field."""
-    with _reading(engine) as connection:
+    with reading(engine) as connection:
         columns, excluded, in_catalog = _describe_source(connection, spec)
         label = columns.get(spec.label)
         if label is None:
@@ -367,7 +299,7 @@ def inspect_training_set(engine: Engine, spec: TrainingJobSpec) -> TrainingSetPl
         rows, positives = _check_label(connection, spec, label)
         for where, feature in resolved:
             if feature.encoding in (Encoding.ONE_HOT, Encoding.OFFER):
-                quoted = _quote(connection, feature.name)
+                quoted = quote(connection, feature.name)
                 distinct = int(
                     connection.scalar(
                         sa.text(f"SELECT COUNT(DISTINCT {quoted}) FROM {_source(connection, spec)}")
@@ -395,8 +327,8 @@ def _holds_times(connection: Connection, spec: TrainingJobSpec, column: str) -> 
     """Whether a text column holds ISO-8601 times (how SQLite returns a query's timestamps)."""
     sample = connection.execute(
         sa.text(
-            f"SELECT {_quote(connection, column)} FROM {_source(connection, spec)} "
-            f"WHERE {_quote(connection, column)} IS NOT NULL LIMIT {SAMPLE_ROWS}"
+            f"SELECT {quote(connection, column)} FROM {_source(connection, spec)} "
+            f"WHERE {quote(connection, column)} IS NOT NULL LIMIT {SAMPLE_ROWS}"
         )
     ).scalars()
     seen = False
@@ -431,7 +363,7 @@ def _catalog_table(table: str, columns: Mapping[str, ColumnInfo]) -> sa.TableCla
     """A catalogued table with its columns typed as ingest wrote them."""
     return sa.table(
         table,
-        *(sa.column(name, _CATALOG_SQL_TYPES.get(info.dtype, sa.Text())) for name, info in columns.items()),
+        *(sa.column(name, CATALOG_SQL_TYPES.get(info.dtype, sa.Text())) for name, info in columns.items()),
     )
 
 
@@ -448,7 +380,7 @@ def read_training_set(engine: Engine, spec: TrainingJobSpec, plan: TrainingSetPl
     names = [plan.label, *(f.name for f in plan.features)]
     if plan.split_column and plan.split_column not in names:
         names.append(plan.split_column)
-    with _reading(engine) as connection:
+    with reading(engine) as connection:
         source = _typed_source(connection, spec, plan)
         if isinstance(source, sa.TextClause):
             subquery = source.columns(*(sa.column(name) for name in plan.columns)).subquery("ll_source")
@@ -536,17 +468,12 @@ class EvaluationData:
 def _table_columns(connection: Connection, table: str, field: str) -> tuple[dict[str, ColumnInfo], bool]:
     """(columns, in_catalog) of an offline-store table; NotFound, or InvalidArgument when it is empty
     and not in the catalog (nothing to learn its column types from)."""
-    catalogued = _catalog_columns(connection, table)
-    if catalogued is not None:
-        columns, _ = catalogued
-        infos = {
-            c["name"]: ColumnInfo(c["name"], _CATALOG_KINDS.get(c["type"], "other"), c["type"])
-            for c in columns
-        }
-        return infos, True
+    entry = catalog_entry(connection, table)
+    if entry is not None:
+        return _catalog_infos(entry), True
     if not sa.inspect(connection).has_table(table):
         raise NotFound(f"no table '{table}' in the offline store", field=field)
-    sampled = _sampled_kinds(connection, _quote(connection, table))
+    sampled = _sampled_kinds(connection, quote(connection, table))
     if sampled is None:
         raise InvalidArgument(f"table '{table}' is empty: there are no rows to score", field=field)
     return sampled, False
@@ -569,7 +496,7 @@ def inspect_evaluation_table(
     """
     if not re.fullmatch(COLUMN_PATTERN, table):
         raise InvalidArgument(f"'{table[:80]}' is not a table name", field=field)
-    with _reading(engine) as connection:
+    with reading(engine) as connection:
         columns, in_catalog = _table_columns(connection, table, field)
         present = ", ".join(columns)
         label_info = columns.get(label)
@@ -606,7 +533,7 @@ def inspect_evaluation_table(
                         f"with {feature.encoding.value} (trained on {feature.dtype})",
                         field=field,
                     )
-        rows, missing, positives, negatives = _label_counts(connection, _quote(connection, table), label_info)
+        rows, missing, positives, negatives = _label_counts(connection, quote(connection, table), label_info)
     if rows == 0:
         raise InvalidArgument(f"table '{table}' is empty: there are no rows to score", field=field)
     if rows > max_rows:
@@ -647,12 +574,12 @@ def read_evaluation_table(engine: Engine, plan: EvaluationTablePlan, *, max_rows
     labels: list[np.ndarray] = []
     numbers: dict[str, list[np.ndarray]] = {name: [] for name in plan.numeric}
     categories: dict[str, list[np.ndarray]] = {name: [] for name in plan.categorical}
-    with _reading(engine) as connection:
+    with reading(engine) as connection:
         source: Any
         if plan.in_catalog:
             source = _catalog_table(plan.table, plan.columns)
         else:
-            text = sa.text(f"SELECT * FROM {_quote(connection, plan.table)}")
+            text = sa.text(f"SELECT * FROM {quote(connection, plan.table)}")
             source = text.columns(*(sa.column(name) for name in plan.columns)).subquery("ll_source")
         query = sa.select(*(source.c[name] for name in names)).limit(max_rows)
         result = connection.execution_options(stream_results=True).execute(query)

@@ -28,11 +28,11 @@ class WorkerTask:
 def run_training_job(task: WorkerTask, channel: Connection) -> None:
     """Entry point of the spawned process; never raises (the parent reads the outcome from the pipe)."""
     try:
+        from libs.common.offline_store import open_offline_store
         from libs.common.training_spec import TrainingJobSpec
         from services.trainer.core import training
         from services.trainer.core.training_data import (
             inspect_training_set,
-            open_offline_store,
             read_training_set,
         )
 
