@@ -306,6 +306,8 @@ def plan_processes(settings: StackSettings, credentials: Credentials) -> list[Pr
             "ARCHIVE_DIR": str(state / "decisions"),
             # EvaluatePolicy reads other systems' decision logs that ingest loaded (read only).
             "OFFLINE_STORE_URL": database_url("ingest"),
+            # ...and loads the model versions an evaluated candidate binds (read only).
+            "ARTIFACT_DIR": str(state / "artifacts"),
             "CONFIG_TARGET": config_target,
             # Reads deployments and replica states; EvaluatePolicy reads stored revisions.
             "CONFIG_API_KEY": credentials.admin_key,

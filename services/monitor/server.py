@@ -13,6 +13,7 @@ from libs.common.errors import InvalidArgument
 from libs.common.offline_store import open_offline_store
 from libs.common.server import RunningServer, ServiceDefinition, start_server
 from libs.common.service_database import open_service_database
+from libs.policy.model_repository import ModelRepository
 from libs.protos.liveloop.monitor.v1 import monitor_pb2_grpc
 from libs.stack.topology import MONITOR
 from services.monitor.config_client import ConfigServiceClient
@@ -66,7 +67,14 @@ async def build_server(settings: MonitorSettings) -> RunningServer:
     )
     offline_store = open_offline_store(settings.offline_store_url)
     service = MonitorService(
-        store, archive, consumer, config, trainer, thresholds, offline_store=offline_store
+        store,
+        archive,
+        consumer,
+        config,
+        trainer,
+        thresholds,
+        offline_store=offline_store,
+        models=ModelRepository(settings.artifact_dir) if settings.artifact_dir is not None else None,
     )
     servicer = MonitorServicer(service)
 

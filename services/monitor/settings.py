@@ -44,6 +44,10 @@ class MonitorSettings(ServiceSettings):
         "sqlite:///.liveloop/data/ingest.db",
         description="The offline store ingest writes (read only): other systems' decision logs to evaluate",
     )
+    artifact_dir: Path | None = Field(
+        Path(".liveloop/artifacts"),
+        description="The trainer's model artifacts (read only): the model versions an evaluated candidate binds",
+    )
     trainer_target: str = Field(
         f"127.0.0.1:{TRAINER.port}", description="host:port of the trainer (training references for drift)"
     )

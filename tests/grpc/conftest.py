@@ -144,6 +144,7 @@ class ServiceUnderTest:
             values["consumer_start"] = "newest"
             values["trainer_target"] = UNREACHABLE_TARGET
             values["offline_store_url"] = f"sqlite:///{tmp_path / 'offline-store.db'}"
+            values["artifact_dir"] = tmp_path / "artifacts"
         values.update(overrides)
         return self.settings_class(**values)
 

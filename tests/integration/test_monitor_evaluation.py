@@ -126,11 +126,15 @@ async def test_candidates_with_known_values_are_estimated_within_their_intervals
         (
             {
                 "candidate_spec_json": json.dumps(
-                    spec_document("{name}", algorithm={"approach": "naive_bayes"})
+                    spec_document(
+                        "{name}",
+                        algorithm={"approach": "model"},
+                        model={"name": "never-trained", "version": 3},
+                    )
                 )
             },
-            grpc.StatusCode.INVALID_ARGUMENT,
-            "algorithm.approach",
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "model 'never-trained' version 3 cannot be loaded",
         ),
         (
             {"candidate_spec_json": json.dumps(logging_spec("{name}")), "logged_table": "old_system"},

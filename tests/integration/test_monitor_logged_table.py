@@ -22,6 +22,8 @@ from libs.common.deployment_spec import parse_deployment_spec
 from libs.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from libs.common.offline_store import open_offline_store
 from libs.common.server import RunningServer
+from libs.policy.model_repository import ModelRepository
+from libs.policy.models import load_model
 from libs.protos.liveloop.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from services.ingest.core.columns import ColumnType
 from services.monitor.core.logged_table import inspect_logged_table, read_logged_rows
@@ -30,7 +32,8 @@ from services.monitor.server import build_server as build_monitor
 from tests.conftest import ApiKeys
 from tests.grpc.conftest import SERVICES_UNDER_TEST, target
 from tests.integration.test_predictor_decision import OFFERS, spec_document
-from tests.trainer_datasets import load_table, offline_store
+from tests.trainer_datasets import OFFERS as MODEL_OFFERS
+from tests.trainer_datasets import load_table, offline_store, take_up_rows, take_up_spec, train_artifact
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -41,7 +44,7 @@ TAKE_UP = {
 # The old system's first-slot policy per region (not uniform, so the weights matter).
 LOGGING = {"north": [0.4, 0.3, 0.2, 0.1], "south": [0.1, 0.2, 0.3, 0.4]}
 DECISIONS = 3000
-COLUMNS = ("time", "customer", "region", "age", "offer", "slot", "propensity", "reward")
+COLUMNS = ("time", "customer", "region", "age", "north", "offer", "slot", "propensity", "reward")
 
 
 def old_system_log(decisions: int = DECISIONS, seed: int = 11) -> list[dict[str, Any]]:
@@ -61,6 +64,7 @@ def old_system_log(decisions: int = DECISIONS, seed: int = 11) -> list[dict[str,
                     "customer": 1000 + index,
                     "region": region,
                     "age": int(rng.integers(18, 80)),
+                    "north": int(region == "north"),
                     "offer": offer,
                     "slot": slot,
                     "propensity": propensity,
@@ -89,6 +93,17 @@ GREEDY_PER_REGION = spec_document(
     exploration_epsilon=0.0,
     default_number_of_offers=1,
 )
+# Learners of other kinds of statistics, rebuilt by the replay the same way.
+NAIVE_BAYES = spec_document(
+    "switch-over", algorithm={"approach": "naive_bayes"}, exploration_epsilon=0.0, default_number_of_offers=1
+)
+LINUCB = spec_document(
+    "switch-over",
+    algorithm={"approach": "linucb", "alpha": 0.1, "features": ["north"]},
+    exploration_epsilon=0.0,
+    default_number_of_offers=1,
+)
+LINUCB["context_variables"].append({"name": "north", "source": "param", "kind": "numeric", "default": 0})
 REQUEST = EvaluationRequest(estimators=("ips", "snips", "dm", "dr"), confidence_level=0.99, seed=3)
 
 
@@ -147,7 +162,7 @@ def test_candidates_with_known_values_are_estimated_on_an_ingested_log(
     logged = inspect_logged_table(engine, "old_system", None, None)
     assert logged.first_slot_rows == DECISIONS
     assert logged.offers == sorted(OFFERS)
-    assert logged.context_columns == ["region", "age"]
+    assert logged.context_columns == ["region", "age", "north"]
     rows = list(read_logged_rows(engine, logged, None, None))
     assert len(rows) == 2 * DECISIONS
     assert [row.time for row in rows] == sorted(row.time for row in rows)
@@ -173,6 +188,12 @@ def test_candidates_with_known_values_are_estimated_on_an_ingested_log(
     dr = greedy.estimates["dr"]
     assert dr.value > greedy.logged_value + 0.15
     assert dr.lower <= 0.6 + 0.02
+
+    # Naive Bayes over region and a linear model over `north` learn the same thing their own way.
+    for learner in (NAIVE_BAYES, LINUCB):
+        learned = evaluate(engine, learner).result
+        assert learned.estimates["dr"].value > learned.logged_value + 0.15, learner["algorithm"]
+        assert learned.estimates["dr"].lower <= 0.6 + 0.02
 
     # A window over the event time: the first half of the log only.
     start = datetime(2025, 3, 1, tzinfo=UTC).timestamp()
@@ -252,3 +273,71 @@ async def test_a_team_evaluates_a_spec_on_its_old_systems_log_through_the_api(mo
         )
     )
     assert [row.estimator for row in again.estimates] == [monitor_pb2.ESTIMATOR_SNIPS]
+
+
+@pytest.mark.slow
+def test_a_candidate_ranking_by_a_model_scores_each_logged_decision_with_that_model(tmp_path: Path) -> None:
+    """The take-up rows show offers uniformly at random: a log with propensity 1/3. The candidate
+    ranks by the trained model with no exploration, so its IPS estimate is exactly 3 x the mean
+    reward of the evaluated rows whose offer is the model's best, computed here independently."""
+    trained = train_artifact(tmp_path, tmp_path / "artifacts", take_up_spec(), rows=400)
+    rows = take_up_rows(600, seed=23)
+    log = [
+        {
+            "time": row["event_time"],
+            "age": row["age"],
+            "tenure_months": row["tenure_months"],
+            "region": row["region"],
+            "offer": row["offer_id"],
+            "slot": 1,
+            "propensity": 1 / 3,
+            "reward": row["label"],
+        }
+        for row in rows
+    ]
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    writer = offline_store(url)
+    columns = ("time", "age", "tenure_months", "region", "offer", "slot", "propensity", "reward")
+    load_table(writer, "old_system", log, tmp_path, columns=columns, types={"time": ColumnType.TIMESTAMP})
+    writer.dispose()
+    document = {
+        "name": "switch-over",
+        "offers": [{"id": offer} for offer in MODEL_OFFERS],
+        "context_variables": [
+            {"name": "age", "source": "param", "kind": "numeric", "default": 40},
+            {"name": "tenure_months", "source": "param", "kind": "numeric", "default": 0},
+            {"name": "region", "source": "param", "default": "east", "segment": False},
+        ],
+        "algorithm": {"approach": "model"},
+        "model": {"name": "take-up", "version": 1},
+        "exploration_epsilon": 0.0,
+        "default_number_of_offers": 1,
+    }
+    spec = parse_deployment_spec(json.dumps(document), "json")
+    models = ModelRepository(tmp_path / "artifacts").load_bindings(spec)
+    engine = open_offline_store(url)
+    try:
+        logged = inspect_logged_table(engine, "old_system", None, None)
+        evaluation = evaluate_logged_rows(
+            spec,
+            read_logged_rows(engine, logged, None, None),
+            logged.first_slot_rows,
+            logged.offers,
+            EvaluationRequest(estimators=("ips",), seed=1),
+            source="table 'old_system'",
+            models=models,
+        )
+    finally:
+        engine.dispose()
+    model = load_model(trained.directory, "take-up", 1)
+    evaluated = rows[len(rows) // 10 :]
+    matches = []
+    for row in evaluated:
+        predicted = model.predict_offers(
+            {"age": float(row["age"]), "tenure_months": float(row["tenure_months"]), "region": row["region"]},
+            list(MODEL_OFFERS),
+        )
+        best = MODEL_OFFERS[int(np.argmax(predicted))]
+        matches.append(3.0 * row["label"] if row["offer_id"] == best else 0.0)
+    assert 0 < sum(1 for value in matches if value) < len(evaluated)  # the model does not pick one offer
+    assert evaluation.result.estimates["ips"].value == pytest.approx(float(np.mean(matches)), abs=1e-9)

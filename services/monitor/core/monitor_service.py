@@ -16,6 +16,7 @@ from sqlalchemy import Engine
 from libs.common.deployment_spec import DeploymentSpec, parse_deployment_spec
 from libs.common.distribution_drift import DriftThresholds, TrainingReference
 from libs.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from libs.policy.model_repository import ModelRepository
 from services.monitor.core.alert_rules import Severity
 from services.monitor.core.alert_store import Alert
 from services.monitor.core.decision_archive import DecisionArchive
@@ -26,7 +27,7 @@ from services.monitor.core.policy_evaluation import (
     CONTACT_COLUMNS,
     CandidateEvaluation,
     EvaluationRequest,
-    check_candidate,
+    ModelsByKey,
     evaluate_candidate,
     evaluate_logged_rows,
 )
@@ -138,8 +139,10 @@ class MonitorService:
         drift_thresholds: DriftThresholds | None = None,
         clock: Callable[[], float] = time.time,
         offline_store: Engine | None = None,
+        models: ModelRepository | None = None,
     ) -> None:
         self.offline_store = offline_store  # read only: other systems' decision logs
+        self.models = models  # the trainer's artifacts: the model versions candidates bind
         self.trainer = trainer
         self.alerts: AlertEvaluation | None = None
         self.drift_thresholds = drift_thresholds or DriftThresholds()
@@ -269,9 +272,11 @@ class MonitorService:
                 f"the candidate is a spec of '{spec.name}', not of '{deployment}'",
                 field="candidate_spec_json",
             )
-        check_candidate(spec)
+        models = await asyncio.to_thread(self._candidate_models, spec)
         if logged_table:
-            return await self._evaluate_logged_table(spec, logged_table, window_seconds, end_time, request)
+            return await self._evaluate_logged_table(
+                spec, models, logged_table, window_seconds, end_time, request
+            )
         contacts = await asyncio.to_thread(
             self.archive.contacts, deployment, window.start, window.end, CONTACT_COLUMNS
         )
@@ -283,11 +288,24 @@ class MonitorService:
                 f"no decisions of '{deployment}' logged between {window.start:.0f} and {window.end:.0f}",
                 field="window",
             )
-        return await asyncio.to_thread(evaluate_candidate, spec, contacts, responses, request)
+        return await asyncio.to_thread(evaluate_candidate, spec, contacts, responses, request, models)
+
+    def _candidate_models(self, spec: DeploymentSpec) -> ModelsByKey:
+        """The model versions the candidate binds, loaded and verified as a replica loads them."""
+        if self.models is None:
+            if spec.model is not None or any(variant.model is not None for variant in spec.variants):
+                raise FailedPrecondition(
+                    "the candidate binds a model and this monitor has no model artifacts to load it from "
+                    "(set LIVELOOP_MONITOR_ARTIFACT_DIR)",
+                    field="model",
+                )
+            return {}
+        return self.models.load_bindings(spec)
 
     async def _evaluate_logged_table(
         self,
         spec: DeploymentSpec,
+        models: ModelsByKey,
         table: str,
         window_seconds: float | None,
         end_time: float | None,
@@ -318,6 +336,7 @@ class MonitorService:
                 logged.offers,
                 request,
                 source=f"table '{table}'",
+                models=models,
             )
         )
 

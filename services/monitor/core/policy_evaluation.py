@@ -3,12 +3,17 @@
 For every logged contact, in time order, the candidate's first-slot distribution over the offers
 comes from the shared policy package: `PreparedDeployment.eligible` and `.choose` on the context
 derived from the logged features and context values, exactly as a replica would compute it. A
-candidate whose choices depend on learned arm statistics (thompson, epsilon_greedy) reads them
-from an in-memory twin of the options store, rebuilt by replaying the log in time order: every
-logged impression and every reward (`update_arm_fields`, the UPDATE_ARMS script's arithmetic) with
-the candidate's own decay and windows. The replay learns from what the logging policy showed, so it
-answers "what would the candidate have chosen, knowing what the live system knew"; the first
-`warmup_share` of the decisions only warm the statistics up and are not evaluated.
+candidate whose choices depend on learned statistics reads them from an in-memory twin of the
+options store, rebuilt by replaying the log in time order: every logged impression and every
+learned reward, with the predictor's arithmetic for the candidate's kind of statistics (arm counts
+for thompson and epsilon_greedy through `update_arm_fields`, the UPDATE_ARMS script's arithmetic,
+with the candidate's own decay and windows; naive Bayes counts per offer and context value; linear
+models' A += x x^T per impression and b += reward x per reward), each contact seen through the
+candidate's own context variables (its segments, its categorical values, its feature vector). The
+replay learns from what the logging policy showed, so it answers "what would the candidate have
+chosen, knowing what the live system knew"; the first `warmup_share` of the decisions only warm the
+statistics up and are not evaluated. A candidate ranking by a model (or with a model prior) scores
+with the model versions it binds, loaded from the trainer's artifacts as a replica loads them.
 
 The logged action is the offer shown first, its propensity the exact first-slot propensity the
 contact recorded, its reward what the responses to that contact credited it (0 when nobody took
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,10 +33,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from libs.common.deployment_spec import DeploymentSpec
-from libs.common.errors import InvalidArgument
 from libs.policy.context import Context, derive_context
 from libs.policy.deployment import Choice, PreparedDeployment, VariantPlan
-from libs.policy.statistics import ArmPolicy, ArmTable, Statistics, parse_arms
+from libs.policy.models import LoadedModel
+from libs.policy.scorers import LinearScorer
+from libs.policy.statistics import ArmTable, LinearState, Statistics, parse_arms
 from libs.simulation.in_memory import ArmHash, update_arm_fields
 from services.monitor.core.estimators import (
     MODEL_BASED_ESTIMATORS,
@@ -41,7 +47,7 @@ from services.monitor.core.estimators import (
 )
 from services.monitor.core.reward_model import cross_fitted_expected_rewards
 
-REPLAYED_ALGORITHMS = ("thompson", "epsilon_greedy")
+ModelsByKey = Mapping[tuple[str, int], LoadedModel]
 DEFAULT_WARMUP_SHARE = 0.1
 CONTACT_COLUMNS = (
     "uuid",
@@ -76,42 +82,85 @@ class CandidateEvaluation:
     notes: list[str] = field(default_factory=list)
 
 
-def check_candidate(spec: DeploymentSpec) -> None:
-    """Refuse, naming the field, a candidate this evaluation cannot replay."""
-    approaches = {spec.algorithm.approach} | {v.algorithm.approach for v in spec.variants if v.algorithm}
-    unsupported = sorted(approaches - set(REPLAYED_ALGORITHMS))
-    if unsupported:
-        raise InvalidArgument(
-            f"offline evaluation replays {', '.join(REPLAYED_ALGORITHMS)}; this candidate uses {', '.join(unsupported)}",
-            field="algorithm.approach",
-        )
+@dataclass(frozen=True)
+class _ContactState:
+    """What learning from a contact needs of it: the variant it was served by and the candidate's
+    own view of its context (segment for arm counts, categorical values for naive Bayes counts,
+    the feature vector for linear models)."""
+
+    plan: VariantPlan
+    segment: str
+    categorical: tuple[tuple[str, str], ...] = ()
+    vector: np.ndarray | None = None
 
 
 class _Replay:
-    """The candidate's view of the learned arm statistics while a log is replayed in time order:
-    an in-memory twin of the options store, read as a replica reads it (a kept copy at most
-    `statistics_max_age` old, dropped by a learned response)."""
+    """The candidate's view of its learned statistics while a log is replayed in time order: an
+    in-memory twin of the options store, updated with the predictor's arithmetic for each kind of
+    statistics (arm counts with their decay and windows, naive Bayes counts, linear models' A and
+    b), and read as a replica reads it (arm counts: a kept copy at most `statistics_max_age` old,
+    dropped by a learned response; the others: fresh every time)."""
 
-    def __init__(self, spec: DeploymentSpec, request: EvaluationRequest) -> None:
-        self.prepared = PreparedDeployment.prepare(spec)
+    def __init__(self, spec: DeploymentSpec, request: EvaluationRequest, models: ModelsByKey | None) -> None:
+        self.prepared = PreparedDeployment.prepare(spec, models)
         self._rng = np.random.default_rng(request.seed)
-        self._statistics: dict[str, ArmHash] = {}
+        self._arms: dict[str, ArmHash] = {}
         self._kept: dict[str, tuple[float, ArmTable]] = {}
+        self._naive_bayes: dict[str, float] = {}
+        self._linear: dict[str, LinearState] = {}
         self._max_age = request.statistics_max_age_seconds
 
-    def learn(
-        self,
-        time: float,
-        segment: str,
-        policy: ArmPolicy,
-        updates: list[tuple[str, float, float]],
-        response: bool,
-    ) -> None:
-        """Impressions and rewards (offer, impressions, reward) learned at `time`; a learned
-        response drops every replica's kept copy, as its invalidation does."""
-        update_arm_fields(self._statistics.setdefault(segment, {}), policy, updates, time)
-        if response:
-            self._kept.pop(segment, None)
+    def contact(self, plan: VariantPlan, context: Context) -> _ContactState:
+        kind = plan.scorer.statistics
+        if kind == "naive_bayes":
+            categorical = tuple((k, v) for k, v in context.values.items() if isinstance(v, str))
+            return _ContactState(plan, context.segment, categorical=categorical)
+        if kind == "linear" and isinstance(plan.scorer, LinearScorer):
+            return _ContactState(plan, context.segment, vector=plan.scorer.vector(context.numeric))
+        return _ContactState(plan, context.segment)
+
+    def learn_impressions(self, time: float, contact: _ContactState, offers: Sequence[str]) -> None:
+        kind = contact.plan.scorer.statistics
+        if kind == "naive_bayes":
+            for offer in offers:
+                self._count(offer, contact.categorical, "n", 1.0)
+        elif kind == "linear" and contact.vector is not None:
+            x = contact.vector
+            for offer in offers:
+                self._model(offer, len(x)).a[...] += np.outer(x, x)
+        else:
+            arms = self._arms.setdefault(contact.segment, {})
+            update_arm_fields(arms, contact.plan.policy, [(offer, 1.0, 0.0) for offer in offers], time)
+
+    def learn_reward(self, time: float, contact: _ContactState, offers: Sequence[str], reward: float) -> None:
+        """A learned response: counts take only rewards of zero or more (as the predictor's Respond)."""
+        kind = contact.plan.scorer.statistics
+        if kind == "naive_bayes":
+            for offer in offers:
+                self._count(offer, contact.categorical, "s", max(reward, 0.0))
+        elif kind == "linear" and contact.vector is not None:
+            x = contact.vector
+            for offer in offers:
+                self._model(offer, len(x)).b[...] += reward * x
+        else:
+            arms = self._arms.setdefault(contact.segment, {})
+            update_arm_fields(
+                arms, contact.plan.policy, [(offer, 0.0, max(reward, 0.0)) for offer in offers], time
+            )
+            self._kept.pop(contact.segment, None)  # a learned response drops every replica's copy
+
+    def _count(self, offer: str, categorical: tuple[tuple[str, str], ...], field: str, amount: float) -> None:
+        counts = self._naive_bayes
+        counts[f"{offer}|{field}"] = counts.get(f"{offer}|{field}", 0.0) + amount
+        for name, value in categorical:
+            key = f"{offer}|{name}={value}|{field}"
+            counts[key] = counts.get(key, 0.0) + amount
+
+    def _model(self, offer: str, dimension: int) -> LinearState:
+        model = self._linear.get(offer)
+        if model is None or model.b.shape != (dimension,):  # another dimension starts again at zero
+            model = self._linear[offer] = LinearState(np.zeros((dimension, dimension)), np.zeros(dimension))
+        return model
 
     def choose(
         self,
@@ -122,17 +171,24 @@ class _Replay:
         features: dict[str, Any],
     ) -> Choice:
         """The candidate's first-slot choice for one logged request."""
-        copy = self._kept.get(context.segment)
-        if copy is None or time - copy[0] > self._max_age:
-            copy = self._kept[context.segment] = (
-                time,
-                parse_arms(self._statistics.get(context.segment, {}), plan.policy, time),
-            )
+        kind = plan.scorer.statistics
+        if kind == "naive_bayes":
+            statistics = Statistics(naive_bayes=self._naive_bayes)
+        elif kind == "linear":
+            statistics = Statistics(linear=self._linear)
+        else:
+            copy = self._kept.get(context.segment)
+            if copy is None or time - copy[0] > self._max_age:
+                copy = self._kept[context.segment] = (
+                    time,
+                    parse_arms(self._arms.get(context.segment, {}), plan.policy, time),
+                )
+            statistics = Statistics(arms=copy[1])
         return self.prepared.choose(
             plan,
             self.prepared.eligible(context, params),
             context,
-            Statistics(arms=copy[1]),
+            statistics,
             self._rng,
             count=1,
             features=features,
@@ -237,18 +293,20 @@ def evaluate_candidate(
     contacts: pa.Table,
     responses: pa.Table,
     request: EvaluationRequest,
+    models: ModelsByKey | None = None,
 ) -> CandidateEvaluation:
-    """The candidate's estimated value on these logged contacts (in time order) and their responses."""
-    check_candidate(spec)
-    replay = _Replay(spec, request)
+    """The candidate's estimated value on these logged contacts (in time order) and their responses;
+    `models` are the model versions the candidate binds, loaded."""
+    replay = _Replay(spec, request, models)
     prepared = replay.prepared
     rewards = _credited_rewards(responses)
     total = contacts.num_rows
     warmup = int(total * request.warmup_share)
     decisions = _Decisions(max(total - warmup, 0), _offer_columns(spec, contacts))
-    learned = _learned_rewards(contacts, responses)
+    learned = _learned_rewards(responses)
+    responded = {uuid for _, uuid, _, _ in learned}
+    learners: dict[str, _ContactState] = {}  # the responded contacts, as the candidate saw them
     next_reward = 0
-    reward_policy = prepared.plans[""].policy
     skipped_no_shown = 0
     index = -1
     for batch in contacts.select([*CONTACT_COLUMNS, "time"]).to_batches(max_chunksize=10_000):
@@ -257,16 +315,19 @@ def evaluate_candidate(
             time = float(row["time"])
             # Rewards learned before this contact was served (a contact goes first on a tie).
             while next_reward < len(learned) and learned[next_reward][0] < time:
-                reward_time, reward_segment, offer, reward = learned[next_reward]
-                replay.learn(
-                    reward_time, reward_segment, reward_policy, [(offer, 0.0, reward)], response=True
-                )
+                reward_time, uuid, offer, reward = learned[next_reward]
+                learner = learners.get(uuid)
+                if learner is not None:  # else a response to a contact before the window
+                    replay.learn_reward(reward_time, learner, [offer], reward)
                 next_reward += 1
             context_values = json.loads(row["context"])
             features = json.loads(row["features"])
             params = {name: value for name, value in context_values.items() if isinstance(value, str)}
             context = derive_context(spec, features, params, row["channel"])
             plan = prepared.variant_for(row["customer"])
+            contact = replay.contact(plan, context)
+            if row["uuid"] in responded:
+                learners[row["uuid"]] = contact
             shown: list[str] = row["shown"]
             if index >= warmup and not shown:
                 skipped_no_shown += 1
@@ -280,17 +341,15 @@ def evaluate_candidate(
                     shown[0],
                     None,
                     rewards.get((row["uuid"], shown[0]), 0.0),
-                    row["segment"],
+                    context.segment,
                     logged_distribution=(row["eligible"], first),
                 )
             if shown:
                 # What the live system learned from this contact: an impression of every shown offer.
-                replay.learn(
-                    time, row["segment"], plan.policy, [(offer, 1.0, 0.0) for offer in shown], response=False
-                )
+                replay.learn_impressions(time, contact, shown)
     result = decisions.estimate(request)
     notes = [
-        f"the candidate's arm statistics were rebuilt by replaying {total} logged contacts and their "
+        f"the candidate's learned statistics were rebuilt by replaying {total} logged contacts and their "
         f"responses in time order; the first {warmup} only warmed them up",
         "first slot only: the logged action is the offer shown first, its reward what the responses credited it",
         *_notes(result),
@@ -320,6 +379,7 @@ def evaluate_logged_rows(
     logged_offers: Sequence[str],
     request: EvaluationRequest,
     source: str,
+    models: ModelsByKey | None = None,
 ) -> CandidateEvaluation:
     """The candidate's estimated value on another system's log (rows in time order).
 
@@ -328,8 +388,7 @@ def evaluate_logged_rows(
     evaluated, once the first `warmup_share` of them have warmed the statistics up. The logging
     system's segments are unknown, so the candidate's own segment of each row's context is used.
     """
-    check_candidate(spec)
-    replay = _Replay(spec, request)
+    replay = _Replay(spec, request, models)
     prepared = replay.prepared
     known = [offer.id for offer in spec.offers]
     offers = known + sorted(set(logged_offers) - set(known))
@@ -347,12 +406,15 @@ def evaluate_logged_rows(
                 choice = replay.choose(row.time, plan, context, params, row.context)
                 decisions.add(choice, row.offer, row.propensity, row.reward, context.segment)
             seen += 1
-        replay.learn(row.time, context.segment, plan.policy, [(row.offer, 1.0, row.reward)], response=True)
+        contact = replay.contact(plan, context)
+        replay.learn_impressions(row.time, contact, [row.offer])
+        if row.reward:  # a response without uptake changes no statistics, as in Respond
+            replay.learn_reward(row.time, contact, [row.offer], row.reward)
     result = decisions.estimate(request)
     notes = [
         f"decisions logged by another system: {first_slot_rows} first-slot rows of {source} "
         f"({rows_read} rows read in time order); the first {warmup} only warmed the candidate's "
-        "arm statistics up",
+        "learned statistics up",
         "every row was learned as an impression with its reward right after its decision; segments "
         "are the candidate's own, derived from each row's context columns",
         *_notes(result),
@@ -382,19 +444,13 @@ def _offer_columns(spec: DeploymentSpec, contacts: pa.Table) -> list[str]:
     return known + sorted(set(logged) - set(known))
 
 
-def _learned_rewards(contacts: pa.Table, responses: pa.Table) -> list[tuple[float, str, str, float]]:
-    """(time, segment, offer, reward) of every reward learned from a response to these contacts, in time order."""
-    if responses.num_rows == 0 or contacts.num_rows == 0:
+def _learned_rewards(responses: pa.Table) -> list[tuple[float, str, str, float]]:
+    """(time, uuid, offer, reward) of every reward learned from a response, in time order."""
+    if responses.num_rows == 0:
         return []
-    segment_of = dict(
-        zip(contacts.column("uuid").to_pylist(), contacts.column("segment").to_pylist(), strict=True)
-    )
     learned = []
     for row in responses.select(["uuid", "time", "learned_offers", "credited_reward"]).to_pylist():
-        segment = segment_of.get(row["uuid"])
-        if segment is None:
-            continue
         for offer in row["learned_offers"]:
-            learned.append((float(row["time"]), segment, offer, float(row["credited_reward"])))
+            learned.append((float(row["time"]), str(row["uuid"]), offer, float(row["credited_reward"])))
     learned.sort(key=lambda item: item[0])
     return learned
