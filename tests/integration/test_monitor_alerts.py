@@ -697,6 +697,44 @@ receivers:
             assert engine.notifier.state["ops"].delivered == 2
 
 
+async def test_firing_alerts_are_sent_again_after_a_restart_and_every_repeat_interval(rig: Rig) -> None:
+    """The queue of a crashed monitor is lost: its successor announces what fires on its first
+    evaluation, then again every repeat interval, never the same alert twice in between."""
+    d = rig.deployment
+    drift = FakeDrift({d: [FeatureDrift("age", 0.42, "critical")]})
+    first, second = Receiver(answers=[]), Receiver(answers=[])
+    with http_server(first.handler()) as url, http_server(second.handler()) as url_after:
+        template = """
+rules:
+  - name: features
+    kind: feature_drift
+    deployments: [{d}]
+receivers:
+  - name: ops
+    url: {url}/hook
+    repeat_interval_seconds: 3600
+"""
+        crashed = rig.alert_engine(template.format(d=d, url=url), drift=drift)
+        (alert,) = (await crashed.evaluate_once(T0)).fired  # queued, never sent: the process dies
+        assert crashed.notifier.pending() == 1
+
+        restarted = rig.alert_engine(template.format(d=d, url=url_after), drift=drift)
+        transitions = await restarted.evaluate_once(T0 + 30)
+        assert transitions.notable == []  # nothing changed, but what fires is announced
+        assert restarted.notifier.pending() == 1
+        await restarted.evaluate_once(T0 + 60)
+        await restarted.evaluate_once(T0 + 3000)
+        assert restarted.notifier.pending() == 1  # not again within the repeat interval
+        await restarted.evaluate_once(T0 + 30 + 3600)
+        assert restarted.notifier.pending() == 2  # the repeat interval has passed
+        async with sending(restarted):
+            bodies = await eventually(taken(second, 2), within=20, what="the announcement and the repeat")
+        for body in bodies:
+            assert body["status"] == "firing"
+            assert [entry["fingerprint"] for entry in body["alerts"]] == [alert.id]
+    assert first.taken() == []
+
+
 def taken(receiver: Receiver, count: int) -> Callable[[], Awaitable[list[dict[str, Any]]]]:
     """A probe: the bodies the receiver took, once there are `count` of them."""
 

@@ -237,6 +237,9 @@ class AlertEngine:
         self._set_gauge(transitions.firing_counts)
         if transitions.notable:
             self.notifier.notify(transitions.notable)
+        if self.notifier.receivers:
+            firing = await asyncio.to_thread(self.alerts.firing)
+            self.notifier.repeat(firing, now, just_sent=transitions.notable)
         return transitions
 
     async def list_alerts(

@@ -330,6 +330,9 @@ class WebhookReceiver(BaseModel):
     max_attempts: int = Field(5, ge=1, le=50)
     initial_backoff_seconds: float = Field(1.0, gt=0, le=600)
     max_backoff_seconds: float = Field(60.0, gt=0, le=3600)
+    # Every alert still firing is sent again this often (Alertmanager's repeat_interval), and once
+    # after the monitor starts; 0: only that once.
+    repeat_interval_seconds: float = Field(4 * 3600.0, ge=0, le=7 * 86400)
 
     @model_validator(mode="after")
     def _backoff_ordered(self) -> Self:

@@ -8,7 +8,11 @@ exponential backoff up to the receiver's `max_attempts`, then giving up (counted
 a refusal that retrying will not change: given up at once.
 
 One notification per evaluation, rule and deployment: its alerts are those that fired, changed
-severity or resolved in that evaluation.
+severity or resolved in that evaluation. Every alert still firing is sent again each receiver's
+`repeat_interval_seconds` (4 h by default, Alertmanager's) and once after the monitor starts, so a
+firing notification lost in a crash (the queues live in memory) or to a receiver that gave up comes
+again; a resolved notification lost that way is not sent again (the alert's state is in SQL and in
+ListAlerts).
 """
 
 from __future__ import annotations
@@ -145,21 +149,38 @@ class WebhookNotifier:
             receiver.name: asyncio.Queue(maxsize=queue_size) for receiver in self.receivers
         }
         self._post = post
+        self._repeated_at: dict[str, float] = {}  # receiver -> when every firing alert was last sent
 
     def notify(self, alerts: Sequence[Alert]) -> None:
         """Queue notifications of these alerts (grouped by rule and deployment); never waits."""
+        for receiver in self.receivers:
+            self._queue(receiver, alerts)
+
+    def repeat(self, firing: Sequence[Alert], now: float, just_sent: Sequence[Alert] = ()) -> None:
+        """Send every firing alert again to each receiver whose repeat interval has passed, and to
+        every receiver once after a start: a notification lost with a crashed monitor or a receiver
+        that was down comes again (receivers take repeats by fingerprint, as from Alertmanager)."""
+        sent = {alert.id for alert in just_sent}
+        for receiver in self.receivers:
+            last = self._repeated_at.get(receiver.name)
+            interval = receiver.repeat_interval_seconds
+            if last is not None and (interval == 0 or now - last < interval):
+                continue
+            self._repeated_at[receiver.name] = now
+            self._queue(receiver, [alert for alert in firing if alert.id not in sent])
+
+    def _queue(self, receiver: WebhookReceiver, alerts: Sequence[Alert]) -> None:
         groups: dict[tuple[str, str], list[Alert]] = {}
         for alert in alerts:
             groups.setdefault((alert.rule, alert.deployment), []).append(alert)
-        for receiver in self.receivers:
-            for group in groups.values():
-                try:
-                    self._queues[receiver.name].put_nowait(
-                        alertmanager_payload(receiver.name, group, self.external_url)
-                    )
-                except asyncio.QueueFull:
-                    self._count(receiver.name, "dropped")
-                    logger.warning("webhook %s: queue full, a notification was dropped", receiver.name)
+        for group in groups.values():
+            try:
+                self._queues[receiver.name].put_nowait(
+                    alertmanager_payload(receiver.name, group, self.external_url)
+                )
+            except asyncio.QueueFull:
+                self._count(receiver.name, "dropped")
+                logger.warning("webhook %s: queue full, a notification was dropped", receiver.name)
 
     def pending(self) -> int:
         """Notifications queued and not yet taken by a sender."""
