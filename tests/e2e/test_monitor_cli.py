@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from libs.stack.processes import wait_until
 from tests.e2e.conftest import REPO, LocalStack
+from tests.integration.test_monitor_logged_table import COLUMNS, old_system_log, only
+from tests.trainer_datasets import write_csv
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -28,7 +31,7 @@ def _post(stack: LocalStack, path: str, body: dict[str, Any], key: str) -> dict[
         return reply
 
 
-def test_monitor_commands_on_a_live_stack(running_stack: LocalStack) -> None:
+def test_monitor_commands_on_a_live_stack(running_stack: LocalStack, tmp_path: Path) -> None:
     stack = running_stack
     published = stack.cli("config", "publish", str(EXAMPLE), "--no-diff")
     assert published.returncode == 0, published.stderr
@@ -79,7 +82,40 @@ def test_monitor_commands_on_a_live_stack(running_stack: LocalStack) -> None:
     assert drift.returncode == 1
     assert "binds no model" in drift.stderr
 
+    # A team evaluates a spec on its old system's log before publishing anything: the log goes in
+    # through ingest, the spec is only a file.
+    log = tmp_path / "old_system.csv"
+    write_csv(log, old_system_log(600), COLUMNS)
+    loaded = stack.cli("ingest", str(log), "--table", "old_system", "--upload", "--type", "time=timestamp")
+    assert loaded.returncode == 0, loaded.stderr
+    candidate = tmp_path / "candidate.json"
+    candidate.write_text(json.dumps(only("alpha")))
+    on_log = stack.cli(
+        "monitor",
+        "evaluate",
+        "switch-over",
+        "--spec",
+        str(candidate),
+        "--logged-table",
+        "old_system",
+        "--json",
+    )
+    assert on_log.returncode == 0, on_log.stderr
+    result = json.loads(on_log.stdout)
+    assert result["decisions"] == 600
+    assert any("another system" in note for note in result["notes"])
+    shown = stack.cli(
+        "monitor", "evaluate", "switch-over", "--spec", str(candidate), "--logged-table", "old_system"
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "on table old_system" in shown.stdout
+
     for args, code, words in (
+        (
+            ("evaluate", "switch-over", "--spec", str(candidate), "--logged-table", "nope"),
+            1,
+            "no table 'nope'",
+        ),
         (("summary", "no-such-deployment"), 1, "NOT_FOUND"),
         (("summary", "telco-offers", "--window", "1x"), 2, "not a duration"),
         (("evaluate", "telco-offers"), 2, "name a candidate"),
