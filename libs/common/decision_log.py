@@ -83,6 +83,10 @@ class Contact:
     explore: bool
     model: str  # the bound model as "name:version"; empty when none
     latency_ms: float
+    # The request's sub-campaign and calling user, as the client sent them (entries written
+    # before these fields existed read back empty).
+    subcampaign: str = ""
+    userid: str = ""
     schema_version: int = SCHEMA_VERSION
 
     def first_slot_propensities(self) -> list[float]:
@@ -122,6 +126,8 @@ class Contact:
             "explore": self.explore,
             "model": self.model,
             "latency_ms": round(self.latency_ms, 3),
+            "subcampaign": self.subcampaign,
+            "userid": self.userid,
         }
         return _entry("contact", self.uuid, body)
 
@@ -294,6 +300,8 @@ def _contact(uuid: str, body: Mapping[str, Any]) -> Contact:
         explore=_flag(body["explore"]),
         model=str(body["model"]),
         latency_ms=float(body["latency_ms"]),
+        subcampaign=str(body.get("subcampaign", "")),
+        userid=str(body.get("userid", "")),
     )
 
 

@@ -25,11 +25,13 @@ MAX_NUMBER_OF_OFFERS = 1000
 
 
 def parse_params(value: Any, field: str = "params") -> dict[str, Any]:
-    """A JSON object, a JSON string, or a URL-encoded JSON string (all occur in the wild)."""
+    """A JSON object, a JSON string, or a URL-encoded JSON string (all occur in the wild); an object
+    may give its values as parallel arrays, {"input": [names], "value": [values]} (the ecosystem.Ai
+    runtime's form), which become name -> value beside any other keys."""
     if value is None or value == "":
         return {}
     if isinstance(value, dict):
-        return value
+        return _named_values(value, field)
     if not isinstance(value, str):
         raise InvalidArgument("must be a JSON object or a string holding one", field=field)
     if len(value) > MAX_PARAMS_BYTES:
@@ -47,7 +49,21 @@ def parse_params(value: Any, field: str = "params") -> dict[str, Any]:
         return parse_params(decoded, field)
     if not isinstance(decoded, dict):
         raise InvalidArgument("must decode to a JSON object", field=field)
-    return decoded
+    return _named_values(decoded, field)
+
+
+def _named_values(params: dict[str, Any], field: str) -> dict[str, Any]:
+    names, values = params.get("input"), params.get("value")
+    if not isinstance(names, list) or not isinstance(values, list):
+        return params
+    if len(names) != len(values):
+        raise InvalidArgument(
+            f"holds {len(values)} values for the {len(names)} names in input", field=f"{field}.value"
+        )
+    if not all(isinstance(name, str) and name for name in names):
+        raise InvalidArgument("must be a list of names (non-empty strings)", field=f"{field}.input")
+    rest = {key: item for key, item in params.items() if key not in ("input", "value")}
+    return {**rest, **dict(zip(names, values, strict=True))}
 
 
 def parse_number_of_offers(value: Any, default: int, available: int) -> int:

@@ -54,6 +54,8 @@ class RankedOffer:
     propensity: float  # P(this offer at this rank | the offers ranked above), see ranking.py
     explored: bool
     model_score: float | None = None  # the bound model's predicted take-up for this offer
+    alpha: float | None = None  # Thompson sampling: the Beta posterior this offer's score was drawn from
+    beta: float | None = None
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,8 @@ class PreparedDeployment:
                 propensity=propensity,
                 explored=ranking.explore,
                 model_score=float(model_scores[index]) if model_scores is not None else None,
+                alpha=float(scores.alpha[index]) if scores.alpha is not None else None,
+                beta=float(scores.beta[index]) if scores.beta is not None else None,
             )
             for position, (index, propensity) in enumerate(
                 zip(ranking.shown, ranking.propensities, strict=True)

@@ -61,6 +61,9 @@ class Scores:
     outcomes: np.ndarray | None = None  # never NaN (a deterministic score may be: it ranks last)
     # The bound model's predicted take-up per offer, when the scorer consulted it.
     model_score: np.ndarray | None = None
+    # A Beta posterior's parameters per offer (Thompson sampling), reported with each result.
+    alpha: np.ndarray | None = None
+    beta: np.ndarray | None = None
 
 
 class Scorer:
@@ -135,7 +138,7 @@ class ThompsonScorer(Scorer):
         )
         draws = self._pool(request, alpha, beta)  # the pool itself: read it before the next call
         row = int(request.rng.integers(POSTERIOR_DRAWS))
-        return Scores(draws[row].copy(), alpha / (alpha + beta), impressions, draws, take_up)
+        return Scores(draws[row].copy(), alpha / (alpha + beta), impressions, draws, take_up, alpha, beta)
 
     def _pool(self, request: ScoringRequest, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
         """The segment's POSTERIOR_DRAWS weighted posterior draws, refreshed for this call."""

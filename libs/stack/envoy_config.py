@@ -57,6 +57,14 @@ DASHBOARD_CSP = (
 )
 # Envoy refuses direct responses above 4 KiB unless the route configuration raises the bound.
 MAX_STATIC_BODY_BYTES = 256 * 1024
+# The ecosystem.Ai runtime's REST paths and liveloop's own: another method on them answers 405.
+REST_PATHS = ("/invocations", "/response", "/responseResult", "/refresh", "/health", "/ping")
+# Every error the front door answers itself (a path it does not serve, a body that is not JSON, no
+# replica up) is a JSON object shaped like the transcoder's errors from the services,
+# {"code": <gRPC code>, "message": ...}: one shape for every error of the REST face.
+LOCAL_ERROR_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 405: 12, 413: 8, 429: 8, 503: 14, 504: 4}
+# What is at fault, named as the services name a field: the message starts "<field>: ".
+LOCAL_ERROR_FIELDS = {400: "body: ", 404: "path: ", 405: "method: ", 413: "body: "}
 
 
 @dataclass(frozen=True)
@@ -190,9 +198,61 @@ def _routes(upstreams: Sequence[Upstream], dashboard_dir: Path | None) -> list[d
     for upstream in upstreams:
         for grpc_service in upstream.grpc_services:
             routes.append({"match": {"prefix": f"/{grpc_service}/"}, "route": _route_action(upstream.name)})
-    # Unpinned health checks and reflection go to the predictors, the service most clients call.
-    routes.append({"match": {"prefix": "/"}, "route": _route_action(PREDICTOR.name)})
+    # Other gRPC calls (unpinned health checks, reflection) go to the predictors, the service most
+    # clients call, which answers an unknown method with UNIMPLEMENTED.
+    routes.append(
+        {
+            "match": {
+                "prefix": "/",
+                "headers": [{"name": "content-type", "string_match": {"prefix": "application/grpc"}}],
+            },
+            "route": _route_action(PREDICTOR.name),
+        }
+    )
+    # A REST path the transcoder did not take (another method): 405. Anything else: 404.
+    paths = "|".join(path.lstrip("/") for path in REST_PATHS)
+    routes.append(
+        {
+            "match": {"safe_regex": {"regex": f"/({paths})"}},
+            "direct_response": {"status": 405, "body": {"inline_string": "method not allowed"}},
+        }
+    )
+    routes.append(
+        {
+            "match": {"prefix": "/"},
+            "direct_response": {"status": 404, "body": {"inline_string": "no such path"}},
+        }
+    )
     return routes
+
+
+def local_reply_config() -> dict[str, Any]:
+    """Errors Envoy answers itself, as JSON: {"code": gRPC code, "message": what and where}."""
+
+    def mapper(status: int | None, code: int) -> dict[str, Any]:
+        comparison: dict[str, Any] = (
+            {"op": "EQ", "value": {"default_value": status, "runtime_key": f"local_reply.status_{status}"}}
+            if status is not None
+            else {"op": "GE", "value": {"default_value": 400, "runtime_key": "local_reply.status_error"}}
+        )
+        return {
+            "filter": {"status_code_filter": {"comparison": comparison}},
+            "body_format_override": {
+                "json_format": {
+                    "code": code,
+                    "message": f"{LOCAL_ERROR_FIELDS.get(status or 0, '')}%LOCAL_REPLY_BODY% "
+                    "(%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%)",
+                },
+                "content_type": "application/json",
+            },
+        }
+
+    return {
+        "mappers": [
+            *(mapper(status, code) for status, code in LOCAL_ERROR_CODES.items()),
+            mapper(None, 2),  # any other error: UNKNOWN
+        ]
+    }
 
 
 def build_envoy_config(
@@ -243,6 +303,7 @@ def build_envoy_config(
             "max_direct_response_body_size_bytes": MAX_STATIC_BODY_BYTES,
         },
         "http_filters": http_filters,
+        "local_reply_config": local_reply_config(),
     }
     if access_log:
         connection_manager["access_log"] = [

@@ -18,9 +18,12 @@ from services.config.servicer import ConfigServicer
 from services.config.settings import ConfigSettings
 
 # Replicas and other services read config with an `invoke` key (Watch already delivers every spec);
-# everything that changes config, or shows its history and replicas, needs `admin`.
+# Refresh only resends the head to the replicas (the ecosystem.Ai runtime's /refresh, which its
+# clients call with their key); everything that changes config, or shows its history and
+# replicas, needs `admin`.
 METHOD_ROLES = {
-    f"/liveloop.config.v1.ConfigService/{method}": Role.INVOKE for method in ("Watch", "Get", "List")
+    f"/liveloop.config.v1.ConfigService/{method}": Role.INVOKE
+    for method in ("Watch", "Get", "List", "Refresh")
 }
 
 

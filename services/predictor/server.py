@@ -36,7 +36,18 @@ INFERENCE_SERVICE = "/inference.GRPCInferenceService/"
 
 # Everything an application calls needs only the `invoke` role; nothing here changes config.
 METHOD_ROLES = {
-    **{PREDICTOR_SERVICE + method: Role.INVOKE for method in ("Ping", "Invoke", "Respond", "Refresh")},
+    **{
+        PREDICTOR_SERVICE + method: Role.INVOKE
+        for method in (
+            "Ping",
+            "Invoke",
+            "Respond",
+            "Refresh",
+            "EcosystemInvoke",
+            "EcosystemRespond",
+            "Health",
+        )
+    },
     **{
         INFERENCE_SERVICE + method: Role.INVOKE
         for method in (

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import datetime
+import json
+import math
 from typing import Any
 
+from google.api.httpbody_pb2 import HttpBody
 from google.protobuf.struct_pb2 import Struct, Value
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -12,6 +15,7 @@ from libs.common.config_follower import ConfigFollower
 from libs.common.errors import InvalidArgument, Unavailable
 from libs.policy.deployment import PreparedDeployment
 from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
+from services.predictor.core import ecosystem_api
 from services.predictor.core.decision import Decision, DecisionEngine, InvokeInput, RespondInput
 from services.predictor.core.replica import ReplicaState
 
@@ -33,6 +37,30 @@ def _plain(value: Value) -> Any:
     return None  # null_value, or no kind set
 
 
+def _struct(struct: Struct) -> dict[str, Any]:
+    """A google.protobuf.Struct as a plain dict."""
+    return {key: _plain(item) for key, item in struct.fields.items()}
+
+
+def _json_body(document: dict[str, Any]) -> HttpBody:
+    """A REST reply's body as it is sent; a number that is not finite (not JSON) is sent as null."""
+    try:
+        data = json.dumps(document, allow_nan=False)
+    except ValueError:
+        data = json.dumps(_finite(document), allow_nan=False)
+    return HttpBody(content_type="application/json", data=data.encode())
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value
+
+
 def _value(message: predictor_pb2.InvokeRequest, field: str) -> Any:
     """A google.protobuf.Value field as plain Python (None when unset)."""
     if not message.HasField(field):
@@ -42,21 +70,10 @@ def _value(message: predictor_pb2.InvokeRequest, field: str) -> Any:
 
 
 def _accepted_offers(request: predictor_pb2.RespondRequest) -> list[str]:
-    """offers_accepted as a string, a list of strings, or a list of {offer_name|offer: ...}."""
+    """accepted_offers, and offers_accepted in any form the REST face takes (ecosystem_api)."""
     names = list(request.accepted_offers)
     if request.HasField("offers_accepted"):
-        raw: Any = _plain(request.offers_accepted)
-        items: list[Any] = raw if isinstance(raw, list) else [] if raw is None or raw == "" else [raw]
-        for item in items:
-            if isinstance(item, str):
-                names.extend(part.strip() for part in item.split(",") if part.strip())
-            elif isinstance(item, dict) and isinstance(item.get("offer_name") or item.get("offer"), str):
-                names.append(str(item.get("offer_name") or item.get("offer")))
-            else:
-                raise InvalidArgument(
-                    "must be offer ids or names: a string, a list of strings, or objects with 'offer_name'",
-                    field="offers_accepted",
-                )
+        names += ecosystem_api.offer_names(_plain(request.offers_accepted), "offers_accepted")
     return names
 
 
@@ -176,6 +193,43 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServiceServicer):
             message=outcome.message,
             matched_offers=outcome.matched_offers,
             deployment=outcome.deployment,
+        )
+
+    async def EcosystemInvoke(
+        self, request: predictor_pb2.EcosystemInvokeRequest, context: Any
+    ) -> predictor_pb2.EcosystemInvokeResponse:
+        config = self._replica.config
+        if config is None:
+            raise Unavailable("this replica has no config yet")
+        invocation = ecosystem_api.read_invocation(_struct(request.payload))
+        decision = await self._engine.invoke(invocation.request, config)
+        reply = ecosystem_api.invocation_reply(decision, invocation, self._replica.replica_id)
+        return predictor_pb2.EcosystemInvokeResponse(body=_json_body(reply))
+
+    async def EcosystemRespond(
+        self, request: predictor_pb2.EcosystemRespondRequest, context: Any
+    ) -> predictor_pb2.EcosystemRespondResponse:
+        response = ecosystem_api.read_response(_struct(request.payload))
+        outcome = await self._engine.respond(response.request, self._replica.config)
+        reply = ecosystem_api.response_reply(outcome, response)
+        return predictor_pb2.EcosystemRespondResponse(body=_json_body(reply))
+
+    async def Health(
+        self, request: predictor_pb2.HealthRequest, context: Any
+    ) -> predictor_pb2.HealthResponse:
+        config = self._replica.config
+        deployments = sorted(config.deployments) if config is not None else []
+        campaigns = (
+            sorted({c for item in config.deployments.values() for c in item.spec.campaigns})
+            if config is not None
+            else []
+        )
+        return predictor_pb2.HealthResponse(
+            status="UP" if config is not None else "STARTING",
+            replica_id=self._replica.replica_id,
+            config_revision=self._replica.config_revision,
+            deployments=deployments,
+            campaigns=campaigns,
         )
 
     async def Refresh(

@@ -65,24 +65,26 @@ def publish(stack: LocalStack, document: dict[str, Any]) -> int:
     return revision
 
 
-def post(stack: LocalStack, path: str, body: Any, key: str | None = "invoke") -> tuple[int, Any]:
-    """POST JSON through Envoy; (HTTP status, decoded JSON body)."""
+def post(
+    stack: LocalStack, path: str, body: Any, key: str | None = "invoke", method: str = "POST"
+) -> tuple[int, Any]:
+    """Send JSON through Envoy; (HTTP status, decoded JSON body). Every reply, errors included, must
+    be JSON: a body that is not fails the test here."""
     headers = {"content-type": "application/json"}
     if key is not None:
         headers["x-api-key"] = stack.credentials()[key]
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    data = None if body is None else body if isinstance(body, bytes) else json.dumps(body).encode()
     request = urllib.request.Request(
-        f"http://{stack.front_door}{path}", data=data, headers=headers, method="POST"
+        f"http://{stack.front_door}{path}", data=data, headers=headers, method=method
     )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.headers["content-type"].startswith("application/json"), response.headers
             return response.status, json.loads(response.read() or b"null")
     except urllib.error.HTTPError as error:
-        text = error.read()
-        try:
-            return error.code, json.loads(text)
-        except ValueError:
-            return error.code, text.decode(errors="replace")
+        status, content_type, text = error.code, error.headers["content-type"] or "", error.read()
+    assert content_type.startswith("application/json"), (path, status, content_type, text)
+    return status, json.loads(text)
 
 
 def invocation(**fields: Any) -> dict[str, Any]:
@@ -137,12 +139,26 @@ def test_invocations_accept_every_payload_form(stack: LocalStack, revision: int)
             {"travel_band": "frequent", "age_band": "senior"},
         ),
         ({k: v for k, v in invocation().items() if k not in ("numberoffers", "params")}, 3, {}),  # defaults
+        # That runtime's parallel arrays: the context values given directly.
+        (
+            invocation(params={"input": ["age", "channel"], "value": [61, "web"]}),
+            2,
+            {"age_band": "senior", "channel": "web"},
+        ),
+        (
+            invocation(params=json.dumps({"input": ["trips_per_year"], "value": [8]})),
+            2,
+            {"travel_band": "frequent"},
+        ),
+        # No customer at all (that runtime's default is "none"), and a numeric one.
+        ({k: v for k, v in invocation().items() if k != "customer"}, 2, {}),
+        (invocation(customer=1234), 2, {}),
     ]
     seen_replicas = set()
     for payload, count, context in forms:
         body = invoke_ok(stack, payload)
         assert body["uuid"]
-        assert int(body["config_revision"]) == revision  # int64 is a JSON string in proto3 JSON
+        assert body["config_revision"] == revision
         assert body["deployment"] == "telco-offers"
         assert len(body["final_result"]) == count, (payload, body)
         for rank, row in enumerate(body["final_result"], start=1):
@@ -153,8 +169,63 @@ def test_invocations_accept_every_payload_form(stack: LocalStack, revision: int)
             assert 0.0 <= result["arm_reward"] <= 1.0
         got = body["final_result"][0]["result"]["context"]
         assert {k: got[k] for k in context} == context, (payload, got)
+        assert body["customer"] == {None: "none", 1234: "1234"}.get(
+            payload.get("customer"), payload.get("customer")
+        )
+        assert not [w for w in body["warnings"] if "unknown field" in w], body["warnings"]
         seen_replicas.add(body["replica_id"])
     assert seen_replicas <= REPLICAS
+
+
+def test_the_reply_carries_what_that_runtimes_clients_read(stack: LocalStack, revision: int) -> None:
+    body = invoke_ok(
+        stack,
+        invocation(
+            numberoffers=3,
+            subcampaign="spring",
+            userid="crm",
+            params={"age": 52, "unused": "x"},
+            in_param={"a": 1},
+        ),
+    )
+    assert body["config_revision"] == revision  # a number, as that runtime sends it
+    assert body["in_params"] == {"age": 52, "unused": "x", "a": 1}  # the params used, echoed
+    assert (body["subcampaign"], body["userid"]) == ("spring", "crm")
+    offers = {offer["id"]: offer for offer in example_document()["offers"]}
+    for rank, row in enumerate(body["final_result"], start=1):
+        result = row["result"]
+        offer = offers[result["offer"]]
+        assert result["rank"] == rank
+        assert result["offer_name"] == offer["name"]
+        assert result["offer_name_desc"] == offer.get("attributes", {}).get("description", offer["name"])
+        assert (result["price"], result["cost"]) == (offer.get("price", 0.0), offer.get("cost", 0.0))
+        assert result["modified_offer_score"] == result["final_score"]
+        full = result["result_full"]
+        # Thompson sampling: the Beta posterior the score was drawn from, and the exact propensity.
+        assert full["alpha"] >= 1.0
+        assert full["beta"] >= 1.0
+        assert full["arm_reward"] == pytest.approx(full["alpha"] / (full["alpha"] + full["beta"]))
+        assert full["propensity"] == result["propensity"]
+        assert full["explore"] in (0, 1)
+    # An unknown top-level field is ignored, and the reply says so.
+    status, warned = post(stack, "/invocations", invocation(campain="typo"))
+    assert status == 200
+    assert "unknown field 'campain' ignored" in warned["warnings"]
+
+
+def test_flatten_json_gives_flat_keys(stack: LocalStack, revision: int) -> None:
+    for payload in (
+        invocation(numberoffers=2, in_param={"flatten_json": True}),
+        invocation(numberoffers=2, in_param=urllib.parse.quote(json.dumps({"flatten_json": True}))),
+        invocation(numberoffers=2, flatten_json=True),
+    ):
+        body = invoke_ok(stack, payload)
+        assert "final_result" not in body
+        assert body["final_result_0_result_rank"] == 1
+        assert body["final_result_1_result_rank"] == 2
+        assert isinstance(body["final_result_0_result_offer"], str)
+        assert body["uuid"]
+        assert all(not isinstance(value, dict | list) or value in ({}, []) for value in body.values())
 
 
 def test_responses_accept_every_offers_accepted_form(stack: LocalStack, revision: int) -> None:
@@ -194,6 +265,31 @@ def test_responses_accept_every_offers_accepted_form(stack: LocalStack, revision
     assert status == 200, body
     assert (body["learned"], body["matched_offers"]) == (False, [])
 
+    # The whole /invocations reply echoed back: every offer in it accepted, as that runtime does.
+    shown = contact()
+    status, body = post(stack, "/response", shown)
+    assert status == 200, body
+    assert body["learned"] is True
+    assert sorted(body["matched_offers"]) == sorted(row["result"]["offer"] for row in shown["final_result"])
+    assert body["warnings"] == []
+
+    # offers_accepted as objects with offer_id, and as the reply's own final_result rows.
+    shown = contact()
+    first = shown["final_result"][0]["result"]["offer"]
+    status, body = post(stack, "/response", {"uuid": shown["uuid"], "offers_accepted": [{"offer_id": first}]})
+    assert (status, body["matched_offers"]) == (200, [first]), body
+    shown = contact()
+    rows = shown["final_result"][:2]
+    status, body = post(stack, "/response", {"uuid": shown["uuid"], "offers_accepted": rows})
+    assert status == 200, body
+    assert sorted(body["matched_offers"]) == sorted(row["result"]["offer"] for row in rows)
+
+    # /responseResult is the same call.
+    shown = contact()
+    first = shown["final_result"][0]["result"]["offer"]
+    status, body = post(stack, "/responseResult", {"uuid": shown["uuid"], "offers_accepted": first})
+    assert (status, body["learned"], body["matched_offers"]) == (200, True, [first]), body
+
 
 def test_errors_are_json_with_the_grpc_code_and_the_field(stack: LocalStack, revision: int) -> None:
     shown = invoke_ok(stack, invocation(numberoffers=1))
@@ -204,7 +300,8 @@ def test_errors_are_json_with_the_grpc_code_and_the_field(stack: LocalStack, rev
         ("/invocations", invocation(numberoffers=99), 400, 3, "numberoffers"),
         ("/invocations", invocation(params="{not json"), 400, 3, "params"),
         ("/invocations", invocation(params="{" + " " * (1024 * 1024) + "}"), 400, 3, "params"),
-        ("/invocations", invocation(customer=""), 400, 3, "customer"),
+        ("/invocations", invocation(customer=True), 400, 3, "customer"),
+        ("/invocations", invocation(params={"input": ["a", "b"], "value": [1]}), 400, 3, "params.value"),
         ("/invocations", invocation(campaign="no-such-campaign"), 404, 5, "campaign"),
         ("/response", {"uuid": "no-such-uuid", "offers_accepted": ["data-1gb"]}, 404, 5, "uuid"),
         (
@@ -228,18 +325,39 @@ def test_errors_are_json_with_the_grpc_code_and_the_field(stack: LocalStack, rev
     # Without a key: 401 UNAUTHENTICATED, as JSON too.
     status, reply = post(stack, "/invocations", invocation(), key=None)
     assert (status, reply["code"]) == (401, 16)
-    # A body that is not JSON at all is refused by the transcoder itself.
-    status, _ = post(stack, "/invocations", b"{this is not json")
-    assert status == 400
+    # A body that is not JSON at all is refused by the transcoder itself, as JSON in the same shape.
+    status, reply = post(stack, "/invocations", b"{this is not json")
+    assert (status, reply["code"]) == (400, 3), reply
+    assert reply["message"].startswith("body: "), reply
+    assert "(POST /invocations)" in reply["message"], reply
+    # A path nobody serves: 404; a served path with another method: 405; both JSON, never a 503.
+    status, reply = post(stack, "/no/such/path", {})
+    assert (status, reply["code"]) == (404, 5), reply
+    assert reply["message"] == "path: no such path (POST /no/such/path)", reply
+    for method, path in (("GET", "/invocations"), ("PUT", "/response"), ("DELETE", "/health")):
+        status, reply = post(stack, path, None, method=method)
+        assert (status, reply["code"]) == (405, 12), (method, path, reply)
+        assert reply["message"] == f"method: method not allowed ({method} {path})", reply
     # The replicas kept serving.
     assert len(invoke_ok(stack, invocation())["final_result"]) == 2
 
 
-def test_refresh_resynchronises_a_replica(stack: LocalStack, revision: int) -> None:
-    status, body = post(stack, "/refresh", {})
-    assert status == 200, body
-    assert int(body["config_revision"]) >= revision
-    assert body["replica_id"] in REPLICAS
+def test_refresh_reaches_every_replica_and_health_says_what_is_up(stack: LocalStack, revision: int) -> None:
+    for method, body in (("POST", {}), ("GET", None)):
+        status, reply = post(stack, "/refresh", body, method=method)
+        assert status == 200, reply
+        assert reply["replicas_notified"] == len(REPLICAS), reply  # every replica, not the one Envoy picked
+        assert int(reply["head_revision"]) >= revision
+    seen = set()
+    for _ in range(20):
+        status, health = post(stack, "/health", None, method="GET")
+        assert status == 200, health
+        assert health["status"] == "UP"
+        assert health["config_revision"] >= revision
+        assert "telco-offers" in health["deployments"]
+        assert "telco-offers" in health["campaigns"]
+        seen.add(health["replica_id"])
+    assert seen <= REPLICAS
 
 
 def live_document(step: int) -> dict[str, Any]:

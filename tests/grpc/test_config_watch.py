@@ -358,11 +358,15 @@ async def test_publish_needs_an_admin_key(config: ConfigUnderTest) -> None:
         "Rollback": lambda stub: stub.Rollback(config_pb2.RollbackRequest(deployment="x", to_revision=1)),
         "Delete": lambda stub: stub.Delete(config_pb2.DeleteRequest(deployment="x")),
         "ReplicaStatus": lambda stub: stub.ReplicaStatus(config_pb2.ReplicaStatusRequest()),
-        "Refresh": lambda stub: stub.Refresh(config_pb2.RefreshRequest()),
     }
     for name, call in admin_only.items():
         assert (await status_of(call(config.invoke)))[0] == grpc.StatusCode.PERMISSION_DENIED, name
         assert (await status_of(call(config.anonymous)))[0] == grpc.StatusCode.UNAUTHENTICATED, name
+    # Refresh only resends the head to the replicas (the ecosystem.Ai /refresh): invoke may.
+    assert (await config.invoke.Refresh(config_pb2.RefreshRequest())).replicas_notified == 0
+    assert (await status_of(config.anonymous.Refresh(config_pb2.RefreshRequest())))[0] == (
+        grpc.StatusCode.UNAUTHENTICATED
+    )
     assert (await config.invoke.List(config_pb2.ListRequest())).head_revision == 0
     assert (await status_of(config.anonymous.List(config_pb2.ListRequest())))[0] == (
         grpc.StatusCode.UNAUTHENTICATED

@@ -37,7 +37,7 @@ def test_every_grpc_service_has_a_route_and_predictors_are_health_checked() -> N
         descriptor_path=None,
         dns=True,
     )
-    prefixes = {route["match"]["prefix"] for route in _routes(config)}
+    prefixes = {route["match"].get("prefix") for route in _routes(config)}
     for service in topology.SERVICES:
         for grpc_service in service.grpc_services:
             assert f"/{grpc_service}/" in prefixes
@@ -107,7 +107,14 @@ def test_dashboard_is_served_by_envoy_before_any_upstream_route() -> None:
         headers = {h["header"]["key"]: h["header"]["value"] for h in route["response_headers_to_add"]}
         assert headers["content-type"] == asset.content_type
         assert headers["content-security-policy"] == DASHBOARD_CSP
-    assert all("direct_response" not in route for route in routes[len(DASHBOARD_ASSETS) :])
+    # After the dashboard, only the two error answers are Envoy's own: 405 and, last, 404.
+    own = [
+        route["direct_response"]["status"]
+        for route in routes[len(DASHBOARD_ASSETS) :]
+        if "direct_response" in route
+    ]
+    assert own == [405, 404]
+    assert routes[-1]["match"] == {"prefix": "/"}
     manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     limit = manager["route_config"]["max_direct_response_body_size_bytes"]
     assert all(len(route["direct_response"]["body"]["inline_string"].encode()) <= limit for route in served)

@@ -283,6 +283,8 @@ class DecisionEngine:
             explore=decision.explore,
             model=decision.model,
             latency_ms=(time.perf_counter() - started) * 1000,
+            subcampaign=request.subcampaign,
+            userid=request.userid,
         )
         self.options.queue_log(pipeline, record)
         await pipeline.execute()

@@ -23,11 +23,12 @@ _sym_db = _symbol_database.Default()
 
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
+from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%liveloop/predictor/v1/predictor.proto\x12\x15liveloop.predictor.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\r\n\x0bPingRequest\"\x96\x01\n\x0cPingResponse\x12\x1e\n\nreplica_id\x18\x01 \x01(\tR\nreplica_id\x12(\n\x0f\x63onfig_revision\x18\x02 \x01(\x03R\x0f\x63onfig_revision\x12<\n\x0bserver_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x0bserver_time\"\x87\x02\n\rInvokeRequest\x12\x10\n\x08\x63\x61mpaign\x18\x01 \x01(\t\x12\x13\n\x0bsubcampaign\x18\x02 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x03 \x01(\t\x12\x10\n\x08\x63ustomer\x18\x04 \x01(\t\x12\x0e\n\x06userid\x18\x05 \x01(\t\x12,\n\x0cnumberoffers\x18\x06 \x01(\x0b\x32\x16.google.protobuf.Value\x12&\n\x06params\x18\x07 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x32\n\x08in_param\x18\x08 \x01(\x0b\x32\x16.google.protobuf.ValueR\x08in_param\x12\x12\n\ndeployment\x18\t \x01(\t\"\xad\x04\n\x0b\x46inalResult\x12\x39\n\x06result\x18\x01 \x01(\x0b\x32).liveloop.predictor.v1.FinalResult.Result\x1a\xe2\x03\n\x06Result\x12\r\n\x05offer\x18\x01 \x01(\t\x12\x1e\n\noffer_name\x18\x02 \x01(\tR\noffer_name\x12\r\n\x05score\x18\x03 \x01(\x01\x12 \n\x0b\x66inal_score\x18\x04 \x01(\x01R\x0b\x66inal_score\x12\x1e\n\narm_reward\x18\x05 \x01(\x01R\narm_reward\x12\x12\n\npropensity\x18\x06 \x01(\x01\x12\r\n\x05price\x18\x07 \x01(\x01\x12\x0c\n\x04\x63ost\x18\x08 \x01(\x01\x12\x0c\n\x04rank\x18\t \x01(\x05\x12\x10\n\x08\x65xplored\x18\n \x01(\x08\x12G\n\x07\x63ontext\x18\x0b \x03(\x0b\x32\x36.liveloop.predictor.v1.FinalResult.Result.ContextEntry\x12\x0f\n\x07segment\x18\x0c \x01(\t\x12 \n\x0bmodel_score\x18\r \x01(\x01R\x0bmodel_score\x12\x1c\n\tarm_count\x18\x0e \x01(\x01R\tarm_count\x12=\n\roffer_details\x18\x0f \x01(\x0b\x32\x17.google.protobuf.StructR\roffer_details\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xcd\x02\n\x0eInvokeResponse\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12(\n\x0f\x63onfig_revision\x18\x03 \x01(\x03R\x0f\x63onfig_revision\x12\x0f\n\x07variant\x18\x04 \x01(\t\x12\x0f\n\x07\x65xplore\x18\x05 \x01(\x05\x12\x46\n\x0c\x66inal_result\x18\x06 \x03(\x0b\x32\".liveloop.predictor.v1.FinalResultR\x0c\x66inal_result\x12\x10\n\x08\x63ustomer\x18\x07 \x01(\t\x12\x10\n\x08\x63\x61mpaign\x18\x08 \x01(\t\x12\x0f\n\x07\x63hannel\x18\t \x01(\t\x12\x0f\n\x07segment\x18\n \x01(\t\x12\x1e\n\nreplica_id\x18\x0b \x01(\tR\nreplica_id\x12\r\n\x05model\x18\x0c \x01(\t\x12\x10\n\x08warnings\x18\r \x03(\t\"\x8a\x02\n\x0eRespondRequest\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12@\n\x0foffers_accepted\x18\x02 \x01(\x0b\x32\x16.google.protobuf.ValueR\x0foffers_accepted\x12\"\n\x0c\x63hannel_name\x18\x03 \x01(\tR\x0c\x63hannel_name\x12\x13\n\x06reward\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12:\n\nevent_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\nevent_time\x12(\n\x0f\x61\x63\x63\x65pted_offers\x18\x06 \x03(\tR\x0f\x61\x63\x63\x65pted_offersB\t\n\x07_reward\"\x9e\x01\n\x0fRespondResponse\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\x0f\n\x07learned\x18\x02 \x01(\x08\x12\x0c\n\x04late\x18\x03 \x01(\x08\x12\x11\n\tduplicate\x18\x04 \x01(\x08\x12\x0f\n\x07message\x18\x05 \x01(\t\x12&\n\x0ematched_offers\x18\x06 \x03(\tR\x0ematched_offers\x12\x12\n\ndeployment\x18\x07 \x01(\t\"\x10\n\x0eRefreshRequest\"[\n\x0fRefreshResponse\x12(\n\x0f\x63onfig_revision\x18\x01 \x01(\x03R\x0f\x63onfig_revision\x12\x1e\n\nreplica_id\x18\x02 \x01(\tR\nreplica_id2\xc1\x03\n\x10PredictorService\x12^\n\x04Ping\x12\".liveloop.predictor.v1.PingRequest\x1a#.liveloop.predictor.v1.PingResponse\"\r\x82\xd3\xe4\x93\x02\x07\x12\x05/ping\x12n\n\x06Invoke\x12$.liveloop.predictor.v1.InvokeRequest\x1a%.liveloop.predictor.v1.InvokeResponse\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/invocations:\x01*\x12n\n\x07Respond\x12%.liveloop.predictor.v1.RespondRequest\x1a&.liveloop.predictor.v1.RespondResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\"\t/response:\x01*\x12m\n\x07Refresh\x12%.liveloop.predictor.v1.RefreshRequest\x1a&.liveloop.predictor.v1.RefreshResponse\"\x13\x82\xd3\xe4\x93\x02\r\"\x08/refresh:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%liveloop/predictor/v1/predictor.proto\x12\x15liveloop.predictor.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\r\n\x0bPingRequest\"\x96\x01\n\x0cPingResponse\x12\x1e\n\nreplica_id\x18\x01 \x01(\tR\nreplica_id\x12(\n\x0f\x63onfig_revision\x18\x02 \x01(\x03R\x0f\x63onfig_revision\x12<\n\x0bserver_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x0bserver_time\"\x87\x02\n\rInvokeRequest\x12\x10\n\x08\x63\x61mpaign\x18\x01 \x01(\t\x12\x13\n\x0bsubcampaign\x18\x02 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x03 \x01(\t\x12\x10\n\x08\x63ustomer\x18\x04 \x01(\t\x12\x0e\n\x06userid\x18\x05 \x01(\t\x12,\n\x0cnumberoffers\x18\x06 \x01(\x0b\x32\x16.google.protobuf.Value\x12&\n\x06params\x18\x07 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x32\n\x08in_param\x18\x08 \x01(\x0b\x32\x16.google.protobuf.ValueR\x08in_param\x12\x12\n\ndeployment\x18\t \x01(\t\"\xad\x04\n\x0b\x46inalResult\x12\x39\n\x06result\x18\x01 \x01(\x0b\x32).liveloop.predictor.v1.FinalResult.Result\x1a\xe2\x03\n\x06Result\x12\r\n\x05offer\x18\x01 \x01(\t\x12\x1e\n\noffer_name\x18\x02 \x01(\tR\noffer_name\x12\r\n\x05score\x18\x03 \x01(\x01\x12 \n\x0b\x66inal_score\x18\x04 \x01(\x01R\x0b\x66inal_score\x12\x1e\n\narm_reward\x18\x05 \x01(\x01R\narm_reward\x12\x12\n\npropensity\x18\x06 \x01(\x01\x12\r\n\x05price\x18\x07 \x01(\x01\x12\x0c\n\x04\x63ost\x18\x08 \x01(\x01\x12\x0c\n\x04rank\x18\t \x01(\x05\x12\x10\n\x08\x65xplored\x18\n \x01(\x08\x12G\n\x07\x63ontext\x18\x0b \x03(\x0b\x32\x36.liveloop.predictor.v1.FinalResult.Result.ContextEntry\x12\x0f\n\x07segment\x18\x0c \x01(\t\x12 \n\x0bmodel_score\x18\r \x01(\x01R\x0bmodel_score\x12\x1c\n\tarm_count\x18\x0e \x01(\x01R\tarm_count\x12=\n\roffer_details\x18\x0f \x01(\x0b\x32\x17.google.protobuf.StructR\roffer_details\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xcd\x02\n\x0eInvokeResponse\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12(\n\x0f\x63onfig_revision\x18\x03 \x01(\x03R\x0f\x63onfig_revision\x12\x0f\n\x07variant\x18\x04 \x01(\t\x12\x0f\n\x07\x65xplore\x18\x05 \x01(\x05\x12\x46\n\x0c\x66inal_result\x18\x06 \x03(\x0b\x32\".liveloop.predictor.v1.FinalResultR\x0c\x66inal_result\x12\x10\n\x08\x63ustomer\x18\x07 \x01(\t\x12\x10\n\x08\x63\x61mpaign\x18\x08 \x01(\t\x12\x0f\n\x07\x63hannel\x18\t \x01(\t\x12\x0f\n\x07segment\x18\n \x01(\t\x12\x1e\n\nreplica_id\x18\x0b \x01(\tR\nreplica_id\x12\r\n\x05model\x18\x0c \x01(\t\x12\x10\n\x08warnings\x18\r \x03(\t\"\x8a\x02\n\x0eRespondRequest\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12@\n\x0foffers_accepted\x18\x02 \x01(\x0b\x32\x16.google.protobuf.ValueR\x0foffers_accepted\x12\"\n\x0c\x63hannel_name\x18\x03 \x01(\tR\x0c\x63hannel_name\x12\x13\n\x06reward\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12:\n\nevent_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\nevent_time\x12(\n\x0f\x61\x63\x63\x65pted_offers\x18\x06 \x03(\tR\x0f\x61\x63\x63\x65pted_offersB\t\n\x07_reward\"\x9e\x01\n\x0fRespondResponse\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\x0f\n\x07learned\x18\x02 \x01(\x08\x12\x0c\n\x04late\x18\x03 \x01(\x08\x12\x11\n\tduplicate\x18\x04 \x01(\x08\x12\x0f\n\x07message\x18\x05 \x01(\t\x12&\n\x0ematched_offers\x18\x06 \x03(\tR\x0ematched_offers\x12\x12\n\ndeployment\x18\x07 \x01(\t\"\x10\n\x0eRefreshRequest\"[\n\x0fRefreshResponse\x12(\n\x0f\x63onfig_revision\x18\x01 \x01(\x03R\x0f\x63onfig_revision\x12\x1e\n\nreplica_id\x18\x02 \x01(\tR\nreplica_id\"B\n\x16\x45\x63osystemInvokeRequest\x12(\n\x07payload\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\"=\n\x17\x45\x63osystemInvokeResponse\x12\"\n\x04\x62ody\x18\x01 \x01(\x0b\x32\x14.google.api.HttpBody\"C\n\x17\x45\x63osystemRespondRequest\x12(\n\x07payload\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\">\n\x18\x45\x63osystemRespondResponse\x12\"\n\x04\x62ody\x18\x01 \x01(\x0b\x32\x14.google.api.HttpBody\"\x0f\n\rHealthRequest\"\x92\x01\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x1e\n\nreplica_id\x18\x02 \x01(\tR\nreplica_id\x12(\n\x0f\x63onfig_revision\x18\x03 \x01(\x05R\x0f\x63onfig_revision\x12\x13\n\x0b\x64\x65ployments\x18\x04 \x03(\t\x12\x11\n\tcampaigns\x18\x05 \x03(\t2\xb7\x06\n\x10PredictorService\x12^\n\x04Ping\x12\".liveloop.predictor.v1.PingRequest\x1a#.liveloop.predictor.v1.PingResponse\"\r\x82\xd3\xe4\x93\x02\x07\x12\x05/ping\x12U\n\x06Invoke\x12$.liveloop.predictor.v1.InvokeRequest\x1a%.liveloop.predictor.v1.InvokeResponse\x12X\n\x07Respond\x12%.liveloop.predictor.v1.RespondRequest\x1a&.liveloop.predictor.v1.RespondResponse\x12X\n\x07Refresh\x12%.liveloop.predictor.v1.RefreshRequest\x1a&.liveloop.predictor.v1.RefreshResponse\x12\x95\x01\n\x0f\x45\x63osystemInvoke\x12-.liveloop.predictor.v1.EcosystemInvokeRequest\x1a..liveloop.predictor.v1.EcosystemInvokeResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x0c/invocations:\x07payloadb\x04\x62ody\x12\xb7\x01\n\x10\x45\x63osystemRespond\x12..liveloop.predictor.v1.EcosystemRespondRequest\x1a/.liveloop.predictor.v1.EcosystemRespondResponse\"B\x82\xd3\xe4\x93\x02<\"\t/response:\x07payloadZ \"\x0f/responseResult:\x07payloadb\x04\x62odyb\x04\x62ody\x12\x66\n\x06Health\x12$.liveloop.predictor.v1.HealthRequest\x1a%.liveloop.predictor.v1.HealthResponse\"\x0f\x82\xd3\xe4\x93\x02\t\x12\x07/healthb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,34 +39,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FINALRESULT_RESULT_CONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_PREDICTORSERVICE'].methods_by_name['Ping']._loaded_options = None
   _globals['_PREDICTORSERVICE'].methods_by_name['Ping']._serialized_options = b'\202\323\344\223\002\007\022\005/ping'
-  _globals['_PREDICTORSERVICE'].methods_by_name['Invoke']._loaded_options = None
-  _globals['_PREDICTORSERVICE'].methods_by_name['Invoke']._serialized_options = b'\202\323\344\223\002\021\"\014/invocations:\001*'
-  _globals['_PREDICTORSERVICE'].methods_by_name['Respond']._loaded_options = None
-  _globals['_PREDICTORSERVICE'].methods_by_name['Respond']._serialized_options = b'\202\323\344\223\002\016\"\t/response:\001*'
-  _globals['_PREDICTORSERVICE'].methods_by_name['Refresh']._loaded_options = None
-  _globals['_PREDICTORSERVICE'].methods_by_name['Refresh']._serialized_options = b'\202\323\344\223\002\r\"\010/refresh:\001*'
-  _globals['_PINGREQUEST']._serialized_start=157
-  _globals['_PINGREQUEST']._serialized_end=170
-  _globals['_PINGRESPONSE']._serialized_start=173
-  _globals['_PINGRESPONSE']._serialized_end=323
-  _globals['_INVOKEREQUEST']._serialized_start=326
-  _globals['_INVOKEREQUEST']._serialized_end=589
-  _globals['_FINALRESULT']._serialized_start=592
-  _globals['_FINALRESULT']._serialized_end=1149
-  _globals['_FINALRESULT_RESULT']._serialized_start=667
-  _globals['_FINALRESULT_RESULT']._serialized_end=1149
-  _globals['_FINALRESULT_RESULT_CONTEXTENTRY']._serialized_start=1103
-  _globals['_FINALRESULT_RESULT_CONTEXTENTRY']._serialized_end=1149
-  _globals['_INVOKERESPONSE']._serialized_start=1152
-  _globals['_INVOKERESPONSE']._serialized_end=1485
-  _globals['_RESPONDREQUEST']._serialized_start=1488
-  _globals['_RESPONDREQUEST']._serialized_end=1754
-  _globals['_RESPONDRESPONSE']._serialized_start=1757
-  _globals['_RESPONDRESPONSE']._serialized_end=1915
-  _globals['_REFRESHREQUEST']._serialized_start=1917
-  _globals['_REFRESHREQUEST']._serialized_end=1933
-  _globals['_REFRESHRESPONSE']._serialized_start=1935
-  _globals['_REFRESHRESPONSE']._serialized_end=2026
-  _globals['_PREDICTORSERVICE']._serialized_start=2029
-  _globals['_PREDICTORSERVICE']._serialized_end=2478
+  _globals['_PREDICTORSERVICE'].methods_by_name['EcosystemInvoke']._loaded_options = None
+  _globals['_PREDICTORSERVICE'].methods_by_name['EcosystemInvoke']._serialized_options = b'\202\323\344\223\002\035\"\014/invocations:\007payloadb\004body'
+  _globals['_PREDICTORSERVICE'].methods_by_name['EcosystemRespond']._loaded_options = None
+  _globals['_PREDICTORSERVICE'].methods_by_name['EcosystemRespond']._serialized_options = b'\202\323\344\223\002<\"\t/response:\007payloadZ \"\017/responseResult:\007payloadb\004bodyb\004body'
+  _globals['_PREDICTORSERVICE'].methods_by_name['Health']._loaded_options = None
+  _globals['_PREDICTORSERVICE'].methods_by_name['Health']._serialized_options = b'\202\323\344\223\002\t\022\007/health'
+  _globals['_PINGREQUEST']._serialized_start=184
+  _globals['_PINGREQUEST']._serialized_end=197
+  _globals['_PINGRESPONSE']._serialized_start=200
+  _globals['_PINGRESPONSE']._serialized_end=350
+  _globals['_INVOKEREQUEST']._serialized_start=353
+  _globals['_INVOKEREQUEST']._serialized_end=616
+  _globals['_FINALRESULT']._serialized_start=619
+  _globals['_FINALRESULT']._serialized_end=1176
+  _globals['_FINALRESULT_RESULT']._serialized_start=694
+  _globals['_FINALRESULT_RESULT']._serialized_end=1176
+  _globals['_FINALRESULT_RESULT_CONTEXTENTRY']._serialized_start=1130
+  _globals['_FINALRESULT_RESULT_CONTEXTENTRY']._serialized_end=1176
+  _globals['_INVOKERESPONSE']._serialized_start=1179
+  _globals['_INVOKERESPONSE']._serialized_end=1512
+  _globals['_RESPONDREQUEST']._serialized_start=1515
+  _globals['_RESPONDREQUEST']._serialized_end=1781
+  _globals['_RESPONDRESPONSE']._serialized_start=1784
+  _globals['_RESPONDRESPONSE']._serialized_end=1942
+  _globals['_REFRESHREQUEST']._serialized_start=1944
+  _globals['_REFRESHREQUEST']._serialized_end=1960
+  _globals['_REFRESHRESPONSE']._serialized_start=1962
+  _globals['_REFRESHRESPONSE']._serialized_end=2053
+  _globals['_ECOSYSTEMINVOKEREQUEST']._serialized_start=2055
+  _globals['_ECOSYSTEMINVOKEREQUEST']._serialized_end=2121
+  _globals['_ECOSYSTEMINVOKERESPONSE']._serialized_start=2123
+  _globals['_ECOSYSTEMINVOKERESPONSE']._serialized_end=2184
+  _globals['_ECOSYSTEMRESPONDREQUEST']._serialized_start=2186
+  _globals['_ECOSYSTEMRESPONDREQUEST']._serialized_end=2253
+  _globals['_ECOSYSTEMRESPONDRESPONSE']._serialized_start=2255
+  _globals['_ECOSYSTEMRESPONDRESPONSE']._serialized_end=2317
+  _globals['_HEALTHREQUEST']._serialized_start=2319
+  _globals['_HEALTHREQUEST']._serialized_end=2334
+  _globals['_HEALTHRESPONSE']._serialized_start=2337
+  _globals['_HEALTHRESPONSE']._serialized_end=2483
+  _globals['_PREDICTORSERVICE']._serialized_start=2486
+  _globals['_PREDICTORSERVICE']._serialized_end=3309
 # @@protoc_insertion_point(module_scope)

@@ -55,6 +55,21 @@ class PredictorServiceStub:
                 request_serializer=liveloop_dot_predictor_dot_v1_dot_predictor__pb2.RefreshRequest.SerializeToString,
                 response_deserializer=liveloop_dot_predictor_dot_v1_dot_predictor__pb2.RefreshResponse.FromString,
                 _registered_method=True)
+        self.EcosystemInvoke = channel.unary_unary(
+                '/liveloop.predictor.v1.PredictorService/EcosystemInvoke',
+                request_serializer=liveloop_dot_predictor_dot_v1_dot_predictor__pb2.EcosystemInvokeRequest.SerializeToString,
+                response_deserializer=liveloop_dot_predictor_dot_v1_dot_predictor__pb2.EcosystemInvokeResponse.FromString,
+                _registered_method=True)
+        self.EcosystemRespond = channel.unary_unary(
+                '/liveloop.predictor.v1.PredictorService/EcosystemRespond',
+                request_serializer=liveloop_dot_predictor_dot_v1_dot_predictor__pb2.EcosystemRespondRequest.SerializeToString,
+                response_deserializer=liveloop_dot_predictor_dot_v1_dot_predictor__pb2.EcosystemRespondResponse.FromString,
+                _registered_method=True)
+        self.Health = channel.unary_unary(
+                '/liveloop.predictor.v1.PredictorService/Health',
+                request_serializer=liveloop_dot_predictor_dot_v1_dot_predictor__pb2.HealthRequest.SerializeToString,
+                response_deserializer=liveloop_dot_predictor_dot_v1_dot_predictor__pb2.HealthResponse.FromString,
+                _registered_method=True)
 
 
 class PredictorServiceServicer:
@@ -86,7 +101,36 @@ class PredictorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Refresh(self, request, context):
-        """Makes this replica resynchronise: reload config from the config service and drop caches.
+        """Makes this replica resynchronise: it asks the config service for a full snapshot and applies
+        it. (Over REST, /refresh reaches every replica through ConfigService.Refresh.)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EcosystemInvoke(self, request, context):
+        """Invoke with the ecosystem.Ai runtime's /invocations payload and reply (see the file comment):
+        campaign, subcampaign, channel, customer (a string or a number; absent means "none"), userid,
+        numberoffers, params and in_param (an object, a JSON string, a URL-encoded JSON string, or
+        {"input": [names], "value": [values]}), optionally flatten_json. The reply carries uuid,
+        final_result (with rank, offer_name_desc, price, cost, modified_offer_score and result_full),
+        in_params (the params used) and warnings.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EcosystemRespond(self, request, context):
+        """Respond with the ecosystem.Ai runtime's /response payload: uuid and offers_accepted (a string,
+        a list of ids or names, objects with offer, offer_name or offer_id, or final_result rows), or the
+        whole /invocations reply echoed back, which accepts every offer it lists.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Health(self, request, context):
+        """What this replica serves: status "UP" with a config, "STARTING" before its first one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -114,6 +158,21 @@ def add_PredictorServiceServicer_to_server(servicer, server):
                     servicer.Refresh,
                     request_deserializer=liveloop_dot_predictor_dot_v1_dot_predictor__pb2.RefreshRequest.FromString,
                     response_serializer=liveloop_dot_predictor_dot_v1_dot_predictor__pb2.RefreshResponse.SerializeToString,
+            ),
+            'EcosystemInvoke': grpc.unary_unary_rpc_method_handler(
+                    servicer.EcosystemInvoke,
+                    request_deserializer=liveloop_dot_predictor_dot_v1_dot_predictor__pb2.EcosystemInvokeRequest.FromString,
+                    response_serializer=liveloop_dot_predictor_dot_v1_dot_predictor__pb2.EcosystemInvokeResponse.SerializeToString,
+            ),
+            'EcosystemRespond': grpc.unary_unary_rpc_method_handler(
+                    servicer.EcosystemRespond,
+                    request_deserializer=liveloop_dot_predictor_dot_v1_dot_predictor__pb2.EcosystemRespondRequest.FromString,
+                    response_serializer=liveloop_dot_predictor_dot_v1_dot_predictor__pb2.EcosystemRespondResponse.SerializeToString,
+            ),
+            'Health': grpc.unary_unary_rpc_method_handler(
+                    servicer.Health,
+                    request_deserializer=liveloop_dot_predictor_dot_v1_dot_predictor__pb2.HealthRequest.FromString,
+                    response_serializer=liveloop_dot_predictor_dot_v1_dot_predictor__pb2.HealthResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -225,6 +284,87 @@ class PredictorService:
             '/liveloop.predictor.v1.PredictorService/Refresh',
             liveloop_dot_predictor_dot_v1_dot_predictor__pb2.RefreshRequest.SerializeToString,
             liveloop_dot_predictor_dot_v1_dot_predictor__pb2.RefreshResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EcosystemInvoke(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/liveloop.predictor.v1.PredictorService/EcosystemInvoke',
+            liveloop_dot_predictor_dot_v1_dot_predictor__pb2.EcosystemInvokeRequest.SerializeToString,
+            liveloop_dot_predictor_dot_v1_dot_predictor__pb2.EcosystemInvokeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EcosystemRespond(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/liveloop.predictor.v1.PredictorService/EcosystemRespond',
+            liveloop_dot_predictor_dot_v1_dot_predictor__pb2.EcosystemRespondRequest.SerializeToString,
+            liveloop_dot_predictor_dot_v1_dot_predictor__pb2.EcosystemRespondResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Health(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/liveloop.predictor.v1.PredictorService/Health',
+            liveloop_dot_predictor_dot_v1_dot_predictor__pb2.HealthRequest.SerializeToString,
+            liveloop_dot_predictor_dot_v1_dot_predictor__pb2.HealthResponse.FromString,
             options,
             channel_credentials,
             insecure,
