@@ -460,7 +460,7 @@
     const select = $("deployment");
     let names = [];
     try {
-      const answer = await call("/v1/config/deployments");
+      const answer = await call("/v1/config/deployments?page.page_size=1000");
       names = (answer.deployments || []).map((d) => d.name).filter(Boolean);
     } catch (error) {
       if (isAuthError(error)) throw error;

@@ -34,6 +34,7 @@ from libs.cli.output import (
 )
 from libs.common.client import open_blocking_channel
 from libs.common.deployment_spec import spec_diff
+from libs.common.paging import MAX_PAGE_SIZE
 from libs.common.settings import ClientSettings
 from libs.protos.liveloop.common.v1 import common_pb2
 from libs.protos.liveloop.config.v1 import config_pb2, config_pb2_grpc
@@ -282,7 +283,20 @@ def list_deployments(
 ) -> None:
     """The deployments that exist at the head revision."""
     with _config_service(state_dir, target) as service:
-        reply = service.call("List", config_pb2.ListRequest())
+        reply = service.call(
+            "List", config_pb2.ListRequest(page=common_pb2.PageRequest(page_size=MAX_PAGE_SIZE))
+        )
+        while reply.page.next_page_token:  # every page, in order
+            following = service.call(
+                "List",
+                config_pb2.ListRequest(
+                    page=common_pb2.PageRequest(
+                        page_size=MAX_PAGE_SIZE, page_token=reply.page.next_page_token
+                    )
+                ),
+            )
+            reply.deployments.extend(following.deployments)
+            reply.page.CopyFrom(following.page)
     if as_json:
         emit_json(
             {

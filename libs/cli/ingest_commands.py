@@ -44,6 +44,8 @@ from libs.cli.output import (
     plain,
 )
 from libs.common.client import open_blocking_channel
+from libs.common.paging import MAX_PAGE_SIZE
+from libs.protos.liveloop.common.v1 import common_pb2
 from libs.protos.liveloop.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
 UPLOAD_CHUNK_BYTES = 1 << 20  # the size the protocol recommends
@@ -461,7 +463,22 @@ def tables(
             )
             _print_description(reply, as_json)
             return
-        listed = service.call("ListTables", ingest_pb2.ListTablesRequest(prefix=prefix))
+        listed = service.call(
+            "ListTables",
+            ingest_pb2.ListTablesRequest(prefix=prefix, page=common_pb2.PageRequest(page_size=MAX_PAGE_SIZE)),
+        )
+        while listed.page.next_page_token:  # every page, in order
+            following = service.call(
+                "ListTables",
+                ingest_pb2.ListTablesRequest(
+                    prefix=prefix,
+                    page=common_pb2.PageRequest(
+                        page_size=MAX_PAGE_SIZE, page_token=listed.page.next_page_token
+                    ),
+                ),
+            )
+            listed.tables.extend(following.tables)
+            listed.page.CopyFrom(following.page)
     if as_json:
         emit_json([_table_json(t) for t in listed.tables])
         return

@@ -31,6 +31,7 @@ from libs.common.client import open_blocking_channel
 from libs.common.errors import LiveloopError
 from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 from libs.stack import launcher
+from libs.stack.credentials import KEY_FILE
 from libs.stack.processes import PortTaken
 from libs.stack.topology import SERVICE_HEADER, SERVICES
 
@@ -169,30 +170,69 @@ def health(state_dir: StateDir = None, target: TargetOption = None, as_json: Jso
     raise typer.Exit(0 if all(state == "SERVING" for state in report.values()) else 1)
 
 
+def _key_file(out: Path | None, state_dir: Path | None) -> Path:
+    """--out, else the key file of the local stack in --state-dir (what its services read)."""
+    return out if out is not None else stack_settings(state_dir).state_dir / KEY_FILE
+
+
 @keys_app.command("create")
 def keys_create(
-    out: Annotated[Path, typer.Option(help="Key file (hashes only) to create or extend")],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Key file (hashes only) to create or extend; default: the local stack's"),
+    ] = None,
     role: Annotated[Role, typer.Option(help="invoke or admin")] = Role.INVOKE,
     name: Annotated[str, typer.Option(help="Who or what uses the key")] = "client",
+    state_dir: StateDir = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Create an API key: its hash is added to OUT, the key itself is printed once."""
-    store = ApiKeyStore.load(out) if out.exists() else ApiKeyStore([])
+    """Create an API key: its hash is added to the key file, the key itself is printed once. Running
+    services read the file again within a second: the key works without a restart."""
+    path = _key_file(out, state_dir)
+    try:
+        store = ApiKeyStore.load(path) if path.exists() else ApiKeyStore([])
+    except LiveloopError as exc:
+        fail(exc.message)
     api_key, record = generate_api_key(role, name)
     store.add(record)
-    store.save(out)
+    store.save(path)
     if as_json:
         sys.stdout.write(json.dumps({"key_id": record.key_id, "role": role.value, "api_key": api_key}) + "\n")
     else:
-        console.print(f"created {role.value} key {record.key_id} in {out}; it is shown only now:")
+        console.print(f"created {role.value} key {record.key_id} in {path}; it is shown only now:")
         console.print(api_key, soft_wrap=True)
 
 
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="Id of the key (`liveloop keys list`)")],
+    file: Annotated[Path | None, typer.Option("--file", help="Key file; default: the local stack's")] = None,
+    state_dir: StateDir = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Revoke a key: it is refused within a second, without a restart."""
+    path = _key_file(file, state_dir)
+    try:
+        store = ApiKeyStore.load(path)
+        record = store.remove(key_id)
+    except LiveloopError as exc:
+        fail(exc.message)
+    store.save(path)
+    if as_json:
+        sys.stdout.write(json.dumps({"key_id": record.key_id, "revoked": True}) + "\n")
+    else:
+        console.print(f"revoked {record.role.value} key {record.key_id} ({record.name}) in {path}")
+
+
 @keys_app.command("list")
-def keys_list(file: Annotated[Path, typer.Argument(help="Key file")], as_json: JsonFlag = False) -> None:
+def keys_list(
+    file: Annotated[Path | None, typer.Argument(help="Key file; default: the local stack's")] = None,
+    state_dir: StateDir = None,
+    as_json: JsonFlag = False,
+) -> None:
     """List key ids, roles and names (never the keys)."""
     try:
-        store = ApiKeyStore.load(file)
+        store = ApiKeyStore.load(_key_file(file, state_dir))
     except LiveloopError as exc:
         fail(exc.message)
     rows = [

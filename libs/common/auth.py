@@ -11,14 +11,19 @@ import enum
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
+import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from libs.common.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from libs.common.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+
+logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "ll"
 
@@ -132,3 +137,54 @@ class ApiKeyStore:
                 f"{method} needs role '{required.value}', the key has '{record.role.value}'"
             )
         return record
+
+    def remove(self, key_id: str) -> ApiKeyRecord:
+        """Revoke a key by id; NotFound when the store has none."""
+        record = self._by_id.pop(key_id, None)
+        if record is None:
+            raise NotFound(f"no key '{key_id}' in this file", field="key_id")
+        return record
+
+
+class KeyFile:
+    """The keys of a key file, read again when the file changes (its size and modification time,
+    checked at most every `check_seconds`), so a key created or revoked with `liveloop keys` takes
+    effect without a restart. A file that became unreadable keeps the last keys read (logged once)."""
+
+    def __init__(
+        self, path: Path, check_seconds: float = 1.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.path = path
+        self._check_seconds = check_seconds
+        self._clock = clock
+        self._signature = self._stat()
+        self._store = ApiKeyStore.load(path)
+        self._checked_at = clock()
+        self._failed = False
+
+    def _stat(self) -> tuple[int, int] | None:
+        try:
+            status = self.path.stat()
+        except OSError:
+            return None
+        return status.st_mtime_ns, status.st_size
+
+    @property
+    def store(self) -> ApiKeyStore:
+        now = self._clock()
+        if now - self._checked_at >= self._check_seconds:
+            self._checked_at = now
+            signature = self._stat()
+            if signature != self._signature:
+                try:
+                    self._store = ApiKeyStore.load(self.path)
+                    self._signature, self._failed = signature, False
+                    logger.info("API key file %s changed: %d keys", self.path, len(self._store.records))
+                except InvalidArgument as exc:
+                    if not self._failed:
+                        logger.error("%s; the keys read before stay in force", exc.message)
+                    self._failed = True
+        return self._store
+
+    def authorize(self, api_key: str | None, required: Role, method: str) -> ApiKeyRecord:
+        return self.store.authorize(api_key, required, method)

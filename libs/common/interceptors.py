@@ -23,7 +23,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from redis import exceptions as redis_errors
 from sqlalchemy import exc as sqlalchemy_errors
 
-from libs.common.auth import CALLER, ApiKeyStore, Role
+from libs.common.auth import CALLER, ApiKeyStore, KeyFile, Role
 from libs.common.errors import LiveloopError
 
 logger = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ def _as_caller(behavior: Behavior, caller: str) -> Behavior:
 class AuthInterceptor(aio.ServerInterceptor):
     """Checks the API key and its role; methods not in `method_roles` need `admin`."""
 
-    def __init__(self, key_store: ApiKeyStore, method_roles: Mapping[str, Role]) -> None:
+    def __init__(self, key_store: ApiKeyStore | KeyFile, method_roles: Mapping[str, Role]) -> None:
         self._key_store = key_store
         self._method_roles = dict(method_roles)
 

@@ -20,7 +20,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from libs.common.auth import ApiKeyStore, Role
+from libs.common.auth import KeyFile, Role
 from libs.common.errors import FailedPrecondition, LiveloopError, Unavailable
 from libs.common.interceptors import AuthInterceptor, ErrorInterceptor, TelemetryInterceptor
 from libs.common.settings import ServiceSettings, TracingExporter, load_settings
@@ -102,7 +102,7 @@ def _reflection_pool(files: Sequence[FileDescriptor]) -> descriptor_pool.Descrip
     return pool
 
 
-def load_key_store(settings: ServiceSettings) -> ApiKeyStore | None:
+def load_key_store(settings: ServiceSettings) -> KeyFile | None:
     if not settings.auth_enabled:
         logger.warning("API key auth is disabled: every caller is trusted")
         return None
@@ -112,7 +112,7 @@ def load_key_store(settings: ServiceSettings) -> ApiKeyStore | None:
             "or set auth_enabled=false for a trusted network",
             field="api_keys_file",
         )
-    return ApiKeyStore.load(settings.api_keys_file)
+    return KeyFile(settings.api_keys_file)
 
 
 def _bind(server: aio.Server, settings: ServiceSettings) -> int:

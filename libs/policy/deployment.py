@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from libs.common.deployment_spec import Algorithm, DeploymentSpec, Offer, Variant
+from libs.common.errors import InvalidArgument
 from libs.policy.context import Context, segment_reads_features
 from libs.policy.eligibility import eligible_offers
 from libs.policy.models import LoadedModel
@@ -56,6 +57,21 @@ class RankedOffer:
     model_score: float | None = None  # the bound model's predicted take-up for this offer
     alpha: float | None = None  # Thompson sampling: the Beta posterior this offer's score was drawn from
     beta: float | None = None
+
+
+ELIGIBLE_OFFERS_PARAM = "eligible_offers"
+
+
+def _requested_offers(value: Any) -> frozenset[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return frozenset(part.strip() for part in value.split(",") if part.strip())
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return frozenset(value)
+    raise InvalidArgument(
+        "must be a list of offer ids or names, or a comma-separated string", field="params.eligible_offers"
+    )
 
 
 @dataclass(frozen=True)
@@ -133,8 +149,14 @@ class PreparedDeployment:
         return self.plans[self.variant_weights[-1][0]]
 
     def eligible(self, context: Context, params: Mapping[str, Any]) -> list[Offer]:
-        """The offers this customer may be shown: eligibility rules, then pre-score plugins."""
-        return self.plugins.filter(eligible_offers(self.spec.offers, context.values), context, params)
+        """The offers this customer may be shown: eligibility rules, the request's own list when it
+        sends one (param `eligible_offers`: ids or names, a list or comma-separated, as the
+        ecosystem.Ai runtime takes it), then pre-score plugins."""
+        offers = eligible_offers(self.spec.offers, context.values)
+        requested = _requested_offers(params.get(ELIGIBLE_OFFERS_PARAM))
+        if requested is not None:
+            offers = [offer for offer in offers if offer.id in requested or offer.name in requested]
+        return self.plugins.filter(offers, context, params)
 
     def choose(
         self,

@@ -11,6 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from libs.common.auth import CALLER
 from libs.common.errors import InvalidArgument
+from libs.common.paging import page_of
 from libs.protos.liveloop.common.v1 import common_pb2
 from libs.protos.liveloop.config.v1 import config_pb2, config_pb2_grpc
 from services.config.core import distribution
@@ -101,10 +102,11 @@ class ConfigServicer(config_pb2_grpc.ConfigServiceServicer):
 
     async def List(self, request: config_pb2.ListRequest, context: Any) -> config_pb2.ListResponse:
         deployments, head = await self._service.list_deployments()
+        page, following = page_of(deployments, request.page.page_size, request.page.page_token)
         return config_pb2.ListResponse(
-            deployments=[deployment_message(d, include_spec=request.include_spec) for d in deployments],
+            deployments=[deployment_message(d, include_spec=request.include_spec) for d in page],
             head_revision=head,
-            page=common_pb2.PageResponse(total_size=len(deployments)),
+            page=common_pb2.PageResponse(total_size=len(deployments), next_page_token=following),
         )
 
     async def History(self, request: config_pb2.HistoryRequest, context: Any) -> config_pb2.HistoryResponse:

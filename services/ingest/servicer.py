@@ -11,6 +11,7 @@ from google.protobuf.struct_pb2 import Value
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from libs.common.errors import InvalidArgument
+from libs.common.paging import page_of
 from libs.protos.liveloop.common.v1 import common_pb2
 from libs.protos.liveloop.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from services.ingest.core.columns import Column, ColumnType
@@ -226,8 +227,10 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self, request: ingest_pb2.ListTablesRequest, context: Any
     ) -> ingest_pb2.ListTablesResponse:
         tables = await self._service.list_tables(request.prefix)
+        page, following = page_of(tables, request.page.page_size, request.page.page_token)
         return ingest_pb2.ListTablesResponse(
-            tables=[_table_info(t) for t in tables], page=common_pb2.PageResponse(total_size=len(tables))
+            tables=[_table_info(t) for t in page],
+            page=common_pb2.PageResponse(total_size=len(tables), next_page_token=following),
         )
 
     async def Describe(

@@ -213,6 +213,29 @@ def test_the_reply_carries_what_that_runtimes_clients_read(stack: LocalStack, re
     assert "unknown field 'campain' ignored" in warned["warnings"]
 
 
+def test_a_call_may_narrow_the_offers_and_override_exploration(stack: LocalStack, revision: int) -> None:
+    offers = example_document()["offers"]
+    two = [offers[0]["id"], offers[1]["name"]]  # by id or by name, as that runtime takes them
+    for params in ({"eligible_offers": two}, {"eligible_offers": ",".join(two)}):
+        body = invoke_ok(stack, invocation(numberoffers=3, params=params))
+        shown = {row["result"]["offer"] for row in body["final_result"]}
+        assert shown == {offers[0]["id"], offers[1]["id"]}, body
+        assert any("2 eligible" in warning for warning in body["warnings"]), body["warnings"]
+    for _ in range(5):  # epsilon 1 for this call: always explored, each of the 7 offers equally likely first
+        body = invoke_ok(
+            stack,
+            invocation(
+                numberoffers=1, params={"trips_per_year": 6, "mab": {"class": "mabone", "epsilon": 1}}
+            ),
+        )
+        assert body["explore"] == 1
+        assert body["final_result"][0]["result"]["propensity"] == pytest.approx(1 / len(offers))
+        assert any("params.mab.class 'mabone' ignored" in warning for warning in body["warnings"])
+    status, reply = post(stack, "/invocations", invocation(params={"mab": {"epsilon": 2}}))
+    assert (status, reply["code"]) == (400, 3)
+    assert reply["message"].startswith("params.mab.epsilon: "), reply
+
+
 def test_flatten_json_gives_flat_keys(stack: LocalStack, revision: int) -> None:
     for payload in (
         invocation(numberoffers=2, in_param={"flatten_json": True}),
@@ -453,3 +476,31 @@ async def test_no_request_fails_during_live_publishes(stack: LocalStack, revisio
     with open_blocking_channel(stack.front_door, api_key=invoke_key, deadline_seconds=10) as channel:
         ping = predictor_pb2_grpc.PredictorServiceStub(channel).Ping(predictor_pb2.PingRequest())
         assert ping.config_revision == published[-1]
+
+
+def test_a_new_key_works_and_a_revoked_one_stops_without_a_restart(stack: LocalStack, revision: int) -> None:
+    created = stack.cli("keys", "create", "--role", "invoke", "--name", "app-team", "--json")
+    assert created.returncode == 0, created.stderr
+    document = json.loads(created.stdout)
+    headers = {"content-type": "application/json", "x-api-key": document["api_key"]}
+
+    def status_with_new_key() -> int:
+        request = urllib.request.Request(
+            f"http://{stack.front_door}/invocations", data=json.dumps(invocation()).encode(), headers=headers
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as error:
+            return int(error.code)
+
+    assert wait_until(lambda: status_with_new_key() == 200, timeout=10), "the new key was not taken"
+    listed = stack.cli("keys", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert document["key_id"] in {row["key_id"] for row in json.loads(listed.stdout)}
+    revoked = stack.cli("keys", "revoke", document["key_id"])
+    assert revoked.returncode == 0, revoked.stderr
+    assert wait_until(lambda: status_with_new_key() == 401, timeout=10), "the revoked key still works"
+    again = stack.cli("keys", "revoke", document["key_id"])
+    assert again.returncode == 1
+    assert "no key" in again.stderr

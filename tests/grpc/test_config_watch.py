@@ -233,6 +233,21 @@ async def test_publish_get_list_history_rollback_delete_round_trip(config: Confi
     assert all(d.spec_json == "" for d in listed.deployments)
     with_specs = await admin.List(config_pb2.ListRequest(include_spec=True))
     assert json.loads(with_specs.deployments[0].spec_json)["name"] == "second"
+    # Paged: one deployment a page, the token leads to the next, the last page has none.
+    first = await admin.List(config_pb2.ListRequest(page=common_pb2.PageRequest(page_size=1)))
+    assert ([d.name for d in first.deployments], first.page.total_size) == (["second"], 2)
+    assert first.page.next_page_token
+    last = await admin.List(
+        config_pb2.ListRequest(
+            page=common_pb2.PageRequest(page_size=1, page_token=first.page.next_page_token)
+        )
+    )
+    assert ([d.name for d in last.deployments], last.page.next_page_token) == (["telco-offers"], "")
+    code, details = await status_of(
+        admin.List(config_pb2.ListRequest(page=common_pb2.PageRequest(page_token="not-a-token")))
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.startswith("page.page_token: ")
 
     history = await admin.History(config_pb2.HistoryRequest(deployment="second"))
     assert [(e.revision, e.kind, e.message) for e in history.entries] == [

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from libs.common.auth import ApiKeyStore, Role, generate_api_key
-from libs.common.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from libs.common.auth import ApiKeyStore, KeyFile, Role, generate_api_key
+from libs.common.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 
 
 def test_key_round_trip_through_file_keeps_only_hashes(tmp_path: Path) -> None:
@@ -51,3 +51,34 @@ def test_malformed_key_file_names_the_setting(tmp_path: Path) -> None:
         ApiKeyStore.load(path)
     with pytest.raises(InvalidArgument, match="does not exist"):
         ApiKeyStore.load(tmp_path / "missing.json")
+
+
+def test_a_key_file_is_read_again_when_it_changes(tmp_path: Path) -> None:
+    """Keys created and revoked take effect without a restart; a broken file keeps the last keys."""
+    path = tmp_path / "keys.json"
+    first_key, first = generate_api_key(Role.INVOKE, "first")
+    ApiKeyStore([first]).save(path)
+    now = [0.0]
+    keys = KeyFile(path, check_seconds=1.0, clock=lambda: now[0])
+    assert keys.authorize(first_key, Role.INVOKE, "m").key_id == first.key_id
+
+    second_key, second = generate_api_key(Role.ADMIN, "second")
+    store = ApiKeyStore.load(path)
+    store.add(second)
+    store.save(path)
+    with pytest.raises(Unauthenticated):  # not looked at again within the check interval
+        keys.authorize(second_key, Role.ADMIN, "m")
+    now[0] = 1.5
+    assert keys.authorize(second_key, Role.ADMIN, "m").key_id == second.key_id
+
+    store.remove(first.key_id)
+    store.save(path)
+    now[0] = 3.0
+    with pytest.raises(Unauthenticated):
+        keys.authorize(first_key, Role.INVOKE, "m")
+    with pytest.raises(NotFound):
+        store.remove(first.key_id)
+
+    path.write_text("{not json")
+    now[0] = 4.5
+    assert keys.authorize(second_key, Role.ADMIN, "m").key_id == second.key_id  # the last good keys

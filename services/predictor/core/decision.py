@@ -8,6 +8,7 @@ libs/common/decision_log.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -118,12 +119,12 @@ class DecisionEngine:
             raise InvalidArgument("is longer than 256 characters", field="customer")
         params = {**parse_params(request.in_param, "in_param"), **parse_params(request.params, "params")}
         count = parse_number_of_offers(request.numberoffers, spec.default_number_of_offers, len(spec.offers))
-        plan = prepared.variant_for(request.customer)
+        plan, override_warnings = _with_call_overrides(prepared.variant_for(request.customer), params)
         generation = await self.options.generation(spec.name)
         found, features, context, eligible, statistics = await self._inputs(
             prepared, plan, generation, request, params
         )
-        warnings = list(context.warnings)
+        warnings = [*context.warnings, *override_warnings]
         if spec.feature_lookup is not None and not found:
             warnings.append(
                 f"no features for '{request.customer}' in '{spec.feature_lookup.feature_view}'; defaults used"
@@ -402,3 +403,33 @@ class DecisionEngine:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _with_call_overrides(plan: VariantPlan, params: Mapping[str, Any]) -> tuple[VariantPlan, list[str]]:
+    """The plan with this call's `mab` override (the ecosystem.Ai runtime's per-call
+    {"class": ..., "epsilon": ...}): its epsilon explores this call instead of the deployment's (the
+    logged propensities use it, so they stay exact); a class cannot switch the algorithm per call
+    and is named in a warning."""
+    override = params.get("mab")
+    if override is None:
+        return plan, []
+    if not isinstance(override, Mapping):
+        raise InvalidArgument('must be an object such as {"epsilon": 0.1}', field="params.mab")
+    warnings = []
+    if "class" in override:
+        warnings.append(
+            f"params.mab.class '{override['class']}' ignored: the deployment's algorithm "
+            f"'{plan.algorithm.approach}' serves every call"
+        )
+    if "epsilon" in override:
+        epsilon = override["epsilon"]
+        try:
+            value = float(epsilon)
+        except (TypeError, ValueError):
+            raise InvalidArgument(
+                f"must be a number in [0, 1], got {epsilon!r}", field="params.mab.epsilon"
+            ) from None
+        if isinstance(epsilon, bool) or not 0.0 <= value <= 1.0:
+            raise InvalidArgument(f"must be a number in [0, 1], got {epsilon!r}", field="params.mab.epsilon")
+        plan = dataclasses.replace(plan, epsilon=value)
+    return plan, warnings

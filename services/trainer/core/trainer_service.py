@@ -26,6 +26,7 @@ from libs.common.deployment_spec import deployment_spec_from_mapping
 from libs.common.distribution_drift import TrainingReference
 from libs.common.errors import FailedPrecondition, InvalidArgument, LiveloopError
 from libs.common.model_artifacts import MANIFEST_FILE
+from libs.common.paging import next_page_token, page_window
 from libs.common.training_spec import Encoding, TrainingJobSpec
 from services.trainer.core.artifacts import artifact_path, read_verified_artifact
 from services.trainer.core.evaluation import (
@@ -52,8 +53,6 @@ from services.trainer.core.training_data import (
 logger = logging.getLogger(__name__)
 
 WATCH_POLL_SECONDS = 2.0  # watchers also re-read SQL this often, in case a wake-up was missed
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
 # Metric -> True when higher is better.
 COMPARED_METRICS: dict[str, bool] = {
     "auc": True,
@@ -128,18 +127,6 @@ def code_version(repository: Path | None = None) -> str:
     except (OSError, subprocess.SubprocessError):
         return package
     return f"{package}+git.{described}" if described else package
-
-
-def page_window(page_size: int, page_token: str) -> tuple[int, int]:
-    """(limit, offset) of a page; the token is the offset of the page, as text."""
-    if page_size < 0:
-        raise InvalidArgument("must not be negative", field="page.page_size")
-    limit = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-    if not page_token:
-        return limit, 0
-    if not page_token.isdigit():
-        raise InvalidArgument("is not a token this server gave out", field="page.page_token")
-    return limit, int(page_token)
 
 
 class TrainerService:
@@ -253,8 +240,7 @@ class TrainerService:
         jobs, total = await asyncio.to_thread(
             lambda: self.store.list_jobs(state=state, model_name=model_name, limit=limit, offset=offset)
         )
-        following = str(offset + limit) if offset + limit < total else ""
-        return jobs, total, following
+        return jobs, total, next_page_token(limit, offset, total)
 
     # Registry -----------------------------------------------------------------------------------
 
@@ -265,8 +251,7 @@ class TrainerService:
         models, total = await asyncio.to_thread(
             lambda: self.store.list_models(name_prefix=name_prefix, limit=limit, offset=offset)
         )
-        following = str(offset + limit) if offset + limit < total else ""
-        return models, total, following, await self._bindings()
+        return models, total, next_page_token(limit, offset, total), await self._bindings()
 
     async def get_model(self, name: str, version: int) -> tuple[ModelVersionRecord, list[int], list[str]]:
         """The version, every version number, and the deployments whose head spec binds it."""
