@@ -149,14 +149,24 @@ def _report(document: dict[str, Any], as_json: bool) -> None:
 
 def models(
     name: Annotated[str | None, typer.Argument(help="A model: show its newest version in full")] = None,
+    describe: Annotated[
+        str | None,
+        typer.Option(
+            "--describe",
+            help="Show this model in full (NAME or NAME:VERSION), input columns in order included",
+        ),
+    ] = None,
     state_dir: StateDir = None,
     target: TargetOption = None,
     as_json: JsonFlag = False,
 ) -> None:
     """The model registry: every model with its newest version's metrics, or one model in full."""
+    if describe and name:
+        fail("name one model: an argument or --describe, not both", code=2)
+    name, version_number = _model_ref(describe or name or "")
     with _trainer(state_dir, target) as trainer:
         if name:
-            got = trainer.GetModel(trainer_pb2.GetModelRequest(name=name), timeout=15)
+            got = trainer.GetModel(trainer_pb2.GetModelRequest(name=name, version=version_number), timeout=30)
             document = MessageToDict(got, preserving_proto_field_name=True)
             if as_json:
                 sys.stdout.write(json.dumps(document, indent=2) + "\n")
@@ -171,6 +181,12 @@ def models(
                 ("calibration error", _metric(version.metrics.calibration_error)),
                 ("test rows", str(version.metrics.rows)),
                 ("features", ", ".join(f"{f.name} ({f.encoding})" for f in version.features)),
+                (
+                    "input columns",
+                    f"{len(version.input_columns)}, in order: {', '.join(version.input_columns)}"
+                    if version.input_columns
+                    else "- (the artifact cannot be read)",
+                ),
                 ("training set", version.training_set),
                 ("data fingerprint", version.data_fingerprint),
                 ("code version", version.code_version),
@@ -200,6 +216,14 @@ def models(
             ", ".join(f"{d.name}@v{d.revision}" for d in model.deployments) or "-",
         )
     console.print(table)
+
+
+def _model_ref(text: str) -> tuple[str, int]:
+    """NAME or NAME:VERSION (0: the newest); exit 2 on a version that is not a number."""
+    name, _, number = text.partition(":")
+    if number and not number.isdigit():
+        fail(f"'{text}' is not NAME or NAME:VERSION", code=2)
+    return name, int(number or 0)
 
 
 _LOWER_IS_BETTER = {"log_loss", "calibration_error", "brier_score"}

@@ -14,6 +14,12 @@ def online_features(feature_view: str, entity: str) -> str:
     return f"{PREFIX}:features:{feature_view}:{entity}"
 
 
+def feature_view_columns(feature_view: str) -> str:
+    """The features a materialized view holds (a JSON list), written by ingest with its rows, so a
+    replica can tell whether a bound model's inputs can be supplied before it serves one."""
+    return f"{PREFIX}:feature-columns:{feature_view}"
+
+
 def options_generation(deployment: str) -> str:
     """Which generation of a deployment's options store is live (switched atomically by ingest)."""
     return f"{PREFIX}:options:{deployment}:generation"

@@ -83,6 +83,9 @@ class Choice:
     eligible: list[Offer]  # every eligible offer, in the order scored
     scores: np.ndarray  # per eligible offer: the value it was ranked by
     first_slot: FirstSlotCounts  # per eligible offer: how likely it was to be shown first
+    # Inputs of the bound model this request did not supply (scored with the training mean or no
+    # category instead): train/serve skew the reply and a metric report.
+    model_inputs_missing: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -196,8 +199,12 @@ class PreparedDeployment:
             segment=context.segment,
         )
         model_scores = scores.model_score
-        if model_scores is None and plan.model is not None:  # bound, not scored with: still reported
-            model_scores = plan.model.predict_offers({**model_inputs, **context.numeric}, offer_ids)
+        missing: tuple[str, ...] = ()
+        if plan.model is not None:
+            values = {**model_inputs, **context.numeric}
+            missing = tuple(plan.model.encoder.missing(values))
+            if model_scores is None:  # bound, not scored with: still reported
+                model_scores = plan.model.predict_offers(values, offer_ids)
         ranking = rank(
             scores,
             [offer.category for offer in eligible],
@@ -224,4 +231,4 @@ class PreparedDeployment:
                 zip(ranking.shown, ranking.propensities, strict=True)
             )
         ]
-        return Choice(ranking.explore, offers, list(eligible), scores.score, ranking.first_slot)
+        return Choice(ranking.explore, offers, list(eligible), scores.score, ranking.first_slot, missing)

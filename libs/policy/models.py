@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from libs.common.deployment_spec import DeploymentSpec
 from libs.common.errors import FailedPrecondition
 from libs.common.model_artifacts import (
     MODEL_FILE,
@@ -108,16 +109,33 @@ class FeatureEncoder:
     def width(self) -> int:
         return len(self.inputs)
 
+    @staticmethod
+    def _value(values: Mapping[str, Any], name: str) -> Any:
+        value = values.get(name)
+        if value is None and "__" in name:
+            # A training set from BuildTrainingSet names a feature <view>__<feature>; a replica
+            # reads the same feature from the online store under its own name.
+            value = values.get(name.split("__", 1)[1])
+        return value
+
+    def missing(self, values: Mapping[str, Any]) -> list[str]:
+        """The inputs (the offer aside) these values do not supply, or supply as something that is not
+        a number where a number was trained: encode() stands in the training mean or no category."""
+        absent = []
+        for feature in self.features:
+            if feature.name == self.offer_feature:
+                continue
+            value = self._value(values, feature.name)
+            if value is None or (feature.encoding == "standardize" and _number(value) is None):
+                absent.append(feature.name)
+        return absent
+
     def encode(self, values: Mapping[str, Any]) -> np.ndarray:
         """One row: numbers as given (missing: the training mean), one-hot 0/1 (unseen: all zero)."""
         row = np.zeros(self.width, dtype=np.float64)
         for feature in self.features:
             start, categories = self._offsets[feature.name]
-            value = values.get(feature.name)
-            if value is None and "__" in feature.name:
-                # A training set from BuildTrainingSet names a feature <view>__<feature>; a replica
-                # reads the same feature from the online store under its own name.
-                value = values.get(feature.name.split("__", 1)[1])
+            value = self._value(values, feature.name)
             if feature.encoding == "standardize":
                 number = _number(value)
                 row[start] = feature.mean if number is None else number
@@ -209,3 +227,27 @@ def load_model(directory: Path, name: str, version: int) -> LoadedModel:
             field="model",
         )
     return model
+
+
+def unsupplied_inputs(
+    model: LoadedModel, spec: DeploymentSpec, view_columns: Sequence[str] | None
+) -> list[str]:
+    """The model's inputs (the offer aside) this deployment cannot supply: not a context variable
+    (nor the feature or param one reads), not a default of its feature lookup, not a column of the
+    feature view it reads (`view_columns`; None: the view was never materialized). A model scored
+    without them uses training means on every request: train/serve skew."""
+    supplied = {variable.name for variable in spec.context_variables}
+    supplied |= {variable.field for variable in spec.context_variables if variable.field}
+    if spec.feature_lookup is not None:
+        supplied |= set(spec.feature_lookup.defaults)
+        supplied |= set(view_columns or ())
+    encoder = model.encoder
+    missing = []
+    for feature in encoder.features:
+        name = feature.name
+        if name == encoder.offer_feature:
+            continue
+        if name in supplied or ("__" in name and name.split("__", 1)[1] in supplied):
+            continue
+        missing.append(name)
+    return missing

@@ -11,6 +11,7 @@ output `probability` of shape [batch, 1]; data comes as typed `contents` or `raw
 from __future__ import annotations
 
 import asyncio
+import json
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -87,7 +88,10 @@ class InferenceServicer(grpc_predict_v2_pb2_grpc.GRPCInferenceServiceServicer):
             platform=PLATFORM,
             inputs=[
                 oip.ModelMetadataResponse.TensorMetadata(
-                    name=INPUT_NAME, datatype=DATATYPE, shape=[-1, model.width]
+                    name=INPUT_NAME,
+                    datatype=DATATYPE,
+                    shape=[-1, model.width],
+                    parameters=_input_description(model),
                 )
             ],
             outputs=[
@@ -162,3 +166,17 @@ def _input_matrix(request: oip.ModelInferRequest, width: int) -> np.ndarray:
     if not np.isfinite(matrix).all():
         raise InvalidArgument("holds NaN or infinite values", field="inputs[0]")
     return matrix
+
+
+def _input_description(model: LoadedModel) -> dict[str, oip.InferParameter]:
+    """What each column of the input tensor is: the artifact's encoding, so a client can build rows."""
+    encoder = model.encoder
+    encodings = [
+        {"name": f.name, "encoding": f.encoding, "mean": f.mean, "categories": list(f.categories)}
+        for f in encoder.features
+    ]
+    return {
+        "columns": oip.InferParameter(string_param=json.dumps(encoder.inputs)),
+        "encodings": oip.InferParameter(string_param=json.dumps(encodings)),
+        "offer_feature": oip.InferParameter(string_param=encoder.offer_feature),
+    }

@@ -15,9 +15,11 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from libs.common.auth import Role
 from libs.common.config_follower import AppliedConfig, ConfigFollower
 from libs.common.deployment_spec import DeploymentSpec
+from libs.common.errors import FailedPrecondition
 from libs.common.server import RunningServer, ServiceDefinition, start_server
 from libs.policy.deployment import PreparedDeployment
 from libs.policy.model_repository import ModelRepository
+from libs.policy.models import unsupplied_inputs
 from libs.protos.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 from libs.stack.topology import PREDICTOR
@@ -70,8 +72,28 @@ async def build_server(settings: PredictorSettings) -> RunningServer:
 
     async def prepare(spec: DeploymentSpec) -> PreparedDeployment:
         # Verify, load and warm up every bound model version off the event loop; a failure here
-        # NACKs the revision and the models of the current one keep serving.
+        # NACKs the revision and the models of the current one keep serving. So does a model whose
+        # inputs the deployment cannot supply (it would be scored with training means).
         loaded = await asyncio.to_thread(models.load_bindings, spec)
+        if loaded:
+            view = spec.feature_lookup.feature_view if spec.feature_lookup is not None else None
+            columns = await options.feature_view_columns(view) if view is not None else None
+            for model in loaded.values():
+                missing = unsupplied_inputs(model, spec, columns)
+                if missing:
+                    where = (
+                        f"; feature view '{view}' holds {', '.join(columns) or 'nothing'}"
+                        if columns is not None
+                        else f"; feature view '{view}' was never materialized"
+                        if view is not None
+                        else ""
+                    )
+                    raise FailedPrecondition(
+                        f"model {model.name}:{model.version} reads {', '.join(missing)}, which this "
+                        f"deployment cannot supply (declare a context variable, a feature_lookup default, "
+                        f"or materialize a view that holds it{where})",
+                        field="model",
+                    )
         return PreparedDeployment.prepare(spec, loaded)
 
     async def on_change(applied: AppliedConfig[PreparedDeployment]) -> None:

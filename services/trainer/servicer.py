@@ -206,7 +206,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self, request: trainer_pb2.GetModelRequest, context: Any
     ) -> trainer_pb2.GetModelResponse:
         record, versions, deployments = await self._service.get_model(request.name, request.version)
-        return trainer_pb2.GetModelResponse(model=version_message(record, deployments), versions=versions)
+        model = version_message(record, deployments)
+        model.input_columns.extend(await self._service.input_columns(record))
+        return trainer_pb2.GetModelResponse(model=model, versions=versions)
 
     async def GetTrainingReference(
         self, request: trainer_pb2.GetTrainingReferenceRequest, context: Any

@@ -17,6 +17,7 @@ import tritonclient.grpc as triton
 import yaml
 
 from libs.common.client import open_blocking_channel
+from libs.protos.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 from libs.protos.liveloop.common.v1 import common_pb2
 from libs.protos.liveloop.config.v1 import config_pb2, config_pb2_grpc
 from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
@@ -82,11 +83,34 @@ def run(stack: LocalStack, tmp_path: Path) -> None:
         stack.front_door, api_key=credentials["admin"], deadline_seconds=10
     ) as channel:
         config = config_pb2_grpc.ConfigServiceStub(channel)
-        document = {
+        document: dict[str, object] = {
             "name": "telco",
             "offers": [{"id": offer} for offer in OFFERS],
             "exploration_epsilon": 0.0,
         }
+        config.Publish(config_pb2.PublishRequest(spec_text=json.dumps(document)))
+        # A deployment that cannot supply the model's inputs (no context variable, no feature view):
+        # promoting the model into it would score every customer with training means, so both
+        # replicas NACK the revision and keep serving the one before.
+        promoted = stack.cli("promote", "take-up", "1", "--deployment", "telco", "--use", "score", "--json")
+        assert promoted.returncode == 0, promoted.stderr
+        skewed = int(json.loads(promoted.stdout)["config_revision"])
+
+        def both_nacked() -> bool:
+            replicas = config.ReplicaStatus(config_pb2.ReplicaStatusRequest()).replicas
+            return len(replicas) == 2 and all(r.last_nack_revision == skewed for r in replicas)
+
+        assert wait_until(both_nacked, timeout=30), "the replicas served a model they cannot feed"
+        for replica in config.ReplicaStatus(config_pb2.ReplicaStatusRequest()).replicas:
+            assert "reads age, tenure_months, region, which this deployment cannot supply" in (
+                replica.last_nack_reason
+            )
+        # Declared as context variables (sent as params), the inputs reach the model.
+        document["context_variables"] = [
+            {"name": "age", "source": "param", "kind": "numeric", "default": 40},
+            {"name": "tenure_months", "source": "param", "kind": "numeric", "default": 12},
+            {"name": "region", "source": "param", "default": "east", "segment": False},
+        ]
         config.Publish(config_pb2.PublishRequest(spec_text=json.dumps(document)))
         # Score with the model: the deployment's algorithm becomes `model`.
         promoted = stack.cli("promote", "take-up", "1", "--deployment", "telco", "--use", "score", "--json")
@@ -114,10 +138,15 @@ def run(stack: LocalStack, tmp_path: Path) -> None:
         scores = []
         for _ in range(6):
             reply = predictor.Invoke(
-                predictor_pb2.InvokeRequest(campaign="telco", customer="c1", params=_params({"age": 30}))
+                predictor_pb2.InvokeRequest(
+                    campaign="telco",
+                    customer="c1",
+                    params=_params({"age": 30, "tenure_months": 24, "region": "south"}),
+                )
             )
             assert reply.config_revision >= revision
             assert reply.model == "take-up:1"
+            assert list(reply.warnings) == []  # every input supplied
             assert [row.result.propensity for row in reply.final_result][:1] == [1.0]
             scores.append(
                 sorted((row.result.offer, round(row.result.arm_reward, 6)) for row in reply.final_result)
@@ -129,6 +158,18 @@ def run(stack: LocalStack, tmp_path: Path) -> None:
         headers = {"x-api-key": credentials["invoke"]}
         metadata = client.get_model_metadata("take-up", headers=headers, as_json=True, client_timeout=10)
         width = int(metadata["inputs"][0]["shape"][1])
+        # The columns of that input, in order, for any client with liveloop's OIP proto.
+        with open_blocking_channel(
+            stack.front_door, api_key=credentials["invoke"], deadline_seconds=10
+        ) as oip_channel:
+            described = grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(oip_channel).ModelMetadata(
+                grpc_predict_v2_pb2.ModelMetadataRequest(name="take-up", version="1")
+            )
+        columns = json.loads(described.inputs[0].parameters["columns"].string_param)
+        assert len(columns) == width
+        assert columns[:2] == ["age", "tenure_months"]
+        assert "region=north" in columns
+        assert described.inputs[0].parameters["offer_feature"].string_param == "offer_id"
         tensor = triton.InferInput("features", [3, width], "FP32")
         tensor.set_data_from_numpy(np.zeros((3, width), dtype=np.float32))
         started = time.monotonic()
@@ -139,6 +180,13 @@ def run(stack: LocalStack, tmp_path: Path) -> None:
         assert ((probabilities > 0) & (probabilities < 1)).all()
     finally:
         client.close()
+
+    shown = stack.cli("models", "--describe", "take-up:1", "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["model"]["input_columns"] == columns
+    table = stack.cli("models", "--describe", "take-up")
+    assert table.returncode == 0, table.stderr
+    assert f"{width}, in order: age, tenure_months" in table.stdout.replace("\n", " ")
 
     listed = stack.cli("models", "--json")
     assert listed.returncode == 0, listed.stderr

@@ -132,3 +132,5 @@ async def test_triton_only_extensions_are_unimplemented(
     # The model repository API is Triton's, not part of the Open Inference Protocol.
     error = await _failure(client.get_model_repository_index, headers=_invoke(api_keys))
     assert error.status() == "StatusCode.UNIMPLEMENTED"
+    error = await _failure(client.get_inference_statistics, headers=_invoke(api_keys))
+    assert error.status() == "StatusCode.UNIMPLEMENTED"

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 from grpc import aio
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 from tritonclient.utils import InferenceServerException
 
@@ -122,6 +123,8 @@ async def serving(
     try:
         predictor = await build_predictor(predictor_settings)
         await redis.hset(redis_keys.online_features("customers", "c1"), mapping=CUSTOMER_FEATURES)
+        # What ingest writes when it materializes the view: the features it holds.
+        await redis.set(redis_keys.feature_view_columns("customers"), json.dumps(list(CUSTOMER_FEATURES)))
         config_channel = open_channel(target(config), api_key=api_keys.admin)
         predictor_channel = open_channel(target(predictor), api_key=api_keys.invoke)
         channels += [config_channel, predictor_channel]
@@ -183,6 +186,71 @@ async def test_invoke_ranks_offers_by_the_models_take_up_with_honest_propensitie
             second = (EPSILON / 3 / 2 + (1 - EPSILON)) / (EPSILON / 3 + (1 - EPSILON))
             assert [row.propensity for row in rows] == pytest.approx([top, second, 1.0])
     assert exploited > 0
+
+
+async def test_a_model_input_the_request_cannot_supply_is_reported_and_counted(
+    serving: Serving, redis_url: str
+) -> None:
+    """Train/serve skew is never silent: the reply names the input scored with the training mean."""
+    revision = await serving.publish(1)
+    await eventually(lambda: _at_least(serving, revision), what="the replica on the revision binding v1")
+    redis = Redis.from_url(redis_url)
+    try:
+        await redis.hset(
+            redis_keys.online_features("customers", "c2"), mapping={"age": "27", "region": "north"}
+        )
+    finally:
+        await redis.aclose()
+
+    def counted() -> float:
+        labels = {"deployment": "telco", "model": "take-up:1", "input": "tenure_months"}
+        return REGISTRY.get_sample_value("liveloop_predictor_model_input_defaults_total", labels) or 0.0
+
+    before = counted()
+    reply = await serving.invoke("c2")
+    assert [w for w in reply.warnings if "tenure_months" in w] == [
+        "model take-up:1 has no value for tenure_months: scored with the training mean (numbers) or no "
+        "category instead"
+    ]
+    assert counted() == before + 1
+    assert list((await serving.invoke("c1")).warnings) == []  # every input there: nothing to say
+
+
+async def test_a_model_whose_inputs_the_deployment_cannot_supply_is_nacked(
+    serving: Serving, redis_url: str
+) -> None:
+    """Silent train/serve skew refused: the view lost a feature the model reads, so the next
+    revision binding it is NACKed naming the input, and the one before keeps serving."""
+    good = await serving.publish(1)
+    await eventually(lambda: _at_least(serving, good), what="the replica on the revision binding v1")
+    redis = Redis.from_url(redis_url)
+    key = redis_keys.feature_view_columns("customers")
+    try:
+        await redis.set(key, json.dumps(["age", "region"]))  # re-materialized without tenure_months
+        bad = await serving.publish(1, exploration_epsilon=0.1)
+
+        async def nacked() -> config_pb2.ReplicaState | None:
+            status = await serving.config.ReplicaStatus(
+                config_pb2.ReplicaStatusRequest(replica_id=PREDICTOR_REPLICA_ID)
+            )
+            state = status.replicas[0] if status.replicas else None
+            return state if state is not None and state.last_nack_revision == bad else None
+
+        state = await eventually(nacked, what="the NACK of the revision the view cannot feed")
+        assert (
+            "model take-up:1 reads tenure_months, which this deployment cannot supply"
+            in state.last_nack_reason
+        )
+        assert "feature view 'customers' holds age, region" in state.last_nack_reason
+        assert await serving.revision() == good
+        # A declared context variable (or a lookup default) supplies it: served again.
+        fixed = await serving.publish(
+            1, feature_lookup={"feature_view": "customers", "defaults": {"tenure_months": 0}}
+        )
+        await eventually(lambda: _at_least(serving, fixed), what="the revision that supplies tenure_months")
+    finally:
+        await redis.set(key, json.dumps(list(CUSTOMER_FEATURES)))
+        await redis.aclose()
 
 
 async def test_a_bound_model_does_not_change_what_another_algorithm_scores(

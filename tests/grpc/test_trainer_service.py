@@ -162,6 +162,9 @@ async def test_jobs_stream_their_epochs_register_versions_and_one_is_promoted(st
         ("region", "one_hot"),
         ("offer_id", "offer"),
     ]
+    # The input columns an OIP client sends, in order: numbers, then a 0/1 per category.
+    assert version.input_columns[:3] == ["age", "tenure_months", "region=east"]
+    assert {"region=north", "region=south", "offer_id=data_1gb"} <= set(version.input_columns)
     assert len(version.data_fingerprint) == 64
     assert len(version.checksum) == 64
     assert version.code_version.startswith("0.1.0")

@@ -222,6 +222,9 @@ def materialize(
                 stamp = datetime.now(UTC).isoformat()
                 progress(state)
         state.entities_written += writer.flush()
+        columns = [str(column["name"]) for column in json.loads(record.columns)]
+        features = [name for name in columns if name not in (key, event_time)]
+        redis.set(redis_keys.feature_view_columns(view), json.dumps(features))
         if event_time:
             watermark = newest.isoformat() if newest is not None else (previous.watermark if previous else "")
         now = datetime.now(UTC)

@@ -26,6 +26,7 @@ from libs.common.errors import InvalidArgument, NotFound
 from libs.policy.context import Context, derive_context, parse_number_of_offers, parse_params
 from libs.policy.deployment import Choice, PreparedDeployment, RankedOffer, VariantPlan
 from libs.policy.statistics import Statistics
+from services.predictor.core.metrics import MODEL_INPUT_DEFAULTS
 from services.predictor.core.options_store import OptionsStore
 from services.predictor.core.statistics_stores import Scope
 
@@ -155,6 +156,13 @@ class DecisionEngine:
             features=features,
             params=params,
         )
+        if choice.model_inputs_missing:
+            warnings.append(
+                f"model {plan.model_ref} has no value for {', '.join(choice.model_inputs_missing)}: "
+                "scored with the training mean (numbers) or no category instead"
+            )
+            for name in choice.model_inputs_missing:
+                MODEL_INPUT_DEFAULTS.labels(spec.name, plan.model_ref, name).inc()
         decision = Decision(
             uuid,
             spec.name,

@@ -6,6 +6,7 @@ Writes are queued on a pipeline the caller sends, so one request's writes take o
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -72,6 +73,11 @@ class OptionsStore:
         """The same in a command of its own (cheaper than a pipeline of one)."""
         raw: dict[Any, Any] = await self._redis.hgetall(redis_keys.online_features(feature_view, entity))
         return raw
+
+    async def feature_view_columns(self, feature_view: str) -> list[str] | None:
+        """The features ingest materialized into a view; None when it never materialized one."""
+        value = await self._redis.get(redis_keys.feature_view_columns(feature_view))
+        return [str(name) for name in json.loads(value)] if value is not None else None
 
     @staticmethod
     def queue_contact(pipeline: Any, uuid: str, fields: Mapping[str, Any], ttl_seconds: float) -> None:

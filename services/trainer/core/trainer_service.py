@@ -25,7 +25,7 @@ from sqlalchemy import Engine
 from libs.common.deployment_spec import deployment_spec_from_mapping
 from libs.common.distribution_drift import TrainingReference
 from libs.common.errors import FailedPrecondition, InvalidArgument, LiveloopError
-from libs.common.model_artifacts import MANIFEST_FILE
+from libs.common.model_artifacts import MANIFEST_FILE, PREPROCESSING_FILE
 from libs.common.paging import next_page_token, page_window
 from libs.common.training_spec import Encoding, TrainingJobSpec
 from services.trainer.core.artifacts import artifact_path, read_verified_artifact
@@ -264,6 +264,15 @@ class TrainerService:
             d for d, (m, v) in (await self._bindings()).items() if (m, v) == (name, record.version)
         )
         return record, versions, bound
+
+    async def input_columns(self, record: ModelVersionRecord) -> list[str]:
+        """The version's input columns in order, from its artifact; empty when it cannot be read."""
+        try:
+            artifact = await asyncio.to_thread(read_verified_artifact, record, field="name")
+            return [str(name) for name in json.loads(artifact.files[PREPROCESSING_FILE])["inputs"]]
+        except (LiveloopError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("input columns of %s:%d unavailable: %s", record.name, record.version, exc)
+            return []
 
     async def get_training_reference(self, name: str, version: int) -> TrainingReference:
         """What the version's inputs and predicted score looked like in training (0: the newest

@@ -251,7 +251,7 @@ class ModelFeature(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., encoding: _Optional[str] = ...) -> None: ...
 
 class ModelVersion(_message.Message):
-    __slots__ = ("name", "version", "model_type", "metrics", "features", "label", "training_set", "data_fingerprint", "code_version", "artifact_uri", "checksum", "created_at", "job_id", "hyperparameters", "seed", "training_rows", "deployments", "description")
+    __slots__ = ("name", "version", "model_type", "metrics", "features", "label", "training_set", "data_fingerprint", "code_version", "artifact_uri", "checksum", "created_at", "job_id", "hyperparameters", "seed", "training_rows", "deployments", "description", "input_columns")
     class HyperparametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -277,6 +277,7 @@ class ModelVersion(_message.Message):
     TRAINING_ROWS_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENTS_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    INPUT_COLUMNS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     model_type: ModelType
@@ -295,7 +296,8 @@ class ModelVersion(_message.Message):
     training_rows: int
     deployments: _containers.RepeatedScalarFieldContainer[str]
     description: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., model_type: _Optional[_Union[ModelType, str]] = ..., metrics: _Optional[_Union[ModelMetrics, _Mapping]] = ..., features: _Optional[_Iterable[_Union[ModelFeature, _Mapping]]] = ..., label: _Optional[str] = ..., training_set: _Optional[str] = ..., data_fingerprint: _Optional[str] = ..., code_version: _Optional[str] = ..., artifact_uri: _Optional[str] = ..., checksum: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., job_id: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, _struct_pb2.Value]] = ..., seed: _Optional[int] = ..., training_rows: _Optional[int] = ..., deployments: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ...) -> None: ...
+    input_columns: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., model_type: _Optional[_Union[ModelType, str]] = ..., metrics: _Optional[_Union[ModelMetrics, _Mapping]] = ..., features: _Optional[_Iterable[_Union[ModelFeature, _Mapping]]] = ..., label: _Optional[str] = ..., training_set: _Optional[str] = ..., data_fingerprint: _Optional[str] = ..., code_version: _Optional[str] = ..., artifact_uri: _Optional[str] = ..., checksum: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., job_id: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, _struct_pb2.Value]] = ..., seed: _Optional[int] = ..., training_rows: _Optional[int] = ..., deployments: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ..., input_columns: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModelSummary(_message.Message):
     __slots__ = ("name", "latest_version", "version_count", "updated_at", "latest_metrics", "deployments")
