@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -80,6 +80,18 @@ class Serving:
         }
         reply = await self.config.Publish(config_pb2.PublishRequest(spec_text=json.dumps(document)))
         return int(reply.revision)
+
+    def nacked(self, revision: int) -> Callable[[], Awaitable[config_pb2.ReplicaState | None]]:
+        """A probe: the replica's state once it has NACKed `revision`."""
+
+        async def probe() -> config_pb2.ReplicaState | None:
+            status = await self.config.ReplicaStatus(
+                config_pb2.ReplicaStatusRequest(replica_id=PREDICTOR_REPLICA_ID)
+            )
+            state = status.replicas[0] if status.replicas else None
+            return state if state is not None and state.last_nack_revision == revision else None
+
+        return probe
 
     async def revision(self) -> int:
         return int((await self.predictor.Ping(predictor_pb2.PingRequest())).config_revision)
@@ -229,14 +241,7 @@ async def test_a_model_whose_inputs_the_deployment_cannot_supply_is_nacked(
         await redis.set(key, json.dumps(["age", "region"]))  # re-materialized without tenure_months
         bad = await serving.publish(1, exploration_epsilon=0.1)
 
-        async def nacked() -> config_pb2.ReplicaState | None:
-            status = await serving.config.ReplicaStatus(
-                config_pb2.ReplicaStatusRequest(replica_id=PREDICTOR_REPLICA_ID)
-            )
-            state = status.replicas[0] if status.replicas else None
-            return state if state is not None and state.last_nack_revision == bad else None
-
-        state = await eventually(nacked, what="the NACK of the revision the view cannot feed")
+        state = await eventually(serving.nacked(bad), what="the NACK of the revision the view cannot feed")
         assert (
             "model take-up:1 reads tenure_months, which this deployment cannot supply"
             in state.last_nack_reason
@@ -423,14 +428,9 @@ async def test_a_new_version_swaps_in_and_a_tampered_one_is_nacked_while_the_old
     (three / "model.pt").write_bytes(bytes(model))
     bad = await serving.publish(3)
 
-    async def nacked() -> config_pb2.ReplicaState | None:
-        status = await serving.config.ReplicaStatus(
-            config_pb2.ReplicaStatusRequest(replica_id=PREDICTOR_REPLICA_ID)
-        )
-        state = status.replicas[0] if status.replicas else None
-        return state if state is not None and state.last_nack_revision == bad else None
-
-    state = await eventually(nacked, what="the NACK of the revision binding the tampered version")
+    state = await eventually(
+        serving.nacked(bad), what="the NACK of the revision binding the tampered version"
+    )
     assert "checksum mismatch for model.pt" in state.last_nack_reason
     assert state.applied_revision == second
     assert await serving.revision() == second
