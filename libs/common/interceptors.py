@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 OPEN_METHOD_PREFIXES = (
     "/grpc.health.v1.Health/",
+    # GET /health through the front door, for balancers and probes that send no key: it says
+    # whether the replica serves and at which revision, nothing about what it serves.
+    "/liveloop.predictor.v1.PredictorService/Health",
     "/grpc.reflection.v1.ServerReflection/",
     "/grpc.reflection.v1alpha.ServerReflection/",
 )

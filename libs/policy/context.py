@@ -22,6 +22,7 @@ from libs.common.errors import InvalidArgument
 
 MAX_PARAMS_BYTES = 64 * 1024
 MAX_NUMBER_OF_OFFERS = 1000
+MAX_NUMBER_OF_OFFERS = 1000
 
 
 def parse_params(value: Any, field: str = "params") -> dict[str, Any]:
@@ -54,8 +55,15 @@ def parse_params(value: Any, field: str = "params") -> dict[str, Any]:
 
 def _named_values(params: dict[str, Any], field: str) -> dict[str, Any]:
     names, values = params.get("input"), params.get("value")
-    if not isinstance(names, list) or not isinstance(values, list):
+    if names is None or values is None:
         return params
+    if isinstance(names, str) and not isinstance(values, list):  # one name, one value
+        names, values = [names], [values]
+    if not isinstance(names, list) or not isinstance(values, list):
+        raise InvalidArgument(
+            "input and value must both be lists (names and their values), or a name and a value",
+            field=f"{field}.input",
+        )
     if len(names) != len(values):
         raise InvalidArgument(
             f"holds {len(values)} values for the {len(names)} names in input", field=f"{field}.value"
@@ -92,10 +100,10 @@ def parse_number_of_offers(value: Any, default: int, available: int) -> int:
     asked = str(count) if abs(count) < 10**9 else f"a {len(str(abs(count)))}-digit number"
     if count < 0:
         raise InvalidArgument(f"must be positive, got {asked}", field="numberoffers")
-    if count > available:
-        raise InvalidArgument(
-            f"asks for {asked} offers but the deployment has {available} eligible", field="numberoffers"
-        )
+    if count > MAX_NUMBER_OF_OFFERS:
+        raise InvalidArgument(f"must be at most {MAX_NUMBER_OF_OFFERS}, got {asked}", field="numberoffers")
+    # More than there are: as many as are eligible, and the reply's warnings say so (as the
+    # ecosystem.Ai runtime answers a client asking for 10 of 7 offers).
     return count
 
 

@@ -9,6 +9,7 @@ implementation of "choose and rank".
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +66,11 @@ ELIGIBLE_OFFERS_PARAM = "eligible_offers"
 def _requested_offers(value: Any) -> frozenset[str] | None:
     if value is None:
         return None
+    if isinstance(value, str) and value.strip().startswith("["):  # a JSON list sent as text
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise InvalidArgument("is not a JSON list", field="params.eligible_offers") from None
     if isinstance(value, str):
         return frozenset(part.strip() for part in value.split(",") if part.strip())
     if isinstance(value, list) and all(isinstance(item, str) for item in value):
@@ -160,6 +166,13 @@ class PreparedDeployment:
         if requested is not None:
             offers = [offer for offer in offers if offer.id in requested or offer.name in requested]
         return self.plugins.filter(offers, context, params)
+
+    def unknown_requested_offers(self, params: Mapping[str, Any]) -> list[str]:
+        """Names in the request's `eligible_offers` that are no offer of this deployment."""
+        requested = _requested_offers(params.get(ELIGIBLE_OFFERS_PARAM)) or frozenset()
+        return sorted(
+            name for name in requested if name not in self.offers_by_id and name not in self.offers_by_name
+        )
 
     def choose(
         self,

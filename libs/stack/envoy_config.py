@@ -63,6 +63,8 @@ REST_PATHS = ("/invocations", "/response", "/responseResult", "/refresh", "/heal
 # replica up) is a JSON object shaped like the transcoder's errors from the services,
 # {"code": <gRPC code>, "message": ...}: one shape for every error of the REST face.
 LOCAL_ERROR_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 405: 12, 413: 8, 429: 8, 503: 14, 504: 4}
+MAX_REST_BODY_BYTES = 4 * 1024 * 1024
+METADATA_NAMESPACE = "liveloop"
 # What is at fault, named as the services name a field: the message starts "<field>: ".
 LOCAL_ERROR_FIELDS = {400: "body: ", 404: "path: ", 405: "method: ", 413: "body: "}
 
@@ -230,6 +232,11 @@ def local_reply_config() -> dict[str, Any]:
     """Errors Envoy answers itself, as JSON: {"code": gRPC code, "message": what and where}."""
 
     def mapper(status: int | None, code: int) -> dict[str, Any]:
+        # The method only where the request reached no filter that rewrites it (404, 405): a
+        # transcoded GET is a POST by the time an upstream error comes back.
+        where = (
+            "%REQ(:METHOD)% %REQ(:PATH)%" if status in (404, 405) else "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%"
+        )
         comparison: dict[str, Any] = (
             {"op": "EQ", "value": {"default_value": status, "runtime_key": f"local_reply.status_{status}"}}
             if status is not None
@@ -240,15 +247,56 @@ def local_reply_config() -> dict[str, Any]:
             "body_format_override": {
                 "json_format": {
                     "code": code,
-                    "message": f"{LOCAL_ERROR_FIELDS.get(status or 0, '')}%LOCAL_REPLY_BODY% "
-                    "(%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%)",
+                    "message": f"{LOCAL_ERROR_FIELDS.get(status or 0, '')}%LOCAL_REPLY_BODY% ({where})",
+                    "details": [],
                 },
                 "content_type": "application/json",
             },
         }
 
+    # A body over the buffer limit fails inside the transcoder with a bare 500 (Envoy's flow-control
+    # rule for filters that buffer whole bodies); when the declared length says why, answer 413.
+    too_large = {
+        "filter": {
+            "and_filter": {
+                "filters": [
+                    {
+                        "status_code_filter": {
+                            "comparison": {
+                                "op": "EQ",
+                                "value": {"default_value": 500, "runtime_key": "local_reply.status_500"},
+                            }
+                        }
+                    },
+                    {
+                        # The transcoder drops content-length; the filter before it kept it here.
+                        "metadata_filter": {
+                            "matcher": {
+                                "filter": METADATA_NAMESPACE,
+                                "path": [{"key": "content_length"}],
+                                "value": {
+                                    "double_match": {"range": {"start": MAX_REST_BODY_BYTES + 1, "end": 1e18}}
+                                },
+                            }
+                        }
+                    },
+                ]
+            }
+        },
+        "status_code": 413,
+        "body": {"inline_string": f"is larger than the front door takes ({MAX_REST_BODY_BYTES} bytes)"},
+        "body_format_override": {
+            "json_format": {
+                "code": LOCAL_ERROR_CODES[413],
+                "message": "body: %LOCAL_REPLY_BODY% (%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%)",
+                "details": [],
+            },
+            "content_type": "application/json",
+        },
+    }
     return {
         "mappers": [
+            too_large,
             *(mapper(status, code) for status, code in LOCAL_ERROR_CODES.items()),
             mapper(None, 2),  # any other error: UNKNOWN
         ]
@@ -269,6 +317,25 @@ def build_envoy_config(
 ) -> dict[str, Any]:
     http_filters: list[dict[str, Any]] = []
     if descriptor_path is not None:
+        http_filters.append(
+            {
+                "name": "envoy.filters.http.header_to_metadata",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.header_to_metadata.v3.Config",
+                    "request_rules": [
+                        {
+                            "header": "content-length",
+                            "on_header_present": {
+                                "metadata_namespace": METADATA_NAMESPACE,
+                                "key": "content_length",
+                                "type": "NUMBER",
+                            },
+                            "remove": False,
+                        }
+                    ],
+                },
+            }
+        )
         http_filters.append(
             {
                 "name": "envoy.filters.http.grpc_json_transcoder",
@@ -323,6 +390,8 @@ def build_envoy_config(
                     "address": {"socket_address": {"address": listen_address, "port_value": listen_port}},
                     # A taken port must fail loudly instead of silently sharing traffic.
                     "enable_reuse_port": False,
+                    # The transcoder buffers a REST body whole: a larger one is answered 413 (JSON).
+                    "per_connection_buffer_limit_bytes": MAX_REST_BODY_BYTES,
                     "filter_chains": [
                         {
                             "filters": [

@@ -25,7 +25,9 @@ def _plain(value: Value) -> Any:
     infinities, which a client can send and which must come back as INVALID_ARGUMENT."""
     kind = value.WhichOneof("kind")
     if kind == "number_value":
-        return value.number_value
+        number = value.number_value
+        # JSON has one number type: 20 arrives as 20.0. A whole number comes back as an int.
+        return int(number) if number.is_integer() and abs(number) < 2**53 else number
     if kind == "string_value":
         return value.string_value
     if kind == "bool_value":
@@ -218,18 +220,11 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServiceServicer):
         self, request: predictor_pb2.HealthRequest, context: Any
     ) -> predictor_pb2.HealthResponse:
         config = self._replica.config
-        deployments = sorted(config.deployments) if config is not None else []
-        campaigns = (
-            sorted({c for item in config.deployments.values() for c in item.spec.campaigns})
-            if config is not None
-            else []
-        )
         return predictor_pb2.HealthResponse(
             status="UP" if config is not None else "STARTING",
             replica_id=self._replica.replica_id,
             config_revision=self._replica.config_revision,
-            deployments=deployments,
-            campaigns=campaigns,
+            deployments=len(config.deployments) if config is not None else 0,
         )
 
     async def Refresh(

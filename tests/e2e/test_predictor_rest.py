@@ -190,6 +190,11 @@ def test_the_reply_carries_what_that_runtimes_clients_read(stack: LocalStack, re
     )
     assert body["config_revision"] == revision  # a number, as that runtime sends it
     assert body["in_params"] == {"age": 52, "unused": "x", "a": 1}  # the params used, echoed
+    assert isinstance(body["in_params"]["age"], int)  # a whole number stays one
+    assert "model" not in body  # no model bound
+    context = body["final_result"][0]["result"]["context"]
+    assert context["age"] == 52  # numbers as numbers
+    assert isinstance(context["age_band"], str)
     assert (body["subcampaign"], body["userid"]) == ("spring", "crm")
     offers = {offer["id"]: offer for offer in example_document()["offers"]}
     for rank, row in enumerate(body["final_result"], start=1):
@@ -207,6 +212,12 @@ def test_the_reply_carries_what_that_runtimes_clients_read(stack: LocalStack, re
         assert full["arm_reward"] == pytest.approx(full["alpha"] / (full["alpha"] + full["beta"]))
         assert full["propensity"] == result["propensity"]
         assert full["explore"] in (0, 1)
+    # More offers than there are: as many as are eligible, and a warning (as that runtime answers).
+    many = invoke_ok(stack, invocation(numberoffers=99, params={"trips_per_year": 6}))
+    assert len(many["final_result"]) == 7
+    assert "99 offers asked for, 7 eligible" in many["warnings"]
+    # The channel may come in params only: the reply and the decision log carry it.
+    assert invoke_ok(stack, invocation(channel="", params={"channel": "web"}))["channel"] == "web"
     # An unknown top-level field is ignored, and the reply says so.
     status, warned = post(stack, "/invocations", invocation(campain="typo"))
     assert status == 200
@@ -216,11 +227,17 @@ def test_the_reply_carries_what_that_runtimes_clients_read(stack: LocalStack, re
 def test_a_call_may_narrow_the_offers_and_override_exploration(stack: LocalStack, revision: int) -> None:
     offers = example_document()["offers"]
     two = [offers[0]["id"], offers[1]["name"]]  # by id or by name, as that runtime takes them
-    for params in ({"eligible_offers": two}, {"eligible_offers": ",".join(two)}):
+    for params in (
+        {"eligible_offers": two},
+        {"eligible_offers": ",".join(two)},
+        {"eligible_offers": json.dumps(two)},
+    ):
         body = invoke_ok(stack, invocation(numberoffers=3, params=params))
         shown = {row["result"]["offer"] for row in body["final_result"]}
         assert shown == {offers[0]["id"], offers[1]["id"]}, body
         assert any("2 eligible" in warning for warning in body["warnings"]), body["warnings"]
+    body = invoke_ok(stack, invocation(params={"eligible_offers": [offers[0]["id"], "no-such-offer"]}))
+    assert "params.eligible_offers names no offer of 'telco-offers': no-such-offer" in body["warnings"]
     for _ in range(5):  # epsilon 1 for this call: always explored, each of the 7 offers equally likely first
         body = invoke_ok(
             stack,
@@ -307,6 +324,31 @@ def test_responses_accept_every_offers_accepted_form(stack: LocalStack, revision
     assert status == 200, body
     assert sorted(body["matched_offers"]) == sorted(row["result"]["offer"] for row in rows)
 
+    # A flattened reply echoed back is accepted the same way.
+    flat = invoke_ok(stack, invocation(customer="2002", numberoffers=2, flatten_json=True))
+    status, body = post(stack, "/response", flat)
+    assert status == 200, body
+    assert sorted(body["matched_offers"]) == sorted(
+        [flat["final_result_0_result_offer"], flat["final_result_1_result_offer"]]
+    )
+    assert body["warnings"] == []
+
+    # The uuid in capitals, and the event time in milliseconds since the epoch (as many clients send it).
+    shown = contact()
+    first = shown["final_result"][0]["result"]["offer"]
+    answer = {"uuid": shown["uuid"].upper(), "offers_accepted": first, "event_time": int(time.time() * 1000)}
+    status, body = post(stack, "/response", answer)
+    assert (status, body["learned"], body["late"]) == (200, True, False), body
+    # A time in the future is a client error, not a late response whose reward is dropped.
+    shown = contact()
+    status, body = post(
+        stack,
+        "/response",
+        {"uuid": shown["uuid"], "offers_accepted": first, "event_time": "2099-01-01T00:00:00Z"},
+    )
+    assert (status, body["code"]) == (400, 3), body
+    assert body["message"].startswith("event_time: "), body
+
     # /responseResult is the same call.
     shown = contact()
     first = shown["final_result"][0]["result"]["offer"]
@@ -320,7 +362,7 @@ def test_errors_are_json_with_the_grpc_code_and_the_field(stack: LocalStack, rev
         # (path, body, HTTP status, gRPC code, field the message starts with)
         ("/invocations", invocation(numberoffers="abc"), 400, 3, "numberoffers"),
         ("/invocations", invocation(numberoffers=-1), 400, 3, "numberoffers"),
-        ("/invocations", invocation(numberoffers=99), 400, 3, "numberoffers"),
+        ("/invocations", invocation(numberoffers=1001), 400, 3, "numberoffers"),
         ("/invocations", invocation(params="{not json"), 400, 3, "params"),
         ("/invocations", invocation(params="{" + " " * (1024 * 1024) + "}"), 400, 3, "params"),
         ("/invocations", invocation(customer=True), 400, 3, "customer"),
@@ -352,7 +394,12 @@ def test_errors_are_json_with_the_grpc_code_and_the_field(stack: LocalStack, rev
     status, reply = post(stack, "/invocations", b"{this is not json")
     assert (status, reply["code"]) == (400, 3), reply
     assert reply["message"].startswith("body: "), reply
-    assert "(POST /invocations)" in reply["message"], reply
+    assert reply["message"].endswith("(/invocations)"), reply
+    # A body over the front door's limit: 413, JSON, naming the body.
+    status, reply = post(stack, "/invocations", invocation(params={"x": "y" * (5 * 1024 * 1024)}))
+    assert (status, reply["code"]) == (413, 8), reply
+    assert reply["message"].startswith("body: "), reply
+    assert reply["details"] == []  # the same shape as the services' errors
     # A path nobody serves: 404; a served path with another method: 405; both JSON, never a 503.
     status, reply = post(stack, "/no/such/path", {})
     assert (status, reply["code"]) == (404, 5), reply
@@ -372,13 +419,12 @@ def test_refresh_reaches_every_replica_and_health_says_what_is_up(stack: LocalSt
         assert reply["replicas_notified"] == len(REPLICAS), reply  # every replica, not the one Envoy picked
         assert int(reply["head_revision"]) >= revision
     seen = set()
-    for _ in range(20):
-        status, health = post(stack, "/health", None, method="GET")
+    for _ in range(20):  # no key: balancers and probes send none
+        status, health = post(stack, "/health", None, key=None, method="GET")
         assert status == 200, health
         assert health["status"] == "UP"
         assert health["config_revision"] >= revision
-        assert "telco-offers" in health["deployments"]
-        assert "telco-offers" in health["campaigns"]
+        assert health["deployments"] == 1
         seen.add(health["replica_id"])
     assert seen <= REPLICAS
 

@@ -378,7 +378,9 @@ async def test_publish_needs_an_admin_key(config: ConfigUnderTest) -> None:
         assert (await status_of(call(config.invoke)))[0] == grpc.StatusCode.PERMISSION_DENIED, name
         assert (await status_of(call(config.anonymous)))[0] == grpc.StatusCode.UNAUTHENTICATED, name
     # Refresh only resends the head to the replicas (the ecosystem.Ai /refresh): invoke may.
-    assert (await config.invoke.Refresh(config_pb2.RefreshRequest())).replicas_notified == 0
+    code, details = await status_of(config.invoke.Refresh(config_pb2.RefreshRequest()))
+    assert code == grpc.StatusCode.UNAVAILABLE  # allowed, and no replica to refresh is an error
+    assert "no replica is connected" in details
     assert (await status_of(config.anonymous.Refresh(config_pb2.RefreshRequest())))[0] == (
         grpc.StatusCode.UNAUTHENTICATED
     )
@@ -665,8 +667,9 @@ async def test_refresh_sends_the_stream_a_snapshot_marked_refresh(
     assert everyone.replicas_notified == 2
     assert (await first.next("snapshot")).refresh is True
     assert (await second.next("snapshot")).refresh is True
-    unknown = await config.admin.Refresh(config_pb2.RefreshRequest(replica_id="nobody"))
-    assert unknown.replicas_notified == 0
+    code, details = await status_of(config.admin.Refresh(config_pb2.RefreshRequest(replica_id="nobody")))
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert details == "replica_id: no replica 'nobody' is connected"
 
     # A replica may also ask on its own stream by subscribing again.
     await first.subscribe("replica-a")

@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from libs.common.auth import Role
 from libs.common.errors import FailedPrecondition, Unavailable
+from libs.common.interceptors import OPEN_METHOD_PREFIXES
 from libs.common.server import RunningServer
 from libs.protos.liveloop.config.v1 import config_pb2, config_pb2_grpc
 from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
@@ -132,8 +133,23 @@ async def test_every_rpc_is_unauthenticated_without_a_key(
     any_server: tuple[ServiceUnderTest, RunningServer],
 ) -> None:
     service, running = any_server
-    codes = {rpc.path: await _rpc_status(running, rpc, None) for rpc in service.rpcs()}
+    codes = {
+        rpc.path: await _rpc_status(running, rpc, None)
+        for rpc in service.rpcs()
+        if not rpc.path.startswith(OPEN_METHOD_PREFIXES)
+    }
     assert codes == dict.fromkeys(codes, grpc.StatusCode.UNAUTHENTICATED)
+
+
+async def test_only_health_answers_without_a_key() -> None:
+    # GET /health, for balancers and probes that send no key, names nothing that is served.
+    opened = [
+        rpc.path
+        for s in SERVICES_UNDER_TEST.values()
+        for rpc in s.rpcs()
+        if rpc.path.startswith(OPEN_METHOD_PREFIXES)
+    ]
+    assert opened == ["/liveloop.predictor.v1.PredictorService/Health"]
 
 
 async def test_every_rpc_is_unauthenticated_with_a_wrong_key(
@@ -141,7 +157,11 @@ async def test_every_rpc_is_unauthenticated_with_a_wrong_key(
 ) -> None:
     service, running = any_server
     wrong = "ll_000000000000_wrong"
-    codes = {rpc.path: await _rpc_status(running, rpc, wrong) for rpc in service.rpcs()}
+    codes = {
+        rpc.path: await _rpc_status(running, rpc, wrong)
+        for rpc in service.rpcs()
+        if not rpc.path.startswith(OPEN_METHOD_PREFIXES)
+    }
     assert codes == dict.fromkeys(codes, grpc.StatusCode.UNAUTHENTICATED)
 
 

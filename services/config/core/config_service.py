@@ -13,7 +13,7 @@ from libs.common.deployment_spec import (
     deployment_spec_from_mapping,
     parse_deployment_spec,
 )
-from libs.common.errors import FailedPrecondition, InvalidArgument, LiveloopError, NotFound
+from libs.common.errors import FailedPrecondition, InvalidArgument, LiveloopError, NotFound, Unavailable
 from services.config.core.distribution import (
     ReplicaMessage,
     ReplicaRegistry,
@@ -166,7 +166,13 @@ class ConfigService:
         return await asyncio.to_thread(replica_reports, self.store, self.registry, replica_id)
 
     def refresh(self, replica_id: str = "") -> int:
-        return self.registry.request_refresh(replica_id)
+        """How many connected replicas were sent a snapshot; none is an error, not a success."""
+        notified = self.registry.request_refresh(replica_id)
+        if notified == 0 and replica_id:
+            raise NotFound(f"no replica '{replica_id}' is connected", field="replica_id")
+        if notified == 0:
+            raise Unavailable("no replica is connected to the config service: nothing to refresh")
+        return notified
 
 
 def _require_name(deployment: str) -> None:

@@ -48,6 +48,10 @@ class InvokeInput:
     deployment: str = ""
 
 
+# A response's event time may be this far ahead of the replica's clock (clock skew), no further.
+MAX_EVENT_TIME_AHEAD_SECONDS = 300.0
+
+
 @dataclass(frozen=True)
 class Decision:
     uuid: str
@@ -126,6 +130,9 @@ class DecisionEngine:
             prepared, plan, generation, request, params
         )
         warnings = [*context.warnings, *override_warnings]
+        unknown = prepared.unknown_requested_offers(params)
+        if unknown:
+            warnings.append(f"params.eligible_offers names no offer of '{spec.name}': {', '.join(unknown)}")
         if spec.feature_lookup is not None and not found:
             warnings.append(
                 f"no features for '{request.customer}' in '{spec.feature_lookup.feature_view}'; defaults used"
@@ -300,6 +307,8 @@ class DecisionEngine:
 
     async def respond(self, request: RespondInput, config: ServedConfig | None) -> ResponseOutcome:
         started = time.perf_counter()
+        # Uuids are handed out in lower case; a client may send one back in capitals or padded.
+        request = dataclasses.replace(request, uuid=request.uuid.strip().lower())
         if not request.uuid:
             raise InvalidArgument("must be the uuid of an earlier Invoke", field="uuid")
         if len(request.uuid) > 64:
@@ -332,6 +341,13 @@ class DecisionEngine:
                 )
         now = self.options.now()
         event_time = request.event_time if request.event_time is not None else now
+        if event_time > now + MAX_EVENT_TIME_AHEAD_SECONDS:
+            # Not "late": a clock or unit error on the client, which would lose the reward silently.
+            raise InvalidArgument(
+                f"is {event_time - now:.0f} s in the future (more than {MAX_EVENT_TIME_AHEAD_SECONDS:.0f} s "
+                "ahead of this server's clock); send seconds since the epoch or an RFC 3339 time",
+                field="event_time",
+            )
         window = prepared.spec.reward.window_seconds if prepared is not None else 0.0
         late = event_time - float(contact["time"]) > window
         fresh = await self.options.mark_responses(request.uuid, accepted)

@@ -22,6 +22,7 @@ observed take-up (which is `arm_reward` here).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -32,6 +33,11 @@ from libs.policy.context import parse_params
 from services.predictor.core.decision import Decision, InvokeInput, RespondInput, ResponseOutcome
 
 DEFAULT_CUSTOMER = "none"
+# The keys of a flattened reply (flatten_json): final_result_<i>_result_<field>, ...
+FLAT_REPLY_KEY = re.compile(r"(final_result|in_params|warnings)_")
+FLAT_OFFER_KEY = re.compile(r"final_result_\d+_result_offer")
+# Epoch numbers above this are milliseconds (as seconds they would be past the year 5000).
+MILLISECONDS_FROM = 1e11
 INVOKE_FIELDS = frozenset(
     {
         "campaign",
@@ -89,7 +95,7 @@ def read_invocation(payload: Mapping[str, Any]) -> EcosystemInvoke:
     request = InvokeInput(
         campaign=_text(payload, "campaign"),
         subcampaign=_text(payload, "subcampaign"),
-        channel=_text(payload, "channel"),
+        channel=_text(payload, "channel") or _param_text({**in_param, **params}, "channel"),
         customer=_text(payload, "customer") or DEFAULT_CUSTOMER,
         userid=_text(payload, "userid"),
         numberoffers=payload.get("numberoffers"),
@@ -102,7 +108,7 @@ def read_invocation(payload: Mapping[str, Any]) -> EcosystemInvoke:
 
 def invocation_reply(decision: Decision, invocation: EcosystemInvoke, replica_id: str) -> dict[str, Any]:
     request = invocation.request
-    context = {name: str(value) for name, value in decision.context.items()}
+    context = dict(decision.context)  # numbers stay numbers in JSON
     rows = []
     for row in decision.offers:
         offer = row.offer
@@ -134,13 +140,14 @@ def invocation_reply(decision: Decision, invocation: EcosystemInvoke, replica_id
                     "explored": row.explored,
                     "context": context,
                     "segment": decision.segment,
-                    "model_score": row.model_score or 0.0,
                     "arm_count": row.arm_count,
                     "offer_details": dict(offer.attributes),
                     "result_full": full,
                 }
             }
         )
+        if row.model_score is not None:  # a bound model's take-up for the offer
+            rows[-1]["result"]["model_score"] = row.model_score
     reply: dict[str, Any] = {
         "uuid": decision.uuid,
         "deployment": decision.deployment,
@@ -155,10 +162,11 @@ def invocation_reply(decision: Decision, invocation: EcosystemInvoke, replica_id
         "userid": request.userid,
         "segment": decision.segment,
         "replica_id": replica_id,
-        "model": decision.model,
         "in_params": invocation.params,
         "warnings": [*decision.warnings, *invocation.warnings],
     }
+    if decision.model:
+        reply["model"] = decision.model
     return flatten_reply(reply) if invocation.flatten else reply
 
 
@@ -190,10 +198,17 @@ def read_response(payload: Mapping[str, Any]) -> EcosystemRespond:
     uuid = _text(payload, "uuid")
     accepted = offer_names(payload.get("offers_accepted"), "offers_accepted")
     accepted += offer_names(payload.get("accepted_offers"), "accepted_offers")
-    warnings = _unknown(payload, RESPOND_FIELDS | REPLY_FIELDS)
-    if "offers_accepted" not in payload and "accepted_offers" not in payload and "final_result" in payload:
-        # The /invocations reply echoed back: every offer it lists was accepted.
-        accepted = offer_names(payload["final_result"], "final_result")
+    warnings = [
+        warning
+        for warning in _unknown(payload, RESPOND_FIELDS | REPLY_FIELDS)
+        if not FLAT_REPLY_KEY.match(warning.split("'")[1])
+    ]
+    if "offers_accepted" not in payload and "accepted_offers" not in payload:
+        # The /invocations reply echoed back, nested or flattened: every offer it lists was accepted.
+        if "final_result" in payload:
+            accepted = offer_names(payload["final_result"], "final_result")
+        else:
+            accepted = [str(payload[key]) for key in payload if FLAT_OFFER_KEY.fullmatch(key)]
     return EcosystemRespond(
         RespondInput(
             uuid=uuid,
@@ -237,6 +252,11 @@ def _text(payload: Mapping[str, Any], name: str) -> str:
             raise InvalidArgument("must be a finite number", field=name)
         return str(int(value)) if value.is_integer() else repr(value)
     raise InvalidArgument("must be a string or a number", field=name)
+
+
+def _param_text(params: Mapping[str, Any], name: str) -> str:
+    value = params.get(name)
+    return value if isinstance(value, str) else ""
 
 
 def _flag(value: Any) -> bool:
@@ -289,13 +309,13 @@ def _reward(value: Any) -> float | None:
 
 
 def _event_time(value: Any) -> float | None:
-    """An RFC 3339 time ("2026-01-02T03:04:05Z") or seconds since the epoch; None: now."""
+    """An RFC 3339 time ("2026-01-02T03:04:05Z") or seconds (or milliseconds) since the epoch; None: now."""
     if value is None or value == "":
         return None
     if isinstance(value, int | float) and not isinstance(value, bool):
         if not math.isfinite(value):
             raise InvalidArgument("must be a finite number of seconds", field="event_time")
-        return float(value)
+        return float(value) / 1000 if value > MILLISECONDS_FROM else float(value)
     if isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))

@@ -199,15 +199,13 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("status", "replica_id", "config_revision", "deployments", "campaigns")
+    __slots__ = ("status", "replica_id", "config_revision", "deployments")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_REVISION_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENTS_FIELD_NUMBER: _ClassVar[int]
-    CAMPAIGNS_FIELD_NUMBER: _ClassVar[int]
     status: str
     replica_id: str
     config_revision: int
-    deployments: _containers.RepeatedScalarFieldContainer[str]
-    campaigns: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, status: _Optional[str] = ..., replica_id: _Optional[str] = ..., config_revision: _Optional[int] = ..., deployments: _Optional[_Iterable[str]] = ..., campaigns: _Optional[_Iterable[str]] = ...) -> None: ...
+    deployments: int
+    def __init__(self, status: _Optional[str] = ..., replica_id: _Optional[str] = ..., config_revision: _Optional[int] = ..., deployments: _Optional[int] = ...) -> None: ...

@@ -130,7 +130,8 @@ class PredictorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Health(self, request, context):
-        """What this replica serves: status "UP" with a config, "STARTING" before its first one.
+        """Whether this replica serves: status "UP" with a config, "STARTING" before its first one. Needs
+        no API key (balancers and probes send none), so it names nothing it serves.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
