@@ -28,6 +28,7 @@ from libs.common.errors import LiveloopError
 
 logger = logging.getLogger(__name__)
 
+MAX_STATUS_MESSAGE_CHARS = 1000
 OPEN_METHOD_PREFIXES = (
     "/grpc.health.v1.Health/",
     # GET /health through the front door, for balancers and probes that send no key: it says
@@ -91,10 +92,19 @@ def _streaming(behavior: Behavior, guard: Callable[[Any], Awaitable[None]]) -> B
     return coroutine
 
 
+def bounded_message(message: str) -> str:
+    """A status message never longer than MAX_STATUS_MESSAGE_CHARS: a message may quote what the
+    client sent, and an unbounded one overflows the proxy's header limit, which resets the whole
+    HTTP/2 connection, every other client's calls on it included."""
+    if len(message) <= MAX_STATUS_MESSAGE_CHARS:
+        return message
+    return message[: MAX_STATUS_MESSAGE_CHARS - 40] + f"... ({len(message)} characters, cut)"
+
+
 async def _map_error(error_and_context: Any) -> None:
     exc, context = error_and_context
     if isinstance(exc, LiveloopError):
-        await context.abort(grpc.StatusCode[exc.status], exc.message)
+        await context.abort(grpc.StatusCode[exc.status], bounded_message(exc.message))
     if isinstance(
         exc, redis_errors.ConnectionError | redis_errors.TimeoutError | sqlalchemy_errors.OperationalError
     ):

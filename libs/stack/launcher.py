@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 import urllib.request
@@ -431,8 +432,18 @@ Progress = Callable[[str], None]
 
 
 def up(settings: StackSettings, progress: Progress = lambda _message: None) -> StackRecord:
+    """Start the stack; everything it writes is private to the user (0700 directories, 0600 files)."""
+    previous = os.umask(0o077)
+    try:
+        return _up(settings, progress)
+    finally:
+        os.umask(previous)
+
+
+def _up(settings: StackSettings, progress: Progress) -> StackRecord:
     state = settings.state_dir
     state.mkdir(parents=True, exist_ok=True)
+    state.chmod(0o700)  # customer data, keys, logs: the user's alone
     existing = StackRecord.load(state)
     if existing is not None and any(record.process() is not None for record in existing.processes):
         raise StackError(

@@ -87,8 +87,10 @@ class ProcessRecord:
 # Started through a short-lived intermediate process so the service's parent is init, not the CLI:
 # Envoy 1.40 receives SIGTERM when the process that started it exits (seen here), which would take
 # the front door down as soon as `liveloop up` returns.
+# Every file a service writes (logs, Redis, SQLite, archives, specs) is private to the user: umask 077.
 _SPAWNER = (
-    "import subprocess, sys\n"
+    "import os, subprocess, sys\n"
+    "os.umask(0o077)\n"
     "log = open(sys.argv[1], 'ab')\n"
     "child = subprocess.Popen(sys.argv[2:], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,"
     " start_new_session=True)\n"

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import urllib.request
 
 import grpc
@@ -39,6 +40,15 @@ def test_up_status_routing_failover_and_down(running_stack: LocalStack) -> None:
     assert names == {"redis", "config", "predictor-1", "predictor-2", "ingest", "trainer", "monitor", "envoy"}
     assert all(row["health"] == "SERVING" for row in report["processes"]), report
     assert all(row["envoy"] == "healthy" for row in report["processes"] if row["kind"] == "service")
+
+    # What the stack writes is the user's alone: the state directory 0700, every file in it 0600.
+    assert stat.S_IMODE(stack.state_dir.stat().st_mode) == 0o700
+    exposed = [
+        str(path)
+        for path in stack.state_dir.rglob("*")
+        if path.is_file() and stat.S_IMODE(path.stat().st_mode) & 0o077
+    ]
+    assert exposed == []
 
     # Every service answers its health check through the front door.
     for service in topology.SERVICES:

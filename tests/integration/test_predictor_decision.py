@@ -576,13 +576,25 @@ BAD_INVOKES: list[tuple[str, dict[str, Any], grpc.StatusCode | None, str]] = [
     ("numberoffers infinite", {"numberoffers": math.inf}, grpc.StatusCode.INVALID_ARGUMENT, "numberoffers"),
     ("numberoffers NaN", {"numberoffers": math.nan}, grpc.StatusCode.INVALID_ARGUMENT, "numberoffers"),
     ("numberoffers a list", {"numberoffers": [2]}, grpc.StatusCode.INVALID_ARGUMENT, "numberoffers"),
-    ("numberoffers above the offers", {"numberoffers": 5}, grpc.StatusCode.INVALID_ARGUMENT, "numberoffers"),
+    (
+        "numberoffers above the limit",
+        {"numberoffers": 1001},
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "numberoffers",
+    ),
     ("numberoffers huge", {"numberoffers": 1e300}, grpc.StatusCode.INVALID_ARGUMENT, "numberoffers"),
     ("unknown campaign", {"campaign": "no-such-campaign"}, grpc.StatusCode.NOT_FOUND, "campaign"),
     ("empty campaign", {"campaign": ""}, grpc.StatusCode.INVALID_ARGUMENT, "campaign"),
     ("unknown deployment", {"deployment": "no-such-deployment"}, grpc.StatusCode.NOT_FOUND, "deployment"),
     ("empty customer", {"customer": ""}, grpc.StatusCode.INVALID_ARGUMENT, "customer"),
     ("customer too long", {"customer": "x" * 300}, grpc.StatusCode.INVALID_ARGUMENT, "customer"),
+    # A 70 KB identifier echoed into a status message would overflow Envoy's header limit and reset
+    # the whole upstream connection, every other client's calls on it included.
+    ("campaign huge", {"campaign": "x" * 70_000}, grpc.StatusCode.INVALID_ARGUMENT, "campaign"),
+    ("deployment huge", {"deployment": "x" * 70_000}, grpc.StatusCode.INVALID_ARGUMENT, "deployment"),
+    ("subcampaign huge", {"subcampaign": "x" * 70_000}, grpc.StatusCode.INVALID_ARGUMENT, "subcampaign"),
+    ("userid huge", {"userid": "x" * 70_000}, grpc.StatusCode.INVALID_ARGUMENT, "userid"),
+    ("channel huge", {"channel": "x" * 70_000}, grpc.StatusCode.INVALID_ARGUMENT, "channel"),
 ]
 
 
@@ -979,6 +991,10 @@ async def test_numberoffers_forms_and_a_default_above_the_offer_count(loop: Loop
         fields = {} if numberoffers is None else {"numberoffers": numberoffers}
         reply = await loop.a.Invoke(invoke_request(name, **fields))
         assert len(reply.final_result) == expected, numberoffers
+    # More than there are: those there are, and the warnings say so.
+    reply = await loop.a.Invoke(invoke_request(name, numberoffers=5))
+    assert len(reply.final_result) == 4
+    assert "5 offers asked for, 4 eligible" in reply.warnings
 
 
 # Keeps Redis busy for ARGV[1] milliseconds, as a slow command or a failover pause would.

@@ -48,6 +48,17 @@ class InvokeInput:
     deployment: str = ""
 
 
+# The longest identifier or free-text field of a request (campaign, customer, ...).
+MAX_FIELD_CHARS = 256
+
+
+def _check_lengths(request: InvokeInput) -> None:
+    for name in ("campaign", "subcampaign", "channel", "customer", "userid", "deployment"):
+        value: str = getattr(request, name)
+        if len(value) > MAX_FIELD_CHARS:
+            raise InvalidArgument(f"is {len(value)} characters; the limit is {MAX_FIELD_CHARS}", field=name)
+
+
 # A response's event time may be this far ahead of the replica's clock (clock skew), no further.
 MAX_EVENT_TIME_AHEAD_SECONDS = 300.0
 
@@ -115,13 +126,12 @@ class DecisionEngine:
 
     async def invoke(self, request: InvokeInput, config: ServedConfig) -> Decision:
         started = time.perf_counter()
+        _check_lengths(request)
         applied = self._resolve(config, request)
         prepared = applied.prepared
         spec = prepared.spec
         if not request.customer:
             raise InvalidArgument("must name the customer", field="customer")
-        if len(request.customer) > 256:
-            raise InvalidArgument("is longer than 256 characters", field="customer")
         params = {**parse_params(request.in_param, "in_param"), **parse_params(request.params, "params")}
         count = parse_number_of_offers(request.numberoffers, spec.default_number_of_offers, len(spec.offers))
         plan, override_warnings = _with_call_overrides(prepared.variant_for(request.customer), params)
@@ -313,6 +323,11 @@ class DecisionEngine:
             raise InvalidArgument("must be the uuid of an earlier Invoke", field="uuid")
         if len(request.uuid) > 64:
             raise InvalidArgument("is not a uuid", field="uuid")
+        if len(request.channel_name) > MAX_FIELD_CHARS:
+            raise InvalidArgument(
+                f"is {len(request.channel_name)} characters; the limit is {MAX_FIELD_CHARS}",
+                field="channel_name",
+            )
         contact = await self.options.read_contact(request.uuid)
         if contact is None:
             raise NotFound(
