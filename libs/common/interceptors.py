@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -92,6 +94,28 @@ def _streaming(behavior: Behavior, guard: Callable[[Any], Awaitable[None]]) -> B
     return coroutine
 
 
+class _RateLimitedWarning:
+    """At most one warning every `every_seconds`, saying how many were held back: a backing store
+    that is away fails every request, and a line per request floods the log."""
+
+    def __init__(self, every_seconds: float) -> None:
+        self._every = every_seconds
+        self._last = -math.inf
+        self._held = 0
+
+    def warn(self, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last < self._every:
+            self._held += 1
+            return
+        held, self._held, self._last = self._held, 0, now
+        suffix = f" ({held} more like it in the last {self._every:.0f} s not logged)" if held else ""
+        logger.warning(message + suffix, *args)
+
+
+_STORE_WARNINGS = _RateLimitedWarning(every_seconds=10.0)
+
+
 def bounded_message(message: str) -> str:
     """A status message never longer than MAX_STATUS_MESSAGE_CHARS: a message may quote what the
     client sent, and an unbounded one overflows the proxy's header limit, which resets the whole
@@ -109,7 +133,7 @@ async def _map_error(error_and_context: Any) -> None:
         exc, redis_errors.ConnectionError | redis_errors.TimeoutError | sqlalchemy_errors.OperationalError
     ):
         # A backing store is away or saturated: the caller may retry, another replica may serve.
-        logger.warning("backing store unavailable: %s", exc)
+        _STORE_WARNINGS.warn("backing store unavailable: %s", exc)
         await context.abort(
             grpc.StatusCode.UNAVAILABLE, "a backing store (Redis or SQL) is unavailable; retry"
         )
@@ -132,7 +156,56 @@ class ErrorInterceptor(aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
+        if handler.unary_unary is not None or handler.unary_stream is not None:
+            handler = _refusing_undecodable(handler, handler_call_details.method)
         return _wrap_handler(handler, lambda behavior, _streams: _streaming(behavior, _map_error))
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    """A request whose bytes are not the method's message, in place of the message."""
+
+    reason: str
+
+
+def _refusing_undecodable(handler: Handler, method: str) -> Handler:
+    """A request that does not decode answers INVALID_ARGUMENT (counted like any other call, logged
+    in one line), not grpc's UNKNOWN with an exception name and a traceback per request."""
+    deserialize = handler.request_deserializer
+
+    def tolerant(data: bytes) -> Any:
+        try:
+            return deserialize(data) if deserialize is not None else data
+        except Exception as exc:  # protobuf's DecodeError, or any deserializer's own
+            return _Undecodable(str(exc) or type(exc).__name__)
+
+    def checked(behavior: Behavior, _streams: bool) -> Behavior:
+        async def guarded(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+            if isinstance(request, _Undecodable):
+                logger.info("%s: undecodable request refused (%s)", method, request.reason)
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message of {method}"
+                )
+            result = behavior(request, context)
+            return await result if inspect.isawaitable(result) else result
+
+        if inspect.isasyncgenfunction(behavior):
+
+            async def guarded_stream(
+                request: Any, context: aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                if isinstance(request, _Undecodable):
+                    logger.info("%s: undecodable request refused (%s)", method, request.reason)
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message of {method}"
+                    )
+                async for response in behavior(request, context):
+                    yield response
+
+            return guarded_stream
+        return guarded
+
+    return _wrap_handler(handler._replace(request_deserializer=tolerant), checked)
 
 
 def _metadata_value(details: grpc.HandlerCallDetails, name: str) -> str | None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
 
 from libs.common.auth import Role
 from libs.common.errors import FailedPrecondition, Unavailable
@@ -304,3 +305,31 @@ async def test_config_with_an_unreachable_postgresql_fails_at_build_naming_datab
     assert "database_url" in str(raised.value)
     assert "127.0.0.1:1" in str(raised.value)
     assert "hunter2" not in str(raised.value)
+
+
+async def test_a_request_that_does_not_decode_is_invalid_argument_and_counted(
+    any_server: tuple[ServiceUnderTest, RunningServer], api_keys: ApiKeys
+) -> None:
+    """Bytes that are not the method's message: INVALID_ARGUMENT, counted, the server serving on."""
+    service, running = any_server
+    rpc = next(rpc for rpc in service.rpcs() if not rpc.client_streaming)
+    method = rpc.path.lstrip("/").rsplit(".", 1)[-1]  # "PredictorService/Ping", as the metric names it
+
+    def counted() -> float:
+        labels = {"service": running.definition.name, "method": method, "code": "INVALID_ARGUMENT"}
+        return REGISTRY.get_sample_value("liveloop_rpc_requests_total", labels) or 0.0
+
+    before, health = counted(), await health_status(running, "")
+    truncated = b"\x0a\xff"  # field 1, length-delimited, 255 bytes announced, none sent
+    async with grpc.aio.insecure_channel(target(running)) as open_:
+        codecs = {"request_serializer": _identity, "response_deserializer": _identity}
+        metadata = (("x-api-key", api_keys.admin),)
+        if rpc.server_streaming:
+            call = open_.unary_stream(rpc.path, **codecs)(truncated, metadata=metadata, timeout=10)
+            code, details = (await received_then_status(call))[1], ""
+        else:
+            call = open_.unary_unary(rpc.path, **codecs)(truncated, metadata=metadata, timeout=10)
+            code, details = await status_of(call)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, (rpc.path, details)
+    assert counted() == before + 1
+    assert await health_status(running, "") == health  # it answers as before

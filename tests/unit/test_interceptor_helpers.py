@@ -1,0 +1,38 @@
+"""The error interceptor's helpers: bounded status messages, rate-limited store warnings."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from libs.common import interceptors
+from libs.common.interceptors import MAX_STATUS_MESSAGE_CHARS, bounded_message
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def test_a_status_message_never_outgrows_its_bound() -> None:
+    assert bounded_message("campaign: short") == "campaign: short"
+    long = "campaign: no deployment serves campaign '" + "x" * 70_000 + "'"
+    cut = bounded_message(long)
+    assert len(cut) <= MAX_STATUS_MESSAGE_CHARS
+    assert cut.startswith("campaign: no deployment serves")
+    assert cut.endswith(f"({len(long)} characters, cut)")
+
+
+def test_store_warnings_are_one_per_interval_and_count_what_they_held_back(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = [100.0]
+    monkeypatch.setattr(interceptors.time, "monotonic", lambda: now[0])
+    warnings = interceptors._RateLimitedWarning(every_seconds=10.0)
+    with caplog.at_level(logging.WARNING, logger="libs.common.interceptors"):
+        for _ in range(50):
+            warnings.warn("backing store unavailable: %s", "refused")
+        now[0] = 111.0
+        warnings.warn("backing store unavailable: %s", "refused")
+    assert [record.getMessage() for record in caplog.records] == [
+        "backing store unavailable: refused",
+        "backing store unavailable: refused (49 more like it in the last 10 s not logged)",
+    ]
