@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import random
 import time
 import urllib.parse
 import uuid as uuid_module
@@ -455,6 +456,44 @@ async def test_a_repeated_response_is_acknowledged_as_duplicate_and_learns_nothi
     repeated = await loop.a.Respond(respond_request(other.uuid))
     assert (repeated.learned, repeated.duplicate) == (False, True)
     assert await loop.arms(name, other.segment) == before
+
+
+async def test_responds_cancelled_at_random_points_learn_every_acknowledged_response_once(loop: Loop) -> None:
+    """A Respond cut off anywhere (before, during or after its commit) and retried
+    until acknowledged, as a client or Envoy retries: every response is learned exactly once, never
+    lost behind a "duplicate" and never counted twice (marking, learning and logging commit together)."""
+    name = unique_name("cancelled")
+    await loop.publish(spec_document(name))
+    tail = await loop.stream_tail_id()
+    rng = random.Random(5)
+    contacts = [await loop.a.Invoke(invoke_request(name, f"c-{i}", numberoffers=1)) for i in range(300)]
+    cut_off = 0
+    for index, shown in enumerate(contacts):
+        offer = shown.final_result[0].result.offer
+        for attempt in range(200):
+            stub = loop.predictors[(index + attempt) % 2]
+            # The client gives up at a random point of the call (grpcio's own short deadlines run on a
+            # clock 1-2 s behind, grpc/grpc#34547): the server's handler is cancelled wherever it is.
+            patience = rng.uniform(0.0001, 0.003) if attempt < 5 else 10.0
+            try:
+                await asyncio.wait_for(stub.Respond(respond_request(shown.uuid, [offer])), timeout=patience)
+                break
+            except TimeoutError:
+                cut_off += 1
+    assert cut_off > 0  # the deadlines did cut calls off
+
+    async def logged() -> list[Response] | None:
+        responses = [e for e in await loop.log_entries(tail, name) if isinstance(e, Response)]
+        learned = [response for response in responses if response.learned]
+        return learned if len(learned) >= len(contacts) else None
+
+    learned = await eventually(logged, within=20, what="every response logged")
+    assert sorted(response.uuid for response in learned) == sorted(shown.uuid for shown in contacts)
+    successes = 0.0
+    for segment in {shown.segment for shown in contacts}:
+        arms = await loop.arms(name, segment)
+        successes += sum(float(value) for key, value in arms.items() if key.endswith("|s"))
+    assert successes == len(contacts)  # each learned once: none lost, none twice
 
 
 async def test_a_late_response_is_logged_but_not_learned(loop: Loop) -> None:

@@ -9,8 +9,9 @@ import contextlib
 import json
 import math
 import uuid as uuid_module
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from libs.common import redis_keys
+from libs.common.errors import InvalidArgument
 from libs.policy.statistics import ArmPolicy, parse_arms
 from services.predictor.core.options_store import OptionsStore
 from services.predictor.core.statistics_stores import Scope
@@ -194,33 +196,64 @@ async def test_two_hundred_concurrent_updates_lose_nothing(options: Store) -> No
     assert (raw["b|n"], raw["b|s"]) == (100.0, 0.0)
 
 
+def marking(offers: list[str], uuid: str, store: Any) -> Callable[[dict[str, str], Any], list[str]]:
+    """An answer that accepts `offers`: the ones not accepted before are its fresh ones."""
+
+    def answer(contact: dict[str, str], pipeline: Any) -> list[str]:
+        fresh = [offer for offer in offers if f"accepted|{offer}" not in contact]
+        store.queue_answer_marks(pipeline, uuid, fresh, contact)
+        return fresh
+
+    return answer
+
+
 async def test_concurrent_responses_to_one_contact_count_once(options: Store) -> None:
     uuid = str(uuid_module.uuid4())
     key = redis_keys.contact(uuid)
     await options.redis.hset(key, mapping={"deployment": options.deployment, "offers": '["a","b"]'})
     await options.redis.expire(key, 60)
-    replies = await asyncio.gather(*(options.store.mark_responses(uuid, ["a", "b"]) for _ in range(50)))
+    answer = marking(["a", "b"], uuid, options.store)
+    replies = await asyncio.gather(*(options.store.answer_contact(uuid, answer) for _ in range(50)))
     fresh = [reply for reply in replies if reply]
     assert fresh == [["a", "b"]]  # exactly one caller gets to learn
     assert all(reply == [] for reply in replies if not reply)
 
 
-async def test_mark_responses_is_idempotent_per_offer(options: Store) -> None:
+async def test_answers_mark_each_offer_once_and_a_gone_contact_is_none(options: Store) -> None:
     uuid = str(uuid_module.uuid4())
     key = redis_keys.contact(uuid)
     await options.redis.hset(key, mapping={"deployment": options.deployment})
     await options.redis.expire(key, 60)
-    assert await options.store.mark_responses(uuid, ["a", "b"]) == ["a", "b"]
-    assert await options.store.mark_responses(uuid, ["a", "b"]) == []
-    assert await options.store.mark_responses(uuid, ["b", "c"]) == ["c"]
-    assert await options.store.mark_responses(uuid, []) == []
+    store = options.store
+    assert await store.answer_contact(uuid, marking(["a", "b"], uuid, store)) == ["a", "b"]
+    assert await store.answer_contact(uuid, marking(["a", "b"], uuid, store)) == []
+    assert await store.answer_contact(uuid, marking(["b", "c"], uuid, store)) == ["c"]
+    assert await store.answer_contact(uuid, marking([], uuid, store)) == []
     stored = {k.decode(): v.decode() for k, v in (await options.redis.hgetall(key)).items()}
     assert stored["responded"] == "1"
     assert {k for k in stored if k.startswith("accepted|")} == {"accepted|a", "accepted|b", "accepted|c"}
-    # A contact that is gone (expired or never made) is None, and marking it creates nothing.
+    assert await options.redis.ttl(key) > 0  # answering keeps the contact's expiry
+    # A contact that is gone (expired or never made) is None, and answering it creates nothing.
     gone = str(uuid_module.uuid4())
-    assert await options.store.mark_responses(gone, ["a"]) is None
+    assert await store.answer_contact(gone, marking(["a"], gone, store)) is None
     assert not await options.redis.exists(redis_keys.contact(gone))
+
+
+async def test_an_answer_that_fails_before_its_commit_writes_nothing(options: Store) -> None:
+    """A refused or cancelled answer leaves no mark: its retry learns (no reward is lost)."""
+    uuid = str(uuid_module.uuid4())
+    key = redis_keys.contact(uuid)
+    await options.redis.hset(key, mapping={"deployment": options.deployment})
+    await options.redis.expire(key, 60)
+    store = options.store
+
+    def refused(contact: dict[str, str], pipeline: Any) -> None:
+        store.queue_answer_marks(pipeline, uuid, ["a"], contact)
+        raise InvalidArgument("refused after queueing", field="reward")
+
+    with pytest.raises(InvalidArgument):
+        await store.answer_contact(uuid, refused)
+    assert await store.answer_contact(uuid, marking(["a"], uuid, store)) == ["a"]
 
 
 async def test_linear_model_updates_accumulate_a_and_b(options: Store) -> None:

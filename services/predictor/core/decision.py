@@ -97,6 +97,33 @@ class ResponseOutcome:
     message: str
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """What one answer to a contact did, as committed."""
+
+    deployment: str
+    accepted: list[str]
+    fresh: list[str]  # accepted here for the first time
+    plan: VariantPlan | None
+    learned: bool
+    late: bool
+    duplicate: bool
+
+    @property
+    def message(self) -> str:
+        if self.late:
+            return "response logged after the reward window; not learned"
+        if self.duplicate:
+            return "already answered; not learned twice"
+        if self.learned:
+            return f"learned from {len(self.fresh)} accepted offer(s)"
+        if not self.accepted:
+            return "response without uptake logged"
+        if self.plan is not None:
+            return "logged; the contact was scored over other features than are served now, so not learned"
+        return "logged; the deployment is no longer served here, so nothing was learned"
+
+
 @dataclass
 class DecisionEngine:
     options: OptionsStore
@@ -328,32 +355,6 @@ class DecisionEngine:
                 f"is {len(request.channel_name)} characters; the limit is {MAX_FIELD_CHARS}",
                 field="channel_name",
             )
-        contact = await self.options.read_contact(request.uuid)
-        if contact is None:
-            raise NotFound(
-                f"no contact with uuid '{request.uuid}' (unknown, or older than its reward window)",
-                field="uuid",
-            )
-        deployment = contact["deployment"]
-        shown: list[str] = json.loads(contact["offers"])
-        applied = config.deployments.get(deployment) if config is not None else None
-        prepared = applied.prepared if applied is not None else None
-        accepted = self._match_offers(request.accepted, shown, prepared)
-        plan = prepared.plans.get(contact.get("variant", ""), prepared.plans[""]) if prepared else None
-        if request.reward is not None:
-            # Checked before the response is marked: a refused one can be sent again, corrected.
-            if not math.isfinite(request.reward):
-                raise InvalidArgument(f"must be a finite number, got {request.reward}", field="reward")
-            if (
-                request.reward < 0
-                and plan is not None
-                and not self.options.statistics[plan.scorer.statistics].takes_negative_rewards
-            ):
-                # Success counts cannot go down: a negative count makes the Beta posterior invalid.
-                raise InvalidArgument(
-                    f"must not be negative for '{plan.algorithm.approach}' (it counts successes)",
-                    field="reward",
-                )
         now = self.options.now()
         event_time = request.event_time if request.event_time is not None else now
         if event_time > now + MAX_EVENT_TIME_AHEAD_SECONDS:
@@ -363,57 +364,78 @@ class DecisionEngine:
                 "ahead of this server's clock); send seconds since the epoch or an RFC 3339 time",
                 field="event_time",
             )
-        window = prepared.spec.reward.window_seconds if prepared is not None else 0.0
-        late = event_time - float(contact["time"]) > window
-        fresh = await self.options.mark_responses(request.uuid, accepted)
-        if fresh is None:
-            raise NotFound(f"the contact '{request.uuid}' expired", field="uuid")
-        duplicate = (bool(accepted) and not fresh) or (not accepted and contact.get("responded") == "1")
-        learned = False
-        pipeline = self.options.pipeline()
-        reward = request.reward
-        if reward is None:
-            reward = prepared.spec.reward.default_reward if prepared is not None else 1.0
-        if prepared is not None and plan is not None and not late and fresh:
-            scope = Scope(deployment, contact.get("generation", "0"), contact["segment"])
-            store = self.options.statistics[plan.scorer.statistics]
-            learned = store.queue_rewards(pipeline, scope, contact, fresh, reward, plan, now)
-        record = decision_log.Response(
-            uuid=request.uuid,
-            time=now,
-            deployment=deployment,
-            accepted=accepted,
-            learned_offers=fresh if learned else [],
-            reward=request.reward,
-            channel=request.channel_name,
-            learned=learned,
-            late=late,
-            duplicate=duplicate,
-            replica=self.replica_id,
-            new_offers=fresh,
-            credited_reward=reward,
-            contact_time=float(contact["time"]),
-            segment=contact["segment"],
-            variant=contact.get("variant", ""),
-            config_revision=int(contact.get("revision", 0)),
-            latency_ms=(time.perf_counter() - started) * 1000,
-        )
-        self.options.queue_log(pipeline, record)
-        await pipeline.execute()
-        if late:
-            message = "response logged after the reward window; not learned"
-        elif duplicate:
-            message = "already answered; not learned twice"
-        elif learned:
-            message = f"learned from {len(fresh)} accepted offer(s)"
-        elif not accepted:
-            message = "response without uptake logged"
-        elif plan is not None:
-            message = "logged; the contact was scored over other features than are served now, so not learned"
-        else:
-            message = "logged; the deployment is no longer served here, so nothing was learned"
+        if request.reward is not None and not math.isfinite(request.reward):
+            raise InvalidArgument(f"must be a finite number, got {request.reward}", field="reward")
+
+        def answer(contact: dict[str, str], pipeline: Any) -> _Answer:
+            """What answering the contact as it is now writes, queued on the transaction."""
+            deployment = contact["deployment"]
+            shown: list[str] = json.loads(contact["offers"])
+            applied = config.deployments.get(deployment) if config is not None else None
+            prepared = applied.prepared if applied is not None else None
+            accepted = self._match_offers(request.accepted, shown, prepared)
+            plan = prepared.plans.get(contact.get("variant", ""), prepared.plans[""]) if prepared else None
+            if (
+                request.reward is not None
+                and request.reward < 0
+                and plan is not None
+                and not self.options.statistics[plan.scorer.statistics].takes_negative_rewards
+            ):
+                # Success counts cannot go down: a negative count makes the Beta posterior invalid.
+                raise InvalidArgument(
+                    f"must not be negative for '{plan.algorithm.approach}' (it counts successes)",
+                    field="reward",
+                )
+            window = prepared.spec.reward.window_seconds if prepared is not None else 0.0
+            late = event_time - float(contact["time"]) > window
+            fresh = [offer for offer in dict.fromkeys(accepted) if f"accepted|{offer}" not in contact]
+            duplicate = (bool(accepted) and not fresh) or (not accepted and contact.get("responded") == "1")
+            self.options.queue_answer_marks(pipeline, request.uuid, fresh, contact)
+            learned = False
+            reward = request.reward
+            if reward is None:
+                reward = prepared.spec.reward.default_reward if prepared is not None else 1.0
+            if prepared is not None and plan is not None and not late and fresh:
+                scope = Scope(deployment, contact.get("generation", "0"), contact["segment"])
+                store = self.options.statistics[plan.scorer.statistics]
+                learned = store.queue_rewards(pipeline, scope, contact, fresh, reward, plan, now)
+            record = decision_log.Response(
+                uuid=request.uuid,
+                time=now,
+                deployment=deployment,
+                accepted=accepted,
+                learned_offers=fresh if learned else [],
+                reward=request.reward,
+                channel=request.channel_name,
+                learned=learned,
+                late=late,
+                duplicate=duplicate,
+                replica=self.replica_id,
+                new_offers=fresh,
+                credited_reward=reward,
+                contact_time=float(contact["time"]),
+                segment=contact["segment"],
+                variant=contact.get("variant", ""),
+                config_revision=int(contact.get("revision", 0)),
+                latency_ms=(time.perf_counter() - started) * 1000,
+            )
+            self.options.queue_log(pipeline, record)
+            return _Answer(deployment, accepted, fresh, plan, learned, late, duplicate)
+
+        answered = await self.options.answer_contact(request.uuid, answer)
+        if answered is None:
+            raise NotFound(
+                f"no contact with uuid '{request.uuid}' (unknown, or older than its reward window)",
+                field="uuid",
+            )
         return ResponseOutcome(
-            request.uuid, deployment, learned, late, duplicate, fresh if learned else [], message
+            request.uuid,
+            answered.deployment,
+            answered.learned,
+            answered.late,
+            answered.duplicate,
+            answered.fresh if answered.learned else [],
+            answered.message,
         )
 
     @staticmethod

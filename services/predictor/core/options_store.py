@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from redis.asyncio import Redis
+from redis.exceptions import WatchError
 
 from libs.common import decision_log, redis_keys
+from libs.common.errors import Unavailable
 from libs.policy.statistics import ArmPolicy, Statistics, StatisticsKind
 from services.predictor.core.statistics_stores import (
     ArmStatistics,
@@ -28,17 +30,11 @@ GENERATION_CACHE_SECONDS = 1.0
 
 # KEYS[1] = contact hash. ARGV: offers the response credits. Marks each offer answered once and
 # returns the ones marked now (a repeated response learns nothing twice); also marks the contact.
-MARK_RESPONSES = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-local fresh = {}
-redis.call('HSETNX', KEYS[1], 'responded', '1')
-for i = 1, #ARGV do
-  if redis.call('HSETNX', KEYS[1], 'accepted|' .. ARGV[i], '1') == 1 then
-    table.insert(fresh, ARGV[i])
-  end
-end
-return fresh
-"""
+Answer = TypeVar("Answer")
+
+# Answers to one contact that may race (a client retry, Envoy's retry on a reset): an answer is
+# re-read and re-queued when another committed in between, this many times at most.
+ANSWER_ATTEMPTS = 8
 
 
 class OptionsStore:
@@ -48,7 +44,6 @@ class OptionsStore:
         self._redis = redis
         self._clock = clock
         self._generations: dict[str, tuple[float, str]] = {}
-        self._mark_responses = redis.register_script(MARK_RESPONSES)
         self.arms = ArmStatistics(redis, statistics_max_age)
         self.naive_bayes = NaiveBayesCounts()
         self.linear = LinearModels()
@@ -127,12 +122,44 @@ class OptionsStore:
         """Until cancelled: keep this replica's copies of arm statistics in step with every response."""
         await self.arms.follow_updates(on_subscribed)
 
-    async def mark_responses(self, uuid: str, offers: Sequence[str]) -> list[str] | None:
-        """Offers not answered before (None when the contact is gone)."""
-        reply = await self._mark_responses(keys=[redis_keys.contact(uuid)], args=list(offers))
-        if reply is None:
-            return None
-        return [_text(item) for item in reply]
+    async def answer_contact(
+        self, uuid: str, answer: Callable[[dict[str, str], Any], Answer]
+    ) -> Answer | None:
+        """Answer a contact atomically: `answer(contact, pipeline)` reads the contact as it is now and
+        queues everything answering it writes (the marks on the contact, the learning, the log
+        entry), and all of it is committed in one MULTI/EXEC or none of it is. So a call cancelled
+        or failed anywhere before the commit leaves no trace and its retry does the whole work,
+        and one after it finds the offers answered: a response is learned exactly once. When another
+        answer to the same contact commits in between (WATCH), this one is read and queued again.
+        None when the contact is gone (unknown, or older than its reward window)."""
+        key = redis_keys.contact(uuid)
+        for _ in range(ANSWER_ATTEMPTS):
+            async with self._redis.pipeline(transaction=True) as pipeline:
+                try:
+                    await pipeline.watch(key)
+                    raw = await pipeline.hgetall(key)
+                    if not raw:
+                        return None
+                    pipeline.multi()  # type: ignore[no-untyped-call]
+                    result = answer({_text(k): _text(v) for k, v in raw.items()}, pipeline)
+                    await pipeline.execute()
+                    return result
+                except WatchError:
+                    continue
+        raise Unavailable(f"the contact '{uuid}' was answered concurrently {ANSWER_ATTEMPTS} times; retry")
+
+    @staticmethod
+    def queue_answer_marks(
+        pipeline: Any, uuid: str, offers: Sequence[str], contact: Mapping[str, str]
+    ) -> None:
+        """The contact has been answered, and these offers accepted (each learned once). Nothing is
+        written when nothing changes: every write to the contact restarts the other answers racing
+        for it (WATCH), so a burst of duplicates must not write."""
+        marks = {f"accepted|{offer}": "1" for offer in offers}
+        if contact.get("responded") != "1":
+            marks["responded"] = "1"
+        if marks:
+            pipeline.hset(redis_keys.contact(uuid), mapping=marks)
 
 
 def _text(value: Any) -> str:
