@@ -63,7 +63,12 @@ async def test_a_known_sequence_of_invokes_and_responds_is_summarised_exactly(
 ) -> None:
     name = unique_name("summary")
     revision = await loop.publish(
-        spec_document(name, algorithm={"approach": "epsilon_greedy"}, exploration_epsilon=0.5)
+        spec_document(
+            name,
+            algorithm={"approach": "epsilon_greedy"},
+            exploration_epsilon=0.5,
+            reward={"window_seconds": 60},  # a late response is one 2 minutes after its contact
+        )
     )
     replies = []
     for i in range(12):
@@ -101,7 +106,7 @@ async def test_a_known_sequence_of_invokes_and_responds_is_summarised_exactly(
     )
     assert duplicate.duplicate
     late_time = Timestamp()
-    late_time.FromNanoseconds(time.time_ns() + 7200 * 10**9)
+    late_time.FromNanoseconds(time.time_ns() + 120 * 10**9)
     late = await loop.a.Respond(
         respond_request(replies[8].uuid, [replies[8].final_result[0].result.offer], event_time=late_time)
     )
