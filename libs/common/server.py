@@ -139,7 +139,12 @@ async def start_server(definition: ServiceDefinition, settings: ServiceSettings)
     if key_store is not None:
         interceptors.append(AuthInterceptor(key_store, definition.method_roles))
     interceptors.append(ErrorInterceptor())
-    server = aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
+    # Load beyond what the server can answer in time is shed, not queued without bound.
+    server = aio.server(
+        interceptors=interceptors,
+        options=SERVER_OPTIONS,
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
     definition.register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -55,6 +55,13 @@ class ServiceSettings(BaseSettings):
         1.0, ge=0, description="After NOT_SERVING, how long to wait for balancers to notice"
     )
     shutdown_grace_seconds: float = Field(5.0, ge=0, description="Grace for in-flight RPCs on stop")
+    max_concurrent_rpcs: int = Field(
+        1000,
+        ge=1,
+        le=100_000,
+        description="RPCs in flight at once (streams included); one more is answered RESOURCE_EXHAUSTED "
+        "at once instead of queueing behind them",
+    )
 
 
 class ClientSettings(BaseSettings):

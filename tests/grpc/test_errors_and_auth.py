@@ -6,6 +6,7 @@ interceptor chain as every liveloop service runs: telemetry, then auth, then err
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -24,13 +25,16 @@ from tests.grpc.probe_service import (
     Probe,
     chunks,
     key_metadata,
+    probe_settings,
     received_then_status,
+    serving_probe,
     status_of,
     stream_stream,
     stream_unary,
     unary,
     unary_stream,
 )
+from tests.polling import eventually
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -290,3 +294,22 @@ async def test_every_rpc_is_counted_by_method_and_status(
         )
         is None
     )
+
+
+async def test_load_beyond_the_limit_is_shed_at_once_not_queued(probe: Probe, api_keys: ApiKeys) -> None:
+    """Two calls in flight fill a server allowed two: the third is RESOURCE_EXHAUSTED at once, and
+    the server takes calls again once those finish."""
+    settings = probe_settings(api_keys.file, max_concurrent_rpcs=2)
+    async with serving_probe(probe, settings) as running, aio.insecure_channel(target(running)) as channel:
+        metadata = key_metadata(api_keys.invoke)
+        hanging = [asyncio.ensure_future(unary(channel, "Hang")(b"", metadata=metadata)) for _ in range(2)]
+        await eventually(lambda: _hanging(probe, 2), within=10, what="two calls in flight")
+        code, details = await status_of(unary(channel, "Ok")(b"third", metadata=metadata, timeout=10))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+        probe.never.set()  # release the two
+        assert [await call for call in hanging] == [b"released", b"released"]
+        assert await unary(channel, "Ok")(b"again", metadata=metadata) == b"ok:again"
+
+
+async def _hanging(probe: Probe, count: int) -> bool:
+    return probe.attempts.get("Hang", 0) >= count
