@@ -129,6 +129,10 @@ async def _map_error(error_and_context: Any) -> None:
     exc, context = error_and_context
     if isinstance(exc, LiveloopError):
         await context.abort(grpc.StatusCode[exc.status], bounded_message(exc.message))
+    if isinstance(exc, redis_errors.OutOfMemoryError):
+        # Redis reached its memory bound with nothing left it may evict (see redis_argv).
+        _STORE_WARNINGS.warn("Redis is out of memory: %s", exc)
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "Redis is out of memory; retry later")
     if isinstance(
         exc, redis_errors.ConnectionError | redis_errors.TimeoutError | sqlalchemy_errors.OperationalError
     ):

@@ -64,6 +64,11 @@ class StackSettings(BaseSettings):
     envoy_base_id: int | None = Field(None, ge=0, description="Envoy shared-memory id; default from the port")
     redis_port: int = Field(topology.REDIS_PORT, gt=0, le=65535)
     redis_url: str | None = Field(None, description="Use this Redis instead of starting one")
+    redis_maxmemory_mb: int = Field(
+        1024,
+        ge=16,
+        description="Memory bound of the Redis the stack starts; only keys that expire anyway are evicted",
+    )
     database_url: str | None = Field(
         None, description="One SQL URL for every service instead of SQLite files"
     )
@@ -218,7 +223,12 @@ def plan_processes(settings: StackSettings, credentials: Credentials) -> list[Pr
             ProcessPlan(
                 "redis",
                 "redis",
-                redis_argv(settings.redis_port, state / "redis", persistent=True),
+                redis_argv(
+                    settings.redis_port,
+                    state / "redis",
+                    persistent=True,
+                    maxmemory_mb=settings.redis_maxmemory_mb,
+                ),
                 {},
                 settings.redis_port,
             )

@@ -165,7 +165,12 @@ def envoy_binary() -> str:
     return found
 
 
-def redis_argv(port: int, data_dir: Path, *, persistent: bool) -> list[str]:
+def redis_argv(port: int, data_dir: Path, *, persistent: bool, maxmemory_mb: int | None = None) -> list[str]:
+    """A redis-server command line. With `maxmemory_mb`, memory is bounded and only keys that
+    expire anyway (contacts past their reward window, online features with a TTL) are evicted,
+    soonest-to-expire first: arm statistics, options and the decision log have no TTL and are never
+    evicted. When nothing evictable is left, writes fail (Invoke and Respond answer
+    RESOURCE_EXHAUSTED) and reads go on."""
     data_dir.mkdir(parents=True, exist_ok=True)
     argv = [
         redis_server_binary(),
@@ -182,6 +187,8 @@ def redis_argv(port: int, data_dir: Path, *, persistent: bool) -> list[str]:
         "--daemonize",
         "no",
     ]
+    if maxmemory_mb is not None:
+        argv += ["--maxmemory", f"{maxmemory_mb}mb", "--maxmemory-policy", "volatile-ttl"]
     if persistent:
         argv += ["--appendonly", "yes", "--appendfsync", "everysec"]
     else:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 
+import grpc
 import pytest
+from redis.exceptions import OutOfMemoryError
 
 from libs.common import interceptors
 from libs.common.interceptors import MAX_STATUS_MESSAGE_CHARS, bounded_message
@@ -36,3 +38,25 @@ def test_store_warnings_are_one_per_interval_and_count_what_they_held_back(
         "backing store unavailable: refused",
         "backing store unavailable: refused (49 more like it in the last 10 s not logged)",
     ]
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _Context:
+    """What _map_error uses of a servicer context: abort, which ends the call."""
+
+    def __init__(self) -> None:
+        self.aborted: tuple[object, str] | None = None
+
+    async def abort(self, code: object, message: str) -> None:
+        self.aborted = (code, message)
+        raise _Aborted
+
+
+async def test_a_full_redis_is_resource_exhausted_not_internal() -> None:
+    context = _Context()
+    with pytest.raises(_Aborted):
+        await interceptors._map_error((OutOfMemoryError("OOM command not allowed"), context))
+    assert context.aborted == (grpc.StatusCode.RESOURCE_EXHAUSTED, "Redis is out of memory; retry later")
