@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from libs.stack.topology import ENVOY_ADMIN_PORT, ENVOY_PORT, PREDICTOR, SERVICE_HEADER, SERVICES
+from libs.stack.topology import ENVOY_ADMIN_PORT, ENVOY_PORT, MONITOR, PREDICTOR, SERVICE_HEADER, SERVICES
 
 CONTAINER_DESCRIPTOR_PATH = "/etc/envoy/liveloop.pb"
 REPO_DESCRIPTOR_PATH = Path(__file__).resolve().parents[2] / "deploy" / "envoy" / "liveloop.pb"
@@ -130,12 +130,21 @@ def _cluster(upstream: Upstream, dns: bool) -> dict[str, Any]:
     return cluster
 
 
+# How long a call may take through the front door, per upstream. The predictors and the monitor
+# serve unary calls only, so a call that has not finished by then (a client that never sends the
+# rest of its message) is reset instead of holding a slot for ever; a client's own grpc-timeout
+# below the bound is honoured. Config (Watch), ingest and trainer (progress streams, uploads)
+# keep unbounded streams for now.
+ROUTE_TIMEOUTS = {PREDICTOR.name: "30s", MONITOR.name: "900s"}  # EvaluatePolicy over 1M decisions: ~6 min
+
+
 def _route_action(cluster: str) -> dict[str, Any]:
+    timeout = ROUTE_TIMEOUTS.get(cluster, "0s")
     return {
         "cluster": cluster,
         # Streams (Watch, progress) must not be cut; unary calls carry their own grpc-timeout.
-        "timeout": "0s",
-        "max_stream_duration": {"grpc_timeout_header_max": "0s"},
+        "timeout": timeout,
+        "max_stream_duration": {"grpc_timeout_header_max": timeout},
         "retry_policy": {
             "retry_on": "unavailable,reset,connect-failure,refused-stream",
             "num_retries": 2,
@@ -362,6 +371,10 @@ def build_envoy_config(
         "stat_prefix": "front_door",
         "codec_type": "AUTO",
         "stream_idle_timeout": "0s",
+        # A client must have sent its request headers within this (a slow-headers client holds nothing).
+        "request_headers_timeout": "10s",
+        # Streams one client connection may hold open at once (Envoy's default is 2^31 - 1).
+        "http2_protocol_options": {"max_concurrent_streams": 1000},
         "route_config": {
             "name": "liveloop",
             "virtual_hosts": [

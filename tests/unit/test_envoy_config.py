@@ -153,3 +153,24 @@ def test_descriptor_set_maps_the_monitor_and_config_rest_routes() -> None:
     assert routes["liveloop.config.v1.ConfigService/List"] == ("GET", "/v1/config/deployments", "")
     # every service with a REST route is one the transcoder is told about
     assert {name.split("/")[0] for name in routes} <= set(TRANSCODED_SERVICES)
+
+
+def test_unary_upstreams_have_bounded_calls_and_streams_stay_open() -> None:
+    config = build_envoy_config(
+        container_upstreams(),
+        listen_address="0.0.0.0",
+        listen_port=8080,
+        admin_address="0.0.0.0",
+        admin_port=9901,
+        descriptor_path=None,
+        dns=True,
+    )
+    timeouts = {
+        route["route"]["cluster"]: route["route"]["timeout"] for route in _routes(config) if "route" in route
+    }
+    assert timeouts["predictor"] == "30s"  # every predictor RPC is unary: a stuck call is reset
+    assert timeouts["monitor"] == "900s"
+    assert timeouts["config"] == "0s"  # Watch is a stream
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert manager["request_headers_timeout"] == "10s"
+    assert manager["http2_protocol_options"]["max_concurrent_streams"] == 1000
