@@ -288,6 +288,58 @@ class AuthInterceptor(aio.ServerInterceptor):
         return _wrap_handler(handler, lambda behavior, _streams: _as_caller(behavior, caller))
 
 
+class LoadShedInterceptor(aio.ServerInterceptor):
+    """At most `limit` calls run at once; one more is answered RESOURCE_EXHAUSTED at once instead
+    of queueing behind them. A call counts from the moment its handler starts, that is once its
+    request has arrived whole: grpcio's own `maximum_concurrent_rpcs` also counts streams whose
+    message never completes, so a client sending truncated messages would make it shed every
+    legitimate call (measured through Envoy: 2,200 stuck streams, 0 of 300 Invokes served)."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._running = 0
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(OPEN_METHOD_PREFIXES):
+            return handler  # health checks are answered even under load
+        return _wrap_handler(handler, lambda behavior, _streams: self._counted(behavior))
+
+    def _counted(self, behavior: Behavior) -> Behavior:
+        shed = self
+
+        if inspect.isasyncgenfunction(behavior):
+
+            async def generator(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+                await shed._enter(context)
+                try:
+                    async for response in behavior(request, context):
+                        yield response
+                finally:
+                    shed._running -= 1
+
+            return generator
+
+        async def coroutine(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+            await shed._enter(context)
+            try:
+                result = behavior(request, context)
+                return await result if inspect.isawaitable(result) else result
+            finally:
+                shed._running -= 1
+
+        return coroutine
+
+    async def _enter(self, context: aio.ServicerContext[Any, Any]) -> None:
+        if self._running >= self._limit:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self._limit} calls are running here; retry shortly"
+            )
+        self._running += 1
+
+
 class TelemetryInterceptor(aio.ServerInterceptor):
     """Counts, times and traces every RPC."""
 

@@ -22,7 +22,12 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from libs.common.auth import KeyFile, Role
 from libs.common.errors import FailedPrecondition, LiveloopError, Unavailable
-from libs.common.interceptors import AuthInterceptor, ErrorInterceptor, TelemetryInterceptor
+from libs.common.interceptors import (
+    AuthInterceptor,
+    ErrorInterceptor,
+    LoadShedInterceptor,
+    TelemetryInterceptor,
+)
 from libs.common.settings import ServiceSettings, TracingExporter, load_settings
 from libs.common.structured_logging import configure_logging
 from libs.common.telemetry import configure_tracing, start_metrics_endpoint
@@ -135,16 +140,15 @@ def _bind(server: aio.Server, settings: ServiceSettings) -> int:
 async def start_server(definition: ServiceDefinition, settings: ServiceSettings) -> RunningServer:
     key_store = load_key_store(settings)
     tracing = settings.tracing_exporter is not TracingExporter.NONE
-    interceptors: list[aio.ServerInterceptor] = [TelemetryInterceptor(definition.name, tracing=tracing)]
+    interceptors: list[aio.ServerInterceptor] = [
+        TelemetryInterceptor(definition.name, tracing=tracing),
+        # Load beyond what the server can answer in time is shed, not queued without bound.
+        LoadShedInterceptor(settings.max_concurrent_rpcs),
+    ]
     if key_store is not None:
         interceptors.append(AuthInterceptor(key_store, definition.method_roles))
     interceptors.append(ErrorInterceptor())
-    # Load beyond what the server can answer in time is shed, not queued without bound.
-    server = aio.server(
-        interceptors=interceptors,
-        options=SERVER_OPTIONS,
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
-    )
+    server = aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
     definition.register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

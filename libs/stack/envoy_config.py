@@ -114,6 +114,21 @@ def _cluster(upstream: Upstream, dns: bool) -> dict[str, Any]:
                 "grpc_health_check": {"service_name": upstream.health_service},
             }
         ],
+        # Sized on purpose, not Envoy's 1024 requests per cluster: a burst of stuck calls (a client
+        # that never completes its message, reset at the route timeout) must not take every slot.
+        # Retries may use a fifth of the requests in flight, never more (a retry storm on a
+        # struggling backend triples its load).
+        "circuit_breakers": {
+            "thresholds": [
+                {
+                    "priority": "DEFAULT",
+                    "max_connections": CLUSTER_MAX_REQUESTS,
+                    "max_pending_requests": CLUSTER_MAX_REQUESTS,
+                    "max_requests": CLUSTER_MAX_REQUESTS,
+                    "retry_budget": {"budget_percent": {"value": 20.0}, "min_retry_concurrency": 10},
+                }
+            ]
+        },
         "outlier_detection": {
             "consecutive_5xx": 3,
             "consecutive_gateway_failure": 3,
@@ -135,6 +150,7 @@ def _cluster(upstream: Upstream, dns: bool) -> dict[str, Any]:
 # rest of its message) is reset instead of holding a slot for ever; a client's own grpc-timeout
 # below the bound is honoured. Config (Watch), ingest and trainer (progress streams, uploads)
 # keep unbounded streams for now.
+CLUSTER_MAX_REQUESTS = 20_000
 ROUTE_TIMEOUTS = {PREDICTOR.name: "30s", MONITOR.name: "900s"}  # EvaluatePolicy over 1M decisions: ~6 min
 
 
