@@ -21,14 +21,9 @@ from libs.stack.processes import envoy_binary
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _routes(config: dict) -> list[dict]:
-    listener = config["static_resources"]["listeners"][0]
-    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
-    return manager["route_config"]["virtual_hosts"][0]["routes"]
-
-
-def test_every_grpc_service_has_a_route_and_predictors_are_health_checked() -> None:
-    config = build_envoy_config(
+def _container_config() -> dict:
+    """The container configuration (DNS upstreams), without the transcoder."""
+    return build_envoy_config(
         container_upstreams(),
         listen_address="0.0.0.0",
         listen_port=8080,
@@ -37,6 +32,16 @@ def test_every_grpc_service_has_a_route_and_predictors_are_health_checked() -> N
         descriptor_path=None,
         dns=True,
     )
+
+
+def _routes(config: dict) -> list[dict]:
+    listener = config["static_resources"]["listeners"][0]
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    return manager["route_config"]["virtual_hosts"][0]["routes"]
+
+
+def test_every_grpc_service_has_a_route_and_predictors_are_health_checked() -> None:
+    config = _container_config()
     prefixes = {route["match"].get("prefix") for route in _routes(config)}
     for service in topology.SERVICES:
         for grpc_service in service.grpc_services:
@@ -156,15 +161,7 @@ def test_descriptor_set_maps_the_monitor_and_config_rest_routes() -> None:
 
 
 def test_unary_upstreams_have_bounded_calls_and_streams_stay_open() -> None:
-    config = build_envoy_config(
-        container_upstreams(),
-        listen_address="0.0.0.0",
-        listen_port=8080,
-        admin_address="0.0.0.0",
-        admin_port=9901,
-        descriptor_path=None,
-        dns=True,
-    )
+    config = _container_config()
     timeouts = {
         route["route"]["cluster"]: route["route"]["timeout"] for route in _routes(config) if "route" in route
     }
