@@ -71,12 +71,20 @@ def _wrap_handler(handler: Handler, around: Around) -> Handler:
     return handler._replace(stream_stream=around(handler.stream_stream, True))
 
 
-def _streaming(behavior: Behavior, guard: Callable[[Any], Awaitable[None]]) -> Behavior:
-    """Wrap a response-streaming behavior (async generator or coroutine writing to the context)."""
+Enter = Callable[[Any, aio.ServicerContext[Any, Any]], Awaitable[None]]
+
+
+def _streaming(
+    behavior: Behavior, guard: Callable[[Any], Awaitable[None]], enter: Enter | None = None
+) -> Behavior:
+    """Wrap a behavior (coroutine, or async generator streaming its responses): `enter(request,
+    context)` first when given (it may abort the call), and every exception to `guard`."""
     if inspect.isasyncgenfunction(behavior):
 
         async def generator(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             try:
+                if enter is not None:
+                    await enter(request, context)
                 async for response in behavior(request, context):
                     yield response
             except BaseException as exc:
@@ -86,6 +94,8 @@ def _streaming(behavior: Behavior, guard: Callable[[Any], Awaitable[None]]) -> B
 
     async def coroutine(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         try:
+            if enter is not None:
+                await enter(request, context)
             result = behavior(request, context)
             return await result if inspect.isawaitable(result) else result
         except BaseException as exc:
@@ -125,6 +135,38 @@ def bounded_message(message: str) -> str:
     return message[: MAX_STATUS_MESSAGE_CHARS - 40] + f"... ({len(message)} characters, cut)"
 
 
+def _around(
+    behavior: Behavior,
+    enter: Callable[[Any, aio.ServicerContext[Any, Any]], Awaitable[None]],
+    leave: Callable[[], None] | None = None,
+) -> Behavior:
+    """`behavior` with `enter(request, context)` awaited before it (it may abort the call) and,
+    once enter returned, `leave()` after it however it ends; for coroutines and async generators."""
+    if inspect.isasyncgenfunction(behavior):
+
+        async def generator(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            await enter(request, context)
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            finally:
+                if leave is not None:
+                    leave()
+
+        return generator
+
+    async def coroutine(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+        await enter(request, context)
+        try:
+            result = behavior(request, context)
+            return await result if inspect.isawaitable(result) else result
+        finally:
+            if leave is not None:
+                leave()
+
+    return coroutine
+
+
 async def _map_error(error_and_context: Any) -> None:
     exc, context = error_and_context
     if isinstance(exc, LiveloopError):
@@ -160,9 +202,10 @@ class ErrorInterceptor(aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
+        enter: Enter | None = None
         if handler.unary_unary is not None or handler.unary_stream is not None:
-            handler = _refusing_undecodable(handler, handler_call_details.method)
-        return _wrap_handler(handler, lambda behavior, _streams: _streaming(behavior, _map_error))
+            handler, enter = _refusing_undecodable(handler, handler_call_details.method)
+        return _wrap_handler(handler, lambda behavior, _streams: _streaming(behavior, _map_error, enter))
 
 
 @dataclass(frozen=True)
@@ -172,9 +215,11 @@ class _Undecodable:
     reason: str
 
 
-def _refusing_undecodable(handler: Handler, method: str) -> Handler:
+def _refusing_undecodable(handler: Handler, method: str) -> tuple[Handler, Enter]:
     """A request that does not decode answers INVALID_ARGUMENT (counted like any other call, logged
-    in one line), not grpc's UNKNOWN with an exception name and a traceback per request."""
+    in one line), not grpc's UNKNOWN with an exception name and a traceback per request: the
+    handler with a deserializer that hands such a request on as `_Undecodable`, and the check that
+    refuses it before the servicer runs."""
     deserialize = handler.request_deserializer
 
     def tolerant(data: bytes) -> Any:
@@ -183,33 +228,12 @@ def _refusing_undecodable(handler: Handler, method: str) -> Handler:
         except Exception as exc:  # protobuf's DecodeError, or any deserializer's own
             return _Undecodable(str(exc) or type(exc).__name__)
 
-    def checked(behavior: Behavior, _streams: bool) -> Behavior:
-        async def guarded(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-            if isinstance(request, _Undecodable):
-                logger.info("%s: undecodable request refused (%s)", method, request.reason)
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message of {method}"
-                )
-            result = behavior(request, context)
-            return await result if inspect.isawaitable(result) else result
+    async def refuse_undecodable(request: Any, context: aio.ServicerContext[Any, Any]) -> None:
+        if isinstance(request, _Undecodable):
+            logger.info("%s: undecodable request refused (%s)", method, request.reason)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message of {method}")
 
-        if inspect.isasyncgenfunction(behavior):
-
-            async def guarded_stream(
-                request: Any, context: aio.ServicerContext[Any, Any]
-            ) -> AsyncIterator[Any]:
-                if isinstance(request, _Undecodable):
-                    logger.info("%s: undecodable request refused (%s)", method, request.reason)
-                    await context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message of {method}"
-                    )
-                async for response in behavior(request, context):
-                    yield response
-
-            return guarded_stream
-        return guarded
-
-    return _wrap_handler(handler._replace(request_deserializer=tolerant), checked)
+    return handler._replace(request_deserializer=tolerant), refuse_undecodable
 
 
 def _metadata_value(details: grpc.HandlerCallDetails, name: str) -> str | None:
@@ -305,39 +329,17 @@ class LoadShedInterceptor(aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(OPEN_METHOD_PREFIXES):
             return handler  # health checks are answered even under load
-        return _wrap_handler(handler, lambda behavior, _streams: self._counted(behavior))
+        return _wrap_handler(handler, lambda behavior, _streams: _around(behavior, self._enter, self._leave))
 
-    def _counted(self, behavior: Behavior) -> Behavior:
-        shed = self
-
-        if inspect.isasyncgenfunction(behavior):
-
-            async def generator(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-                await shed._enter(context)
-                try:
-                    async for response in behavior(request, context):
-                        yield response
-                finally:
-                    shed._running -= 1
-
-            return generator
-
-        async def coroutine(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-            await shed._enter(context)
-            try:
-                result = behavior(request, context)
-                return await result if inspect.isawaitable(result) else result
-            finally:
-                shed._running -= 1
-
-        return coroutine
-
-    async def _enter(self, context: aio.ServicerContext[Any, Any]) -> None:
+    async def _enter(self, _request: Any, context: aio.ServicerContext[Any, Any]) -> None:
         if self._running >= self._limit:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self._limit} calls are running here; retry shortly"
             )
         self._running += 1
+
+    def _leave(self) -> None:
+        self._running -= 1
 
 
 class TelemetryInterceptor(aio.ServerInterceptor):

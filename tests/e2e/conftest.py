@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -54,18 +55,29 @@ def stack_environment(state_dir: Path) -> tuple[dict[str, str], int, int]:
     return env, settings.envoy_port, settings.envoy_admin_port
 
 
-@pytest.fixture
-def stack_config(tmp_path: Path) -> LocalStack:
-    state_dir = tmp_path / "state"
+def local_stack(state_dir: Path) -> LocalStack:
+    """A stack's settings on free ports in `state_dir`, not started yet."""
     env, envoy_port, admin_port = stack_environment(state_dir)
     return LocalStack(state_dir, env, envoy_port, admin_port)
 
 
-@pytest.fixture
-def running_stack(stack_config: LocalStack) -> Iterator[LocalStack]:
-    result = stack_config.cli("up", "--json")
+@contextlib.contextmanager
+def started(local: LocalStack) -> Iterator[LocalStack]:
+    """`liveloop up` on entry (it must succeed), `liveloop down` on exit whatever happened."""
+    result = local.cli("up", "--json")
     try:
         assert result.returncode == 0, f"liveloop up failed:\n{result.stdout}\n{result.stderr}"
-        yield stack_config
+        yield local
     finally:
-        stack_config.cli("down")
+        local.cli("down")
+
+
+@pytest.fixture
+def stack_config(tmp_path: Path) -> LocalStack:
+    return local_stack(tmp_path / "state")
+
+
+@pytest.fixture
+def running_stack(stack_config: LocalStack) -> Iterator[LocalStack]:
+    with started(stack_config) as local:
+        yield local

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import REPO, LocalStack, stack_environment
+from tests.e2e.conftest import REPO, LocalStack, local_stack, started
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -23,15 +23,8 @@ REPLICAS = {"predictor-1", "predictor-2"}
 @pytest.fixture(scope="module")
 def config_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     """One stack for the whole module (like `running_stack`, which starts one per test)."""
-    state_dir = tmp_path_factory.mktemp("config-cli") / "state"
-    env, envoy_port, admin_port = stack_environment(state_dir)
-    stack = LocalStack(state_dir, env, envoy_port, admin_port)
-    result = stack.cli("up", "--json")
-    try:
-        assert result.returncode == 0, f"liveloop up failed:\n{result.stdout}\n{result.stderr}"
+    with started(local_stack(tmp_path_factory.mktemp("config-cli") / "state")) as stack:
         yield stack
-    finally:
-        stack.cli("down")
 
 
 def run_cli(

@@ -34,7 +34,7 @@ from libs.common.client import open_blocking_channel
 from libs.protos.liveloop.config.v1 import config_pb2, config_pb2_grpc
 from libs.stack.envoy_config import DASHBOARD_CSP, REPO_DASHBOARD_DIR
 from libs.stack.processes import wait_until
-from tests.e2e.conftest import REPO, LocalStack, stack_environment
+from tests.e2e.conftest import REPO, LocalStack, local_stack, started
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -136,15 +136,8 @@ def parse_dom(html: str) -> Node:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    state_dir = tmp_path_factory.mktemp("monitor-dashboard") / "state"
-    env, envoy_port, admin_port = stack_environment(state_dir)
-    local = LocalStack(state_dir, env, envoy_port, admin_port)
-    result = local.cli("up", "--json")
-    try:
-        assert result.returncode == 0, f"liveloop up failed:\n{result.stdout}\n{result.stderr}"
+    with started(local_stack(tmp_path_factory.mktemp("monitor-dashboard") / "state")) as local:
         yield local
-    finally:
-        local.cli("down")
 
 
 def rest(

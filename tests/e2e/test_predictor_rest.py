@@ -22,7 +22,7 @@ from libs.common.client import open_blocking_channel, open_channel
 from libs.protos.liveloop.config.v1 import config_pb2, config_pb2_grpc
 from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 from libs.stack.processes import wait_until
-from tests.e2e.conftest import REPO, LocalStack, stack_environment
+from tests.e2e.conftest import REPO, LocalStack, local_stack, started
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -34,15 +34,8 @@ RESULT_FIELDS = {"offer", "offer_name", "score", "final_score", "arm_reward", "p
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     """One stack for the module (starting one takes a while)."""
-    state_dir = tmp_path_factory.mktemp("predictor-rest") / "state"
-    env, envoy_port, admin_port = stack_environment(state_dir)
-    local = LocalStack(state_dir, env, envoy_port, admin_port)
-    result = local.cli("up", "--json")
-    try:
-        assert result.returncode == 0, f"liveloop up failed:\n{result.stdout}\n{result.stderr}"
+    with started(local_stack(tmp_path_factory.mktemp("predictor-rest") / "state")) as local:
         yield local
-    finally:
-        local.cli("down")
 
 
 def example_document() -> dict[str, Any]:

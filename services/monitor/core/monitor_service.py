@@ -246,13 +246,6 @@ class MonitorService:
         if not (logged_table and candidate_spec_json):
             # A team evaluating its old system's log may have published nothing yet.
             await self.head_revision(deployment)
-        window = resolve_window(
-            window_seconds,
-            end_time,
-            default_seconds=min(DEFAULT_EVALUATION_WINDOW_SECONDS, self.archive.retention_seconds),
-            max_seconds=MAX_LOGGED_TABLE_WINDOW_SECONDS if logged_table else self.archive.retention_seconds,
-            now=self._clock(),
-        )
         if candidate_spec_json:
             spec = parse_deployment_spec(candidate_spec_json, "json")
         elif candidate_revision:
@@ -277,6 +270,13 @@ class MonitorService:
             return await self._evaluate_logged_table(
                 spec, models, logged_table, window_seconds, end_time, request
             )
+        window = resolve_window(
+            window_seconds,
+            end_time,
+            default_seconds=min(DEFAULT_EVALUATION_WINDOW_SECONDS, self.archive.retention_seconds),
+            max_seconds=self.archive.retention_seconds,
+            now=self._clock(),
+        )
         contacts = await asyncio.to_thread(
             self.archive.contacts, deployment, window.start, window.end, CONTACT_COLUMNS
         )

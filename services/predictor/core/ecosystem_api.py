@@ -198,11 +198,8 @@ def read_response(payload: Mapping[str, Any]) -> EcosystemRespond:
     uuid = _text(payload, "uuid")
     accepted = offer_names(payload.get("offers_accepted"), "offers_accepted")
     accepted += offer_names(payload.get("accepted_offers"), "accepted_offers")
-    warnings = [
-        warning
-        for warning in _unknown(payload, RESPOND_FIELDS | REPLY_FIELDS)
-        if not FLAT_REPLY_KEY.match(warning.split("'")[1])
-    ]
+    # A flattened reply's keys (final_result_0_result_offer, ...) are known too.
+    warnings = _unknown(payload, RESPOND_FIELDS | REPLY_FIELDS, known_prefix=FLAT_REPLY_KEY)
     if "offers_accepted" not in payload and "accepted_offers" not in payload:
         # The /invocations reply echoed back, nested or flattened: every offer it lists was accepted.
         if "final_result" in payload:
@@ -265,8 +262,14 @@ def _flag(value: Any) -> bool:
     return bool(value)
 
 
-def _unknown(payload: Mapping[str, Any], known: frozenset[str]) -> list[str]:
-    return [f"unknown field '{key}' ignored" for key in payload if key not in known]
+def _unknown(
+    payload: Mapping[str, Any], known: frozenset[str], known_prefix: re.Pattern[str] | None = None
+) -> list[str]:
+    return [
+        f"unknown field '{key}' ignored"
+        for key in payload
+        if key not in known and not (known_prefix is not None and known_prefix.match(key))
+    ]
 
 
 def offer_names(value: Any, name: str) -> list[str]:

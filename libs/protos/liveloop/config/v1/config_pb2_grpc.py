@@ -147,8 +147,9 @@ class ConfigServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Refresh(self, request, context):
-        """Asks one replica (or all) to resynchronise: the server sends them a full snapshot. Served as
-        REST at GET and POST /refresh (the ecosystem.Ai runtime's path), where it reaches every replica.
+        """Asks one replica (or all) to resynchronise: the server sends them a full snapshot. NOT_FOUND
+        for a named replica that is not connected, UNAVAILABLE when none is. Served as REST at GET and
+        POST /refresh (the ecosystem.Ai runtime's path), where it reaches every replica.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

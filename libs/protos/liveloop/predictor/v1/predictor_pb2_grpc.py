@@ -94,7 +94,9 @@ class PredictorServiceServicer:
 
     def Respond(self, request, context):
         """Records the customer's response to an earlier Invoke (joined by uuid within the reward window)
-        and updates the arm statistics at once.
+        and updates the arm statistics at once: marks, learning and the log entry commit together or
+        not at all, so a retried call learns a response exactly once. An event_time more than 300 s
+        ahead of the server's clock is INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
