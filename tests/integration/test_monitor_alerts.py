@@ -661,7 +661,9 @@ receivers:
             (alert,) = (await engine.evaluate_once(T0)).fired
             (fired,) = await eventually(taken(receiver, 1), within=20, what="the firing notification")
             assert [status for status, _ in receiver.bodies] == [500, 200]  # taken on the second attempt
+            # The receiver has the body before the sender has its answer and counts the delivery.
             state = engine.notifier.state["ops"]
+            await eventually(delivered(engine, 1), within=20, what="the delivery counted")
             assert (state.delivered, state.retries, state.failed) == (1, 1, 0)
             assert state.last_error == "HTTP 500"
 
@@ -694,6 +696,7 @@ receivers:
             assert entry["startsAt"] == "2025-12-06T05:47:00.000Z"
             assert entry["endsAt"] == "2025-12-06T05:48:30.000Z"  # T0 + 90
             assert resolved_alert.resolved_at == T0 + 90
+            await eventually(delivered(engine, 2), within=20, what="the second delivery counted")
             assert engine.notifier.state["ops"].delivered == 2
 
 
@@ -733,6 +736,15 @@ receivers:
             assert body["status"] == "firing"
             assert [entry["fingerprint"] for entry in body["alerts"]] == [alert.id]
     assert first.taken() == []
+
+
+def delivered(engine: AlertEngine, count: int) -> Callable[[], Awaitable[bool]]:
+    """A probe: the notifier has counted `count` deliveries to the receiver "ops"."""
+
+    async def probe() -> bool:
+        return engine.notifier.state["ops"].delivered >= count
+
+    return probe
 
 
 def taken(receiver: Receiver, count: int) -> Callable[[], Awaitable[list[dict[str, Any]]]]:
