@@ -19,15 +19,17 @@ class ApiKeys:
     file: Path
     admin: str
     invoke: str
+    service: str
 
 
 @pytest.fixture
 def api_keys(tmp_path: Path) -> ApiKeys:
     admin_key, admin = generate_api_key(Role.ADMIN, "test-admin")
     invoke_key, invoke = generate_api_key(Role.INVOKE, "test-invoke")
+    service_key, service = generate_api_key(Role.SERVICE, "test-service")
     path = tmp_path / "api-keys.json"
-    ApiKeyStore([admin, invoke]).save(path)
-    return ApiKeys(path, admin_key, invoke_key)
+    ApiKeyStore([admin, invoke, service]).save(path)
+    return ApiKeys(path, admin_key, invoke_key, service_key)
 
 
 @pytest.fixture(scope="session")

@@ -181,7 +181,9 @@ def keys_create(
         Path | None,
         typer.Option(help="Key file (hashes only) to create or extend; default: the local stack's"),
     ] = None,
-    role: Annotated[Role, typer.Option(help="invoke or admin")] = Role.INVOKE,
+    role: Annotated[
+        Role, typer.Option(help="invoke (applications), service (liveloop's services) or admin")
+    ] = Role.INVOKE,
     name: Annotated[str, typer.Option(help="Who or what uses the key")] = "client",
     state_dir: StateDir = None,
     as_json: JsonFlag = False,

@@ -2,7 +2,11 @@
 
 A key looks like `ll_<key_id>_<secret>`. Only its SHA-256 is stored (keys are 256-bit random, so a
 slow hash adds nothing); the key id lets the server find the record without scanning.
-Roles: `invoke` (decisions and inference) and `admin` (everything, including state changes).
+Roles, each allowed only its own methods (`admin` is allowed everything):
+- `invoke`, the key handed to applications: decisions (Invoke, Respond, Ping, Refresh) and inference;
+- `service`, the key of liveloop's own services: reading config (Watch, Get, List) and reporting a
+  replica's state, so an application's key can neither read every spec nor forge a replica's state;
+- `admin`: everything, including state changes.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ CALLER: ContextVar[str] = ContextVar("liveloop_caller", default="anonymous")
 
 class Role(enum.StrEnum):
     INVOKE = "invoke"
+    SERVICE = "service"
     ADMIN = "admin"
 
     def allows(self, required: Role) -> bool:

@@ -1,7 +1,9 @@
 """API keys of the local stack: created on first start, hashed for the servers, readable by the CLI.
 
 `<state_dir>/api-keys.json` holds only hashes (what the services load); `<state_dir>/credentials.json`
-(mode 0600) holds the plaintext admin and invoke keys for the CLI on this machine, like a kubeconfig.
+(mode 0600) holds the plaintext keys for the CLI and the services on this machine, like a kubeconfig:
+`admin`, `invoke` (what an application would get) and `service` (what liveloop's services present to
+the config service).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from libs.common.auth import ApiKeyStore, Role, generate_api_key
 
 KEY_FILE = "api-keys.json"
 CREDENTIALS_FILE = "credentials.json"
+LOCAL_KEYS = {Role.ADMIN: "local-admin", Role.INVOKE: "local-invoke", Role.SERVICE: "local-service"}
 
 
 @dataclass(frozen=True)
@@ -22,27 +25,47 @@ class Credentials:
     key_file: Path
     admin_key: str
     invoke_key: str
+    service_key: str
 
 
 def ensure_credentials(state_dir: Path) -> Credentials:
+    """The local stack's keys; a key missing from an older state directory is created and added."""
     key_file = state_dir / KEY_FILE
-    credentials_file = state_dir / CREDENTIALS_FILE
-    existing = load_credentials(state_dir)
-    if existing is not None and key_file.exists():
-        return existing
-    admin_key, admin_record = generate_api_key(Role.ADMIN, "local-admin")
-    invoke_key, invoke_record = generate_api_key(Role.INVOKE, "local-invoke")
-    ApiKeyStore([admin_record, invoke_record]).save(key_file)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(credentials_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as handle:
-        json.dump({"admin": admin_key, "invoke": invoke_key}, handle, indent=2)
-    return Credentials(key_file, admin_key, invoke_key)
+    plaintext = _read_plaintext(state_dir) if key_file.exists() else {}
+    store = ApiKeyStore.load(key_file) if plaintext else ApiKeyStore([])
+    missing = [role for role in LOCAL_KEYS if role.value not in plaintext]
+    for role in missing:
+        plaintext[role.value], record = generate_api_key(role, LOCAL_KEYS[role])
+        store.add(record)
+    if missing:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        store.save(key_file)
+        descriptor = os.open(state_dir / CREDENTIALS_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            json.dump(plaintext, handle, indent=2)
+    return _credentials(state_dir, plaintext)
 
 
 def load_credentials(state_dir: Path) -> Credentials | None:
+    """The keys the CLI uses; a state directory from before the `service` role has none of its own
+    until the stack starts again."""
+    plaintext = _read_plaintext(state_dir)
+    if Role.ADMIN.value not in plaintext or Role.INVOKE.value not in plaintext:
+        return None
+    return _credentials(state_dir, plaintext)
+
+
+def _read_plaintext(state_dir: Path) -> dict[str, str]:
     credentials_file = state_dir / CREDENTIALS_FILE
     if not credentials_file.exists():
-        return None
-    document = json.loads(credentials_file.read_text())
-    return Credentials(state_dir / KEY_FILE, str(document["admin"]), str(document["invoke"]))
+        return {}
+    return {str(role): str(key) for role, key in json.loads(credentials_file.read_text()).items()}
+
+
+def _credentials(state_dir: Path, plaintext: dict[str, str]) -> Credentials:
+    return Credentials(
+        state_dir / KEY_FILE,
+        admin_key=plaintext[Role.ADMIN.value],
+        invoke_key=plaintext[Role.INVOKE.value],
+        service_key=plaintext.get(Role.SERVICE.value, ""),
+    )

@@ -274,7 +274,8 @@ def plan_processes(settings: StackSettings, credentials: Credentials) -> list[Pr
                 "REDIS_URL": redis_url,
                 "REPLICA_ID": f"predictor-{index + 1}",
                 "CONFIG_TARGET": config_target,
-                "CONFIG_API_KEY": credentials.invoke_key,
+                # Reads its deployments and reports its state: the services' own role.
+                "CONFIG_API_KEY": credentials.service_key,
                 "STATE_DIR": str(state / f"predictor-{index + 1}"),
                 "MODEL_DIR": str(state / "artifacts"),
             },
@@ -288,7 +289,8 @@ def plan_processes(settings: StackSettings, credentials: Credentials) -> list[Pr
             "DATABASE_URL": database_url("ingest"),
             "REDIS_URL": redis_url,
             "CONFIG_TARGET": config_target,
-            "CONFIG_API_KEY": credentials.invoke_key,
+            # GenerateOptions reads the deployment it fills.
+            "CONFIG_API_KEY": credentials.service_key,
             "UPLOAD_DIR": str(state / "uploads"),
         },
     )

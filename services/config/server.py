@@ -17,13 +17,14 @@ from services.config.monitor_client import MonitorServiceClient
 from services.config.servicer import ConfigServicer
 from services.config.settings import ConfigSettings
 
-# Replicas and other services read config with an `invoke` key (Watch already delivers every spec);
+# Replicas and other services read config, and replicas report their state, with a `service` key;
 # Refresh only resends the head to the replicas (the ecosystem.Ai runtime's /refresh, which its
-# clients call with their key); everything that changes config, or shows its history and
+# clients call with their `invoke` key); everything that changes config, or shows its history and
 # replicas, needs `admin`.
+CONFIG_SERVICE = "/liveloop.config.v1.ConfigService/"
 METHOD_ROLES = {
-    f"/liveloop.config.v1.ConfigService/{method}": Role.INVOKE
-    for method in ("Watch", "Get", "List", "Refresh")
+    **{CONFIG_SERVICE + method: Role.SERVICE for method in ("Watch", "Get", "List")},
+    CONFIG_SERVICE + "Refresh": Role.INVOKE,
 }
 
 

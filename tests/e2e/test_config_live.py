@@ -130,7 +130,7 @@ class LiveConfig:
             "LIVELOOP_PREDICTOR_PORT": str(port),
             "LIVELOOP_PREDICTOR_REPLICA_ID": replica_id,
             "LIVELOOP_PREDICTOR_CONFIG_TARGET": self.config.target,
-            "LIVELOOP_PREDICTOR_CONFIG_API_KEY": self.api_keys.invoke,
+            "LIVELOOP_PREDICTOR_CONFIG_API_KEY": self.api_keys.service,
             "LIVELOOP_PREDICTOR_STATE_DIR": str(state_dir or self.root / replica_id / "state"),
             "LIVELOOP_PREDICTOR_MODEL_DIR": str(self.model_dir),
             "LIVELOOP_PREDICTOR_REDIS_URL": self.redis_url,

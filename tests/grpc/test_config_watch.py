@@ -53,6 +53,7 @@ class ConfigUnderTest:
     running: RunningServer
     admin: config_pb2_grpc.ConfigServiceStub
     invoke: config_pb2_grpc.ConfigServiceStub
+    service: config_pb2_grpc.ConfigServiceStub
     anonymous: config_pb2_grpc.ConfigServiceStub
     channels: list[aio.Channel] = field(default_factory=list)
     stopped: bool = False
@@ -84,11 +85,11 @@ async def config(tmp_path: Path, api_keys: ApiKeys) -> AsyncIterator[ConfigUnder
     running = await build_config(settings)
     channels = [
         open_channel(target(running), api_key=key, deadline_seconds=15)
-        for key in (api_keys.admin, api_keys.invoke, None)
+        for key in (api_keys.admin, api_keys.invoke, api_keys.service, None)
     ]
     stubs = [config_pb2_grpc.ConfigServiceStub(channel) for channel in channels]
     under_test = ConfigUnderTest(
-        running, admin=stubs[0], invoke=stubs[1], anonymous=stubs[2], channels=channels
+        running, admin=stubs[0], invoke=stubs[1], service=stubs[2], anonymous=stubs[3], channels=channels
     )
     try:
         yield under_test
@@ -164,11 +165,11 @@ class RawWatch:
 
 @pytest.fixture
 async def watches(config: ConfigUnderTest) -> AsyncIterator[Callable[[], RawWatch]]:
-    """Opens raw Watch streams with the invoke key (as replicas have); cancels them after the test."""
+    """Opens raw Watch streams with the service key (as replicas have); cancels them after the test."""
     opened: list[RawWatch] = []
 
     def open_() -> RawWatch:
-        watch = RawWatch(config.invoke)
+        watch = RawWatch(config.service)
         opened.append(watch)
         return watch
 
@@ -367,7 +368,7 @@ async def test_publish_needs_an_admin_key(config: ConfigUnderTest) -> None:
     assert "admin" in details
     code, _ = await status_of(config.anonymous.Publish(request))
     assert code == grpc.StatusCode.UNAUTHENTICATED
-    # Other changes, history and replica state need admin too; reading current specs needs invoke.
+    # Other changes, history and replica state need admin too; reading current specs needs service.
     admin_only: dict[str, Callable[[config_pb2_grpc.ConfigServiceStub], Awaitable[Any]]] = {
         "History": lambda stub: stub.History(config_pb2.HistoryRequest()),
         "Rollback": lambda stub: stub.Rollback(config_pb2.RollbackRequest(deployment="x", to_revision=1)),
@@ -384,7 +385,7 @@ async def test_publish_needs_an_admin_key(config: ConfigUnderTest) -> None:
     assert (await status_of(config.anonymous.Refresh(config_pb2.RefreshRequest())))[0] == (
         grpc.StatusCode.UNAUTHENTICATED
     )
-    assert (await config.invoke.List(config_pb2.ListRequest())).head_revision == 0
+    assert (await config.service.List(config_pb2.ListRequest())).head_revision == 0
     assert (await status_of(config.anonymous.List(config_pb2.ListRequest())))[0] == (
         grpc.StatusCode.UNAUTHENTICATED
     )
@@ -398,6 +399,32 @@ async def test_watch_without_a_key_is_unauthenticated(config: ConfigUnderTest) -
     finally:
         watch.close()
     assert code == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_an_application_key_can_neither_read_specs_nor_report_as_a_replica(
+    config: ConfigUnderTest,
+) -> None:
+    """The invoke key is what applications hold: a replica's Watch (and its state) and the specs
+    need the services' own role, so that key can no longer plant a NACK or a phantom replica."""
+    await config.publish("offers")
+    watch = RawWatch(config.invoke)
+    try:
+        await watch.subscribe("phantom")
+        code, details = await watch.status()
+    finally:
+        watch.close()
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    assert "needs role 'service'" in details
+    assert await config.replica("phantom") is None
+    get = config_pb2.GetRequest(deployment=common_pb2.DeploymentRef(name="offers"))
+    for reading in (config.invoke.Get(get), config.invoke.List(config_pb2.ListRequest())):
+        code, details = await status_of(reading)
+        assert code == grpc.StatusCode.PERMISSION_DENIED
+        assert "the key has 'invoke'" in details
+    assert (await config.service.Get(get)).deployment.name == "offers"
+    # ...and the service key changes nothing: publishing still takes admin.
+    publish = config_pb2.PublishRequest(spec_text=spec_text("other"))
+    assert (await status_of(config.service.Publish(publish)))[0] == grpc.StatusCode.PERMISSION_DENIED
 
 
 async def test_unknown_deployments_are_not_found(config: ConfigUnderTest) -> None:
@@ -741,7 +768,7 @@ async def replicas(
 
         follower = ConfigFollower(
             target=target_ or config.target,
-            api_key=api_keys.invoke,
+            api_key=api_keys.service,
             replica_id=replica_id,
             state_dir=state_dir or tmp_path / replica_id,
             service="grpc-test",

@@ -174,13 +174,21 @@ def test_every_rpc_of_every_service_is_implemented() -> None:
     assert pending == []
 
 
-async def test_admin_rpcs_are_permission_denied_for_an_invoke_key(
+async def test_each_role_is_denied_every_rpc_outside_its_own(
     any_server: tuple[ServiceUnderTest, RunningServer], api_keys: ApiKeys
 ) -> None:
     service, running = any_server
     roles = running.definition.method_roles
-    admin_only = [rpc for rpc in service.rpcs() if roles.get(rpc.path, Role.ADMIN) is Role.ADMIN]
-    codes = {rpc.path: await _rpc_status(running, rpc, api_keys.invoke) for rpc in admin_only}
+    not_invoke = [rpc for rpc in service.rpcs() if roles.get(rpc.path, Role.ADMIN) is not Role.INVOKE]
+    codes = {rpc.path: await _rpc_status(running, rpc, api_keys.invoke) for rpc in not_invoke}
+    assert codes == dict.fromkeys(codes, grpc.StatusCode.PERMISSION_DENIED)
+    not_service = [
+        rpc
+        for rpc in service.rpcs()
+        if roles.get(rpc.path, Role.ADMIN) is not Role.SERVICE
+        and not rpc.path.startswith(OPEN_METHOD_PREFIXES)
+    ]
+    codes = {rpc.path: await _rpc_status(running, rpc, api_keys.service) for rpc in not_service}
     assert codes == dict.fromkeys(codes, grpc.StatusCode.PERMISSION_DENIED)
 
 
@@ -194,24 +202,24 @@ async def test_predictor_ping_answers_with_the_replica_id_for_an_invoke_key(
     assert response.server_time.seconds > 0
 
 
-async def test_config_watch_is_open_to_invoke_keys_and_publish_is_not(
+async def test_config_watch_is_open_to_service_keys_and_publish_is_not(
     config_server: RunningServer, api_keys: ApiKeys
 ) -> None:
     # The key goes as call metadata (the channel carries none): only the server's role table is tested.
-    invoke = (("x-api-key", api_keys.invoke),)
+    service = (("x-api-key", api_keys.service),)
     subscribe = config_pb2.WatchRequest(
         subscribe=config_pb2.Subscribe(replica_id="grpc-test-replica", service="grpc-test")
     )
     async with channel(config_server) as open_:
         stub = config_pb2_grpc.ConfigServiceStub(open_)
-        watch = stub.Watch(iter([subscribe]), metadata=invoke, timeout=10)
+        watch = stub.Watch(iter([subscribe]), metadata=service, timeout=10)
         try:
             first = await anext(aiter(watch))
         finally:
             watch.cancel()
         assert first.WhichOneof("kind") is not None
 
-        code, details = await status_of(stub.Publish(config_pb2.PublishRequest(), metadata=invoke))
+        code, details = await status_of(stub.Publish(config_pb2.PublishRequest(), metadata=service))
         assert code == grpc.StatusCode.PERMISSION_DENIED
         assert "admin" in details
 

@@ -125,7 +125,7 @@ async def serving(
         api_keys,
         redis_url,
         config_target=target(config),
-        config_api_key=api_keys.invoke,
+        config_api_key=api_keys.service,
         model_dir=model_dir,
     )
     predictor: RunningServer | None = None

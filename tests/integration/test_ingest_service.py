@@ -196,7 +196,7 @@ async def stack(
                 redis_url,
                 database_url=database_url,
                 config_target=target(config),
-                config_api_key=api_keys.invoke,
+                config_api_key=api_keys.service,
                 upload_dir=tmp_path / "uploads",
                 chunk_rows=1000,
             )

@@ -156,7 +156,7 @@ async def loop(tmp_path: Path, api_keys: ApiKeys, redis_url: str) -> AsyncIterat
                 api_keys,
                 redis_url,
                 config_target=target(config),
-                config_api_key=api_keys.invoke,
+                config_api_key=api_keys.service,
                 replica_id=replica_id,
                 state_dir=tmp_path / replica_id,
             )

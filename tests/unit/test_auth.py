@@ -1,9 +1,11 @@
+import json
 from pathlib import Path
 
 import pytest
 
 from libs.common.auth import ApiKeyStore, KeyFile, Role, generate_api_key
 from libs.common.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from libs.stack.credentials import CREDENTIALS_FILE, ensure_credentials, load_credentials
 
 
 def test_key_round_trip_through_file_keeps_only_hashes(tmp_path: Path) -> None:
@@ -82,3 +84,29 @@ def test_a_key_file_is_read_again_when_it_changes(tmp_path: Path) -> None:
     path.write_text("{not json")
     now[0] = 4.5
     assert keys.authorize(second_key, Role.ADMIN, "m").key_id == second.key_id  # the last good keys
+
+
+def test_the_local_stack_has_one_key_per_role_and_an_older_state_dir_gains_the_service_key(
+    tmp_path: Path,
+) -> None:
+    credentials = ensure_credentials(tmp_path)
+    store = ApiKeyStore.load(credentials.key_file)
+    roles = {
+        store.authenticate(key).role
+        for key in (credentials.admin_key, credentials.invoke_key, credentials.service_key)
+    }
+    assert roles == {Role.ADMIN, Role.INVOKE, Role.SERVICE}
+    assert ensure_credentials(tmp_path) == credentials  # kept across starts
+    # A state directory from before the service role: its admin and invoke keys stay valid.
+    plaintext = json.loads((tmp_path / CREDENTIALS_FILE).read_text())
+    del plaintext["service"]
+    (tmp_path / CREDENTIALS_FILE).write_text(json.dumps(plaintext))
+    older = load_credentials(tmp_path)
+    assert older is not None
+    assert (older.service_key, older.admin_key) == ("", credentials.admin_key)
+    upgraded = ensure_credentials(tmp_path)
+    assert (upgraded.admin_key, upgraded.invoke_key) == (credentials.admin_key, credentials.invoke_key)
+    store = ApiKeyStore.load(upgraded.key_file)
+    assert store.authenticate(upgraded.service_key).role is Role.SERVICE
+    assert store.authenticate(credentials.admin_key).role is Role.ADMIN
+    assert (tmp_path / CREDENTIALS_FILE).stat().st_mode & 0o777 == 0o600
