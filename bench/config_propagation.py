@@ -118,9 +118,9 @@ class Watchers:
 
 def scenario(watchers_count: int, publishes: int, work: Path) -> dict[str, Any]:
     admin_key, admin = generate_api_key(Role.ADMIN, "bench-admin")
-    invoke_key, invoke = generate_api_key(Role.INVOKE, "bench-replica")
+    service_key, service = generate_api_key(Role.SERVICE, "bench-replica")
     keys = work / "keys.json"
-    ApiKeyStore([admin, invoke]).save(keys)
+    ApiKeyStore([admin, service]).save(keys)
     port = free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith("LIVELOOP_")}
     env.update(
@@ -139,7 +139,7 @@ def scenario(watchers_count: int, publishes: int, work: Path) -> dict[str, Any]:
     try:
         if not wait_until(lambda: grpc_health(target, "liveloop.config.v1.ConfigService") == "SERVING", 30):
             raise RuntimeError("config service did not start")
-        watchers = Watchers(watchers_count, target, invoke_key, work)
+        watchers = Watchers(watchers_count, target, service_key, work)
         watchers.wait_all(0, 60)  # every watcher applied the initial (empty) snapshot
         propagation, publish_only, commit_to_all = [], [], []
         with open_blocking_channel(target, api_key=admin_key, deadline_seconds=10) as channel:

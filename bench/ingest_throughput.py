@@ -210,7 +210,7 @@ class Services:
     redis_url: str
     keys_file: Path
     admin_key: str
-    invoke_key: str
+    service_key: str
     config_target: str
     env: dict[str, str]
 
@@ -231,7 +231,7 @@ class Services:
                 "LIVELOOP_INGEST_REDIS_URL": self.redis_url,
                 "LIVELOOP_INGEST_API_KEYS_FILE": str(self.keys_file),
                 "LIVELOOP_INGEST_CONFIG_TARGET": self.config_target,
-                "LIVELOOP_INGEST_CONFIG_API_KEY": self.invoke_key,
+                "LIVELOOP_INGEST_CONFIG_API_KEY": self.service_key,
                 "LIVELOOP_INGEST_UPLOAD_DIR": str(self.work / "uploads"),
                 "LIVELOOP_INGEST_LOG_LEVEL": "WARNING",
                 "LIVELOOP_INGEST_SHUTDOWN_DRAIN_SECONDS": "0",
@@ -263,9 +263,9 @@ def services(work: Path) -> Iterator[Services]:
     from libs.stack.processes import free_port, redis_argv, wait_until
 
     admin_key, admin = generate_api_key(Role.ADMIN, "bench-admin")
-    invoke_key, invoke = generate_api_key(Role.INVOKE, "bench-invoke")
+    service_key, service = generate_api_key(Role.SERVICE, "bench-service")
     keys = work / "keys.json"
-    ApiKeyStore([admin, invoke]).save(keys)
+    ApiKeyStore([admin, service]).save(keys)
     env = {key: value for key, value in os.environ.items() if not key.startswith("LIVELOOP_")}
     redis_port, config_port = free_port(), free_port()
     started: list[subprocess.Popen[bytes]] = []
@@ -297,7 +297,7 @@ def services(work: Path) -> Iterator[Services]:
             spec = (REPO / "examples" / "deployments" / "telco-offers.yaml").read_text()
             config_pb2_grpc.ConfigServiceStub(channel).Publish(config_pb2.PublishRequest(spec_text=spec))
         yield Services(
-            work, f"redis://127.0.0.1:{redis_port}/0", keys, admin_key, invoke_key, config_target, env
+            work, f"redis://127.0.0.1:{redis_port}/0", keys, admin_key, service_key, config_target, env
         )
     finally:
         for process in reversed(started):

@@ -66,7 +66,7 @@ from libs.common.client import open_blocking_channel  # noqa: E402
 from libs.protos.liveloop.config.v1 import config_pb2, config_pb2_grpc  # noqa: E402
 from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc  # noqa: E402
 from libs.stack.credentials import load_credentials  # noqa: E402
-from libs.stack.launcher import StackRecord, StackSettings, down, up  # noqa: E402
+from libs.stack.launcher import StackRecord, StackSettings, down, stack_redis_url, up  # noqa: E402
 from libs.stack.processes import wait_until  # noqa: E402
 
 SERVICE_PATH = "/liveloop.predictor.v1.PredictorService/"
@@ -667,7 +667,7 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         invoke_key = credentials.invoke_key
         front_door = f"127.0.0.1:{settings.envoy_port}"
         base_url = f"http://{front_door}{SERVICE_PATH}"
-        redis_url = f"redis://127.0.0.1:{settings.redis_port}/0"
+        redis_url = stack_redis_url(settings, credentials)
 
         print(f"writing features for {args.customers} customers", flush=True)
         write_features(redis_url, args.customers)

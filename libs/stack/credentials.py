@@ -3,13 +3,14 @@
 `<state_dir>/api-keys.json` holds only hashes (what the services load); `<state_dir>/credentials.json`
 (mode 0600) holds the plaintext keys for the CLI and the services on this machine, like a kubeconfig:
 `admin`, `invoke` (what an application would get) and `service` (what liveloop's services present to
-the config service).
+the config service), and `redis`, the password of the stack's own Redis.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from libs.common.auth import ApiKeyStore, Role, generate_api_key
 KEY_FILE = "api-keys.json"
 CREDENTIALS_FILE = "credentials.json"
 LOCAL_KEYS = {Role.ADMIN: "local-admin", Role.INVOKE: "local-invoke", Role.SERVICE: "local-service"}
+REDIS_PASSWORD = "redis"
 
 
 @dataclass(frozen=True)
@@ -26,18 +28,22 @@ class Credentials:
     admin_key: str
     invoke_key: str
     service_key: str
+    redis_password: str
 
 
 def ensure_credentials(state_dir: Path) -> Credentials:
-    """The local stack's keys; a key missing from an older state directory is created and added."""
+    """The local stack's keys; one missing from an older state directory is created and added."""
     key_file = state_dir / KEY_FILE
     plaintext = _read_plaintext(state_dir) if key_file.exists() else {}
     store = ApiKeyStore.load(key_file) if plaintext else ApiKeyStore([])
-    missing = [role for role in LOCAL_KEYS if role.value not in plaintext]
-    for role in missing:
-        plaintext[role.value], record = generate_api_key(role, LOCAL_KEYS[role])
-        store.add(record)
-    if missing:
+    found = dict(plaintext)
+    for role in LOCAL_KEYS:
+        if role.value not in plaintext:
+            plaintext[role.value], record = generate_api_key(role, LOCAL_KEYS[role])
+            store.add(record)
+    # Hex: nothing to escape in a URL or a config file.
+    plaintext.setdefault(REDIS_PASSWORD, secrets.token_hex(24))
+    if plaintext != found:
         state_dir.mkdir(parents=True, exist_ok=True)
         store.save(key_file)
         descriptor = os.open(state_dir / CREDENTIALS_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -68,4 +74,5 @@ def _credentials(state_dir: Path, plaintext: dict[str, str]) -> Credentials:
         admin_key=plaintext[Role.ADMIN.value],
         invoke_key=plaintext[Role.INVOKE.value],
         service_key=plaintext.get(Role.SERVICE.value, ""),
+        redis_password=plaintext.get(REDIS_PASSWORD, ""),
     )

@@ -208,10 +208,17 @@ def _service_env(
     return {prefix + key: value for key, value in values.items()}
 
 
+def stack_redis_url(settings: StackSettings, credentials: Credentials) -> str:
+    """`redis_url` when the stack uses another Redis, else its own, with the password in the URL."""
+    if settings.redis_url is not None:
+        return settings.redis_url
+    return f"redis://:{credentials.redis_password}@{settings.host}:{settings.redis_port}/0"
+
+
 def plan_processes(settings: StackSettings, credentials: Credentials) -> list[ProcessPlan]:
     state = settings.state_dir.resolve()
     python = sys.executable
-    redis_url = settings.redis_url or f"redis://{settings.host}:{settings.redis_port}/0"
+    redis_url = stack_redis_url(settings, credentials)
     config_target = f"{settings.host}:{settings.config_port}"
 
     def database_url(name: str) -> str:
@@ -228,6 +235,7 @@ def plan_processes(settings: StackSettings, credentials: Credentials) -> list[Pr
                     state / "redis",
                     persistent=True,
                     maxmemory_mb=settings.redis_maxmemory_mb,
+                    password=credentials.redis_password,
                 ),
                 {},
                 settings.redis_port,

@@ -165,15 +165,29 @@ def envoy_binary() -> str:
     return found
 
 
-def redis_argv(port: int, data_dir: Path, *, persistent: bool, maxmemory_mb: int | None = None) -> list[str]:
+def redis_argv(
+    port: int,
+    data_dir: Path,
+    *,
+    persistent: bool,
+    maxmemory_mb: int | None = None,
+    password: str | None = None,
+) -> list[str]:
     """A redis-server command line. With `maxmemory_mb`, memory is bounded and only keys that
     expire anyway (contacts past their reward window, online features with a TTL) are evicted,
     soonest-to-expire first: arm statistics, options and the decision log have no TTL and are never
     evicted. When nothing evictable is left, writes fail (Invoke and Respond answer
-    RESOURCE_EXHAUSTED) and reads go on."""
+    RESOURCE_EXHAUSTED) and reads go on. With `password`, every client must AUTH: it is written to
+    a config file of mode 0600 in `data_dir`, never on the command line (which `ps` shows)."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    argv = [
-        redis_server_binary(),
+    argv = [redis_server_binary()]
+    if password is not None:
+        config_file = data_dir / "redis.conf"
+        descriptor = os.open(config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(f'requirepass "{password}"\n')
+        argv.append(str(config_file))
+    argv += [
         "--port",
         str(port),
         "--bind",

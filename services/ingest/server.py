@@ -7,11 +7,11 @@ import json
 
 import grpc
 from grpc import aio
-from redis import Redis
 
 from libs.common.client import open_channel
 from libs.common.deployment_spec import DeploymentSpec, deployment_spec_from_mapping
 from libs.common.errors import NotFound, Unavailable
+from libs.common.redis_connection import open_blocking_redis
 from libs.common.server import RunningServer, ServiceDefinition, start_server
 from libs.common.service_database import open_service_database
 from libs.protos.liveloop.common.v1 import common_pb2
@@ -28,7 +28,7 @@ async def build_server(settings: IngestSettings) -> RunningServer:
     engine = await open_service_database(
         settings.database_url, service=INGEST.name, migrations_package=MIGRATIONS_PACKAGE
     )
-    redis = Redis.from_url(settings.redis_url, socket_timeout=30, socket_connect_timeout=5)
+    redis = open_blocking_redis(settings.redis_url, socket_timeout=30, connect_timeout=5)
     config_channel = open_channel(
         settings.config_target, api_key=settings.config_api_key, deadline_seconds=10
     )

@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 
 from grpc import aio
-from redis.asyncio import Redis
 
 from libs.common.distribution_drift import DriftThresholds
 from libs.common.errors import InvalidArgument
 from libs.common.offline_store import open_offline_store
+from libs.common.redis_connection import open_redis
 from libs.common.server import RunningServer, ServiceDefinition, start_server
 from libs.common.service_database import open_service_database
 from libs.policy.model_repository import ModelRepository
@@ -44,7 +44,7 @@ async def build_server(settings: MonitorSettings) -> RunningServer:
     engine = await open_service_database(
         settings.database_url, service=MONITOR.name, migrations_package=MIGRATIONS_PACKAGE
     )
-    redis = Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+    redis = open_redis(settings.redis_url, socket_timeout=10, connect_timeout=5)
     config = ConfigServiceClient(
         settings.config_target, settings.config_api_key, settings.config_deadline_seconds
     )

@@ -10,12 +10,12 @@ import asyncio
 import contextlib
 
 from grpc import aio
-from redis.asyncio import BlockingConnectionPool, Redis
 
 from libs.common.auth import Role
 from libs.common.config_follower import AppliedConfig, ConfigFollower
 from libs.common.deployment_spec import DeploymentSpec
 from libs.common.errors import FailedPrecondition
+from libs.common.redis_connection import open_redis
 from libs.common.server import RunningServer, ServiceDefinition, start_server
 from libs.policy.deployment import PreparedDeployment
 from libs.policy.model_repository import ModelRepository
@@ -113,17 +113,13 @@ async def build_server(settings: PredictorSettings) -> RunningServer:
         prepare=prepare,
         on_change=on_change,
     )
-    # A blocking pool: when every connection is busy (a Redis stall with many requests in flight),
-    # a request waits for one instead of failing at once with MaxConnectionsError.
-    redis = Redis.from_pool(
-        BlockingConnectionPool.from_url(
-            settings.redis_url,
-            max_connections=REDIS_MAX_CONNECTIONS,
-            timeout=REDIS_CONNECTION_WAIT_SECONDS,
-            socket_timeout=5,
-            socket_connect_timeout=2,
-            health_check_interval=30,
-        )
+    # When every connection is busy (a Redis stall with many requests in flight), a request waits
+    # for one instead of failing at once with MaxConnectionsError.
+    redis = open_redis(
+        settings.redis_url,
+        socket_timeout=5,
+        max_connections=REDIS_MAX_CONNECTIONS,
+        wait_for_connection_seconds=REDIS_CONNECTION_WAIT_SECONDS,
     )
     options = OptionsStore(redis, statistics_max_age=settings.statistics_max_age_ms / 1000)
     engine = DecisionEngine(options, settings.replica_id)

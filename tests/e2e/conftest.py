@@ -46,6 +46,12 @@ class LocalStack:
     def credentials(self) -> dict[str, str]:
         return json.loads((self.state_dir / "credentials.json").read_text())
 
+    @property
+    def redis_url(self) -> str:
+        """The stack's own Redis, with its password."""
+        port = self.env["LIVELOOP_STACK_REDIS_PORT"]
+        return f"redis://:{self.credentials()['redis']}@127.0.0.1:{port}/0"
+
 
 def stack_environment(state_dir: Path) -> tuple[dict[str, str], int, int]:
     """Environment for `liveloop` subprocesses running a stack on free ports in `state_dir`."""

@@ -34,8 +34,7 @@ def stationary(seed: int) -> Environment:
 
 def replicas_in_decision_log(stack: LocalStack, deployment: str) -> dict[str, set[str]]:
     """Which replicas logged the deployment's contacts (Invoke) and responses (Respond)."""
-    port = int(stack.env["LIVELOOP_STACK_REDIS_PORT"])
-    client = redis.Redis(host="127.0.0.1", port=port, decode_responses=True)
+    client = redis.Redis.from_url(stack.redis_url, decode_responses=True)
     served: dict[str, set[str]] = {"contact": set(), "response": set()}
     try:
         entries: list[tuple[str, dict[str, str]]] = client.xrange(redis_keys.DECISION_STREAM)  # type: ignore[assignment]
@@ -49,7 +48,7 @@ def replicas_in_decision_log(stack: LocalStack, deployment: str) -> dict[str, se
 
 
 async def engine_over_redis(stack: LocalStack) -> SimulationReport:
-    client = Redis(host="127.0.0.1", port=int(stack.env["LIVELOOP_STACK_REDIS_PORT"]))
+    client = Redis.from_url(stack.redis_url)
     try:
         return await run_with_redis(stationary(SEED), PolicySettings(), client)
     finally:

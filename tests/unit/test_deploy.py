@@ -386,7 +386,7 @@ def test_compose_env_vars_are_settings_fields(name: str, monkeypatch: pytest.Mon
     if "trainer_target" in fields:
         assert env[f"{service.prefix}TRAINER_TARGET"] == f"trainer:{default_ports(SERVICES['trainer'])[0]}"
     if "redis_url" in fields:
-        assert env[f"{service.prefix}REDIS_URL"] == "redis://redis:6379/0"
+        assert env[f"{service.prefix}REDIS_URL"] == "redis://:${REDIS_PASSWORD}@redis:6379/0"
     if "database_url" in fields:
         assert (env[f"{service.prefix}DATABASE_URL"] or "").startswith("postgresql+psycopg://")
     check_env(service, env, f"docker-compose.yml service {name}", monkeypatch)
@@ -678,6 +678,36 @@ def test_k8s_deployment_env_ports_and_probes_match_the_service(
     secret = volumes[keys["name"]]["secret"]
     assert secret["secretName"] == "liveloop-api-keys"
     assert [item["path"] for item in secret["items"]] == [Path(API_KEYS_PATH).name]
+
+
+def test_redis_refuses_clients_without_the_password_in_compose_and_kubernetes() -> None:
+    services = compose()["services"]
+    redis = services["redis"]
+    assert redis["environment"]["REDIS_PASSWORD"].startswith("${REDIS_PASSWORD:?")  # no default
+    assert '--requirepass "$$REDIS_PASSWORD"' in redis["command"][-1]
+    assert "REDISCLI_AUTH" in redis["healthcheck"]["test"][-1]
+    users = [
+        name
+        for name, definition in services.items()
+        if any(key.endswith("_REDIS_URL") for key in compose_env(definition))
+    ]
+    assert sorted(users) == ["ingest", "monitor", "predictor"]
+
+    container = k8s_objects("StatefulSet")["redis"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][:3] == ["redis-server", "--requirepass", "$(REDIS_PASSWORD)"]
+    secret_env = {item["name"]: item["valueFrom"]["secretKeyRef"] for item in container["env"]}
+    assert (
+        secret_env["REDIS_PASSWORD"]
+        == secret_env["REDISCLI_AUTH"]
+        == {"name": "liveloop-redis", "key": "password"}
+    )
+    for name in ("predictor", "ingest", "monitor"):
+        env = _only_container(k8s_objects("Deployment")[name])["env"]
+        names = [item["name"] for item in env]
+        url = next(item["value"] for item in env if item["name"].endswith("_REDIS_URL"))
+        assert url == "redis://:$(REDIS_PASSWORD)@redis:6379/0", name
+        # Kubernetes expands $(VAR) only from variables defined before it.
+        assert names.index("REDIS_PASSWORD") < names.index(f"LIVELOOP_{name.upper()}_REDIS_URL"), name
 
 
 @pytest.mark.parametrize("name", SERVICE_NAMES)
