@@ -21,7 +21,15 @@ from typing import Any
 
 import yaml
 
-from libs.stack.topology import ENVOY_ADMIN_PORT, ENVOY_PORT, MONITOR, PREDICTOR, SERVICE_HEADER, SERVICES
+from libs.stack.topology import (
+    ENVOY_ADMIN_PORT,
+    ENVOY_PORT,
+    ENVOY_PROBE_PORT,
+    MONITOR,
+    PREDICTOR,
+    SERVICE_HEADER,
+    SERVICES,
+)
 
 CONTAINER_DESCRIPTOR_PATH = "/etc/envoy/liveloop.pb"
 REPO_DESCRIPTOR_PATH = Path(__file__).resolve().parents[2] / "deploy" / "envoy" / "liveloop.pb"
@@ -339,7 +347,10 @@ def build_envoy_config(
     dns: bool,
     access_log: bool = False,
     dashboard_dir: Path | None = None,
+    probe_port: int | None = None,
 ) -> dict[str, Any]:
+    """With `probe_port`, a second listener on `listen_address` answers only GET /ready and
+    /stats/prometheus, from the admin interface (which then need not listen beyond localhost)."""
     http_filters: list[dict[str, Any]] = []
     if descriptor_path is not None:
         http_filters.append(
@@ -410,30 +421,97 @@ def build_envoy_config(
                 },
             }
         ]
-    return {
-        "admin": {"address": {"socket_address": {"address": admin_address, "port_value": admin_port}}},
-        "static_resources": {
-            "listeners": [
+    listeners: list[dict[str, Any]] = [
+        {
+            "name": "front_door",
+            "address": {"socket_address": {"address": listen_address, "port_value": listen_port}},
+            # A taken port must fail loudly instead of silently sharing traffic.
+            "enable_reuse_port": False,
+            # The transcoder buffers a REST body whole: a larger one is answered 413 (JSON).
+            "per_connection_buffer_limit_bytes": MAX_REST_BODY_BYTES,
+            "filter_chains": [
                 {
-                    "name": "front_door",
-                    "address": {"socket_address": {"address": listen_address, "port_value": listen_port}},
-                    # A taken port must fail loudly instead of silently sharing traffic.
-                    "enable_reuse_port": False,
-                    # The transcoder buffers a REST body whole: a larger one is answered 413 (JSON).
-                    "per_connection_buffer_limit_bytes": MAX_REST_BODY_BYTES,
-                    "filter_chains": [
+                    "filters": [
                         {
-                            "filters": [
-                                {
-                                    "name": "envoy.filters.network.http_connection_manager",
-                                    "typed_config": connection_manager,
-                                }
-                            ]
+                            "name": "envoy.filters.network.http_connection_manager",
+                            "typed_config": connection_manager,
                         }
-                    ],
+                    ]
                 }
             ],
-            "clusters": [_cluster(upstream, dns) for upstream in upstreams],
+        }
+    ]
+    clusters = [_cluster(upstream, dns) for upstream in upstreams]
+    if probe_port is not None:
+        listeners.append(_probe_listener(listen_address, probe_port))
+        clusters.append(_admin_cluster(admin_port))
+    return {
+        "admin": {"address": {"socket_address": {"address": admin_address, "port_value": admin_port}}},
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    }
+
+
+ADMIN_CLUSTER = "envoy_admin"
+PROBE_PATHS = ("/ready", "/stats/prometheus")
+
+
+def _probe_listener(address: str, port: int) -> dict[str, Any]:
+    routes: list[dict[str, Any]] = [
+        {
+            "match": {"path": path, "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
+            "route": {"cluster": ADMIN_CLUSTER, "timeout": "5s"},
+        }
+        for path in PROBE_PATHS
+    ]
+    routes.append({"match": {"prefix": "/"}, "direct_response": {"status": 404}})
+    manager = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "probes",
+        "codec_type": "AUTO",
+        "request_headers_timeout": "10s",
+        "route_config": {
+            "name": "probes",
+            "virtual_hosts": [{"name": "probes", "domains": ["*"], "routes": routes}],
+        },
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                },
+            }
+        ],
+    }
+    return {
+        "name": "probes",
+        "address": {"socket_address": {"address": address, "port_value": port}},
+        "enable_reuse_port": False,
+        "filter_chains": [
+            {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]}
+        ],
+    }
+
+
+def _admin_cluster(admin_port: int) -> dict[str, Any]:
+    return {
+        "name": ADMIN_CLUSTER,
+        "connect_timeout": "1s",
+        "type": "STATIC",
+        "load_assignment": {
+            "cluster_name": ADMIN_CLUSTER,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "socket_address": {"address": "127.0.0.1", "port_value": admin_port}
+                                }
+                            }
+                        }
+                    ]
+                }
+            ],
         },
     }
 
@@ -473,11 +551,12 @@ def container_config_text() -> str:
         container_upstreams(),
         listen_address="0.0.0.0",
         listen_port=ENVOY_PORT,
-        admin_address="0.0.0.0",
+        admin_address="127.0.0.1",
         admin_port=ENVOY_ADMIN_PORT,
         descriptor_path=CONTAINER_DESCRIPTOR_PATH,
         dns=True,
         dashboard_dir=REPO_DASHBOARD_DIR,
+        probe_port=ENVOY_PROBE_PORT,
     )
     return render(config)
 

@@ -39,6 +39,9 @@ SERVICES_BY_NAME = {service.name: service for service in SERVICES}
 
 ENVOY_PORT = 8080
 ENVOY_ADMIN_PORT = 9901
+# In containers Envoy's admin listens on 127.0.0.1 only (it can stop Envoy and rewrite its state);
+# this port answers the two admin paths others need: /ready (probes) and /stats/prometheus.
+ENVOY_PROBE_PORT = 9902
 REDIS_PORT = 6380  # never 6379: a system Redis may hold it
 
 # Clients pin a call (health, reflection) to one service through Envoy with this header.

@@ -353,7 +353,8 @@ def test_compose_file_names_every_service() -> None:
     assert services["postgres"]["environment"]["POSTGRES_DB"] == "liveloop"
     assert "healthcheck" in services["postgres"]
     assert services["envoy"]["image"].startswith("envoyproxy/envoy:v1.")
-    assert {container_port(p) for p in services["envoy"]["ports"]} == {8080, 9901}
+    assert {container_port(p) for p in services["envoy"]["ports"]} == {8080, 9902}
+    assert "127.0.0.1:9902:9902" in services["envoy"]["ports"]  # probes and stats: this host only
 
 
 @pytest.mark.parametrize("name", SERVICE_NAMES)
@@ -385,6 +386,8 @@ def test_compose_env_vars_are_settings_fields(name: str, monkeypatch: pytest.Mon
         assert env[f"{service.prefix}CONFIG_TARGET"] == f"config:{default_ports(SERVICES['config'])[0]}"
     if "trainer_target" in fields:
         assert env[f"{service.prefix}TRAINER_TARGET"] == f"trainer:{default_ports(SERVICES['trainer'])[0]}"
+    if "monitor_target" in fields:
+        assert env[f"{service.prefix}MONITOR_TARGET"] == f"monitor:{default_ports(SERVICES['monitor'])[0]}"
     if "redis_url" in fields:
         assert env[f"{service.prefix}REDIS_URL"] == "redis://:${REDIS_PASSWORD}@redis:6379/0"
     if "database_url" in fields:
@@ -647,7 +650,11 @@ def test_k8s_deployment_env_ports_and_probes_match_the_service(
     assert env[f"{service.prefix}API_KEYS_FILE"] == API_KEYS_PATH
     check_env(service, env, f"deploy/k8s/{name}.yaml", monkeypatch)
     fields = settings_class(service).model_fields
-    for target, upstream in (("config_target", "config"), ("trainer_target", "trainer")):
+    for target, upstream in (
+        ("config_target", "config"),
+        ("trainer_target", "trainer"),
+        ("monitor_target", "monitor"),
+    ):
         if target in fields:
             expected = f"{upstream}:{default_ports(SERVICES[upstream])[0]}"
             assert env[f"{service.prefix}{target.upper()}"] == expected, target
@@ -1004,7 +1011,13 @@ def test_k8s_envoy_mounts_its_configmap() -> None:
     assert volume["configMap"]["name"] == "envoy"
     assert "envoy.yaml" in _envoy_configmap()["data"]
     assert "/etc/envoy/envoy.yaml" in container["args"]
-    assert {p["containerPort"] for p in container["ports"]} == {8080, 9901}
+    # The admin (127.0.0.1:9901) is no container port: only the front door and the probe listener.
+    assert {p["containerPort"] for p in container["ports"]} == {8080, 9902}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "probes"}
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == "9902"
+    config = yaml.safe_load(_envoy_configmap()["data"]["envoy.yaml"])
+    assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
 
 
 def test_k8s_envoy_configmap_is_the_generated_config() -> None:

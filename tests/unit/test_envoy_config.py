@@ -1,4 +1,6 @@
 import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from libs.stack.envoy_config import (
     main,
 )
 from libs.stack.launcher import StackSettings, local_upstreams
-from libs.stack.processes import envoy_binary
+from libs.stack.processes import envoy_binary, free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -171,3 +173,51 @@ def test_unary_upstreams_have_bounded_calls_and_streams_stay_open() -> None:
     manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     assert manager["request_headers_timeout"] == "10s"
     assert manager["http2_protocol_options"]["max_concurrent_streams"] == 1000
+
+
+@pytest.mark.timeout(60)
+def test_the_probe_listener_answers_ready_and_stats_and_nothing_else_of_the_admin(tmp_path: Path) -> None:
+    """In containers the admin listens on 127.0.0.1 only; probes and Prometheus use this listener,
+    which must not hand out the admin's other paths (/quitquitquit stops Envoy)."""
+    front, admin, probes = free_port(), free_port(), free_port()
+    config = build_envoy_config(
+        container_upstreams(),
+        listen_address="127.0.0.1",
+        listen_port=front,
+        admin_address="127.0.0.1",
+        admin_port=admin,
+        descriptor_path=None,
+        dns=True,
+        probe_port=probes,
+    )
+    path = tmp_path / "envoy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    argv = [envoy_binary(), "-c", str(path), "--base-id", str(probes), "--concurrency", "1"]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+    def get(url: str, method: str = "GET") -> tuple[int, str]:
+        request = urllib.request.Request(url, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, ""
+
+    def probe_ready() -> bool:
+        try:
+            return get(f"http://127.0.0.1:{probes}/ready")[0] == 200
+        except OSError:
+            return False
+
+    try:
+        assert wait_until(probe_ready, timeout=30), "the probe listener never answered /ready"
+        status, text = get(f"http://127.0.0.1:{probes}/stats/prometheus")
+        assert status == 200
+        assert "envoy_server_live" in text
+        for method, admin_path in (("POST", "/quitquitquit"), ("GET", "/clusters"), ("GET", "/config_dump")):
+            assert get(f"http://127.0.0.1:{probes}{admin_path}", method)[0] == 404, admin_path
+        assert get(f"http://127.0.0.1:{probes}/ready", "POST")[0] == 404
+        assert process.poll() is None  # still running
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
