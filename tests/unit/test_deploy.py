@@ -1173,3 +1173,76 @@ def test_local_stack_env_vars_are_settings_fields(
         for target in ("config_target", "trainer_target"):
             if target in fields:
                 assert f"{SERVICES[name].prefix}{target.upper()}" in env, f"{plan.name}: {target} not set"
+
+
+# --------------------------------------------------------------------------------------------------
+# NetworkPolicy: every connection a manifest configures is allowed, and nothing else
+
+
+def _pod_templates() -> dict[str, dict[str, Any]]:
+    """Pod spec by the pod's app.kubernetes.io/name label (Deployments, StatefulSets, the training Job)."""
+    templates = {}
+    for _path, document in k8s_documents():
+        if document["kind"] in ("Deployment", "StatefulSet", "Job"):
+            template = document["spec"]["template"]
+            templates[template["metadata"]["labels"]["app.kubernetes.io/name"]] = template["spec"]
+    return templates
+
+
+def _configured_connections() -> set[tuple[str, str, int]]:
+    """(caller, callee, port) from every container's *_TARGET, *_URL and Envoy's upstreams."""
+    service_ports = {name: default_ports(SERVICES[name])[0] for name in SERVICE_NAMES}
+    connections = {("envoy", name, port) for name, port in service_ports.items()}
+    address = re.compile(r"^(?:[a-z+]+://)?(?:[^@/]*@)?(?P<host>[a-z-]+):(?P<port>\d+)")
+    for caller, spec in _pod_templates().items():
+        for container in spec["containers"]:
+            for item in container.get("env", []):
+                if not item["name"].endswith(("_TARGET", "_URL")) or "value" not in item:
+                    continue
+                found = address.match(item["value"])
+                if found and found["host"] in {*service_ports, "redis", "postgres"}:
+                    connections.add((caller, found["host"], int(found["port"])))
+    return connections
+
+
+def _admitted_connections() -> tuple[set[tuple[str, str, int]], set[tuple[str, int]], bool]:
+    """(caller, callee, port) admitted from pods of this namespace, (callee, port) open to everyone
+    or the whole cluster, and whether a default-deny policy selects every pod."""
+    admitted, open_ports, default_deny = set(), set(), False
+    for _, policy in k8s_documents(["network-policy.yaml"]):
+        spec = policy["spec"]
+        assert spec["policyTypes"] == ["Ingress"]
+        if spec["podSelector"] == {}:
+            default_deny = spec.get("ingress") == []
+            continue
+        callee = spec["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
+        for rule in spec["ingress"]:
+            ports = [item["port"] for item in rule["ports"]]
+            sources = rule.get("from")
+            for port in ports:
+                if sources is None or any("namespaceSelector" in source for source in sources):
+                    open_ports.add((callee, port))
+                    continue
+                for source in sources:
+                    admitted.add(
+                        (source["podSelector"]["matchLabels"]["app.kubernetes.io/name"], callee, port)
+                    )
+    return admitted, open_ports, default_deny
+
+
+def test_network_policies_admit_exactly_the_configured_connections() -> None:
+    admitted, open_ports, default_deny = _admitted_connections()
+    assert default_deny, "no policy denies ingress to every pod by default"
+    configured = _configured_connections()
+    assert {
+        ("predictor", "redis", 6379),
+        ("monitor", "trainer", 50081),
+        ("config", "monitor", 50091),
+    } <= configured
+    assert configured - admitted == set(), "configured but blocked"
+    assert admitted - configured == set(), "admitted but nobody is configured to connect"
+    # From outside the namespace: Envoy's front door and probe port, and every service's metrics port.
+    metrics = {(name, default_ports(SERVICES[name])[1]) for name in SERVICE_NAMES}
+    assert open_ports == {("envoy", 8080), ("envoy", 9902)} | metrics
+    labels = set(_pod_templates())
+    assert {callee for _, callee, _ in admitted} | {callee for callee, _ in open_ports} <= labels
