@@ -73,11 +73,11 @@ def _print_status(state_dir: Path, host: str, as_json: bool) -> dict[str, Any]:
         console.print(f"no stack is running from {state_dir}")
         return report
     table = Table(title=f"liveloop stack: front door {report['front_door']}, admin {report['envoy_admin']}")
-    for column in ("process", "pid", "port", "health", "envoy", "memory"):
+    for column in ("process", "pid", "port", "health", "envoy", "restarts", "memory"):
         table.add_column(column)
     for row in report["processes"]:
         health = row["health"]
-        colour = "green" if health == "SERVING" else "red"
+        colour = "green" if launcher.is_healthy(row) else "red"
         memory = f"{row['rss_bytes'] / 2**20:.0f} MiB" if "rss_bytes" in row else "-"
         table.add_row(
             row["name"],
@@ -85,6 +85,7 @@ def _print_status(state_dir: Path, host: str, as_json: bool) -> dict[str, Any]:
             str(row["port"] or "-"),
             f"[{colour}]{health}[/{colour}]",
             row.get("envoy", "-"),
+            str(row.get("restarts", 0)),
             memory,
         )
     console.print(table)
@@ -93,11 +94,38 @@ def _print_status(state_dir: Path, host: str, as_json: bool) -> dict[str, Any]:
 
 @app.command()
 def status(state_dir: StateDir = None, as_json: JsonFlag = False) -> None:
-    """Show every process of the local stack: pid, port, health, and Envoy's view of it."""
+    """Show every process of the local stack: pid, port, health, Envoy's view of it, and how many
+    times the supervisor started it again. Exit code 0 only when all are healthy."""
     settings = stack_settings(state_dir)
     report = _print_status(settings.state_dir, settings.host, as_json)
-    healthy = report["processes"] and all(row["health"] == "SERVING" for row in report["processes"])
+    healthy = report["processes"] and all(launcher.is_healthy(row) for row in report["processes"])
     raise typer.Exit(0 if healthy else 1)
+
+
+@app.command()
+def restart(
+    name: Annotated[str, typer.Argument(help="A process of the stack (`liveloop status`), e.g. predictor-1")],
+    timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait until it is healthy again")] = 60.0,
+    state_dir: StateDir = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Restart one process of the local stack: a graceful stop (SIGTERM, in-flight calls finish),
+    then the supervisor starts it again; returns once it is healthy."""
+    settings = stack_settings(state_dir)
+    try:
+        if as_json:
+            result = launcher.restart(settings.state_dir, name, settings.host, timeout)
+        else:
+            with console.status(f"restarting {name}"):
+                result = launcher.restart(settings.state_dir, name, settings.host, timeout)
+    except launcher.StackError as exc:
+        fail(str(exc))
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        console.print(
+            f"{name} restarted: pid {result['old_pid']} -> {result['pid']} (restart {result['restarts']})"
+        )
 
 
 @app.command()

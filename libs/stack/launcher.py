@@ -1,7 +1,9 @@
 """The local stack: real Redis, the five services (two predictor replicas) and Envoy, as processes.
 
-`up` starts everything detached and records it in `<state_dir>/stack.json`; `status` reads that
-record and asks every process for its health; `down` stops exactly the processes it recorded.
+`up` starts everything detached, then a supervisor that starts again whatever exits
+(libs/stack/supervisor.py), and records it all in `<state_dir>/stack.json`; `status` reads that
+record and asks every process for its health; `restart` stops one process and waits for the
+supervisor to bring it back; `down` stops the supervisor, then exactly the processes it recorded.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from libs.stack import topology
+from libs.stack import supervisor, topology
 from libs.stack.credentials import Credentials, ensure_credentials
 from libs.stack.envoy_config import (
     REPO_DASHBOARD_DIR,
@@ -368,7 +370,7 @@ def local_upstreams(settings: StackSettings) -> list[Upstream]:
     ]
 
 
-def envoy_plan(settings: StackSettings) -> ProcessPlan:
+def envoy_plan(settings: StackSettings, write_config: bool = True) -> ProcessPlan:
     state = settings.state_dir.resolve()
     descriptor = str(REPO_DESCRIPTOR_PATH) if REPO_DESCRIPTOR_PATH.exists() else None
     config = build_envoy_config(
@@ -383,7 +385,8 @@ def envoy_plan(settings: StackSettings) -> ProcessPlan:
         dashboard_dir=REPO_DASHBOARD_DIR if REPO_DASHBOARD_DIR.is_dir() else None,
     )
     config_path = state / "envoy.yaml"
-    config_path.write_text(render(config))
+    if write_config:
+        config_path.write_text(render(config))
     base_id = settings.envoy_base_id if settings.envoy_base_id is not None else settings.envoy_port
     argv = [
         envoy_binary(),
@@ -521,6 +524,19 @@ def _up(settings: StackSettings, progress: Progress) -> StackRecord:
             remaining(),
         )
         progress(f"envoy is routing on {front_door}")
+        # The supervisor plans the same processes from the same settings.
+        (state / supervisor.SETTINGS_FILE).write_text(settings.model_dump_json())
+        record.processes.append(
+            start_process(
+                "supervisor",
+                [sys.executable, "-m", "libs.stack.supervisor", str(state.resolve())],
+                process_environment({}),
+                logs / "supervisor.log",
+                "supervisor",
+                None,
+            )
+        )
+        record.save()
     except BaseException:
         stop_processes(record.processes)
         (state / STACK_FILE).unlink(missing_ok=True)
@@ -568,11 +584,7 @@ def status(state_dir: Path, host: str = "127.0.0.1") -> dict[str, Any]:
         process = process_record.process()
         health = "STOPPED"
         if process is not None:
-            if process_record.kind == "service":
-                service = topology.SERVICES_BY_NAME[process_record.name.split("-")[0]]
-                health = grpc_health(f"{host}:{process_record.port}", service.health_service)
-            else:
-                health = "SERVING" if port_accepts(host, process_record.port or 0) else "UNREACHABLE"
+            health = _health(process_record, host)
         row: dict[str, Any] = {
             "name": process_record.name,
             "kind": process_record.kind,
@@ -580,6 +592,7 @@ def status(state_dir: Path, host: str = "127.0.0.1") -> dict[str, Any]:
             "alive": process is not None,
             "port": process_record.port,
             "health": health,
+            "restarts": process_record.restarts,
             "log": process_record.log_path,
         }
         if process is not None:
@@ -598,13 +611,67 @@ def status(state_dir: Path, host: str = "127.0.0.1") -> dict[str, Any]:
     }
 
 
+RUNNING = "RUNNING"  # the supervisor's health: it serves nothing, it runs or not
+
+
+def _health(process_record: ProcessRecord, host: str) -> str:
+    if process_record.kind == "supervisor":
+        return RUNNING
+    if process_record.kind == "service":
+        service = topology.SERVICES_BY_NAME[process_record.name.split("-")[0]]
+        return grpc_health(f"{host}:{process_record.port}", service.health_service)
+    return "SERVING" if port_accepts(host, process_record.port or 0) else "UNREACHABLE"
+
+
+def is_healthy(row: dict[str, Any]) -> bool:
+    return bool(row["health"] == (RUNNING if row["kind"] == "supervisor" else "SERVING"))
+
+
+def restart(state_dir: Path, name: str, host: str = "127.0.0.1", timeout: float = 60.0) -> dict[str, Any]:
+    """Stop one process gracefully (SIGTERM) and wait until the supervisor has started it again
+    and it is healthy."""
+    record = StackRecord.load(state_dir)
+    if record is None:
+        raise StackError(f"no stack recorded in {state_dir}")
+    by_name = {p.name: p for p in record.processes}
+    if name not in by_name or by_name[name].kind == "supervisor":
+        names = ", ".join(p.name for p in record.processes if p.kind != "supervisor")
+        raise StackError(f"no process '{name}' in this stack; it has {names}")
+    if not any(p.kind == "supervisor" and p.process() is not None for p in record.processes):
+        raise StackError(
+            "the stack's supervisor is not running: restart the stack (`liveloop down`, `liveloop up`)"
+        )
+    old = by_name[name]
+    stop_processes([old])
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        current = StackRecord.load(state_dir)
+        replacement = next((p for p in current.processes if p.name == name), None) if current else None
+        if replacement is not None and replacement.pid != old.pid and replacement.process() is not None:
+            with contextlib.suppress(Exception):
+                if _health(replacement, host) == "SERVING":
+                    return {
+                        "name": name,
+                        "old_pid": old.pid,
+                        "pid": replacement.pid,
+                        "restarts": replacement.restarts,
+                    }
+        time.sleep(0.1)
+    raise StackError(f"{name} was not healthy again within {timeout:.0f}s; see its log {old.log_path}")
+
+
 def down(state_dir: Path) -> dict[str, Any]:
     record = StackRecord.load(state_dir)
     if record is None:
         return {"stopped": [], "killed": [], "message": f"no stack recorded in {state_dir}"}
+    stopped, killed = [], []
+    # The supervisor first, so nothing is started again; then the record as it left it.
+    supervisors = [p for p in record.processes if p.kind == "supervisor"]
+    stopped += [p.name for p in supervisors if p.process() is not None]
+    killed += stop_processes(supervisors)
+    record = StackRecord.load(state_dir) or record
     # Envoy first so no new traffic arrives, then services, Redis last.
     order = {"envoy": 0, "service": 1, "redis": 2}
-    stopped, killed = [], []
     for kind in sorted(order, key=order.__getitem__):
         group = [p for p in record.processes if p.kind == kind]
         alive = [p.name for p in group if p.process() is not None]

@@ -61,7 +61,8 @@ class ProcessRecord:
     argv: list[str]
     port: int | None
     log_path: str
-    kind: str  # service, redis, envoy
+    kind: str  # service, redis, envoy, supervisor
+    restarts: int = 0  # how many times the supervisor started it again
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -17,7 +17,7 @@ from libs.common.client import open_blocking_channel
 from libs.protos.liveloop.config.v1 import config_pb2, config_pb2_grpc
 from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 from libs.stack import topology
-from libs.stack.launcher import envoy_upstream_health, grpc_health
+from libs.stack.launcher import grpc_health, is_healthy
 from libs.stack.processes import wait_until
 from tests.e2e.conftest import LocalStack
 
@@ -37,8 +37,18 @@ def test_up_status_routing_failover_and_down(running_stack: LocalStack) -> None:
     assert status.returncode == 0, status.stderr
     report = json.loads(status.stdout)
     names = {row["name"] for row in report["processes"]}
-    assert names == {"redis", "config", "predictor-1", "predictor-2", "ingest", "trainer", "monitor", "envoy"}
-    assert all(row["health"] == "SERVING" for row in report["processes"]), report
+    assert names == {
+        "redis",
+        "config",
+        "predictor-1",
+        "predictor-2",
+        "ingest",
+        "trainer",
+        "monitor",
+        "envoy",
+        "supervisor",
+    }
+    assert all(is_healthy(row) for row in report["processes"]), report
     assert all(row["envoy"] == "healthy" for row in report["processes"] if row["kind"] == "service")
 
     # What the stack writes is the user's alone: the state directory 0700, every file in it 0600.
@@ -67,34 +77,41 @@ def test_up_status_routing_failover_and_down(running_stack: LocalStack) -> None:
         body = json.loads(response.read())
     assert body["replica_id"] in {"predictor-1", "predictor-2"}
 
-    # Kill one replica hard: calls keep succeeding through the other.
+    # Kill one replica hard: calls keep succeeding, and the supervisor starts it again.
     victim = next(p for p in stack.record()["processes"] if p["name"] == "predictor-1")
     os.kill(victim["pid"], signal.SIGKILL)
-    assert wait_until(
-        lambda: (
-            not psutil.pid_exists(victim["pid"])
-            or psutil.Process(victim["pid"]).status() == psutil.STATUS_ZOMBIE
-        ),
-        timeout=10,
-    )
-    survivors = _ping_replicas(stack, 40)
-    assert survivors == ["predictor-2"] * 40
+    assert len(_ping_replicas(stack, 40)) == 40
 
-    # Envoy's health checks notice the dead host; status reports it.
-    assert wait_until(
-        lambda: (
-            envoy_upstream_health("127.0.0.1", stack.envoy_admin_port).get(
-                f"predictor/127.0.0.1:{victim['port']}", "healthy"
-            )
-            != "healthy"
-        ),
-        timeout=15,
+    def predictor_1_is_back() -> bool:
+        rows = {row["name"]: row for row in json.loads(stack.cli("status", "--json").stdout)["processes"]}
+        row = rows["predictor-1"]
+        return row["pid"] != victim["pid"] and row["health"] == "SERVING" and row["envoy"] == "healthy"
+
+    assert wait_until(predictor_1_is_back, timeout=60)
+    restarted = stack.cli("status", "--json")
+    assert restarted.returncode == 0, restarted.stdout
+    rows = {row["name"]: row for row in json.loads(restarted.stdout)["processes"]}
+    assert rows["predictor-1"]["restarts"] == 1
+    assert rows["predictor-2"]["restarts"] == 0
+    assert set(_ping_replicas(stack, 20)) == {"predictor-1", "predictor-2"}
+    supervisor_log = (stack.state_dir / "logs" / "supervisor.log").read_text()
+    assert f"predictor-1 (pid {victim['pid']}) exited" in supervisor_log
+
+    # `liveloop restart` stops one gracefully and returns once it is healthy again.
+    before = rows["predictor-2"]["pid"]
+    result = stack.cli("restart", "predictor-2", "--json")
+    assert result.returncode == 0, result.stderr
+    restart = json.loads(result.stdout)
+    assert restart["old_pid"] == before
+    assert restart["pid"] != before
+    assert restart["restarts"] == 1
+    assert (
+        grpc_health(f"127.0.0.1:{rows['predictor-2']['port']}", topology.PREDICTOR.health_service)
+        == "SERVING"
     )
-    degraded = stack.cli("status", "--json")
-    assert degraded.returncode == 1
-    rows = {row["name"]: row for row in json.loads(degraded.stdout)["processes"]}
-    assert rows["predictor-1"]["health"] == "STOPPED"
-    assert rows["predictor-2"]["health"] == "SERVING"
+    unknown = stack.cli("restart", "predictor-9")
+    assert unknown.returncode != 0
+    assert "no process 'predictor-9'" in unknown.stderr + unknown.stdout
 
     # Down stops every recorded process and frees the ports.
     pids = [p["pid"] for p in stack.record()["processes"]]
