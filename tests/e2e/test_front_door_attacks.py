@@ -16,7 +16,7 @@ from libs.stack.launcher import is_healthy
 from tests.e2e.conftest import REPO, LocalStack
 from tests.e2e.truncated_streams import truncated_streams
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.chaos, pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(300)]
 
 EXAMPLE = REPO / "examples" / "deployments" / "telco-offers.yaml"
 LEGITIMATE_CALLS = 300
