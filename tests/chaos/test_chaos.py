@@ -26,6 +26,7 @@ from libs.protos.liveloop.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from libs.stack.launcher import is_healthy
 from libs.stack.processes import wait_until
 from tests.chaos.load import Load, LoadFigures, running_load
+from tests.chaos.report import report
 from tests.e2e.conftest import LocalStack, local_stack, started
 
 pytestmark = [pytest.mark.chaos, pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -111,10 +112,7 @@ def _learned_exactly_once(stack: LocalStack, deployment: str, figures: LoadFigur
 
 
 def _report(scenario: str, figures: LoadFigures, **extra: object) -> None:
-    target = os.environ.get("LIVELOOP_CHAOS_REPORT")
-    if target:
-        with open(target, "a") as handle:
-            handle.write(json.dumps({"scenario": scenario, **figures.summary(), **extra}) + "\n")
+    report(scenario, {**figures.summary(), **extra})
 
 
 def _kill(stack: LocalStack, name: str, signal_number: int = signal.SIGKILL) -> Callable[[], None]:

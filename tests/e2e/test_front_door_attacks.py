@@ -13,6 +13,7 @@ import pytest
 from libs.common.client import open_blocking_channel
 from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 from libs.stack.launcher import is_healthy
+from tests.chaos.report import report
 from tests.e2e.conftest import REPO, LocalStack
 from tests.e2e.truncated_streams import truncated_streams
 
@@ -45,6 +46,11 @@ def _legitimate_load(
     return outcomes
 
 
+def _figures(outcomes: Counter[str]) -> dict[str, object]:
+    failed = {name: count for name, count in outcomes.items() if name != "OK"}
+    return {"invokes_ok": outcomes["OK"], "invokes_failed": sum(failed.values()), "failures": failed}
+
+
 def test_truncated_streams_and_huge_identifiers_do_not_starve_legitimate_calls(
     running_stack: LocalStack,
 ) -> None:
@@ -62,12 +68,14 @@ def test_truncated_streams_and_huge_identifiers_do_not_starve_legitimate_calls(
         path="/liveloop.predictor.v1.PredictorService/Invoke",
     ):
         outcomes = _legitimate_load(stack)
+    report("2,200 truncated streams held open", _figures(outcomes))
     assert outcomes["OK"] >= 0.99 * LEGITIMATE_CALLS, outcomes
 
     with open_blocking_channel(
         stack.front_door, api_key=stack.credentials()["invoke"], deadline_seconds=10
     ) as ch:
         outcomes = _legitimate_load(stack, attacker=predictor_pb2_grpc.PredictorServiceStub(ch))
+    report("a 70 KB campaign between every ten calls", _figures(outcomes))
     assert outcomes["OK"] >= 0.99 * LEGITIMATE_CALLS, outcomes
 
     status = stack.cli("status", "--json")
