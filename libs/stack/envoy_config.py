@@ -156,17 +156,60 @@ def _cluster(upstream: Upstream, dns: bool) -> dict[str, Any]:
 # How long a call may take through the front door, per upstream. The predictors and the monitor
 # serve unary calls only, so a call that has not finished by then (a client that never sends the
 # rest of its message) is reset instead of holding a slot for ever; a client's own grpc-timeout
-# below the bound is honoured. Config (Watch), ingest and trainer (progress streams, uploads)
-# keep unbounded streams for now.
+# below the bound is honoured. Config (Watch), ingest and trainer (progress streams, uploads) have
+# streams of no fixed length: those are bounded by silence instead, a stream with no message in
+# either direction for its upstream's idle timeout is reset (Watch sends a heartbeat every 5 s;
+# ingest and trainer report progress), and every other stream after STREAM_IDLE_TIMEOUT.
 CLUSTER_MAX_REQUESTS = 20_000
 ROUTE_TIMEOUTS = {PREDICTOR.name: "30s", MONITOR.name: "900s"}  # EvaluatePolicy over 1M decisions: ~6 min
+STREAM_IDLE_TIMEOUT = "300s"
+ROUTE_IDLE_TIMEOUTS = {"config": "60s", "ingest": "3600s", "trainer": "3600s"}
+# Envoy's own memory and connections (the overload manager): past 90% of the heap it returns
+# memory to the system, past 98% it answers new requests 503 at once instead of falling over;
+# beyond the connection bound new connections are refused.
+MAX_HEAP_BYTES = 512 * 2**20
+MAX_DOWNSTREAM_CONNECTIONS = 50_000
+
+
+def overload_manager() -> dict[str, Any]:
+    heap = "envoy.resource_monitors.fixed_heap"
+    return {
+        "refresh_interval": "0.25s",
+        "resource_monitors": [
+            {
+                "name": heap,
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig",
+                    "max_heap_size_bytes": MAX_HEAP_BYTES,
+                },
+            },
+            {
+                "name": "envoy.resource_monitors.global_downstream_max_connections",
+                "typed_config": {
+                    "@type": "type.googleapis.com/"
+                    "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+                    "max_active_downstream_connections": MAX_DOWNSTREAM_CONNECTIONS,
+                },
+            },
+        ],
+        "actions": [
+            {
+                "name": "envoy.overload_actions.shrink_heap",
+                "triggers": [{"name": heap, "threshold": {"value": 0.90}}],
+            },
+            {
+                "name": "envoy.overload_actions.stop_accepting_requests",
+                "triggers": [{"name": heap, "threshold": {"value": 0.98}}],
+            },
+        ],
+    }
 
 
 def _route_action(cluster: str) -> dict[str, Any]:
     timeout = ROUTE_TIMEOUTS.get(cluster, "0s")
-    return {
+    action: dict[str, Any] = {
         "cluster": cluster,
-        # Streams (Watch, progress) must not be cut; unary calls carry their own grpc-timeout.
+        # Unary calls carry their own grpc-timeout, bounded by this; streams are bounded by silence.
         "timeout": timeout,
         "max_stream_duration": {"grpc_timeout_header_max": timeout},
         "retry_policy": {
@@ -186,6 +229,9 @@ def _route_action(cluster: str) -> dict[str, Any]:
             "retry_back_off": {"base_interval": "0.01s", "max_interval": "0.1s"},
         },
     }
+    if cluster in ROUTE_IDLE_TIMEOUTS:
+        action["idle_timeout"] = ROUTE_IDLE_TIMEOUTS[cluster]
+    return action
 
 
 def _header(name: str, value: str) -> dict[str, Any]:
@@ -397,7 +443,7 @@ def build_envoy_config(
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "front_door",
         "codec_type": "AUTO",
-        "stream_idle_timeout": "0s",
+        "stream_idle_timeout": STREAM_IDLE_TIMEOUT,
         # A client must have sent its request headers within this (a slow-headers client holds nothing).
         "request_headers_timeout": "10s",
         # Streams one client connection may hold open at once (Envoy's default is 2^31 - 1).
@@ -447,6 +493,7 @@ def build_envoy_config(
         clusters.append(_admin_cluster(admin_port))
     return {
         "admin": {"address": {"socket_address": {"address": admin_address, "port_value": admin_port}}},
+        "overload_manager": overload_manager(),
         "static_resources": {"listeners": listeners, "clusters": clusters},
     }
 

@@ -162,17 +162,27 @@ def test_descriptor_set_maps_the_monitor_and_config_rest_routes() -> None:
     assert {name.split("/")[0] for name in routes} <= set(TRANSCODED_SERVICES)
 
 
-def test_unary_upstreams_have_bounded_calls_and_streams_stay_open() -> None:
+def test_unary_calls_are_bounded_in_time_and_streams_by_silence() -> None:
     config = _container_config()
-    timeouts = {
-        route["route"]["cluster"]: route["route"]["timeout"] for route in _routes(config) if "route" in route
-    }
-    assert timeouts["predictor"] == "30s"  # every predictor RPC is unary: a stuck call is reset
-    assert timeouts["monitor"] == "900s"
-    assert timeouts["config"] == "0s"  # Watch is a stream
+    actions = {route["route"]["cluster"]: route["route"] for route in _routes(config) if "route" in route}
+    assert actions["predictor"]["timeout"] == "30s"  # every predictor RPC is unary: a stuck call is reset
+    assert actions["monitor"]["timeout"] == "900s"
+    # Streams of no fixed length are reset after a silence: Watch sends a heartbeat every 5 s.
+    assert actions["config"]["timeout"] == "0s"
+    assert actions["config"]["idle_timeout"] == "60s"
+    assert actions["ingest"]["idle_timeout"] == actions["trainer"]["idle_timeout"] == "3600s"
     manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert manager["stream_idle_timeout"] == "300s"  # every other stream
     assert manager["request_headers_timeout"] == "10s"
     assert manager["http2_protocol_options"]["max_concurrent_streams"] == 1000
+    # Envoy protects itself: 503 at once near its heap bound, no connection beyond the bound.
+    overload = config["overload_manager"]
+    monitors = {monitor["name"] for monitor in overload["resource_monitors"]}
+    assert monitors == {
+        "envoy.resource_monitors.fixed_heap",
+        "envoy.resource_monitors.global_downstream_max_connections",
+    }
+    assert "envoy.overload_actions.stop_accepting_requests" in {action["name"] for action in overload["actions"]}
 
 
 @pytest.mark.timeout(60)
