@@ -182,7 +182,9 @@ def test_unary_calls_are_bounded_in_time_and_streams_by_silence() -> None:
         "envoy.resource_monitors.fixed_heap",
         "envoy.resource_monitors.global_downstream_max_connections",
     }
-    assert "envoy.overload_actions.stop_accepting_requests" in {action["name"] for action in overload["actions"]}
+    assert "envoy.overload_actions.stop_accepting_requests" in {
+        action["name"] for action in overload["actions"]
+    }
 
 
 @pytest.mark.timeout(60)
