@@ -30,6 +30,7 @@ from libs.cli.output import (
     errors,
     fail,
     front_door,
+    front_door_tls,
     plain,
 )
 from libs.common.client import open_blocking_channel
@@ -81,7 +82,9 @@ def _config_service(
 ) -> Iterator[_ConfigCalls]:
     resolved_target, api_key = _endpoint(state_dir, target)
     deadline = max(ClientSettings().deadline_seconds, at_least_seconds)
-    with open_blocking_channel(resolved_target, api_key=api_key, deadline_seconds=deadline) as channel:
+    with open_blocking_channel(
+        resolved_target, api_key=api_key, deadline_seconds=deadline, tls=front_door_tls(state_dir)
+    ) as channel:
         yield _ConfigCalls(config_pb2_grpc.ConfigServiceStub(channel), resolved_target)
 
 

@@ -14,7 +14,7 @@ from google.protobuf.json_format import MessageToDict
 from rich.markup import escape
 from rich.table import Table
 
-from libs.cli.output import JsonFlag, StateDir, TargetOption, console, fail, front_door
+from libs.cli.output import JsonFlag, StateDir, TargetOption, console, fail, front_door, front_door_tls
 from libs.common.client import open_blocking_channel
 from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 
@@ -23,7 +23,9 @@ def _stub(
     state_dir: Path | None, target: str | None
 ) -> tuple[str, predictor_pb2_grpc.PredictorServiceStub, grpc.Channel]:
     resolved, api_key = front_door(state_dir, target)
-    channel = open_blocking_channel(resolved, api_key=api_key, deadline_seconds=10)
+    channel = open_blocking_channel(
+        resolved, api_key=api_key, deadline_seconds=10, tls=front_door_tls(state_dir)
+    )
     return resolved, predictor_pb2_grpc.PredictorServiceStub(channel), channel
 
 

@@ -41,6 +41,7 @@ from libs.cli.output import (
     errors,
     fail,
     front_door,
+    front_door_tls,
     plain,
 )
 from libs.common.client import open_blocking_channel
@@ -154,7 +155,9 @@ def _ingest_service(state_dir: Path | None, target: str | None) -> Iterator[_Ing
 
     resolved, api_key = front_door(state_dir, target, role="admin")
     deadline = ClientSettings().deadline_seconds
-    with open_blocking_channel(resolved, api_key=api_key, deadline_seconds=deadline) as channel:
+    with open_blocking_channel(
+        resolved, api_key=api_key, deadline_seconds=deadline, tls=front_door_tls(state_dir)
+    ) as channel:
         yield _IngestCalls(ingest_pb2_grpc.IngestServiceStub(channel), resolved)
 
 

@@ -23,6 +23,7 @@ from libs.cli.output import (
     console,
     fail,
     front_door,
+    front_door_tls,
     stack_settings,
 )
 from libs.cli.simulate_command import simulate
@@ -153,7 +154,9 @@ def ping(
 ) -> None:
     """Call PredictorService.Ping through the front door and show which replica answered."""
     resolved_target, api_key = front_door(state_dir, target)
-    with open_blocking_channel(resolved_target, api_key=api_key, deadline_seconds=5) as channel:
+    with open_blocking_channel(
+        resolved_target, api_key=api_key, deadline_seconds=5, tls=front_door_tls(state_dir)
+    ) as channel:
         stub = predictor_pb2_grpc.PredictorServiceStub(channel)
         replies = []
         for _ in range(count):
@@ -185,7 +188,11 @@ def health(state_dir: StateDir = None, target: TargetOption = None, as_json: Jso
     resolved_target, _key = front_door(state_dir, target)
     report = {
         service.name: launcher.grpc_health(
-            resolved_target, service.health_service, timeout=3, metadata=((SERVICE_HEADER, service.name),)
+            resolved_target,
+            service.health_service,
+            timeout=3,
+            metadata=((SERVICE_HEADER, service.name),),
+            tls=front_door_tls(state_dir),
         )
         for service in SERVICES
     }

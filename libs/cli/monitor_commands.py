@@ -16,7 +16,17 @@ from google.protobuf.duration_pb2 import Duration
 from rich.markup import escape
 from rich.table import Table
 
-from libs.cli.output import JsonFlag, StateDir, TargetOption, console, emit_json, fail, front_door, plain
+from libs.cli.output import (
+    JsonFlag,
+    StateDir,
+    TargetOption,
+    console,
+    emit_json,
+    fail,
+    front_door,
+    front_door_tls,
+    plain,
+)
 from libs.common.client import open_blocking_channel
 from libs.protos.liveloop.common.v1 import common_pb2
 from libs.protos.liveloop.monitor.v1 import monitor_pb2, monitor_pb2_grpc
@@ -56,7 +66,9 @@ def _call(
     call: Callable[[monitor_pb2_grpc.MonitorServiceStub], Reply],
 ) -> Reply:
     resolved, api_key = front_door(state_dir, target, role="admin")
-    channel = open_blocking_channel(resolved, api_key=api_key, deadline_seconds=120)
+    channel = open_blocking_channel(
+        resolved, api_key=api_key, deadline_seconds=120, tls=front_door_tls(state_dir)
+    )
     with channel:
         try:
             return call(monitor_pb2_grpc.MonitorServiceStub(channel))

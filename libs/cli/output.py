@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from libs.common.settings import ClientSettings
+from libs.common.tls import ChannelTls
 from libs.stack import launcher
 from libs.stack.credentials import load_credentials
 
@@ -72,6 +73,16 @@ def stack_settings(state_dir: Path | None) -> launcher.StackSettings:
     if state_dir is not None:
         settings = settings.model_copy(update={"state_dir": state_dir})
     return settings
+
+
+def front_door_tls(state_dir: Path | None) -> ChannelTls | None:
+    """TLS to the front door: LIVELOOP_TLS_CA_FILE (and _CERT_FILE, _KEY_FILE), else the local
+    stack's own certificates when it runs TLS, else none."""
+    configured = ClientSettings().front_door_tls()
+    if configured is not None:
+        return configured
+    record = launcher.StackRecord.load(stack_settings(state_dir).state_dir)
+    return record.client_tls() if record is not None else None
 
 
 def front_door(state_dir: Path | None, target: str | None, role: str = "invoke") -> tuple[str, str | None]:

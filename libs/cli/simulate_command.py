@@ -37,7 +37,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from libs.cli.output import console, errors, fail, front_door
+from libs.cli.output import console, errors, fail, front_door, front_door_tls
 from libs.common.client import open_channel
 from libs.common.errors import LiveloopError
 from libs.common.settings import ClientSettings
@@ -263,8 +263,9 @@ async def _run_grpc(
     name = deployment_name(world)
     document = simulation_spec_document(world, policy, name)
     deadline = ClientSettings().deadline_seconds
-    admin = open_channel(resolved_target, api_key=admin_key, deadline_seconds=deadline)
-    invoke = open_channel(resolved_target, api_key=invoke_key, deadline_seconds=deadline)
+    tls = front_door_tls(state_dir)
+    admin = open_channel(resolved_target, api_key=admin_key, deadline_seconds=deadline, tls=tls)
+    invoke = open_channel(resolved_target, api_key=invoke_key, deadline_seconds=deadline, tls=tls)
     config = config_pb2_grpc.ConfigServiceStub(admin)
     published = False
     try:

@@ -30,7 +30,16 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from libs.cli.output import JsonFlag, StateDir, TargetOption, console, errors, fail, front_door
+from libs.cli.output import (
+    JsonFlag,
+    StateDir,
+    TargetOption,
+    console,
+    errors,
+    fail,
+    front_door,
+    front_door_tls,
+)
 from libs.common.client import open_blocking_channel
 from libs.common.errors import LiveloopError
 from libs.protos.liveloop.trainer.v1 import trainer_pb2, trainer_pb2_grpc
@@ -49,7 +58,9 @@ _FINAL = {trainer_pb2.JOB_STATE_SUCCEEDED, trainer_pb2.JOB_STATE_FAILED, trainer
 def _trainer(state_dir: Path | None, target: str | None) -> Iterator[trainer_pb2_grpc.TrainerServiceStub]:
     resolved, api_key = front_door(state_dir, target, role="admin")
     # No default deadline: WatchJob streams for as long as the job trains; unary calls set their own.
-    with open_blocking_channel(resolved, api_key=api_key, deadline_seconds=None) as channel:
+    with open_blocking_channel(
+        resolved, api_key=api_key, deadline_seconds=None, tls=front_door_tls(state_dir)
+    ) as channel:
         try:
             yield trainer_pb2_grpc.TrainerServiceStub(channel)
         except grpc.RpcError as exc:

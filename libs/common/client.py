@@ -14,6 +14,7 @@ import grpc
 from grpc import aio
 
 from libs.common.server import MAX_MESSAGE_BYTES
+from libs.common.tls import ChannelTls
 
 StubT = TypeVar("StubT")
 
@@ -162,11 +163,10 @@ def open_channel(
     *,
     api_key: str | None = None,
     deadline_seconds: float | None = 10.0,
-    root_certificates: bytes | None = None,
-    tls: bool = False,
+    tls: ChannelTls | None = None,
 ) -> aio.Channel:
     """An asyncio channel: a default deadline per call (None for channels carrying long streams),
-    bounded retries on UNAVAILABLE only, and the API key on every call."""
+    bounded retries on UNAVAILABLE only, the API key on every call, and TLS when `tls` is given."""
     policy = _CallPolicy(api_key, deadline_seconds)
     interceptors: list[aio.ClientInterceptor] = [
         _UnaryUnaryPolicy(policy),
@@ -174,18 +174,23 @@ def open_channel(
         _StreamUnaryPolicy(policy),
         _StreamStreamPolicy(policy),
     ]
-    if tls or root_certificates is not None:
-        credentials = grpc.ssl_channel_credentials(root_certificates)
-        return aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS, interceptors=interceptors)
+    if tls is not None:
+        return aio.secure_channel(
+            target, tls.credentials(), options=CHANNEL_OPTIONS, interceptors=interceptors
+        )
     return aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors)
 
 
 def open_blocking_channel(
-    target: str, *, api_key: str | None = None, deadline_seconds: float | None = 10.0, tls: bool = False
+    target: str,
+    *,
+    api_key: str | None = None,
+    deadline_seconds: float | None = 10.0,
+    tls: ChannelTls | None = None,
 ) -> grpc.Channel:
     """A synchronous channel for the CLI and scripts, with the same policy."""
-    if tls:
-        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(), options=CHANNEL_OPTIONS)
+    if tls is not None:
+        channel = grpc.secure_channel(target, tls.credentials(), options=CHANNEL_OPTIONS)
     else:
         channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
     return grpc.intercept_channel(channel, _BlockingPolicy(_CallPolicy(api_key, deadline_seconds)))

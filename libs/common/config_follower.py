@@ -26,6 +26,7 @@ from grpc import aio
 from libs.common.client import open_channel
 from libs.common.deployment_spec import DeploymentSpec, deployment_spec_from_mapping, spec_checksum
 from libs.common.errors import LiveloopError
+from libs.common.tls import ChannelTls
 from libs.protos.liveloop.config.v1 import config_pb2, config_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class ConfigFollower(Generic[PreparedT]):
         *,
         target: str,
         api_key: str | None,
+        tls: ChannelTls | None = None,
         replica_id: str,
         state_dir: Path,
         service: str = "predictor",
@@ -94,6 +96,7 @@ class ConfigFollower(Generic[PreparedT]):
     ) -> None:
         self._target = target
         self._api_key = api_key
+        self._tls = tls
         self._replica_id = replica_id
         self._state_dir = state_dir
         self._service = service
@@ -158,7 +161,9 @@ class ConfigFollower(Generic[PreparedT]):
 
     async def _follow(self) -> None:
         backoff = self._backoff_initial
-        async with open_channel(self._target, api_key=self._api_key, deadline_seconds=None) as channel:
+        async with open_channel(
+            self._target, api_key=self._api_key, deadline_seconds=None, tls=self._tls
+        ) as channel:
             stub = config_pb2_grpc.ConfigServiceStub(channel)
             while True:
                 started = time.monotonic()

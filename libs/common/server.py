@@ -124,8 +124,11 @@ def _bind(server: aio.Server, settings: ServiceSettings) -> int:
     address = f"{settings.host}:{settings.port}"
     try:
         if settings.tls_cert_file and settings.tls_key_file:
+            client_ca = settings.tls_client_ca_file
             credentials = grpc.ssl_server_credentials(
-                [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())]
+                [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
+                root_certificates=client_ca.read_bytes() if client_ca else None,
+                require_client_auth=client_ca is not None,
             )
             port = server.add_secure_port(address, credentials)
         else:

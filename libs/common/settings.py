@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 from typing import TypeVar
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from libs.common.tls import ChannelTls
 
 
 class LogFormat(enum.StrEnum):
@@ -49,8 +51,18 @@ class ServiceSettings(BaseSettings):
     api_keys_file: Path | None = Field(None, description="JSON file of hashed API keys")
     tracing_exporter: TracingExporter = TracingExporter.NONE
     otlp_endpoint: str = "http://127.0.0.1:4317"
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
+    tls_cert_file: Path | None = Field(
+        None, description="PEM certificate of this server: with tls_key_file, it serves TLS only"
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
+    tls_client_ca_file: Path | None = Field(
+        None, description="Mutual TLS: clients must present a certificate signed by this CA (PEM)"
+    )
+    tls_ca_file: Path | None = Field(
+        None,
+        description="CA (PEM) this service trusts for its own calls to other services; set, those "
+        "calls use TLS and present tls_cert_file as the client certificate",
+    )
     shutdown_drain_seconds: float = Field(
         1.0, ge=0, description="After NOT_SERVING, how long to wait for balancers to notice"
     )
@@ -63,6 +75,22 @@ class ServiceSettings(BaseSettings):
         "at once instead of queueing behind them",
     )
 
+    @model_validator(mode="after")
+    def _tls_files_come_in_pairs(self) -> ServiceSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file: set both or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError(
+                "tls_client_ca_file: mutual TLS needs the server's own tls_cert_file and tls_key_file"
+            )
+        return self
+
+    def outgoing_tls(self) -> ChannelTls | None:
+        """How this service calls the others: TLS when tls_ca_file is set, with its own certificate."""
+        if self.tls_ca_file is None:
+            return None
+        return ChannelTls(self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
+
 
 class ClientSettings(BaseSettings):
     """Where a command-line client finds the stack."""
@@ -72,6 +100,20 @@ class ClientSettings(BaseSettings):
     target: str | None = Field(None, description="Front door host:port; default: the local stack's Envoy")
     api_key: str | None = None
     deadline_seconds: float = Field(10.0, gt=0)
+    tls_ca_file: Path | None = Field(
+        None,
+        description="Call the front door over TLS, trusting this CA (PEM); default: plaintext, "
+        "or the local stack's own CA when it runs TLS",
+    )
+    tls_cert_file: Path | None = Field(
+        None, description="Client certificate (PEM), where the front door asks for one"
+    )
+    tls_key_file: Path | None = Field(None, description="Private key of tls_cert_file")
+
+    def front_door_tls(self) -> ChannelTls | None:
+        if self.tls_ca_file is None:
+            return None
+        return ChannelTls(self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
 
 
 SettingsT = TypeVar("SettingsT", bound=BaseSettings)

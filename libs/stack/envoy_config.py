@@ -94,7 +94,48 @@ def _http2_options() -> dict[str, Any]:
     }
 
 
-def _cluster(upstream: Upstream, dns: bool) -> dict[str, Any]:
+@dataclass(frozen=True)
+class EnvoyTls:
+    """TLS at both ends of Envoy: the front door serves `cert_file`; upstream connections trust
+    `ca_file` and present `cert_file` (mutual TLS with services that require client certificates)."""
+
+    cert_file: str
+    key_file: str
+    ca_file: str
+
+    def _certificate(self) -> dict[str, Any]:
+        return {
+            "certificate_chain": {"filename": self.cert_file},
+            "private_key": {"filename": self.key_file},
+        }
+
+    def downstream(self) -> dict[str, Any]:
+        return {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                "common_tls_context": {
+                    "tls_certificates": [self._certificate()],
+                    "alpn_protocols": ["h2", "http/1.1"],
+                },
+            },
+        }
+
+    def upstream(self) -> dict[str, Any]:
+        return {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "common_tls_context": {
+                    "tls_certificates": [self._certificate()],
+                    "validation_context": {"trusted_ca": {"filename": self.ca_file}},
+                    "alpn_protocols": ["h2"],
+                },
+            },
+        }
+
+
+def _cluster(upstream: Upstream, dns: bool, tls: EnvoyTls | None = None) -> dict[str, Any]:
     cluster: dict[str, Any] = {
         "name": upstream.name,
         "connect_timeout": "1s",
@@ -146,6 +187,8 @@ def _cluster(upstream: Upstream, dns: bool) -> dict[str, Any]:
         },
         "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
     }
+    if tls is not None:
+        cluster["transport_socket"] = tls.upstream()  # health checks go over it too
     if dns:
         cluster["dns_lookup_family"] = "V4_ONLY"
         cluster["dns_refresh_rate"] = "5s"
@@ -394,6 +437,7 @@ def build_envoy_config(
     access_log: bool = False,
     dashboard_dir: Path | None = None,
     probe_port: int | None = None,
+    tls: EnvoyTls | None = None,
 ) -> dict[str, Any]:
     """With `probe_port`, a second listener on `listen_address` answers only GET /ready and
     /stats/prometheus, from the admin interface (which then need not listen beyond localhost)."""
@@ -487,7 +531,9 @@ def build_envoy_config(
             ],
         }
     ]
-    clusters = [_cluster(upstream, dns) for upstream in upstreams]
+    if tls is not None:
+        listeners[0]["filter_chains"][0]["transport_socket"] = tls.downstream()
+    clusters = [_cluster(upstream, dns, tls) for upstream in upstreams]
     if probe_port is not None:
         listeners.append(_probe_listener(listen_address, probe_port))
         clusters.append(_admin_cluster(admin_port))

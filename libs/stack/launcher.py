@@ -26,11 +26,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from libs.common.tls import ChannelTls
 from libs.stack import supervisor, topology
+from libs.stack.certificates import CertificateFiles, ensure_certificates
 from libs.stack.credentials import Credentials, ensure_credentials
 from libs.stack.envoy_config import (
     REPO_DASHBOARD_DIR,
     REPO_DESCRIPTOR_PATH,
+    EnvoyTls,
     Upstream,
     build_envoy_config,
     render,
@@ -91,6 +94,22 @@ class StackSettings(BaseSettings):
     monitor_metrics_port: int = topology.MONITOR.metrics_port
     startup_timeout_seconds: float = Field(45.0, gt=0)
     log_level: str = "INFO"
+    tls: bool = Field(
+        False,
+        description="TLS on every connection of the stack, mutual between services (certificates "
+        "created in <state_dir>/tls/); the front door then takes TLS clients only",
+    )
+
+    @property
+    def certificates(self) -> CertificateFiles:
+        return CertificateFiles(self.state_dir.resolve() / "tls")
+
+    def client_tls(self) -> ChannelTls | None:
+        """How the launcher and the CLI on this machine call the stack's services and Envoy."""
+        if not self.tls:
+            return None
+        files = self.certificates
+        return ChannelTls(files.ca, files.client_cert, files.client_key)
 
     @classmethod
     def on_free_ports(cls, state_dir: Path, **overrides: Any) -> StackSettings:
@@ -158,6 +177,14 @@ class StackRecord:
     envoy_admin_port: int
     processes: list[ProcessRecord] = field(default_factory=list)
     started_at: float = 0.0
+    tls: bool = False
+
+    def client_tls(self) -> ChannelTls | None:
+        """How to call this stack's processes: with its certificates when it runs TLS."""
+        if not self.tls:
+            return None
+        files = CertificateFiles(self.state_dir.resolve() / "tls")
+        return ChannelTls(files.ca, files.client_cert, files.client_key)
 
     def save(self) -> None:
         path = self.state_dir / STACK_FILE
@@ -165,6 +192,7 @@ class StackRecord:
             "envoy_port": self.envoy_port,
             "envoy_admin_port": self.envoy_admin_port,
             "started_at": self.started_at,
+            "tls": self.tls,
             "processes": [record.to_json() for record in self.processes],
         }
         temporary = path.with_suffix(".tmp")
@@ -183,6 +211,7 @@ class StackRecord:
             envoy_admin_port=int(document["envoy_admin_port"]),
             processes=[ProcessRecord.from_json(item) for item in document["processes"]],
             started_at=float(document.get("started_at", 0.0)),
+            tls=bool(document.get("tls", False)),
         )
 
 
@@ -207,6 +236,14 @@ def _service_env(
     }
     if metrics_port is not None:
         values["METRICS_PORT"] = str(metrics_port)
+    if settings.tls:
+        files = settings.certificates
+        values |= {
+            "TLS_CERT_FILE": str(files.service_cert),
+            "TLS_KEY_FILE": str(files.service_key),
+            "TLS_CLIENT_CA_FILE": str(files.ca),  # mutual: only holders of a certificate of this CA
+            "TLS_CA_FILE": str(files.ca),
+        }
     return {prefix + key: value for key, value in values.items()}
 
 
@@ -383,6 +420,7 @@ def envoy_plan(settings: StackSettings, write_config: bool = True) -> ProcessPla
         dns=False,
         # The monitoring page at GET /dashboard (its data comes from the monitor over REST).
         dashboard_dir=REPO_DASHBOARD_DIR if REPO_DASHBOARD_DIR.is_dir() else None,
+        tls=_envoy_tls(settings.certificates) if settings.tls else None,
     )
     config_path = state / "envoy.yaml"
     if write_config:
@@ -404,11 +442,20 @@ def envoy_plan(settings: StackSettings, write_config: bool = True) -> ProcessPla
     return ProcessPlan("envoy", "envoy", argv, {}, settings.envoy_port)
 
 
+def _envoy_tls(files: CertificateFiles) -> EnvoyTls:
+    return EnvoyTls(str(files.service_cert), str(files.service_key), str(files.ca))
+
+
 def grpc_health(
-    target: str, service: str, timeout: float = 1.0, metadata: tuple[tuple[str, str], ...] = ()
+    target: str,
+    service: str,
+    timeout: float = 1.0,
+    metadata: tuple[tuple[str, str], ...] = (),
+    tls: ChannelTls | None = None,
 ) -> str:
     """SERVING, NOT_SERVING, SERVICE_UNKNOWN or UNREACHABLE."""
-    with grpc.insecure_channel(target) as channel:
+    channel = grpc.secure_channel(target, tls.credentials()) if tls else grpc.insecure_channel(target)
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout, metadata=metadata
@@ -473,10 +520,15 @@ def _up(settings: StackSettings, progress: Progress) -> StackRecord:
             f"a stack is already running from {state} (see `liveloop status`; stop it with `liveloop down`)"
         )
     credentials = ensure_credentials(state)
+    if settings.tls:
+        ensure_certificates(settings.certificates.directory)
     plans = plan_processes(settings, credentials)
     envoy = envoy_plan(settings)
     _check_ports(settings, [*plans, envoy])
-    record = StackRecord(state, settings.envoy_port, settings.envoy_admin_port, started_at=time.time())
+    record = StackRecord(
+        state, settings.envoy_port, settings.envoy_admin_port, started_at=time.time(), tls=settings.tls
+    )
+    tls = settings.client_tls()
     logs = state / "logs"
 
     def launch(plan: ProcessPlan) -> None:
@@ -505,7 +557,9 @@ def _up(settings: StackSettings, progress: Progress) -> StackRecord:
         for plan in plans:
             if plan.health_service is not None:
                 target = f"{settings.host}:{plan.port}"
-                _wait_for(partial(_is_serving, target, plan.health_service), plan, record, remaining())
+                _wait_for(
+                    partial(_is_serving, target, plan.health_service, (), tls), plan, record, remaining()
+                )
                 progress(f"{plan.name} is SERVING on {target}")
         # Envoy last: its first health checks then find every upstream serving, and its load
         # balancer starts with all of them (started earlier, it kept sending everything to the
@@ -515,7 +569,7 @@ def _up(settings: StackSettings, progress: Progress) -> StackRecord:
         for service in topology.SERVICES:
             pin = ((topology.SERVICE_HEADER, service.name),)
             _wait_for(
-                partial(_is_serving, front_door, service.health_service, pin), envoy, record, remaining()
+                partial(_is_serving, front_door, service.health_service, pin, tls), envoy, record, remaining()
             )
         _wait_for(
             partial(_envoy_sees_all_healthy, settings.host, settings.envoy_admin_port),
@@ -544,8 +598,10 @@ def _up(settings: StackSettings, progress: Progress) -> StackRecord:
     return record
 
 
-def _is_serving(target: str, service: str, metadata: tuple[tuple[str, str], ...] = ()) -> bool:
-    return grpc_health(target, service, metadata=metadata) == "SERVING"
+def _is_serving(
+    target: str, service: str, metadata: tuple[tuple[str, str], ...] = (), tls: ChannelTls | None = None
+) -> bool:
+    return grpc_health(target, service, metadata=metadata, tls=tls) == "SERVING"
 
 
 def _envoy_sees_all_healthy(admin_host: str, admin_port: int) -> bool:
@@ -584,7 +640,7 @@ def status(state_dir: Path, host: str = "127.0.0.1") -> dict[str, Any]:
         process = process_record.process()
         health = "STOPPED"
         if process is not None:
-            health = _health(process_record, host)
+            health = _health(process_record, host, record.client_tls())
         row: dict[str, Any] = {
             "name": process_record.name,
             "kind": process_record.kind,
@@ -614,12 +670,12 @@ def status(state_dir: Path, host: str = "127.0.0.1") -> dict[str, Any]:
 RUNNING = "RUNNING"  # the supervisor's health: it serves nothing, it runs or not
 
 
-def _health(process_record: ProcessRecord, host: str) -> str:
+def _health(process_record: ProcessRecord, host: str, tls: ChannelTls | None) -> str:
     if process_record.kind == "supervisor":
         return RUNNING
     if process_record.kind == "service":
         service = topology.SERVICES_BY_NAME[process_record.name.split("-")[0]]
-        return grpc_health(f"{host}:{process_record.port}", service.health_service)
+        return grpc_health(f"{host}:{process_record.port}", service.health_service, tls=tls)
     return "SERVING" if port_accepts(host, process_record.port or 0) else "UNREACHABLE"
 
 
@@ -649,7 +705,7 @@ def restart(state_dir: Path, name: str, host: str = "127.0.0.1", timeout: float 
         replacement = next((p for p in current.processes if p.name == name), None) if current else None
         if replacement is not None and replacement.pid != old.pid and replacement.process() is not None:
             with contextlib.suppress(Exception):
-                if _health(replacement, host) == "SERVING":
+                if _health(replacement, host, record.client_tls()) == "SERVING":
                     return {
                         "name": name,
                         "old_pid": old.pid,

@@ -9,6 +9,7 @@ from grpc import aio
 from libs.common.client import open_channel
 from libs.common.deployment_spec import PublishGate
 from libs.common.errors import FailedPrecondition, Unavailable
+from libs.common.tls import ChannelTls
 from libs.protos.liveloop.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from services.config.core.publish_gate import CandidateEstimate
 
@@ -22,9 +23,11 @@ _ESTIMATORS = {
 class MonitorServiceClient:
     """Implements services.config.core.publish_gate.PolicyEvaluator over gRPC."""
 
-    def __init__(self, target: str, api_key: str | None, deadline_seconds: float) -> None:
+    def __init__(
+        self, target: str, api_key: str | None, deadline_seconds: float, tls: ChannelTls | None = None
+    ) -> None:
         self._target = target
-        self._channel = open_channel(target, api_key=api_key, deadline_seconds=deadline_seconds)
+        self._channel = open_channel(target, api_key=api_key, deadline_seconds=deadline_seconds, tls=tls)
         self._stub = monitor_pb2_grpc.MonitorServiceStub(self._channel)
 
     async def close(self) -> None:

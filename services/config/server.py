@@ -33,7 +33,10 @@ async def build_server(settings: ConfigSettings) -> RunningServer:
         settings.database_url, service=CONFIG.name, migrations_package="services.config.core.migrations"
     )
     monitor = MonitorServiceClient(
-        settings.monitor_target, settings.monitor_api_key, settings.monitor_deadline_seconds
+        settings.monitor_target,
+        settings.monitor_api_key,
+        settings.monitor_deadline_seconds,
+        settings.outgoing_tls(),
     )
     service = ConfigService(
         ConfigStore(engine),

@@ -30,7 +30,10 @@ async def build_server(settings: IngestSettings) -> RunningServer:
     )
     redis = open_blocking_redis(settings.redis_url, socket_timeout=30, connect_timeout=5)
     config_channel = open_channel(
-        settings.config_target, api_key=settings.config_api_key, deadline_seconds=10
+        settings.config_target,
+        api_key=settings.config_api_key,
+        deadline_seconds=10,
+        tls=settings.outgoing_tls(),
     )
     config = config_pb2_grpc.ConfigServiceStub(config_channel)
 

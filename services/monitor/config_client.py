@@ -7,6 +7,7 @@ from grpc import aio
 
 from libs.common.client import open_channel
 from libs.common.errors import FailedPrecondition, Unavailable
+from libs.common.tls import ChannelTls
 from libs.protos.liveloop.common.v1 import common_pb2
 from libs.protos.liveloop.config.v1 import config_pb2, config_pb2_grpc
 from services.monitor.core.monitor_service import ReplicaState
@@ -15,9 +16,11 @@ from services.monitor.core.monitor_service import ReplicaState
 class ConfigServiceClient:
     """Implements services.monitor.core.monitor_service.DeploymentConfig over gRPC."""
 
-    def __init__(self, target: str, api_key: str | None, deadline_seconds: float) -> None:
+    def __init__(
+        self, target: str, api_key: str | None, deadline_seconds: float, tls: ChannelTls | None = None
+    ) -> None:
         self._target = target
-        self._channel = open_channel(target, api_key=api_key, deadline_seconds=deadline_seconds)
+        self._channel = open_channel(target, api_key=api_key, deadline_seconds=deadline_seconds, tls=tls)
         self._stub = config_pb2_grpc.ConfigServiceStub(self._channel)
 
     async def close(self) -> None:

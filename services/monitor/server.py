@@ -46,10 +46,16 @@ async def build_server(settings: MonitorSettings) -> RunningServer:
     )
     redis = open_redis(settings.redis_url, socket_timeout=10, connect_timeout=5)
     config = ConfigServiceClient(
-        settings.config_target, settings.config_api_key, settings.config_deadline_seconds
+        settings.config_target,
+        settings.config_api_key,
+        settings.config_deadline_seconds,
+        settings.outgoing_tls(),
     )
     trainer = TrainerServiceClient(
-        settings.trainer_target, settings.trainer_api_key, settings.config_deadline_seconds
+        settings.trainer_target,
+        settings.trainer_api_key,
+        settings.config_deadline_seconds,
+        settings.outgoing_tls(),
     )
     store = RollupStore(engine)
     archive = DecisionArchive(settings.archive_dir, settings.archive_retention_hours)

@@ -10,15 +10,18 @@ from grpc import aio
 from libs.common.client import open_channel
 from libs.common.distribution_drift import TrainingReference
 from libs.common.errors import FailedPrecondition, Unavailable
+from libs.common.tls import ChannelTls
 from libs.protos.liveloop.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 
 
 class TrainerServiceClient:
     """Implements services.monitor.core.monitor_service.TrainingReferences over gRPC."""
 
-    def __init__(self, target: str, api_key: str | None, deadline_seconds: float) -> None:
+    def __init__(
+        self, target: str, api_key: str | None, deadline_seconds: float, tls: ChannelTls | None = None
+    ) -> None:
         self._target = target
-        self._channel = open_channel(target, api_key=api_key, deadline_seconds=deadline_seconds)
+        self._channel = open_channel(target, api_key=api_key, deadline_seconds=deadline_seconds, tls=tls)
         self._stub = trainer_pb2_grpc.TrainerServiceStub(self._channel)
 
     async def close(self) -> None:

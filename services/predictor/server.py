@@ -105,6 +105,7 @@ async def build_server(settings: PredictorSettings) -> RunningServer:
     follower = ConfigFollower[PreparedDeployment](
         target=settings.config_target,
         api_key=settings.config_api_key,
+        tls=settings.outgoing_tls(),
         replica_id=settings.replica_id,
         state_dir=settings.state_dir,
         service=PREDICTOR.name,

@@ -17,6 +17,7 @@ from libs.common.errors import (
     NotFound,
     Unavailable,
 )
+from libs.common.tls import ChannelTls
 from libs.protos.liveloop.common.v1 import common_pb2
 from libs.protos.liveloop.config.v1 import config_pb2, config_pb2_grpc
 
@@ -45,9 +46,11 @@ def _translate(error: aio.AioRpcError, target: str, field: str) -> LiveloopError
 class ConfigServiceClient:
     """Implements services.trainer.core.trainer_service.DeploymentConfig over gRPC."""
 
-    def __init__(self, target: str, api_key: str | None, deadline_seconds: float) -> None:
+    def __init__(
+        self, target: str, api_key: str | None, deadline_seconds: float, tls: ChannelTls | None = None
+    ) -> None:
         self._target = target
-        self._channel = open_channel(target, api_key=api_key, deadline_seconds=deadline_seconds)
+        self._channel = open_channel(target, api_key=api_key, deadline_seconds=deadline_seconds, tls=tls)
         self._stub = config_pb2_grpc.ConfigServiceStub(self._channel)
 
     async def close(self) -> None:

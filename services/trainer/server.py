@@ -25,7 +25,10 @@ async def build_server(settings: TrainerSettings) -> RunningServer:
     )
     offline = open_offline_store(settings.offline_store_url)
     config = ConfigServiceClient(
-        settings.config_target, settings.config_api_key, settings.config_deadline_seconds
+        settings.config_target,
+        settings.config_api_key,
+        settings.config_deadline_seconds,
+        settings.outgoing_tls(),
     )
     service = TrainerService(
         TrainerStore(engine),

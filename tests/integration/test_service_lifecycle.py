@@ -13,8 +13,11 @@ from pathlib import Path
 import grpc
 import pytest
 
+from libs.common.client import open_blocking_channel
 from libs.common.config_follower import LAST_KNOWN_GOOD_FILE
+from libs.common.tls import ChannelTls
 from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
+from libs.stack.certificates import ensure_certificates
 from libs.stack.launcher import grpc_health
 from libs.stack.processes import free_port, wait_until
 from tests.conftest import ApiKeys
@@ -115,63 +118,38 @@ def test_missing_key_file_refuses_to_start(tmp_path: Path) -> None:
     assert "api_keys_file" in (tmp_path / "predictor.log").read_text()
 
 
-def _self_signed_certificate(directory: Path) -> tuple[Path, Path]:
-    key, cert = directory / "server.key", directory / "server.crt"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return key, cert
-
-
-@pytest.mark.skipif(
-    not Path("/usr/bin/openssl").exists(), reason="openssl is needed to make a test certificate"
-)
-def test_tls_listener_serves_only_tls_clients(tmp_path: Path, api_keys: ApiKeys) -> None:
-    key, cert = _self_signed_certificate(tmp_path)
+def test_tls_listener_serves_only_tls_clients_and_mutual_tls_only_clients_with_a_certificate(
+    tmp_path: Path, api_keys: ApiKeys
+) -> None:
+    files = ensure_certificates(tmp_path / "tls")
     port = free_port()
     process = _start_predictor(
         {
             "LIVELOOP_PREDICTOR_PORT": str(port),
             "LIVELOOP_PREDICTOR_API_KEYS_FILE": str(api_keys.file),
-            "LIVELOOP_PREDICTOR_TLS_CERT_FILE": str(cert),
-            "LIVELOOP_PREDICTOR_TLS_KEY_FILE": str(key),
+            "LIVELOOP_PREDICTOR_TLS_CERT_FILE": str(files.service_cert),
+            "LIVELOOP_PREDICTOR_TLS_KEY_FILE": str(files.service_key),
+            "LIVELOOP_PREDICTOR_TLS_CLIENT_CA_FILE": str(files.ca),
             "LIVELOOP_PREDICTOR_SHUTDOWN_DRAIN_SECONDS": "0",
         },
         tmp_path / "predictor.log",
     )
-    credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
 
-    def tls_ping() -> str:
-        with grpc.secure_channel(f"127.0.0.1:{port}", credentials) as channel:
-            reply = predictor_pb2_grpc.PredictorServiceStub(channel).Ping(
-                predictor_pb2.PingRequest(), metadata=(("x-api-key", api_keys.invoke),), timeout=2
+    def ping(tls: ChannelTls | None) -> str:
+        with open_blocking_channel(
+            f"127.0.0.1:{port}", api_key=api_keys.invoke, deadline_seconds=2, tls=tls
+        ) as ch:
+            return str(
+                predictor_pb2_grpc.PredictorServiceStub(ch).Ping(predictor_pb2.PingRequest()).replica_id
             )
-        return reply.replica_id
 
+    with_certificate = ChannelTls(files.ca, files.client_cert, files.client_key)
     try:
-        assert wait_until(lambda: _succeeds(tls_ping), timeout=30)
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as plaintext, pytest.raises(grpc.RpcError):
-            predictor_pb2_grpc.PredictorServiceStub(plaintext).Ping(predictor_pb2.PingRequest(), timeout=2)
+        assert wait_until(lambda: _succeeds(lambda: ping(with_certificate)), timeout=30)
+        for refused in (None, ChannelTls(files.ca)):  # plaintext; TLS without a client certificate
+            with pytest.raises(grpc.RpcError) as error:
+                ping(refused)
+            assert error.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
     finally:
         process.terminate()
         process.wait(timeout=30)
