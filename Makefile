@@ -27,7 +27,8 @@ check-protos: $(STAMP) ## Fail if the committed stubs differ from protos/
 
 envoy-config: $(STAMP) ## Regenerate deploy/envoy/envoy.yaml and the k8s ConfigMap from the shared builder
 	$(BIN)/python -m libs.stack.envoy_config --write deploy/envoy/envoy.yaml
-	$(BIN)/python tools/sync_k8s_envoy.py
+	$(BIN)/python -m libs.stack.envoy_config --tls --write deploy/envoy/envoy-tls.yaml
+	$(BIN)/python tools/sync_k8s_envoy.py --tls-config deploy/envoy/envoy-tls.yaml
 
 lint: $(STAMP) ## ruff
 	$(BIN)/ruff check .

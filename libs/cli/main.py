@@ -32,6 +32,7 @@ from libs.common.client import open_blocking_channel
 from libs.common.errors import LiveloopError
 from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 from libs.stack import launcher
+from libs.stack.certificates import DEFAULT_HOSTS, CertificateFiles, ensure_certificates
 from libs.stack.credentials import KEY_FILE
 from libs.stack.processes import PortTaken
 from libs.stack.topology import SERVICE_HEADER, SERVICES
@@ -43,6 +44,8 @@ app = typer.Typer(
 )
 keys_app = typer.Typer(help="API keys (hashed at rest).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+tls_app = typer.Typer(help="Certificates for TLS inside the stack.", no_args_is_help=True)
+app.add_typer(tls_app, name="tls")
 app.add_typer(config_app, name="config")
 app.add_typer(monitor_app, name="monitor")
 register_ingest_commands(app)
@@ -283,6 +286,36 @@ def keys_list(
     for row in rows:
         table.add_row(row["key_id"], row["role"], row["name"], row["created_at"])
     console.print(table)
+
+
+@tls_app.command("create")
+def tls_create(
+    out: Annotated[Path, typer.Option(help="Directory for the certificates and keys (created, mode 0700)")],
+    host: Annotated[
+        list[str] | None,
+        typer.Option("--host", help="Another name or address the services are reached by (repeatable)"),
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Create a certificate authority, a certificate for the services and Envoy (server and client:
+    mutual TLS) and one for command-line clients, for docker compose or a cluster. The services'
+    certificate names 127.0.0.1, localhost, envoy and every service; add others with --host."""
+    if CertificateFiles(out).complete():
+        fail(f"{out} already holds certificates; remove them first to create new ones")
+    files = ensure_certificates(out, (*DEFAULT_HOSTS, *(host or [])))
+    paths = {
+        "ca": str(files.ca),
+        "service_cert": str(files.service_cert),
+        "service_key": str(files.service_key),
+        "client_cert": str(files.client_cert),
+        "client_key": str(files.client_key),
+    }
+    if as_json:
+        sys.stdout.write(json.dumps(paths, indent=2) + "\n")
+    else:
+        console.print(f"created a certificate authority and certificates in {out}:")
+        for name, path in paths.items():
+            console.print(f"  {name:<13} {path}")
 
 
 app.command()(decision_commands.invoke)

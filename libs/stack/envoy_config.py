@@ -639,7 +639,17 @@ def render(config: dict[str, Any]) -> str:
     return header + yaml.dump(config, Dumper=_ReadableDumper, sort_keys=False, width=120)
 
 
-def container_config_text() -> str:
+# Where the TLS container config (deploy/envoy/envoy-tls.yaml) reads the files `liveloop tls create`
+# writes: the same directory as the services' (docker-compose.tls.yml, deploy/k8s/tls/).
+CONTAINER_TLS_DIR = "/etc/liveloop/tls"
+CONTAINER_TLS = EnvoyTls(
+    cert_file=f"{CONTAINER_TLS_DIR}/service.pem",
+    key_file=f"{CONTAINER_TLS_DIR}/service-key.pem",
+    ca_file=f"{CONTAINER_TLS_DIR}/ca.pem",
+)
+
+
+def container_config_text(tls: bool = False) -> str:
     config = build_envoy_config(
         container_upstreams(),
         listen_address="0.0.0.0",
@@ -650,6 +660,7 @@ def container_config_text() -> str:
         dns=True,
         dashboard_dir=REPO_DASHBOARD_DIR,
         probe_port=ENVOY_PROBE_PORT,
+        tls=CONTAINER_TLS if tls else None,
     )
     return render(config)
 
@@ -658,8 +669,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Write the container Envoy configuration")
     parser.add_argument("--write", type=Path, help="file to write (default: print)")
     parser.add_argument("--check", type=Path, help="fail if this file differs from the generated config")
+    parser.add_argument(
+        "--tls", action="store_true", help="the TLS variant: TLS front door, mutual TLS to every upstream"
+    )
     args = parser.parse_args(argv)
-    text = container_config_text()
+    text = container_config_text(tls=args.tls)
     if args.check is not None:
         if not args.check.exists() or args.check.read_text() != text:
             print(f"{args.check} is stale: run `make envoy-config`", file=sys.stderr)

@@ -150,9 +150,34 @@ def test_tls_listener_serves_only_tls_clients_and_mutual_tls_only_clients_with_a
             with pytest.raises(grpc.RpcError) as error:
                 ping(refused)
             assert error.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+        # The containers' health check reads the same settings and passes the mutual TLS: it gets
+        # the replica's answer (NOT_SERVING: no config service here), where plaintext gets none.
+        settings = {
+            "LIVELOOP_PREDICTOR_PORT": str(port),
+            "LIVELOOP_PREDICTOR_TLS_CERT_FILE": str(files.service_cert),
+            "LIVELOOP_PREDICTOR_TLS_KEY_FILE": str(files.service_key),
+            "LIVELOOP_PREDICTOR_TLS_CLIENT_CA_FILE": str(files.ca),
+        }
+        answered = _health_check(settings)
+        assert (answered.returncode, answered.stderr) == (1, "predictor: NOT_SERVING\n")
+        plaintext = _health_check({"LIVELOOP_PREDICTOR_PORT": str(port)})
+        assert plaintext.returncode == 1
+        assert "predictor: UNREACHABLE" in plaintext.stderr
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def _health_check(settings: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("LIVELOOP_")} | settings
+    return subprocess.run(
+        [sys.executable, "-m", "libs.common.health_check", "predictor", "--timeout", "5"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def _succeeds(call: object) -> bool:

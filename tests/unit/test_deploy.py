@@ -465,12 +465,10 @@ def test_compose_trainer_reads_the_offline_store_and_presents_an_admin_key() -> 
 
 @pytest.mark.parametrize("name", SERVICE_NAMES)
 def test_compose_healthcheck_asks_the_service_for_its_own_health(name: str) -> None:
-    service = SERVICES[name]
     test = compose()["services"][name]["healthcheck"]["test"]
-    assert test[:3] == ["CMD", "python", "-c"]
-    compile(test[3], f"{name} healthcheck", "exec")
-    assert f"'127.0.0.1:{default_ports(service)[0]}'" in test[3]
-    assert f"service='{service.health_service}'" in test[3]
+    # The check reads the service's port and TLS files from its own settings (tested in
+    # tests/integration/test_service_lifecycle.py).
+    assert test == ["CMD", "python", "-m", "libs.common.health_check", name]
 
 
 def test_compose_dependencies_wait_on_real_health_checks() -> None:
@@ -1246,3 +1244,154 @@ def test_network_policies_admit_exactly_the_configured_connections() -> None:
     assert open_ports == {("envoy", 8080), ("envoy", 9902)} | metrics
     labels = set(_pod_templates())
     assert {callee for _, callee, _ in admitted} | {callee for callee, _ in open_ports} <= labels
+
+
+# --------------------------------------------------------------------------------------------------
+# TLS inside the stack: docker-compose.tls.yml and the deploy/k8s/tls overlay
+
+K8S_TLS = K8S / "tls"
+COMPOSE_TLS = ROOT / "docker-compose.tls.yml"
+ENVOY_TLS_CONFIG = DEPLOY / "envoy" / "envoy-tls.yaml"
+TLS_DIR = "/etc/liveloop/tls"
+TLS_FILES = {"ca.pem", "service.pem", "service-key.pem"}  # what `liveloop tls create` writes, in part
+
+
+def _strategic_merge(base: Any, patch: Any) -> Any:
+    """Kubernetes' strategic merge, for what the TLS patches use: maps merge key by key (unless the
+    patch says `$patch: replace`), lists of named things merge by name (mountPath for mounts)."""
+    if isinstance(patch, dict) and isinstance(base, dict):
+        if patch.get("$patch") == "replace":
+            return {key: value for key, value in patch.items() if key != "$patch"}
+        merged = dict(base)
+        for key, value in patch.items():
+            merged[key] = _strategic_merge(base[key], value) if key in base else value
+        return merged
+    if isinstance(patch, list) and isinstance(base, list) and patch and isinstance(patch[0], dict):
+        key = next((k for k in ("name", "mountPath") if k in patch[0]), None)
+        if key is not None:
+            merged_list = list(base)
+            for item in patch:
+                index = next(
+                    (i for i, existing in enumerate(merged_list) if existing.get(key) == item[key]), None
+                )
+                if index is None:
+                    merged_list.append(item)
+                else:
+                    merged_list[index] = _strategic_merge(merged_list[index], item)
+            return merged_list
+    return patch
+
+
+def _tls_overlay() -> dict[str, dict[str, Any]]:
+    """The Deployments as `kubectl apply -k deploy/k8s/tls` would make them."""
+    kustomization = yaml.safe_load((K8S_TLS / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["..", "envoy-tls.yaml"]
+    deployments = {name: json.loads(json.dumps(doc)) for name, doc in k8s_objects("Deployment").items()}
+    patched = set()
+    for entry in kustomization["patches"]:
+        patch = yaml.safe_load((K8S_TLS / entry["path"]).read_text())
+        name = patch["metadata"]["name"]
+        deployments[name] = _strategic_merge(deployments[name], patch)
+        patched.add(name)
+    assert patched == {*SERVICE_NAMES, "envoy"}
+    return deployments
+
+
+def _mounted_secret_dirs(deployment: dict[str, Any], container: dict[str, Any], secret: str) -> set[str]:
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    return {
+        m["mountPath"]
+        for m in container["volumeMounts"]
+        if volumes[m["name"]].get("secret", {}).get("secretName") == secret
+    }
+
+
+@pytest.mark.parametrize("name", SERVICE_NAMES)
+def test_k8s_tls_overlay_makes_each_service_mutual_tls_with_probes_that_can_speak_it(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kubernetes_validate import utils
+
+    deployment = _tls_overlay()[name]
+    utils.validate(deployment, utils.latest_version(), strict=True)
+    service = SERVICES[name]
+    container = _only_container(deployment)
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert len(env) == len(container["env"]), "an env var is set twice"
+    check_env(service, env, f"deploy/k8s/tls patch of {name}", monkeypatch)
+    assert _mounted_secret_dirs(deployment, container, "liveloop-tls") == {TLS_DIR}
+    expected = {"TLS_CERT_FILE": "service.pem", "TLS_KEY_FILE": "service-key.pem"}
+    expected |= {"TLS_CLIENT_CA_FILE": "ca.pem", "TLS_CA_FILE": "ca.pem"}
+    for setting, file_name in expected.items():
+        assert env[service.prefix + setting] == f"{TLS_DIR}/{file_name}"
+    health = ["python", "-m", "libs.common.health_check", name, "--timeout", "3"]
+    assert container["readinessProbe"] == {
+        "exec": {"command": health},
+        "periodSeconds": 5,
+        "timeoutSeconds": 5,
+        "failureThreshold": 2,
+    }
+    for kind in ("startupProbe", "livenessProbe"):
+        assert container[kind]["exec"]["command"] == [*health, "--whole-server"]
+        assert "grpc" not in container[kind]
+
+
+def test_k8s_tls_overlay_gives_envoy_the_tls_config_and_the_certificates_it_names() -> None:
+    from kubernetes_validate import utils
+
+    deployment = _tls_overlay()["envoy"]
+    utils.validate(deployment, utils.latest_version(), strict=True)
+    container = _only_container(deployment)
+    config_path = container["args"][container["args"].index("--config-path") + 1]
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+    assert mounts[str(Path(config_path).parent)]["configMap"]["name"] == "envoy-tls"
+    configmap = next(d for d in load_yaml_documents(K8S_TLS / "envoy-tls.yaml") if d["kind"] == "ConfigMap")
+    assert configmap["metadata"]["name"] == "envoy-tls"
+    config_text = configmap["data"]["envoy.yaml"]
+    assert config_text == ENVOY_TLS_CONFIG.read_text()
+    # Every file the TLS config reads is in the mounted Secret, or the base ConfigMap (descriptor).
+    named = set(re.findall(r"filename: (\S+)", config_text))
+    assert named == {f"{TLS_DIR}/{f}" for f in TLS_FILES}
+    assert _mounted_secret_dirs(deployment, container, "liveloop-tls") == {TLS_DIR}
+    assert "/etc/envoy/liveloop.pb" in config_text
+    assert mounts["/etc/envoy"]["configMap"]["name"] == "envoy"
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    digest = hashlib.sha256(ENVOY_TLS_CONFIG.read_bytes()).hexdigest()
+    assert annotations["liveloop.dev/envoy-tls-config-sha256"] == digest
+
+
+def test_committed_tls_overlay_is_current() -> None:
+    result = subprocess.run(
+        [sys.executable, str(SYNC_SCRIPT), "--check", "--tls-config", str(ENVOY_TLS_CONFIG)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("name", SERVICE_NAMES)
+def test_compose_tls_override_makes_each_service_mutual_tls(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = SERVICES[name]
+    override = yaml.safe_load(COMPOSE_TLS.read_text())["services"][name]
+    env = compose_env(compose()["services"][name]) | compose_env(override)
+    check_env(service, env, f"docker-compose.tls.yml service {name}", monkeypatch)
+    assert f"./deploy/secrets/tls:{TLS_DIR}:ro" in override["volumes"]
+    assert env[f"{service.prefix}TLS_CERT_FILE"] == f"{TLS_DIR}/service.pem"
+    assert (
+        env[f"{service.prefix}TLS_CLIENT_CA_FILE"]
+        == env[f"{service.prefix}TLS_CA_FILE"]
+        == f"{TLS_DIR}/ca.pem"
+    )
+
+
+def test_compose_tls_override_gives_envoy_the_tls_config() -> None:
+    envoy = yaml.safe_load(COMPOSE_TLS.read_text())["services"]["envoy"]
+    assert "./deploy/envoy/envoy-tls.yaml:/etc/envoy/envoy.yaml:ro" in envoy["volumes"]
+    assert f"./deploy/secrets/tls:{TLS_DIR}:ro" in envoy["volumes"]
+    # The base file mounts the config at the same path: the override replaces it.
+    assert "./deploy/envoy/envoy.yaml:/etc/envoy/envoy.yaml:ro" in compose()["services"]["envoy"]["volumes"]

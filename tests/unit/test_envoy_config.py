@@ -7,12 +7,14 @@ import pytest
 import yaml
 
 from libs.stack import topology
+from libs.stack.certificates import ensure_certificates
 from libs.stack.envoy_config import (
     DASHBOARD_ASSETS,
     DASHBOARD_CSP,
     REPO_DASHBOARD_DIR,
     REPO_DESCRIPTOR_PATH,
     TRANSCODED_SERVICES,
+    EnvoyTls,
     build_envoy_config,
     container_upstreams,
     main,
@@ -233,3 +235,35 @@ def test_the_probe_listener_answers_ready_and_stats_and_nothing_else_of_the_admi
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def test_committed_tls_container_config_is_current() -> None:
+    assert main(["--tls", "--check", str(REPO / "deploy" / "envoy" / "envoy-tls.yaml")]) == 0
+
+
+@pytest.mark.timeout(60)
+def test_real_envoy_accepts_the_tls_config_with_real_certificates(tmp_path: Path) -> None:
+    files = ensure_certificates(tmp_path / "tls")
+    config = build_envoy_config(
+        container_upstreams(),
+        listen_address="127.0.0.1",
+        listen_port=1,
+        admin_address="127.0.0.1",
+        admin_port=2,
+        descriptor_path=None,
+        dns=True,
+        tls=EnvoyTls(str(files.service_cert), str(files.service_key), str(files.ca)),
+    )
+    listener = config["static_resources"]["listeners"][0]
+    assert listener["filter_chains"][0]["transport_socket"]["name"] == "envoy.transport_sockets.tls"
+    assert all("transport_socket" in cluster for cluster in config["static_resources"]["clusters"])
+    path = tmp_path / "envoy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
