@@ -38,6 +38,20 @@ def _container_config() -> dict:
     )
 
 
+def _assert_envoy_validates(config: dict, tmp_path: Path) -> None:
+    """A real Envoy loads the configuration (--mode validate: files read, nothing bound)."""
+    path = tmp_path / "envoy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def _routes(config: dict) -> list[dict]:
     listener = config["static_resources"]["listeners"][0]
     manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
@@ -84,16 +98,7 @@ def test_real_envoy_accepts_the_generated_config(tmp_path: Path) -> None:
         dns=True,
         dashboard_dir=REPO_DASHBOARD_DIR,
     )
-    path = tmp_path / "envoy.yaml"
-    path.write_text(yaml.safe_dump(config))
-    result = subprocess.run(
-        [envoy_binary(), "--mode", "validate", "-c", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=50,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    _assert_envoy_validates(config, tmp_path)
 
 
 def test_dashboard_is_served_by_envoy_before_any_upstream_route() -> None:
@@ -257,13 +262,4 @@ def test_real_envoy_accepts_the_tls_config_with_real_certificates(tmp_path: Path
     listener = config["static_resources"]["listeners"][0]
     assert listener["filter_chains"][0]["transport_socket"]["name"] == "envoy.transport_sockets.tls"
     assert all("transport_socket" in cluster for cluster in config["static_resources"]["clusters"])
-    path = tmp_path / "envoy.yaml"
-    path.write_text(yaml.safe_dump(config))
-    result = subprocess.run(
-        [envoy_binary(), "--mode", "validate", "-c", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=50,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    _assert_envoy_validates(config, tmp_path)
