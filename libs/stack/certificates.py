@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from libs.common.tls import ChannelTls
 from libs.stack.topology import SERVICES
 
 VALID_DAYS = 825  # the longest validity clients accept for a leaf certificate
@@ -50,6 +51,10 @@ class CertificateFiles:
     @property
     def client_key(self) -> Path:
         return self.directory / "client-key.pem"
+
+    def client_tls(self) -> ChannelTls:
+        """How a client on this machine calls the services: trusting the CA, with the client certificate."""
+        return ChannelTls(self.ca, self.client_cert, self.client_key)
 
     def complete(self) -> bool:
         paths = (self.ca, self.service_cert, self.service_key, self.client_cert, self.client_key)

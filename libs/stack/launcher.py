@@ -55,6 +55,7 @@ from libs.stack.processes import (
 logger = logging.getLogger(__name__)
 
 STACK_FILE = "stack.json"
+TLS_DIR = "tls"  # <state_dir>/tls/: the certificates of a TLS stack
 
 
 class StackSettings(BaseSettings):
@@ -102,14 +103,11 @@ class StackSettings(BaseSettings):
 
     @property
     def certificates(self) -> CertificateFiles:
-        return CertificateFiles(self.state_dir.resolve() / "tls")
+        return CertificateFiles(self.state_dir.resolve() / TLS_DIR)
 
     def client_tls(self) -> ChannelTls | None:
         """How the launcher and the CLI on this machine call the stack's services and Envoy."""
-        if not self.tls:
-            return None
-        files = self.certificates
-        return ChannelTls(files.ca, files.client_cert, files.client_key)
+        return self.certificates.client_tls() if self.tls else None
 
     @classmethod
     def on_free_ports(cls, state_dir: Path, **overrides: Any) -> StackSettings:
@@ -181,10 +179,7 @@ class StackRecord:
 
     def client_tls(self) -> ChannelTls | None:
         """How to call this stack's processes: with its certificates when it runs TLS."""
-        if not self.tls:
-            return None
-        files = CertificateFiles(self.state_dir.resolve() / "tls")
-        return ChannelTls(files.ca, files.client_cert, files.client_key)
+        return CertificateFiles(self.state_dir.resolve() / TLS_DIR).client_tls() if self.tls else None
 
     def save(self) -> None:
         path = self.state_dir / STACK_FILE
