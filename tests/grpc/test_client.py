@@ -195,12 +195,12 @@ async def test_open_channel_sends_the_key_on_streaming_calls(
     assert outcome == AUTHENTICATED_OUTCOME[kind]
 
 
-async def test_a_config_follower_with_an_invoke_key_receives_the_config(
+async def test_a_config_follower_with_a_service_key_receives_the_config(
     config_server: RunningServer, api_keys: ApiKeys, tmp_path: Path
 ) -> None:
     follower = ConfigFollower(
         target=target(config_server),
-        api_key=api_keys.invoke,
+        api_key=api_keys.service,
         replica_id="grpc-test-follower",
         state_dir=tmp_path / "follower",
         service="grpc-test",
