@@ -152,7 +152,6 @@ def sync_tls(config: bytes, patch_text: str) -> tuple[str, str]:
 
 def _sync_tls(args: argparse.Namespace) -> int:
     """Bring the TLS overlay up to date (or, with --check, say whether it is); 0, 1 (stale) or 2."""
-    files = {args.tls_configmap: "", args.tls_patch: ""}
     try:
         configmap, patch = sync_tls(args.tls_config.read_bytes(), args.tls_patch.read_text(encoding="utf-8"))
     except (OSError, SyncError) as exc:
