@@ -76,7 +76,12 @@ def _print_status(state_dir: Path, host: str, as_json: bool) -> dict[str, Any]:
     if not report["processes"]:
         console.print(f"no stack is running from {state_dir}")
         return report
-    table = Table(title=f"liveloop stack: front door {report['front_door']}, admin {report['envoy_admin']}")
+    door = (
+        f"{report['front_door']} (TLS only, CA {Path(report['state_dir']) / 'tls' / 'ca.pem'})"
+        if report["tls"]
+        else report["front_door"]
+    )
+    table = Table(title=f"liveloop stack: front door {door}, admin {report['envoy_admin']}")
     for column in ("process", "pid", "port", "health", "envoy", "restarts", "memory"):
         table.add_column(column)
     for row in report["processes"]:
@@ -235,7 +240,10 @@ def keys_create(
         fail(exc.message)
     api_key, record = generate_api_key(role, name)
     store.add(record)
-    store.save(path)
+    try:
+        store.save(path)
+    except OSError as exc:
+        fail(f"cannot write the key file {path}: {exc.strerror or exc}")
     if as_json:
         sys.stdout.write(json.dumps({"key_id": record.key_id, "role": role.value, "api_key": api_key}) + "\n")
     else:
@@ -267,12 +275,16 @@ def keys_revoke(
 @keys_app.command("list")
 def keys_list(
     file: Annotated[Path | None, typer.Argument(help="Key file; default: the local stack's")] = None,
+    file_option: Annotated[
+        Path | None,
+        typer.Option("--file", help="Key file (as `keys revoke --file`); default: the local stack's"),
+    ] = None,
     state_dir: StateDir = None,
     as_json: JsonFlag = False,
 ) -> None:
     """List key ids, roles and names (never the keys)."""
     try:
-        store = ApiKeyStore.load(_key_file(file, state_dir))
+        store = ApiKeyStore.load(_key_file(file or file_option, state_dir))
     except LiveloopError as exc:
         fail(exc.message)
     rows = [
@@ -300,9 +312,14 @@ def tls_create(
     """Create a certificate authority, a certificate for the services and Envoy (server and client:
     mutual TLS) and one for command-line clients, for docker compose or a cluster. The services'
     certificate names 127.0.0.1, localhost, envoy and every service; add others with --host."""
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file, not a directory")
     if CertificateFiles(out).complete():
         fail(f"{out} already holds certificates; remove them first to create new ones")
-    files = ensure_certificates(out, (*DEFAULT_HOSTS, *(host or [])))
+    try:
+        files = ensure_certificates(out, (*DEFAULT_HOSTS, *(host or [])))
+    except OSError as exc:
+        fail(f"cannot write certificates to {out}: {exc.strerror or exc}")
     paths = {
         "ca": str(files.ca),
         "service_cert": str(files.service_cert),

@@ -139,7 +139,9 @@ class ApiKeyStore:
         record = self.authenticate(api_key)
         if not record.role.allows(required):
             raise PermissionDenied(
-                f"{method} needs role '{required.value}', the key has '{record.role.value}'"
+                f"{method} needs role '{required.value}' (or 'admin'), the key has '{record.role.value}'"
+                if required is not Role.ADMIN
+                else f"{method} needs role 'admin', the key has '{record.role.value}'"
             )
         return record
 

@@ -517,6 +517,12 @@ def _up(settings: StackSettings, progress: Progress) -> StackRecord:
     credentials = ensure_credentials(state)
     if settings.tls:
         ensure_certificates(settings.certificates.directory)
+    elif settings.certificates.complete():
+        # Never fall back to plaintext silently (a restart without the setting, after a reboot).
+        raise StackError(
+            f"this state directory ran with TLS (its certificates are in {settings.certificates.directory}): "
+            "start it with LIVELOOP_STACK_TLS=true, or remove that directory to run it in plaintext"
+        )
     plans = plan_processes(settings, credentials)
     envoy = envoy_plan(settings)
     _check_ports(settings, [*plans, envoy])
@@ -657,6 +663,7 @@ def status(state_dir: Path, host: str = "127.0.0.1") -> dict[str, Any]:
         "running": any(row["alive"] for row in rows),
         "state_dir": str(state_dir),
         "front_door": f"{host}:{record.envoy_port}",
+        "tls": record.tls,
         "envoy_admin": f"http://{host}:{record.envoy_admin_port}",
         "processes": rows,
     }
@@ -693,6 +700,9 @@ def restart(state_dir: Path, name: str, host: str = "127.0.0.1", timeout: float 
             "the stack's supervisor is not running: restart the stack (`liveloop down`, `liveloop up`)"
         )
     old = by_name[name]
+    requests = state_dir / supervisor.REQUESTED_RESTARTS_DIR
+    requests.mkdir(exist_ok=True)
+    (requests / name).touch()
     stop_processes([old])
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

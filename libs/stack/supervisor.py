@@ -26,6 +26,9 @@ from libs.stack.processes import process_environment, start_process
 logger = logging.getLogger("liveloop.supervisor")
 
 SETTINGS_FILE = "stack-settings.json"
+# `liveloop restart NAME` leaves NAME here before it stops the process: started again at once, and
+# not counted as a crash in the back-off.
+REQUESTED_RESTARTS_DIR = "requested-restarts"
 STABLE_SECONDS = 30.0
 FIRST_DELAY_SECONDS = 1.0
 MAX_DELAY_SECONDS = 30.0
@@ -74,14 +77,20 @@ def supervise(state_dir: Path, stop: threading.Event, clock: Callable[[], float]
             backoff = backoffs.setdefault(plan.name, Backoff())
             if plan.name not in exited_at:
                 exited_at[plan.name] = now
-                backoff.exited(now, ran_for=now - started_at[plan.name])
-                logger.warning(
-                    "%s (pid %d) exited after %.1f s; starting it again in %.0f s",
-                    plan.name,
-                    process_record.pid,
-                    now - started_at[plan.name],
-                    backoff.delay,
-                )
+                request = state_dir / REQUESTED_RESTARTS_DIR / plan.name
+                if request.exists():
+                    request.unlink()
+                    backoff.not_before = now
+                    logger.info("%s (pid %d) stopped by `liveloop restart`", plan.name, process_record.pid)
+                else:
+                    backoff.exited(now, ran_for=now - started_at[plan.name])
+                    logger.warning(
+                        "%s (pid %d) exited after %.1f s; starting it again in %.0f s",
+                        plan.name,
+                        process_record.pid,
+                        now - started_at[plan.name],
+                        backoff.delay,
+                    )
             if now < backoff.not_before or stop.is_set():
                 continue
             replacement = start_process(

@@ -109,6 +109,9 @@ def test_up_status_routing_failover_and_down(running_stack: LocalStack) -> None:
         grpc_health(f"127.0.0.1:{rows['predictor-2']['port']}", topology.PREDICTOR.health_service)
         == "SERVING"
     )
+    # A restart asked for is no crash: logged as such, and not slowed by the crash back-off.
+    supervisor_log = (stack.state_dir / "logs" / "supervisor.log").read_text()
+    assert f"predictor-2 (pid {before}) stopped by `liveloop restart`" in supervisor_log
     unknown = stack.cli("restart", "predictor-9")
     assert unknown.returncode != 0
     assert "no process 'predictor-9'" in unknown.stderr + unknown.stdout

@@ -85,3 +85,11 @@ def test_every_connection_of_a_tls_stack_is_tls_and_services_require_certificate
 
     # The keys never left the state directory in a readable file.
     assert all(path.stat().st_mode & 0o077 == 0 for path in files.directory.iterdir())
+
+    # Started again without the setting, the stack refuses rather than fall back to plaintext.
+    assert stack.cli("down").returncode == 0
+    stack.env.pop("LIVELOOP_STACK_TLS")
+    again = stack.cli("up")
+    assert again.returncode != 0
+    assert "ran with TLS" in again.stderr
+    assert "LIVELOOP_STACK_TLS=true" in again.stderr
