@@ -13,6 +13,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 from rich.console import Console
 from rich.markup import escape
 
@@ -69,6 +70,13 @@ def stack_settings(state_dir: Path | None) -> launcher.StackSettings:
         for error in exc.errors():
             field = ".".join(str(part) for part in error["loc"])
             errors.print(f"[red]invalid setting LIVELOOP_STACK_{field.upper()}: {error['msg']}[/red]")
+        raise typer.Exit(2) from None
+    except SettingsError as exc:  # a list or other JSON setting that is not JSON
+        field = str(exc).split('"')[1] if '"' in str(exc) else ""
+        errors.print(
+            f"[red]invalid setting LIVELOOP_STACK_{field.upper()}: not valid JSON "
+            "(a list is written [50061, 50062])[/red]"
+        )
         raise typer.Exit(2) from None
     if state_dir is not None:
         settings = settings.model_copy(update={"state_dir": state_dir})

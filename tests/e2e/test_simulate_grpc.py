@@ -68,18 +68,21 @@ def test_simulation_through_the_front_door_learns_like_the_core(running_stack: L
     # Respond to the other: the decision log says which replica handled each.)
     served = replicas_in_decision_log(running_stack, through_grpc["settings"]["deployment"])
     assert served["contact"] | served["response"] == {"predictor-1", "predictor-2"}, served
-    assert through_grpc["best_share_last_window"] >= 0.7
 
     # The same seed in process: the environment (segments, click draws) is identical; the replicas'
     # own random draws are not, so the gRPC regret must fall inside the spread of seeded in-memory
-    # runs (mean +- 4 sd + 10; over 60 seeds in-memory regret ranged 12..65, mean 29, sd 13).
+    # runs (mean +- 4 sd + 10; over 60 seeds in-memory regret ranged 12..65, mean 29, sd 13). The
+    # regret over the whole run is the check: the share of the best offer in the last window alone
+    # swings with those unseeded draws (one CI run: 0.22, while Thompson sampling favoured the
+    # second-best offer, 0.22 against 0.30 take-up, for a while), so it is reported, not bounded.
     in_memory = run_in_memory(stationary(SEED), PolicySettings())
     spread = [run_in_memory(stationary(seed), PolicySettings()).regret for seed in range(10, 18)]
     centre, width = statistics.mean(spread), statistics.pstdev(spread)
     assert in_memory.best_share_last_window >= 0.7
-    assert abs(through_grpc["regret"] - centre) <= 4 * width + 10, (through_grpc["regret"], spread)
+    observed = (through_grpc["regret"], through_grpc["best_share_last_window"], spread)
+    assert abs(through_grpc["regret"] - centre) <= 4 * width + 10, observed
     # uniform random choice would lose (30% - mean take-up) per round: about 250 clicks here
-    assert through_grpc["regret"] < 0.4 * ROUNDS * (0.30 - 0.175)
+    assert through_grpc["regret"] < 0.4 * ROUNDS * (0.30 - 0.175), observed
 
     # The DecisionEngine in process over the stack's Redis, same seed: the same choices.
     in_process = asyncio.run(engine_over_redis(running_stack))

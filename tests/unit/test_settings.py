@@ -38,3 +38,13 @@ def test_malformed_setting_exits_at_start_naming_it(variable: str, value: str, n
     )
     assert result.returncode == 2
     assert named in result.stderr
+
+
+def test_a_stack_setting_that_is_not_json_is_named_not_a_traceback() -> None:
+    from typer.testing import CliRunner
+
+    from libs.cli.main import app
+
+    result = CliRunner().invoke(app, ["status"], env={"LIVELOOP_STACK_PREDICTOR_PORTS": "[50061, 50062"})
+    assert result.exit_code == 2
+    assert "LIVELOOP_STACK_PREDICTOR_PORTS: not valid JSON" in result.output
