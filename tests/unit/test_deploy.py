@@ -685,10 +685,15 @@ def test_k8s_deployment_env_ports_and_probes_match_the_service(
     assert [item["path"] for item in secret["items"]] == [Path(API_KEYS_PATH).name]
 
 
-def test_redis_refuses_clients_without_the_password_in_compose_and_kubernetes() -> None:
+def test_redis_refuses_clients_without_the_password_and_no_store_has_a_default_password() -> None:
     services = compose()["services"]
     redis = services["redis"]
     assert redis["environment"]["REDIS_PASSWORD"].startswith("${REDIS_PASSWORD:?")  # no default
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
+    assert all(
+        compose_env(definition).get("PGPASSWORD") in (None, "${POSTGRES_PASSWORD}")
+        for definition in services.values()
+    )
     assert '--requirepass "$$REDIS_PASSWORD"' in redis["command"][-1]
     assert "REDISCLI_AUTH" in redis["healthcheck"]["test"][-1]
     users = [
