@@ -111,6 +111,12 @@ def _learned_exactly_once(stack: LocalStack, deployment: str, figures: LoadFigur
     assert successes == len(learned) == len(figures.answered)
 
 
+def _failures(figures: LoadFigures) -> str:
+    """The failures first: pytest shortens a long message."""
+    summary = figures.summary()
+    return f"failures {summary.pop('failures')}; {summary}"
+
+
 def _report(scenario: str, figures: LoadFigures, **extra: object) -> None:
     report(scenario, {**figures.summary(), **extra})
 
@@ -127,7 +133,7 @@ def test_a_replica_killed_under_load_fails_no_request(stack: LocalStack, tmp_pat
     before = _process(stack, "predictor-1")
     figures = _under_load(stack, deployment, _kill(stack, "predictor-1"))
     _report("predictor-1 SIGKILL", figures)
-    assert (figures.failed_invokes, figures.failed_responds) == (0, 0), figures.summary()
+    assert (figures.failed_invokes, figures.failed_responds) == (0, 0), _failures(figures)
     _learned_exactly_once(stack, deployment, figures)
     after = _process(stack, "predictor-1")
     assert after["pid"] != before["pid"]
@@ -145,7 +151,7 @@ def test_a_replica_restarted_gracefully_under_load_fails_no_request(
 
     figures = _under_load(stack, deployment, graceful)
     _report("predictor-2 SIGTERM (liveloop restart)", figures)
-    assert (figures.failed_invokes, figures.failed_responds) == (0, 0), figures.summary()
+    assert (figures.failed_invokes, figures.failed_responds) == (0, 0), _failures(figures)
     _learned_exactly_once(stack, deployment, figures)
 
 
@@ -164,7 +170,7 @@ def test_redis_restarted_under_load_loses_no_acknowledged_response(stack: LocalS
     # Calls fail while Redis is down (each after Envoy's retries): bounded by the outage, a small
     # share of the run; none after, and no acknowledged response is lost.
     total = figures.invokes.total()
-    assert figures.failed_invokes <= 0.1 * total, figures.summary()
+    assert figures.failed_invokes <= 0.1 * total, _failures(figures)
     _learned_exactly_once(stack, deployment, figures)
 
 
@@ -175,7 +181,7 @@ def test_redis_killed_under_load_loses_no_acknowledged_response(stack: LocalStac
     deployment = _deployment(stack, tmp_path)
     figures = _under_load(stack, deployment, _kill(stack, "redis"))
     _report("Redis SIGKILL", figures)
-    assert figures.failed_invokes <= 0.1 * figures.invokes.total(), figures.summary()
+    assert figures.failed_invokes <= 0.1 * figures.invokes.total(), _failures(figures)
     _learned_exactly_once(stack, deployment, figures)
 
 
@@ -186,7 +192,7 @@ def test_the_config_service_killed_under_load_fails_no_request_and_replicas_foll
     figures = _under_load(stack, deployment, _kill(stack, "config"))
     _report("config SIGKILL", figures)
     # Replicas serve their last configuration while the config service is away.
-    assert (figures.failed_invokes, figures.failed_responds) == (0, 0), figures.summary()
+    assert (figures.failed_invokes, figures.failed_responds) == (0, 0), _failures(figures)
     _learned_exactly_once(stack, deployment, figures)
     # ...and follow it again: a publish after the restart reaches every replica.
     _deployment(stack, tmp_path)
@@ -198,7 +204,7 @@ def test_the_monitor_killed_while_the_log_grows_counts_every_decision_once(
     deployment = _deployment(stack, tmp_path)
     figures = _under_load(stack, deployment, _kill(stack, "monitor"))
     _report("monitor SIGKILL", figures)
-    assert (figures.failed_invokes, figures.failed_responds) == (0, 0), figures.summary()
+    assert (figures.failed_invokes, figures.failed_responds) == (0, 0), _failures(figures)
     _learned_exactly_once(stack, deployment, figures)
     contacts = figures.invokes["OK"]
     with open_blocking_channel(
