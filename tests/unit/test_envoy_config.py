@@ -86,8 +86,10 @@ def test_committed_container_config_is_current() -> None:
 
 
 @pytest.mark.timeout(60)
-def test_real_envoy_accepts_the_generated_config(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
+def test_real_envoy_accepts_the_generated_config(tmp_path: Path, tls: bool) -> None:
     descriptor = str(REPO_DESCRIPTOR_PATH) if REPO_DESCRIPTOR_PATH.exists() else None
+    files = ensure_certificates(tmp_path / "tls") if tls else None
     config = build_envoy_config(
         container_upstreams(),
         listen_address="127.0.0.1",
@@ -97,7 +99,12 @@ def test_real_envoy_accepts_the_generated_config(tmp_path: Path) -> None:
         descriptor_path=descriptor,
         dns=True,
         dashboard_dir=REPO_DASHBOARD_DIR,
+        tls=EnvoyTls(str(files.service_cert), str(files.service_key), str(files.ca)) if files else None,
     )
+    if tls:  # with real certificates: the front door serves TLS, every upstream is mutual TLS
+        listener = config["static_resources"]["listeners"][0]
+        assert listener["filter_chains"][0]["transport_socket"]["name"] == "envoy.transport_sockets.tls"
+        assert all("transport_socket" in cluster for cluster in config["static_resources"]["clusters"])
     _assert_envoy_validates(config, tmp_path)
 
 
@@ -244,22 +251,3 @@ def test_the_probe_listener_answers_ready_and_stats_and_nothing_else_of_the_admi
 
 def test_committed_tls_container_config_is_current() -> None:
     assert main(["--tls", "--check", str(REPO / "deploy" / "envoy" / "envoy-tls.yaml")]) == 0
-
-
-@pytest.mark.timeout(60)
-def test_real_envoy_accepts_the_tls_config_with_real_certificates(tmp_path: Path) -> None:
-    files = ensure_certificates(tmp_path / "tls")
-    config = build_envoy_config(
-        container_upstreams(),
-        listen_address="127.0.0.1",
-        listen_port=1,
-        admin_address="127.0.0.1",
-        admin_port=2,
-        descriptor_path=None,
-        dns=True,
-        tls=EnvoyTls(str(files.service_cert), str(files.service_key), str(files.ca)),
-    )
-    listener = config["static_resources"]["listeners"][0]
-    assert listener["filter_chains"][0]["transport_socket"]["name"] == "envoy.transport_sockets.tls"
-    assert all("transport_socket" in cluster for cluster in config["static_resources"]["clusters"])
-    _assert_envoy_validates(config, tmp_path)
