@@ -31,8 +31,8 @@ sys.path.insert(0, str(REPO))
 
 from libs.common.auth import ApiKeyStore, Role, generate_api_key  # noqa: E402
 from libs.common.client import open_blocking_channel  # noqa: E402
+from libs.common.health_check import grpc_health  # noqa: E402
 from libs.protos.liveloop.config.v1 import config_pb2, config_pb2_grpc  # noqa: E402
-from libs.stack.launcher import grpc_health  # noqa: E402
 from libs.stack.processes import free_port, wait_until  # noqa: E402
 
 SPEC = (REPO / "examples" / "deployments" / "telco-offers.yaml").read_text()

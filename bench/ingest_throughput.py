@@ -218,8 +218,8 @@ class Services:
     def ingest(self, database_url: str) -> Iterator[tuple[Any, int, str]]:
         """A fresh ingest service process on `database_url`: (stub, pid, target)."""
         from libs.common.client import open_blocking_channel
+        from libs.common.health_check import grpc_health
         from libs.protos.liveloop.ingest.v1 import ingest_pb2_grpc
-        from libs.stack.launcher import grpc_health
         from libs.stack.processes import free_port, wait_until
 
         port = free_port()
@@ -258,8 +258,8 @@ def services(work: Path) -> Iterator[Services]:
 
     from libs.common.auth import ApiKeyStore, Role, generate_api_key
     from libs.common.client import open_blocking_channel
+    from libs.common.health_check import grpc_health
     from libs.protos.liveloop.config.v1 import config_pb2, config_pb2_grpc
-    from libs.stack.launcher import grpc_health
     from libs.stack.processes import free_port, redis_argv, wait_until
 
     admin_key, admin = generate_api_key(Role.ADMIN, "bench-admin")

@@ -30,6 +30,7 @@ from libs.cli.simulate_command import simulate
 from libs.common.auth import ApiKeyStore, Role, generate_api_key
 from libs.common.client import open_blocking_channel
 from libs.common.errors import LiveloopError
+from libs.common.health_check import grpc_health
 from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 from libs.stack import launcher
 from libs.stack.certificates import DEFAULT_HOSTS, CertificateFiles, ensure_certificates
@@ -195,7 +196,7 @@ def health(state_dir: StateDir = None, target: TargetOption = None, as_json: Jso
     """Ask every service for its gRPC health through the front door."""
     resolved_target, _key = front_door(state_dir, target)
     report = {
-        service.name: launcher.grpc_health(
+        service.name: grpc_health(
             resolved_target,
             service.health_service,
             timeout=3,

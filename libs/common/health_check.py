@@ -20,7 +20,7 @@ from libs.stack.topology import SERVICES_BY_NAME
 
 
 def check(service_name: str, timeout: float, whole_server: bool = False) -> str:
-    """The status name the service answers (SERVING, NOT_SERVING, ...) or UNREACHABLE; with
+    """What `grpc_health` says of the service on this host's port (SERVING, NOT_SERVING, ...); with
     `whole_server`, the server's own status (service ""), SERVING while it answers at all."""
     service = SERVICES_BY_NAME[service_name]
     settings_class = type(
@@ -35,19 +35,30 @@ def check(service_name: str, timeout: float, whole_server: bool = False) -> str:
         ca = settings.tls_client_ca_file or settings.tls_ca_file
         if ca is None:
             return (
-                "UNREACHABLE: the service serves TLS, and neither tls_client_ca_file nor tls_ca_file is set"
+                "UNREACHABLE (the service serves TLS, and neither tls_client_ca_file nor tls_ca_file is set)"
             )
         tls = ChannelTls(ca, settings.tls_cert_file, settings.tls_key_file)
-    target = f"127.0.0.1:{port}"
+    return grpc_health(
+        f"127.0.0.1:{port}", "" if whole_server else service.health_service, timeout=timeout, tls=tls
+    )
+
+
+def grpc_health(
+    target: str,
+    service: str,
+    timeout: float = 1.0,
+    metadata: tuple[tuple[str, str], ...] = (),
+    tls: ChannelTls | None = None,
+) -> str:
+    """SERVING, NOT_SERVING, SERVICE_UNKNOWN or UNREACHABLE."""
     channel = grpc.secure_channel(target, tls.credentials()) if tls else grpc.insecure_channel(target)
     with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service="" if whole_server else service.health_service),
-                timeout=timeout,
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout, metadata=metadata
             )
-        except grpc.RpcError as error:
-            return f"UNREACHABLE: {error.code().name}"
+        except grpc.RpcError as exc:
+            return "SERVICE_UNKNOWN" if exc.code() == grpc.StatusCode.NOT_FOUND else "UNREACHABLE"
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 

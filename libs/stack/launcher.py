@@ -21,11 +21,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from libs.common.health_check import grpc_health
 from libs.common.tls import ChannelTls
 from libs.stack import supervisor, topology
 from libs.stack.certificates import CertificateFiles, ensure_certificates
@@ -441,25 +440,6 @@ def _envoy_tls(files: CertificateFiles) -> EnvoyTls:
     return EnvoyTls(str(files.service_cert), str(files.service_key), str(files.ca))
 
 
-def grpc_health(
-    target: str,
-    service: str,
-    timeout: float = 1.0,
-    metadata: tuple[tuple[str, str], ...] = (),
-    tls: ChannelTls | None = None,
-) -> str:
-    """SERVING, NOT_SERVING, SERVICE_UNKNOWN or UNREACHABLE."""
-    channel = grpc.secure_channel(target, tls.credentials()) if tls else grpc.insecure_channel(target)
-    with channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout, metadata=metadata
-            )
-        except grpc.RpcError as exc:
-            return "SERVICE_UNKNOWN" if exc.code() == grpc.StatusCode.NOT_FOUND else "UNREACHABLE"
-    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
-
-
 def envoy_upstream_health(admin_host: str, admin_port: int) -> dict[str, str]:
     """Envoy's view of every upstream host from /clusters: 'cluster/host:port' -> healthy|<flags>."""
     url = f"http://{admin_host}:{admin_port}/clusters?format=json"
@@ -636,12 +616,13 @@ def status(state_dir: Path, host: str = "127.0.0.1") -> dict[str, Any]:
     envoy_view: dict[str, str] = {}
     with contextlib.suppress(Exception):
         envoy_view = envoy_upstream_health(host, record.envoy_admin_port)
+    tls = record.client_tls()
     rows = []
     for process_record in record.processes:
         process = process_record.process()
         health = "STOPPED"
         if process is not None:
-            health = _health(process_record, host, record.client_tls())
+            health = _health(process_record, host, tls)
         row: dict[str, Any] = {
             "name": process_record.name,
             "kind": process_record.kind,

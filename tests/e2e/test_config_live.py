@@ -20,9 +20,9 @@ import pytest
 import yaml
 
 from libs.common.client import open_blocking_channel
+from libs.common.health_check import grpc_health
 from libs.protos.liveloop.config.v1 import config_pb2, config_pb2_grpc
 from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
-from libs.stack.launcher import grpc_health
 from libs.stack.processes import free_port, port_accepts, tail, wait_until
 from tests.conftest import ApiKeys
 

@@ -14,10 +14,11 @@ import psutil
 import pytest
 
 from libs.common.client import open_blocking_channel
+from libs.common.health_check import grpc_health
 from libs.protos.liveloop.config.v1 import config_pb2, config_pb2_grpc
 from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 from libs.stack import topology
-from libs.stack.launcher import grpc_health, is_healthy
+from libs.stack.launcher import is_healthy
 from libs.stack.processes import wait_until
 from tests.e2e.conftest import LocalStack
 

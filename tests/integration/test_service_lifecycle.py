@@ -15,10 +15,10 @@ import pytest
 
 from libs.common.client import open_blocking_channel
 from libs.common.config_follower import LAST_KNOWN_GOOD_FILE
+from libs.common.health_check import grpc_health
 from libs.common.tls import ChannelTls
 from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 from libs.stack.certificates import ensure_certificates
-from libs.stack.launcher import grpc_health
 from libs.stack.processes import free_port, wait_until
 from tests.conftest import ApiKeys
 
