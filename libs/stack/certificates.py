@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from libs.common.tls import ChannelTls
+from libs.stack.processes import write_private
 from libs.stack.topology import SERVICES
 
 VALID_DAYS = 825  # the longest validity clients accept for a leaf certificate
@@ -96,7 +96,7 @@ def ensure_certificates(directory: Path, hosts: tuple[str, ...] = DEFAULT_HOSTS)
         )
         .sign(ca_key, hashes.SHA256())
     )
-    _write(files.ca, ca.public_bytes(serialization.Encoding.PEM))
+    write_private(files.ca, ca.public_bytes(serialization.Encoding.PEM))
     service_usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
     _leaf(files.service_cert, files.service_key, "liveloop services", hosts, service_usages, ca, ca_key, now)
     client_usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
@@ -131,13 +131,13 @@ def _leaf(
             x509.SubjectAlternativeName([_general_name(h) for h in hosts]), critical=False
         )
     certificate = builder.sign(ca_key, hashes.SHA256())
-    _write(
+    write_private(
         key_path,
         key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         ),
     )
-    _write(cert_path, certificate.public_bytes(serialization.Encoding.PEM))
+    write_private(cert_path, certificate.public_bytes(serialization.Encoding.PEM))
 
 
 def _general_name(host: str) -> x509.GeneralName:
@@ -145,10 +145,3 @@ def _general_name(host: str) -> x509.GeneralName:
         return x509.IPAddress(ipaddress.ip_address(host))
     except ValueError:
         return x509.DNSName(host)
-
-
-def _write(path: Path, data: bytes) -> None:
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(data)
-    path.chmod(0o600)

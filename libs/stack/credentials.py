@@ -9,12 +9,12 @@ the config service), and `redis`, the password of the stack's own Redis.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 from libs.common.auth import ApiKeyStore, Role, generate_api_key
+from libs.stack.processes import write_private
 
 KEY_FILE = "api-keys.json"
 CREDENTIALS_FILE = "credentials.json"
@@ -46,9 +46,7 @@ def ensure_credentials(state_dir: Path) -> Credentials:
     if plaintext != found:
         state_dir.mkdir(parents=True, exist_ok=True)
         store.save(key_file)
-        descriptor = os.open(state_dir / CREDENTIALS_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w") as handle:
-            json.dump(plaintext, handle, indent=2)
+        write_private(state_dir / CREDENTIALS_FILE, json.dumps(plaintext, indent=2))
     return _credentials(state_dir, plaintext)
 
 

@@ -166,6 +166,14 @@ def envoy_binary() -> str:
     return found
 
 
+def write_private(path: Path, data: str | bytes) -> None:
+    """Write a file only its owner can read (mode 0600 from the first byte, and after)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(data.encode() if isinstance(data, str) else data)
+    path.chmod(0o600)
+
+
 def redis_argv(
     port: int,
     data_dir: Path,
@@ -184,9 +192,7 @@ def redis_argv(
     argv = [redis_server_binary()]
     if password is not None:
         config_file = data_dir / "redis.conf"
-        descriptor = os.open(config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(f'requirepass "{password}"\n')
+        write_private(config_file, f'requirepass "{password}"\n')
         argv.append(str(config_file))
     argv += [
         "--port",
