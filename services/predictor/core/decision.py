@@ -258,7 +258,7 @@ class DecisionEngine:
                 pipeline = self.options.pipeline()
                 self.options.queue_features(pipeline, lookup.feature_view, entity)
                 reader = store.queue_read(pipeline, together, (), plan.policy, now)
-                replies = iter(await pipeline.execute())
+                replies = iter(await self.options.send(pipeline))
                 raw = next(replies)
                 statistics = reader(replies)
             else:
@@ -340,7 +340,7 @@ class DecisionEngine:
             userid=request.userid,
         )
         self.options.queue_log(pipeline, record)
-        await pipeline.execute()
+        await self.options.send(pipeline)
 
     async def respond(self, request: RespondInput, config: ServedConfig | None) -> ResponseOutcome:
         started = time.perf_counter()

@@ -1,7 +1,8 @@
 """The predictor's side of Redis: the statistics stores of every kind (statistics_stores.py), the
 live options generation of each deployment, the customers' online features, contacts (kept for
 the Respond join) and the decision log stream (in the format of libs/common/decision_log.py).
-Writes are queued on a pipeline the caller sends, so one request's writes take one round trip.
+Writes are queued on a pipeline the caller sends, so one request's writes take one round trip, and
+the pipelines of concurrent requests go to Redis together (libs/common/redis_batch.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from redis.exceptions import WatchError
 
 from libs.common import decision_log, redis_keys
 from libs.common.errors import Unavailable
+from libs.common.redis_batch import RedisBatch
 from libs.policy.statistics import ArmPolicy, Statistics, StatisticsKind
 from services.predictor.core.statistics_stores import (
     ArmStatistics,
@@ -42,6 +44,7 @@ class OptionsStore:
         self, redis: Redis, clock: Callable[[], float] = time.time, statistics_max_age: float = 0.0
     ) -> None:
         self._redis = redis
+        self._batch = RedisBatch(redis)
         self._clock = clock
         self._generations: dict[str, tuple[float, str]] = {}
         self.arms = ArmStatistics(redis, statistics_max_age)
@@ -56,8 +59,12 @@ class OptionsStore:
         return self._redis
 
     def pipeline(self) -> Any:
-        """A pipeline (no transaction): what is queued on it goes to Redis in one round trip."""
-        return self._redis.pipeline(transaction=False)
+        """A pipeline (no transaction) to queue a request's commands on; `send` sends it."""
+        return self._batch.pipeline()
+
+    async def send(self, pipeline: Any) -> list[Any]:
+        """The replies to what the pipeline holds, sent with the commands of concurrent requests."""
+        return await self._batch.send(pipeline)
 
     @staticmethod
     def queue_features(pipeline: Any, feature_view: str, entity: str) -> None:
@@ -65,9 +72,11 @@ class OptionsStore:
         pipeline.hgetall(redis_keys.online_features(feature_view, entity))
 
     async def read_features(self, feature_view: str, entity: str) -> dict[Any, Any]:
-        """The same in a command of its own (cheaper than a pipeline of one)."""
-        raw: dict[Any, Any] = await self._redis.hgetall(redis_keys.online_features(feature_view, entity))
-        return raw
+        """The same, sent on its own (with the commands of concurrent requests)."""
+        pipeline = self.pipeline()
+        self.queue_features(pipeline, feature_view, entity)
+        (raw,) = await self.send(pipeline)
+        return dict(raw)
 
     async def feature_view_columns(self, feature_view: str) -> list[str] | None:
         """The features ingest materialized into a view; None when it never materialized one."""
@@ -116,7 +125,7 @@ class OptionsStore:
             return kept
         pipeline = self.pipeline()
         reader = store.queue_read(pipeline, scope, offers, policy, now)
-        return reader(iter(await pipeline.execute()))
+        return reader(iter(await self.send(pipeline)))
 
     async def follow_updates(self, on_subscribed: Callable[[], None] | None = None) -> None:
         """Until cancelled: keep this replica's copies of arm statistics in step with every response."""

@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from libs.common import redis_keys
+from libs.common.redis_batch import queue_script
 from libs.policy.context import Context
 from libs.policy.deployment import VariantPlan
 from libs.policy.scorers import LinearScorer
@@ -279,10 +280,7 @@ class ArmStatistics:
         args: list[Any] = [now, policy.half_life_seconds, policy.window_seconds, policy.count_cap]
         for offer, impressions, successes in updates:
             args += [offer, impressions, successes]
-        # EVAL with the body, not a registered Script: redis-py checks SCRIPT EXISTS before every
-        # pipeline that holds a Script (one more round trip per Invoke); Redis caches the compiled
-        # body by its SHA either way, and EVAL cannot fail with NOSCRIPT after a Redis restart.
-        pipeline.eval(UPDATE_ARMS, 1, key, *args)
+        queue_script(pipeline, UPDATE_ARMS, [key], args)
         if any(successes for _, _, successes in updates):
             # A response: every replica (this one at once) drops its copy of the segment.
             self._kept.pop(key, None)
@@ -435,7 +433,7 @@ class LinearModels:
     ) -> None:
         """A += x x^T, b += reward x (a model of another dimension starts again at zero)."""
         key = redis_keys.linear_model(scope.deployment, scope.generation, offer)
-        pipeline.eval(UPDATE_LINEAR, 1, key, len(vector), reward, *vector)
+        queue_script(pipeline, UPDATE_LINEAR, [key], [len(vector), reward, *vector])
 
     def queue_rewards(
         self,
@@ -454,7 +452,7 @@ class LinearModels:
             return False
         for offer in offers:
             key = redis_keys.linear_model(scope.deployment, scope.generation, offer)
-            pipeline.eval(ADD_TO_B, 1, key, reward, *vector)
+            queue_script(pipeline, ADD_TO_B, [key], [reward, *vector])
         return True
 
 

@@ -1,0 +1,161 @@
+"""Coalesced Redis round trips: the commands that concurrent requests queue in the same turn of the
+event loop go to Redis together, in one pipeline (no transaction), and each request awaits the
+replies to its own commands.
+
+A request builds a pipeline as usual (`batch.pipeline()`, then `pipeline.hgetall(...)` and so on)
+and awaits `batch.send(pipeline)` instead of `pipeline.execute()`. With many requests in flight, a
+replica then pays redis-py's and the event loop's cost of a round trip once per batch instead of
+once per request. Nothing is acknowledged early: a request resumes only when Redis has answered
+every command of the batch it joined. An error answering one command (a script's error, a wrong
+type) fails only the request that queued it; a connection error fails every request of the batch.
+
+Scripts go by SHA (`queue_script`): a batch that meets NOSCRIPT (Redis restarted, or its script
+cache was flushed) sends those commands again with the script's body, which loads it; NOSCRIPT
+means the script did not run, so nothing runs twice. Inside MULTI/EXEC a NOSCRIPT would not stop
+the rest of the transaction, so a transaction's scripts are sent with their body (EVAL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
+
+# A batch holds at most this many commands; the requests beyond it start the next batch.
+MAX_BATCH_COMMANDS = 2000
+
+Command = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+# Every script queued by SHA, by its SHA-1: what a batch sends again when Redis lacks one.
+_SCRIPT_BODIES: dict[str, str] = {}
+_SCRIPT_SHAS: dict[str, str] = {}
+
+
+def queue_script(pipeline: Any, body: str, keys: Sequence[str], args: Sequence[Any]) -> None:
+    """Queue a Lua script: by SHA on a pipeline sent through a `RedisBatch`, with its body in a
+    transaction (MULTI/EXEC)."""
+    if pipeline.is_transaction:
+        pipeline.eval(body, len(keys), *keys, *args)
+        return
+    sha = _SCRIPT_SHAS.get(body)
+    if sha is None:
+        sha = _SCRIPT_SHAS[body] = hashlib.sha1(body.encode()).hexdigest()  # Redis names scripts by SHA-1
+        _SCRIPT_BODIES[sha] = body
+    pipeline.evalsha(sha, len(keys), *keys, *args)
+
+
+class _Waiting:
+    __slots__ = ("commands", "future")
+
+    def __init__(self, commands: list[Command], future: asyncio.Future[list[Any]]) -> None:
+        self.commands = commands
+        self.future = future
+
+
+class RedisBatch:
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self._waiting: list[_Waiting] = []
+        self._queued_commands = 0
+        self._flush_scheduled = False
+
+    def pipeline(self) -> Any:
+        """A pipeline (no transaction) to queue a request's commands on; send it with `send`."""
+        return self._redis.pipeline(transaction=False)
+
+    async def send(self, pipeline: Any) -> list[Any]:
+        """The replies to the pipeline's commands, in order, once Redis answered its batch. Raises
+        the first error among them (as `pipeline.execute()` does)."""
+        commands: list[Command] = list(pipeline.command_stack)
+        pipeline.command_stack.clear()
+        if not commands:
+            return []
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Any]] = loop.create_future()
+        if self._queued_commands + len(commands) > MAX_BATCH_COMMANDS:
+            self._flush()
+        self._waiting.append(_Waiting(commands, future))
+        self._queued_commands += len(commands)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        replies = await future
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._waiting:
+            return
+        waiting, self._waiting, self._queued_commands = self._waiting, [], 0
+        task = asyncio.get_running_loop().create_task(self._round_trip(waiting))
+        task.add_done_callback(_retrieve)
+
+    async def _round_trip(self, waiting: list[_Waiting]) -> None:
+        commands = [command for item in waiting for command in item.commands]
+        try:
+            replies = await self._execute(commands)
+            replies = await self._with_scripts_loaded(commands, replies)
+        except asyncio.CancelledError:
+            for item in waiting:
+                item.future.cancel()
+            raise
+        except Exception as exc:
+            for item in waiting:
+                if not item.future.done():
+                    item.future.set_exception(_copy(exc))
+            return
+        start = 0
+        for item in waiting:
+            end = start + len(item.commands)
+            if not item.future.done():  # its request may have been cancelled meanwhile
+                item.future.set_result(replies[start:end])
+            start = end
+
+    async def _execute(self, commands: list[Command]) -> list[Any]:
+        pipeline = self._redis.pipeline(transaction=False)
+        pipeline.command_stack.extend(commands)
+        async with pipeline:
+            replies: list[Any] = await pipeline.execute(raise_on_error=False)
+        return replies
+
+    async def _with_scripts_loaded(self, commands: list[Command], replies: list[Any]) -> list[Any]:
+        """Send the scripts that met NOSCRIPT again, with their body."""
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if not missing:
+            return replies
+        again: list[Command] = []
+        for i in missing:
+            args, options = commands[i]
+            body = _SCRIPT_BODIES.get(args[1] if isinstance(args[1], str) else bytes(args[1]).decode())
+            if args[0] != "EVALSHA" or body is None:
+                continue
+            again.append((("EVAL", body, *args[2:]), options))
+        if len(again) != len(missing):
+            return replies
+        for i, reply in zip(missing, await self._execute(again), strict=True):
+            replies[i] = reply
+        return replies
+
+
+def _copy(exc: Exception) -> Exception:
+    """Each waiting request gets its own exception object: one raised in many tasks at once would
+    collect every task's traceback."""
+    try:
+        clone = type(exc)(*exc.args)
+    except Exception:
+        return exc
+    clone.__cause__ = exc
+    return clone
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()

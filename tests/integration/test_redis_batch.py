@@ -1,0 +1,150 @@
+"""Coalesced round trips (libs/common/redis_batch.py) on a real Redis: concurrent requests share a
+round trip and each gets its own replies and its own errors; scripts go by SHA and run exactly once
+when Redis has lost them; a transaction's scripts go with their body."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from libs.common.redis_batch import RedisBatch, queue_script
+from libs.stack.processes import free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
+
+INCREMENT = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
+
+
+class CountingRedis(Redis):
+    """A real client that counts the pipelines it sends."""
+
+    sent = 0
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+        pipeline = super().pipeline(transaction=transaction, shard_hint=shard_hint)
+        execute = pipeline.execute
+        client = self
+
+        async def counted(raise_on_error: bool = True) -> Any:
+            client.sent += 1
+            return await execute(raise_on_error)
+
+        pipeline.execute = counted  # type: ignore[method-assign]
+        return pipeline
+
+
+@pytest.fixture
+async def counting(redis_url: str) -> AsyncIterator[CountingRedis]:
+    client = CountingRedis.from_url(redis_url)
+    assert isinstance(client, CountingRedis)
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+async def test_concurrent_requests_share_one_round_trip_and_get_their_own_replies(
+    counting: CountingRedis,
+) -> None:
+    batch = RedisBatch(counting)
+
+    async def request(index: int) -> list[Any]:
+        pipeline = batch.pipeline()
+        pipeline.set(f"k{index}", index)
+        pipeline.incrby(f"k{index}", 1000)
+        pipeline.get(f"k{index}")
+        return await batch.send(pipeline)
+
+    replies = await asyncio.gather(*(request(i) for i in range(25)))
+
+    assert counting.sent == 1
+    assert replies == [[True, 1000 + i, str(1000 + i).encode()] for i in range(25)]
+
+
+async def test_a_failing_command_fails_only_the_request_that_sent_it(counting: CountingRedis) -> None:
+    await counting.set("a-string", "x")
+    batch = RedisBatch(counting)
+
+    async def wrong_type() -> list[Any]:
+        pipeline = batch.pipeline()
+        pipeline.hset("a-string", "field", "1")  # WRONGTYPE: the key holds a string
+        return await batch.send(pipeline)
+
+    async def fine() -> list[Any]:
+        pipeline = batch.pipeline()
+        pipeline.set("other", "1")
+        return await batch.send(pipeline)
+
+    failed, succeeded = await asyncio.gather(wrong_type(), fine(), return_exceptions=True)
+
+    assert isinstance(failed, ResponseError)
+    assert "WRONGTYPE" in str(failed)
+    assert succeeded == [True]
+    assert counting.sent == 1
+
+
+async def test_a_script_redis_has_lost_runs_exactly_once(counting: CountingRedis) -> None:
+    batch = RedisBatch(counting)
+
+    async def increment() -> int:
+        pipeline = batch.pipeline()
+        queue_script(pipeline, INCREMENT, ["counter"], [1])
+        assert pipeline.command_stack[0][0][0] == "EVALSHA"
+        (value,) = await batch.send(pipeline)
+        return int(value)
+
+    assert await increment() == 1  # a new Redis knows no script: sent again with its body
+    assert await increment() == 2  # now by SHA alone
+    await counting.script_flush()  # as after a restart
+    assert await increment() == 3
+    assert int(await counting.get("counter") or 0) == 3
+
+
+async def test_a_transaction_sends_its_scripts_with_their_body(counting: CountingRedis) -> None:
+    # Inside MULTI/EXEC a NOSCRIPT would not stop the rest of the transaction.
+    async with counting.pipeline(transaction=True) as pipeline:
+        queue_script(pipeline, INCREMENT, ["counter"], [5])
+        assert pipeline.command_stack[0][0][0] == "EVAL"
+        assert await pipeline.execute() == [5]
+
+
+async def test_a_connection_error_fails_every_request_of_the_batch() -> None:
+    client = Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=1)
+    batch = RedisBatch(client)
+
+    async def request(index: int) -> list[Any]:
+        pipeline = batch.pipeline()
+        pipeline.get(f"k{index}")
+        return await batch.send(pipeline)
+
+    try:
+        results = await asyncio.gather(*(request(i) for i in range(3)), return_exceptions=True)
+    finally:
+        await client.aclose()
+    assert all(isinstance(result, RedisConnectionError) for result in results), results
+    assert len({id(result) for result in results}) == 3  # each request its own exception
+
+
+async def test_a_cancelled_request_leaves_the_others_their_replies(counting: CountingRedis) -> None:
+    batch = RedisBatch(counting)
+
+    async def request(index: int) -> list[Any]:
+        pipeline = batch.pipeline()
+        pipeline.set(f"k{index}", index)
+        return await batch.send(pipeline)
+
+    tasks = [asyncio.create_task(request(i)) for i in range(3)]
+    await asyncio.sleep(0)  # every request has queued its commands
+    tasks[1].cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+
+    assert results[0] == [True]
+    assert results[2] == [True]
+    assert isinstance(results[1], asyncio.CancelledError)
+    # Its commands were queued and went with the batch: the request was cancelled, not its writes.
+    assert await counting.get("k1") == b"1"
