@@ -76,6 +76,9 @@ class ApiKeyStore:
 
     def __init__(self, records: list[ApiKeyRecord]) -> None:
         self._by_id = {record.key_id: record for record in records}
+        # Keys whose digest matched, so a key is hashed once, not on every call (a revoked or
+        # replaced record no longer matches the one found by id).
+        self._verified: dict[str, ApiKeyRecord] = {}
 
     @property
     def records(self) -> list[ApiKeyRecord]:
@@ -131,8 +134,13 @@ class ApiKeyStore:
         if len(parts) != 3 or parts[0] != KEY_PREFIX:
             raise Unauthenticated("malformed API key")
         record = self._by_id.get(parts[1])
-        if record is None or not hmac.compare_digest(record.sha256, _digest(api_key)):
+        if record is None:
             raise Unauthenticated("unknown API key")
+        if self._verified.get(api_key) is record:
+            return record
+        if not hmac.compare_digest(record.sha256, _digest(api_key)):
+            raise Unauthenticated("unknown API key")
+        self._verified[api_key] = record  # at most one entry per key of the store
         return record
 
     def authorize(self, api_key: str | None, required: Role, method: str) -> ApiKeyRecord:

@@ -14,7 +14,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +58,22 @@ Around = Callable[[Behavior, bool], Behavior]
 # grpc's handlers are namedtuples at run time; `_replace` swaps the behavior and keeps the codecs.
 Handler = Any
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler]]
+
+
+class _WrappedHandlers:
+    """Each handler wrapped once per method (and per whatever else the wrapping depends on), not
+    once per call: grpc hands an interceptor the same handler object for every call of a method."""
+
+    def __init__(self) -> None:
+        self._cache: dict[Hashable, tuple[Handler, Handler]] = {}
+
+    def get(self, key: Hashable, handler: Handler, wrap: Callable[[Handler], Handler]) -> Handler:
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = wrap(handler)
+        self._cache[key] = (handler, wrapped)
+        return wrapped
 
 
 def _wrap_handler(handler: Handler, around: Around) -> Handler:
@@ -196,16 +212,24 @@ async def _map_error(error_and_context: Any) -> None:
 class ErrorInterceptor(aio.ServerInterceptor):
     """Maps `LiveloopError` to its status; unknown errors to INTERNAL with a generic message."""
 
+    def __init__(self) -> None:
+        self._wrapped = _WrappedHandlers()
+
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> Handler:
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        enter: Enter | None = None
-        if handler.unary_unary is not None or handler.unary_stream is not None:
-            handler, enter = _refusing_undecodable(handler, handler_call_details.method)
-        return _wrap_handler(handler, lambda behavior, _streams: _streaming(behavior, _map_error, enter))
+        method = handler_call_details.method
+        return self._wrapped.get(method, handler, lambda raw: _guarded(raw, method))
+
+
+def _guarded(handler: Handler, method: str) -> Handler:
+    enter: Enter | None = None
+    if handler.unary_unary is not None or handler.unary_stream is not None:
+        handler, enter = _refusing_undecodable(handler, method)
+    return _wrap_handler(handler, lambda behavior, _streams: _streaming(behavior, _map_error, enter))
 
 
 @dataclass(frozen=True)
@@ -295,6 +319,7 @@ class AuthInterceptor(aio.ServerInterceptor):
     def __init__(self, key_store: ApiKeyStore | KeyFile, method_roles: Mapping[str, Role]) -> None:
         self._key_store = key_store
         self._method_roles = dict(method_roles)
+        self._wrapped = _WrappedHandlers()
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -309,7 +334,11 @@ class AuthInterceptor(aio.ServerInterceptor):
         except LiveloopError as exc:
             return _refusal(handler, grpc.StatusCode[exc.status], exc.message)
         caller = record.name or record.key_id
-        return _wrap_handler(handler, lambda behavior, _streams: _as_caller(behavior, caller))
+        return self._wrapped.get(
+            (method, caller),
+            handler,
+            lambda raw: _wrap_handler(raw, lambda behavior, _streams: _as_caller(behavior, caller)),
+        )
 
 
 class LoadShedInterceptor(aio.ServerInterceptor):
@@ -322,6 +351,7 @@ class LoadShedInterceptor(aio.ServerInterceptor):
     def __init__(self, limit: int) -> None:
         self._limit = limit
         self._running = 0
+        self._wrapped = _WrappedHandlers()
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -329,7 +359,13 @@ class LoadShedInterceptor(aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(OPEN_METHOD_PREFIXES):
             return handler  # health checks are answered even under load
-        return _wrap_handler(handler, lambda behavior, _streams: _around(behavior, self._enter, self._leave))
+        return self._wrapped.get(
+            handler_call_details.method,
+            handler,
+            lambda raw: _wrap_handler(
+                raw, lambda behavior, _streams: _around(behavior, self._enter, self._leave)
+            ),
+        )
 
     async def _enter(self, _request: Any, context: aio.ServicerContext[Any, Any]) -> None:
         if self._running >= self._limit:
@@ -348,6 +384,7 @@ class TelemetryInterceptor(aio.ServerInterceptor):
     def __init__(self, service: str, *, tracing: bool) -> None:
         self._service = service
         self._tracer = trace.get_tracer("liveloop") if tracing else None
+        self._wrapped = _WrappedHandlers()
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -359,6 +396,12 @@ class TelemetryInterceptor(aio.ServerInterceptor):
         method = handler_call_details.method.lstrip("/").rsplit(".", 1)[-1]
         if method.startswith(("Health/", "ServerReflection/")):
             return handler
+        if self._tracer is None:  # nothing depends on the call: wrapped once per method
+            return self._wrapped.get(
+                method,
+                handler,
+                lambda raw: _wrap_handler(raw, lambda behavior, streams: self._observe(behavior, method, {})),
+            )
         carrier = {k: v for k, v in handler_call_details.invocation_metadata or () if isinstance(v, str)}
         return _wrap_handler(handler, lambda behavior, streams: self._observe(behavior, method, carrier))
 
@@ -366,6 +409,7 @@ class TelemetryInterceptor(aio.ServerInterceptor):
         service, tracer = self._service, self._tracer
         latency = RPC_LATENCY.labels(service, method)
         in_flight = RPC_IN_FLIGHT.labels(service)
+        counters: dict[str, Any] = {}  # status code name -> its child of RPC_REQUESTS
 
         def finish(
             context: aio.ServicerContext[Any, Any], started: float, failed: bool, cancelled: bool
@@ -377,7 +421,10 @@ class TelemetryInterceptor(aio.ServerInterceptor):
                     name = "CANCELLED"  # the client went away (or its deadline passed) mid-call
             else:
                 name = code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode(code).name
-            RPC_REQUESTS.labels(service, method, name).inc()
+            counter = counters.get(name)
+            if counter is None:
+                counter = counters[name] = RPC_REQUESTS.labels(service, method, name)
+            counter.inc()
             latency.observe(time.perf_counter() - started)
             in_flight.dec()
 

@@ -68,6 +68,7 @@ async def build_server(settings: MonitorSettings) -> RunningServer:
             start_at_newest=settings.consumer_start == "newest",
             consumer=settings.replica_id,
             batch_size=settings.consumer_batch_size,
+            batch_interval_seconds=settings.consumer_batch_interval_seconds,
             claim_idle_ms=int(settings.consumer_claim_idle_seconds * 1000),
         ),
     )

@@ -37,6 +37,14 @@ class MonitorSettings(ServiceSettings):
         description="Where a new consumer group starts: every entry the stream holds, or only new ones",
     )
     consumer_batch_size: int = Field(1000, ge=1, le=100_000, description="Entries read per batch")
+    consumer_batch_interval_seconds: float = Field(
+        0.5,
+        ge=0,
+        le=10,
+        description="A batch that is not full is followed by the next no sooner than this: the entries of "
+        "the interval are applied together (each batch writes an archive file and a SQL transaction, so "
+        "small batches cost the machine more than the serving they watch); 0 reads again at once",
+    )
     consumer_claim_idle_seconds: float = Field(
         30.0, gt=0, description="Another replica's unacknowledged entry is taken over after this long"
     )
