@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import grpc
+import uvloop
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import FileDescriptor
 from grpc import aio
@@ -28,7 +29,7 @@ from libs.common.interceptors import (
     LoadShedInterceptor,
     TelemetryInterceptor,
 )
-from libs.common.settings import ServiceSettings, TracingExporter, load_settings
+from libs.common.settings import EventLoop, ServiceSettings, TracingExporter, load_settings
 from libs.common.structured_logging import configure_logging
 from libs.common.telemetry import configure_tracing, start_metrics_endpoint
 
@@ -193,6 +194,12 @@ async def _serve(
     logger.info("%s stopped", running.definition.name)
 
 
+def _loop_factory(event_loop: EventLoop) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if event_loop is EventLoop.UVLOOP:
+        return uvloop.new_event_loop
+    return None  # asyncio's own
+
+
 def run_service(
     service: str,
     settings_class: type[SettingsT],
@@ -205,7 +212,8 @@ def run_service(
     try:
         if settings.metrics_port is not None:
             start_metrics_endpoint(settings.host, settings.metrics_port)
-        asyncio.run(_serve(settings, build))
+        with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
+            runner.run(_serve(settings, build))
     except LiveloopError as exc:
         logger.error("%s cannot start: %s", service, exc.message)
         raise SystemExit(1) from None

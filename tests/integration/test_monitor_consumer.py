@@ -156,6 +156,32 @@ async def test_a_known_sequence_is_counted_exactly_and_archived_once(rig: Rig) -
     assert pending["pending"] == 0
 
 
+async def test_entries_arriving_within_the_batch_interval_are_applied_as_one_batch(rig: Rig) -> None:
+    records = known_sequence(rig.deployment)
+    await rig.write(records[:1])
+    pauses: list[float] = []
+
+    async def pause(seconds: float) -> None:
+        pauses.append(seconds)
+        if len(pauses) == 1:
+            await rig.write(records[1:])  # what the replicas log while the consumer waits
+
+    consumer = DecisionLogConsumer(
+        rig.redis,
+        rig.store,
+        rig.archive,
+        ConsumerOptions(stream=rig.stream, group=rig.group, block_ms=20, batch_interval_seconds=0.5),
+        pause=pause,
+    )
+    assert await consumer.step() == 1
+    assert len(pauses) == 1
+    assert 0.0 < pauses[0] <= 0.5  # the interval, less the time the first batch took
+    assert await consumer.step() == len(records) - 1  # one batch, not one per entry
+    assert consumer.state.batches == 2
+    assert len(pauses) == 2  # that batch was not full either
+    assert_known_totals(rig.totals())
+
+
 async def test_an_entry_delivered_again_after_a_crash_before_the_acknowledgement_counts_once(
     rig: Rig,
 ) -> None:

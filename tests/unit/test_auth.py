@@ -46,6 +46,19 @@ def test_tampered_key_with_valid_id_is_refused() -> None:
         ApiKeyStore([record]).authenticate(tampered)
 
 
+def test_a_key_verified_once_stays_the_only_one_accepted_and_a_removed_key_is_refused() -> None:
+    key, record = generate_api_key(Role.ADMIN, "ops")
+    store = ApiKeyStore([record])
+    assert store.authenticate(key) is record
+    assert store.authenticate(key) is record  # from the verified keys, not hashed again
+    tampered = key[:-1] + ("A" if key[-1] != "A" else "B")
+    with pytest.raises(Unauthenticated, match="unknown"):
+        store.authenticate(tampered)
+    store.remove(record.key_id)
+    with pytest.raises(Unauthenticated, match="unknown"):
+        store.authenticate(key)
+
+
 def test_malformed_key_file_names_the_setting(tmp_path: Path) -> None:
     path = tmp_path / "keys.json"
     path.write_text("{not json")

@@ -19,7 +19,7 @@ import socket
 import time
 import uuid as uuid_module
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,8 +80,10 @@ class DecisionLogConsumer:
         archive: DecisionArchive,
         options: ConsumerOptions | None = None,
         on_batch: Callable[[ConsumerState], None] | None = None,
+        pause: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._redis = redis
+        self._pause = pause
         self._store = store
         self._archive = archive
         self.options = options or ConsumerOptions()
@@ -157,7 +159,7 @@ class DecisionLogConsumer:
         started = time.monotonic()
         await self._handle(raw)
         if len(raw) < self.options.batch_size and self.options.batch_interval_seconds > 0:
-            await asyncio.sleep(max(0.0, self.options.batch_interval_seconds - (time.monotonic() - started)))
+            await self._pause(max(0.0, self.options.batch_interval_seconds - (time.monotonic() - started)))
         return len(raw)
 
     async def _ensure_group(self) -> None:
