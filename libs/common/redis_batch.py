@@ -11,8 +11,9 @@ type) fails only the request that queued it; a connection error fails every requ
 
 Scripts go by SHA (`queue_script`): a batch that meets NOSCRIPT (Redis restarted, or its script
 cache was flushed) sends those commands again with the script's body, which loads it; NOSCRIPT
-means the script did not run, so nothing runs twice. Inside MULTI/EXEC a NOSCRIPT would not stop
-the rest of the transaction, so a transaction's scripts are sent with their body (EVAL).
+means the script did not run, so nothing runs twice. Scripts on any other pipeline go with their
+body (EVAL): inside MULTI/EXEC a NOSCRIPT would not stop the rest of the transaction, and a pipeline
+sent on its own has nothing to send the body again.
 """
 
 from __future__ import annotations
@@ -31,15 +32,17 @@ MAX_BATCH_COMMANDS = 2000
 Command = tuple[tuple[Any, ...], dict[str, Any]]
 
 
+_SENT_IN_BATCHES = "liveloop_sent_in_batches"  # marks the pipelines a RedisBatch hands out
+
 # Every script queued by SHA, by its SHA-1: what a batch sends again when Redis lacks one.
 _SCRIPT_BODIES: dict[str, str] = {}
 _SCRIPT_SHAS: dict[str, str] = {}
 
 
 def queue_script(pipeline: Any, body: str, keys: Sequence[str], args: Sequence[Any]) -> None:
-    """Queue a Lua script: by SHA on a pipeline sent through a `RedisBatch`, with its body in a
-    transaction (MULTI/EXEC)."""
-    if pipeline.is_transaction:
+    """Queue a Lua script: by SHA on a pipeline of a `RedisBatch` (which sends the body again on
+    NOSCRIPT), with its body on any other pipeline (a transaction's included)."""
+    if not getattr(pipeline, _SENT_IN_BATCHES, False):
         pipeline.eval(body, len(keys), *keys, *args)
         return
     sha = _SCRIPT_SHAS.get(body)
@@ -66,7 +69,9 @@ class RedisBatch:
 
     def pipeline(self) -> Any:
         """A pipeline (no transaction) to queue a request's commands on; send it with `send`."""
-        return self._redis.pipeline(transaction=False)
+        pipeline = self._redis.pipeline(transaction=False)
+        setattr(pipeline, _SENT_IN_BATCHES, True)
+        return pipeline
 
     async def send(self, pipeline: Any) -> list[Any]:
         """The replies to the pipeline's commands, in order, once Redis answered its batch. Raises

@@ -53,9 +53,9 @@ class Store:
         return Scope(self.deployment, "0", "all")
 
     async def update(self, policy: ArmPolicy, *updates: tuple[str, float, float]) -> None:
-        pipeline = self.redis.pipeline(transaction=False)
+        pipeline = self.store.pipeline()
         self.store.arms.queue_update(pipeline, self.scope, policy, list(updates), self.clock.now)
-        await pipeline.execute()
+        await self.store.send(pipeline)
 
     async def raw(self) -> dict[str, float]:
         return {k.decode(): float(v) for k, v in (await self.redis.hgetall(self.key)).items()}
@@ -260,9 +260,9 @@ async def test_linear_model_updates_accumulate_a_and_b(options: Store) -> None:
     key = redis_keys.linear_model(options.deployment, "0", "a")
     rows = [([1.0, 0.5, 2.0], 1.0), ([1.0, -1.0, 0.0], 0.0), ([1.0, 3.0, 1.5], 0.25)]
     for vector, reward in rows:
-        pipeline = options.redis.pipeline(transaction=False)
+        pipeline = options.store.pipeline()
         options.store.linear.queue_update(pipeline, options.scope, "a", vector, reward)
-        await pipeline.execute()
+        await options.store.send(pipeline)
     stored = await options.redis.hgetall(key)
     a = np.array(json.loads(stored[b"a"])).reshape(3, 3)
     b = np.array(json.loads(stored[b"b"]))
@@ -275,9 +275,9 @@ async def test_linear_model_updates_accumulate_a_and_b(options: Store) -> None:
     np.testing.assert_allclose(statistics.linear["a"].a, x.T @ x)
 
     # The deployment's features change (d = 2): the old model is replaced, not mixed in.
-    pipeline = options.redis.pipeline(transaction=False)
+    pipeline = options.store.pipeline()
     options.store.linear.queue_update(pipeline, options.scope, "a", [1.0, 4.0], 1.0)
-    await pipeline.execute()
+    await options.store.send(pipeline)
     stored = await options.redis.hgetall(key)
     assert json.loads(stored[b"a"]) == [1, 4, 4, 16]
     assert json.loads(stored[b"b"]) == [1, 4]
@@ -406,3 +406,25 @@ async def test_a_zero_max_age_reads_redis_on_every_invoke(options: Store) -> Non
     assert await options.read(keep) == {"a": (1.0, 0.0)}
     await options.redis.hset(options.key, "a|n", "7")  # behind the store's back
     assert await options.read(keep) == {"a": (7.0, 0.0)}
+
+
+async def test_a_contact_is_kept_with_its_expiry_in_one_command_even_after_redis_lost_its_scripts(
+    options: Store,
+) -> None:
+    store = options.store
+    for attempt in range(2):
+        uuid = str(uuid_module.uuid4())
+        pipeline = store.pipeline()
+        store.queue_contact(
+            pipeline, uuid, {"deployment": options.deployment, "time": 1.5, "revision": 3}, 3600
+        )
+        assert len(pipeline.command_stack) == 1
+        await store.send(pipeline)
+        assert await store.read_contact(uuid) == {
+            "deployment": options.deployment,
+            "time": "1.5",
+            "revision": "3",
+        }
+        assert 3590 < await options.redis.ttl(redis_keys.contact(uuid)) <= 3600
+        if attempt == 0:
+            await options.redis.script_flush()  # as after a Redis restart

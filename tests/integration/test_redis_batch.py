@@ -105,12 +105,15 @@ async def test_a_script_redis_has_lost_runs_exactly_once(counting: CountingRedis
     assert int(await counting.get("counter") or 0) == 3
 
 
-async def test_a_transaction_sends_its_scripts_with_their_body(counting: CountingRedis) -> None:
-    # Inside MULTI/EXEC a NOSCRIPT would not stop the rest of the transaction.
-    async with counting.pipeline(transaction=True) as pipeline:
-        queue_script(pipeline, INCREMENT, ["counter"], [5])
-        assert pipeline.command_stack[0][0][0] == "EVAL"
-        assert await pipeline.execute() == [5]
+async def test_other_pipelines_send_scripts_with_their_body(counting: CountingRedis) -> None:
+    # Inside MULTI/EXEC a NOSCRIPT would not stop the rest of the transaction; a pipeline sent on
+    # its own has nothing that would send the body again.
+    await counting.script_flush()
+    for transaction in (True, False):
+        async with counting.pipeline(transaction=transaction) as pipeline:
+            queue_script(pipeline, INCREMENT, ["counter"], [5])
+            assert pipeline.command_stack[0][0][0] == "EVAL"
+            assert await pipeline.execute() == [5 if transaction else 10]
 
 
 async def test_a_connection_error_fails_every_request_of_the_batch() -> None:

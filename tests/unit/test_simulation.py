@@ -227,9 +227,9 @@ async def test_in_memory_update_equals_the_lua_update(redis_client: Redis, polic
             (rng.choice(["a", "b", "c"]), float(rng.random() < 0.7), float(rng.random() < 0.2))
             for _ in range(rng.randint(1, 2))
         ]
-        pipeline = redis_client.pipeline(transaction=False)
+        pipeline = store.pipeline()
         store.arms.queue_update(pipeline, scope, policy, updates, now)
-        await pipeline.execute()
+        await store.send(pipeline)
         update_arm_fields(fields, policy, updates, now)
     stored: ArmHash = {_text(k): _text(v) for k, v in (await redis_client.hgetall(key)).items()}
     await redis_client.delete(key)

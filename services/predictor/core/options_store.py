@@ -13,11 +13,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import WatchError
 
 from libs.common import decision_log, redis_keys
 from libs.common.errors import Unavailable
-from libs.common.redis_batch import RedisBatch
+from libs.common.redis_batch import RedisBatch, queue_script
 from libs.policy.statistics import ArmPolicy, Statistics, StatisticsKind
 from services.predictor.core.statistics_stores import (
     ArmStatistics,
@@ -29,6 +30,13 @@ from services.predictor.core.statistics_stores import (
 
 DECISION_LOG_MAX_LENGTH = 1_000_000
 GENERATION_CACHE_SECONDS = 1.0
+
+# KEYS[1] = contact hash. ARGV: seconds to keep it, then field/value pairs. The contact and its
+# expiry in one command: no contact can exist without one.
+KEEP_CONTACT = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return redis.call('EXPIRE', KEYS[1], ARGV[1])
+"""
 
 # KEYS[1] = contact hash. ARGV: offers the response credits. Marks each offer answered once and
 # returns the ones marked now (a repeated response learns nothing twice); also marks the contact.
@@ -86,9 +94,8 @@ class OptionsStore:
     @staticmethod
     def queue_contact(pipeline: Any, uuid: str, fields: Mapping[str, Any], ttl_seconds: float) -> None:
         """Keep what Respond will need of this Invoke for `ttl_seconds`."""
-        key = redis_keys.contact(uuid)
-        pipeline.hset(key, mapping=dict(fields))
-        pipeline.expire(key, int(ttl_seconds))
+        pairs = [item for field_and_value in fields.items() for item in field_and_value]
+        queue_script(pipeline, KEEP_CONTACT, [redis_keys.contact(uuid)], [int(ttl_seconds), *pairs])
 
     async def read_contact(self, uuid: str) -> dict[str, str] | None:
         """An Invoke's contact (None: unknown, or older than its reward window)."""
@@ -136,7 +143,8 @@ class OptionsStore:
     ) -> Answer | None:
         """Answer a contact atomically: `answer(contact, pipeline)` reads the contact as it is now and
         queues everything answering it writes (the marks on the contact, the learning, the log
-        entry), and all of it is committed in one MULTI/EXEC or none of it is. So a call cancelled
+        entry), and all of it is committed in one MULTI/EXEC or none of it is: two round trips, the
+        WATCH and the read in one, the transaction in the other. So a call cancelled
         or failed anywhere before the commit leaves no trace and its retry does the whole work,
         and one after it finds the offers answered: a response is learned exactly once. When another
         answer to the same contact commits in between (WATCH), this one is read and queued again.
@@ -145,8 +153,7 @@ class OptionsStore:
         for _ in range(ANSWER_ATTEMPTS):
             async with self._redis.pipeline(transaction=True) as pipeline:
                 try:
-                    await pipeline.watch(key)
-                    raw = await pipeline.hgetall(key)
+                    raw = await _watch_and_read(pipeline, key)
                     if not raw:
                         return None
                     pipeline.multi()  # type: ignore[no-untyped-call]
@@ -169,6 +176,29 @@ class OptionsStore:
             marks["responded"] = "1"
         if marks:
             pipeline.hset(redis_keys.contact(uuid), mapping=marks)
+
+
+async def _watch_and_read(pipeline: Any, key: str) -> dict[Any, Any]:
+    """WATCH the contact and read it, in one write on the pipeline's connection (redis-py sends a
+    WATCH and each command after it on their own). A connection found dead is replaced once: both
+    commands only read, so sending them again is safe."""
+    pool = pipeline.connection_pool
+    for attempt in range(2):
+        connection = pipeline.connection = pipeline.connection or await pool.get_connection()
+        try:
+            await connection.send_packed_command(connection.pack_commands([("WATCH", key), ("HGETALL", key)]))
+            await connection.read_response()
+            raw = await connection.read_response()
+        except RedisConnectionError:
+            await connection.disconnect()
+            if attempt:
+                raise
+            continue
+        pipeline.watching = True  # the pipeline's reset sends UNWATCH if no EXEC follows
+        if isinstance(raw, list):  # RESP2: field, value, field, value...
+            return dict(zip(raw[::2], raw[1::2], strict=True))
+        return dict(raw or {})
+    raise AssertionError("unreachable")
 
 
 def _text(value: Any) -> str:
