@@ -752,7 +752,12 @@ PROFILE_BUCKETS: tuple[tuple[str, tuple[str, ...], tuple[str, ...], str], ...] =
     ),
     ("redis-py, all of it (commands, pipelines, reply parsing)", (r"\(redis/",), (), ""),
     ("  RESP reply parsing in pure Python (no hiredis)", (r"\(redis/_parsers/",), (), ""),
-    ("  socket writes (asyncio transport write)", (r"^_SelectorSocketTransport\.write \(",), (), ""),
+    (
+        "  socket writes (asyncio transport write; StreamWriter.writelines under uvloop)",
+        (r"^(_SelectorSocketTransport\.write|StreamWriter\.writelines) \(",),
+        (),
+        "",
+    ),
     (
         "interceptors outside the handler (telemetry, auth, errors)",
         (r"\(libs/common/interceptors\.py",),
@@ -763,7 +768,8 @@ PROFILE_BUCKETS: tuple[tuple[str, tuple[str, ...], tuple[str, ...], str], ...] =
 )
 # Self time of asyncio's Handle._run is native work run from the event loop that has no Python
 # frame: grpc.aio's Cython core (HTTP/2, message (de)serialization, call setup) and C task steps.
-NATIVE_UNDER_LOOP = r"^Handle\._run \("
+# Under uvloop the loop itself is native too: its self time shows under Runner.run.
+NATIVE_UNDER_LOOP = r"^(Handle\._run|Runner\.run) \("
 
 
 PROFILE_RATE_HZ = 250
@@ -847,8 +853,8 @@ def summarize_profile(collapsed: str) -> dict[str, Any]:
         )
         buckets[label] = round(100 * hit / total, 1)
     native = re.compile(NATIVE_UNDER_LOOP)
-    buckets["native work under the event loop (grpc.aio Cython core, C task steps): self time"] = round(
-        100 * sum(count for frames, count in stacks if native.search(frames[-1])) / total, 1
+    buckets["native work under the event loop (grpc.aio Cython core, C task steps, uvloop): self time"] = (
+        round(100 * sum(count for frames, count in stacks if native.search(frames[-1])) / total, 1)
     )
     leaves: collections.Counter[str] = collections.Counter()
     for frames, count in stacks:
