@@ -1,6 +1,7 @@
-"""Coalesced Redis round trips: the commands that concurrent requests queue in the same turn of the
-event loop go to Redis together, in one pipeline (no transaction), and each request awaits the
-replies to its own commands.
+"""Coalesced Redis round trips: the commands that concurrent requests queue go to Redis together,
+in one pipeline (no transaction), and each request awaits the replies to its own commands. A batch
+leaves at once when none is out; the requests that come while one is out go together in the next
+(group commit).
 
 A request builds a pipeline as usual (`batch.pipeline()`, then `pipeline.hgetall(...)` and so on)
 and awaits `batch.send(pipeline)` instead of `pipeline.execute()`. With many requests in flight, a
@@ -26,8 +27,14 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
-# A batch holds at most this many commands; the requests beyond it start the next batch.
+# A batch holds at most this many commands; the requests beyond it go in the next batch.
 MAX_BATCH_COMMANDS = 2000
+# Batches on their way at once. The requests that come while they are out wait for the first to
+# come back and go together in the next one (group commit): the busier the replica, the bigger the
+# batches; an idle one sends a request's batch at once.
+# Measured (bench/invoke_throughput.py, 50 in flight): one batch out at a time cost the replicas
+# 0.84 ms of CPU per Invoke, two 0.88, no limit 1.02.
+MAX_BATCHES_IN_FLIGHT = 1
 
 Command = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -64,8 +71,8 @@ class RedisBatch:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
         self._waiting: list[_Waiting] = []
-        self._queued_commands = 0
         self._flush_scheduled = False
+        self._in_flight = 0
 
     def pipeline(self) -> Any:
         """A pipeline (no transaction) to queue a request's commands on; send it with `send`."""
@@ -82,10 +89,7 @@ class RedisBatch:
             return []
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Any]] = loop.create_future()
-        if self._queued_commands + len(commands) > MAX_BATCH_COMMANDS:
-            self._flush()
         self._waiting.append(_Waiting(commands, future))
-        self._queued_commands += len(commands)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
@@ -97,11 +101,22 @@ class RedisBatch:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if not self._waiting:
-            return
-        waiting, self._waiting, self._queued_commands = self._waiting, [], 0
-        task = asyncio.get_running_loop().create_task(self._round_trip(waiting))
-        task.add_done_callback(_retrieve)
+        while self._waiting and self._in_flight < MAX_BATCHES_IN_FLIGHT:
+            taken, count = 0, 0
+            while taken < len(self._waiting) and (
+                taken == 0 or count + len(self._waiting[taken].commands) <= MAX_BATCH_COMMANDS
+            ):
+                count += len(self._waiting[taken].commands)
+                taken += 1
+            batch, self._waiting = self._waiting[:taken], self._waiting[taken:]
+            self._in_flight += 1
+            task = asyncio.get_running_loop().create_task(self._round_trip(batch))
+            task.add_done_callback(self._landed)
+
+    def _landed(self, task: asyncio.Task[None]) -> None:
+        _retrieve(task)
+        self._in_flight -= 1
+        self._flush()  # what waited while the batch was out
 
     async def _round_trip(self, waiting: list[_Waiting]) -> None:
         commands = [command for item in waiting for command in item.commands]

@@ -25,6 +25,7 @@ class CountingRedis(Redis):
     """A real client that counts the pipelines it sends."""
 
     sent = 0
+    went: asyncio.Event | None = None  # set when a pipeline is sent
 
     def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
         pipeline = super().pipeline(transaction=transaction, shard_hint=shard_hint)
@@ -33,6 +34,8 @@ class CountingRedis(Redis):
 
         async def counted(raise_on_error: bool = True) -> Any:
             client.sent += 1
+            if client.went is not None:
+                client.went.set()
             return await execute(raise_on_error)
 
         pipeline.execute = counted  # type: ignore[method-assign]
@@ -151,3 +154,33 @@ async def test_a_cancelled_request_leaves_the_others_their_replies(counting: Cou
     assert isinstance(results[1], asyncio.CancelledError)
     # Its commands were queued and went with the batch: the request was cancelled, not its writes.
     assert await counting.get("k1") == b"1"
+
+
+async def test_requests_that_come_while_a_batch_is_out_go_together_in_the_next(
+    counting: CountingRedis, redis_url: str
+) -> None:
+    batch = RedisBatch(counting)
+
+    async def request(command: str, *args: Any) -> list[Any]:
+        pipeline = batch.pipeline()
+        getattr(pipeline, command)(*args)
+        return await batch.send(pipeline)
+
+    # The first batch waits in Redis (BLPOP) until the list gets an item: it is out for as long as
+    # this test wants, so what comes meanwhile cannot leave before it lands.
+    counting.went = asyncio.Event()
+    first = asyncio.create_task(request("blpop", ["wake"], 10))
+    await counting.went.wait()
+    later = [asyncio.create_task(request("incr", "n")) for _ in range(10)]
+    for _ in range(5):
+        await asyncio.sleep(0)  # every later request has queued its command
+    assert counting.sent == 1
+    other = Redis.from_url(redis_url)
+    try:
+        await other.rpush("wake", "now")
+    finally:
+        await other.aclose()
+
+    assert await first == [(b"wake", b"now")]
+    assert sorted(value for [value] in await asyncio.gather(*later)) == list(range(1, 11))
+    assert counting.sent == 2  # the ten went in one batch
