@@ -61,18 +61,24 @@ Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler]]
 
 
 class _WrappedHandlers:
-    """Each handler wrapped once per method (and per whatever else the wrapping depends on), not
-    once per call: grpc hands an interceptor the same handler object for every call of a method."""
+    """Each handler wrapped once (per whatever else the wrapping depends on), not once per call:
+    grpc hands an interceptor the same handler object for every call of a method, and the inner
+    interceptors hand on the same wrapped one (the auth interceptor one per caller and per kind of
+    refusal). Holding the handler keeps its id from being reused while it is cached."""
+
+    MAX_ENTRIES = 10_000  # methods x callers; beyond it (something unforeseen) start again
 
     def __init__(self) -> None:
-        self._cache: dict[Hashable, tuple[Handler, Handler]] = {}
+        self._cache: dict[tuple[Hashable, int], tuple[Handler, Handler]] = {}
 
     def get(self, key: Hashable, handler: Handler, wrap: Callable[[Handler], Handler]) -> Handler:
-        cached = self._cache.get(key)
+        cached = self._cache.get((key, id(handler)))
         if cached is not None and cached[0] is handler:
             return cached[1]
+        if len(self._cache) >= self.MAX_ENTRIES:
+            self._cache.clear()
         wrapped = wrap(handler)
-        self._cache[key] = (handler, wrapped)
+        self._cache[(key, id(handler))] = (handler, wrapped)
         return wrapped
 
 
@@ -332,7 +338,10 @@ class AuthInterceptor(aio.ServerInterceptor):
         try:
             record = self._key_store.authorize(api_key_from_metadata(handler_call_details), required, method)
         except LiveloopError as exc:
-            return _refusal(handler, grpc.StatusCode[exc.status], exc.message)
+            status, message = grpc.StatusCode[exc.status], exc.message
+            return self._wrapped.get(
+                (method, status, message), handler, lambda raw: _refusal(raw, status, message)
+            )
         caller = record.name or record.key_id
         return self._wrapped.get(
             (method, caller),

@@ -8,11 +8,15 @@ and awaits `batch.send(pipeline)` instead of `pipeline.execute()`. With many req
 replica then pays redis-py's and the event loop's cost of a round trip once per batch instead of
 once per request. Nothing is acknowledged early: a request resumes only when Redis has answered
 every command of the batch it joined. An error answering one command (a script's error, a wrong
-type) fails only the request that queued it; a connection error fails every request of the batch.
+type) fails only the request that queued it, and so does an argument redis-py cannot encode (the
+batch is then sent again request by request: nothing of it had been sent); a connection error fails
+every request of the batch. A request cancelled before its batch leaves sends nothing.
 
 Scripts go by SHA (`queue_script`): a batch that meets NOSCRIPT (Redis restarted, or its script
 cache was flushed) sends those commands again with the script's body, which loads it; NOSCRIPT
-means the script did not run, so nothing runs twice. Scripts on any other pipeline go with their
+means the script did not run, so nothing runs twice. Such a script then runs after the other
+commands of its batch: a request must not read, in the same batch, what its script writes (as when
+a connection breaks mid-batch, a resend that fails leaves the batch's other writes standing). Scripts on any other pipeline go with their
 body (EVAL): inside MULTI/EXEC a NOSCRIPT would not stop the rest of the transaction, and a pipeline
 sent on its own has nothing to send the body again.
 """
@@ -25,7 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
+from redis.exceptions import DataError, NoScriptError
 
 # A batch holds at most this many commands; the requests beyond it go in the next batch.
 MAX_BATCH_COMMANDS = 2000
@@ -101,6 +105,8 @@ class RedisBatch:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        # Nothing was acknowledged to a request cancelled while it waited: its commands stay here.
+        self._waiting = [item for item in self._waiting if not item.future.done()]
         while self._waiting and self._in_flight < MAX_BATCHES_IN_FLIGHT:
             taken, count = 0, 0
             while taken < len(self._waiting) and (
@@ -121,7 +127,13 @@ class RedisBatch:
     async def _round_trip(self, waiting: list[_Waiting]) -> None:
         commands = [command for item in waiting for command in item.commands]
         try:
-            replies = await self._execute(commands)
+            try:
+                replies = await self._execute(commands)
+            except DataError:
+                # An argument that does not encode fails the packing, before anything is sent: each
+                # request on its own, so that only the one that queued it fails.
+                await self._one_by_one(waiting)
+                return
             replies = await self._with_scripts_loaded(commands, replies)
         except asyncio.CancelledError:
             for item in waiting:
@@ -138,6 +150,20 @@ class RedisBatch:
             if not item.future.done():  # its request may have been cancelled meanwhile
                 item.future.set_result(replies[start:end])
             start = end
+
+    async def _one_by_one(self, waiting: list[_Waiting]) -> None:
+        for item in waiting:
+            try:
+                replies = await self._execute(item.commands)
+                replies = await self._with_scripts_loaded(item.commands, replies)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+                continue
+            if not item.future.done():
+                item.future.set_result(replies)
 
     async def _execute(self, commands: list[Command]) -> list[Any]:
         pipeline = self._redis.pipeline(transaction=False)

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from libs.common import redis_keys
 from libs.common.errors import InvalidArgument
@@ -428,3 +429,20 @@ async def test_a_contact_is_kept_with_its_expiry_in_one_command_even_after_redis
         assert 3590 < await options.redis.ttl(redis_keys.contact(uuid)) <= 3600
         if attempt == 0:
             await options.redis.script_flush()  # as after a Redis restart
+
+
+async def test_a_contact_read_that_fails_leaves_no_watch_on_the_pooled_connection(redis_url: str) -> None:
+    client = Redis.from_url(redis_url, max_connections=1)  # one connection: the next user gets it
+    try:
+        uuid = str(uuid_module.uuid4())
+        key = redis_keys.contact(uuid)
+        await client.set(key, "not a hash")
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            await OptionsStore(client).answer_contact(uuid, lambda contact, pipeline: None)
+        await client.set(key, "changed since")  # would abort a transaction still watching it
+        async with client.pipeline(transaction=True) as transaction:
+            transaction.set(f"{key}:other", "1")
+            assert await transaction.execute() == [True]
+    finally:
+        await client.delete(redis_keys.contact(uuid), f"{redis_keys.contact(uuid)}:other")
+        await client.aclose()

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import DataError, ResponseError
 
 from libs.common.redis_batch import RedisBatch, queue_script
 from libs.stack.processes import free_port
@@ -136,7 +136,7 @@ async def test_a_connection_error_fails_every_request_of_the_batch() -> None:
     assert len({id(result) for result in results}) == 3  # each request its own exception
 
 
-async def test_a_cancelled_request_leaves_the_others_their_replies(counting: CountingRedis) -> None:
+async def test_a_request_cancelled_before_its_batch_leaves_sends_nothing(counting: CountingRedis) -> None:
     batch = RedisBatch(counting)
 
     async def request(index: int) -> list[Any]:
@@ -145,15 +145,29 @@ async def test_a_cancelled_request_leaves_the_others_their_replies(counting: Cou
         return await batch.send(pipeline)
 
     tasks = [asyncio.create_task(request(i)) for i in range(3)]
-    await asyncio.sleep(0)  # every request has queued its commands
+    await asyncio.sleep(0)  # every request has queued its command; the batch has not left yet
     tasks[1].cancel()
     results = await asyncio.gather(*tasks, return_exceptions=True)
 
     assert results[0] == [True]
     assert results[2] == [True]
     assert isinstance(results[1], asyncio.CancelledError)
-    # Its commands were queued and went with the batch: the request was cancelled, not its writes.
-    assert await counting.get("k1") == b"1"
+    assert await counting.get("k1") is None  # nothing was acknowledged to it, nothing was written
+
+
+async def test_an_argument_that_does_not_encode_fails_only_its_own_request(counting: CountingRedis) -> None:
+    batch = RedisBatch(counting)
+
+    async def request(key: str, value: Any) -> list[Any]:
+        pipeline = batch.pipeline()
+        pipeline.set(key, value)
+        return await batch.send(pipeline)
+
+    bad, good = await asyncio.gather(request("bad", None), request("good", "1"), return_exceptions=True)
+
+    assert isinstance(bad, DataError)
+    assert good == [True]
+    assert await counting.get("good") == b"1"
 
 
 async def test_requests_that_come_while_a_batch_is_out_go_together_in_the_next(

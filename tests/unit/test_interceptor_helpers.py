@@ -60,3 +60,26 @@ async def test_a_full_redis_is_resource_exhausted_not_internal() -> None:
     with pytest.raises(_Aborted):
         await interceptors._map_error((OutOfMemoryError("OOM command not allowed"), context))
     assert context.aborted == (grpc.StatusCode.RESOURCE_EXHAUSTED, "Redis is out of memory; retry later")
+
+
+def test_a_handler_is_wrapped_once_per_key_and_handler_and_the_cache_stays_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cache = interceptors._WrappedHandlers()
+    wrapped: list[object] = []
+
+    def wrap(handler: object) -> object:
+        wrapped.append(handler)
+        return ("wrapped", handler)
+
+    first, second = object(), object()  # the handlers an inner interceptor hands on for two callers
+    for _ in range(3):
+        assert cache.get("Invoke", first, wrap) == ("wrapped", first)
+        assert cache.get("Invoke", second, wrap) == ("wrapped", second)
+    assert wrapped == [first, second]  # each wrapped once, though the two alternate
+
+    monkeypatch.setattr(interceptors._WrappedHandlers, "MAX_ENTRIES", 4)
+    handlers = [object() for _ in range(10)]
+    for handler in handlers:
+        cache.get("Invoke", handler, wrap)
+    assert len(cache._cache) <= 4

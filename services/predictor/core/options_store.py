@@ -187,14 +187,15 @@ async def _watch_and_read(pipeline: Any, key: str) -> dict[Any, Any]:
         connection = pipeline.connection = pipeline.connection or await pool.get_connection()
         try:
             await connection.send_packed_command(connection.pack_commands([("WATCH", key), ("HGETALL", key)]))
+            pipeline.watching = True  # from here on, the pipeline's reset sends UNWATCH unless EXEC did
             await connection.read_response()
             raw = await connection.read_response()
         except RedisConnectionError:
+            pipeline.watching = False  # a dropped connection has lost its WATCH
             await connection.disconnect()
             if attempt:
                 raise
             continue
-        pipeline.watching = True  # the pipeline's reset sends UNWATCH if no EXEC follows
         if isinstance(raw, list):  # RESP2: field, value, field, value...
             return dict(zip(raw[::2], raw[1::2], strict=True))
         return dict(raw or {})
