@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from redis.asyncio import Redis
 
 from libs.common import redis_keys
 from libs.common.config_follower import AppliedConfig, AppliedDeployment
@@ -22,31 +21,10 @@ from libs.policy.models import load_model
 from services.predictor.core.decision import DecisionEngine, InvokeInput
 from services.predictor.core.engine_simulation import applied_config
 from services.predictor.core.options_store import OptionsStore
+from tests.counting_redis import CountingRedis
 from tests.trainer_datasets import OFFERS, take_up_spec, train_artifact
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
-
-
-class CountingRedis(Redis):
-    """A real client that counts its round trips: each command sent alone, each pipeline."""
-
-    executed = 0
-
-    async def execute_command(self, *args: Any, **options: Any) -> Any:
-        self.executed += 1
-        return await super().execute_command(*args, **options)
-
-    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
-        pipeline = super().pipeline(transaction=transaction, shard_hint=shard_hint)
-        execute = pipeline.execute
-        client = self
-
-        async def counted(raise_on_error: bool = True) -> Any:
-            client.executed += 1
-            return await execute(raise_on_error)
-
-        pipeline.execute = counted  # type: ignore[method-assign]
-        return pipeline
 
 
 @pytest.fixture

@@ -15,31 +15,11 @@ from redis.exceptions import DataError, ResponseError
 
 from libs.common.redis_batch import RedisBatch, queue_script
 from libs.stack.processes import free_port
+from tests.counting_redis import CountingRedis
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 
 INCREMENT = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
-
-
-class CountingRedis(Redis):
-    """A real client that counts the pipelines it sends."""
-
-    sent = 0
-    went: asyncio.Event | None = None  # set when a pipeline is sent
-
-    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
-        pipeline = super().pipeline(transaction=transaction, shard_hint=shard_hint)
-        execute = pipeline.execute
-        client = self
-
-        async def counted(raise_on_error: bool = True) -> Any:
-            client.sent += 1
-            if client.went is not None:
-                client.went.set()
-            return await execute(raise_on_error)
-
-        pipeline.execute = counted  # type: ignore[method-assign]
-        return pipeline
 
 
 @pytest.fixture
@@ -65,7 +45,7 @@ async def test_concurrent_requests_share_one_round_trip_and_get_their_own_replie
 
     replies = await asyncio.gather(*(request(i) for i in range(25)))
 
-    assert counting.sent == 1
+    assert counting.pipelines == 1
     assert replies == [[True, 1000 + i, str(1000 + i).encode()] for i in range(25)]
 
 
@@ -88,7 +68,7 @@ async def test_a_failing_command_fails_only_the_request_that_sent_it(counting: C
     assert isinstance(failed, ResponseError)
     assert "WRONGTYPE" in str(failed)
     assert succeeded == [True]
-    assert counting.sent == 1
+    assert counting.pipelines == 1
 
 
 async def test_a_script_redis_has_lost_runs_exactly_once(counting: CountingRedis) -> None:
@@ -188,7 +168,7 @@ async def test_requests_that_come_while_a_batch_is_out_go_together_in_the_next(
     later = [asyncio.create_task(request("incr", "n")) for _ in range(10)]
     for _ in range(5):
         await asyncio.sleep(0)  # every later request has queued its command
-    assert counting.sent == 1
+    assert counting.pipelines == 1
     other = Redis.from_url(redis_url)
     try:
         await other.rpush("wake", "now")
@@ -197,4 +177,4 @@ async def test_requests_that_come_while_a_batch_is_out_go_together_in_the_next(
 
     assert await first == [(b"wake", b"now")]
     assert sorted(value for [value] in await asyncio.gather(*later)) == list(range(1, 11))
-    assert counting.sent == 2  # the ten went in one batch
+    assert counting.pipelines == 2  # the ten went in one batch
