@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from redis.asyncio import Redis
 
 
 class CountingRedis(Redis):
-    """`executed`: each command sent alone and each pipeline; `pipelines`: the pipelines alone;
-    `went`, when a test sets one, is set as a pipeline is sent."""
+    """Counts each command sent alone and each pipeline (a RedisBatch counts its own round trips)."""
 
     executed = 0
-    pipelines = 0
-    went: asyncio.Event | None = None
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         self.executed += 1
@@ -27,9 +23,6 @@ class CountingRedis(Redis):
 
         async def counted(raise_on_error: bool = True) -> Any:
             client.executed += 1
-            client.pipelines += 1
-            if client.went is not None:
-                client.went.set()
             return await execute(raise_on_error)
 
         pipeline.execute = counted  # type: ignore[method-assign]

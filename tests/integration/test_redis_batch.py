@@ -15,7 +15,6 @@ from redis.exceptions import DataError, ResponseError
 
 from libs.common.redis_batch import RedisBatch, queue_script
 from libs.stack.processes import free_port
-from tests.counting_redis import CountingRedis
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 
@@ -23,18 +22,29 @@ INCREMENT = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
 
 
 @pytest.fixture
-async def counting(redis_url: str) -> AsyncIterator[CountingRedis]:
-    client = CountingRedis.from_url(redis_url)
-    assert isinstance(client, CountingRedis)
+async def client(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
     await client.flushdb()
     yield client
     await client.aclose()
 
 
+class SignallingBatch(RedisBatch):
+    """A batch that says when a round trip starts."""
+
+    def __init__(self, redis: Redis) -> None:
+        super().__init__(redis)
+        self.out = asyncio.Event()
+
+    async def _execute(self, commands: list[Any]) -> list[Any]:
+        self.out.set()
+        return await super()._execute(commands)
+
+
 async def test_concurrent_requests_share_one_round_trip_and_get_their_own_replies(
-    counting: CountingRedis,
+    client: Redis,
 ) -> None:
-    batch = RedisBatch(counting)
+    batch = RedisBatch(client)
 
     async def request(index: int) -> list[Any]:
         pipeline = batch.pipeline()
@@ -45,13 +55,13 @@ async def test_concurrent_requests_share_one_round_trip_and_get_their_own_replie
 
     replies = await asyncio.gather(*(request(i) for i in range(25)))
 
-    assert counting.pipelines == 1
+    assert batch.round_trips == 1
     assert replies == [[True, 1000 + i, str(1000 + i).encode()] for i in range(25)]
 
 
-async def test_a_failing_command_fails_only_the_request_that_sent_it(counting: CountingRedis) -> None:
-    await counting.set("a-string", "x")
-    batch = RedisBatch(counting)
+async def test_a_failing_command_fails_only_the_request_that_sent_it(client: Redis) -> None:
+    await client.set("a-string", "x")
+    batch = RedisBatch(client)
 
     async def wrong_type() -> list[Any]:
         pipeline = batch.pipeline()
@@ -68,11 +78,11 @@ async def test_a_failing_command_fails_only_the_request_that_sent_it(counting: C
     assert isinstance(failed, ResponseError)
     assert "WRONGTYPE" in str(failed)
     assert succeeded == [True]
-    assert counting.pipelines == 1
+    assert batch.round_trips == 1
 
 
-async def test_a_script_redis_has_lost_runs_exactly_once(counting: CountingRedis) -> None:
-    batch = RedisBatch(counting)
+async def test_a_script_redis_has_lost_runs_exactly_once(client: Redis) -> None:
+    batch = RedisBatch(client)
 
     async def increment() -> int:
         pipeline = batch.pipeline()
@@ -83,17 +93,17 @@ async def test_a_script_redis_has_lost_runs_exactly_once(counting: CountingRedis
 
     assert await increment() == 1  # a new Redis knows no script: sent again with its body
     assert await increment() == 2  # now by SHA alone
-    await counting.script_flush()  # as after a restart
+    await client.script_flush()  # as after a restart
     assert await increment() == 3
-    assert int(await counting.get("counter") or 0) == 3
+    assert int(await client.get("counter") or 0) == 3
 
 
-async def test_other_pipelines_send_scripts_with_their_body(counting: CountingRedis) -> None:
+async def test_other_pipelines_send_scripts_with_their_body(client: Redis) -> None:
     # Inside MULTI/EXEC a NOSCRIPT would not stop the rest of the transaction; a pipeline sent on
     # its own has nothing that would send the body again.
-    await counting.script_flush()
+    await client.script_flush()
     for transaction in (True, False):
-        async with counting.pipeline(transaction=transaction) as pipeline:
+        async with client.pipeline(transaction=transaction) as pipeline:
             queue_script(pipeline, INCREMENT, ["counter"], [5])
             assert pipeline.command_stack[0][0][0] == "EVAL"
             assert await pipeline.execute() == [5 if transaction else 10]
@@ -116,8 +126,8 @@ async def test_a_connection_error_fails_every_request_of_the_batch() -> None:
     assert len({id(result) for result in results}) == 3  # each request its own exception
 
 
-async def test_a_request_cancelled_before_its_batch_leaves_sends_nothing(counting: CountingRedis) -> None:
-    batch = RedisBatch(counting)
+async def test_a_request_cancelled_before_its_batch_leaves_sends_nothing(client: Redis) -> None:
+    batch = RedisBatch(client)
 
     async def request(index: int) -> list[Any]:
         pipeline = batch.pipeline()
@@ -132,11 +142,11 @@ async def test_a_request_cancelled_before_its_batch_leaves_sends_nothing(countin
     assert results[0] == [True]
     assert results[2] == [True]
     assert isinstance(results[1], asyncio.CancelledError)
-    assert await counting.get("k1") is None  # nothing was acknowledged to it, nothing was written
+    assert await client.get("k1") is None  # nothing was acknowledged to it, nothing was written
 
 
-async def test_an_argument_that_does_not_encode_fails_only_its_own_request(counting: CountingRedis) -> None:
-    batch = RedisBatch(counting)
+async def test_an_argument_that_does_not_encode_fails_only_its_own_request(client: Redis) -> None:
+    batch = RedisBatch(client)
 
     async def request(key: str, value: Any) -> list[Any]:
         pipeline = batch.pipeline()
@@ -147,13 +157,13 @@ async def test_an_argument_that_does_not_encode_fails_only_its_own_request(count
 
     assert isinstance(bad, DataError)
     assert good == [True]
-    assert await counting.get("good") == b"1"
+    assert await client.get("good") == b"1"
 
 
 async def test_requests_that_come_while_a_batch_is_out_go_together_in_the_next(
-    counting: CountingRedis, redis_url: str
+    client: Redis, redis_url: str
 ) -> None:
-    batch = RedisBatch(counting)
+    batch = SignallingBatch(client)
 
     async def request(command: str, *args: Any) -> list[Any]:
         pipeline = batch.pipeline()
@@ -162,13 +172,12 @@ async def test_requests_that_come_while_a_batch_is_out_go_together_in_the_next(
 
     # The first batch waits in Redis (BLPOP) until the list gets an item: it is out for as long as
     # this test wants, so what comes meanwhile cannot leave before it lands.
-    counting.went = asyncio.Event()
     first = asyncio.create_task(request("blpop", ["wake"], 10))
-    await counting.went.wait()
+    await batch.out.wait()
     later = [asyncio.create_task(request("incr", "n")) for _ in range(10)]
     for _ in range(5):
         await asyncio.sleep(0)  # every later request has queued its command
-    assert counting.pipelines == 1
+    assert batch.round_trips == 1
     other = Redis.from_url(redis_url)
     try:
         await other.rpush("wake", "now")
@@ -177,4 +186,28 @@ async def test_requests_that_come_while_a_batch_is_out_go_together_in_the_next(
 
     assert await first == [(b"wake", b"now")]
     assert sorted(value for [value] in await asyncio.gather(*later)) == list(range(1, 11))
-    assert counting.pipelines == 2  # the ten went in one batch
+    assert batch.round_trips == 2  # the ten went in one batch
+
+
+async def test_a_batch_whose_connection_was_dropped_goes_again_on_a_new_one(
+    client: Redis, redis_url: str
+) -> None:
+    named = Redis.from_url(redis_url, client_name="batch-under-test")
+    batch = RedisBatch(named)
+
+    async def request() -> list[Any]:
+        pipeline = batch.pipeline()
+        pipeline.incr("n")
+        return await batch.send(pipeline)
+
+    try:
+        assert await request() == [1]
+        killed = 0
+        for row in await client.client_list():
+            if row["name"] == "batch-under-test":
+                killed += await client.client_kill_filter(_id=row["id"])  # as a Redis restart would
+        assert killed == 1
+        assert await request() == [2]  # sent once more, on a new connection; run once
+    finally:
+        await named.aclose()
+    assert await client.get("n") == b"2"

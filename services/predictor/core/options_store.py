@@ -70,6 +70,11 @@ class OptionsStore:
         """A pipeline (no transaction) to queue a request's commands on; `send` sends it."""
         return self._batch.pipeline()
 
+    @property
+    def batched_round_trips(self) -> int:
+        """Round trips of the coalesced batches so far (commands sent alone not included)."""
+        return self._batch.round_trips
+
     async def send(self, pipeline: Any) -> list[Any]:
         """The replies to what the pipeline holds, sent with the commands of concurrent requests."""
         return await self._batch.send(pipeline)
