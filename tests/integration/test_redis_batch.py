@@ -30,15 +30,40 @@ async def client(redis_url: str) -> AsyncIterator[Redis]:
 
 
 class SignallingBatch(RedisBatch):
-    """A batch that says when a round trip starts."""
+    """A batch that says when a round trip starts, and when `waiting_for` requests are queued."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, waiting_for: int) -> None:
         super().__init__(redis)
         self.out = asyncio.Event()
+        self.queued = asyncio.Event()
+        self._waiting_for = waiting_for
 
     async def _execute(self, commands: list[Any]) -> list[Any]:
         self.out.set()
         return await super()._execute(commands)
+
+    def _flush(self) -> None:
+        if len(self._waiting) >= self._waiting_for:
+            self.queued.set()
+        super()._flush()
+
+
+async def hold_a_batch_out(batch: SignallingBatch) -> asyncio.Task[list[Any]]:
+    """A first batch that waits in Redis (BLPOP) until `wake` gets an item: it is out for as long as
+    the test wants, so what comes meanwhile cannot leave before it lands."""
+    pipeline = batch.pipeline()
+    pipeline.blpop(["wake"], 10)
+    first = asyncio.create_task(batch.send(pipeline))
+    await batch.out.wait()
+    return first
+
+
+async def wake(redis_url: str) -> None:
+    other = Redis.from_url(redis_url)
+    try:
+        await other.rpush("wake", "now")
+    finally:
+        await other.aclose()
 
 
 async def test_concurrent_requests_share_one_round_trip_and_get_their_own_replies(
@@ -126,17 +151,22 @@ async def test_a_connection_error_fails_every_request_of_the_batch() -> None:
     assert len({id(result) for result in results}) == 3  # each request its own exception
 
 
-async def test_a_request_cancelled_before_its_batch_leaves_sends_nothing(client: Redis) -> None:
-    batch = RedisBatch(client)
+async def test_a_request_cancelled_before_its_batch_leaves_sends_nothing(
+    client: Redis, redis_url: str
+) -> None:
+    batch = SignallingBatch(client, waiting_for=3)
 
     async def request(index: int) -> list[Any]:
         pipeline = batch.pipeline()
         pipeline.set(f"k{index}", index)
         return await batch.send(pipeline)
 
+    first = await hold_a_batch_out(batch)
     tasks = [asyncio.create_task(request(i)) for i in range(3)]
-    await asyncio.sleep(0)  # every request has queued its command; the batch has not left yet
+    await batch.queued.wait()  # the three wait for the next batch, which has not left
     tasks[1].cancel()
+    await wake(redis_url)
+    assert await first == [(b"wake", b"now")]
     results = await asyncio.gather(*tasks, return_exceptions=True)
 
     assert results[0] == [True]
@@ -163,26 +193,18 @@ async def test_an_argument_that_does_not_encode_fails_only_its_own_request(clien
 async def test_requests_that_come_while_a_batch_is_out_go_together_in_the_next(
     client: Redis, redis_url: str
 ) -> None:
-    batch = SignallingBatch(client)
+    batch = SignallingBatch(client, waiting_for=10)
 
-    async def request(command: str, *args: Any) -> list[Any]:
+    async def request() -> list[Any]:
         pipeline = batch.pipeline()
-        getattr(pipeline, command)(*args)
+        pipeline.incr("n")
         return await batch.send(pipeline)
 
-    # The first batch waits in Redis (BLPOP) until the list gets an item: it is out for as long as
-    # this test wants, so what comes meanwhile cannot leave before it lands.
-    first = asyncio.create_task(request("blpop", ["wake"], 10))
-    await batch.out.wait()
-    later = [asyncio.create_task(request("incr", "n")) for _ in range(10)]
-    for _ in range(5):
-        await asyncio.sleep(0)  # every later request has queued its command
+    first = await hold_a_batch_out(batch)
+    later = [asyncio.create_task(request()) for _ in range(10)]
+    await batch.queued.wait()  # every later request has queued its command
     assert batch.round_trips == 1
-    other = Redis.from_url(redis_url)
-    try:
-        await other.rpush("wake", "now")
-    finally:
-        await other.aclose()
+    await wake(redis_url)
 
     assert await first == [(b"wake", b"now")]
     assert sorted(value for [value] in await asyncio.gather(*later)) == list(range(1, 11))
