@@ -192,18 +192,16 @@ async def _watch_and_read(pipeline: Any, key: str) -> dict[Any, Any]:
         connection = pipeline.connection = pipeline.connection or await pool.get_connection()
         try:
             await connection.send_packed_command(connection.pack_commands([("WATCH", key), ("HGETALL", key)]))
-            pipeline.watching = True  # from here on, the pipeline's reset sends UNWATCH unless EXEC did
-            await connection.read_response()
-            raw = await connection.read_response()
+            # Parsed as redis-py parses them: the WATCH reply marks the pipeline watching (its reset
+            # then sends UNWATCH unless EXEC did), HGETALL's becomes a dict.
+            await pipeline.parse_response(connection, "WATCH")
+            raw: dict[Any, Any] = await pipeline.parse_response(connection, "HGETALL")
+            return raw
         except RedisConnectionError:
             pipeline.watching = False  # a dropped connection has lost its WATCH
             await connection.disconnect()
             if attempt:
                 raise
-            continue
-        if isinstance(raw, list):  # RESP2: field, value, field, value...
-            return dict(zip(raw[::2], raw[1::2], strict=True))
-        return dict(raw or {})
     raise AssertionError("unreachable")
 
 
