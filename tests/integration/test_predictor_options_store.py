@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from redis.asyncio import Redis
+from redis.asyncio import Connection, Redis
 from redis.exceptions import ResponseError
 
 from libs.common import redis_keys
@@ -445,4 +445,97 @@ async def test_a_contact_read_that_fails_leaves_no_watch_on_the_pooled_connectio
             assert await transaction.execute() == [True]
     finally:
         await client.delete(redis_keys.contact(uuid), f"{redis_keys.contact(uuid)}:other")
+        await client.aclose()
+
+
+async def _one_connection_contact(redis_url: str, **options: Any) -> tuple[Redis, str, str]:
+    """A client with one connection (what an answer leaves on it, the next user gets) and a contact."""
+    client = Redis.from_url(redis_url, max_connections=1, **options)
+    uuid = str(uuid_module.uuid4())
+    await client.hset(redis_keys.contact(uuid), mapping={"deployment": "d", "offers": '["a"]'})
+    return client, uuid, redis_keys.contact(uuid)
+
+
+async def _the_connection_is_clean(client: Redis, key: str) -> None:
+    """No WATCH left on the pooled connection (a changed key would abort the transaction) and no reply
+    left unread on it (the next command would read it as its own)."""
+    await client.hset(key, "changed since", "1")
+    async with client.pipeline(transaction=True) as transaction:
+        transaction.set(f"{key}:other", "1")
+        transaction.get(f"{key}:other")
+        assert await transaction.execute() == [True, b"1"]
+    assert await client.hget(key, "changed since") == b"1"
+
+
+async def test_an_answer_that_stops_after_the_read_leaves_the_connection_unwatched(redis_url: str) -> None:
+    client, uuid, key = await _one_connection_contact(redis_url)
+    try:
+
+        def refused(contact: dict[str, str], pipeline: Any) -> None:
+            raise InvalidArgument("refused after the read", field="offers_accepted")
+
+        with pytest.raises(InvalidArgument):
+            await OptionsStore(client).answer_contact(uuid, refused)
+        await _the_connection_is_clean(client, key)
+    finally:
+        await client.delete(key, f"{key}:other")
+        await client.aclose()
+
+
+async def test_a_command_refused_in_the_transaction_fails_the_answer_and_writes_nothing(
+    redis_url: str,
+) -> None:
+    client, uuid, key = await _one_connection_contact(redis_url)
+    try:
+
+        def malformed(contact: dict[str, str], pipeline: Any) -> None:
+            pipeline.hset(key, "responded", "1")
+            pipeline.execute_command("HSET", key)  # wrong number of arguments: refused when queued
+
+        with pytest.raises(ResponseError, match="wrong number of arguments"):
+            await OptionsStore(client).answer_contact(uuid, malformed)
+        assert await client.hget(key, "responded") is None  # EXEC aborted: nothing of it was written
+        await _the_connection_is_clean(client, key)
+    finally:
+        await client.delete(key, f"{key}:other")
+        await client.aclose()
+
+
+class HeldReplies(Connection):
+    """A connection whose reads wait, while `hold` is set, until `release` is set."""
+
+    hold = False
+    holding = asyncio.Event()
+    release = asyncio.Event()
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        if HeldReplies.hold:
+            HeldReplies.holding.set()
+            await HeldReplies.release.wait()
+        return await super().read_response(*args, **kwargs)
+
+
+async def test_an_answer_cancelled_while_its_transaction_is_out_closes_the_connection(redis_url: str) -> None:
+    """Its replies would otherwise wait on the pooled connection for the next command to read; the
+    transaction itself may have committed, so the retry finds the offer answered (not learned twice)."""
+    HeldReplies.hold, HeldReplies.holding, HeldReplies.release = False, asyncio.Event(), asyncio.Event()
+    client, uuid, key = await _one_connection_contact(redis_url, connection_class=HeldReplies)
+    store = OptionsStore(client)
+    try:
+
+        def answer(contact: dict[str, str], pipeline: Any) -> list[str]:
+            HeldReplies.hold = True  # the transaction's replies wait
+            return marking(["a"], uuid, store)(contact, pipeline)
+
+        task = asyncio.create_task(store.answer_contact(uuid, answer))
+        await HeldReplies.holding.wait()
+        HeldReplies.hold = False
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await _the_connection_is_clean(client, key)
+        assert await store.answer_contact(uuid, marking(["a"], uuid, store)) == []  # committed once
+    finally:
+        HeldReplies.release.set()
+        await client.delete(key, f"{key}:other")
         await client.aclose()

@@ -8,12 +8,15 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, ResponseError
 
-from libs.common.redis_batch import RedisBatch, queue_script
+from libs.common.redis_batch import RedisBatch, pack_commands, queue_script
 from libs.stack.processes import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
@@ -233,3 +236,41 @@ async def test_a_batch_whose_connection_was_dropped_goes_again_on_a_new_one(
     finally:
         await named.aclose()
     assert await client.get("n") == b"2"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["HSET", "EVALSHA", "XADD", b"HGETALL"]),
+            st.lists(
+                st.one_of(
+                    st.text(max_size=20),
+                    st.binary(max_size=20),
+                    st.integers(),
+                    st.floats(allow_nan=True, allow_infinity=True),
+                ),
+                max_size=8,
+            ),
+        ),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_commands_are_packed_byte_for_byte_as_redis_py_packs_them(
+    commands: list[tuple[Any, list[Any]]],
+) -> None:
+    connection = Redis().connection_pool.make_connection()
+    argv = [(name, *args) for name, args in commands]
+    assert b"".join(pack_commands(connection, argv)) == b"".join(connection.pack_commands(argv))
+
+
+def test_what_redis_py_refuses_to_pack_is_refused_the_same_way() -> None:
+    connection = Redis().connection_pool.make_connection()
+    for value in (None, True, np.int64(3)):
+        with pytest.raises(DataError, match="Invalid input"):
+            pack_commands(connection, [("SET", "key", value)])
+    # What hiredis does not take but redis-py does goes through redis-py: a bytearray, a command
+    # name of two words.
+    for command in [("SET", "key", bytearray(b"value")), ("CLIENT SETNAME", "name")]:
+        assert b"".join(pack_commands(connection, [command])) == b"".join(connection.pack_commands([command]))

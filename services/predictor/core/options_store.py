@@ -14,11 +14,11 @@ from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import WatchError
+from redis.exceptions import ResponseError
 
 from libs.common import decision_log, redis_keys
 from libs.common.errors import Unavailable
-from libs.common.redis_batch import RedisBatch, queue_script
+from libs.common.redis_batch import RedisBatch, pack_commands, queue_script
 from libs.policy.statistics import ArmPolicy, Statistics, StatisticsKind
 from services.predictor.core.statistics_stores import (
     ArmStatistics,
@@ -148,25 +148,22 @@ class OptionsStore:
     ) -> Answer | None:
         """Answer a contact atomically: `answer(contact, pipeline)` reads the contact as it is now and
         queues everything answering it writes (the marks on the contact, the learning, the log
-        entry), and all of it is committed in one MULTI/EXEC or none of it is: two round trips, the
-        WATCH and the read in one, the transaction in the other. So a call cancelled
-        or failed anywhere before the commit leaves no trace and its retry does the whole work,
-        and one after it finds the offers answered: a response is learned exactly once. When another
-        answer to the same contact commits in between (WATCH), this one is read and queued again.
-        None when the contact is gone (unknown, or older than its reward window)."""
+        entry), and all of it is committed in one MULTI/EXEC or none of it is: two round trips on a
+        connection of the answer's own, the WATCH and the read in one, the transaction in the other.
+        So a call cancelled or failed anywhere before the commit leaves no trace and its retry does
+        the whole work, and one after it finds the offers answered: a response is learned exactly
+        once. When another answer to the same contact commits in between (WATCH), this one is read
+        and queued again. None when the contact is gone (unknown, or older than its reward window)."""
         key = redis_keys.contact(uuid)
         for _ in range(ANSWER_ATTEMPTS):
-            async with self._redis.pipeline(transaction=True) as pipeline:
-                try:
-                    raw = await _watch_and_read(pipeline, key)
-                    if not raw:
-                        return None
-                    pipeline.multi()  # type: ignore[no-untyped-call]
-                    result = answer({_text(k): _text(v) for k, v in raw.items()}, pipeline)
-                    await pipeline.execute()
+            async with _WatchedTransaction(self._redis) as transaction:
+                raw = await transaction.watch_and_read(key)
+                if not raw:
+                    return None
+                queue = self._redis.pipeline(transaction=False)  # holds the commands; never sent itself
+                result = answer({_text(k): _text(v) for k, v in raw.items()}, queue)
+                if await transaction.commit(queue.command_stack):
                     return result
-                except WatchError:
-                    continue
         raise Unavailable(f"the contact '{uuid}' was answered concurrently {ANSWER_ATTEMPTS} times; retry")
 
     @staticmethod
@@ -183,26 +180,98 @@ class OptionsStore:
             pipeline.hset(redis_keys.contact(uuid), mapping=marks)
 
 
-async def _watch_and_read(pipeline: Any, key: str) -> dict[Any, Any]:
-    """WATCH the contact and read it, in one write on the pipeline's connection (redis-py sends a
-    WATCH and each command after it on their own). A connection found dead is replaced once: both
-    commands only read, so sending them again is safe."""
-    pool = pipeline.connection_pool
-    for attempt in range(2):
-        connection = pipeline.connection = pipeline.connection or await pool.get_connection()
+class _WatchedTransaction:
+    """WATCH, read, then MULTI/EXEC, written and read directly on a connection taken from the pool
+    for the transaction (redis-py's transaction pipeline cost about as much CPU as the rest of a
+    Respond). The connection goes back to the pool watching nothing and with no reply left unread:
+    EXEC ends the WATCH, an answer that stops before it sends UNWATCH, and a connection stopped
+    between a write and its last reply (a dropped connection, a timeout, a cancelled call) is closed."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self._connection: Any = None
+        self._watching = False
+        self._unread = 0  # replies written for and not yet read
+
+    async def __aenter__(self) -> _WatchedTransaction:
+        return self
+
+    async def watch_and_read(self, key: str) -> dict[Any, Any]:
+        """WATCH the key and read its hash, in one write. A connection found dead is replaced once:
+        both commands only read, so sending them again is safe."""
+        pool = self._redis.connection_pool
+        for attempt in range(2):
+            connection = self._connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            try:
+                await self._write([("WATCH", key), ("HGETALL", key)])
+                self._watching = True
+                await self._reply("WATCH")
+                raw: dict[Any, Any] = await self._reply("HGETALL")  # parsed into a dict
+                return raw
+            except RedisConnectionError:
+                self._connection, self._watching, self._unread = (
+                    None,
+                    False,
+                    0,
+                )  # a dropped connection lost its WATCH
+                await connection.disconnect()
+                await pool.release(connection)
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def commit(self, commands: Sequence[tuple[tuple[Any, ...], Mapping[str, Any]]]) -> bool:
+        """MULTI, the commands, EXEC: True once committed, False when the watched key changed
+        (nothing was written). Raises the first command's error (nothing was written either)."""
+        await self._write([("MULTI",), *(args for args, _ in commands), ("EXEC",)])
+        refused: ResponseError | None = None
+        for _ in range(len(commands) + 1):  # MULTI's OK, then QUEUED for each command
+            try:
+                await self._reply()
+            except ResponseError as error:  # refused as it was queued: EXEC then aborts
+                refused = refused or error
+        self._watching = False  # EXEC ends the WATCH, whatever it answers
         try:
-            await connection.send_packed_command(connection.pack_commands([("WATCH", key), ("HGETALL", key)]))
-            # Parsed as redis-py parses them: the WATCH reply marks the pipeline watching (its reset
-            # then sends UNWATCH unless EXEC did), HGETALL's becomes a dict.
-            await pipeline.parse_response(connection, "WATCH")
-            raw: dict[Any, Any] = await pipeline.parse_response(connection, "HGETALL")
-            return raw
-        except RedisConnectionError:
-            pipeline.watching = False  # a dropped connection has lost its WATCH
-            await connection.disconnect()
-            if attempt:
-                raise
-    raise AssertionError("unreachable")
+            replies = await self._reply()
+        except ResponseError as error:
+            raise (refused or error) from None
+        if replies is None:
+            return False
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return True
+
+    async def _write(self, commands: list[tuple[Any, ...]]) -> None:
+        packed = pack_commands(self._connection, commands)  # an argument that does not encode: nothing sent
+        self._unread = len(commands)
+        await self._connection.send_packed_command(packed)
+
+    async def _reply(self, command: str = "_") -> Any:
+        """The next reply, parsed as redis-py parses `command`'s (an error reply raised, once read)."""
+        try:
+            reply = await self._redis.parse_response(self._connection, command)
+        except ResponseError:
+            self._unread -= 1  # an error reply, read whole
+            raise
+        self._unread -= 1
+        return reply
+
+    async def __aexit__(self, *_: object) -> None:
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        try:
+            if self._unread:
+                await connection.disconnect(nowait=True)
+            elif self._watching:
+                await connection.send_command("UNWATCH")
+                await connection.read_response()
+        except BaseException:
+            await connection.disconnect(nowait=True)
+            raise
+        finally:
+            await self._redis.connection_pool.release(connection)
 
 
 def _text(value: Any) -> str:
