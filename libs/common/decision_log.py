@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+import orjson
 
 SCHEMA_VERSION = 1
 SCORE_DECIMALS = 6  # decimal places of the eligible offers' scores (the propensities are exact)
@@ -182,11 +183,14 @@ class Response:
 
 
 def _entry(kind: EntryKind, uuid: str, body: Mapping[str, Any]) -> dict[str, str]:
+    # orjson: a fourteenth of json's CPU for a contact's body. It writes a number that is not finite
+    # as null, which `decode_entry` refuses (MalformedEntry), where json.dumps(allow_nan=False)
+    # refused to write it; the encoders above send none (scores rounded, model scores checked).
     return {
         "kind": kind,
         "uuid": uuid,
         "schema": str(SCHEMA_VERSION),
-        "body": json.dumps(body, separators=(",", ":"), allow_nan=False),
+        "body": orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY).decode(),
     }
 
 

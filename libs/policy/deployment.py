@@ -19,7 +19,7 @@ import numpy as np
 from libs.common.deployment_spec import Algorithm, DeploymentSpec, Offer, Variant
 from libs.common.errors import InvalidArgument
 from libs.policy.context import Context, segment_reads_features
-from libs.policy.eligibility import eligible_offers
+from libs.policy.eligibility import EligibilityRules
 from libs.policy.models import LoadedModel
 from libs.policy.plugins import PluginChain, build_plugin_chain
 from libs.policy.ranking import FirstSlotCounts, rank
@@ -104,6 +104,7 @@ class PreparedDeployment:
     offers_by_id: Mapping[str, Offer]
     offers_by_name: Mapping[str, Offer]
     plugins: PluginChain
+    rules: EligibilityRules  # the offers' eligibility rules, evaluated once per combination of values
     # Model versions this revision binds, loaded and verified: (name, version) -> model.
     models: Mapping[tuple[str, int], LoadedModel] = field(default_factory=dict)
     # Whether the segment can depend on the customer's online features (see segment_reads_features).
@@ -143,6 +144,7 @@ class PreparedDeployment:
             plugins=build_plugin_chain(spec.plugins),
             models=loaded,
             segment_reads_features=segment_reads_features(spec),
+            rules=EligibilityRules(spec.offers),
         )
 
     def variant_for(self, customer: str) -> VariantPlan:
@@ -161,7 +163,7 @@ class PreparedDeployment:
         """The offers this customer may be shown: eligibility rules, the request's own list when it
         sends one (param `eligible_offers`: ids or names, a list or comma-separated, as the
         ecosystem.Ai runtime takes it), then pre-score plugins."""
-        offers = eligible_offers(self.spec.offers, context.values)
+        offers = self.rules.eligible(context.values)
         requested = _requested_offers(params.get(ELIGIBLE_OFFERS_PARAM))
         if requested is not None:
             offers = [offer for offer in offers if offer.id in requested or offer.name in requested]

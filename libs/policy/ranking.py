@@ -139,7 +139,7 @@ def _propensities(
             q_explore = 1.0 / len(candidates)
             q_exploit = 0.0
             if likelihood_exploit > 0 and rows is not None and outcomes is not None:
-                slot_winners = candidates[outcomes[np.ix_(rows, candidates)].argmax(axis=1)]
+                slot_winners = candidates[outcomes[rows[:, None], candidates].argmax(axis=1)]
                 matching = slot_winners == chosen
                 q_exploit = int(matching.sum()) / len(rows)
                 rows = rows[matching]

@@ -146,8 +146,8 @@ class ThompsonScorer(Scorer):
         key = (request.segment, tuple(request.offers), weights.tobytes())
         pool = self._pools.get(key)
         if pool is not None and (
-            np.any(np.abs(alpha - pool.alpha) > POOL_TOLERANCE * pool.alpha)
-            or np.any(np.abs(beta - pool.beta) > POOL_TOLERANCE * pool.beta)
+            (np.abs(alpha - pool.alpha) > POOL_TOLERANCE * pool.alpha).any()
+            or (np.abs(beta - pool.beta) > POOL_TOLERANCE * pool.beta).any()
         ):
             self._forget(key)
             pool = None

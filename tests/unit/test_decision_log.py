@@ -3,8 +3,11 @@ field; anything else is refused with a kind to count it by, never a crash."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 
+import numpy as np
 import pytest
 
 from libs.common.decision_log import (
@@ -150,3 +153,18 @@ def test_a_contact_costs_about_this_many_bytes() -> None:
     """The whole entry of a contact with 3 eligible offers, 2 shown, 3 context values and 3 features."""
     size = sum(len(key) + len(value) for key, value in CONTACT.encode().items())
     assert 500 < size < 1000, size
+
+
+def test_numpy_numbers_are_written_as_numbers_and_a_time_that_is_not_finite_is_refused_on_reading() -> None:
+    from_numpy = dataclasses.replace(
+        CONTACT,
+        time=np.float64(CONTACT.time),
+        eligible_scores=np.array(CONTACT.eligible_scores),
+        first_slot=FirstSlot(0.05, 256, np.array([200, 56, 0])),
+    )
+    assert decode_entry(as_redis_returns_it(from_numpy.encode())) == CONTACT
+    # A number that is not finite is written as null (orjson), which reading refuses: the monitor
+    # counts it as malformed rather than learning from it.
+    with pytest.raises(MalformedEntry) as refused:
+        decode_entry(as_redis_returns_it(dataclasses.replace(CONTACT, time=math.nan).encode()))
+    assert refused.value.kind == "malformed_body"

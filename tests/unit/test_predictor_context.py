@@ -11,8 +11,10 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from libs.common.deployment_spec import DeploymentSpec, EligibilityRule
+from libs.common.deployment_spec import DeploymentSpec, EligibilityRule, Offer
 from libs.common.errors import InvalidArgument
 from libs.policy.context import (
     MAX_PARAMS_BYTES,
@@ -22,7 +24,7 @@ from libs.policy.context import (
     segment_reads_features,
 )
 from libs.policy.deployment import PreparedDeployment
-from libs.policy.eligibility import rule_holds
+from libs.policy.eligibility import EligibilityRules, eligible_offers, rule_holds
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -332,6 +334,55 @@ def rule(operator: str, target: Any) -> EligibilityRule:
 )
 def test_eligibility_rules(operator: str, target: Any, value: Any, holds: bool) -> None:
     assert rule_holds(rule(operator, target), value) is holds
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.fixed_dictionaries(
+            {
+                "channel": st.sampled_from(["app", "web", "call", 1, 1.0, "1", "1.0", None]),
+                "age": st.one_of(st.none(), st.sampled_from([17, 18, 18.0, "18", "x"]), st.floats(0, 99)),
+                "unrelated": st.text(max_size=3),
+            }
+        ),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_remembered_eligibility_is_the_rules_answer_for_every_context(contexts: list[dict[str, Any]]) -> None:
+    offers = [
+        Offer.model_validate({"id": "any", "name": "any"}),
+        Offer.model_validate(
+            {
+                "id": "digital",
+                "name": "digital",
+                "eligibility": [{"variable": "channel", "operator": "in", "value": ["app", "web"]}],
+            }
+        ),
+        Offer.model_validate(
+            {
+                "id": "one",
+                "name": "one",
+                "eligibility": [{"variable": "channel", "operator": "eq", "value": "1"}],
+            }
+        ),
+        Offer.model_validate(
+            {
+                "id": "adult-app",
+                "name": "adult-app",
+                "eligibility": [
+                    {"variable": "age", "operator": "ge", "value": 18},
+                    {"variable": "channel", "operator": "ne", "value": "web"},
+                ],
+            }
+        ),
+        Offer.model_validate({"id": "off", "name": "off", "weighting": 0}),
+    ]
+    rules = EligibilityRules(offers)
+    for context in contexts + contexts:  # each context twice: computed, then remembered
+        values = {name: value for name, value in context.items() if value is not None}
+        assert rules.eligible(values) == eligible_offers(offers, values)
 
 
 # Experiment variants --------------------------------------------------------------------------
