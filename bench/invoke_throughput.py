@@ -646,11 +646,24 @@ class _CountingConnection(redis.asyncio.Connection):
 
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         _CountingConnection.writes += 1
+        _CountingConnection.commands += _commands_in(command)
         await super().send_packed_command(command, check_health)
 
-    def pack_command(self, *args: Any) -> list[bytes]:
-        _CountingConnection.commands += 1
-        return super().pack_command(*args)
+
+def _commands_in(packed: Any) -> int:
+    """How many commands a write holds: its top-level RESP arrays (each `*N`, then N bulk strings)."""
+    data = packed if isinstance(packed, bytes | str) else b"".join(packed)
+    data = data.encode() if isinstance(data, str) else data
+    position = count = 0
+    while position < len(data):
+        end = data.index(b"\r\n", position)
+        arguments = int(data[position + 1 : end])
+        position = end + 2
+        for _ in range(arguments):
+            end = data.index(b"\r\n", position)
+            position = end + 2 + int(data[position + 1 : end]) + 2
+        count += 1
+    return count
 
 
 async def _redis_traffic(redis_url: str, spec_text: str, customers: int, contacts: int) -> dict[str, Any]:
