@@ -6,6 +6,7 @@ simulation in memory); this module only reads them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -165,6 +166,8 @@ class ArmFields:
     offers: tuple[str, ...]
     index: Mapping[str, int]  # offer -> its row
     columns: Mapping[str, np.ndarray]  # field -> per offer
+    # The last table `at` made, per policy, with its moment.
+    _decayed: dict[ArmPolicy, tuple[float, ArmTable]] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def read(cls, raw: Mapping[Any, Any]) -> ArmFields:
@@ -182,7 +185,18 @@ class ArmFields:
         return cls(plan.offers, index, columns)
 
     def at(self, policy: ArmPolicy, now: float) -> ArmTable:
-        """The arms decayed to `now` (half-life, two-bucket window), vectorised over the offers."""
+        """The arms decayed to `now` (half-life, two-bucket window), vectorised over the offers. The
+        previous table serves again while `now` is within DECAY_UNCHANGED of the policy's shortest
+        time scale from its moment (a fresh one would differ by at most that fraction of the counts):
+        with a half-life of days, requests milliseconds apart need no decay of their own."""
+        previous = self._decayed.get(policy)
+        if previous is not None and abs(now - previous[0]) <= _unchanged_for(policy):
+            return previous[1]
+        table = self._decay(policy, now)
+        self._decayed[policy] = (now, table)
+        return table
+
+    def _decay(self, policy: ArmPolicy, now: float) -> ArmTable:
         field = self.columns.__getitem__
         n, s = field("n"), field("s")
         if policy.half_life_seconds > 0:
@@ -210,6 +224,17 @@ class ArmFields:
             field("pb"),
             index=self.index,
         )
+
+
+# A change in the decayed counts (as a fraction of the counts) too small to matter beside a
+# replica's kept copy, which misses up to statistics_max_age of impressions.
+DECAY_UNCHANGED = 1e-6
+
+
+def _unchanged_for(policy: ArmPolicy) -> float:
+    """Seconds over which the policy's decay moves counts by at most DECAY_UNCHANGED of them."""
+    scales = [scale for scale in (policy.half_life_seconds, policy.window_seconds) if scale > 0]
+    return DECAY_UNCHANGED * min(scales) if scales else math.inf
 
 
 def parse_arms(raw: Mapping[Any, Any], policy: ArmPolicy, now: float) -> ArmTable:

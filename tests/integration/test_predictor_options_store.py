@@ -22,7 +22,7 @@ from redis.exceptions import ResponseError
 
 from libs.common import redis_keys
 from libs.common.errors import InvalidArgument
-from libs.policy.statistics import ArmPolicy, parse_arms
+from libs.policy.statistics import DECAY_UNCHANGED, ArmFields, ArmPolicy, parse_arms
 from services.predictor.core.options_store import OptionsStore
 from services.predictor.core.statistics_stores import Scope
 from tests.polling import eventually
@@ -357,6 +357,38 @@ def test_the_vectorised_parse_applies_the_decay_rules_of_every_arm(
     n, s, pa, pb = parsed.columns(offers)
     assert n[-1] == s[-1] == pa[-1] == pb[-1] == 0.0
     assert [parsed[o].impressions for o in expected] == n[:-1].tolist()
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    half_life=st.sampled_from([0.0, 8.0, 604800.0]),
+    window=st.sampled_from([0.0, 30.0, 86400.0]),
+    start=st.floats(min_value=1e6, max_value=2e6, allow_nan=False),
+    steps=st.lists(st.floats(min_value=-1.0, max_value=1.0, allow_nan=False), min_size=1, max_size=8),
+)
+def test_a_decayed_table_serves_again_only_while_a_fresh_one_would_be_the_same(
+    half_life: float, window: float, start: float, steps: list[float]
+) -> None:
+    """ArmFields.at keeps its last table per policy: while `now` moves less than DECAY_UNCHANGED of
+    the policy's shortest time scale, a fresh decay would differ by at most that fraction of the counts."""
+    raw = {"a|n": "40", "a|s": "7", "a|t": repr(start - 5000.0), "a|wb": repr(start - 40000.0)}
+    raw |= {"a|wn": "12", "a|ws": "3", "a|pn": "20", "a|ps": "4", "b|n": "3", "b|t": repr(start - 10.0)}
+    policy = ArmPolicy(half_life_seconds=half_life, window_seconds=window)
+    fields = ArmFields.read(raw)
+    now = start
+    for step in steps:
+        now += step
+        table = fields.at(policy, now)
+        fresh = ArmFields.read(raw).at(policy, now)
+        for offer in ("a", "b"):
+            got, exact = table[offer], fresh[offer]
+            for part in ("impressions", "successes"):
+                assert getattr(got, part) == pytest.approx(
+                    getattr(exact, part), rel=0, abs=DECAY_UNCHANGED * 60
+                )
+        if half_life == window == 0.0:
+            assert table is fields.at(policy, now + 1e6)  # nothing decays: one table for ever
+    assert fields.at(ArmPolicy(half_life_seconds=1.0), now) is not fields.at(policy, now)  # one per policy
 
 
 async def test_a_replica_reuses_a_segments_statistics_until_a_response_or_their_age(
