@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,6 +36,7 @@ import hiredis
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 # A batch holds at most this many commands; the requests beyond it go in the next batch.
 MAX_BATCH_COMMANDS = 2000
@@ -75,6 +77,36 @@ def pack_commands(connection: Any, commands: Sequence[tuple[Any, ...]]) -> list[
     if len(packed) < len(commands):  # a command name of two words ("CLIENT SETNAME")
         return list(connection.pack_commands(commands))
     return [b"".join(packed)]
+
+
+async def exchange(
+    redis: Redis, connection: Any, commands: Sequence[Command], parsed: bool = True
+) -> list[Any]:
+    """Write the commands at once and read their replies, in order, each parsed as redis-py parses
+    its command's unless not `parsed` (an error reply in its place, as the exception). One deadline, the connection's
+    socket timeout, covers every reply: redis-py sets a timer per reply (10 us of CPU each here, a
+    tenth of a Respond). An argument that does not encode raises DataError before anything is sent;
+    a timeout raises redis-py's TimeoutError, and the connection, its replies unread, is closed."""
+    packed = pack_commands(connection, [args for args, _ in commands])
+    await connection.send_packed_command(packed)
+    callbacks = redis.response_callbacks if parsed else {}
+    replies: list[Any] = []
+    try:
+        async with asyncio.timeout(connection.socket_timeout):
+            for args, options in commands:
+                try:
+                    reply = await connection.read_response(timeout=math.inf)  # no timer of its own
+                except ResponseError as error:
+                    replies.append(error)
+                    continue
+                callback = callbacks.get(args[0])
+                if callback is not None:
+                    reply = callback(reply, **{k: v for k, v in options.items() if k != "keys"})
+                replies.append(reply)
+    except TimeoutError:
+        await connection.disconnect(nowait=True)
+        raise RedisTimeoutError(f"Timeout reading from {connection.host}:{connection.port}") from None
+    return replies
 
 
 class _Waiting:
@@ -187,22 +219,16 @@ class RedisBatch:
         """One write and the replies, parsed as redis-py parses a pipeline's (a command's error in
         its place). A connection found broken is replaced and the batch sent once more, as
         libs/common/redis_connection.py does for every command; a timeout is never retried."""
-        packed_args = [args for args, _ in commands]
         for attempt in range(2):
             if self._connection is None:
                 self._connection = await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
             connection = self._connection
-            packed = pack_commands(connection, packed_args)  # DataError here: nothing was sent
             try:
                 self.round_trips += 1
-                await connection.send_packed_command(packed)
-                replies: list[Any] = []
-                for args, options in commands:
-                    try:
-                        replies.append(await self._redis.parse_response(connection, args[0], **options))
-                    except ResponseError as exc:
-                        replies.append(exc)
-                return replies
+                return await exchange(self._redis, connection, commands)
+            except DataError:
+                self.round_trips -= 1  # nothing was sent
+                raise
             except RedisConnectionError:
                 await connection.disconnect()
                 if attempt:

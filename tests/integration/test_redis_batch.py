@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from libs.common.redis_batch import RedisBatch, pack_commands, queue_script
 from libs.stack.processes import free_port
@@ -274,3 +275,26 @@ def test_what_redis_py_refuses_to_pack_is_refused_the_same_way() -> None:
     # name of two words.
     for command in [("SET", "key", bytearray(b"value")), ("CLIENT SETNAME", "name")]:
         assert b"".join(pack_commands(connection, [command])) == b"".join(connection.pack_commands([command]))
+
+
+async def test_replies_later_than_the_socket_timeout_fail_the_batch_and_close_its_connection(
+    redis_url: str,
+) -> None:
+    """One deadline covers a batch's replies; past it the batch fails with redis-py's TimeoutError (not
+    retried: a write may have landed) and the next batch goes on a new connection, not one whose late
+    reply it would read as its own."""
+    client = Redis.from_url(redis_url, socket_timeout=0.2)
+    try:
+        batch = RedisBatch(client)
+        await client.set("after-the-timeout", "mine")
+        blocked = batch.pipeline()
+        blocked.blpop(["nothing-comes"], 2)  # Redis answers after 2 s, the deadline is 0.2 s
+        with pytest.raises(RedisTimeoutError):
+            await batch.send(blocked)
+        await client.lpush("nothing-comes", "late")  # would be BLPOP's reply on the old connection
+        pipeline = batch.pipeline()
+        pipeline.get("after-the-timeout")
+        assert await batch.send(pipeline) == [b"mine"]
+    finally:
+        await client.delete("after-the-timeout", "nothing-comes")
+        await client.aclose()

@@ -14,11 +14,10 @@ from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 
 from libs.common import decision_log, redis_keys
 from libs.common.errors import Unavailable
-from libs.common.redis_batch import RedisBatch, pack_commands, queue_script
+from libs.common.redis_batch import RedisBatch, exchange, queue_script
 from libs.policy.statistics import ArmPolicy, Statistics, StatisticsKind
 from services.predictor.core.statistics_stores import (
     ArmStatistics,
@@ -191,7 +190,7 @@ class _WatchedTransaction:
         self._redis = redis
         self._connection: Any = None
         self._watching = False
-        self._unread = 0  # replies written for and not yet read
+        self._replies_pending = False  # written, and not every reply read
 
     async def __aenter__(self) -> _WatchedTransaction:
         return self
@@ -203,66 +202,56 @@ class _WatchedTransaction:
         for attempt in range(2):
             connection = self._connection = await pool.get_connection()  # type: ignore[no-untyped-call]
             try:
-                await self._write([("WATCH", key), ("HGETALL", key)])
-                self._watching = True
-                await self._reply("WATCH")
-                raw: dict[Any, Any] = await self._reply("HGETALL")  # parsed into a dict
-                return raw
+                watched, raw = await self._exchange([("WATCH", key), ("HGETALL", key)])
             except RedisConnectionError:
-                self._connection, self._watching, self._unread = (
-                    None,
-                    False,
-                    0,
-                )  # a dropped connection lost its WATCH
+                # A dropped connection has lost its WATCH.
+                self._connection, self._watching, self._replies_pending = None, False, False
                 await connection.disconnect()
                 await pool.release(connection)
                 if attempt:
                     raise
+                continue
+            self._watching = not isinstance(watched, Exception)
+            for reply in (watched, raw):
+                if isinstance(reply, Exception):
+                    raise reply
+            return dict(raw)  # redis-py's parsing made it a dict
         raise AssertionError("unreachable")
 
     async def commit(self, commands: Sequence[tuple[tuple[Any, ...], Mapping[str, Any]]]) -> bool:
         """MULTI, the commands, EXEC: True once committed, False when the watched key changed
-        (nothing was written). Raises the first command's error (nothing was written either)."""
-        await self._write([("MULTI",), *(args for args, _ in commands), ("EXEC",)])
-        refused: ResponseError | None = None
-        for _ in range(len(commands) + 1):  # MULTI's OK, then QUEUED for each command
-            try:
-                await self._reply()
-            except ResponseError as error:  # refused as it was queued: EXEC then aborts
-                refused = refused or error
+        (nothing was written). Raises the first command's error (nothing was written either when
+        it was refused as it was queued: EXEC then aborts)."""
+        # A queued command's reply is QUEUED, not its own: the replies are taken as they come.
+        replies = await self._exchange([("MULTI",), *(args for args, _ in commands), ("EXEC",)], parsed=False)
         self._watching = False  # EXEC ends the WATCH, whatever it answers
-        try:
-            replies = await self._reply()
-        except ResponseError as error:
-            raise (refused or error) from None
-        if replies is None:
+        *queued, executed = replies
+        for reply in queued:
+            if isinstance(reply, Exception):
+                raise reply
+        if isinstance(executed, Exception):
+            raise executed
+        if executed is None:
             return False
-        for reply in replies:
+        for reply in executed:
             if isinstance(reply, Exception):
                 raise reply
         return True
 
-    async def _write(self, commands: list[tuple[Any, ...]]) -> None:
-        packed = pack_commands(self._connection, commands)  # an argument that does not encode: nothing sent
-        self._unread = len(commands)
-        await self._connection.send_packed_command(packed)
-
-    async def _reply(self, command: str = "_") -> Any:
-        """The next reply, parsed as redis-py parses `command`'s (an error reply raised, once read)."""
-        try:
-            reply = await self._redis.parse_response(self._connection, command)
-        except ResponseError:
-            self._unread -= 1  # an error reply, read whole
-            raise
-        self._unread -= 1
-        return reply
+    async def _exchange(self, commands: list[tuple[Any, ...]], parsed: bool = True) -> list[Any]:
+        self._replies_pending = True
+        replies = await exchange(
+            self._redis, self._connection, [(command, {}) for command in commands], parsed
+        )
+        self._replies_pending = False
+        return replies
 
     async def __aexit__(self, *_: object) -> None:
         connection, self._connection = self._connection, None
         if connection is None:
             return
         try:
-            if self._unread:
+            if self._replies_pending:
                 await connection.disconnect(nowait=True)
             elif self._watching:
                 await connection.send_command("UNWATCH")
