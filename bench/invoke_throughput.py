@@ -41,6 +41,7 @@ import re
 import resource
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -718,9 +719,9 @@ async def _redis_traffic(redis_url: str, spec_text: str, customers: int, contact
 
 # A sample counts for a bucket when every `all_of` pattern matches some frame of its stack, no
 # `none_of` pattern does, and `leaf` (when given) matches the innermost frame. py-spy names a frame "Class.function (path/below/site-packages/or/cwd.py:line)".
-HANDLER = r"^PredictorServicer\.(Invoke|Ping) \("
+HANDLER = r"^PredictorServicer\.(Invoke|Respond|Ping) \("
 PROFILE_BUCKETS: tuple[tuple[str, tuple[str, ...], tuple[str, ...], str], ...] = (
-    ("the RPC handler (servicer.Invoke / servicer.Ping), inclusive", (HANDLER,), (), ""),
+    ("the RPC handler (servicer.Invoke / Respond / Ping), inclusive", (HANDLER,), (), ""),
     ("  DecisionEngine.invoke", (r"^DecisionEngine\.invoke \(",), (), ""),
     (
         "    Redis calls outside pipelines (feature HGETALL, generation GET)",
@@ -763,6 +764,19 @@ PROFILE_BUCKETS: tuple[tuple[str, tuple[str, ...], tuple[str, ...], str], ...] =
         (),
         "",
     ),
+    ("  DecisionEngine.respond", (r"^DecisionEngine\.respond \(",), (), ""),
+    (
+        "    the answer: offer matching, learning and the log entry, queued",
+        (r"^DecisionEngine\.respond\.<locals>\.answer \(",),
+        (),
+        "",
+    ),
+    (
+        "    _WatchedTransaction (WATCH and read, MULTI/EXEC)",
+        (r"^_WatchedTransaction\.",),
+        (),
+        "",
+    ),
     ("redis-py, all of it (commands, pipelines, reply parsing)", (r"\(redis/",), (), ""),
     ("  RESP reply parsing in pure Python (no hiredis)", (r"\(redis/_parsers/",), (), ""),
     (
@@ -788,6 +802,47 @@ NATIVE_UNDER_LOOP = r"^(Handle\._run|Runner\.run) \("
 PROFILE_RATE_HZ = 250
 
 
+@contextlib.contextmanager
+def replica_profile(pid: int, metrics_port: int, method: str, out: Path) -> Iterator[dict[str, Any]]:
+    """py-spy record (raw collapsed stacks) of one replica while the block runs; the dict it yields
+    then holds the summary, the requests of `method` that replica answered meanwhile and its busy ms
+    per request (or why it was skipped)."""
+    result: dict[str, Any] = {}
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(py_spy).exists():
+        result["skipped"] = "py-spy is not installed (pip install py-spy into the venv)"
+        yield result
+        return
+    raw = out / f"py-spy-{method}.txt"
+    counts_before = rpc_counts(metrics_port)
+    spy = subprocess.Popen(
+        [
+            *(py_spy, "record", "--pid", str(pid), "--rate", str(PROFILE_RATE_HZ)),
+            *("--format", "raw", "--nonblocking", "--output", str(raw)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.0)  # py-spy attaches
+    try:
+        yield result
+    finally:
+        spy.send_signal(signal.SIGINT)  # py-spy writes what it recorded and exits
+        _, error = spy.communicate(timeout=60)
+    counts_after = rpc_counts(metrics_port)
+    if spy.returncode != 0 or not raw.exists():
+        result["skipped"] = f"py-spy failed: {error.strip()[-500:]}"
+        return
+    result.update(summarize_profile(raw.read_text()))
+    key = (f"PredictorService/{method}", "OK")
+    handled = int(counts_after.get(key, 0.0) - counts_before.get(key, 0.0))
+    result["requests_on_this_replica"] = handled
+    if handled and result.get("samples"):
+        # Busy time per request, approximately: py-spy takes PROFILE_RATE_HZ samples per busy second.
+        result["busy_ms_per_request"] = round(1000 * result["samples"] / PROFILE_RATE_HZ / handled, 3)
+
+
 def profile_replica(
     pid: int,
     metrics_port: int,
@@ -799,48 +854,14 @@ def profile_replica(
     api_key: str,
     out: Path,
 ) -> dict[str, Any]:
-    """py-spy record (raw collapsed stacks) of one replica while h2load sends `method` through Envoy."""
-    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if not Path(py_spy).exists():
-        return {"skipped": "py-spy is not installed (pip install py-spy into the venv)"}
-    raw = out / f"py-spy-{method}.txt"
-    counts_before = rpc_counts(metrics_port)
-    spy = subprocess.Popen(
-        [
-            py_spy,
-            "record",
-            "--pid",
-            str(pid),
-            "--rate",
-            str(PROFILE_RATE_HZ),
-            "--duration",
-            f"{seconds + 2:g}",
-            "--format",
-            "raw",
-            "--nonblocking",
-            "--output",
-            str(raw),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    time.sleep(1.0)
-    subprocess.run(
-        h2load_argv(url, body, level, for_seconds(seconds), api_key, None), capture_output=True, check=False
-    )
-    _, error = spy.communicate(timeout=seconds + 60)
-    counts_after = rpc_counts(metrics_port)
-    if spy.returncode != 0 or not raw.exists():
-        return {"skipped": f"py-spy failed: {error.strip()[-500:]}"}
-    summary = summarize_profile(raw.read_text())
-    key = (f"PredictorService/{method}", "OK")
-    handled = int(counts_after.get(key, 0.0) - counts_before.get(key, 0.0))
-    summary["requests_on_this_replica"] = handled
-    if handled and summary.get("samples"):
-        # Busy time per request, approximately: py-spy takes PROFILE_RATE_HZ samples per busy second.
-        summary["busy_ms_per_request"] = round(1000 * summary["samples"] / PROFILE_RATE_HZ / handled, 3)
-    return summary
+    """The replica's profile while h2load sends `method` through Envoy for `seconds`."""
+    with replica_profile(pid, metrics_port, method, out) as profile:
+        subprocess.run(
+            h2load_argv(url, body, level, for_seconds(seconds), api_key, None),
+            capture_output=True,
+            check=False,
+        )
+    return profile
 
 
 def summarize_profile(collapsed: str) -> dict[str, Any]:
@@ -1089,6 +1110,7 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         # Respond, with a grpc.aio client (each Respond needs its own uuid, which h2load cannot
         # send), against Ping and the bare server with the same client.
         client_runs = []
+        respond_profiles: list[dict[str, Any]] = []
         busy = levels[1]
         count = max(200, round(warm_up_rates[("Invoke", busy.name)] * args.duration))
         for round_index in range(args.rounds):
@@ -1145,6 +1167,18 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     flush=True,
                 )
         report["grpc_client_runs"] = client_runs
+        if args.profile:
+            # Unrecorded: a replica under Respond load, with fresh contacts to answer.
+            print("profiling predictor-1 under Respond load (py-spy, grpc.aio client)", flush=True)
+            contacts = grpc_load(front_door, invoke_key, "Invoke", invoke_bodies, busy.in_flight)
+            pid = next(p.process.pid for p in processes if p.name == "predictor-1")
+            with replica_profile(
+                pid, settings.predictor_metrics_ports[0], "Respond", work
+            ) as respond_profile:
+                grpc_load(
+                    front_door, invoke_key, "Respond", respond_requests(contacts["replies"]), busy.in_flight
+                )
+            respond_profiles.append(respond_profile)
         print("counting Redis round trips and commands per Invoke and per Respond", flush=True)
         report["redis_traffic"] = asyncio.run(
             _redis_traffic(redis_url, deployment_spec(args.offers), args.customers, contacts=300)
@@ -1191,6 +1225,8 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     "requests that replica answered (approximate: sampling costs the replica some time too)"
                 )
             }
+            if respond_profiles:
+                report["profile"]["Respond"] = respond_profiles[0]
             for method in ("Invoke", "Ping"):
                 print(f"profiling predictor-1 under {method} load (py-spy)", flush=True)
                 report["profile"][method] = profile_replica(
@@ -1548,28 +1584,33 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
     profile = report.get("profile")
     if profile:
         lines += ["", "## Where a replica's time goes (py-spy)", "", profile["setup"] + "."]
-        invoke, ping = profile.get("Invoke", {}), profile.get("Ping", {})
-        for method, part in (("Invoke", invoke), ("Ping", ping)):
+        parts = {method: profile[method] for method in ("Invoke", "Respond", "Ping") if method in profile}
+        for method, part in parts.items():
             if not part.get("samples"):
                 lines += ["", f"{method}: profile skipped: {part.get('skipped')}"]
-        if invoke.get("samples") and ping.get("samples"):
+        parts = {method: part for method, part in parts.items() if part.get("samples")}
+        if parts:
             lines += [
                 "",
-                f"Invoke: {invoke['samples']} busy samples, {invoke.get('requests_on_this_replica')} requests on "
-                f"this replica, about {invoke.get('busy_ms_per_request', 'n/a')} busy ms per request. Ping: "
-                f"{ping['samples']} busy samples, {ping.get('requests_on_this_replica')} requests, about "
-                f"{ping.get('busy_ms_per_request', 'n/a')} busy ms per request.",
+                " ".join(
+                    f"{method}: {part['samples']} busy samples, {part.get('requests_on_this_replica')} requests "
+                    f"on this replica, about {part.get('busy_ms_per_request', 'n/a')} busy ms per request."
+                    for method, part in parts.items()
+                ),
                 "",
-                "| where (stack contains) | Invoke % | Invoke ms/req | Ping % | Ping ms/req |",
-                "|---|---|---|---|---|",
+                "| where (stack contains) | " + " | ".join(f"{m} % | {m} ms/req" for m in parts) + " |",
+                "|---|" + "---|---|" * len(parts),
             ]
-            for label, share in invoke["inclusive_percent"].items():
-                ping_share = ping["inclusive_percent"].get(label, 0.0)
-                lines.append(
-                    f"| {label.replace('  ', '&nbsp;&nbsp;')} | {share} | "
-                    f"{_ms_per_request(share, invoke)} | {ping_share} | {_ms_per_request(ping_share, ping)} |"
-                )
-            for method, part in (("Invoke", invoke), ("Ping", ping)):
+            labels = list(
+                dict.fromkeys(label for part in parts.values() for label in part["inclusive_percent"])
+            )
+            for label in labels:
+                cells = []
+                for part in parts.values():
+                    share = part["inclusive_percent"].get(label, 0.0)
+                    cells += [str(share), _ms_per_request(share, part)]
+                lines.append(f"| {label.replace('  ', '&nbsp;&nbsp;')} | " + " | ".join(cells) + " |")
+            for method, part in parts.items():
                 lines += ["", f"| {method}: top self time (leaf frame) | % |", "|---|---|"]
                 lines += [f"| `{name}` | {value} |" for name, value in part["top_self_percent"].items()]
     if report.get("findings"):
