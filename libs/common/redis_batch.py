@@ -64,6 +64,72 @@ def queue_script(pipeline: Any, body: str, keys: Sequence[str], args: Sequence[A
     pipeline.evalsha(sha, len(keys), *keys, *args)
 
 
+# KEYS[1]: the guarding hash, then the keys of the guarded scripts. ARGV[1]: the hash's field count
+# when it was read; ARGV[2]: how many commands follow, each as "script", its SHA-1, the index of its
+# first key in KEYS, its key count, its argument count and its arguments, or as "call", its word
+# count and its words. Runs them all, atomically, only while the hash has the fields it had: 1, else 0.
+_GUARD_HEAD = """-- liveloop guard
+local scripts = {}
+"""
+_GUARD_BODY = """
+if redis.call('HLEN', KEYS[1]) ~= tonumber(ARGV[1]) then
+  return 0
+end
+local at = 3
+for _ = 1, tonumber(ARGV[2]) do
+  if ARGV[at] == 'script' then
+    local first, key_count, arg_count = tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3]), tonumber(ARGV[at + 4])
+    local keys = {unpack(KEYS, first, first + key_count - 1)}
+    local args = {unpack(ARGV, at + 5, at + 4 + arg_count)}
+    scripts[ARGV[at + 1]](keys, args)
+    at = at + 5 + arg_count
+  else
+    local count = tonumber(ARGV[at + 1])
+    redis.call(unpack(ARGV, at + 2, at + 1 + count))
+    at = at + 2 + count
+  end
+end
+return 1
+"""
+_guards: dict[int, str] = {}  # by the number of scripts it holds
+
+
+def _guard_script() -> str:
+    """The guard, holding every script queued so far as a function (a script cannot call another)."""
+    scripts = {sha: body for sha, body in _SCRIPT_BODIES.items() if not body.startswith(_GUARD_HEAD)}
+    guard = _guards.get(len(scripts))
+    if guard is None:
+        functions = "".join(
+            f"scripts['{sha}'] = function(KEYS, ARGV)\n{body}\nend\n" for sha, body in sorted(scripts.items())
+        )
+        guard = _guards[len(scripts)] = _GUARD_HEAD + functions + _GUARD_BODY
+    return guard
+
+
+def queue_guarded(pipeline: Any, guard: str, fields: int, commands: Sequence[Command]) -> None:
+    """Queue `commands` (queued on a `RedisBatch` pipeline: scripts by SHA) as one script that runs
+    them only while the hash `guard` still has `fields` fields, and answers 1 when it ran them, 0
+    when not. It is a compare-and-set for a hash that only ever gains fields (a contact gains its
+    answer marks): unlike WATCH and MULTI/EXEC it needs no connection of its own, so it goes in a
+    batch with the commands of concurrent requests. As in a transaction, a command that fails stops
+    the rest and what ran before it stays."""
+    keys: list[Any] = [guard]
+    argv: list[Any] = [fields, len(commands)]
+    for args, _ in commands:
+        if args[0] == "EVALSHA":
+            sha, key_count = str(args[1]), int(args[2])
+            if sha not in _SCRIPT_BODIES:
+                raise ValueError(f"script {sha} was not queued with queue_script")
+            script_args = args[3 + key_count :]
+            argv += ["script", sha, len(keys) + 1, key_count, len(script_args), *script_args]
+            keys += args[3 : 3 + key_count]
+        elif args[0] == "EVAL":
+            raise ValueError("queue the guarded commands on a RedisBatch pipeline: scripts go by SHA")
+        else:
+            argv += ["call", len(args), *args]
+    queue_script(pipeline, _guard_script(), keys, argv)
+
+
 def pack_commands(connection: Any, commands: Sequence[tuple[Any, ...]]) -> list[bytes]:
     """The commands in Redis's protocol, as `connection.pack_commands` packs them, in a fraction of
     its CPU: hiredis packs each command whole, where redis-py first encodes every argument in Python
@@ -79,17 +145,15 @@ def pack_commands(connection: Any, commands: Sequence[tuple[Any, ...]]) -> list[
     return [b"".join(packed)]
 
 
-async def exchange(
-    redis: Redis, connection: Any, commands: Sequence[Command], parsed: bool = True
-) -> list[Any]:
+async def exchange(redis: Redis, connection: Any, commands: Sequence[Command]) -> list[Any]:
     """Write the commands at once and read their replies, in order, each parsed as redis-py parses
-    its command's unless not `parsed` (an error reply in its place, as the exception). One deadline, the connection's
+    its command's (an error reply in its place, as the exception). One deadline, the connection's
     socket timeout, covers every reply: redis-py sets a timer per reply (10 us of CPU each here, a
     tenth of a Respond). An argument that does not encode raises DataError before anything is sent;
     a timeout raises redis-py's TimeoutError, and the connection, its replies unread, is closed."""
     packed = pack_commands(connection, [args for args, _ in commands])
     await connection.send_packed_command(packed)
-    callbacks = redis.response_callbacks if parsed else {}
+    callbacks = redis.response_callbacks
     replies: list[Any] = []
     try:
         async with asyncio.timeout(connection.socket_timeout):

@@ -463,74 +463,38 @@ async def test_a_contact_is_kept_with_its_expiry_in_one_command_even_after_redis
             await options.redis.script_flush()  # as after a Redis restart
 
 
-async def test_a_contact_read_that_fails_leaves_no_watch_on_the_pooled_connection(redis_url: str) -> None:
-    client = Redis.from_url(redis_url, max_connections=1)  # one connection: the next user gets it
-    try:
-        uuid = str(uuid_module.uuid4())
-        key = redis_keys.contact(uuid)
-        await client.set(key, "not a hash")
-        with pytest.raises(ResponseError, match="WRONGTYPE"):
-            await OptionsStore(client).answer_contact(uuid, lambda contact, pipeline: None)
-        await client.set(key, "changed since")  # would abort a transaction still watching it
-        async with client.pipeline(transaction=True) as transaction:
-            transaction.set(f"{key}:other", "1")
-            assert await transaction.execute() == [True]
-    finally:
-        await client.delete(redis_keys.contact(uuid), f"{redis_keys.contact(uuid)}:other")
-        await client.aclose()
-
-
-async def _one_connection_contact(redis_url: str, **options: Any) -> tuple[Redis, str, str]:
-    """A client with one connection (what an answer leaves on it, the next user gets) and a contact."""
-    client = Redis.from_url(redis_url, max_connections=1, **options)
+async def test_a_contact_that_is_not_a_hash_fails_the_answer_and_nothing_is_written(options: Store) -> None:
     uuid = str(uuid_module.uuid4())
-    await client.hset(redis_keys.contact(uuid), mapping={"deployment": "d", "offers": '["a"]'})
-    return client, uuid, redis_keys.contact(uuid)
+    key = redis_keys.contact(uuid)
+    await options.redis.set(key, "not a hash")
+
+    def answer(contact: dict[str, str], pipeline: Any) -> None:
+        raise AssertionError("never called: the read failed")
+
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await options.store.answer_contact(uuid, answer)
+    assert await options.redis.get(key) == b"not a hash"
 
 
-async def _the_connection_is_clean(client: Redis, key: str) -> None:
-    """No WATCH left on the pooled connection (a changed key would abort the transaction) and no reply
-    left unread on it (the next command would read it as its own)."""
-    await client.hset(key, "changed since", "1")
-    async with client.pipeline(transaction=True) as transaction:
-        transaction.set(f"{key}:other", "1")
-        transaction.get(f"{key}:other")
-        assert await transaction.execute() == [True, b"1"]
-    assert await client.hget(key, "changed since") == b"1"
-
-
-async def test_an_answer_that_stops_after_the_read_leaves_the_connection_unwatched(redis_url: str) -> None:
-    client, uuid, key = await _one_connection_contact(redis_url)
-    try:
-
-        def refused(contact: dict[str, str], pipeline: Any) -> None:
-            raise InvalidArgument("refused after the read", field="offers_accepted")
-
-        with pytest.raises(InvalidArgument):
-            await OptionsStore(client).answer_contact(uuid, refused)
-        await _the_connection_is_clean(client, key)
-    finally:
-        await client.delete(key, f"{key}:other")
-        await client.aclose()
-
-
-async def test_a_command_refused_in_the_transaction_fails_the_answer_and_writes_nothing(
-    redis_url: str,
+async def test_a_failing_command_fails_the_answer_and_the_commands_after_it_do_not_run(
+    options: Store,
 ) -> None:
-    client, uuid, key = await _one_connection_contact(redis_url)
-    try:
+    """As in MULTI/EXEC: what ran before the failing command stays, nothing after it runs."""
+    uuid = str(uuid_module.uuid4())
+    key = redis_keys.contact(uuid)
+    await options.redis.hset(key, mapping={"deployment": options.deployment, "offers": '["a"]'})
+    store = options.store
 
-        def malformed(contact: dict[str, str], pipeline: Any) -> None:
-            pipeline.hset(key, "responded", "1")
-            pipeline.execute_command("HSET", key)  # wrong number of arguments: refused when queued
+    def failing(contact: dict[str, str], pipeline: Any) -> None:
+        pipeline.hset(key, "first", "1")
+        pipeline.incr(key)  # WRONGTYPE: the contact is a hash
+        pipeline.hset(key, "after", "1")
 
-        with pytest.raises(ResponseError, match="wrong number of arguments"):
-            await OptionsStore(client).answer_contact(uuid, malformed)
-        assert await client.hget(key, "responded") is None  # EXEC aborted: nothing of it was written
-        await _the_connection_is_clean(client, key)
-    finally:
-        await client.delete(key, f"{key}:other")
-        await client.aclose()
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await store.answer_contact(uuid, failing)
+    stored = await options.redis.hgetall(key)
+    assert b"first" in stored
+    assert b"after" not in stored
 
 
 class HeldReplies(Connection):
@@ -547,16 +511,21 @@ class HeldReplies(Connection):
         return await super().read_response(*args, **kwargs)
 
 
-async def test_an_answer_cancelled_while_its_transaction_is_out_closes_the_connection(redis_url: str) -> None:
-    """Its replies would otherwise wait on the pooled connection for the next command to read; the
-    transaction itself may have committed, so the retry finds the offer answered (not learned twice)."""
+async def test_an_answer_cancelled_while_its_commit_is_out_is_learned_once(
+    redis_url: str,
+) -> None:
+    """The commit's batch lands whether or not the request that queued it still waits: the retry
+    finds the offer answered (not learned twice), and the next answer is served as usual."""
     HeldReplies.hold, HeldReplies.holding, HeldReplies.release = False, asyncio.Event(), asyncio.Event()
-    client, uuid, key = await _one_connection_contact(redis_url, connection_class=HeldReplies)
+    client = Redis.from_url(redis_url, connection_class=HeldReplies)
+    uuid = str(uuid_module.uuid4())
+    key = redis_keys.contact(uuid)
+    await client.hset(key, mapping={"deployment": "d", "offers": '["a"]'})
     store = OptionsStore(client)
     try:
 
         def answer(contact: dict[str, str], pipeline: Any) -> list[str]:
-            HeldReplies.hold = True  # the transaction's replies wait
+            HeldReplies.hold = True  # the commit's replies wait
             return marking(["a"], uuid, store)(contact, pipeline)
 
         task = asyncio.create_task(store.answer_contact(uuid, answer))
@@ -565,9 +534,10 @@ async def test_an_answer_cancelled_while_its_transaction_is_out_closes_the_conne
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await _the_connection_is_clean(client, key)
+        HeldReplies.release.set()  # the batch lands
         assert await store.answer_contact(uuid, marking(["a"], uuid, store)) == []  # committed once
+        assert await store.answer_contact(uuid, marking(["b"], uuid, store)) == ["b"]
     finally:
         HeldReplies.release.set()
-        await client.delete(key, f"{key}:other")
+        await client.delete(key)
         await client.aclose()

@@ -17,7 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from libs.common.redis_batch import RedisBatch, pack_commands, queue_script
+from libs.common.redis_batch import RedisBatch, pack_commands, queue_guarded, queue_script
 from libs.stack.processes import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
@@ -298,3 +298,36 @@ async def test_replies_later_than_the_socket_timeout_fail_the_batch_and_close_it
     finally:
         await client.delete("after-the-timeout", "nothing-comes")
         await client.aclose()
+
+
+async def _guarded(batch: RedisBatch, guard: str, fields: int) -> Any:
+    """Queue an increment by script and a plain HSET, guarded; send them."""
+    writes = batch.pipeline()
+    queue_script(writes, INCREMENT, ["guarded-counter"], [5])
+    writes.hset(guard, "mark", "1")
+    commit = batch.pipeline()
+    queue_guarded(commit, guard, fields, writes.command_stack)
+    (applied,) = await batch.send(commit)
+    return applied
+
+
+async def test_guarded_commands_run_together_only_while_the_hash_has_the_fields_it_had(client: Redis) -> None:
+    batch = RedisBatch(client)
+    await client.hset("guard", mapping={"a": "1", "b": "2"})
+    assert await _guarded(batch, "guard", 2) == 1  # as read: both commands ran
+    assert await client.get("guarded-counter") == b"5"
+    assert await client.hget("guard", "mark") == b"1"
+    assert await _guarded(batch, "guard", 2) == 0  # the hash gained a field since: nothing ran
+    assert await client.get("guarded-counter") == b"5"
+    assert await _guarded(batch, "gone", 2) == 0  # no hash: nothing ran
+    assert not await client.exists("gone")
+    await client.script_flush()  # as after a Redis restart: sent again with its body, run once
+    assert await _guarded(batch, "guard", 3) == 1
+    assert await client.get("guarded-counter") == b"10"
+
+
+async def test_guarded_scripts_must_go_by_sha(client: Redis) -> None:
+    writes = client.pipeline(transaction=False)  # not a batch's: its scripts go with their body
+    queue_script(writes, INCREMENT, ["guarded-counter"], [1])
+    with pytest.raises(ValueError, match="RedisBatch pipeline"):
+        queue_guarded(RedisBatch(client).pipeline(), "guard", 1, writes.command_stack)

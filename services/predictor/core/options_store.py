@@ -13,11 +13,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from libs.common import decision_log, redis_keys
 from libs.common.errors import Unavailable
-from libs.common.redis_batch import RedisBatch, exchange, queue_script
+from libs.common.redis_batch import RedisBatch, queue_guarded, queue_script
 from libs.policy.statistics import ArmPolicy, Statistics, StatisticsKind
 from services.predictor.core.statistics_stores import (
     ArmStatistics,
@@ -147,120 +146,43 @@ class OptionsStore:
     ) -> Answer | None:
         """Answer a contact atomically: `answer(contact, pipeline)` reads the contact as it is now and
         queues everything answering it writes (the marks on the contact, the learning, the log
-        entry), and all of it is committed in one MULTI/EXEC or none of it is: two round trips on a
-        connection of the answer's own, the WATCH and the read in one, the transaction in the other.
-        So a call cancelled or failed anywhere before the commit leaves no trace and its retry does
-        the whole work, and one after it finds the offers answered: a response is learned exactly
-        once. When another answer to the same contact commits in between (WATCH), this one is read
-        and queued again. None when the contact is gone (unknown, or older than its reward window)."""
+        entry), and all of it runs in one script, only while the contact is as it was read, or none
+        of it does. Two round trips, each in a batch with the commands of concurrent requests: the
+        read, then the guarded script (`redis_batch.queue_guarded`). A contact only gains fields (its
+        answer marks), so "as it was read" is "with as many fields": when another answer committed in
+        between, this one is read and queued again. So a call cancelled or failed before the commit
+        leaves no trace and its retry does the whole work, and one after it finds the offers
+        answered: a response is learned exactly once. None when the contact is gone (unknown, or
+        older than its reward window)."""
         key = redis_keys.contact(uuid)
         for _ in range(ANSWER_ATTEMPTS):
-            async with _WatchedTransaction(self._redis) as transaction:
-                raw = await transaction.watch_and_read(key)
-                if not raw:
-                    return None
-                queue = self._redis.pipeline(transaction=False)  # holds the commands; never sent itself
-                result = answer({_text(k): _text(v) for k, v in raw.items()}, queue)
-                if await transaction.commit(queue.command_stack):
-                    return result
+            read = self.pipeline()
+            read.hgetall(key)
+            (raw,) = await self.send(read)
+            if not raw:
+                return None
+            writes = self.pipeline()  # holds the answer's commands; sent inside the guard
+            result = answer({_text(k): _text(v) for k, v in raw.items()}, writes)
+            commit = self.pipeline()
+            queue_guarded(commit, key, len(raw), writes.command_stack)
+            (committed,) = await self.send(commit)
+            if committed:
+                return result
         raise Unavailable(f"the contact '{uuid}' was answered concurrently {ANSWER_ATTEMPTS} times; retry")
 
     @staticmethod
     def queue_answer_marks(
         pipeline: Any, uuid: str, offers: Sequence[str], contact: Mapping[str, str]
     ) -> None:
-        """The contact has been answered, and these offers accepted (each learned once). Nothing is
-        written when nothing changes: every write to the contact restarts the other answers racing
-        for it (WATCH), so a burst of duplicates must not write."""
+        """The contact has been answered, and these offers accepted (each learned once). Marks are
+        only ever added, never removed or rewritten: the guard of `answer_contact` counts the
+        contact's fields, so a new mark restarts the other answers racing for it and a duplicate,
+        which adds none, restarts nothing."""
         marks = {f"accepted|{offer}": "1" for offer in offers}
         if contact.get("responded") != "1":
             marks["responded"] = "1"
         if marks:
             pipeline.hset(redis_keys.contact(uuid), mapping=marks)
-
-
-class _WatchedTransaction:
-    """WATCH, read, then MULTI/EXEC, written and read directly on a connection taken from the pool
-    for the transaction (redis-py's transaction pipeline cost about as much CPU as the rest of a
-    Respond). The connection goes back to the pool watching nothing and with no reply left unread:
-    EXEC ends the WATCH, an answer that stops before it sends UNWATCH, and a connection stopped
-    between a write and its last reply (a dropped connection, a timeout, a cancelled call) is closed."""
-
-    def __init__(self, redis: Redis) -> None:
-        self._redis = redis
-        self._connection: Any = None
-        self._watching = False
-        self._replies_pending = False  # written, and not every reply read
-
-    async def __aenter__(self) -> _WatchedTransaction:
-        return self
-
-    async def watch_and_read(self, key: str) -> dict[Any, Any]:
-        """WATCH the key and read its hash, in one write. A connection found dead is replaced once:
-        both commands only read, so sending them again is safe."""
-        pool = self._redis.connection_pool
-        for attempt in range(2):
-            connection = self._connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-            try:
-                watched, raw = await self._exchange([("WATCH", key), ("HGETALL", key)])
-            except RedisConnectionError:
-                # A dropped connection has lost its WATCH.
-                self._connection, self._watching, self._replies_pending = None, False, False
-                await connection.disconnect()
-                await pool.release(connection)
-                if attempt:
-                    raise
-                continue
-            self._watching = not isinstance(watched, Exception)
-            for reply in (watched, raw):
-                if isinstance(reply, Exception):
-                    raise reply
-            return dict(raw)  # redis-py's parsing made it a dict
-        raise AssertionError("unreachable")
-
-    async def commit(self, commands: Sequence[tuple[tuple[Any, ...], Mapping[str, Any]]]) -> bool:
-        """MULTI, the commands, EXEC: True once committed, False when the watched key changed
-        (nothing was written). Raises the first command's error (nothing was written either when
-        it was refused as it was queued: EXEC then aborts)."""
-        # A queued command's reply is QUEUED, not its own: the replies are taken as they come.
-        replies = await self._exchange([("MULTI",), *(args for args, _ in commands), ("EXEC",)], parsed=False)
-        self._watching = False  # EXEC ends the WATCH, whatever it answers
-        *queued, executed = replies
-        for reply in queued:
-            if isinstance(reply, Exception):
-                raise reply
-        if isinstance(executed, Exception):
-            raise executed
-        if executed is None:
-            return False
-        for reply in executed:
-            if isinstance(reply, Exception):
-                raise reply
-        return True
-
-    async def _exchange(self, commands: list[tuple[Any, ...]], parsed: bool = True) -> list[Any]:
-        self._replies_pending = True
-        replies = await exchange(
-            self._redis, self._connection, [(command, {}) for command in commands], parsed
-        )
-        self._replies_pending = False
-        return replies
-
-    async def __aexit__(self, *_: object) -> None:
-        connection, self._connection = self._connection, None
-        if connection is None:
-            return
-        try:
-            if self._replies_pending:
-                await connection.disconnect(nowait=True)
-            elif self._watching:
-                await connection.send_command("UNWATCH")
-                await connection.read_response()
-        except BaseException:
-            await connection.disconnect(nowait=True)
-            raise
-        finally:
-            await self._redis.connection_pool.release(connection)
 
 
 def _text(value: Any) -> str:
