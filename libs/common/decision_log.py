@@ -17,6 +17,7 @@ libs/policy/ranking.py.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -184,13 +185,14 @@ class Response:
 def _entry(kind: EntryKind, uuid: str, body: Mapping[str, Any]) -> dict[str, str]:
     # orjson: a fourteenth of json's CPU for a contact's body. It writes a number that is not finite
     # as null, which `decode_entry` refuses (MalformedEntry), where json.dumps(allow_nan=False)
-    # refused to write it; the encoders above send none (scores rounded, model scores checked).
-    return {
-        "kind": kind,
-        "uuid": uuid,
-        "schema": str(SCHEMA_VERSION),
-        "body": orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY).decode(),
-    }
+    # refused to write it; the encoders above send none (scores rounded, model scores checked). Text
+    # orjson cannot write (a lone surrogate, from a "\ud800" escape in a request) goes as json writes
+    # it, escaped.
+    try:
+        text = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+    except orjson.JSONEncodeError:
+        text = json.dumps(body, separators=(",", ":"), allow_nan=False)
+    return {"kind": kind, "uuid": uuid, "schema": str(SCHEMA_VERSION), "body": text}
 
 
 def _rounded_all(values: Sequence[float]) -> list[float]:
@@ -225,7 +227,7 @@ def decode_entry(fields: Mapping[Any, Any]) -> Contact | Response:
     if not uuid:
         raise MalformedEntry("missing_uuid", "no uuid")
     try:
-        body = orjson.loads(entry["body"])  # strict JSON: NaN, Infinity and 1e400 are refused
+        body = _json_body(entry["body"])
         if kind == "contact":
             return _contact(uuid, body)
         if kind == "response":
@@ -243,6 +245,19 @@ def decode_entry(fields: Mapping[Any, Any]) -> Contact | Response:
     ) as exc:
         raise MalformedEntry("malformed_body", f"{kind} {uuid}: {type(exc).__name__}: {exc}") from None
     raise MalformedEntry("unknown_kind", f"kind {kind!r}")
+
+
+def _json_body(text: str) -> Any:
+    """orjson, strict: NaN, Infinity and 1e400 are refused. What only json reads (a lone surrogate's
+    escape, as `_entry` writes it) is read by json, which refuses NaN and Infinity too."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text, parse_constant=_no_constant)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number the log writes")
 
 
 def _flag(value: Any) -> bool:

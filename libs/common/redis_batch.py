@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import hiredis
+from redis._parsers.response_callbacks import _get_response_callback
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, NoScriptError, ResponseError
@@ -135,14 +136,24 @@ def pack_commands(connection: Any, commands: Sequence[tuple[Any, ...]]) -> list[
     its CPU: hiredis packs each command whole, where redis-py first encodes every argument in Python
     (87 us against 11 for a Respond's transaction). A command name with a space, or an argument
     hiredis does not take (a bytearray; a bool, None or numpy integer, which redis-py refuses with
-    DataError), goes through redis-py's own packing."""
+    DataError), goes through redis-py's own packing. Text that cannot be encoded (a lone surrogate)
+    raises DataError too, as an argument that does not encode, so a batch fails only its request."""
     try:
         packed = [hiredis.pack_command(args) for args in commands if " " not in str(args[0])]
+        if len(packed) == len(commands):
+            return [b"".join(packed)]
+        return _packed_by_redis_py(connection, commands)  # a command name of two words ("CLIENT SETNAME")
     except TypeError:
+        return _packed_by_redis_py(connection, commands)
+    except UnicodeEncodeError as error:  # text with a lone surrogate (from a "\ud800" escape)
+        raise DataError(f"text that is not valid Unicode: {error}") from None
+
+
+def _packed_by_redis_py(connection: Any, commands: Sequence[tuple[Any, ...]]) -> list[bytes]:
+    try:
         return list(connection.pack_commands(commands))
-    if len(packed) < len(commands):  # a command name of two words ("CLIENT SETNAME")
-        return list(connection.pack_commands(commands))
-    return [b"".join(packed)]
+    except UnicodeEncodeError as error:
+        raise DataError(f"text that is not valid Unicode: {error}") from None
 
 
 async def exchange(redis: Redis, connection: Any, commands: Sequence[Command]) -> list[Any]:
@@ -163,7 +174,8 @@ async def exchange(redis: Redis, connection: Any, commands: Sequence[Command]) -
                 except ResponseError as error:
                     replies.append(error)
                     continue
-                callback = callbacks.get(args[0])
+                # As redis-py picks it: a connection that fell back from RESP3 to RESP2 parses RESP2.
+                callback = _get_response_callback(callbacks, args[0], connection)
                 if callback is not None:
                     reply = callback(reply, **{k: v for k, v in options.items() if k != "keys"})
                 replies.append(reply)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,6 +24,9 @@ from libs.common.errors import InvalidArgument
 MAX_PARAMS_BYTES = 64 * 1024
 MAX_NUMBER_OF_OFFERS = 1000
 MAX_NUMBER_OF_OFFERS = 1000
+
+
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def parse_params(value: Any, field: str = "params") -> dict[str, Any]:
@@ -46,6 +50,13 @@ def parse_params(value: Any, field: str = "params") -> dict[str, Any]:
         raise InvalidArgument(f"is not valid JSON: {exc}", field=field) from None
     except RecursionError:  # e.g. "[[[[..." nested deeper than the decoder recurses
         raise InvalidArgument("is nested too deeply", field=field) from None
+    if _ESCAPED_SURROGATE.search(text):  # a "\ud800" escape: valid JSON, and text nothing can store
+        try:
+            json.dumps(decoded, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise InvalidArgument(
+                "holds a \\u escape of half a surrogate pair, which is no character", field=field
+            ) from None
     if isinstance(decoded, str):  # doubly encoded: a JSON string holding the object
         return parse_params(decoded, field)
     if not isinstance(decoded, dict):

@@ -54,6 +54,8 @@ class EligibilityRules:
     evaluating every rule of every offer was a twentieth of an Invoke's policy work."""
 
     MAX_REMEMBERED = 4096
+    # Values longer than this (free text a client sent) are not remembered: a key holds its values.
+    MAX_REMEMBERED_CHARS = 64
 
     def __init__(self, offers: Sequence[Offer]) -> None:
         self._offers = tuple(offers)
@@ -62,7 +64,10 @@ class EligibilityRules:
 
     def eligible(self, values: Mapping[str, str | float]) -> list[Offer]:
         # The type is part of the key: 1 and 1.0 are equal keys, but not equal text.
-        key = tuple((type(value), value) for value in map(values.get, self._variables))
+        read = tuple(map(values.get, self._variables))
+        if any(isinstance(value, str) and len(value) > self.MAX_REMEMBERED_CHARS for value in read):
+            return eligible_offers(self._offers, values)
+        key = tuple((type(value), value) for value in read)
         offers = self._remembered.get(key)
         if offers is None:
             if len(self._remembered) >= self.MAX_REMEMBERED:

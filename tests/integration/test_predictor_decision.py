@@ -682,6 +682,7 @@ async def test_bad_respond_input(loop: Loop) -> None:
         (respond_request(shown.uuid, [offer], reward=math.nan), grpc.StatusCode.INVALID_ARGUMENT, "reward"),
         (respond_request(shown.uuid, [offer], reward=math.inf), grpc.StatusCode.INVALID_ARGUMENT, "reward"),
         (respond_request(shown.uuid, [offer], reward=-1.0), grpc.StatusCode.INVALID_ARGUMENT, "reward"),
+        (respond_request(shown.uuid, [offer], reward=1e308), grpc.StatusCode.INVALID_ARGUMENT, "reward"),
     ]
     for request, status, named in cases:
         with pytest.raises(aio.AioRpcError) as error:

@@ -5,20 +5,23 @@ when Redis has lost them; a transaction's scripts go with their body."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import DataError, ResponseError
+from redis.exceptions import DataError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from libs.common.redis_batch import RedisBatch, pack_commands, queue_guarded, queue_script
-from libs.stack.processes import free_port
+from libs.stack.processes import free_port, redis_argv, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 
@@ -331,3 +334,59 @@ async def test_guarded_scripts_must_go_by_sha(client: Redis) -> None:
     queue_script(writes, INCREMENT, ["guarded-counter"], [1])
     with pytest.raises(ValueError, match="RedisBatch pipeline"):
         queue_guarded(RedisBatch(client).pipeline(), "guard", 1, writes.command_stack)
+
+
+@pytest.fixture
+def redis_without_hello(tmp_path: Path) -> Iterator[str]:
+    """A Redis that refuses HELLO (as an old server or some proxies do): redis-py falls back to RESP2."""
+    port = free_port()
+    argv = [*redis_argv(port, tmp_path, persistent=False), "--rename-command", "HELLO", ""]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    client = SyncRedis(port=port, socket_connect_timeout=0.2)
+
+    def answers() -> bool:
+        try:
+            return bool(client.ping())
+        except RedisError:
+            return False
+
+    try:
+        assert wait_until(answers, timeout=15), "redis-server did not start"
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        client.close()
+        process.terminate()
+        process.wait(timeout=10)
+
+
+async def test_replies_are_parsed_as_redis_py_parses_them_after_a_fall_back_to_resp2(
+    redis_without_hello: str,
+) -> None:
+    client = Redis.from_url(redis_without_hello)
+    try:
+        await client.hset("hash", mapping={"field": "value"})
+        batch = RedisBatch(client)
+        pipeline = batch.pipeline()
+        pipeline.hgetall("hash")
+        pipeline.hget("hash", "field")
+        assert await batch.send(pipeline) == [{b"field": b"value"}, b"value"]
+    finally:
+        await client.aclose()
+
+
+async def test_text_that_is_no_unicode_fails_only_its_own_request(client: Redis) -> None:
+    """A lone surrogate (what a "\\ud800" escape decodes to) cannot be sent: its request fails, the
+    others of its batch go."""
+    batch = SignallingBatch(client, waiting_for=2)
+    held = await hold_a_batch_out(batch)
+    bad, good = batch.pipeline(), batch.pipeline()
+    bad.set("bad", "gold\ud800")
+    good.set("good", "1")
+    sent = [asyncio.create_task(batch.send(pipeline)) for pipeline in (bad, good)]
+    await batch.queued.wait()
+    await client.lpush("wake", "go")
+    await held
+    with pytest.raises(DataError, match="not valid Unicode"):
+        await sent[0]
+    assert await sent[1] == [True]
+    assert await client.get("good") == b"1"

@@ -168,3 +168,12 @@ def test_numpy_numbers_are_written_as_numbers_and_a_time_that_is_not_finite_is_r
     with pytest.raises(MalformedEntry) as refused:
         decode_entry(as_redis_returns_it(dataclasses.replace(CONTACT, time=math.nan).encode()))
     assert refused.value.kind == "malformed_body"
+
+
+def test_text_orjson_cannot_write_is_written_and_read_back_as_json_escapes_it() -> None:
+    """A lone surrogate (from a "\\ud800" escape a client sent) is no UTF-8: orjson refuses it, json
+    writes it escaped, and reading gives it back."""
+    odd = dataclasses.replace(CONTACT, features={**CONTACT.features, "note": "gold\ud800"})
+    entry = odd.encode()
+    assert "\\ud800" in entry["body"]
+    assert decode_entry(entry) == odd

@@ -83,6 +83,13 @@ def test_params_in_every_form(form: Any) -> None:
     assert parse_params(form) == PARAMS
 
 
+def test_a_whole_surrogate_pair_escaped_is_its_character() -> None:
+    assert parse_params('{"mood": "\\ud83d\\ude00", "note": "\\u00e9"}') == {
+        "mood": "\U0001f600",
+        "note": "\u00e9",
+    }
+
+
 @pytest.mark.parametrize("empty", [None, "", "{}", "%7B%7D", {}])
 def test_empty_params(empty: Any) -> None:
     assert parse_params(empty) == {}
@@ -102,6 +109,9 @@ def test_empty_params(empty: Any) -> None:
         (True, "must be a JSON object or a string"),
         ("{" + " " * MAX_PARAMS_BYTES + "}", "the limit is"),
         ("{" + " " * (1024 * 1024) + "}", "the limit is"),
+        ('{"tier": "gold\\ud800"}', "half a surrogate pair"),
+        ('{"tier": "\\uDFFF"}', "half a surrogate pair"),
+        ('"{\\"tier\\": \\"\\\\ud800\\"}"', "half a surrogate pair"),
     ],
 )
 def test_bad_params_name_the_field(bad: Any, why: str) -> None:
@@ -341,7 +351,7 @@ def test_eligibility_rules(operator: str, target: Any, value: Any, holds: bool) 
     st.lists(
         st.fixed_dictionaries(
             {
-                "channel": st.sampled_from(["app", "web", "call", 1, 1.0, "1", "1.0", None]),
+                "channel": st.sampled_from(["app", "web", "call", 1, 1.0, "1", "1.0", None, "app" * 30]),
                 "age": st.one_of(st.none(), st.sampled_from([17, 18, 18.0, "18", "x"]), st.floats(0, 99)),
                 "unrelated": st.text(max_size=3),
             }

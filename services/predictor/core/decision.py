@@ -59,6 +59,10 @@ def _check_lengths(request: InvokeInput) -> None:
             raise InvalidArgument(f"is {len(value)} characters; the limit is {MAX_FIELD_CHARS}", field=name)
 
 
+# A reward larger than this is a unit error, not a value: sums of such rewards overflow a linear
+# model's statistics (and Lua's JSON), which would fail a response after it marked its contact.
+MAX_REWARD_MAGNITUDE = 1e9
+
 # A response's event time may be this far ahead of the replica's clock (clock skew), no further.
 MAX_EVENT_TIME_AHEAD_SECONDS = 300.0
 
@@ -364,8 +368,13 @@ class DecisionEngine:
                 "ahead of this server's clock); send seconds since the epoch or an RFC 3339 time",
                 field="event_time",
             )
-        if request.reward is not None and not math.isfinite(request.reward):
-            raise InvalidArgument(f"must be a finite number, got {request.reward}", field="reward")
+        if request.reward is not None and not (
+            math.isfinite(request.reward) and abs(request.reward) <= MAX_REWARD_MAGNITUDE
+        ):
+            raise InvalidArgument(
+                f"must be a finite number of magnitude at most {MAX_REWARD_MAGNITUDE:g}, got {request.reward}",
+                field="reward",
+            )
 
         def answer(contact: dict[str, str], pipeline: Any) -> _Answer:
             """What answering the contact as it is now writes, queued on the transaction."""
@@ -390,7 +399,6 @@ class DecisionEngine:
             late = event_time - float(contact["time"]) > window
             fresh = [offer for offer in dict.fromkeys(accepted) if f"accepted|{offer}" not in contact]
             duplicate = (bool(accepted) and not fresh) or (not accepted and contact.get("responded") == "1")
-            self.options.queue_answer_marks(pipeline, request.uuid, fresh, contact)
             learned = False
             reward = request.reward
             if reward is None:
@@ -420,6 +428,9 @@ class DecisionEngine:
                 latency_ms=(time.perf_counter() - started) * 1000,
             )
             self.options.queue_log(pipeline, record)
+            # The marks last: a command that fails stops the ones after it, and a contact left
+            # unmarked is answered again by the retry, where one marked would never be learned.
+            self.options.queue_answer_marks(pipeline, request.uuid, fresh, contact)
             return _Answer(deployment, accepted, fresh, plan, learned, late, duplicate)
 
         answered = await self.options.answer_contact(request.uuid, answer)

@@ -145,9 +145,11 @@ class OptionsStore:
         self, uuid: str, answer: Callable[[dict[str, str], Any], Answer]
     ) -> Answer | None:
         """Answer a contact atomically: `answer(contact, pipeline)` reads the contact as it is now and
-        queues everything answering it writes (the marks on the contact, the learning, the log
-        entry), and all of it runs in one script, only while the contact is as it was read, or none
-        of it does. Two round trips, each in a batch with the commands of concurrent requests: the
+        queues everything answering it writes (the learning, the log entry, then the marks on the
+        contact), and it runs in one script, only while the contact is as it was read (as in a
+        transaction, a command that fails stops the ones after it, so the marks come last and a
+        failed answer leaves its contact open for the retry). Two round trips, each in a batch with
+        the commands of concurrent requests: the
         read, then the guarded script (`redis_batch.queue_guarded`). A contact only gains fields (its
         answer marks), so "as it was read" is "with as many fields": when another answer committed in
         between, this one is read and queued again. So a call cancelled or failed before the commit
