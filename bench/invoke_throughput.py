@@ -772,8 +772,8 @@ PROFILE_BUCKETS: tuple[tuple[str, tuple[str, ...], tuple[str, ...], str], ...] =
         "",
     ),
     (
-        "    _WatchedTransaction (WATCH and read, MULTI/EXEC)",
-        (r"^_WatchedTransaction\.",),
+        "    OptionsStore.answer_contact (the contact's read and the guarded script, batched)",
+        (r"^OptionsStore\.answer_contact \(",),
         (),
         "",
     ),
