@@ -10,18 +10,18 @@ replica then pays redis-py's and the event loop's cost of a round trip once per 
 once per request. One batch is out at a time, so the batches have a connection of their own,
 written and read directly (redis-py's pipeline and pool cost 77 us of CPU per round trip, this 43).
 Nothing is acknowledged early: a request resumes only when Redis has answered every command of the
-batch it joined. An error answering one command (a script's error, a wrong
-type) fails only the request that queued it, and so does an argument redis-py cannot encode (the
-batch is then sent again request by request: nothing of it had been sent); a connection error fails
-every request of the batch. A request cancelled before its batch leaves sends nothing.
+batch it joined. An error answering one command (a script's error, a wrong type) fails only the
+request that queued it, and so does an argument that cannot be packed (the batch is then sent again
+request by request: nothing of it had been sent); a connection error fails every request of the
+batch. A request cancelled before its batch leaves sends nothing.
 
 Scripts go by SHA (`queue_script`): a batch that meets NOSCRIPT (Redis restarted, or its script
 cache was flushed) sends those commands again with the script's body, which loads it; NOSCRIPT
 means the script did not run, so nothing runs twice. Such a script then runs after the other
 commands of its batch: a request must not read, in the same batch, what its script writes (as when
 a connection breaks mid-batch, a resend that fails leaves the batch's other writes standing).
-Scripts on any other pipeline go with their body (EVAL): inside MULTI/EXEC a NOSCRIPT would not stop the rest of the transaction, and a pipeline
-sent on its own has nothing to send the body again.
+Scripts on any other pipeline go with their body (EVAL): inside MULTI/EXEC a NOSCRIPT would not stop
+the rest of the transaction, and a pipeline sent on its own has nothing to send the body again.
 """
 
 from __future__ import annotations
@@ -138,11 +138,10 @@ def pack_commands(connection: Any, commands: Sequence[tuple[Any, ...]]) -> list[
     hiredis does not take (a bytearray; a bool, None or numpy integer, which redis-py refuses with
     DataError), goes through redis-py's own packing. Text that cannot be encoded (a lone surrogate)
     raises DataError too, as an argument that does not encode, so a batch fails only its request."""
+    if any(" " in str(args[0]) for args in commands):  # a command name of two words ("CLIENT SETNAME")
+        return _packed_by_redis_py(connection, commands)
     try:
-        packed = [hiredis.pack_command(args) for args in commands if " " not in str(args[0])]
-        if len(packed) == len(commands):
-            return [b"".join(packed)]
-        return _packed_by_redis_py(connection, commands)  # a command name of two words ("CLIENT SETNAME")
+        return [b"".join([hiredis.pack_command(args) for args in commands])]
     except TypeError:
         return _packed_by_redis_py(connection, commands)
     except UnicodeEncodeError as error:  # text with a lone surrogate (from a "\ud800" escape)
@@ -159,8 +158,8 @@ def _packed_by_redis_py(connection: Any, commands: Sequence[tuple[Any, ...]]) ->
 async def exchange(redis: Redis, connection: Any, commands: Sequence[Command]) -> list[Any]:
     """Write the commands at once and read their replies, in order, each parsed as redis-py parses
     its command's (an error reply in its place, as the exception). One deadline, the connection's
-    socket timeout, covers every reply: redis-py sets a timer per reply (10 us of CPU each here, a
-    tenth of a Respond). An argument that does not encode raises DataError before anything is sent;
+    socket timeout, covers every reply: redis-py sets a timer per reply (10 us of CPU each here).
+    An argument that does not encode raises DataError before anything is sent;
     a timeout raises redis-py's TimeoutError, and the connection, its replies unread, is closed."""
     packed = pack_commands(connection, [args for args, _ in commands])
     await connection.send_packed_command(packed)

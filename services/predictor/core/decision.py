@@ -377,7 +377,7 @@ class DecisionEngine:
             )
 
         def answer(contact: dict[str, str], pipeline: Any) -> _Answer:
-            """What answering the contact as it is now writes, queued on the transaction."""
+            """What answering the contact as it is now writes, queued for the guarded commit."""
             deployment = contact["deployment"]
             shown: list[str] = json.loads(contact["offers"])
             applied = config.deployments.get(deployment) if config is not None else None

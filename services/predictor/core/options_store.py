@@ -149,13 +149,12 @@ class OptionsStore:
         contact), and it runs in one script, only while the contact is as it was read (as in a
         transaction, a command that fails stops the ones after it, so the marks come last and a
         failed answer leaves its contact open for the retry). Two round trips, each in a batch with
-        the commands of concurrent requests: the
-        read, then the guarded script (`redis_batch.queue_guarded`). A contact only gains fields (its
-        answer marks), so "as it was read" is "with as many fields": when another answer committed in
-        between, this one is read and queued again. So a call cancelled or failed before the commit
-        leaves no trace and its retry does the whole work, and one after it finds the offers
-        answered: a response is learned exactly once. None when the contact is gone (unknown, or
-        older than its reward window)."""
+        the commands of concurrent requests: the read, then the guarded script
+        (`redis_batch.queue_guarded`). A contact only gains fields (its answer marks), so "as it was
+        read" is "with as many fields": when another answer committed in between, this one is read
+        and queued again. So a call cancelled or failed before the commit leaves no trace and its
+        retry does the whole work, and one after it finds the offers answered: a response is learned
+        exactly once. None when the contact is gone (unknown, or older than its reward window)."""
         key = redis_keys.contact(uuid)
         for _ in range(ANSWER_ATTEMPTS):
             read = self.pipeline()
