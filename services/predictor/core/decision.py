@@ -19,15 +19,16 @@ from typing import Any
 
 import numpy as np
 
-from libs.common import decision_log
+from libs.common import decision_log, redis_keys
 from libs.common.config_follower import AppliedConfig, AppliedDeployment
-from libs.common.deployment_spec import Offer
+from libs.common.deployment_spec import Offer, RewardSettings
 from libs.common.errors import InvalidArgument, NotFound
 from libs.policy.context import Context, derive_context, parse_number_of_offers, parse_params
 from libs.policy.deployment import Choice, PreparedDeployment, RankedOffer, VariantPlan
 from libs.policy.statistics import Statistics
+from services.predictor.core import answer_in_redis
 from services.predictor.core.metrics import MODEL_INPUT_DEFAULTS
-from services.predictor.core.options_store import OptionsStore
+from services.predictor.core.options_store import OptionsStore, ScriptedAnswer
 from services.predictor.core.statistics_stores import Scope
 
 CONTACT_MINIMUM_TTL_SECONDS = 24 * 3600
@@ -108,7 +109,7 @@ class _Answer:
     deployment: str
     accepted: list[str]
     fresh: list[str]  # accepted here for the first time
-    plan: VariantPlan | None
+    served: bool  # the contact's deployment is served here now
     learned: bool
     late: bool
     duplicate: bool
@@ -123,7 +124,7 @@ class _Answer:
             return f"learned from {len(self.fresh)} accepted offer(s)"
         if not self.accepted:
             return "response without uptake logged"
-        if self.plan is not None:
+        if self.served:
             return "logged; the contact was scored over other features than are served now, so not learned"
         return "logged; the deployment is no longer served here, so nothing was learned"
 
@@ -225,7 +226,7 @@ class DecisionEngine:
         )
         scope = Scope(spec.name, generation, context.segment)
         await self._record_contact(
-            decision, choice, plan, scope, context, features, request, spec.reward.window_seconds, started
+            decision, choice, plan, scope, context, features, request, spec.reward, started
         )
         return decision
 
@@ -286,7 +287,7 @@ class DecisionEngine:
         context: Context,
         features: Mapping[str, Any],
         request: InvokeInput,
-        reward_window: float,
+        reward: RewardSettings,
         started: float,
     ) -> None:
         """One round trip: the impressions, the contact for Respond, the decision log entry."""
@@ -309,7 +310,12 @@ class DecisionEngine:
             "context": json.dumps(categorical),
             **store.contact_fields(plan, context),
         }
-        ttl = max(2 * reward_window, CONTACT_MINIMUM_TTL_SECONDS)
+        if store.kind == "arms":  # what Respond needs to answer in Redis (answer_in_redis.py)
+            statistics_key = redis_keys.arm_statistics(scope.deployment, scope.generation, scope.segment)
+            fields[answer_in_redis.FACTS_FIELD] = answer_in_redis.contact_facts(
+                reward, plan.policy, statistics_key
+            )
+        ttl = max(2 * reward.window_seconds, CONTACT_MINIMUM_TTL_SECONDS)
         self.options.queue_contact(pipeline, decision.uuid, fields, ttl)
         first_slot = choice.first_slot
         record = decision_log.Contact(
@@ -431,9 +437,35 @@ class DecisionEngine:
             # The marks last: a command that fails stops the ones after it, and a contact left
             # unmarked is answered again by the retry, where one marked would never be learned.
             self.options.queue_answer_marks(pipeline, request.uuid, fresh, contact)
-            return _Answer(deployment, accepted, fresh, plan, learned, late, duplicate)
+            return _Answer(deployment, accepted, fresh, plan is not None, learned, late, duplicate)
 
-        answered = await self.options.answer_contact(request.uuid, answer)
+        def answered_in_redis(reply: Sequence[Any]) -> _Answer:
+            done = answer_in_redis.read_answered(reply)
+            if done.learned:
+                self.options.arms.learned(done.statistics_key)
+            return _Answer(
+                done.deployment, done.accepted, done.fresh, True, done.learned, done.late, done.duplicate
+            )
+
+        in_redis: ScriptedAnswer[_Answer] | None = None
+        if config is not None:
+            script_input = answer_in_redis.Respond(
+                config.revision,
+                request.uuid,
+                now,
+                event_time,
+                request.reward,
+                request.channel_name,
+                self.replica_id,
+                request.accepted,
+            )
+            in_redis = ScriptedAnswer(
+                lambda pipeline, key: script_input.queue(
+                    pipeline, key, (time.perf_counter() - started) * 1000
+                ),
+                answered_in_redis,
+            )
+        answered = await self.options.answer_contact(request.uuid, answer, in_redis)
         if answered is None:
             raise NotFound(
                 f"no contact with uuid '{request.uuid}' (unknown, or older than its reward window)",

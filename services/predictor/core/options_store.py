@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from redis.asyncio import Redis
 
@@ -36,9 +37,21 @@ redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 return redis.call('EXPIRE', KEYS[1], ARGV[1])
 """
 
-# KEYS[1] = contact hash. ARGV: offers the response credits. Marks each offer answered once and
-# returns the ones marked now (a repeated response learns nothing twice); also marks the contact.
 Answer = TypeVar("Answer")
+
+# The first element of a `ScriptedAnswer`'s reply: no contact, the contact left to Python, answered.
+NO_CONTACT, LEFT_TO_PYTHON, ANSWERED_IN_REDIS = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class ScriptedAnswer(Generic[Answer]):
+    """A script that reads a contact and may answer it in Redis, in the same round trip: queued in
+    place of the read (`queue(pipeline, contact key)`), it replies [NO_CONTACT], [LEFT_TO_PYTHON,
+    the contact's fields and values] or [ANSWERED_IN_REDIS, ...], which `result` reads."""
+
+    queue: Callable[[Any, str], None]
+    result: Callable[[Sequence[Any]], Answer]
+
 
 # Answers to one contact that may race (a client retry, Envoy's retry on a reset): an answer is
 # re-read and re-queued when another committed in between, this many times at most.
@@ -142,7 +155,10 @@ class OptionsStore:
         await self.arms.follow_updates(on_subscribed)
 
     async def answer_contact(
-        self, uuid: str, answer: Callable[[dict[str, str], Any], Answer]
+        self,
+        uuid: str,
+        answer: Callable[[dict[str, str], Any], Answer],
+        in_redis: ScriptedAnswer[Answer] | None = None,
     ) -> Answer | None:
         """Answer a contact atomically: `answer(contact, pipeline)` reads the contact as it is now and
         queues everything answering it writes (the learning, the log entry, then the marks on the
@@ -154,12 +170,23 @@ class OptionsStore:
         read" is "with as many fields": when another answer committed in between, this one is read
         and queued again. So a call cancelled or failed before the commit leaves no trace and its
         retry does the whole work, and one after it finds the offers answered: a response is learned
-        exactly once. None when the contact is gone (unknown, or older than its reward window)."""
+        exactly once. With `in_redis`, a script reads the contact and may answer it in that one
+        round trip; when it leaves the answer to `answer`, its reply is the read. None when the
+        contact is gone (unknown, or older than its reward window)."""
         key = redis_keys.contact(uuid)
         for _ in range(ANSWER_ATTEMPTS):
             read = self.pipeline()
-            read.hgetall(key)
-            (raw,) = await self.send(read)
+            if in_redis is not None:
+                in_redis.queue(read, key)
+            else:
+                read.hgetall(key)
+            (reply,) = await self.send(read)
+            if in_redis is not None:
+                if int(reply[0]) == ANSWERED_IN_REDIS:
+                    return in_redis.result(reply)
+                raw = _pairs(reply[1]) if int(reply[0]) == LEFT_TO_PYTHON else {}
+            else:
+                raw = reply
             if not raw:
                 return None
             writes = self.pipeline()  # holds the answer's commands; sent inside the guard
@@ -184,6 +211,10 @@ class OptionsStore:
             marks["responded"] = "1"
         if marks:
             pipeline.hset(redis_keys.contact(uuid), mapping=marks)
+
+
+def _pairs(flat: Sequence[Any]) -> dict[Any, Any]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def _text(value: Any) -> str:

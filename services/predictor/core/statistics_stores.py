@@ -283,8 +283,13 @@ class ArmStatistics:
         queue_script(pipeline, UPDATE_ARMS, [key], args)
         if any(successes for _, _, successes in updates):
             # A response: every replica (this one at once) drops its copy of the segment.
-            self._kept.pop(key, None)
+            self.learned(key)
             pipeline.publish(redis_keys.ARM_UPDATES_CHANNEL, key)
+
+    def learned(self, key: str) -> None:
+        """A response learned into the segment's hash `key`: this replica drops its copy at once
+        (the others when the key reaches them on ARM_UPDATES_CHANNEL)."""
+        self._kept.pop(key, None)
 
     def forget(self) -> None:
         """Drop every kept copy (the update feed was interrupted)."""

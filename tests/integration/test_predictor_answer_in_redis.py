@@ -1,0 +1,224 @@
+"""Respond answered in Redis (services/predictor/core/answer_in_redis.py) against the reference,
+the answer in Python: the same Invokes and Responds, on a real Redis, once with the contact able to
+be answered by the script and once with its facts removed (so the script leaves it to Python).
+Both must reply the same, log the same response entries, and leave the same statistics and the
+same marks. The script's own path is checked to have been taken: one round trip per Respond."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid as uuid_module
+from collections.abc import AsyncIterator
+from dataclasses import astuple, dataclass, replace
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from redis.asyncio import Redis
+
+from libs.common import redis_keys
+from libs.common.decision_log import Response, decode_entry
+from libs.common.deployment_spec import deployment_spec_from_mapping
+from libs.common.errors import LiveloopError
+from services.predictor.core import answer_in_redis
+from services.predictor.core.decision import DecisionEngine, InvokeInput, RespondInput
+from services.predictor.core.engine_simulation import SimulatedClock, applied_config
+from services.predictor.core.options_store import OptionsStore
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+OFFERS = ("alpha", "bravo", "charlie", "delta", "echo")
+START = 1_765_000_000.125
+
+
+@dataclass(frozen=True)
+class Store:
+    redis: Redis
+    options: OptionsStore  # one for every run: its batches hold a connection of their own
+    clock: SimulatedClock
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[Store]:
+    client = Redis.from_url(redis_url)
+    await client.script_load(answer_in_redis.RESPOND)  # a first NOSCRIPT would cost a round trip
+    clock = SimulatedClock(START)
+    try:
+        yield Store(client, OptionsStore(client, clock=clock), clock)
+    finally:
+        await client.aclose()
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A Respond's reply, or its error, with the uuid left out (each run hands out its own)."""
+
+    outcome: tuple[Any, ...] | None
+    error: tuple[str, str | None, str] | None
+
+
+@dataclass(frozen=True)
+class Run:
+    replies: list[Reply]
+    responses: list[Response]  # the log's response entries, uuid and latency left out
+    statistics: dict[bytes, bytes]
+    contact: dict[bytes, bytes]  # without the facts field
+    round_trips: list[int]  # per Respond
+    shown: list[str]
+
+
+# How a client names an accepted offer: mostly by the id it was shown with, sometimes by its name
+# (which Python matches), now and then one that was not shown (an error).
+NAMED_BY = st.sampled_from(["id", "id", "id", "id", "id", "name", "not shown"])
+
+
+def accepted_offers(shown: list[str], picks: list[tuple[str, int]]) -> list[str]:
+    named = []
+    for named_by, index in picks:
+        offer = shown[index % len(shown)]
+        if named_by == "name":
+            named.append(f"{offer.title()} offer")
+        elif named_by == "not shown":
+            named.append(next((other for other in OFFERS if other not in shown), "zulu"))
+        else:
+            named.append(offer)
+    return named
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "offers": [{"id": offer, "name": f"{offer.title()} offer"} for offer in OFFERS],
+        "algorithm": {
+            "approach": "thompson",
+            "half_life_seconds": draw(st.sampled_from([None, 90.0])),
+            "window_seconds": draw(st.sampled_from([None, 45.0])),
+            "count_cap": draw(st.sampled_from([None, 3.0])),
+        },
+        "context_variables": [{"name": "region", "source": "param", "default": "north"}],
+        "default_number_of_offers": draw(st.integers(1, 3)),
+        "reward": {
+            "window_seconds": draw(st.sampled_from([60.0, 3600.0])),
+            "default_reward": draw(st.sampled_from([1.0, 0.25])),
+        },
+    }
+    responds = []
+    for _ in range(draw(st.integers(1, 3))):
+        responds.append(
+            {
+                "accepted": draw(st.lists(st.tuples(NAMED_BY, st.integers(0, 4)), max_size=3)),
+                "reward": draw(st.sampled_from([None, None, 0.0, -0.0, 2.5, 1e-7, 7.0, -1.0])),
+                "after": draw(st.sampled_from([0.5, 59.0, 61.0, 4000.0])),  # seconds after the Invoke
+                "event_time": draw(st.sampled_from([None, "at", "before"])),
+                "channel": draw(st.sampled_from(["", "app", 'we"b/\\ é'])),
+            }
+        )
+    return {"spec": spec, "responds": responds, "region": draw(st.sampled_from(["north", "sü/d"]))}
+
+
+async def run(store: Store, name: str, scenario: dict[str, Any], *, in_redis: bool) -> Run:
+    spec = deployment_spec_from_mapping({"name": name, **scenario["spec"]})
+    redis_client, options, clock = store.redis, store.options, store.clock
+    clock.now = START
+    engine = DecisionEngine(options, "replica-x", rng=np.random.default_rng(11))
+    config = applied_config(spec, revision=7)
+    tail = await redis_client.xrevrange(redis_keys.DECISION_STREAM, count=1)
+    after = tail[0][0].decode() if tail else "0-0"
+
+    params = {"region": scenario["region"]}
+    decision = await engine.invoke(InvokeInput(name, "", "", "customer-1", "", None, params, None), config)
+    contact_key = redis_keys.contact(decision.uuid)
+    shown = [row.offer.id for row in decision.offers]
+    if not in_redis:
+        assert await redis_client.hdel(contact_key, answer_in_redis.FACTS_FIELD) == 1
+
+    replies: list[Reply] = []
+    round_trips: list[int] = []
+    for respond in scenario["responds"]:
+        clock.now = START + respond["after"]
+        event_time = {None: None, "at": START + respond["after"], "before": START + 1.0}[
+            respond["event_time"]
+        ]
+        accepted = accepted_offers(shown, respond["accepted"])
+        request = RespondInput(
+            decision.uuid.upper(), accepted, respond["channel"], respond["reward"], event_time
+        )
+        sent = options.batched_round_trips
+        try:
+            outcome = await engine.respond(request, config)
+        except LiveloopError as error:
+            replies.append(Reply(None, (type(error).__name__, error.field, str(error))))
+        else:
+            replies.append(Reply(astuple(replace(outcome, uuid="")), None))
+        round_trips.append(options.batched_round_trips - sent)
+
+    responses = []
+    for _, fields in await redis_client.xrange(redis_keys.DECISION_STREAM, min=f"({after}"):
+        record = decode_entry(fields)
+        if isinstance(record, Response) and record.deployment == name:
+            responses.append(replace(record, uuid="", latency_ms=0.0))
+    statistics_key = redis_keys.arm_statistics(name, "0", decision.segment)
+    statistics = await redis_client.hgetall(statistics_key)
+    contact = await redis_client.hgetall(contact_key)
+    contact.pop(answer_in_redis.FACTS_FIELD.encode(), None)
+    await redis_client.delete(statistics_key, contact_key)
+    return Run(replies, responses, statistics, contact, round_trips, shown)
+
+
+def answered_by_the_script(respond: dict[str, Any]) -> bool:
+    """Offers named by the ids they were shown with, and no negative reward (Python words that error)."""
+    return all(named_by == "id" for named_by, _ in respond["accepted"]) and not (
+        respond["reward"] is not None and respond["reward"] < 0
+    )
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(scenario=scenarios())
+async def test_answered_in_redis_as_in_python(store: Store, scenario: dict[str, Any]) -> None:
+    name = f"answer-{uuid_module.uuid4().hex[:8]}"
+    script = await run(store, name, scenario, in_redis=True)
+    python = await run(store, name, scenario, in_redis=False)
+    assert script.replies == python.replies
+    assert script.responses == python.responses
+    assert script.statistics == python.statistics
+    assert script.contact == python.contact
+    for respond, script_trips, python_trips in zip(
+        scenario["responds"], script.round_trips, python.round_trips, strict=True
+    ):
+        if answered_by_the_script(respond):
+            assert script_trips == 1
+            assert python_trips >= 2  # the read, then the guarded commit
+        else:  # the script's reply is Python's read: no round trip more
+            assert script_trips <= python_trips
+
+
+async def test_racing_answers_in_redis_and_in_python_learn_each_offer_once(store: Store) -> None:
+    """Responds to one contact at once, half answered by the script, half in Python (offers named by
+    name): each offer is learned exactly once, by the one Respond that reports it."""
+    name = f"answer-{uuid_module.uuid4().hex[:8]}"
+    spec = deployment_spec_from_mapping(
+        {
+            "name": name,
+            "offers": [{"id": o, "name": f"{o.title()} offer"} for o in OFFERS],
+            "default_number_of_offers": 3,
+        }
+    )
+    store.clock.now = START
+    engine = DecisionEngine(store.options, "replica-x", rng=np.random.default_rng(3))
+    config = applied_config(spec, revision=7)
+    decision = await engine.invoke(InvokeInput(name, "", "", "customer-1", "", None, None, None), config)
+    shown = [row.offer.id for row in decision.offers]
+    requests = [
+        RespondInput(decision.uuid, [shown[i % 3] if i % 2 else f"{shown[i % 3].title()} offer"])
+        for i in range(30)
+    ]
+    outcomes = await asyncio.gather(*(engine.respond(request, config) for request in requests))
+
+    learned = [offer for outcome in outcomes for offer in outcome.matched_offers]
+    assert sorted(learned) == sorted(shown)
+    assert sum(outcome.duplicate for outcome in outcomes) == 30 - 3
+    statistics = await store.redis.hgetall(redis_keys.arm_statistics(name, "0", decision.segment))
+    assert {offer: float(statistics[f"{offer}|s".encode()]) for offer in shown} == dict.fromkeys(shown, 1.0)
+    assert {offer: float(statistics[f"{offer}|n".encode()]) for offer in shown} == dict.fromkeys(shown, 1.0)
