@@ -766,13 +766,13 @@ PROFILE_BUCKETS: tuple[tuple[str, tuple[str, ...], tuple[str, ...], str], ...] =
     ),
     ("  DecisionEngine.respond", (r"^DecisionEngine\.respond \(",), (), ""),
     (
-        "    the answer: offer matching, learning and the log entry, queued",
+        "    the answer in Python: offer matching, learning and the log entry, queued (when the script leaves it)",
         (r"^DecisionEngine\.respond\.<locals>\.answer \(",),
         (),
         "",
     ),
     (
-        "    OptionsStore.answer_contact (the contact's read and the guarded script, batched)",
+        "    OptionsStore.answer_contact (the script that reads and answers the contact, batched)",
         (r"^OptionsStore\.answer_contact \(",),
         (),
         "",

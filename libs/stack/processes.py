@@ -129,14 +129,39 @@ def stop_processes(records: Sequence[ProcessRecord], timeout: float = 15.0) -> l
     for _record, process in targets:
         with contextlib.suppress(psutil.Error):
             process.send_signal(signal.SIGTERM)
-    _gone, alive = psutil.wait_procs([process for _record, process in targets], timeout=timeout)
+    alive = wait_exited([process for _record, process in targets], timeout)
     killed = []
     for process in alive:
         with contextlib.suppress(psutil.Error):
             process.kill()
         killed.append(next(record.name for record, p in targets if p.pid == process.pid))
-    psutil.wait_procs(alive, timeout=5)
+    wait_exited(alive, 5)
     return killed
+
+
+def wait_exited(processes: Sequence[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until every process has exited or the timeout passed; the ones still running. A zombie
+    has exited: the stack's processes are children of init, which may reap them only seconds later
+    (psutil.wait_procs waits for the reaping: about 2 s per group of processes here)."""
+    alive = list(processes)
+
+    def all_exited() -> bool:
+        alive[:] = [process for process in alive if not _exited(process)]
+        return not alive
+
+    wait_until(all_exited, timeout, interval=0.02)
+    return alive
+
+
+def _exited(process: psutil.Process) -> bool:
+    try:
+        if process.status() != psutil.STATUS_ZOMBIE:
+            return False
+        with contextlib.suppress(psutil.TimeoutExpired):
+            process.wait(timeout=0)  # reaps it where it is our child
+        return True
+    except psutil.NoSuchProcess:
+        return True
 
 
 def tail(path: Path, lines: int = 20) -> str:
