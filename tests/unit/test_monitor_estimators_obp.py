@@ -1,8 +1,10 @@
 """The monitor's off-policy estimators equal Open Bandit Pipeline 0.5.7's on identical arrays.
 
-obp 0.5.7 pins versions that do not install on Python 3.11, so it lives in its own venv,
-`<repo>/.venv-obp` (git-ignored), built here on first use from OBP_RECIPE under a file lock (parallel
-runs wait for one build) and rebuilt when the recipe changes or a build was cut short. The
+obp 0.5.7 pins versions that do not install on Python 3.11, so it lives in its own venv, in the
+user's cache (`~/.cache/liveloop/venv-obp`, or under $LIVELOOP_CACHE_DIR), so that a new checkout on
+the same machine (CI's) finds it built: built here on first use from OBP_RECIPE under a file lock
+(parallel runs wait for one build; about a minute) and rebuilt when the recipe changes or a build
+was cut short. The
 reference values come from a script run in that venv: arrays in via .npz, values out via JSON.
 """
 
@@ -23,8 +25,8 @@ from services.monitor.core.estimators import ESTIMATORS, LoggedDecisions, estima
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # the first run builds the venv
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-OBP_VENV = REPO_ROOT / ".venv-obp"
+CACHE_DIR = Path(os.environ.get("LIVELOOP_CACHE_DIR") or Path.home() / ".cache" / "liveloop")
+OBP_VENV = CACHE_DIR / "venv-obp"
 # pip install steps, in order: obp itself without its pins, then what it imports (torch 2.13.0 is
 # a local CPU wheel on our machines).
 OBP_RECIPE = (
@@ -82,7 +84,7 @@ def obp_python() -> Path:
     ready = OBP_VENV / ".liveloop-ready"
     lock = OBP_VENV / ".lock"
     recipe = json.dumps(OBP_RECIPE)
-    OBP_VENV.mkdir(exist_ok=True)
+    OBP_VENV.mkdir(parents=True, exist_ok=True)
     with lock.open("w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
         if ready.exists() and ready.read_text() == recipe and python.exists():
