@@ -501,6 +501,7 @@ def _replica_json(replica: config_pb2.ReplicaState) -> dict[str, Any]:
         "last_seen": _time(replica.last_seen),
         "peer": replica.peer,
         "deployments": {d.name: d.revision for d in replica.deployments},
+        "plugins": dict(sorted(replica.plugins.items())),
     }
 
 
@@ -549,8 +550,18 @@ def status(
         raise typer.Exit(0 if current else 1)
     table = _table(
         f"replicas (head revision {reply.head_revision})",
-        ["replica", "service", "connected", "applied", "behind", "staleness", "last NACK", "deployments"],
-        wrapping=("last NACK", "deployments"),
+        [
+            "replica",
+            "service",
+            "connected",
+            "applied",
+            "behind",
+            "staleness",
+            "last NACK",
+            "deployments",
+            "plugins",
+        ],
+        wrapping=("last NACK", "deployments", "plugins"),
     )
     for r in reply.replicas:
         ok = r.connected and not r.revisions_behind and r.applied_revision >= reply.head_revision
@@ -565,6 +576,12 @@ def status(
             f"{r.staleness_seconds:.1f} s",
             escape(nack),
             escape("\n".join(f"{d.name}@{d.revision}" for d in r.deployments)) or "-",
+            escape(
+                "\n".join(
+                    f"{name} {version}" for name, version in sorted(r.plugins.items()) if version != "builtin"
+                )
+            )
+            or "built-in only",
         )
     console.print(table)
     colour = "green" if current else "red"

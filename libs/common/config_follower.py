@@ -75,7 +75,9 @@ def _raise_if_cancelling() -> None:
 
 class ConfigFollower(Generic[PreparedT]):
     """`prepare` builds what the replica serves from a spec (validating it: raising NACKs the
-    revision); a follower without one serves the spec itself."""
+    revision); a follower without one serves the spec itself. A spec unchanged by a revision keeps
+    what was prepared from it, unless `still_current` says it is out of date (built with a plugin
+    package upgraded since). Each Ack reports `plugins()`, the plugins the replica can run."""
 
     def __init__(
         self,
@@ -89,6 +91,8 @@ class ConfigFollower(Generic[PreparedT]):
         version: str = "",
         deployments: tuple[str, ...] = (),
         prepare: Callable[[DeploymentSpec], Awaitable[PreparedT]] = _keep_spec,  # type: ignore[assignment]
+        still_current: Callable[[PreparedT], bool] | None = None,
+        plugins: Callable[[], Mapping[str, str]] | None = None,
         on_change: Callable[[AppliedConfig[PreparedT]], Awaitable[None]] | None = None,
         heartbeat_timeout_seconds: float = 15.0,
         backoff_initial_seconds: float = 0.1,
@@ -103,6 +107,8 @@ class ConfigFollower(Generic[PreparedT]):
         self._version = version
         self._deployments = deployments
         self._prepare = prepare
+        self._still_current = still_current
+        self._plugins = plugins
         self._on_change = on_change
         self._heartbeat_timeout = heartbeat_timeout_seconds
         self._backoff_initial = backoff_initial_seconds
@@ -249,7 +255,8 @@ class ConfigFollower(Generic[PreparedT]):
         if replace_all:
             async with self._snapshot_applied:
                 self._snapshot_applied.notify_all()
-        return config_pb2.WatchRequest(ack=config_pb2.Ack(revision=revision))
+        plugins = self._plugins() if self._plugins is not None else {}
+        return config_pb2.WatchRequest(ack=config_pb2.Ack(revision=revision, plugins=plugins))
 
     async def _build(
         self, changes: Mapping[str, tuple[int, str] | None], replace_all: bool
@@ -266,7 +273,11 @@ class ConfigFollower(Generic[PreparedT]):
     async def _prepared(self, name: str, revision: int, spec_json: str) -> AppliedDeployment[PreparedT]:
         existing = self._current.deployments.get(name) if self._current is not None else None
         checksum = spec_checksum(spec_json)
-        if existing is not None and existing.checksum == checksum:
+        if (
+            existing is not None
+            and existing.checksum == checksum
+            and (self._still_current is None or self._still_current(existing.prepared))
+        ):
             return AppliedDeployment(name, revision, checksum, existing.spec, existing.prepared)
         try:
             spec = deployment_spec_from_mapping(json.loads(spec_json))

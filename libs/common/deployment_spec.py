@@ -219,10 +219,23 @@ class PluginStage(enum.StrEnum):
     POST_SCORE = "post_score"
 
 
+class PluginErrorPolicy(enum.StrEnum):
+    SKIP = "skip"  # the request goes on without the plugin (logged, counted, warned in the reply)
+    FAIL = "fail"  # the request fails
+
+
 class PluginRef(SpecModel):
-    name: str = Field(pattern=IDENTIFIER_PATTERN)
+    name: str = Field(
+        pattern=IDENTIFIER_PATTERN, description="An installed plugin (entry point liveloop.plugins)"
+    )
     stage: PluginStage
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict, description="Validated by the plugin's Params")
+    on_error: PluginErrorPolicy = Field(
+        PluginErrorPolicy.SKIP, description="When the plugin raises or runs past its budget on a request"
+    )
+    budget_ms: float = Field(
+        5.0, gt=0, le=1000, allow_inf_nan=False, description="Time the plugin may take per request"
+    )
 
 
 class FeatureLookup(SpecModel):

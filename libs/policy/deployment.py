@@ -21,7 +21,7 @@ from libs.common.errors import InvalidArgument
 from libs.policy.context import Context, segment_reads_features
 from libs.policy.eligibility import EligibilityRules
 from libs.policy.models import LoadedModel
-from libs.policy.plugins import PluginChain, build_plugin_chain
+from libs.policy.plugins import PluginChain, PluginSkip, bind_plugins
 from libs.policy.ranking import FirstSlotCounts, rank
 from libs.policy.scorers import Scorer, build_scorer
 from libs.policy.statistics import ArmPolicy, Statistics
@@ -141,7 +141,7 @@ class PreparedDeployment:
             variant_weights=tuple((v.name, v.weight) for v in spec.variants),
             offers_by_id={o.id: o for o in spec.offers},
             offers_by_name={o.name: o for o in spec.offers},
-            plugins=build_plugin_chain(spec.plugins),
+            plugins=bind_plugins(spec.plugins),
             models=loaded,
             segment_reads_features=segment_reads_features(spec),
             rules=EligibilityRules(spec.offers),
@@ -159,15 +159,26 @@ class PreparedDeployment:
                 return self.plans[name]
         return self.plans[self.variant_weights[-1][0]]
 
-    def eligible(self, context: Context, params: Mapping[str, Any]) -> list[Offer]:
+    def eligible(
+        self,
+        context: Context,
+        params: Mapping[str, Any],
+        *,
+        customer: str = "",
+        features: Mapping[str, Any] | None = None,
+        skips: list[PluginSkip] | None = None,
+    ) -> list[Offer]:
         """The offers this customer may be shown: eligibility rules, the request's own list when it
         sends one (param `eligible_offers`: ids or names, a list or comma-separated, as the
-        ecosystem.Ai runtime takes it), then pre-score plugins."""
+        ecosystem.Ai runtime takes it), then pre-score plugins (those skipped are added to `skips`)."""
         offers = self.rules.eligible(context.values)
         requested = _requested_offers(params.get(ELIGIBLE_OFFERS_PARAM))
         if requested is not None:
             offers = [offer for offer in offers if offer.id in requested or offer.name in requested]
-        return self.plugins.filter(offers, context, params)
+        if not self.plugins.pre_score:
+            return offers
+        skipped = skips if skips is not None else []
+        return self.plugins.filter(self.spec.name, customer, offers, context, params, features or {}, skipped)
 
     def unknown_requested_offers(self, params: Mapping[str, Any]) -> list[str]:
         """Names in the request's `eligible_offers` that are no offer of this deployment."""
@@ -187,15 +198,22 @@ class PreparedDeployment:
         count: int,
         features: Mapping[str, Any] | None = None,
         params: Mapping[str, Any] | None = None,
+        customer: str = "",
+        skips: list[PluginSkip] | None = None,
     ) -> Choice:
         """Score the eligible offers, rank `count` of them (explore or exploit, category caps) and
         report each shown offer with its exact propensity. `features` and `params` are the
         customer's raw inputs, which a bound model reads beside the context."""
         params = params or {}
         offer_ids = [offer.id for offer in eligible]
-        weights = np.array([offer.weighting for offer in eligible]) * self.plugins.factors(
-            eligible, context, params
-        )
+        weights = np.array([offer.weighting for offer in eligible])
+        category_limit = None
+        if self.plugins.post_score:
+            skipped = skips if skips is not None else []
+            factors, category_limit = self.plugins.post_score_factors(
+                self.spec.name, customer, eligible, context, params, skipped
+            )
+            weights = weights * factors
         categorical = {k: v for k, v in context.values.items() if isinstance(v, str)}
         model_inputs: Mapping[str, Any] = categorical
         if plan.model is not None or plan.scorer.reads_raw_features:
@@ -225,7 +243,7 @@ class PreparedDeployment:
             [offer.category for offer in eligible],
             epsilon=plan.epsilon,
             count=count,
-            category_limit=self.plugins.category_limit,
+            category_limit=category_limit,
             rng=rng,
         )
         offers = [

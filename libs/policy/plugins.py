@@ -1,107 +1,353 @@
-"""Plugins: small, named steps a deployment chains around scoring (ecosystem.Ai's pre- and
-post-score plugins). Pre-score plugins remove offers; post-score plugins either scale scores
-(multiplicative factors, so propensities stay exact) or arrange the final list.
+"""Plugins: user code in the decision loop (ecosystem.Ai's pre- and post-score plugins), found by
+name among the installed packages and bound to a deployment with typed, validated parameters.
 
-Built in:
-- `exclude_offers` (pre_score): drop offers listed in the spec (`offers: [...]`) or in a request
-  param (`param: exclude`, a list or comma-separated ids).
-- `value_weighting` (post_score): multiply each score by the offer's margin (price - cost) or price,
-  raised to `power` (default 1): rank by expected value instead of take-up.
-- `category_cap` (post_score): at most `max_per_category` offers of one category in the result.
+A plugin is a class in any installed package, declared under the entry point group
+`liveloop.plugins` (the entry point's name is the plugin's name):
+
+    [project.entry-points."liveloop.plugins"]
+    loyalty_boost = "my_plugins.boost:LoyaltyBoost"
+
+The class says its `stage`, its parameters as a pydantic model (`Params`, a `PluginParams`), and
+takes them validated when a deployment binds it; one instance per deployment and revision, so a
+plugin sees only the requests of the deployment that named it. By stage:
+
+- **pre_score** `pre_score(PreScoreInput) -> Sequence[Offer]`: the offers to keep (a subset of the
+  input's, in any order), from the request's context, params and features.
+- **post_score** `post_score(PostScoreInput) -> PostScore`: a factor per offer that multiplies its
+  score, and/or a cap on offers of one category in the result. Both reach the scorer and the
+  ranking before they draw, so the logged propensities stay exact; for the same reason a factor
+  depends on the offer, the context and the params, never on the draw (the plugin sees no scores).
+
+The built-in plugins (builtin_plugins.py: `exclude_offers`, `value_weighting`, `category_cap`) are
+plugins of this same interface. Publish validates a spec's plugins against the installed ones (the
+name, the stage, the parameters, each error naming its field), and so does every replica when it
+prepares a revision (a replica without the plugin rejects the revision and keeps serving its last).
+
+A plugin that raises, returns something malformed or runs past its `budget_ms` is skipped for that
+request by default (`on_error: skip`: the request goes on without it, the reply warns, the replica
+counts it), or fails the request (`on_error: fail`). The budget is measured, not enforced: Python
+cannot stop a function that does not return, so a plugin that never returns still blocks its
+replica.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import importlib
+import importlib.metadata
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from libs.common.deployment_spec import Offer, PluginRef, PluginStage
-from libs.common.errors import InvalidArgument
+from libs.common.deployment_spec import Offer, PluginErrorPolicy, PluginRef, PluginStage
+from libs.common.errors import FailedPrecondition, InvalidArgument
 from libs.policy.context import Context
 
+logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "liveloop.plugins"
+
+
+class PluginParams(BaseModel):
+    """Base of a plugin's parameters: unknown fields are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoParams(PluginParams):
+    pass
+
 
 @dataclass(frozen=True)
-class ExcludeOffers:
-    offers: frozenset[str]
-    param: str
+class PreScoreInput:
+    deployment: str
+    customer: str
+    offers: Sequence[Offer]  # eligible so far
+    context: Mapping[str, str | float]  # every context variable
+    params: Mapping[str, Any]  # the request's params
+    features: Mapping[str, Any]  # the customer's online features
 
-    def filter(self, offers: list[Offer], params: Mapping[str, Any]) -> list[Offer]:
-        excluded = set(self.offers)
-        if self.param and self.param in params:
-            value = params[self.param]
-            items = (
-                value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
+
+@dataclass(frozen=True)
+class PostScoreInput:
+    deployment: str
+    customer: str
+    offers: Sequence[Offer]  # eligible, in the order the factors are wanted
+    context: Mapping[str, str | float]
+    params: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class PostScore:
+    factors: Sequence[float] | None = None  # one per offer, finite and >= 0; None: unchanged
+    max_per_category: int | None = None  # at most this many offers of one category; None: no cap
+
+
+class PreScorePlugin(Protocol):
+    stage: ClassVar[PluginStage]
+    Params: ClassVar[type[PluginParams]]
+
+    def pre_score(self, request: PreScoreInput) -> Sequence[Offer]: ...
+
+
+class PostScorePlugin(Protocol):
+    stage: ClassVar[PluginStage]
+    Params: ClassVar[type[PluginParams]]
+
+    def post_score(self, request: PostScoreInput) -> PostScore: ...
+
+
+@dataclass(frozen=True)
+class InstalledPlugin:
+    name: str
+    stage: PluginStage
+    version: str  # of the distribution that declares it ("builtin" for liveloop's own)
+    distribution: str
+    factory: type[Any]
+
+    @property
+    def params_model(self) -> type[PluginParams]:
+        model: type[PluginParams] = getattr(self.factory, "Params", NoParams)
+        return model
+
+
+def _builtin() -> dict[str, InstalledPlugin]:
+    from libs.policy import builtin_plugins
+
+    return {
+        name: InstalledPlugin(name, factory.stage, "builtin", "liveloop", factory)
+        for name, factory in builtin_plugins.BUILTIN.items()
+    }
+
+
+# The classes discovery loaded, by (distribution, version, entry point value), and the version of
+# its distribution each plugin module was imported from: a package upgraded in place is imported
+# again, so the next revision naming it runs the new code without a restart. (A package changed
+# without a new version, as in editable development, needs a restart.)
+_loaded: dict[tuple[str, str, str], type[Any]] = {}
+_module_versions: dict[str, tuple[str, str]] = {}
+
+
+def installed_plugins() -> dict[str, InstalledPlugin]:
+    """Every plugin this process can run: the built-ins, then the entry points of
+    `liveloop.plugins` as installed now (read again on every call: a config change is when a new
+    or upgraded plugin package is picked up). An entry point that does not load, or that reuses a
+    built-in's name, is logged and left out."""
+    found = _builtin()
+    importlib.invalidate_caches()
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        distribution = entry.dist.name if entry.dist is not None else "?"
+        version = entry.dist.version if entry.dist is not None else "?"
+        if entry.name in found:
+            logger.warning("plugin %s from %s ignored: that name is taken", entry.name, distribution)
+            continue
+        try:
+            factory = _load(entry, distribution, version)
+            stage = PluginStage(factory.stage)
+        except Exception as error:  # a broken package must not stop the others
+            logger.warning("plugin %s from %s %s does not load: %s", entry.name, distribution, version, error)
+            continue
+        found[entry.name] = InstalledPlugin(entry.name, stage, version, distribution, factory)
+    return found
+
+
+def _load(entry: importlib.metadata.EntryPoint, distribution: str, version: str) -> type[Any]:
+    key = (distribution, version, entry.value)
+    if key in _loaded:
+        return _loaded[key]
+    module_name = entry.value.split(":")[0].strip()
+    if _module_versions.get(module_name, (distribution, version)) != (distribution, version):
+        for name in [
+            name for name in sys.modules if name == module_name or name.startswith(module_name + ".")
+        ]:
+            del sys.modules[name]  # imported from an older version: import it again
+    _module_versions[module_name] = (distribution, version)
+    factory: type[Any] = entry.load()
+    _loaded[key] = factory
+    return factory
+
+
+def plugin_versions() -> dict[str, str]:
+    """name -> version of every plugin this process can run (what a replica reports)."""
+    return {name: plugin.version for name, plugin in sorted(installed_plugins().items())}
+
+
+@dataclass(frozen=True)
+class PluginSkip:
+    """A plugin left out of one request: its name and why."""
+
+    plugin: str
+    reason: str  # "error" or "budget"
+    detail: str
+
+
+@dataclass(frozen=True)
+class BoundPlugin:
+    name: str
+    stage: PluginStage
+    version: str
+    instance: Any
+    on_error: PluginErrorPolicy
+    budget_seconds: float
+
+    def run(self, request: Any, check: Callable[[Any], Any], skips: list[PluginSkip]) -> Any:
+        """The plugin's checked result for the request, or None when it is skipped (noted in
+        `skips`); raises FailedPrecondition instead where the deployment says to fail."""
+        method = getattr(self.instance, self.stage.value)  # pre_score or post_score
+        started = time.perf_counter()
+        try:
+            result = check(method(request))
+        except Exception as error:
+            return self._failed("error", f"{type(error).__name__}: {error}", skips)
+        elapsed = time.perf_counter() - started
+        if elapsed > self.budget_seconds:
+            detail = f"took {elapsed * 1000:.1f} ms, its budget is {self.budget_seconds * 1000:g} ms"
+            return self._failed("budget", detail, skips)
+        return result
+
+    def _failed(self, reason: str, detail: str, skips: list[PluginSkip]) -> None:
+        if self.on_error is PluginErrorPolicy.FAIL:
+            raise FailedPrecondition(
+                f"plugin {self.name} {self.version} failed ({reason}): {detail}", field="plugins"
             )
-            excluded |= {str(item).strip() for item in items}
-        return [offer for offer in offers if offer.id not in excluded]
-
-
-@dataclass(frozen=True)
-class ValueWeighting:
-    basis: str
-    power: float
-
-    def factors(self, offers: Sequence[Offer]) -> np.ndarray:
-        values = [o.price - o.cost if self.basis == "margin" else o.price for o in offers]
-        factors: np.ndarray = np.power(np.maximum(np.array(values, dtype=float), 0.0), self.power)
-        return factors
-
-
-@dataclass(frozen=True)
-class CategoryCap:
-    max_per_category: int
+        skips.append(PluginSkip(self.name, reason, detail))
+        return None
 
 
 @dataclass
 class PluginChain:
-    excludes: list[ExcludeOffers] = field(default_factory=list)
-    weightings: list[ValueWeighting] = field(default_factory=list)
-    caps: list[CategoryCap] = field(default_factory=list)
+    pre_score: list[BoundPlugin] = field(default_factory=list)
+    post_score: list[BoundPlugin] = field(default_factory=list)
 
-    def filter(self, offers: list[Offer], context: Context, params: Mapping[str, Any]) -> list[Offer]:
-        for plugin in self.excludes:
-            offers = plugin.filter(offers, params)
+    def is_current(self) -> bool:
+        """Whether every installed plugin of the chain is still at the version it was bound from
+        (False after a package upgrade or removal: bind the spec again)."""
+        bound = {plugin.name: plugin.version for plugin in (*self.pre_score, *self.post_score)}
+        if all(version == "builtin" for version in bound.values()):
+            return True  # nothing to look up
+        installed = plugin_versions()
+        return all(installed.get(name) == version for name, version in bound.items())
+
+    def filter(
+        self,
+        deployment: str,
+        customer: str,
+        offers: list[Offer],
+        context: Context,
+        params: Mapping[str, Any],
+        features: Mapping[str, Any],
+        skips: list[PluginSkip],
+    ) -> list[Offer]:
+        for plugin in self.pre_score:
+            request = PreScoreInput(deployment, customer, tuple(offers), context.values, params, features)
+            kept = plugin.run(request, _offers_within(offers), skips)
+            if kept is not None:
+                offers = kept
         return offers
 
-    def factors(self, offers: Sequence[Offer], context: Context, params: Mapping[str, Any]) -> np.ndarray:
-        result = np.ones(len(offers))
-        for plugin in self.weightings:
-            result = result * plugin.factors(offers)
-        return result
+    def post_score_factors(
+        self,
+        deployment: str,
+        customer: str,
+        offers: Sequence[Offer],
+        context: Context,
+        params: Mapping[str, Any],
+        skips: list[PluginSkip],
+    ) -> tuple[np.ndarray, int | None]:
+        """The product of every post-score plugin's factors, and the tightest category cap."""
+        factors, limit = np.ones(len(offers)), None
+        for plugin in self.post_score:
+            request = PostScoreInput(deployment, customer, tuple(offers), context.values, params)
+            result = plugin.run(request, _post_score_of(len(offers)), skips)
+            if result is None:
+                continue
+            more, cap = result
+            if more is not None:
+                factors = factors * more
+            if cap is not None:
+                limit = cap if limit is None else min(limit, cap)
+        return factors, limit
 
-    @property
-    def category_limit(self) -> int | None:
-        """At most this many offers of one category in a result (the tightest cap); None: no cap."""
-        return min(cap.max_per_category for cap in self.caps) if self.caps else None
+
+def _offers_within(offers: Sequence[Offer]) -> Callable[[Any], list[Offer]]:
+    allowed = {offer.id: offer for offer in offers}
+
+    def check(result: Any) -> list[Offer]:
+        if isinstance(result, str | bytes) or not isinstance(result, Sequence):
+            raise TypeError(f"pre_score must return a sequence of offers, not {type(result).__name__}")
+        kept = []
+        for offer in result:
+            if not isinstance(offer, Offer) or offer.id not in allowed:
+                raise ValueError(f"pre_score returned {offer!r}, which is not one of the offers it was given")
+            kept.append(allowed[offer.id])
+        return kept
+
+    return check
 
 
-def build_plugin_chain(plugins: Sequence[PluginRef]) -> PluginChain:
+def _post_score_of(count: int) -> Callable[[Any], tuple[np.ndarray | None, int | None]]:
+    def check(result: Any) -> tuple[np.ndarray | None, int | None]:
+        if not isinstance(result, PostScore):
+            raise TypeError(f"post_score must return a PostScore, not {type(result).__name__}")
+        factors = None
+        if result.factors is not None:
+            factors = np.asarray(result.factors, dtype=float)
+            if factors.shape != (count,):
+                raise ValueError(f"post_score returned {factors.size} factors for {count} offers")
+            if not all(math.isfinite(value) and value >= 0 for value in factors.tolist()):
+                raise ValueError("post_score factors must be finite and not negative")
+        cap = result.max_per_category
+        if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
+            raise ValueError(f"max_per_category must be a positive integer, not {cap!r}")
+        return factors, cap
+
+    return check
+
+
+def bind_plugins(
+    plugins: Sequence[PluginRef], installed: Mapping[str, InstalledPlugin] | None = None
+) -> PluginChain:
+    """The spec's plugins, each validated and bound to its parameters; InvalidArgument naming the
+    field (`plugins[i].name`, `plugins[i].stage`, `plugins[i].params.<field>`) for a plugin that is
+    not installed here, one named at the wrong stage, or parameters its `Params` refuses."""
+    installed = installed_plugins() if installed is None else installed
     chain = PluginChain()
-    for index, plugin in enumerate(plugins):
+    for index, ref in enumerate(plugins):
         where = f"plugins[{index}]"
-        params = plugin.params
-        if plugin.name == "exclude_offers" and plugin.stage is PluginStage.PRE_SCORE:
-            offers = params.get("offers", [])
-            if not isinstance(offers, list):
-                raise InvalidArgument("offers must be a list of offer ids", field=f"{where}.params.offers")
-            chain.excludes.append(ExcludeOffers(frozenset(map(str, offers)), str(params.get("param", ""))))
-        elif plugin.name == "value_weighting" and plugin.stage is PluginStage.POST_SCORE:
-            basis = params.get("basis", "margin")
-            if basis not in ("margin", "price"):
-                raise InvalidArgument("basis must be 'margin' or 'price'", field=f"{where}.params.basis")
-            chain.weightings.append(ValueWeighting(basis, float(params.get("power", 1.0))))
-        elif plugin.name == "category_cap" and plugin.stage is PluginStage.POST_SCORE:
-            limit = params.get("max_per_category")
-            if not isinstance(limit, int) or limit < 1:
-                raise InvalidArgument("max_per_category must be a positive integer", field=f"{where}.params")
-            chain.caps.append(CategoryCap(limit))
-        else:
+        plugin = installed.get(ref.name)
+        if plugin is None:
+            names = ", ".join(f"{p.name} ({p.stage.value})" for p in installed.values())
             raise InvalidArgument(
-                f"unknown plugin '{plugin.name}' at stage {plugin.stage.value}; this replica has "
-                "exclude_offers (pre_score), value_weighting and category_cap (post_score)",
-                field=f"{where}.name",
+                f"unknown plugin '{ref.name}'; installed here: {names}", field=f"{where}.name"
             )
+        if plugin.stage is not ref.stage:
+            raise InvalidArgument(
+                f"'{ref.name}' is a {plugin.stage.value} plugin, not {ref.stage.value}",
+                field=f"{where}.stage",
+            )
+        try:
+            params = plugin.params_model.model_validate(ref.params)
+        except ValidationError as error:
+            first = error.errors()[0]
+            location = ".".join(str(part) for part in first["loc"])
+            raise InvalidArgument(
+                f"{first['msg']}", field=f"{where}.params.{location}" if location else f"{where}.params"
+            ) from None
+        try:
+            instance = plugin.factory(params)
+        except Exception as error:
+            raise InvalidArgument(
+                f"'{ref.name}' {plugin.version} refused its parameters: {type(error).__name__}: {error}",
+                field=f"{where}.params",
+            ) from None
+        bound = BoundPlugin(
+            ref.name, plugin.stage, plugin.version, instance, ref.on_error, ref.budget_ms / 1000
+        )
+        (chain.pre_score if plugin.stage is PluginStage.PRE_SCORE else chain.post_score).append(bound)
     return chain

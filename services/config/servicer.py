@@ -172,6 +172,7 @@ class ConfigServicer(config_pb2_grpc.ConfigServiceServicer):
                     service=report.record.service,
                     version=report.record.version,
                     peer=report.record.peer,
+                    plugins=report.record.plugins,
                     deployments=[
                         common_pb2.DeploymentRef(name=name, revision=revision)
                         for name, revision in sorted(report.record.deployment_revisions.items())
@@ -201,7 +202,7 @@ async def _replica_messages(
                 version=subscribe.version,
             )
         elif kind == "ack":
-            yield distribution.Ack(request.ack.revision)
+            yield distribution.Ack(request.ack.revision, dict(request.ack.plugins))
         elif kind == "nack":
             yield distribution.Nack(request.nack.revision, request.nack.reason, request.nack.deployment)
         else:

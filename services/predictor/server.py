@@ -20,6 +20,7 @@ from libs.common.server import RunningServer, ServiceDefinition, start_server
 from libs.policy.deployment import PreparedDeployment
 from libs.policy.model_repository import ModelRepository
 from libs.policy.models import unsupplied_inputs
+from libs.policy.plugins import plugin_versions
 from libs.protos.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 from libs.stack.topology import PREDICTOR
@@ -112,6 +113,8 @@ async def build_server(settings: PredictorSettings) -> RunningServer:
         version=SERVER_VERSION,
         deployments=tuple(settings.deployments),
         prepare=prepare,
+        still_current=lambda prepared: prepared.plugins.is_current(),
+        plugins=plugin_versions,
         on_change=on_change,
     )
     # When every connection is busy (a Redis stall with many requests in flight), a request waits

@@ -25,6 +25,7 @@ from libs.protos.liveloop.config.v1 import config_pb2, config_pb2_grpc
 from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 from libs.stack.processes import free_port, port_accepts, tail, wait_until
 from tests.conftest import ApiKeys
+from tests.plugin_packages import install_plugin_package
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -122,23 +123,32 @@ class LiveConfig:
         self.wait(lambda: self.config.health() == "SERVING", "the config service is SERVING", START_TIMEOUT)
 
     def start_replica(
-        self, replica_id: str, state_dir: Path | None = None, *, wait_serving: bool = True
+        self,
+        replica_id: str,
+        state_dir: Path | None = None,
+        *,
+        wait_serving: bool = True,
+        env: dict[str, str] | None = None,
     ) -> ServiceProcess:
         port = free_port()
-        env = _base_environment() | {
-            "LIVELOOP_PREDICTOR_HOST": "127.0.0.1",
-            "LIVELOOP_PREDICTOR_PORT": str(port),
-            "LIVELOOP_PREDICTOR_REPLICA_ID": replica_id,
-            "LIVELOOP_PREDICTOR_CONFIG_TARGET": self.config.target,
-            "LIVELOOP_PREDICTOR_CONFIG_API_KEY": self.api_keys.service,
-            "LIVELOOP_PREDICTOR_STATE_DIR": str(state_dir or self.root / replica_id / "state"),
-            "LIVELOOP_PREDICTOR_MODEL_DIR": str(self.model_dir),
-            "LIVELOOP_PREDICTOR_REDIS_URL": self.redis_url,
-            "LIVELOOP_PREDICTOR_AUTH_ENABLED": "true",
-            "LIVELOOP_PREDICTOR_API_KEYS_FILE": str(self.api_keys.file),
-            "LIVELOOP_PREDICTOR_SHUTDOWN_DRAIN_SECONDS": "0",
-            "LIVELOOP_PREDICTOR_SHUTDOWN_GRACE_SECONDS": "1",
-        }
+        env = (
+            _base_environment()
+            | (env or {})
+            | {
+                "LIVELOOP_PREDICTOR_HOST": "127.0.0.1",
+                "LIVELOOP_PREDICTOR_PORT": str(port),
+                "LIVELOOP_PREDICTOR_REPLICA_ID": replica_id,
+                "LIVELOOP_PREDICTOR_CONFIG_TARGET": self.config.target,
+                "LIVELOOP_PREDICTOR_CONFIG_API_KEY": self.api_keys.service,
+                "LIVELOOP_PREDICTOR_STATE_DIR": str(state_dir or self.root / replica_id / "state"),
+                "LIVELOOP_PREDICTOR_MODEL_DIR": str(self.model_dir),
+                "LIVELOOP_PREDICTOR_REDIS_URL": self.redis_url,
+                "LIVELOOP_PREDICTOR_AUTH_ENABLED": "true",
+                "LIVELOOP_PREDICTOR_API_KEYS_FILE": str(self.api_keys.file),
+                "LIVELOOP_PREDICTOR_SHUTDOWN_DRAIN_SECONDS": "0",
+                "LIVELOOP_PREDICTOR_SHUTDOWN_GRACE_SECONDS": "1",
+            }
+        )
         log = self.root / f"{replica_id}-{len(self.replicas)}.log"
         process = ServiceProcess(replica_id, "services.predictor", env, log, port)
         self.replicas[f"{replica_id}#{len(self.replicas)}"] = process
@@ -398,3 +408,81 @@ def test_a_new_replica_serves_its_last_known_good_config_while_the_config_servic
     assert live.publish(small("second", 3.0)) == 3
     live.wait_revision([restarted, blank], 3)
     assert restarted.health() == "SERVING"
+
+
+# A pre-score plugin whose behaviour changes with its package's version: 1.0 drops plan-a, 1.1
+# drops plan-b; either raises when the request's params say `fail`.
+DROP_PLAN = """
+    from typing import ClassVar
+    from libs.common.deployment_spec import PluginStage
+    from libs.policy.plugins import PluginParams
+
+    class DropPlan:
+        stage: ClassVar[PluginStage] = PluginStage.PRE_SCORE
+        Params = PluginParams
+
+        def __init__(self, params):
+            pass
+
+        def pre_score(self, request):
+            if request.params.get("fail"):
+                raise RuntimeError("asked to fail")
+            return [offer for offer in request.offers if offer.id != "DROPPED"]
+"""
+
+
+def plugged(description: str) -> dict[str, Any]:
+    return {
+        **small("plugged", 2.0),
+        "description": description,
+        "default_number_of_offers": 2,
+        "plugins": [{"name": "drop_plan", "stage": "pre_score"}],
+    }
+
+
+def offered(
+    live: LiveConfig, replica: ServiceProcess, count: int = 1, **params: Any
+) -> tuple[list[str], list[str]]:
+    request = predictor_pb2.InvokeRequest(campaign="plugged", customer="c-1", channel="app")
+    request.numberoffers.number_value = count
+    request.params.struct_value.update(params)
+    with open_blocking_channel(replica.target, api_key=live.api_keys.invoke, deadline_seconds=5) as channel:
+        reply = predictor_pb2_grpc.PredictorServiceStub(channel).Invoke(request)
+    return sorted(row.result.offer for row in reply.final_result), list(reply.warnings)
+
+
+def test_a_plugin_package_installed_and_upgraded_while_serving_is_used_without_a_restart(
+    live: LiveConfig, tmp_path: Path
+) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    with_plugins = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    install_plugin_package(site, "1.0", DROP_PLAN.replace("DROPPED", "plan-a"), {"drop_plan": "DropPlan"})
+    live.config.env.update(with_plugins)
+    live.start_config()
+    one = live.start_replica("predictor-1", env=with_plugins)
+    without = live.start_replica("predictor-2", wait_serving=False)  # a replica whose image lacks it
+
+    assert live.publish(plugged("1.0")) == 1
+    live.wait_revision([one], 1)
+    assert offered(live, one) == (["plan-b"], [])
+    states = live.wait_status(["predictor-2"], lambda s: s.last_nack_revision == 1, "predictor-2 NACKed 1")
+    assert "plugins[0].name: unknown plugin 'drop_plan'" in states["predictor-2"].last_nack_reason
+    assert without.running()
+
+    # Upgraded in place, as `pip install -U` would: the next revision naming it runs the new code.
+    pid = one.popen.pid if one.popen is not None else 0
+    install_plugin_package(site, "1.1", DROP_PLAN.replace("DROPPED", "plan-b"), {"drop_plan": "DropPlan"})
+    assert live.publish(plugged("1.1")) == 2
+    live.wait_revision([one], 2)
+    assert offered(live, one) == (["plan-a"], [])
+    reported = live.wait_status(["predictor-1"], lambda s: s.applied_revision == 2, "predictor-1 ACKed 2")
+    assert reported["predictor-1"].plugins["drop_plan"] == "1.1"  # what it runs now, as its Ack says
+    assert reported["predictor-1"].plugins["exclude_offers"] == "builtin"
+    assert one.popen is not None
+    assert one.popen.pid == pid
+
+    # A plugin that raises is skipped for that request (on_error: skip, the default), with a warning.
+    shown, warnings = offered(live, one, count=2, fail=True)
+    assert shown == ["plan-a", "plan-b"]
+    assert warnings == ["plugin drop_plan skipped (error): RuntimeError: asked to fail"]

@@ -332,6 +332,35 @@ async def test_a_stale_expected_revision_is_failed_precondition(config: ConfigUn
             "name: String should match pattern",
             id="bad-name",
         ),
+        pytest.param(
+            config_pb2.PublishRequest(
+                spec_text=json.dumps(
+                    {
+                        "name": "offers",
+                        "offers": [{"id": "a"}],
+                        "plugins": [{"name": "nope", "stage": "pre_score"}],
+                    }
+                )
+            ),
+            "plugins[0].name: unknown plugin 'nope'; installed here: exclude_offers (pre_score)",
+            id="unknown-plugin",
+        ),
+        pytest.param(
+            config_pb2.PublishRequest(
+                spec_text=json.dumps(
+                    {
+                        "name": "offers",
+                        "offers": [{"id": "a"}],
+                        "plugins": [
+                            {"name": "exclude_offers", "stage": "pre_score"},
+                            {"name": "loyalty_boost", "stage": "post_score", "params": {"boost": "lots"}},
+                        ],
+                    }
+                )
+            ),
+            "plugins[1].params.boost: Input should be a valid number",
+            id="plugin-params",
+        ),
     ],
 )
 async def test_an_invalid_spec_is_invalid_argument_naming_the_field(

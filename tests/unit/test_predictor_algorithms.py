@@ -18,7 +18,7 @@ from pydantic import TypeAdapter
 from libs.common.deployment_spec import Algorithm, Offer, PluginRef, ThompsonAlgorithm
 from libs.common.errors import FailedPrecondition, InvalidArgument
 from libs.policy.context import Context
-from libs.policy.plugins import build_plugin_chain
+from libs.policy.plugins import PluginChain, bind_plugins
 from libs.policy.ranking import rank
 from libs.policy.scorers import POSTERIOR_DRAWS, LinearScorer, Scorer, Scores, ThompsonScorer, build_scorer
 from libs.policy.statistics import ArmCounts, LinearState, Statistics
@@ -288,8 +288,26 @@ CATALOGUE = [
 NO_CONTEXT = Context({}, "all", {}, ())
 
 
-def chain(*plugins: dict[str, Any]) -> Any:
-    return build_plugin_chain([PluginRef.model_validate(plugin) for plugin in plugins])
+def chain(*plugins: dict[str, Any]) -> PluginChain:
+    return bind_plugins([PluginRef.model_validate(plugin) for plugin in plugins])
+
+
+def kept(plugins: PluginChain, params: dict[str, Any]) -> list[str]:
+    skips: list[Any] = []
+    offers = plugins.filter("d", "c", CATALOGUE, NO_CONTEXT, params, {}, skips)
+    assert skips == []
+    return ids(offers)
+
+
+def factors(plugins: PluginChain) -> list[float]:
+    skips: list[Any] = []
+    result, _ = plugins.post_score_factors("d", "c", CATALOGUE, NO_CONTEXT, {}, skips)
+    assert skips == []
+    return list(result.tolist())
+
+
+def category_limit(plugins: PluginChain) -> int | None:
+    return plugins.post_score_factors("d", "c", CATALOGUE, NO_CONTEXT, {}, [])[1]
 
 
 def ids(offers: Sequence[Offer]) -> list[str]:
@@ -300,32 +318,32 @@ def test_exclude_offers_from_the_spec_and_from_a_param() -> None:
     plugins = chain(
         {"name": "exclude_offers", "stage": "pre_score", "params": {"offers": ["v2"], "param": "exclude"}}
     )
-    assert ids(plugins.filter(CATALOGUE, NO_CONTEXT, {})) == ["d1", "d2", "v1", "r1"]
-    assert ids(plugins.filter(CATALOGUE, NO_CONTEXT, {"exclude": "d1, r1"})) == ["d2", "v1"]
-    assert ids(plugins.filter(CATALOGUE, NO_CONTEXT, {"exclude": ["d2"]})) == ["d1", "v1", "r1"]
-    assert ids(plugins.filter(CATALOGUE, NO_CONTEXT, {"exclude": 42})) == ["d1", "d2", "v1", "r1"]
-    assert ids(plugins.filter(CATALOGUE, NO_CONTEXT, {"other": "d1"})) == ["d1", "d2", "v1", "r1"]
+    assert kept(plugins, {}) == ["d1", "d2", "v1", "r1"]
+    assert kept(plugins, {"exclude": "d1, r1"}) == ["d2", "v1"]
+    assert kept(plugins, {"exclude": ["d2"]}) == ["d1", "v1", "r1"]
+    assert kept(plugins, {"exclude": 42}) == ["d1", "d2", "v1", "r1"]
+    assert kept(plugins, {"other": "d1"}) == ["d1", "d2", "v1", "r1"]
 
 
 def test_value_weighting_by_margin_or_price_with_a_power() -> None:
     margin = chain({"name": "value_weighting", "stage": "post_score"})
-    assert margin.factors(CATALOGUE, NO_CONTEXT, {}).tolist() == [6, 25, 7, 0, 10]
+    assert factors(margin) == [6, 25, 7, 0, 10]
     price = chain(
         {"name": "value_weighting", "stage": "post_score", "params": {"basis": "price", "power": 0.5}}
     )
-    assert price.factors(CATALOGUE, NO_CONTEXT, {}).tolist() == pytest.approx(np.sqrt([10, 30, 8, 20, 12]))
+    assert factors(price) == pytest.approx(np.sqrt([10, 30, 8, 20, 12]))
     both = chain(
         {"name": "value_weighting", "stage": "post_score"},
         {"name": "value_weighting", "stage": "post_score", "params": {"basis": "price"}},
     )
-    assert both.factors(CATALOGUE, NO_CONTEXT, {}).tolist() == [60, 750, 56, 0, 120]
-    assert chain().factors(CATALOGUE, NO_CONTEXT, {}).tolist() == [1.0] * 5
+    assert factors(both) == [60, 750, 56, 0, 120]
+    assert factors(chain()) == [1.0] * 5
 
 
 def test_category_cap_keeps_the_order_and_skips_over_full_categories() -> None:
     capped = chain({"name": "category_cap", "stage": "post_score", "params": {"max_per_category": 1}})
     two = chain({"name": "category_cap", "stage": "post_score", "params": {"max_per_category": 2}})
-    assert (capped.category_limit, two.category_limit, chain().category_limit) == (1, 2, None)
+    assert (category_limit(capped), category_limit(two), category_limit(chain())) == (1, 2, None)
     # Ranked d2, d1, v2, v1, r1 by score.
     scores = Scores(np.array([4.0, 5.0, 2.0, 3.0, 1.0]), np.zeros(5), np.zeros(5))
     categories = [offer.category for offer in CATALOGUE]
@@ -347,7 +365,7 @@ def test_category_cap_keeps_the_order_and_skips_over_full_categories() -> None:
     ("plugin", "field"),
     [
         ({"name": "no_such_plugin", "stage": "pre_score"}, "plugins[0].name"),
-        ({"name": "exclude_offers", "stage": "post_score"}, "plugins[0].name"),
+        ({"name": "exclude_offers", "stage": "post_score"}, "plugins[0].stage"),
         (
             {"name": "exclude_offers", "stage": "pre_score", "params": {"offers": "d1"}},
             "plugins[0].params.offers",
@@ -358,9 +376,13 @@ def test_category_cap_keeps_the_order_and_skips_over_full_categories() -> None:
         ),
         (
             {"name": "category_cap", "stage": "post_score", "params": {"max_per_category": 0}},
-            "plugins[0].params",
+            "plugins[0].params.max_per_category",
         ),
-        ({"name": "category_cap", "stage": "post_score", "params": {}}, "plugins[0].params"),
+        ({"name": "category_cap", "stage": "post_score", "params": {}}, "plugins[0].params.max_per_category"),
+        (
+            {"name": "exclude_offers", "stage": "pre_score", "params": {"offer": ["d1"]}},
+            "plugins[0].params.offer",
+        ),
     ],
 )
 def test_bad_plugin_settings_name_the_field(plugin: dict[str, Any], field: str) -> None:

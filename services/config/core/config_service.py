@@ -14,6 +14,7 @@ from libs.common.deployment_spec import (
     parse_deployment_spec,
 )
 from libs.common.errors import FailedPrecondition, InvalidArgument, LiveloopError, NotFound, Unavailable
+from libs.policy.plugins import bind_plugins
 from services.config.core.distribution import (
     ReplicaMessage,
     ReplicaRegistry,
@@ -121,10 +122,13 @@ class ConfigService:
         spec_text: str | None, spec_document: dict[str, Any] | None, format: Literal["json", "yaml"] | None
     ) -> DeploymentSpec:
         if spec_text:
-            return parse_deployment_spec(spec_text, format)
-        if spec_document:
-            return deployment_spec_from_mapping(spec_document)
-        raise InvalidArgument("no spec given: send spec_text or spec_struct", field="spec")
+            spec = parse_deployment_spec(spec_text, format)
+        elif spec_document:
+            spec = deployment_spec_from_mapping(spec_document)
+        else:
+            raise InvalidArgument("no spec given: send spec_text or spec_struct", field="spec")
+        bind_plugins(spec.plugins)  # a plugin not installed here, or parameters it refuses
+        return spec
 
     async def rollback(
         self, deployment: str, to_revision: int, *, author: str, message: str = "", dry_run: bool = False

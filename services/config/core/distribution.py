@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -47,6 +47,7 @@ class Subscribe:
 @dataclass(frozen=True)
 class Ack:
     revision: int
+    plugins: Mapping[str, str] = field(default_factory=dict)  # name -> version, as the replica reports
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,7 @@ class ReplicaRecord:
     deployment_revisions: dict[str, int] = field(default_factory=dict)
     last_nack_revision: int = 0
     last_nack_reason: str = ""
+    plugins: dict[str, str] = field(default_factory=dict)  # name -> version, from the last Ack
     last_seen: datetime = field(default_factory=lambda: datetime.now(UTC))
     connected: bool = False
     refresh: asyncio.Event = field(default_factory=asyncio.Event)
@@ -335,6 +337,8 @@ class WatchSession:
             record.last_seen = datetime.now(UTC)
             if isinstance(message, Ack):
                 self._acknowledge(record, message.revision)
+                if message.plugins:
+                    record.plugins = dict(message.plugins)
             elif isinstance(message, Nack):
                 record.last_nack_revision = message.revision
                 record.last_nack_reason = message.reason[:2000]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import time
 import uuid as uuid_module
@@ -25,11 +26,14 @@ from libs.common.deployment_spec import Offer, RewardSettings
 from libs.common.errors import InvalidArgument, NotFound
 from libs.policy.context import Context, derive_context, parse_number_of_offers, parse_params
 from libs.policy.deployment import Choice, PreparedDeployment, RankedOffer, VariantPlan
+from libs.policy.plugins import PluginSkip
 from libs.policy.statistics import Statistics
 from services.predictor.core import answer_in_redis
-from services.predictor.core.metrics import MODEL_INPUT_DEFAULTS
+from services.predictor.core.metrics import MODEL_INPUT_DEFAULTS, PLUGIN_SKIPS
 from services.predictor.core.options_store import OptionsStore, ScriptedAnswer
 from services.predictor.core.statistics_stores import Scope
+
+logger = logging.getLogger(__name__)
 
 CONTACT_MINIMUM_TTL_SECONDS = 24 * 3600
 
@@ -51,6 +55,27 @@ class InvokeInput:
 
 # The longest identifier or free-text field of a request (campaign, customer, ...).
 MAX_FIELD_CHARS = 256
+
+
+# A plugin skipped on every request is logged once per this many seconds (the metric counts all).
+SKIP_LOG_INTERVAL_SECONDS = 10.0
+_skip_logged: dict[tuple[str, str, str], float] = {}
+
+
+def _skipped(deployment: str, skips: Sequence[PluginSkip]) -> list[str]:
+    """Plugins this request went on without: counted, logged, and a warning each for the reply."""
+    warnings = []
+    for skip in skips:
+        PLUGIN_SKIPS.labels(deployment, skip.plugin, skip.reason).inc()
+        key = (deployment, skip.plugin, skip.reason)
+        now = time.monotonic()
+        if now - _skip_logged.get(key, -math.inf) >= SKIP_LOG_INTERVAL_SECONDS:
+            _skip_logged[key] = now
+            logger.warning(
+                "%s: plugin %s skipped (%s): %s", deployment, skip.plugin, skip.reason, skip.detail
+            )
+        warnings.append(f"plugin {skip.plugin} skipped ({skip.reason}): {skip.detail}")
+    return warnings
 
 
 def _check_lengths(request: InvokeInput) -> None:
@@ -168,8 +193,9 @@ class DecisionEngine:
         count = parse_number_of_offers(request.numberoffers, spec.default_number_of_offers, len(spec.offers))
         plan, override_warnings = _with_call_overrides(prepared.variant_for(request.customer), params)
         generation = await self.options.generation(spec.name)
+        skips: list[PluginSkip] = []
         found, features, context, eligible, statistics = await self._inputs(
-            prepared, plan, generation, request, params
+            prepared, plan, generation, request, params, skips
         )
         warnings = [*context.warnings, *override_warnings]
         unknown = prepared.unknown_requested_offers(params)
@@ -181,6 +207,7 @@ class DecisionEngine:
             )
         uuid = str(uuid_module.uuid4())
         if not eligible:
+            warnings += _skipped(spec.name, skips)
             return Decision(
                 uuid,
                 spec.name,
@@ -204,7 +231,10 @@ class DecisionEngine:
             count=count,
             features=features,
             params=params,
+            customer=request.customer,
+            skips=skips,
         )
+        warnings += _skipped(spec.name, skips)
         if choice.model_inputs_missing:
             warnings.append(
                 f"model {plan.model_ref} has no value for {', '.join(choice.model_inputs_missing)}: "
@@ -237,6 +267,7 @@ class DecisionEngine:
         generation: str,
         request: InvokeInput,
         params: Mapping[str, Any],
+        skips: list[PluginSkip],
     ) -> tuple[bool, dict[str, Any], Context, list[Offer], Statistics]:
         """Whether the customer's features were found, the features (the lookup's defaults where
         one is missing), the context, the eligible offers and the statistics:
@@ -271,7 +302,9 @@ class DecisionEngine:
         defaults = lookup.defaults if lookup is not None else {}
         features = {**defaults, **{_text(k): _text(v) for k, v in raw.items()}}
         context = derive_context(spec, features, params, request.channel)
-        eligible = prepared.eligible(context, params)
+        eligible = prepared.eligible(
+            context, params, customer=request.customer, features=features, skips=skips
+        )
         if statistics is None:
             scope = Scope(spec.name, generation, context.segment)
             offers = [offer.id for offer in eligible]

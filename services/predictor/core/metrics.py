@@ -10,3 +10,10 @@ MODEL_INPUT_DEFAULTS = Counter(
     "category stood in: train/serve skew), by deployment, model and input",
     ["deployment", "model", "input"],
 )
+
+PLUGIN_SKIPS = Counter(
+    "liveloop_predictor_plugin_skips_total",
+    "Requests that went on without a plugin (it raised, returned something malformed or ran past its "
+    "budget; the deployment says on_error: skip), by deployment, plugin and reason (error, budget)",
+    ["deployment", "plugin", "reason"],
+)

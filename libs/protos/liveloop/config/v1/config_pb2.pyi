@@ -250,10 +250,19 @@ class Subscribe(_message.Message):
     def __init__(self, replica_id: _Optional[str] = ..., deployments: _Optional[_Iterable[str]] = ..., known_revision: _Optional[int] = ..., service: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("revision",)
+    __slots__ = ("revision", "plugins")
+    class PluginsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    PLUGINS_FIELD_NUMBER: _ClassVar[int]
     revision: int
-    def __init__(self, revision: _Optional[int] = ...) -> None: ...
+    plugins: _containers.ScalarMap[str, str]
+    def __init__(self, revision: _Optional[int] = ..., plugins: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Nack(_message.Message):
     __slots__ = ("revision", "reason", "deployment")
@@ -314,7 +323,14 @@ class ReplicaStatusRequest(_message.Message):
     def __init__(self, replica_id: _Optional[str] = ...) -> None: ...
 
 class ReplicaState(_message.Message):
-    __slots__ = ("replica_id", "applied_revision", "last_nack_revision", "last_nack_reason", "last_seen", "staleness_seconds", "revisions_behind", "connected", "service", "version", "peer", "deployments")
+    __slots__ = ("replica_id", "applied_revision", "last_nack_revision", "last_nack_reason", "last_seen", "staleness_seconds", "revisions_behind", "connected", "service", "version", "peer", "deployments", "plugins")
+    class PluginsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     APPLIED_REVISION_FIELD_NUMBER: _ClassVar[int]
     LAST_NACK_REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -327,6 +343,7 @@ class ReplicaState(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PEER_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENTS_FIELD_NUMBER: _ClassVar[int]
+    PLUGINS_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     applied_revision: int
     last_nack_revision: int
@@ -339,7 +356,8 @@ class ReplicaState(_message.Message):
     version: str
     peer: str
     deployments: _containers.RepeatedCompositeFieldContainer[_common_pb2.DeploymentRef]
-    def __init__(self, replica_id: _Optional[str] = ..., applied_revision: _Optional[int] = ..., last_nack_revision: _Optional[int] = ..., last_nack_reason: _Optional[str] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., staleness_seconds: _Optional[float] = ..., revisions_behind: _Optional[int] = ..., connected: _Optional[bool] = ..., service: _Optional[str] = ..., version: _Optional[str] = ..., peer: _Optional[str] = ..., deployments: _Optional[_Iterable[_Union[_common_pb2.DeploymentRef, _Mapping]]] = ...) -> None: ...
+    plugins: _containers.ScalarMap[str, str]
+    def __init__(self, replica_id: _Optional[str] = ..., applied_revision: _Optional[int] = ..., last_nack_revision: _Optional[int] = ..., last_nack_reason: _Optional[str] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., staleness_seconds: _Optional[float] = ..., revisions_behind: _Optional[int] = ..., connected: _Optional[bool] = ..., service: _Optional[str] = ..., version: _Optional[str] = ..., peer: _Optional[str] = ..., deployments: _Optional[_Iterable[_Union[_common_pb2.DeploymentRef, _Mapping]]] = ..., plugins: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ReplicaStatusResponse(_message.Message):
     __slots__ = ("replicas", "head_revision")

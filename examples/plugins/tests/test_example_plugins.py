@@ -1,0 +1,88 @@
+"""The example plugins, as a deployment binds them: found among the installed packages by name,
+their parameters validated, then run on requests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from libs.common.deployment_spec import Offer, PluginRef
+from libs.common.errors import InvalidArgument
+from libs.policy.context import Context
+from libs.policy.plugins import PluginChain, bind_plugins, installed_plugins
+
+pytestmark = pytest.mark.timeout(30)
+
+OFFERS = [
+    Offer(id="gold-data", category="data", attributes={"tier": "gold"}),
+    Offer(id="basic-data", category="data", attributes={"tier": "basic"}),
+    Offer(id="roam-eu", category="roaming", attributes={"tier": "gold"}),
+]
+
+
+def bound(*plugins: dict[str, Any]) -> PluginChain:
+    return bind_plugins([PluginRef.model_validate(plugin) for plugin in plugins])
+
+
+def context(**values: str | float) -> Context:
+    return Context(dict(values), "all", {}, ())
+
+
+def test_both_are_installed_from_this_package() -> None:
+    installed = installed_plugins()
+    for name, stage in (("hide_categories", "pre_score"), ("loyalty_boost", "post_score")):
+        assert installed[name].distribution == "liveloop-example-plugins"
+        assert installed[name].stage.value == stage
+
+
+def test_hide_categories_always_or_when_a_param_says_so() -> None:
+    always = bound({"name": "hide_categories", "stage": "pre_score", "params": {"categories": ["roaming"]}})
+    when = bound(
+        {
+            "name": "hide_categories",
+            "stage": "pre_score",
+            "params": {"categories": ["roaming"], "when_param": "travelling"},
+        }
+    )
+
+    def kept(chain: PluginChain, params: dict[str, Any]) -> list[str]:
+        skips: list[Any] = []
+        offers = chain.filter("d", "c", OFFERS, context(), params, {}, skips)
+        assert skips == []
+        return [offer.id for offer in offers]
+
+    assert kept(always, {}) == ["gold-data", "basic-data"]
+    assert kept(when, {}) == ["gold-data", "basic-data", "roam-eu"]
+    assert kept(when, {"travelling": "no"}) == ["gold-data", "basic-data", "roam-eu"]
+    assert kept(when, {"travelling": True}) == ["gold-data", "basic-data"]
+
+
+def test_loyalty_boost_multiplies_the_offers_of_the_customers_tier() -> None:
+    chain = bound({"name": "loyalty_boost", "stage": "post_score", "params": {"boost": 3.0}})
+    factors, cap = chain.post_score_factors("d", "c", OFFERS, context(tier="gold"), {}, [])
+    assert factors.tolist() == [3.0, 1.0, 3.0]
+    assert cap is None
+    untiered, _ = chain.post_score_factors("d", "c", OFFERS, context(), {}, [])
+    assert untiered.tolist() == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("plugin", "field"),
+    [
+        ({"name": "hide_categories", "stage": "pre_score", "params": {}}, "plugins[0].params.categories"),
+        (
+            {"name": "hide_categories", "stage": "post_score", "params": {"categories": ["x"]}},
+            "plugins[0].stage",
+        ),
+        (
+            {"name": "loyalty_boost", "stage": "post_score", "params": {"boost": -1}},
+            "plugins[0].params.boost",
+        ),
+        ({"name": "loyalty_boost", "stage": "post_score", "params": {"bost": 2}}, "plugins[0].params.bost"),
+    ],
+)
+def test_bad_parameters_are_refused_naming_the_field(plugin: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        bound(plugin)
+    assert refused.value.field == field

@@ -1,0 +1,210 @@
+"""User plugins (libs/policy/plugins.py): found by entry point among the installed packages, an
+upgraded package picked up on the next discovery without a restart, and a plugin that raises,
+returns something malformed or runs past its budget skipped (or failing the request) by its
+deployment's choice. The packages here are real distributions on sys.path
+(tests/plugin_packages.py)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from libs.common.deployment_spec import Offer, PluginRef
+from libs.common.errors import FailedPrecondition, InvalidArgument
+from libs.policy.context import Context
+from libs.policy.plugins import PluginChain, PluginSkip, bind_plugins, installed_plugins, plugin_versions
+from tests.plugin_packages import install_plugin_package
+
+pytestmark = pytest.mark.timeout(30)
+
+OFFERS = [Offer(id="a", price=1.0), Offer(id="b", price=2.0), Offer(id="c", price=3.0)]
+NO_CONTEXT = Context({}, "all", {}, ())
+
+
+ENTRY_POINTS = {"drop_first": "DropFirst", "price_power": "PricePower", "broken": "Missing"}
+
+
+def install(site: Path, version: str, module_body: str) -> None:
+    install_plugin_package(site, version, module_body, ENTRY_POINTS)
+
+
+PLUGINS_V1 = """
+    from typing import ClassVar
+    from libs.common.deployment_spec import PluginStage
+    from libs.policy.plugins import PluginParams, PostScore
+
+    class DropFirst:
+        stage: ClassVar[PluginStage] = PluginStage.PRE_SCORE
+
+        class Params(PluginParams):
+            how_many: int = 1
+
+        def __init__(self, params):
+            self.how_many = params.how_many
+
+        def pre_score(self, request):
+            return list(request.offers)[self.how_many:]
+
+    class PricePower:
+        stage: ClassVar[PluginStage] = PluginStage.POST_SCORE
+
+        class Params(PluginParams):
+            power: float = 1.0
+
+        def __init__(self, params):
+            self.power = params.power
+
+        def post_score(self, request):
+            return PostScore(factors=[offer.price ** self.power for offer in request.offers])
+"""
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Path]:
+    sys.path.insert(0, str(tmp_path))
+    try:
+        yield tmp_path
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("acme_plugins", None)
+
+
+def chain(*plugins: dict[str, Any]) -> PluginChain:
+    return bind_plugins([PluginRef.model_validate(plugin) for plugin in plugins])
+
+
+def kept(plugins: PluginChain, skips: list[PluginSkip] | None = None) -> list[str]:
+    offers = plugins.filter("d", "c", OFFERS, NO_CONTEXT, {}, {}, [] if skips is None else skips)
+    return [offer.id for offer in offers]
+
+
+def test_an_installed_package_is_found_by_entry_point_and_an_upgrade_is_picked_up(site: Path) -> None:
+    install(site, "1.0", PLUGINS_V1)
+    assert plugin_versions()["drop_first"] == "1.0"
+    assert "broken" not in installed_plugins()  # an entry point that does not load is left out
+    assert kept(chain({"name": "drop_first", "stage": "pre_score"})) == ["b", "c"]
+
+    # Upgraded in place, as `pip install -U` does: the next discovery has the new code.
+    install(
+        site, "1.1", PLUGINS_V1.replace("list(request.offers)[self.how_many:]", "list(request.offers)[:-1]")
+    )
+    assert plugin_versions()["drop_first"] == "1.1"
+    assert kept(chain({"name": "drop_first", "stage": "pre_score"})) == ["a", "b"]
+
+
+def test_a_plugin_cannot_take_a_builtin_name(site: Path) -> None:
+    install(site, "1.0", PLUGINS_V1)
+    install_plugin_package(site, "1.0", PLUGINS_V1, {"exclude_offers": "DropFirst"})
+    assert installed_plugins()["exclude_offers"].distribution == "liveloop"
+
+
+def test_parameters_are_validated_by_the_plugins_own_model(site: Path) -> None:
+    install(site, "1.0", PLUGINS_V1)
+    with pytest.raises(InvalidArgument) as refused:
+        chain({"name": "drop_first", "stage": "pre_score", "params": {"how_many": "many"}})
+    assert refused.value.field == "plugins[0].params.how_many"
+    with pytest.raises(InvalidArgument) as unknown:
+        chain({"name": "drop_second", "stage": "pre_score"})
+    assert unknown.value.field == "plugins[0].name"
+    assert "drop_first (pre_score)" in str(unknown.value)
+
+
+FAULTY = """
+    from typing import ClassVar
+    from libs.common.deployment_spec import PluginStage, Offer
+    from libs.policy.plugins import PluginParams, PostScore
+
+    class DropFirst:
+        stage: ClassVar[PluginStage] = PluginStage.PRE_SCORE
+
+        class Params(PluginParams):
+            fault: str = "raise"
+
+        def __init__(self, params):
+            self.fault = params.fault
+
+        def pre_score(self, request):
+            if self.fault == "raise":
+                raise RuntimeError("the lookup table is gone")
+            if self.fault == "stranger":
+                return [Offer(id="not-given")]
+            if self.fault == "text":
+                return "a"
+            return list(request.offers)[1:]
+
+    class PricePower:
+        stage: ClassVar[PluginStage] = PluginStage.POST_SCORE
+
+        class Params(PluginParams):
+            fault: str = "count"
+
+        def __init__(self, params):
+            self.fault = params.fault
+
+        def post_score(self, request):
+            if self.fault == "count":
+                return PostScore(factors=[2.0])
+            if self.fault == "negative":
+                return PostScore(factors=[-1.0] * len(request.offers))
+            if self.fault == "nan":
+                return PostScore(factors=[float("nan")] * len(request.offers))
+            if self.fault == "cap":
+                return PostScore(max_per_category=0)
+            return {"factors": [1.0] * len(request.offers)}
+"""
+
+
+# Another version: discovery keeps the classes it loaded by distribution and version.
+FAULTY_VERSION = "2.0"
+
+
+@pytest.mark.parametrize("fault", ["raise", "stranger", "text"])
+def test_a_failing_pre_score_plugin_is_skipped_or_fails_the_request(site: Path, fault: str) -> None:
+    install(site, FAULTY_VERSION, FAULTY)
+    plugin = {"name": "drop_first", "stage": "pre_score", "params": {"fault": fault}}
+    skips: list[PluginSkip] = []
+    assert kept(chain(plugin), skips) == ["a", "b", "c"]  # went on without it
+    assert [(skip.plugin, skip.reason) for skip in skips] == [("drop_first", "error")]
+    with pytest.raises(FailedPrecondition) as failed:
+        kept(chain({**plugin, "on_error": "fail"}))
+    assert "drop_first 2.0" in str(failed.value)
+
+
+@pytest.mark.parametrize("fault", ["count", "negative", "nan", "cap", "dict"])
+def test_a_malformed_post_score_result_is_skipped(site: Path, fault: str) -> None:
+    install(site, FAULTY_VERSION, FAULTY)
+    plugins = chain(
+        {"name": "price_power", "stage": "post_score", "params": {"fault": fault}},
+        {"name": "value_weighting", "stage": "post_score", "params": {"basis": "price"}},
+    )
+    skips: list[PluginSkip] = []
+    factors, cap = plugins.post_score_factors("d", "c", OFFERS, NO_CONTEXT, {}, skips)
+    assert factors.tolist() == [1.0, 2.0, 3.0]  # the other plugin still applied
+    assert cap is None
+    assert [(skip.plugin, skip.reason) for skip in skips] == [("price_power", "error")]
+
+
+def test_a_plugin_past_its_budget_is_skipped(site: Path) -> None:
+    install(site, "1.0", PLUGINS_V1)
+    # Any call takes longer than a nanosecond: the budget is measured on every request.
+    plugin = {"name": "drop_first", "stage": "pre_score", "budget_ms": 1e-6}
+    skips: list[PluginSkip] = []
+    assert kept(chain(plugin), skips) == ["a", "b", "c"]
+    assert [(skip.plugin, skip.reason) for skip in skips] == [("drop_first", "budget")]
+    with pytest.raises(FailedPrecondition):
+        kept(chain({**plugin, "on_error": "fail"}))
+    within: list[PluginSkip] = []
+    assert kept(chain({**plugin, "budget_ms": 1000}), within) == ["b", "c"]
+    assert within == []
+
+
+def test_each_deployment_binds_its_own_instance(site: Path) -> None:
+    install(site, "1.0", PLUGINS_V1)
+    one = chain({"name": "drop_first", "stage": "pre_score", "params": {"how_many": 1}})
+    two = chain({"name": "drop_first", "stage": "pre_score", "params": {"how_many": 2}})
+    assert one.pre_score[0].instance is not two.pre_score[0].instance
+    assert (kept(one), kept(two)) == (["b", "c"], ["c"])
