@@ -157,6 +157,8 @@ class Response:
     variant: str = ""
     config_revision: int = 0
     latency_ms: float = 0.0
+    # What the statistics learned is credited_reward times this (a reward plugin's weight; 1 without).
+    learning_weight: float = 1.0
     schema_version: int = SCHEMA_VERSION
 
     def encode(self) -> dict[str, str]:
@@ -179,6 +181,8 @@ class Response:
             "revision": self.config_revision,
             "latency_ms": round(self.latency_ms, 3),
         }
+        if self.learning_weight != 1.0:
+            body["learning_weight"] = self.learning_weight
         return _entry("response", self.uuid, body)
 
 
@@ -340,6 +344,7 @@ def _response(uuid: str, body: Mapping[str, Any]) -> Response:
         variant=str(body.get("variant", "")),
         config_revision=int(body.get("revision", 0)),
         latency_ms=float(body.get("latency_ms", 0.0)),
+        learning_weight=_finite_number(body.get("learning_weight", 1.0)),
     )
 
 

@@ -217,6 +217,7 @@ Algorithm = Annotated[
 class PluginStage(enum.StrEnum):
     PRE_SCORE = "pre_score"
     POST_SCORE = "post_score"
+    REWARD = "reward"
 
 
 class PluginErrorPolicy(enum.StrEnum):

@@ -18,6 +18,11 @@ plugin sees only the requests of the deployment that named it. By stage:
   ranking before they draw, so the logged propensities stay exact; for the same reason a factor
   depends on the offer, the context and the params, never on the draw (the plugin sees no scores).
 
+- **reward** `reward(RewardInput) -> Reward`: on Respond, the reward a response earned (from what
+  the client sent: its reward, its `payload`, the contact's context) and a learning weight: the
+  statistics learn reward x weight, the decision log keeps both (that runtime's `reward` and
+  `learning_reward`). Reward plugins run in order, each seeing the reward so far.
+
 The built-in plugins (builtin_plugins.py: `exclude_offers`, `value_weighting`, `category_cap`) are
 plugins of this same interface. Publish validates a spec's plugins against the installed ones (the
 name, the stage, the parameters, each error naming its field), and so does every replica when it
@@ -32,6 +37,7 @@ replica.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.metadata
 import logging
@@ -89,6 +95,27 @@ class PostScore:
     max_per_category: int | None = None  # at most this many offers of one category; None: no cap
 
 
+@dataclass(frozen=True)
+class RewardInput:
+    deployment: str
+    uuid: str
+    accepted: Sequence[str]  # offer ids the response credits
+    reward: float  # so far: as sent, the deployment's default, or the previous reward plugin's
+    payload: Mapping[str, Any]  # what the client sent with the response, as JSON
+    context: Mapping[str, str]  # the contact's categorical context
+    segment: str
+
+
+@dataclass(frozen=True)
+class Reward:
+    reward: float  # finite, magnitude at most 1e9 (not negative where the statistics count successes)
+    learning_weight: float = 1.0  # finite, >= 0: the statistics learn reward x learning_weight
+
+
+# The largest reward magnitude a plugin may return (as a client may send: see decision.py).
+MAX_REWARD_MAGNITUDE = 1e9
+
+
 class PreScorePlugin(Protocol):
     stage: ClassVar[PluginStage]
     Params: ClassVar[type[PluginParams]]
@@ -101,6 +128,13 @@ class PostScorePlugin(Protocol):
     Params: ClassVar[type[PluginParams]]
 
     def post_score(self, request: PostScoreInput) -> PostScore: ...
+
+
+class RewardPlugin(Protocol):
+    stage: ClassVar[PluginStage]
+    Params: ClassVar[type[PluginParams]]
+
+    def reward(self, request: RewardInput) -> Reward: ...
 
 
 @dataclass(frozen=True)
@@ -199,7 +233,7 @@ class BoundPlugin:
     def run(self, request: Any, check: Callable[[Any], Any], skips: list[PluginSkip]) -> Any:
         """The plugin's checked result for the request, or None when it is skipped (noted in
         `skips`); raises FailedPrecondition instead where the deployment says to fail."""
-        method = getattr(self.instance, self.stage.value)  # pre_score or post_score
+        method = getattr(self.instance, self.stage.value)  # pre_score, post_score or reward
         started = time.perf_counter()
         try:
             result = check(method(request))
@@ -224,11 +258,12 @@ class BoundPlugin:
 class PluginChain:
     pre_score: list[BoundPlugin] = field(default_factory=list)
     post_score: list[BoundPlugin] = field(default_factory=list)
+    reward: list[BoundPlugin] = field(default_factory=list)
 
     def is_current(self) -> bool:
         """Whether every installed plugin of the chain is still at the version it was bound from
         (False after a package upgrade or removal: bind the spec again)."""
-        bound = {plugin.name: plugin.version for plugin in (*self.pre_score, *self.post_score)}
+        bound = {plugin.name: plugin.version for plugin in (*self.pre_score, *self.post_score, *self.reward)}
         if all(version == "builtin" for version in bound.values()):
             return True  # nothing to look up
         installed = plugin_versions()
@@ -273,6 +308,38 @@ class PluginChain:
             if cap is not None:
                 limit = cap if limit is None else min(limit, cap)
         return factors, limit
+
+    def rewarded(
+        self, request: RewardInput, takes_negative: bool, skips: list[PluginSkip]
+    ) -> tuple[float, float]:
+        """The reward and the learning weight after every reward plugin (a skipped one leaves
+        them as they were); `takes_negative`: whether the statistics learn negative rewards."""
+        reward, weight = request.reward, 1.0
+        check = _reward_of(takes_negative)
+        for plugin in self.reward:
+            result = plugin.run(dataclasses.replace(request, reward=reward), check, skips)
+            if result is not None:
+                reward, more = result
+                weight *= more
+        return reward, weight
+
+
+def _reward_of(takes_negative: bool) -> Callable[[Any], tuple[float, float]]:
+    def check(result: Any) -> tuple[float, float]:
+        if not isinstance(result, Reward):
+            raise TypeError(f"reward must return a Reward, not {type(result).__name__}")
+        reward, weight = float(result.reward), float(result.learning_weight)
+        if not (math.isfinite(reward) and abs(reward) <= MAX_REWARD_MAGNITUDE):
+            raise ValueError(
+                f"the reward must be finite and of magnitude at most {MAX_REWARD_MAGNITUDE:g}, not {reward}"
+            )
+        if reward < 0 and not takes_negative:
+            raise ValueError(f"the reward {reward} is negative, and these statistics count successes")
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"the learning weight must be finite and not negative, not {weight}")
+        return reward, weight
+
+    return check
 
 
 def _offers_within(offers: Sequence[Offer]) -> Callable[[Any], list[Offer]]:
@@ -349,5 +416,9 @@ def bind_plugins(
         bound = BoundPlugin(
             ref.name, plugin.stage, plugin.version, instance, ref.on_error, ref.budget_ms / 1000
         )
-        (chain.pre_score if plugin.stage is PluginStage.PRE_SCORE else chain.post_score).append(bound)
+        {
+            PluginStage.PRE_SCORE: chain.pre_score,
+            PluginStage.POST_SCORE: chain.post_score,
+            PluginStage.REWARD: chain.reward,
+        }[plugin.stage].append(bound)
     return chain

@@ -184,6 +184,7 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServiceServicer):
                 channel_name=request.channel_name,
                 reward=request.reward if request.HasField("reward") else None,
                 event_time=_event_time(request),
+                payload=_struct(request.payload),
             ),
             self._replica.config,
         )

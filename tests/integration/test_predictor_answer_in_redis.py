@@ -222,3 +222,46 @@ async def test_racing_answers_in_redis_and_in_python_learn_each_offer_once(store
     statistics = await store.redis.hgetall(redis_keys.arm_statistics(name, "0", decision.segment))
     assert {offer: float(statistics[f"{offer}|s".encode()]) for offer in shown} == dict.fromkeys(shown, 1.0)
     assert {offer: float(statistics[f"{offer}|n".encode()]) for offer in shown} == dict.fromkeys(shown, 1.0)
+
+
+async def test_a_reward_plugin_turns_the_payload_into_the_reward_learned_in_python(store: Store) -> None:
+    """A deployment with reward plugins is answered in Python (its contacts carry no facts for the
+    script): the example package's amount_reward reads the payload, the statistics learn the
+    reward times the channel's learning weight, and the log keeps both."""
+    name = f"answer-{uuid_module.uuid4().hex[:8]}"
+    reward_plugin = {
+        "name": "amount_reward",
+        "stage": "reward",
+        "params": {"scale": 0.01, "cap": 1.0, "channel_weights": {"call-centre": 0.5}},
+    }
+    spec = deployment_spec_from_mapping(
+        {"name": name, "offers": [{"id": o} for o in OFFERS], "plugins": [reward_plugin]}
+    )
+    store.clock.now = START
+    engine = DecisionEngine(store.options, "replica-x", rng=np.random.default_rng(3))
+    config = applied_config(spec, revision=7)
+    tail = await store.redis.xrevrange(redis_keys.DECISION_STREAM, count=1)
+    after = tail[0][0].decode() if tail else "0-0"
+    outcomes = []
+    for payload in ({"amount": 40, "channel_name": "call-centre"}, {"amount": 30}):
+        decision = await engine.invoke(InvokeInput(name, "", "", "customer-1", "", None, None, None), config)
+        contact = await store.redis.hgetall(redis_keys.contact(decision.uuid))
+        assert answer_in_redis.FACTS_FIELD.encode() not in contact
+        offer = decision.offers[0].offer.id
+        sent = store.options.batched_round_trips
+        outcomes.append(await engine.respond(RespondInput(decision.uuid, [offer], payload=payload), config))
+        assert store.options.batched_round_trips - sent == 2  # the read, then the guarded commit
+    assert all(outcome.learned for outcome in outcomes)
+
+    responses = [
+        record
+        for _, fields in await store.redis.xrange(redis_keys.DECISION_STREAM, min=f"({after}")
+        if isinstance(record := decode_entry(fields), Response) and record.deployment == name
+    ]
+    assert [(r.credited_reward, r.learning_weight) for r in responses] == [(0.4, 0.5), (0.3, 1.0)]
+    statistics = await store.redis.hgetall(
+        redis_keys.arm_statistics(name, "0", decisions_segment := responses[0].segment)
+    )
+    learned = sum(float(v) for k, v in statistics.items() if k.endswith(b"|s"))
+    assert learned == pytest.approx(0.4 * 0.5 + 0.3)
+    del decisions_segment

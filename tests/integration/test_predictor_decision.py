@@ -496,6 +496,26 @@ async def test_responds_cancelled_at_random_points_learn_every_acknowledged_resp
     assert successes == len(contacts)  # each learned once: none lost, none twice
 
 
+async def test_a_reward_plugin_reads_the_payload_sent_with_respond(loop: Loop) -> None:
+    """The example package's amount_reward (installed with .venv): Respond's payload over gRPC
+    reaches it, and the statistics learn its reward times the channel's weight."""
+    name = unique_name("payload")
+    plugin = {
+        "name": "amount_reward",
+        "stage": "reward",
+        "params": {"scale": 0.01, "channel_weights": {"call-centre": 0.5}},
+    }
+    await loop.publish(spec_document(name, plugins=[plugin]))
+    shown = await loop.a.Invoke(invoke_request(name, numberoffers=1))
+    offer = shown.final_result[0].result.offer
+    request = respond_request(shown.uuid, [offer])
+    request.payload.update({"amount": 60, "channel_name": "call-centre"})
+    answered = await loop.b.Respond(request)
+    assert answered.learned, answered
+    arms = await loop.arms(name, shown.segment)
+    assert float(arms[f"{offer}|s"]) == pytest.approx(0.6 * 0.5)
+
+
 async def test_a_late_response_is_logged_but_not_learned(loop: Loop) -> None:
     name = unique_name("late")
     await loop.publish(spec_document(name, reward={"window_seconds": 60}))

@@ -16,7 +16,14 @@ import pytest
 from libs.common.deployment_spec import Offer, PluginRef
 from libs.common.errors import FailedPrecondition, InvalidArgument
 from libs.policy.context import Context
-from libs.policy.plugins import PluginChain, PluginSkip, bind_plugins, installed_plugins, plugin_versions
+from libs.policy.plugins import (
+    PluginChain,
+    PluginSkip,
+    RewardInput,
+    bind_plugins,
+    installed_plugins,
+    plugin_versions,
+)
 from tests.plugin_packages import install_plugin_package
 
 pytestmark = pytest.mark.timeout(30)
@@ -208,3 +215,77 @@ def test_each_deployment_binds_its_own_instance(site: Path) -> None:
     two = chain({"name": "drop_first", "stage": "pre_score", "params": {"how_many": 2}})
     assert one.pre_score[0].instance is not two.pre_score[0].instance
     assert (kept(one), kept(two)) == (["b", "c"], ["c"])
+
+
+REWARDS = """
+    from typing import ClassVar
+    from libs.common.deployment_spec import PluginStage
+    from libs.policy.plugins import PluginParams, Reward
+
+    class Doubling:
+        stage: ClassVar[PluginStage] = PluginStage.REWARD
+
+        class Params(PluginParams):
+            fault: str = ""
+            weight: float = 1.0
+
+        def __init__(self, params):
+            self.fault = params.fault
+            self.weight = params.weight
+
+        def reward(self, request):
+            faults = {
+                "type": lambda: 2.0,
+                "nan": lambda: Reward(float("nan")),
+                "huge": lambda: Reward(1e10),
+                "negative": lambda: Reward(-1.0),
+                "weight": lambda: Reward(1.0, -0.5),
+                "raise": lambda: 1 / 0,
+            }
+            if self.fault:
+                return faults[self.fault]()
+            return Reward(request.reward * 2 + request.payload.get("bonus", 0), self.weight)
+"""
+REWARDS_VERSION = "3.0"
+
+
+def rewarded(
+    plugins: PluginChain, skips: list[PluginSkip], takes_negative: bool = False
+) -> tuple[float, float]:
+    request = RewardInput("d", "u", ["a"], 1.5, {"bonus": 1}, {"region": "north"}, "region=north")
+    return plugins.rewarded(request, takes_negative, skips)
+
+
+def test_reward_plugins_run_in_order_each_on_the_reward_so_far(site: Path) -> None:
+    install_plugin_package(site, REWARDS_VERSION, REWARDS, {"doubling": "Doubling"})
+    plugins = chain(
+        {"name": "doubling", "stage": "reward", "params": {"weight": 0.5}},
+        {"name": "doubling", "stage": "reward", "params": {"weight": 0.5}},
+    )
+    skips: list[PluginSkip] = []
+    assert rewarded(plugins, skips) == ((1.5 * 2 + 1) * 2 + 1, 0.25)
+    assert skips == []
+
+
+@pytest.mark.parametrize("fault", ["type", "nan", "huge", "negative", "weight", "raise"])
+def test_a_bad_reward_is_skipped_keeping_the_reward_so_far(site: Path, fault: str) -> None:
+    install_plugin_package(site, REWARDS_VERSION, REWARDS, {"doubling": "Doubling"})
+    plugins = chain(
+        {"name": "doubling", "stage": "reward", "params": {"fault": fault}},
+        {"name": "doubling", "stage": "reward"},
+    )
+    skips: list[PluginSkip] = []
+    assert rewarded(plugins, skips) == (1.5 * 2 + 1, 1.0)  # the second ran on the reward as sent
+    assert [(skip.plugin, skip.reason) for skip in skips] == [("doubling", "error")]
+    with pytest.raises(FailedPrecondition):
+        rewarded(
+            chain({"name": "doubling", "stage": "reward", "params": {"fault": fault}, "on_error": "fail"}), []
+        )
+
+
+def test_a_negative_reward_is_fine_where_the_statistics_take_one(site: Path) -> None:
+    install_plugin_package(site, REWARDS_VERSION, REWARDS, {"doubling": "Doubling"})
+    skips: list[PluginSkip] = []
+    plugins = chain({"name": "doubling", "stage": "reward", "params": {"fault": "negative"}})
+    assert rewarded(plugins, skips, takes_negative=True) == (-1.0, 1.0)
+    assert skips == []

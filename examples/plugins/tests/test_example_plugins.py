@@ -10,7 +10,7 @@ import pytest
 from libs.common.deployment_spec import Offer, PluginRef
 from libs.common.errors import InvalidArgument
 from libs.policy.context import Context
-from libs.policy.plugins import PluginChain, bind_plugins, installed_plugins
+from libs.policy.plugins import PluginChain, RewardInput, bind_plugins, installed_plugins
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -29,9 +29,13 @@ def context(**values: str | float) -> Context:
     return Context(dict(values), "all", {}, ())
 
 
-def test_both_are_installed_from_this_package() -> None:
+def test_all_three_are_installed_from_this_package() -> None:
     installed = installed_plugins()
-    for name, stage in (("hide_categories", "pre_score"), ("loyalty_boost", "post_score")):
+    for name, stage in (
+        ("hide_categories", "pre_score"),
+        ("loyalty_boost", "post_score"),
+        ("amount_reward", "reward"),
+    ):
         assert installed[name].distribution == "liveloop-example-plugins"
         assert installed[name].stage.value == stage
 
@@ -86,3 +90,27 @@ def test_bad_parameters_are_refused_naming_the_field(plugin: dict[str, Any], fie
     with pytest.raises(InvalidArgument) as refused:
         bound(plugin)
     assert refused.value.field == field
+
+
+def rewarded(chain: PluginChain, payload: dict[str, Any], reward: float = 1.0) -> tuple[float, float]:
+    request = RewardInput("d", "u", ["gold-data"], reward, payload, {}, "all")
+    skips: list[Any] = []
+    result = chain.rewarded(request, takes_negative=False, skips=skips)
+    assert skips == []
+    return result
+
+
+def test_amount_reward_scales_and_caps_the_amount_and_weighs_by_channel() -> None:
+    chain = bound(
+        {
+            "name": "amount_reward",
+            "stage": "reward",
+            "params": {"scale": 0.01, "cap": 0.5, "channel_weights": {"call-centre": 0.25}},
+        }
+    )
+    assert rewarded(chain, {"amount": 20}) == (0.2, 1.0)
+    assert rewarded(chain, {"amount": 2000}) == (0.5, 1.0)  # capped
+    assert rewarded(chain, {"amount": -5}) == (0.0, 1.0)  # never negative
+    assert rewarded(chain, {"amount": 20, "channel_name": "call-centre"}) == (0.2, 0.25)
+    assert rewarded(chain, {}, reward=0.75) == (0.75, 1.0)  # no amount: the reward it had
+    assert rewarded(chain, {"amount": "20"}, reward=0.75) == (0.75, 1.0)

@@ -6,9 +6,9 @@ serves now: Invoke then wrote into the contact what the answer needs of that rev
 the reward window, the default reward, the arm policy and the statistics key), so nothing the
 answer depends on is known to Python alone. Everything else is left to Python, and the script
 then replies with the contact as it read it, so Python's answer costs the one round trip more it
-always did, not two: another revision (a publish since the Invoke), statistics other than arms,
-an accepted offer named other than by its id, a negative reward (which arm statistics refuse
-with an error Python words). The Python answer stays the reference: the tests answer the same
+always did, not two: another revision (a publish since the Invoke), statistics other than arms, a
+deployment with reward plugins (Invoke writes no facts then), an accepted offer named other than
+by its id, a negative reward (which arm statistics refuse with an error Python words). The Python answer stays the reference: the tests answer the same
 contacts both ways and compare the log entry, the statistics and the marks.
 
 Replies: [0], no contact; [1, [field, value, ...]], the contact, left to Python; [2, learned,

@@ -22,11 +22,11 @@ import numpy as np
 
 from libs.common import decision_log, redis_keys
 from libs.common.config_follower import AppliedConfig, AppliedDeployment
-from libs.common.deployment_spec import Offer, RewardSettings
+from libs.common.deployment_spec import Offer
 from libs.common.errors import InvalidArgument, NotFound
 from libs.policy.context import Context, derive_context, parse_number_of_offers, parse_params
 from libs.policy.deployment import Choice, PreparedDeployment, RankedOffer, VariantPlan
-from libs.policy.plugins import PluginSkip
+from libs.policy.plugins import MAX_REWARD_MAGNITUDE, PluginSkip, RewardInput
 from libs.policy.statistics import Statistics
 from services.predictor.core import answer_in_redis
 from services.predictor.core.metrics import MODEL_INPUT_DEFAULTS, PLUGIN_SKIPS
@@ -85,9 +85,9 @@ def _check_lengths(request: InvokeInput) -> None:
             raise InvalidArgument(f"is {len(value)} characters; the limit is {MAX_FIELD_CHARS}", field=name)
 
 
-# A reward larger than this is a unit error, not a value: sums of such rewards overflow a linear
-# model's statistics (and Lua's JSON), which would fail a response after it marked its contact.
-MAX_REWARD_MAGNITUDE = 1e9
+# A reward larger than MAX_REWARD_MAGNITUDE (libs/policy/plugins.py, which checks a reward plugin's
+# against it too) is a unit error, not a value: sums of such rewards overflow a linear model's
+# statistics (and Lua's JSON), which would fail a response after it marked its contact.
 
 # A response's event time may be this far ahead of the replica's clock (clock skew), no further.
 MAX_EVENT_TIME_AHEAD_SECONDS = 300.0
@@ -114,6 +114,7 @@ class RespondInput:
     channel_name: str = ""
     reward: float | None = None
     event_time: float | None = None
+    payload: Mapping[str, Any] = field(default_factory=dict)  # for reward plugins
 
 
 @dataclass(frozen=True)
@@ -256,7 +257,7 @@ class DecisionEngine:
         )
         scope = Scope(spec.name, generation, context.segment)
         await self._record_contact(
-            decision, choice, plan, scope, context, features, request, spec.reward, started
+            decision, choice, plan, scope, context, features, request, prepared, started
         )
         return decision
 
@@ -320,10 +321,11 @@ class DecisionEngine:
         context: Context,
         features: Mapping[str, Any],
         request: InvokeInput,
-        reward: RewardSettings,
+        prepared: PreparedDeployment,
         started: float,
     ) -> None:
         """One round trip: the impressions, the contact for Respond, the decision log entry."""
+        reward = prepared.spec.reward
         spec_name = decision.deployment
         now = self.options.now()
         store = self.options.statistics[plan.scorer.statistics]
@@ -343,7 +345,7 @@ class DecisionEngine:
             "context": json.dumps(categorical),
             **store.contact_fields(plan, context),
         }
-        if store.kind == "arms":  # what Respond needs to answer in Redis (answer_in_redis.py)
+        if store.kind == "arms" and not prepared.plugins.reward:  # what Respond needs to answer in Redis
             statistics_key = redis_keys.arm_statistics(scope.deployment, scope.generation, scope.segment)
             fields[answer_in_redis.FACTS_FIELD] = answer_in_redis.contact_facts(
                 reward, plan.policy, statistics_key
@@ -415,8 +417,11 @@ class DecisionEngine:
                 field="reward",
             )
 
+        skips: list[PluginSkip] = []
+
         def answer(contact: dict[str, str], pipeline: Any) -> _Answer:
             """What answering the contact as it is now writes, queued for the guarded commit."""
+            skips.clear()  # an answer read again starts over
             deployment = contact["deployment"]
             shown: list[str] = json.loads(contact["offers"])
             applied = config.deployments.get(deployment) if config is not None else None
@@ -442,10 +447,23 @@ class DecisionEngine:
             reward = request.reward
             if reward is None:
                 reward = prepared.spec.reward.default_reward if prepared is not None else 1.0
+            weight = 1.0
+            if prepared is not None and plan is not None and prepared.plugins.reward:
+                takes_negative = self.options.statistics[plan.scorer.statistics].takes_negative_rewards
+                asked = RewardInput(
+                    deployment,
+                    request.uuid,
+                    accepted,
+                    reward,
+                    request.payload,
+                    json.loads(contact.get("context", "{}")),
+                    contact["segment"],
+                )
+                reward, weight = prepared.plugins.rewarded(asked, takes_negative, skips)
             if prepared is not None and plan is not None and not late and fresh:
                 scope = Scope(deployment, contact.get("generation", "0"), contact["segment"])
                 store = self.options.statistics[plan.scorer.statistics]
-                learned = store.queue_rewards(pipeline, scope, contact, fresh, reward, plan, now)
+                learned = store.queue_rewards(pipeline, scope, contact, fresh, reward * weight, plan, now)
             record = decision_log.Response(
                 uuid=request.uuid,
                 time=now,
@@ -465,6 +483,7 @@ class DecisionEngine:
                 variant=contact.get("variant", ""),
                 config_revision=int(contact.get("revision", 0)),
                 latency_ms=(time.perf_counter() - started) * 1000,
+                learning_weight=weight,
             )
             self.options.queue_log(pipeline, record)
             # The marks last: a command that fails stops the ones after it, and a contact left
@@ -504,6 +523,7 @@ class DecisionEngine:
                 f"no contact with uuid '{request.uuid}' (unknown, or older than its reward window)",
                 field="uuid",
             )
+        message = "; ".join([answered.message, *_skipped(answered.deployment, skips)])
         return ResponseOutcome(
             request.uuid,
             answered.deployment,
@@ -511,7 +531,7 @@ class DecisionEngine:
             answered.late,
             answered.duplicate,
             answered.fresh if answered.learned else [],
-            answered.message,
+            message,
         )
 
     @staticmethod

@@ -213,6 +213,7 @@ def read_response(payload: Mapping[str, Any]) -> EcosystemRespond:
             channel_name=_text(payload, "channel_name"),
             reward=_reward(payload.get("reward")),
             event_time=_event_time(payload.get("event_time")),
+            payload=payload,  # all of it, for the deployment's reward plugins
         ),
         warnings,
     )

@@ -1,1 +1,1 @@
-"""Example liveloop plugins, one per stage: see hide_categories.py and loyalty_boost.py."""
+"""Example liveloop plugins, one per stage: hide_categories.py, loyalty_boost.py, amount_reward.py."""

@@ -125,20 +125,22 @@ class InvokeResponse(_message.Message):
     def __init__(self, uuid: _Optional[str] = ..., deployment: _Optional[str] = ..., config_revision: _Optional[int] = ..., variant: _Optional[str] = ..., explore: _Optional[int] = ..., final_result: _Optional[_Iterable[_Union[FinalResult, _Mapping]]] = ..., customer: _Optional[str] = ..., campaign: _Optional[str] = ..., channel: _Optional[str] = ..., segment: _Optional[str] = ..., replica_id: _Optional[str] = ..., model: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RespondRequest(_message.Message):
-    __slots__ = ("uuid", "offers_accepted", "channel_name", "reward", "event_time", "accepted_offers")
+    __slots__ = ("uuid", "offers_accepted", "channel_name", "reward", "event_time", "accepted_offers", "payload")
     UUID_FIELD_NUMBER: _ClassVar[int]
     OFFERS_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     CHANNEL_NAME_FIELD_NUMBER: _ClassVar[int]
     REWARD_FIELD_NUMBER: _ClassVar[int]
     EVENT_TIME_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_OFFERS_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     uuid: str
     offers_accepted: _struct_pb2.Value
     channel_name: str
     reward: float
     event_time: _timestamp_pb2.Timestamp
     accepted_offers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, uuid: _Optional[str] = ..., offers_accepted: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., channel_name: _Optional[str] = ..., reward: _Optional[float] = ..., event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., accepted_offers: _Optional[_Iterable[str]] = ...) -> None: ...
+    payload: _struct_pb2.Struct
+    def __init__(self, uuid: _Optional[str] = ..., offers_accepted: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., channel_name: _Optional[str] = ..., reward: _Optional[float] = ..., event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., accepted_offers: _Optional[_Iterable[str]] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class RespondResponse(_message.Message):
     __slots__ = ("uuid", "learned", "late", "duplicate", "message", "matched_offers", "deployment")
