@@ -245,6 +245,23 @@ class FeatureLookup(SpecModel):
     defaults: dict[str, Scalar] = Field(default_factory=dict, description="Feature values on a miss")
 
 
+class Whitelist(SpecModel):
+    """Per-customer allowed offers (a prediction activator): a feature view that ingest loads and
+    materializes, one row per customer, a column listing the offers that customer may be shown."""
+
+    feature_view: str = Field(pattern=IDENTIFIER_PATTERN, description="Online feature view holding the lists")
+    column: str = Field(
+        "offers",
+        min_length=1,
+        max_length=200,
+        description="Offer ids or names, comma-separated or a JSON list",
+    )
+    key: Literal["customer", "userid"] = Field("customer", description="Request field holding the entity key")
+    when_missing: Literal["all", "none"] = Field(
+        "all", description="A customer without a list: every offer stays eligible, or none does"
+    )
+
+
 class ModelBinding(SpecModel):
     name: str = Field(pattern=DEPLOYMENT_NAME_PATTERN)
     version: int = Field(ge=1)
@@ -296,6 +313,7 @@ class DeploymentSpec(SpecModel):
     default_number_of_offers: int = Field(1, ge=1)
     plugins: list[PluginRef] = Field(default_factory=list)
     feature_lookup: FeatureLookup | None = None
+    whitelist: Whitelist | None = None
     model: ModelBinding | None = None
     variants: list[Variant] = Field(default_factory=list)
     reward: RewardSettings = Field(default_factory=RewardSettings)

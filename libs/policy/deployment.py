@@ -167,11 +167,15 @@ class PreparedDeployment:
         customer: str = "",
         features: Mapping[str, Any] | None = None,
         skips: list[PluginSkip] | None = None,
+        allowed: frozenset[str] | None = None,
     ) -> list[Offer]:
-        """The offers this customer may be shown: eligibility rules, the request's own list when it
-        sends one (param `eligible_offers`: ids or names, a list or comma-separated, as the
-        ecosystem.Ai runtime takes it), then pre-score plugins (those skipped are added to `skips`)."""
+        """The offers this customer may be shown: eligibility rules, the customer's whitelist
+        (`allowed`: ids or names; None: no whitelist), the request's own list when it sends one
+        (param `eligible_offers`: ids or names, a list or comma-separated, as the ecosystem.Ai
+        runtime takes it), then pre-score plugins (those skipped are added to `skips`)."""
         offers = self.rules.eligible(context.values)
+        if allowed is not None:
+            offers = [offer for offer in offers if offer.id in allowed or offer.name in allowed]
         requested = _requested_offers(params.get(ELIGIBLE_OFFERS_PARAM))
         if requested is not None:
             offers = [offer for offer in offers if offer.id in requested or offer.name in requested]

@@ -115,3 +115,46 @@ async def test_a_bound_model_reads_the_lookups_default_for_a_missing_feature(
     assert scored == dict(zip(OFFERS, expected.tolist(), strict=True))
     without_defaults = model.predict_offers({"age": "33"}, list(OFFERS))
     assert not np.allclose(expected, without_defaults)  # the defaults make a difference here
+
+
+@pytest.mark.parametrize("with_lookup", [True, False])
+async def test_a_whitelist_is_read_in_the_first_round_trip_and_limits_the_offers(
+    counting: CountingRedis, with_lookup: bool
+) -> None:
+    """The whitelist activator: a materialized view lists each customer's allowed offers (ids or
+    names, comma-separated or a JSON list); it is read with the features and statistics, so an
+    Invoke costs no round trip more; a customer without a list gets every offer, or none."""
+    name = f"white-{uuid_module.uuid4().hex[:8]}"
+    view = f"{name.replace('-', '_')}_allowed"
+    spec_document = document(name, "param", "thompson")
+    spec_document["offers"] = [{"id": f"o{i}", "name": f"Offer {i}"} for i in range(5)]
+    spec_document["whitelist"] = {"feature_view": view, "column": "offers"}
+    if not with_lookup:
+        del spec_document["feature_lookup"]
+        spec_document["context_variables"] = spec_document["context_variables"][:1]
+    strict = {**spec_document, "whitelist": {**spec_document["whitelist"], "when_missing": "none"}}
+    await counting.hset(redis_keys.online_features(view, "listed"), mapping={"offers": "o1, Offer 3,o9"})
+    await counting.hset(redis_keys.online_features(view, "json"), mapping={"offers": '["o2", "o4"]'})
+    engine = DecisionEngine(OptionsStore(counting), "replica-white", rng=np.random.default_rng(5))
+    config = applied_config(deployment_spec_from_mapping(spec_document))
+
+    def request(customer: str) -> InvokeInput:
+        return InvokeInput("", "", "", customer, "", 5, {"tier": "gold"}, None, name)
+
+    await engine.invoke(request("listed"), config)  # reads the options generation once (cached after)
+    before = counting.executed + engine.options.batched_round_trips
+    listed = await engine.invoke(request("listed"), config)
+    assert counting.executed + engine.options.batched_round_trips - before == 2  # as without a whitelist
+    assert sorted(row.offer.id for row in listed.offers) == ["o1", "o3"]
+    assert "5 offers asked for, 2 eligible" in listed.warnings
+    assert sorted(row.offer.id for row in (await engine.invoke(request("json"), config)).offers) == [
+        "o2",
+        "o4",
+    ]
+
+    unlisted = await engine.invoke(request("nobody"), config)
+    assert len(unlisted.offers) == 5
+    assert any("no whitelist for 'nobody'" in warning for warning in unlisted.warnings)
+    refused = await engine.invoke(request("nobody"), applied_config(deployment_spec_from_mapping(strict)))
+    assert refused.offers == []
+    assert "no offer is eligible for this customer" in refused.warnings

@@ -78,6 +78,27 @@ def _skipped(deployment: str, skips: Sequence[PluginSkip]) -> list[str]:
     return warnings
 
 
+def _entity(request: InvokeInput, key: str) -> str:
+    """The request's entity key for a feature view: the customer, or the userid."""
+    return request.customer if key == "customer" else request.userid
+
+
+def _whitelisted(listed: Any, when_missing: str) -> frozenset[str] | None:
+    """The offer ids or names a whitelist entry allows (comma-separated or a JSON list); for a
+    customer without one, None (every offer) or nothing, as the deployment says."""
+    if listed is None:
+        return None if when_missing == "all" else frozenset()
+    text = _text(listed).strip()
+    if text.startswith("["):
+        try:
+            items = json.loads(text)
+        except ValueError:
+            items = [text]
+        if isinstance(items, list):
+            return frozenset(str(item).strip() for item in items)
+    return frozenset(item.strip() for item in text.split(",") if item.strip())
+
+
 def _check_lengths(request: InvokeInput) -> None:
     for name in ("campaign", "subcampaign", "channel", "customer", "userid", "deployment"):
         value: str = getattr(request, name)
@@ -195,10 +216,11 @@ class DecisionEngine:
         plan, override_warnings = _with_call_overrides(prepared.variant_for(request.customer), params)
         generation = await self.options.generation(spec.name)
         skips: list[PluginSkip] = []
+        activator_warnings: list[str] = []
         found, features, context, eligible, statistics = await self._inputs(
-            prepared, plan, generation, request, params, skips
+            prepared, plan, generation, request, params, skips, activator_warnings
         )
-        warnings = [*context.warnings, *override_warnings]
+        warnings = [*context.warnings, *override_warnings, *activator_warnings]
         unknown = prepared.unknown_requested_offers(params)
         if unknown:
             warnings.append(f"params.eligible_offers names no offer of '{spec.name}': {', '.join(unknown)}")
@@ -269,6 +291,7 @@ class DecisionEngine:
         request: InvokeInput,
         params: Mapping[str, Any],
         skips: list[PluginSkip],
+        warnings: list[str],
     ) -> tuple[bool, dict[str, Any], Context, list[Offer], Statistics]:
         """Whether the customer's features were found, the features (the lookup's defaults where
         one is missing), the context, the eligible offers and the statistics:
@@ -278,12 +301,12 @@ class DecisionEngine:
         spec = prepared.spec
         store = self.options.statistics[plan.scorer.statistics]
         now = self.options.now()
-        lookup = spec.feature_lookup
+        lookup, whitelist = spec.feature_lookup, spec.whitelist
         statistics: Statistics | None = None
         raw: dict[Any, Any] = {}
-        if lookup is not None:
-            entity = request.customer if lookup.key == "customer" else request.userid
-            together: Scope | None = None  # statistics to fetch in the features' round trip
+        listed: Any = None  # the customer's whitelist entry, as Redis holds it (None: no row)
+        if lookup is not None or whitelist is not None:
+            together: Scope | None = None  # statistics to fetch in the same round trip
             if store.keyed_by == "deployment" or (
                 store.keyed_by == "segment" and not prepared.segment_reads_features
             ):  # the statistics' key is known from the request
@@ -291,20 +314,32 @@ class DecisionEngine:
                 together = Scope(spec.name, generation, segment)
                 if store.kept(together, plan.policy, now) is not None:
                     together = None  # this replica's copy will do
-            if together is not None:
-                pipeline = self.options.pipeline()
-                self.options.queue_features(pipeline, lookup.feature_view, entity)
-                reader = store.queue_read(pipeline, together, (), plan.policy, now)
-                replies = iter(await self.options.send(pipeline))
-                raw = next(replies)
-                statistics = reader(replies)
-            else:
-                raw = await self.options.read_features(lookup.feature_view, entity)
+            pipeline = self.options.pipeline()
+            if lookup is not None:
+                self.options.queue_features(pipeline, lookup.feature_view, _entity(request, lookup.key))
+            if whitelist is not None:
+                entity = _entity(request, whitelist.key)
+                self.options.queue_whitelist(pipeline, whitelist.feature_view, entity, whitelist.column)
+            reader = (
+                store.queue_read(pipeline, together, (), plan.policy, now) if together is not None else None
+            )
+            replies = iter(await self.options.send(pipeline))
+            raw = next(replies) if lookup is not None else {}
+            listed = next(replies) if whitelist is not None else None
+            statistics = reader(replies) if reader is not None else None
         defaults = lookup.defaults if lookup is not None else {}
         features = {**defaults, **{_text(k): _text(v) for k, v in raw.items()}}
         context = derive_context(spec, features, params, request.channel)
+        allowed = None
+        if whitelist is not None:
+            allowed = _whitelisted(listed, whitelist.when_missing)
+            if listed is None:
+                warnings.append(
+                    f"no whitelist for '{_entity(request, whitelist.key)}' in '{whitelist.feature_view}': "
+                    + ("every offer stays eligible" if allowed is None else "no offer is eligible")
+                )
         eligible = prepared.eligible(
-            context, params, customer=request.customer, features=features, skips=skips
+            context, params, customer=request.customer, features=features, skips=skips, allowed=allowed
         )
         if statistics is None:
             scope = Scope(spec.name, generation, context.segment)

@@ -95,6 +95,11 @@ class OptionsStore:
         """The entity's online features (a hash; empty when there are none)."""
         pipeline.hgetall(redis_keys.online_features(feature_view, entity))
 
+    @staticmethod
+    def queue_whitelist(pipeline: Any, feature_view: str, entity: str, column: str) -> None:
+        """The entity's whitelist entry: one column of its online features (None when it has none)."""
+        pipeline.hget(redis_keys.online_features(feature_view, entity), column)
+
     async def read_features(self, feature_view: str, entity: str) -> dict[Any, Any]:
         """The same, sent on its own (with the commands of concurrent requests)."""
         pipeline = self.pipeline()
