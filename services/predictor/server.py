@@ -95,7 +95,8 @@ async def build_server(settings: PredictorSettings) -> RunningServer:
                         f"or materialize a view that holds it{where})",
                         field="model",
                     )
-        return PreparedDeployment.prepare(spec, loaded)
+        # Off the event loop too: binding a user plugin looks through the installed packages.
+        return await asyncio.to_thread(PreparedDeployment.prepare, spec, loaded)
 
     async def on_change(applied: AppliedConfig[PreparedDeployment]) -> None:
         replica.config = applied
