@@ -267,6 +267,15 @@ class ModelBinding(SpecModel):
     version: int = Field(ge=1)
 
 
+class ModelSelector(SpecModel):
+    """Choose the bound model per request by a context variable's value (a prediction activator,
+    the ecosystem.Ai runtime's predictor.selector): a value it lists binds that model; any other
+    value binds the deployment's `model`. A variant that binds its own model keeps it."""
+
+    variable: str = Field(pattern=IDENTIFIER_PATTERN, description="A categorical context variable")
+    models: dict[str, ModelBinding] = Field(min_length=1, max_length=1000, description="Value -> model")
+
+
 class Variant(SpecModel):
     """An experiment arm: a share of customers (sticky) served with overrides."""
 
@@ -315,6 +324,7 @@ class DeploymentSpec(SpecModel):
     feature_lookup: FeatureLookup | None = None
     whitelist: Whitelist | None = None
     model: ModelBinding | None = None
+    model_selector: ModelSelector | None = None
     variants: list[Variant] = Field(default_factory=list)
     reward: RewardSettings = Field(default_factory=RewardSettings)
     publish_gate: PublishGate = Field(default_factory=PublishGate)
@@ -376,6 +386,12 @@ class DeploymentSpec(SpecModel):
                     feature = defined.get(name)
                     if feature is None or feature.kind is not VariableKind.NUMERIC:
                         raise ValueError(f"{where}.features: '{name}' must be a numeric context variable")
+        if self.model_selector is not None:
+            selector = defined.get(self.model_selector.variable)
+            if selector is None or selector.kind is not VariableKind.CATEGORICAL:
+                raise ValueError(
+                    f"model_selector.variable: '{self.model_selector.variable}' must be a categorical context variable"
+                )
         if _needs_model(self.algorithm) and self.model is None:
             raise ValueError(f"model: {_needs_model(self.algorithm)} needs a model binding")
         for index, variant in enumerate(self.variants):
@@ -383,6 +399,13 @@ class DeploymentSpec(SpecModel):
             if needs and variant.model is None and self.model is None:
                 raise ValueError(f"variants[{index}].model: {needs} needs a model binding")
         return self
+
+    def model_bindings(self) -> list[ModelBinding]:
+        """Every model version the spec binds: the deployment's, its variants', its selector's."""
+        bindings = [self.model, *(variant.model for variant in self.variants)]
+        if self.model_selector is not None:
+            bindings += self.model_selector.models.values()
+        return [binding for binding in bindings if binding is not None]
 
     @property
     def segment_variables(self) -> list[str]:

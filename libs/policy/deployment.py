@@ -8,6 +8,7 @@ implementation of "choose and rank".
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -109,6 +110,20 @@ class PreparedDeployment:
     models: Mapping[tuple[str, int], LoadedModel] = field(default_factory=dict)
     # Whether the segment can depend on the customer's online features (see segment_reads_features).
     segment_reads_features: bool = True
+    # The model selector's plans: (variant, the selector variable's value) -> the plan binding
+    # that value's model (variants with a model of their own have none).
+    selected_plans: Mapping[tuple[str, str], VariantPlan] = field(default_factory=dict)
+
+    def selected(self, plan: VariantPlan, context: Context) -> VariantPlan:
+        """The plan with the model the selector binds for this request's context (the plan itself
+        without a selector, or for a value it does not list); the request's epsilon is kept."""
+        selector = self.spec.model_selector
+        if selector is None:
+            return plan
+        chosen = self.selected_plans.get((plan.name, str(context.values.get(selector.variable, ""))))
+        if chosen is None:
+            return plan
+        return chosen if chosen.epsilon == plan.epsilon else dataclasses.replace(chosen, epsilon=plan.epsilon)
 
     @classmethod
     def prepare(
@@ -135,9 +150,20 @@ class PreparedDeployment:
             )
 
         plans = {"": plan("", None)} | {v.name: plan(v.name, v) for v in spec.variants}
+        selected: dict[tuple[str, str], VariantPlan] = {}
+        if spec.model_selector is not None:
+            own_model = {v.name for v in spec.variants if v.model is not None}  # an experiment keeps it
+            for name, base in plans.items():
+                if name in own_model:
+                    continue
+                for value, binding in spec.model_selector.models.items():
+                    model = loaded.get((binding.name, binding.version))
+                    scorer = build_scorer(base.algorithm, model)
+                    selected[(name, value)] = dataclasses.replace(base, scorer=scorer, model=model)
         return cls(
             spec=spec,
             plans=plans,
+            selected_plans=selected,
             variant_weights=tuple((v.name, v.weight) for v in spec.variants),
             offers_by_id={o.id: o for o in spec.offers},
             offers_by_name={o.name: o for o in spec.offers},

@@ -48,6 +48,6 @@ class ModelRepository:
             return model
 
     def load_bindings(self, spec: DeploymentSpec) -> dict[ModelKey, LoadedModel]:
-        """Every version the spec binds (deployment and variants), loaded; FailedPrecondition if not."""
-        bindings = [spec.model] + [variant.model for variant in spec.variants]
-        return {(b.name, b.version): self.load(b) for b in bindings if b is not None}
+        """Every version the spec binds (deployment, variants, model selector), loaded;
+        FailedPrecondition if not."""
+        return {(b.name, b.version): self.load(b) for b in spec.model_bindings()}

@@ -293,7 +293,7 @@ class MonitorService:
     def _candidate_models(self, spec: DeploymentSpec) -> ModelsByKey:
         """The model versions the candidate binds, loaded and verified as a replica loads them."""
         if self.models is None:
-            if spec.model is not None or any(variant.model is not None for variant in spec.variants):
+            if spec.model_bindings():
                 raise FailedPrecondition(
                     "the candidate binds a model and this monitor has no model artifacts to load it from "
                     "(set LIVELOOP_MONITOR_ARTIFACT_DIR)",

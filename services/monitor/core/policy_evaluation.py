@@ -185,7 +185,7 @@ class _Replay:
                 )
             statistics = Statistics(arms=copy[1])
         return self.prepared.choose(
-            plan,
+            self.prepared.selected(plan, context),  # the model selector's, as a replica picks it
             self.prepared.eligible(context, params),
             context,
             statistics,

@@ -221,6 +221,7 @@ class DecisionEngine:
             prepared, plan, generation, request, params, skips, activator_warnings
         )
         warnings = [*context.warnings, *override_warnings, *activator_warnings]
+        plan = prepared.selected(plan, context)  # the model selector's model for this context
         unknown = prepared.unknown_requested_offers(params)
         if unknown:
             warnings.append(f"params.eligible_offers names no offer of '{spec.name}': {', '.join(unknown)}")
