@@ -158,3 +158,37 @@ async def test_a_whitelist_is_read_in_the_first_round_trip_and_limits_the_offers
     refused = await engine.invoke(request("nobody"), applied_config(deployment_spec_from_mapping(strict)))
     assert refused.offers == []
     assert "no offer is eligible for this customer" in refused.warnings
+
+
+async def test_the_model_selector_picks_the_model_an_invoke_scores_and_logs(
+    counting: CountingRedis, tmp_path: Path
+) -> None:
+    loaded = {}
+    for version, seed in ((1, 5), (2, 11)):
+        trained = train_artifact(
+            tmp_path, tmp_path / "artifacts", take_up_spec(seed=seed), version=version, rows=300
+        )
+        loaded[("take-up", version)] = load_model(trained.directory, "take-up", version)
+    name = f"selector-{uuid_module.uuid4().hex[:8]}"
+    spec = deployment_spec_from_mapping(
+        {
+            "name": name,
+            "offers": [{"id": offer} for offer in OFFERS],
+            "algorithm": {"approach": "model"},
+            "exploration_epsilon": 0.0,
+            "context_variables": [{"name": "region", "source": "param", "default": "north"}],
+            "model": {"name": "take-up", "version": 1},
+            "model_selector": {"variable": "region", "models": {"south": {"name": "take-up", "version": 2}}},
+        }
+    )
+    prepared = PreparedDeployment.prepare(spec, loaded)
+    config = AppliedConfig(1, {name: AppliedDeployment(name, 1, "", spec, prepared)}, "stream")
+    engine = DecisionEngine(OptionsStore(counting), "replica-selector")
+    for region, version in (("south", 2), ("north", 1)):
+        params = {"region": region, "age": "33", "tenure_months": "12"}
+        decision = await engine.invoke(InvokeInput("", "", "", "c1", "", 3, params, None, name), config)
+        assert decision.model == f"take-up:{version}"
+        expected = loaded[("take-up", version)].predict_offers({**params}, list(OFFERS))
+        assert {row.offer.id: row.model_score for row in decision.offers} == dict(
+            zip(OFFERS, expected.tolist(), strict=True)
+        )
