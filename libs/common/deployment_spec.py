@@ -70,6 +70,17 @@ class EligibilityRule(SpecModel):
         return self
 
 
+class OfferBudget(SpecModel):
+    """How much of an offer may be shown per period, across every replica (a prediction activator):
+    presentations (each shown offer counts 1) or value (each counts the offer's price)."""
+
+    limit: float = Field(gt=0, allow_inf_nan=False, description="Presentations, or value, per period")
+    period: Literal["hour", "day", "week", "total"] = Field(
+        "day", description="Resets at each UTC hour, day or week (Monday); total never resets"
+    )
+    measure: Literal["presentations", "value"] = "presentations"
+
+
 class Offer(SpecModel):
     id: str = Field(pattern=OFFER_ID_PATTERN, description="Stable offer identifier")
     name: str = Field("", max_length=200, description="Display name; defaults to the id")
@@ -79,6 +90,7 @@ class Offer(SpecModel):
     weighting: float = Field(1.0, ge=0, description="Multiplies the offer's score (0 hides it)")
     eligibility: list[EligibilityRule] = Field(default_factory=list)
     attributes: dict[str, Scalar] = Field(default_factory=dict)
+    budget: OfferBudget | None = None
 
     @model_validator(mode="after")
     def _name_defaults_to_id(self) -> Offer:

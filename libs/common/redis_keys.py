@@ -39,6 +39,11 @@ def linear_model(deployment: str, generation: str, offer: str) -> str:
     return f"{PREFIX}:linear:{deployment}:{generation}:{offer}"
 
 
+def offer_budget(deployment: str, offer: str, period_start: int) -> str:
+    """What an offer's budget used in one period (a number: presentations or value)."""
+    return f"{PREFIX}:budget:{deployment}:{offer}:{period_start}"
+
+
 def contact(uuid: str) -> str:
     """One Invoke, kept for the reward window so Respond can join it."""
     return f"{PREFIX}:contact:{uuid}"

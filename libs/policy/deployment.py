@@ -113,6 +113,7 @@ class PreparedDeployment:
     # The model selector's plans: (variant, the selector variable's value) -> the plan binding
     # that value's model (variants with a model of their own have none).
     selected_plans: Mapping[tuple[str, str], VariantPlan] = field(default_factory=dict)
+    has_budgets: bool = False  # some offer has a budget (services/predictor/core/budgets.py)
 
     def selected(self, plan: VariantPlan, context: Context) -> VariantPlan:
         """The plan with the model the selector binds for this request's context (the plan itself
@@ -164,6 +165,7 @@ class PreparedDeployment:
             spec=spec,
             plans=plans,
             selected_plans=selected,
+            has_budgets=any(offer.budget is not None for offer in spec.offers),
             variant_weights=tuple((v.name, v.weight) for v in spec.variants),
             offers_by_id={o.id: o for o in spec.offers},
             offers_by_name={o.name: o for o in spec.offers},

@@ -28,7 +28,7 @@ from libs.policy.context import Context, derive_context, parse_number_of_offers,
 from libs.policy.deployment import Choice, PreparedDeployment, RankedOffer, VariantPlan
 from libs.policy.plugins import MAX_REWARD_MAGNITUDE, PluginSkip, RewardInput
 from libs.policy.statistics import Statistics
-from services.predictor.core import answer_in_redis
+from services.predictor.core import answer_in_redis, budgets
 from services.predictor.core.metrics import MODEL_INPUT_DEFAULTS, PLUGIN_SKIPS
 from services.predictor.core.options_store import OptionsStore, ScriptedAnswer
 from services.predictor.core.statistics_stores import Scope
@@ -181,6 +181,7 @@ class DecisionEngine:
     options: OptionsStore
     replica_id: str
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
+    budget_ledger: budgets.BudgetLedger = field(default_factory=budgets.BudgetLedger)
     # Keyed by the config object itself, not id(): an id is reused once the old config is freed.
     _campaign_index: tuple[ServedConfig | None, dict[str, str]] = (None, {})
 
@@ -230,8 +231,11 @@ class DecisionEngine:
                 f"no features for '{request.customer}' in '{spec.feature_lookup.feature_view}'; defaults used"
             )
         uuid = str(uuid_module.uuid4())
-        if not eligible:
-            warnings += _skipped(spec.name, skips)
+        now = self.options.now()
+        if prepared.has_budgets:  # offers this replica knows to be used up this period
+            eligible = self._within_budget(spec.name, eligible, now, warnings)
+
+        def nothing_eligible() -> Decision:
             return Decision(
                 uuid,
                 spec.name,
@@ -241,23 +245,36 @@ class DecisionEngine:
                 context.segment,
                 context.values,
                 [],
-                [*warnings, "no offer is eligible for this customer"],
+                [*warnings, *_skipped(spec.name, skips), "no offer is eligible for this customer"],
             )
+
+        if not eligible:
+            return nothing_eligible()
         if count > len(eligible):
             warnings.append(f"{count} offers asked for, {len(eligible)} eligible")
             count = len(eligible)
-        choice = prepared.choose(
-            plan,
-            eligible,
-            context,
-            statistics,
-            self.rng,
-            count=count,
-            features=features,
-            params=params,
-            customer=request.customer,
-            skips=skips,
-        )
+
+        def ranked() -> Choice:
+            return prepared.choose(
+                plan,
+                eligible,
+                context,
+                statistics,
+                self.rng,
+                count=min(count, len(eligible)),
+                features=features,
+                params=params,
+                customer=request.customer,
+                skips=skips,
+            )
+
+        choice = ranked()
+        while prepared.has_budgets and await self._budget_refused(spec.name, choice, now, warnings):
+            # Another replica used the last of a shown offer's budget: rank again without it.
+            eligible = self._within_budget(spec.name, eligible, now, [])
+            if not eligible:
+                return nothing_eligible()
+            choice = ranked()
         warnings += _skipped(spec.name, skips)
         if choice.model_inputs_missing:
             warnings.append(
@@ -283,6 +300,36 @@ class DecisionEngine:
             decision, choice, plan, scope, context, features, request, prepared, started
         )
         return decision
+
+    def _within_budget(
+        self, deployment: str, offers: list[Offer], now: float, warnings: list[str]
+    ) -> list[Offer]:
+        """The offers whose budget this replica does not know to be used up (a warning for each other)."""
+        kept = []
+        for offer in offers:
+            if self.budget_ledger.exhausted(deployment, offer, now):
+                assert offer.budget is not None
+                warnings.append(
+                    f"offer '{offer.id}' left out: its budget ({budgets.describe(offer.budget)}) is used up"
+                )
+            else:
+                kept.append(offer)
+        return kept
+
+    async def _budget_refused(self, deployment: str, choice: Choice, now: float, warnings: list[str]) -> bool:
+        """Consume the budgets of the shown offers, all or none (one round trip, only when a shown
+        offer has a budget); True when one was used up (remembered, with a warning)."""
+        budgeted = [row.offer for row in choice.offers if row.offer.budget is not None]
+        if not budgeted:
+            return False
+        pipeline = self.options.pipeline()
+        self.budget_ledger.queue_consume(pipeline, deployment, budgeted, now)
+        (refused,) = await self.options.send(pipeline)
+        for index in refused:
+            offer = budgeted[int(index) - 1]
+            self.budget_ledger.remember(deployment, offer, now)
+        self._within_budget(deployment, budgeted, now, warnings)
+        return bool(refused)
 
     async def _inputs(
         self,
