@@ -127,7 +127,7 @@ async def build_server(settings: PredictorSettings) -> RunningServer:
         wait_for_connection_seconds=REDIS_CONNECTION_WAIT_SECONDS,
     )
     options = OptionsStore(redis, statistics_max_age=settings.statistics_max_age_ms / 1000)
-    engine = DecisionEngine(options, settings.replica_id)
+    engine = DecisionEngine(options, settings.replica_id, answers_in_redis=not settings.deployments)
     update_feed: asyncio.Task[None] | None = None
 
     async def stop_update_feed() -> None:

@@ -19,13 +19,16 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from libs.common import redis_keys
+from libs.common.config_follower import AppliedConfig
 from libs.common.decision_log import Response, decode_entry
 from libs.common.deployment_spec import deployment_spec_from_mapping
 from libs.common.errors import LiveloopError
+from libs.policy.statistics import ArmPolicy
 from services.predictor.core import answer_in_redis
 from services.predictor.core.decision import DecisionEngine, InvokeInput, RespondInput
 from services.predictor.core.engine_simulation import SimulatedClock, applied_config
 from services.predictor.core.options_store import OptionsStore
+from services.predictor.core.statistics_stores import Scope
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -110,7 +113,9 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
             {
                 "accepted": draw(st.lists(st.tuples(NAMED_BY, st.integers(0, 4)), max_size=3)),
                 "reward": draw(st.sampled_from([None, None, 0.0, -0.0, 2.5, 1e-7, 7.0, -1.0])),
-                "after": draw(st.sampled_from([0.5, 59.0, 61.0, 4000.0])),  # seconds after the Invoke
+                "after": draw(
+                    st.sampled_from([0.5, 59.0, 60.0, 61.0, 4000.0])
+                ),  # seconds after the Invoke (60: the window)
                 "event_time": draw(st.sampled_from([None, "at", "before"])),
                 "channel": draw(st.sampled_from(["", "app", 'we"b/\\ é'])),
             }
@@ -265,3 +270,66 @@ async def test_a_reward_plugin_turns_the_payload_into_the_reward_learned_in_pyth
     learned = sum(float(v) for k, v in statistics.items() if k.endswith(b"|s"))
     assert learned == pytest.approx(0.4 * 0.5 + 0.3)
     del decisions_segment
+
+
+async def test_the_script_answers_every_deployment_of_a_config_at_its_own_revision(store: Store) -> None:
+    """A deployment keeps the revision it last changed at while others change (here 3 and 5 of a
+    config at 5): the script compares the whole config's revision, so both are answered in Redis.
+    A replica that follows only some deployments, and text Redis cannot take, go to Python."""
+    names = [f"answer-{uuid_module.uuid4().hex[:8]}" for _ in range(2)]
+    deployments = {}
+    for name, revision in zip(names, (3, 5), strict=True):
+        spec = deployment_spec_from_mapping({"name": name, "offers": [{"id": o} for o in OFFERS]})
+        deployments[name] = applied_config(spec, revision=revision).deployments[name]
+    config = AppliedConfig(5, deployments, "stream")
+    store.clock.now = START
+    engine = DecisionEngine(store.options, "replica-x", rng=np.random.default_rng(3))
+    filtering = DecisionEngine(
+        store.options, "replica-y", rng=np.random.default_rng(3), answers_in_redis=False
+    )
+
+    async def round_trips(engine: DecisionEngine, name: str, channel: str = "") -> int:
+        decision = await engine.invoke(InvokeInput(name, "", "", "customer-1", "", None, None, None), config)
+        sent = store.options.batched_round_trips
+        answered = await engine.respond(
+            RespondInput(decision.uuid, [decision.offers[0].offer.id], channel), config
+        )
+        assert answered.learned
+        return store.options.batched_round_trips - sent
+
+    assert [await round_trips(engine, name) for name in names] == [1, 1]
+    assert [await round_trips(filtering, name) for name in names] == [2, 2]
+    assert await round_trips(engine, names[0], channel="\ud800") == 2  # a lone surrogate: Python escapes it
+
+
+async def test_a_response_answered_in_redis_drops_every_replicas_kept_statistics(
+    store: Store, redis_url: str
+) -> None:
+    """The script publishes the segment's key (every replica drops its kept copy) and the replica
+    that answered drops its own at once."""
+    name = f"answer-{uuid_module.uuid4().hex[:8]}"
+    spec = deployment_spec_from_mapping({"name": name, "offers": [{"id": o} for o in OFFERS]})
+    config = applied_config(spec, revision=7)
+    keeping = OptionsStore(store.redis, clock=store.clock, statistics_max_age=60.0)
+    engine = DecisionEngine(keeping, "replica-x", rng=np.random.default_rng(3))
+    store.clock.now = START
+    listener = Redis.from_url(redis_url)
+    pubsub = listener.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(redis_keys.ARM_UPDATES_CHANNEL)
+    try:
+        decision = await engine.invoke(InvokeInput(name, "", "", "customer-1", "", None, None, None), config)
+        key = redis_keys.arm_statistics(name, "0", decision.segment)
+        await engine.invoke(InvokeInput(name, "", "", "customer-2", "", None, None, None), config)
+        scope = Scope(name, "0", decision.segment)
+        assert keeping.arms.kept(scope, ArmPolicy(), store.clock.now) is not None  # a copy is kept
+        answered = await engine.respond(RespondInput(decision.uuid, [decision.offers[0].offer.id]), config)
+        assert answered.learned
+        assert keeping.arms.kept(scope, ArmPolicy(), store.clock.now) is None  # dropped at once
+        async with asyncio.timeout(10):
+            message = None
+            while message is None:  # the subscription's confirmation reads as None first
+                message = await pubsub.get_message(timeout=1)
+        assert message["data"].decode() == key
+    finally:
+        await pubsub.aclose()
+        await listener.aclose()

@@ -2,9 +2,11 @@
 in the same step, as `DecisionEngine.respond` would in Python (learn, log, mark).
 
 It can when the contact was served from arm statistics under the config revision this replica
-serves now: Invoke then wrote into the contact what the answer needs of that revision (`facts`:
-the reward window, the default reward, the arm policy and the statistics key), so nothing the
-answer depends on is known to Python alone. Everything else is left to Python, and the script
+serves now (the whole config's revision, not the deployment's): Invoke then wrote into the contact
+what the answer needs of that revision (`facts`: the revision, the reward window, the default
+reward, the arm policy and the statistics key), so nothing the answer depends on is known to Python
+alone. A replica that follows only some deployments does not use the script (the deployment of a
+contact it does not serve is answered as Python answers it: logged, not learned). Everything else is left to Python, and the script
 then replies with the contact as it read it, so Python's answer costs the one round trip more it
 always did, not two: another revision (a publish since the Invoke), statistics other than arms, a
 deployment with reward plugins (Invoke writes no facts then), an accepted offer named other than
@@ -52,10 +54,10 @@ local leave = {1, fields}
 local facts = contact['"""
     + FACTS_FIELD
     + """']
-if facts == nil or contact['revision'] ~= ARGV[1] then return leave end
-local reward_window, default_reward, half_life, window, cap, arms =
-  string.match(facts, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.+)$')
-if arms == nil then return leave end
+if facts == nil then return leave end
+local served, reward_window, default_reward, half_life, window, cap, arms =
+  string.match(facts, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.+)$')
+if arms == nil or served ~= ARGV[1] then return leave end
 local reward = ARGV[5]
 if reward ~= '' and tonumber(reward) < 0 then return leave end
 local shown = {}
@@ -128,9 +130,13 @@ return reply
 )
 
 
-def contact_facts(reward: RewardSettings, policy: ArmPolicy, statistics_key: str) -> str:
-    """What the script needs of the config revision that served a contact from arm statistics.
-    Numbers as Python writes them (repr), so Lua reads the same doubles Python would pass."""
+def contact_facts(
+    config_revision: int, reward: RewardSettings, policy: ArmPolicy, statistics_key: str
+) -> str:
+    """What the script needs of the config that served a contact from arm statistics: the whole
+    config's revision (the same revision on the replica that answers means the same config: the
+    contact's own `revision` is its deployment's, which stays while others change), then the
+    numbers as Python writes them (repr), so Lua reads the same doubles Python would pass."""
     numbers = (
         reward.window_seconds,
         reward.default_reward,
@@ -138,14 +144,14 @@ def contact_facts(reward: RewardSettings, policy: ArmPolicy, statistics_key: str
         policy.window_seconds,
         policy.count_cap,
     )
-    return "|".join(repr(float(number)) for number in numbers) + "|" + statistics_key
+    return f"{config_revision}|" + "|".join(repr(float(number)) for number in numbers) + "|" + statistics_key
 
 
 @dataclass(frozen=True)
 class Respond:
     """A Respond as the script takes it: what the request sent, checked, and what the replica adds."""
 
-    revision: int  # of the config this replica serves
+    revision: int  # of the whole config this replica serves
     uuid: str
     now: float
     event_time: float

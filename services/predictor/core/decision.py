@@ -78,6 +78,17 @@ def _skipped(deployment: str, skips: Sequence[PluginSkip]) -> list[str]:
     return warnings
 
 
+def _encodable(*texts: str) -> bool:
+    """Whether Redis can take every text as an argument (a lone surrogate, from a JSON escape such
+    as "\\ud800", cannot be encoded; the Python answer logs such text escaped)."""
+    try:
+        for text in texts:
+            text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _entity(request: InvokeInput, key: str) -> str:
     """The request's entity key for a feature view: the customer, or the userid."""
     return request.customer if key == "customer" else request.userid
@@ -182,6 +193,9 @@ class DecisionEngine:
     replica_id: str
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
     budget_ledger: budgets.BudgetLedger = field(default_factory=budgets.BudgetLedger)
+    # Whether Respond may answer in Redis (answer_in_redis.py): not on a replica that follows only
+    # some deployments, which answers a contact of another as Python does (logged, not learned).
+    answers_in_redis: bool = True
     # Keyed by the config object itself, not id(): an id is reused once the old config is freed.
     _campaign_index: tuple[ServedConfig | None, dict[str, str]] = (None, {})
 
@@ -297,7 +311,7 @@ class DecisionEngine:
         )
         scope = Scope(spec.name, generation, context.segment)
         await self._record_contact(
-            decision, choice, plan, scope, context, features, request, prepared, started
+            decision, choice, plan, scope, context, features, request, prepared, config.revision, started
         )
         return decision
 
@@ -405,6 +419,7 @@ class DecisionEngine:
         features: Mapping[str, Any],
         request: InvokeInput,
         prepared: PreparedDeployment,
+        served_revision: int,
         started: float,
     ) -> None:
         """One round trip: the impressions, the contact for Respond, the decision log entry."""
@@ -431,7 +446,7 @@ class DecisionEngine:
         if store.kind == "arms" and not prepared.plugins.reward:  # what Respond needs to answer in Redis
             statistics_key = redis_keys.arm_statistics(scope.deployment, scope.generation, scope.segment)
             fields[answer_in_redis.FACTS_FIELD] = answer_in_redis.contact_facts(
-                reward, plan.policy, statistics_key
+                served_revision, reward, plan.policy, statistics_key
             )
         ttl = max(2 * reward.window_seconds, CONTACT_MINIMUM_TTL_SECONDS)
         self.options.queue_contact(pipeline, decision.uuid, fields, ttl)
@@ -583,7 +598,11 @@ class DecisionEngine:
             )
 
         in_redis: ScriptedAnswer[_Answer] | None = None
-        if config is not None:
+        if (
+            config is not None
+            and self.answers_in_redis
+            and _encodable(request.channel_name, *request.accepted)
+        ):
             script_input = answer_in_redis.Respond(
                 config.revision,
                 request.uuid,
