@@ -15,7 +15,8 @@ def install_plugin_package(
     """Install (or upgrade in place) the distribution `acme-plugins` at `version` into `site`."""
     for old in site.glob("acme_plugins-*.dist-info"):
         shutil.rmtree(old)
-    (site / f"{module}.py").write_text(textwrap.dedent(module_body))
+    path = site / f"{module.replace('.', '/')}.py"  # a module of a package: its directory exists
+    path.write_text(textwrap.dedent(module_body))
     info = site / f"acme_plugins-{version}.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: acme-plugins\nVersion: {version}\n")

@@ -102,6 +102,7 @@ class RewardInput:
     accepted: Sequence[str]  # offer ids the response credits
     reward: float  # so far: as sent, the deployment's default, or the previous reward plugin's
     payload: Mapping[str, Any]  # what the client sent with the response, as JSON
+    channel: str  # the channel the response came through (Respond's channel_name)
     context: Mapping[str, str]  # the contact's categorical context
     segment: str
 
@@ -112,8 +113,10 @@ class Reward:
     learning_weight: float = 1.0  # finite, >= 0: the statistics learn reward x learning_weight
 
 
-# The largest reward magnitude a plugin may return (as a client may send: see decision.py).
+# The largest reward magnitude a plugin may return (as a client may send: see decision.py), and
+# the largest learning weight; what the statistics learn (reward x weight) stays within the first.
 MAX_REWARD_MAGNITUDE = 1e9
+MAX_LEARNING_WEIGHT = 1000.0
 
 
 class PreScorePlugin(Protocol):
@@ -175,7 +178,12 @@ def installed_plugins() -> dict[str, InstalledPlugin]:
     built-in's name, is logged and left out."""
     found = _builtin()
     importlib.invalidate_caches()
-    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+    try:
+        entries = list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+    except Exception as error:  # a package with broken metadata must not stop the built-ins
+        logger.warning("cannot read the installed packages' plugins: %s", error)
+        return found
+    for entry in entries:
         distribution = entry.dist.name if entry.dist is not None else "?"
         version = entry.dist.version if entry.dist is not None else "?"
         if entry.name in found:
@@ -183,7 +191,7 @@ def installed_plugins() -> dict[str, InstalledPlugin]:
             continue
         try:
             factory = _load(entry, distribution, version)
-            stage = PluginStage(factory.stage)
+            stage = _checked_stage(factory)
         except Exception as error:  # a broken package must not stop the others
             logger.warning("plugin %s from %s %s does not load: %s", entry.name, distribution, version, error)
             continue
@@ -191,11 +199,25 @@ def installed_plugins() -> dict[str, InstalledPlugin]:
     return found
 
 
+def _checked_stage(factory: Any) -> PluginStage:
+    """The plugin class's stage, once it is seen to be a plugin: a class, with a stage, the method
+    of that stage and a Params that is a PluginParams (TypeError naming what is missing)."""
+    if not isinstance(factory, type):
+        raise TypeError(f"{factory!r} is not a class")
+    stage = PluginStage(str(getattr(factory, "stage", "")))
+    if not callable(getattr(factory, stage.value, None)):
+        raise TypeError(f"{factory.__name__} is a {stage.value} plugin without a {stage.value} method")
+    params = getattr(factory, "Params", NoParams)
+    if not (isinstance(params, type) and issubclass(params, PluginParams)):
+        raise TypeError(f"{factory.__name__}.Params is not a PluginParams (a pydantic model)")
+    return stage
+
+
 def _load(entry: importlib.metadata.EntryPoint, distribution: str, version: str) -> type[Any]:
     key = (distribution, version, entry.value)
     if key in _loaded:
         return _loaded[key]
-    module_name = entry.value.split(":")[0].strip()
+    module_name = entry.value.split(":")[0].strip().split(".")[0]  # the whole top-level package
     if _module_versions.get(module_name, (distribution, version)) != (distribution, version):
         for name in [
             name for name in sys.modules if name == module_name or name.startswith(module_name + ".")
@@ -233,10 +255,9 @@ class BoundPlugin:
     def run(self, request: Any, check: Callable[[Any], Any], skips: list[PluginSkip]) -> Any:
         """The plugin's checked result for the request, or None when it is skipped (noted in
         `skips`); raises FailedPrecondition instead where the deployment says to fail."""
-        method = getattr(self.instance, self.stage.value)  # pre_score, post_score or reward
         started = time.perf_counter()
         try:
-            result = check(method(request))
+            result = check(getattr(self.instance, self.stage.value)(request))  # pre_score, post_score, reward
         except Exception as error:
             return self._failed("error", f"{type(error).__name__}: {error}", skips)
         elapsed = time.perf_counter() - started
@@ -315,16 +336,16 @@ class PluginChain:
         """The reward and the learning weight after every reward plugin (a skipped one leaves
         them as they were); `takes_negative`: whether the statistics learn negative rewards."""
         reward, weight = request.reward, 1.0
-        check = _reward_of(takes_negative)
         for plugin in self.reward:
-            result = plugin.run(dataclasses.replace(request, reward=reward), check, skips)
+            result = plugin.run(
+                dataclasses.replace(request, reward=reward), _reward_of(takes_negative, weight), skips
+            )
             if result is not None:
-                reward, more = result
-                weight *= more
+                reward, weight = result[0], weight * result[1]
         return reward, weight
 
 
-def _reward_of(takes_negative: bool) -> Callable[[Any], tuple[float, float]]:
+def _reward_of(takes_negative: bool, weight_so_far: float) -> Callable[[Any], tuple[float, float]]:
     def check(result: Any) -> tuple[float, float]:
         if not isinstance(result, Reward):
             raise TypeError(f"reward must return a Reward, not {type(result).__name__}")
@@ -335,8 +356,12 @@ def _reward_of(takes_negative: bool) -> Callable[[Any], tuple[float, float]]:
             )
         if reward < 0 and not takes_negative:
             raise ValueError(f"the reward {reward} is negative, and these statistics count successes")
-        if not (math.isfinite(weight) and weight >= 0):
-            raise ValueError(f"the learning weight must be finite and not negative, not {weight}")
+        if not (math.isfinite(weight) and 0 <= weight <= MAX_LEARNING_WEIGHT):
+            raise ValueError(f"the learning weight must be in [0, {MAX_LEARNING_WEIGHT:g}], not {weight}")
+        if abs(reward * weight * weight_so_far) > MAX_REWARD_MAGNITUDE:
+            raise ValueError(
+                f"what would be learned, {reward * weight * weight_so_far:g}, is above {MAX_REWARD_MAGNITUDE:g}"
+            )
         return reward, weight
 
     return check

@@ -248,13 +248,15 @@ async def test_a_reward_plugin_turns_the_payload_into_the_reward_learned_in_pyth
     tail = await store.redis.xrevrange(redis_keys.DECISION_STREAM, count=1)
     after = tail[0][0].decode() if tail else "0-0"
     outcomes = []
-    for payload in ({"amount": 40, "channel_name": "call-centre"}, {"amount": 30}):
+    for payload, channel in (({"amount": 40}, "call-centre"), ({"amount": 30}, "app")):
         decision = await engine.invoke(InvokeInput(name, "", "", "customer-1", "", None, None, None), config)
         contact = await store.redis.hgetall(redis_keys.contact(decision.uuid))
         assert answer_in_redis.FACTS_FIELD.encode() not in contact
         offer = decision.offers[0].offer.id
         sent = store.options.batched_round_trips
-        outcomes.append(await engine.respond(RespondInput(decision.uuid, [offer], payload=payload), config))
+        outcomes.append(
+            await engine.respond(RespondInput(decision.uuid, [offer], channel, payload=payload), config)
+        )
         assert store.options.batched_round_trips - sent == 2  # the read, then the guarded commit
     assert all(outcome.learned for outcome in outcomes)
 

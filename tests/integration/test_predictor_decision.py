@@ -509,7 +509,8 @@ async def test_a_reward_plugin_reads_the_payload_sent_with_respond(loop: Loop) -
     shown = await loop.a.Invoke(invoke_request(name, numberoffers=1))
     offer = shown.final_result[0].result.offer
     request = respond_request(shown.uuid, [offer])
-    request.payload.update({"amount": 60, "channel_name": "call-centre"})
+    request.channel_name = "call-centre"
+    request.payload.update({"amount": 60})
     answered = await loop.b.Respond(request)
     assert answered.learned, answered
     arms = await loop.arms(name, shown.segment)

@@ -252,7 +252,7 @@ REWARDS_VERSION = "3.0"
 def rewarded(
     plugins: PluginChain, skips: list[PluginSkip], takes_negative: bool = False
 ) -> tuple[float, float]:
-    request = RewardInput("d", "u", ["a"], 1.5, {"bonus": 1}, {"region": "north"}, "region=north")
+    request = RewardInput("d", "u", ["a"], 1.5, {"bonus": 1}, "app", {"region": "north"}, "region=north")
     return plugins.rewarded(request, takes_negative, skips)
 
 
@@ -289,3 +289,85 @@ def test_a_negative_reward_is_fine_where_the_statistics_take_one(site: Path) -> 
     plugins = chain({"name": "doubling", "stage": "reward", "params": {"fault": "negative"}})
     assert rewarded(plugins, skips, takes_negative=True) == (-1.0, 1.0)
     assert skips == []
+
+
+MALFORMED = """
+    from dataclasses import dataclass
+    from typing import ClassVar
+    from libs.common.deployment_spec import PluginStage
+
+    class NoMethod:
+        stage: ClassVar[PluginStage] = PluginStage.PRE_SCORE
+
+        def prescore(self, request):  # a typo: not the stage's method
+            return list(request.offers)
+
+    class DataclassParams:
+        stage: ClassVar[PluginStage] = PluginStage.PRE_SCORE
+
+        @dataclass
+        class Params:
+            n: int = 1
+
+        def pre_score(self, request):
+            return list(request.offers)
+
+    NOT_A_CLASS = 3
+"""
+
+
+def test_a_class_that_is_not_a_plugin_is_left_out_at_discovery(site: Path) -> None:
+    install_plugin_package(
+        site,
+        "4.0",
+        MALFORMED,
+        {"no_method": "NoMethod", "dataclass_params": "DataclassParams", "number": "NOT_A_CLASS"},
+    )
+    installed = installed_plugins()
+    assert not {"no_method", "dataclass_params", "number"} & set(installed)
+    with pytest.raises(InvalidArgument) as unknown:
+        chain({"name": "no_method", "stage": "pre_score"})
+    assert unknown.value.field == "plugins[0].name"
+
+
+def test_an_upgrade_reimports_the_whole_package(site: Path) -> None:
+    """The plugin's module and a helper module beside it, in one package: both are the new code."""
+    package = site / "acme_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "helper.py").write_text("FACTOR = 2.0\n")
+    body = """
+        from typing import ClassVar
+        from libs.common.deployment_spec import PluginStage
+        from libs.policy.plugins import PluginParams, PostScore
+        from acme_pkg.helper import FACTOR
+
+        class Scaled:
+            stage: ClassVar[PluginStage] = PluginStage.POST_SCORE
+            Params = PluginParams
+
+            def __init__(self, params):
+                pass
+
+            def post_score(self, request):
+                return PostScore(factors=[FACTOR] * len(request.offers))
+    """
+    install_plugin_package(site, "5.0", body, {"scaled": "Scaled"}, module="acme_pkg.plugin")
+    plugins = chain({"name": "scaled", "stage": "post_score"})
+    assert plugins.post_score_factors("d", "c", OFFERS, NO_CONTEXT, {}, [])[0].tolist() == [2.0, 2.0, 2.0]
+    (package / "helper.py").write_text("FACTOR = 7.0\n")
+    install_plugin_package(site, "5.1", body, {"scaled": "Scaled"}, module="acme_pkg.plugin")
+    plugins = chain({"name": "scaled", "stage": "post_score"})
+    assert plugins.post_score_factors("d", "c", OFFERS, NO_CONTEXT, {}, [])[0].tolist() == [7.0, 7.0, 7.0]
+
+
+def test_what_would_be_learned_is_bounded(site: Path) -> None:
+    install_plugin_package(site, REWARDS_VERSION, REWARDS, {"doubling": "Doubling"})
+    heavy = {"name": "doubling", "stage": "reward", "params": {"weight": 1000}}
+    skips: list[PluginSkip] = []
+    # rewards 4, 9, then 19 with weights 1e3, 1e6, then 1e9: 1.9e10 would be learned, above 1e9
+    assert rewarded(chain(heavy, heavy, heavy), skips) == (9.0, 1e6)
+    assert [(skip.plugin, skip.reason) for skip in skips] == [("doubling", "error")]
+    with pytest.raises(InvalidArgument) as refused:
+        chain({"name": "amount_reward", "stage": "reward", "params": {"channel_weights": {"app": -1}}})
+    assert refused.value.field == "plugins[0].params.channel_weights.app"

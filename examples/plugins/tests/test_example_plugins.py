@@ -92,8 +92,10 @@ def test_bad_parameters_are_refused_naming_the_field(plugin: dict[str, Any], fie
     assert refused.value.field == field
 
 
-def rewarded(chain: PluginChain, payload: dict[str, Any], reward: float = 1.0) -> tuple[float, float]:
-    request = RewardInput("d", "u", ["gold-data"], reward, payload, {}, "all")
+def rewarded(
+    chain: PluginChain, payload: dict[str, Any], reward: float = 1.0, channel: str = "app"
+) -> tuple[float, float]:
+    request = RewardInput("d", "u", ["gold-data"], reward, payload, channel, {}, "all")
     skips: list[Any] = []
     result = chain.rewarded(request, takes_negative=False, skips=skips)
     assert skips == []
@@ -111,6 +113,6 @@ def test_amount_reward_scales_and_caps_the_amount_and_weighs_by_channel() -> Non
     assert rewarded(chain, {"amount": 20}) == (0.2, 1.0)
     assert rewarded(chain, {"amount": 2000}) == (0.5, 1.0)  # capped
     assert rewarded(chain, {"amount": -5}) == (0.0, 1.0)  # never negative
-    assert rewarded(chain, {"amount": 20, "channel_name": "call-centre"}) == (0.2, 0.25)
+    assert rewarded(chain, {"amount": 20}, channel="call-centre") == (0.2, 0.25)
     assert rewarded(chain, {}, reward=0.75) == (0.75, 1.0)  # no amount: the reward it had
     assert rewarded(chain, {"amount": "20"}, reward=0.75) == (0.75, 1.0)

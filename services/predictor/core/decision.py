@@ -554,6 +554,7 @@ class DecisionEngine:
                     accepted,
                     reward,
                     request.payload,
+                    request.channel_name,
                     json.loads(contact.get("context", "{}")),
                     contact["segment"],
                 )
