@@ -477,9 +477,17 @@ def test_a_plugin_package_installed_and_upgraded_while_serving_is_used_without_a
     live.wait_revision([one], 2)
     assert offered(live, one) == (["plan-a"], [])
     reported = live.wait_status(["predictor-1"], lambda s: s.applied_revision == 2, "predictor-1 ACKed 2")
-    assert reported["predictor-1"].plugins["drop_plan"] == "1.1"  # what it runs now, as its Ack says
+    assert reported["predictor-1"].plugins["drop_plan"] == "1.1"  # installed, as its last Ack says
     assert reported["predictor-1"].plugins["exclude_offers"] == "builtin"
     assert one.popen is not None
+    assert one.popen.pid == pid
+
+    # Upgraded again with the spec unchanged (no new revision): a refresh binds it again.
+    install_plugin_package(site, "1.2", DROP_PLAN.replace("DROPPED", "none"), {"drop_plan": "DropPlan"})
+    live.admin(lambda stub: stub.Refresh(config_pb2.RefreshRequest()))
+    live.wait(
+        lambda: offered(live, one, count=2)[0] == ["plan-a", "plan-b"], "predictor-1 runs drop_plan 1.2"
+    )
     assert one.popen.pid == pid
 
     # A plugin that raises is skipped for that request (on_error: skip, the default), with a warning.

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,7 @@ from services.config.server import build_server as build_config
 from tests.conftest import ApiKeys
 from tests.grpc.conftest import SERVICES_UNDER_TEST, target
 from tests.grpc.probe_service import status_of
+from tests.plugin_packages import install_plugin_package
 from tests.polling import eventually
 
 pytestmark = pytest.mark.timeout(60)
@@ -989,3 +992,47 @@ async def test_a_follower_stops_promptly_while_the_service_is_away(
     # (wait_for alone would not show a hang: stop() swallows the cancel wait_for sends it.)
     await asyncio.wait_for(replica.follower.stop(), 10)
     assert loop.time() - asked < 2
+
+
+async def test_a_rollback_to_a_spec_whose_plugin_is_gone_is_refused(
+    config: ConfigUnderTest, tmp_path: Path
+) -> None:
+    """Publish checks a spec's plugins against the installed ones; so does a rollback, since the
+    package may have been removed since the spec was stored."""
+    site = tmp_path / "site"
+    site.mkdir()
+    body = """
+        from typing import ClassVar
+        from libs.common.deployment_spec import PluginStage
+        from libs.policy.plugins import PluginParams
+
+        class KeepAll:
+            stage: ClassVar[PluginStage] = PluginStage.PRE_SCORE
+            Params = PluginParams
+
+            def __init__(self, params):
+                pass
+
+            def pre_score(self, request):
+                return list(request.offers)
+    """
+    install_plugin_package(site, "1.0", body, {"keep_all": "KeepAll"}, module="acme_rollback")
+    sys.path.insert(0, str(site))
+    try:
+        plugged = {
+            "name": "offers",
+            "offers": [{"id": "a"}],
+            "plugins": [{"name": "keep_all", "stage": "pre_score"}],
+        }
+        first = await config.admin.Publish(config_pb2.PublishRequest(spec_text=json.dumps(plugged)))
+        await config.admin.Publish(config_pb2.PublishRequest(spec_text=spec_text("offers")))
+        for info in site.glob("acme_plugins-*.dist-info"):
+            shutil.rmtree(info)  # uninstalled
+        code, details = await status_of(
+            config.admin.Rollback(config_pb2.RollbackRequest(deployment="offers", to_revision=first.revision))
+        )
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert details.startswith("plugins[0].name: unknown plugin 'keep_all'"), details
+        assert (await config.admin.List(config_pb2.ListRequest())).head_revision == 2  # nothing stored
+    finally:
+        sys.path.remove(str(site))

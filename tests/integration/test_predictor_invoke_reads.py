@@ -152,6 +152,14 @@ async def test_a_whitelist_is_read_in_the_first_round_trip_and_limits_the_offers
         "o4",
     ]
 
+    await counting.hset(redis_keys.online_features(view, "garbled"), mapping={"offers": "['o1', 'o2']"})
+    garbled = await engine.invoke(request("garbled"), config)
+    assert garbled.offers == []
+    assert any(
+        "the whitelist for 'garbled'" in warning and "names no offer" in warning
+        for warning in garbled.warnings
+    )
+
     unlisted = await engine.invoke(request("nobody"), config)
     assert len(unlisted.offers) == 5
     assert any("no whitelist for 'nobody'" in warning for warning in unlisted.warnings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from typing import Any, Literal
@@ -134,6 +135,13 @@ class ConfigService:
         self, deployment: str, to_revision: int, *, author: str, message: str = "", dry_run: bool = False
     ) -> ChangeResult:
         _require_name(deployment)
+        try:
+            target, _ = await self.get(deployment, to_revision)
+        except LiveloopError:
+            target = None  # the rollback itself names what is wrong
+        if target is not None and target.revision == to_revision and target.spec_json:
+            # What Publish checks that can change after a spec was stored: its plugins are installed.
+            bind_plugins(deployment_spec_from_mapping(json.loads(target.spec_json)).plugins)
         result = await asyncio.to_thread(
             self.store.rollback, deployment, to_revision, author=author, message=message, dry_run=dry_run
         )

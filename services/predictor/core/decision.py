@@ -395,10 +395,18 @@ class DecisionEngine:
         allowed = None
         if whitelist is not None:
             allowed = _whitelisted(listed, whitelist.when_missing)
+            entity = _entity(request, whitelist.key)
             if listed is None:
                 warnings.append(
-                    f"no whitelist for '{_entity(request, whitelist.key)}' in '{whitelist.feature_view}': "
+                    f"no whitelist for '{entity}' in '{whitelist.feature_view}': "
                     + ("every offer stays eligible" if allowed is None else "no offer is eligible")
+                )
+            elif allowed is not None and not any(
+                offer.id in allowed or offer.name in allowed for offer in spec.offers
+            ):  # a list in another form than ids or names, comma-separated or JSON
+                warnings.append(
+                    f"the whitelist for '{entity}' in '{whitelist.feature_view}' names no offer of "
+                    f"'{spec.name}': {_text(listed)[:120]!r}"
                 )
         eligible = prepared.eligible(
             context, params, customer=request.customer, features=features, skips=skips, allowed=allowed
