@@ -13,13 +13,14 @@ from libs.stack.processes import start_process, stop_processes, wait_exited, wai
 
 pytestmark = pytest.mark.timeout(60)
 
-SLEEPER = [sys.executable, "-c", "import time\nwhile True: time.sleep(0.1)"]
+# Waits for a signal (SIGTERM ends it) and does nothing else.
+SLEEPER = [sys.executable, "-c", "import signal\nsignal.pause()"]
 # Ignores SIGTERM; says so on its output once it does, so the test knows the handler is set.
 STUBBORN = [
     sys.executable,
     "-c",
-    "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\n"
-    "while True: time.sleep(0.1)",
+    "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\n"
+    "while True: signal.pause()",
 ]
 
 
