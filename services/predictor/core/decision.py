@@ -248,6 +248,7 @@ class DecisionEngine:
         now = self.options.now()
         if prepared.has_budgets:  # offers this replica knows to be used up this period
             eligible = self._within_budget(spec.name, eligible, now, warnings)
+        ranking_skips: list[PluginSkip] = []  # the post-score plugins skipped by the last ranking
 
         def nothing_eligible() -> Decision:
             return Decision(
@@ -259,7 +260,11 @@ class DecisionEngine:
                 context.segment,
                 context.values,
                 [],
-                [*warnings, *_skipped(spec.name, skips), "no offer is eligible for this customer"],
+                [
+                    *warnings,
+                    *_skipped(spec.name, [*skips, *ranking_skips]),
+                    "no offer is eligible for this customer",
+                ],
             )
 
         if not eligible:
@@ -269,6 +274,7 @@ class DecisionEngine:
             count = len(eligible)
 
         def ranked() -> Choice:
+            ranking_skips.clear()
             return prepared.choose(
                 plan,
                 eligible,
@@ -279,7 +285,7 @@ class DecisionEngine:
                 features=features,
                 params=params,
                 customer=request.customer,
-                skips=skips,
+                skips=ranking_skips,
             )
 
         choice = ranked()
@@ -289,7 +295,7 @@ class DecisionEngine:
             if not eligible:
                 return nothing_eligible()
             choice = ranked()
-        warnings += _skipped(spec.name, skips)
+        warnings += _skipped(spec.name, [*skips, *ranking_skips])
         if choice.model_inputs_missing:
             warnings.append(
                 f"model {plan.model_ref} has no value for {', '.join(choice.model_inputs_missing)}: "
