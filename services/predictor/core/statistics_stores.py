@@ -129,6 +129,14 @@ redis.call('HSET', KEYS[1], 'b', cjson.encode(b))
 return 1
 """
 
+# KEYS[1] = naive Bayes counts of one deployment. ARGV: amount, field_1..field_k. One script per
+# request, so another replica never reads a request's impressions (or rewards) half counted.
+ADD_COUNTS = """
+local amount = ARGV[1]
+for i = 2, #ARGV do redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], amount) end
+return 1
+"""
+
 
 @dataclass(frozen=True)
 class Scope:
@@ -355,8 +363,7 @@ class NaiveBayesCounts:
         now: float,
     ) -> None:
         categorical = {k: v for k, v in context.values.items() if isinstance(v, str)}
-        for offer in shown:
-            self._queue_counts(pipeline, scope, offer, categorical, "n", 1.0)
+        self._queue_counts(pipeline, scope, shown, categorical, "n", 1.0)
 
     def queue_rewards(
         self,
@@ -369,18 +376,27 @@ class NaiveBayesCounts:
         now: float,
     ) -> bool:
         categorical = json.loads(contact.get("context", "{}"))
-        for offer in offers:
-            self._queue_counts(pipeline, scope, offer, categorical, "s", reward)
+        self._queue_counts(pipeline, scope, offers, categorical, "s", reward)
         return True
 
     @staticmethod
     def _queue_counts(
-        pipeline: Any, scope: Scope, offer: str, context: Mapping[str, str], field: str, amount: float
+        pipeline: Any,
+        scope: Scope,
+        offers: Sequence[str],
+        context: Mapping[str, str],
+        field: str,
+        amount: float,
     ) -> None:
+        if not offers:
+            return
+        fields = [
+            name
+            for offer in offers
+            for name in (f"{offer}|{field}", *(f"{offer}|{k}={v}|{field}" for k, v in context.items()))
+        ]
         key = redis_keys.naive_bayes_counts(scope.deployment, scope.generation)
-        pipeline.hincrbyfloat(key, f"{offer}|{field}", amount)
-        for name, value in context.items():
-            pipeline.hincrbyfloat(key, f"{offer}|{name}={value}|{field}", amount)
+        queue_script(pipeline, ADD_COUNTS, [key], [repr(float(amount)), *fields])
 
 
 class LinearModels:
