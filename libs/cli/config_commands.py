@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from libs.cli.corpus_files import resolve_corpus_files
 from libs.cli.output import (
     JsonFlag,
     StateDir,
@@ -35,6 +36,7 @@ from libs.cli.output import (
 )
 from libs.common.client import open_blocking_channel
 from libs.common.deployment_spec import spec_diff
+from libs.common.errors import InvalidArgument
 from libs.common.paging import MAX_PAGE_SIZE
 from libs.common.settings import ClientSettings
 from libs.protos.liveloop.common.v1 import common_pb2
@@ -150,6 +152,12 @@ def _read_spec(file: Path) -> tuple[str, config_pb2.SpecFormat]:
         fail(f"{file} is not UTF-8 text")
     except OSError as exc:
         fail(f"cannot read {file}: {exc.strerror}")
+    try:
+        resolved = resolve_corpus_files(text, file)
+    except InvalidArgument as error:
+        fail(f"{file}: {error}")
+    if resolved is not None:  # corpora read from their files: the rows travel in the spec
+        return resolved, config_pb2.SPEC_FORMAT_JSON
     return text, _FORMATS.get(file.suffix.lower(), config_pb2.SPEC_FORMAT_UNSPECIFIED)
 
 

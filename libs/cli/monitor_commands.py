@@ -22,6 +22,7 @@ from libs.cli.output import (
     TargetOption,
     console,
     emit_json,
+    errors,
     fail,
     front_door,
     front_door_tls,
@@ -208,6 +209,46 @@ def drift(
             str(row.current_count),
         )
     console.print(table)
+
+
+@monitor_app.command()
+def shadow(
+    deployment: Annotated[str, typer.Argument(help="Live deployment whose shadow to compare")],
+    window: WindowOption = None,
+    state_dir: StateDir = None,
+    target: TargetOption = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """The shadow's decisions against the live ones on the same requests: agreement, estimated value."""
+    request = monitor_pb2.CompareShadowRequest(deployment=deployment, window=parse_window(window))
+    reply = _call(state_dir, target, "CompareShadow", lambda stub: stub.CompareShadow(request))
+    if as_json:
+        emit_json(plain(reply))
+        return
+    if not reply.shadows:
+        console.print(f"{escape(deployment)}: no shadow decisions logged in the window")
+        return
+    for row in reply.shadows:
+        agreed = f"{row.agreed_value:.4f}" if row.HasField("agreed_value") else "n/a"
+        console.print(
+            f"[bold]{escape(row.shadow)}[/bold] shadowing [bold]{escape(deployment)}[/bold]: "
+            f"{row.compared} of {row.live_decisions} live decisions compared "
+            f"({row.not_comparable} not comparable), same first offer {_percent(row.agreement)}; "
+            f"live value {row.live_value:.4f} per decision, {agreed} where they agreed"
+        )
+        table = Table(title=f"estimated value of {row.shadow} per decision")
+        for column in ("estimator", "value", "interval", "lift"):
+            table.add_column(column)
+        for estimate in row.estimates:
+            table.add_row(
+                monitor_pb2.Estimator.Name(estimate.estimator).removeprefix("ESTIMATOR_").lower(),
+                f"{estimate.value:.4f}",
+                f"[{estimate.lower:.4f}, {estimate.upper:.4f}]",
+                f"{estimate.lift:+.4f}",
+            )
+        console.print(table)
+        for reason in row.refused:
+            errors.print(f"[yellow]refused:[/yellow] {escape(reason)}", soft_wrap=True)
 
 
 @monitor_app.command()

@@ -88,7 +88,19 @@ class Contact:
     # before these fields existed read back empty).
     subcampaign: str = ""
     userid: str = ""
+    # A shadow decision (the live deployment names this one as its `shadow`): computed for the live
+    # contact `shadow_of` of deployment `live_deployment`, logged, never served or learned from.
+    shadow_of: str = ""
+    live_deployment: str = ""
+    # A routed decision: the routing deployment that chose this deployment, and the probability it
+    # did (1 for a switch); the whole decision's propensity is this times the shown offer's.
+    routed_by: str = ""
+    route_propensity: float = 1.0
     schema_version: int = SCHEMA_VERSION
+
+    @property
+    def is_shadow(self) -> bool:
+        return bool(self.shadow_of)
 
     def first_slot_propensities(self) -> list[float]:
         """Per eligible offer, P(the logging policy shows it first)."""
@@ -130,6 +142,12 @@ class Contact:
             "subcampaign": self.subcampaign,
             "userid": self.userid,
         }
+        if self.shadow_of:
+            body["shadow_of"] = self.shadow_of
+            body["live_deployment"] = self.live_deployment
+        if self.routed_by:
+            body["routed_by"] = self.routed_by
+            body["route_propensity"] = self.route_propensity
         return _entry("contact", self.uuid, body)
 
 
@@ -320,6 +338,10 @@ def _contact(uuid: str, body: Mapping[str, Any]) -> Contact:
         latency_ms=float(body["latency_ms"]),
         subcampaign=str(body.get("subcampaign", "")),
         userid=str(body.get("userid", "")),
+        shadow_of=str(body.get("shadow_of", "")),
+        live_deployment=str(body.get("live_deployment", "")),
+        routed_by=str(body.get("routed_by", "")),
+        route_propensity=_probability(body.get("route_propensity", 1.0)),
     )
 
 
@@ -346,6 +368,13 @@ def _response(uuid: str, body: Mapping[str, Any]) -> Response:
         latency_ms=float(body.get("latency_ms", 0.0)),
         learning_weight=_finite_number(body.get("learning_weight", 1.0)),
     )
+
+
+def _probability(value: Any) -> float:
+    number = float(value)
+    if not 0.0 < number <= 1.0:
+        raise ValueError(f"{value!r} is not a probability in (0, 1]")
+    return number
 
 
 def _finite_number(value: Any) -> float:

@@ -288,6 +288,54 @@ class ModelSelector(SpecModel):
     models: dict[str, ModelBinding] = Field(min_length=1, max_length=1000, description="Value -> model")
 
 
+class Routing(SpecModel):
+    """This deployment routes each request to one of the deployments its offers name (an offer's id
+    is the name of a deployment served beside it): by a context variable's value (`switch`), or by
+    its own ranking of them (`ranking`, which learns from the responses which one serves best)."""
+
+    by: Literal["switch", "ranking"]
+    variable: str | None = Field(
+        None, pattern=IDENTIFIER_PATTERN, description="switch: the categorical context variable switched on"
+    )
+    routes: dict[str, str] = Field(
+        default_factory=dict, max_length=1000, description="switch: value -> offer id (deployment)"
+    )
+    default: str | None = Field(
+        None, description="switch: the offer id of any other value (else the first offer)"
+    )
+
+
+MAX_CORPUS_ROWS = 100_000
+
+
+class Corpus(SpecModel):
+    """A named lookup table the deployment's plugins read (`request.corpora[name][key]`), versioned
+    with the revision: its rows are part of the spec (`liveloop config publish` reads a `file:`
+    beside the spec into rows, CSV or JSON)."""
+
+    key: str = Field(min_length=1, max_length=100, description="The column a row is looked up by")
+    rows: list[dict[str, Scalar | None]] = Field(default_factory=list, max_length=MAX_CORPUS_ROWS)
+    source: str = Field("", max_length=500, description="Where the rows came from (set by the CLI)")
+    file: str | None = Field(None, description="Read into rows by `liveloop config publish`")
+
+    @model_validator(mode="after")
+    def _keys_unique(self) -> Corpus:
+        if self.file is not None:
+            raise ValueError(
+                f"file: '{self.file}' is read by `liveloop config publish`, which sends its rows; send rows"
+            )
+        seen: set[str] = set()
+        for index, row in enumerate(self.rows):
+            value = row.get(self.key)
+            if value is None or value == "":
+                raise ValueError(f"rows[{index}]: no value for the key column '{self.key}'")
+            text = str(value)
+            if text in seen:
+                raise ValueError(f"rows[{index}]: key '{text}' repeats")
+            seen.add(text)
+        return self
+
+
 class Variant(SpecModel):
     """An experiment arm: a share of customers (sticky) served with overrides."""
 
@@ -340,6 +388,13 @@ class DeploymentSpec(SpecModel):
     variants: list[Variant] = Field(default_factory=list)
     reward: RewardSettings = Field(default_factory=RewardSettings)
     publish_gate: PublishGate = Field(default_factory=PublishGate)
+    shadow: str | None = Field(
+        None,
+        pattern=DEPLOYMENT_NAME_PATTERN,
+        description="A deployment whose decision is computed and logged for every request, never served",
+    )
+    routing: Routing | None = None
+    corpora: dict[str, Corpus] = Field(default_factory=dict, max_length=100)
 
     @field_validator("campaigns")
     @classmethod
@@ -404,6 +459,13 @@ class DeploymentSpec(SpecModel):
                 raise ValueError(
                     f"model_selector.variable: '{self.model_selector.variable}' must be a categorical context variable"
                 )
+        if self.shadow is not None and self.shadow == self.name:
+            raise ValueError("shadow: a deployment cannot shadow itself")
+        if self.routing is not None:
+            self._check_routing(self.routing)
+        for name in self.corpora:
+            if not re.fullmatch(IDENTIFIER_PATTERN, name):
+                raise ValueError(f"corpora.{name}: a corpus name is a letter or _ then letters, digits or _")
         if _needs_model(self.algorithm) and self.model is None:
             raise ValueError(f"model: {_needs_model(self.algorithm)} needs a model binding")
         for index, variant in enumerate(self.variants):
@@ -411,6 +473,40 @@ class DeploymentSpec(SpecModel):
             if needs and variant.model is None and self.model is None:
                 raise ValueError(f"variants[{index}].model: {needs} needs a model binding")
         return self
+
+    def _check_routing(self, routing: Routing) -> None:
+        for index, offer in enumerate(self.offers):
+            if not re.fullmatch(DEPLOYMENT_NAME_PATTERN, offer.id) or offer.id == self.name:
+                raise ValueError(
+                    f"offers[{index}].id: a routing deployment's offers name the deployments it routes to; "
+                    f"'{offer.id}' is not another deployment's name"
+                )
+        if self.shadow is not None:
+            raise ValueError(
+                "shadow: a routing deployment has no shadow; name it on the deployments it routes to"
+            )
+        ids = {offer.id for offer in self.offers}
+        if routing.by == "switch":
+            variable = next((v for v in self.context_variables if v.name == routing.variable), None)
+            if variable is None or variable.kind is not VariableKind.CATEGORICAL:
+                raise ValueError(
+                    f"routing.variable: a switch needs a categorical context variable, not {routing.variable!r}"
+                )
+            for value, target in routing.routes.items():
+                if target not in ids:
+                    raise ValueError(f"routing.routes.{value}: '{target}' is not an offer of this deployment")
+            if routing.default is not None and routing.default not in ids:
+                raise ValueError(f"routing.default: '{routing.default}' is not an offer of this deployment")
+        else:
+            if routing.variable is not None or routing.routes or routing.default is not None:
+                raise ValueError("routing: variable, routes and default belong to `by: switch`")
+            for where, algorithm in [("algorithm", self.algorithm)] + [
+                (f"variants[{i}].algorithm", v.algorithm) for i, v in enumerate(self.variants) if v.algorithm
+            ]:
+                if algorithm.approach not in ("thompson", "epsilon_greedy"):
+                    raise ValueError(
+                        f"{where}: a ranking router learns per deployment, with thompson or epsilon_greedy"
+                    )
 
     def model_bindings(self) -> list[ModelBinding]:
         """Every model version the spec binds: the deployment's, its variants', its selector's."""

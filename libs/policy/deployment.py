@@ -22,7 +22,7 @@ from libs.common.errors import InvalidArgument
 from libs.policy.context import Context, segment_reads_features
 from libs.policy.eligibility import EligibilityRules
 from libs.policy.models import LoadedModel
-from libs.policy.plugins import PluginChain, PluginSkip, bind_plugins
+from libs.policy.plugins import PluginChain, PluginSkip, bind_plugins, corpora_of
 from libs.policy.ranking import FirstSlotCounts, rank
 from libs.policy.scorers import Scorer, build_scorer
 from libs.policy.statistics import ArmPolicy, Statistics
@@ -169,7 +169,7 @@ class PreparedDeployment:
             variant_weights=tuple((v.name, v.weight) for v in spec.variants),
             offers_by_id={o.id: o for o in spec.offers},
             offers_by_name={o.name: o for o in spec.offers},
-            plugins=bind_plugins(spec.plugins),
+            plugins=bind_plugins(spec.plugins, corpora=corpora_of(spec.corpora)),
             models=loaded,
             segment_reads_features=segment_reads_features(spec),
             rules=EligibilityRules(spec.offers),

@@ -46,11 +46,13 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from libs.common.deployment_spec import Corpus as CorpusSpec
 from libs.common.deployment_spec import Offer, PluginErrorPolicy, PluginRef, PluginStage
 from libs.common.errors import FailedPrecondition, InvalidArgument
 from libs.policy.context import Context
@@ -70,6 +72,21 @@ class NoParams(PluginParams):
     pass
 
 
+# A deployment's corpora (its spec's `corpora`): name -> key -> row. Read-only.
+Corpora = Mapping[str, Mapping[str, Mapping[str, Any]]]
+NO_CORPORA: Corpora = MappingProxyType({})
+
+
+def corpora_of(spec_corpora: Mapping[str, CorpusSpec]) -> Corpora:
+    """The spec's corpora indexed by their key column's value (as text), read-only."""
+    return MappingProxyType(
+        {
+            name: MappingProxyType({str(row[corpus.key]): MappingProxyType(dict(row)) for row in corpus.rows})
+            for name, corpus in spec_corpora.items()
+        }
+    )
+
+
 @dataclass(frozen=True)
 class PreScoreInput:
     deployment: str
@@ -78,6 +95,7 @@ class PreScoreInput:
     context: Mapping[str, str | float]  # every context variable
     params: Mapping[str, Any]  # the request's params
     features: Mapping[str, Any]  # the customer's online features
+    corpora: Corpora = field(default_factory=lambda: NO_CORPORA)  # name -> key -> row
 
 
 @dataclass(frozen=True)
@@ -87,6 +105,7 @@ class PostScoreInput:
     offers: Sequence[Offer]  # eligible, in the order the factors are wanted
     context: Mapping[str, str | float]
     params: Mapping[str, Any]
+    corpora: Corpora = field(default_factory=lambda: NO_CORPORA)
 
 
 @dataclass(frozen=True)
@@ -105,6 +124,7 @@ class RewardInput:
     channel: str  # the channel the response came through (Respond's channel_name)
     context: Mapping[str, str]  # the contact's categorical context
     segment: str
+    corpora: Corpora = field(default_factory=lambda: NO_CORPORA)
 
 
 @dataclass(frozen=True)
@@ -280,6 +300,7 @@ class PluginChain:
     pre_score: list[BoundPlugin] = field(default_factory=list)
     post_score: list[BoundPlugin] = field(default_factory=list)
     reward: list[BoundPlugin] = field(default_factory=list)
+    corpora: Corpora = field(default_factory=lambda: NO_CORPORA)  # what the plugins may read
 
     def is_current(self) -> bool:
         """Whether every installed plugin of the chain is still at the version it was bound from
@@ -301,7 +322,9 @@ class PluginChain:
         skips: list[PluginSkip],
     ) -> list[Offer]:
         for plugin in self.pre_score:
-            request = PreScoreInput(deployment, customer, tuple(offers), context.values, params, features)
+            request = PreScoreInput(
+                deployment, customer, tuple(offers), context.values, params, features, self.corpora
+            )
             kept = plugin.run(request, _offers_within(offers), skips)
             if kept is not None:
                 offers = kept
@@ -319,7 +342,9 @@ class PluginChain:
         """The product of every post-score plugin's factors, and the tightest category cap."""
         factors, limit = np.ones(len(offers)), None
         for plugin in self.post_score:
-            request = PostScoreInput(deployment, customer, tuple(offers), context.values, params)
+            request = PostScoreInput(
+                deployment, customer, tuple(offers), context.values, params, self.corpora
+            )
             result = plugin.run(request, _post_score_of(len(offers)), skips)
             if result is None:
                 continue
@@ -338,7 +363,9 @@ class PluginChain:
         reward, weight = request.reward, 1.0
         for plugin in self.reward:
             result = plugin.run(
-                dataclasses.replace(request, reward=reward), _reward_of(takes_negative, weight), skips
+                dataclasses.replace(request, reward=reward, corpora=self.corpora),
+                _reward_of(takes_negative, weight),
+                skips,
             )
             if result is not None:
                 reward, weight = result[0], weight * result[1]
@@ -403,7 +430,9 @@ def _post_score_of(count: int) -> Callable[[Any], tuple[np.ndarray | None, int |
 
 
 def bind_plugins(
-    plugins: Sequence[PluginRef], installed: Mapping[str, InstalledPlugin] | None = None
+    plugins: Sequence[PluginRef],
+    installed: Mapping[str, InstalledPlugin] | None = None,
+    corpora: Corpora = NO_CORPORA,
 ) -> PluginChain:
     """The spec's plugins, each validated and bound to its parameters; InvalidArgument naming the
     field (`plugins[i].name`, `plugins[i].stage`, `plugins[i].params.<field>`) for a plugin that is
@@ -412,7 +441,7 @@ def bind_plugins(
         builtin = _builtin()
         # Looking through the installed packages takes about 10-20 ms: only for plugins of others.
         installed = builtin if all(ref.name in builtin for ref in plugins) else installed_plugins()
-    chain = PluginChain()
+    chain = PluginChain(corpora=corpora)
     for index, ref in enumerate(plugins):
         where = f"plugins[{index}]"
         plugin = installed.get(ref.name)

@@ -12,6 +12,7 @@ from libs.common.distribution_drift import DistributionDrift
 from libs.common.errors import InvalidArgument
 from libs.protos.liveloop.common.v1 import common_pb2
 from libs.protos.liveloop.monitor.v1 import monitor_pb2, monitor_pb2_grpc
+from services.monitor.core.estimators import PolicyValueEstimate
 from services.monitor.core.monitor_service import MonitorService
 from services.monitor.core.policy_evaluation import EvaluationRequest
 from services.monitor.core.summaries import UptakeRow
@@ -45,6 +46,17 @@ def _uptake(row: UptakeRow, variant: bool = False) -> monitor_pb2.UptakeRow:
         uptake_rate=row.uptake_rate,
         reward_sum=row.reward_sum,
         explored_impressions=row.explored_impressions,
+    )
+
+
+def _estimate(estimate: PolicyValueEstimate) -> monitor_pb2.PolicyEstimate:
+    return monitor_pb2.PolicyEstimate(
+        estimator=_ESTIMATOR_VALUES[estimate.estimator],
+        value=estimate.value,
+        lower=estimate.lower,
+        upper=estimate.upper,
+        std_error=estimate.std_error,
+        lift=estimate.lift,
     )
 
 
@@ -171,14 +183,7 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
             usable_decisions=result.usable_decisions,
             logged_value=result.logged_value or 0.0,
             estimates=[
-                monitor_pb2.PolicyEstimate(
-                    estimator=_ESTIMATOR_VALUES[estimate.estimator],
-                    value=estimate.value,
-                    lower=estimate.lower,
-                    upper=estimate.upper,
-                    std_error=estimate.std_error,
-                    lift=estimate.lift,
-                )
+                _estimate(estimate)
                 for estimate in result.estimates.values()
                 if estimate.estimator in _ESTIMATOR_VALUES
             ],
@@ -189,6 +194,35 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
             notes=evaluation.notes,
             unsupported_mass=result.unsupported_mass,
             refused=[f"{name}: {reason}" for name, reason in result.refused.items()],
+        )
+
+    async def CompareShadow(
+        self, request: monitor_pb2.CompareShadowRequest, context: Any
+    ) -> monitor_pb2.CompareShadowResponse:
+        window, comparisons = await self._service.compare_shadow(
+            request.deployment,
+            _seconds(request.window, request.HasField("window")),
+            _seconds(request.end_time, request.HasField("end_time")),
+        )
+        return monitor_pb2.CompareShadowResponse(
+            deployment=request.deployment,
+            window_start=_timestamp(window.start),
+            window_end=_timestamp(window.end),
+            shadows=[
+                monitor_pb2.ShadowComparison(
+                    shadow=row.shadow,
+                    live_decisions=row.live_decisions,
+                    compared=row.compared,
+                    not_comparable=row.not_comparable,
+                    agreement=row.agreement,
+                    live_value=row.live_value,
+                    agreed_value=row.agreed_value,
+                    estimates=[_estimate(estimate) for estimate in row.estimates.values()],
+                    refused=[f"{name}: {reason}" for name, reason in row.refused.items()],
+                    notes=row.notes,
+                )
+                for row in comparisons
+            ],
         )
 
     async def ListAlerts(

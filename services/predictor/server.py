@@ -150,7 +150,7 @@ async def build_server(settings: PredictorSettings) -> RunningServer:
         method_roles=METHOD_ROLES,
         descriptors=(predictor_pb2.DESCRIPTOR, grpc_predict_v2_pb2.DESCRIPTOR),
         serving_at_start=False,
-        on_stop=[follower.stop, stop_update_feed, redis.aclose],
+        on_stop=[follower.stop, stop_update_feed, redis.aclose, engine.drain_shadows],  # drained first
     )
     running = await start_server(definition, settings)
     update_feed = asyncio.create_task(options.follow_updates(), name="arm-update-feed")

@@ -172,6 +172,7 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServiceServicer):
             replica_id=self._replica.replica_id,
             warnings=decision.warnings,
             model=decision.model,
+            routed_by=decision.routed_by,
         )
 
     async def Respond(

@@ -24,6 +24,7 @@ from libs.protos.liveloop.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 from libs.stack.credentials import ensure_credentials
 from libs.stack.processes import wait_until
 from tests.e2e.conftest import LocalStack
+from tests.e2e.test_predictor_rest import post
 from tests.trainer_datasets import OFFERS, take_up_rows, write_csv
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -193,6 +194,49 @@ def run(stack: LocalStack, tmp_path: Path) -> None:
     models = json.loads(listed.stdout)["models"]
     assert models[0]["name"] == "take-up"
     assert models[0]["deployments"] == [{"name": "telco", "revision": "1"}]
+    select_model_per_region(stack, spec_file, document)
+
+
+def select_model_per_region(stack: LocalStack, spec_file: Path, document: dict[str, object]) -> None:
+    """The model selector activator: a second version trained, bound for region north only; each
+    request is scored (and logged) with the model its region selects, over gRPC and REST."""
+    spec_file.write_text(yaml.safe_dump({**SPEC, "seed": 2}))
+    trained = stack.cli("train", str(spec_file), "--json", timeout=180)
+    assert trained.returncode == 0, trained.stderr
+    assert json.loads(trained.stdout)["model"] == {"name": "take-up", "version": "2"}
+    credentials = stack.credentials()
+    selecting = {
+        **document,
+        "algorithm": {"approach": "model"},
+        "model": {"name": "take-up", "version": 1},
+        "model_selector": {"variable": "region", "models": {"north": {"name": "take-up", "version": 2}}},
+    }
+    with open_blocking_channel(
+        stack.front_door, api_key=credentials["admin"], deadline_seconds=10
+    ) as channel:
+        config = config_pb2_grpc.ConfigServiceStub(channel)
+        revision = config.Publish(config_pb2.PublishRequest(spec_text=json.dumps(selecting))).revision
+
+        def both_applied() -> bool:
+            replicas = config.ReplicaStatus(config_pb2.ReplicaStatusRequest()).replicas
+            return len(replicas) == 2 and all(r.applied_revision >= revision for r in replicas)
+
+        assert wait_until(both_applied, timeout=30), "the replicas did not apply the selector"
+    with open_blocking_channel(
+        stack.front_door, api_key=credentials["invoke"], deadline_seconds=10
+    ) as channel:
+        predictor = predictor_pb2_grpc.PredictorServiceStub(channel)
+        for region, model in (("north", "take-up:2"), ("south", "take-up:1"), ("north", "take-up:2")):
+            params = _params({"age": 30, "tenure_months": 24, "region": region})
+            reply = predictor.Invoke(
+                predictor_pb2.InvokeRequest(campaign="telco", customer="c1", params=params)
+            )
+            assert reply.model == model
+    for region, model in (("north", "take-up:2"), ("east", "take-up:1")):
+        payload = {"campaign": "telco", "customer": "c2", "params": json.dumps({"age": 50, "region": region})}
+        status, body = post(stack, "/invocations", payload)
+        assert status == 200, body
+        assert body["model"] == model
 
 
 def _params(values: dict[str, object]) -> object:

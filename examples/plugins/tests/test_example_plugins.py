@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from libs.common.deployment_spec import Offer, PluginRef
+from libs.common.deployment_spec import Corpus, Offer, PluginRef
 from libs.common.errors import InvalidArgument
 from libs.policy.context import Context
-from libs.policy.plugins import PluginChain, RewardInput, bind_plugins, installed_plugins
+from libs.policy.plugins import PluginChain, RewardInput, bind_plugins, corpora_of, installed_plugins
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -35,6 +35,7 @@ def test_all_three_are_installed_from_this_package() -> None:
         ("hide_categories", "pre_score"),
         ("loyalty_boost", "post_score"),
         ("amount_reward", "reward"),
+        ("catalog_margin", "post_score"),
     ):
         assert installed[name].distribution == "liveloop-example-plugins"
         assert installed[name].stage.value == stage
@@ -116,3 +117,25 @@ def test_amount_reward_scales_and_caps_the_amount_and_weighs_by_channel() -> Non
     assert rewarded(chain, {"amount": 20}, channel="call-centre") == (0.2, 0.25)
     assert rewarded(chain, {}, reward=0.75) == (0.75, 1.0)  # no amount: the reward it had
     assert rewarded(chain, {"amount": "20"}, reward=0.75) == (0.75, 1.0)
+
+
+def test_catalog_margin_weighs_offers_by_the_corpus_the_deployment_names() -> None:
+    corpora = corpora_of(
+        {
+            "catalog": Corpus(
+                key="offer", rows=[{"offer": "gold-data", "margin": 4.0}, {"offer": "roam-eu", "margin": 0.5}]
+            )
+        }
+    )
+    plugin = PluginRef.model_validate(
+        {"name": "catalog_margin", "stage": "post_score", "params": {"missing": 2}}
+    )
+    chain = bind_plugins([plugin], corpora=corpora)
+    factors, _ = chain.post_score_factors("d", "c", OFFERS, context(), {}, [])
+    assert factors.tolist() == [4.0, 2.0, 0.5]  # basic-data is not in the catalog
+
+    skips: list[Any] = []
+    without = bind_plugins([plugin])  # a deployment without the corpus: skipped, with the reason
+    assert without.post_score_factors("d", "c", OFFERS, context(), {}, skips)[0].tolist() == [1.0, 1.0, 1.0]
+    assert [(skip.plugin, skip.reason) for skip in skips] == [("catalog_margin", "error")]
+    assert "no corpus 'catalog'" in skips[0].detail

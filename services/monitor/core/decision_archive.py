@@ -1,7 +1,8 @@
 """The raw decision log, kept for offline evaluation and drift: hourly Parquet partitions per
 deployment, bounded by a retention in hours.
 
-Layout: `<root>/<contacts|responses>/deployment=<name>/hour=<YYYYMMDDHH>/*.parquet`. Each consumed
+Layout: `<root>/<contacts|responses|shadows>/deployment=<name>/hour=<YYYYMMDDHH>/*.parquet` (shadow
+decisions under the live deployment they shadowed). Each consumed
 batch adds one `part-*.parquet` file per partition it touches (written to a temporary name and
 renamed, so a reader never sees half a file); once a partition holds COMPACT_AFTER_FILES parts they
 are merged into one `compact-*.parquet`. A batch that is retried after a failure may be written
@@ -65,8 +66,14 @@ CONTACT_SCHEMA = pa.schema(
         ("explore", pa.bool_()),
         ("model", pa.string()),
         ("latency_ms", pa.float64()),
+        ("routed_by", pa.string()),  # null in files written before routing
+        ("route_propensity", pa.float64()),
     ]
 )
+
+# Shadow decisions, under the live deployment they shadowed (`<root>/shadows/deployment=<live>/...`):
+# a contact row of the shadow deployment (`shadow`), for the live contact `shadow_of`.
+SHADOW_SCHEMA = pa.schema([*CONTACT_SCHEMA, ("shadow", pa.string()), ("shadow_of", pa.string())])
 
 RESPONSE_SCHEMA = pa.schema(
     [
@@ -90,6 +97,9 @@ RESPONSE_SCHEMA = pa.schema(
         ("latency_ms", pa.float64()),
     ]
 )
+
+
+_SCHEMAS = {"contacts": CONTACT_SCHEMA, "shadows": SHADOW_SCHEMA, "responses": RESPONSE_SCHEMA}
 
 
 def _contact_row(entry_id: str, contact: Contact) -> dict[str, Any]:
@@ -120,7 +130,9 @@ def _contact_row(entry_id: str, contact: Contact) -> dict[str, Any]:
         "explore": contact.explore,
         "model": contact.model,
         "latency_ms": contact.latency_ms,
-    }
+        "routed_by": contact.routed_by,
+        "route_propensity": contact.route_propensity,
+    } | ({"shadow": contact.deployment, "shadow_of": contact.shadow_of} if contact.is_shadow else {})
 
 
 def _response_row(entry_id: str, response: Response) -> dict[str, Any]:
@@ -173,7 +185,11 @@ class DecisionArchive:
         groups: dict[Path, list[dict[str, Any]]] = defaultdict(list)
         for entry in entries:
             record = entry.record
-            if isinstance(record, Contact):
+            if isinstance(record, Contact) and record.is_shadow:
+                groups[self._partition("shadows", record.live_deployment, record.time)].append(
+                    _contact_row(str(entry.id), record)
+                )
+            elif isinstance(record, Contact):
                 groups[self._partition("contacts", record.deployment, record.time)].append(
                     _contact_row(str(entry.id), record)
                 )
@@ -183,7 +199,7 @@ class DecisionArchive:
                 )
         written = []
         for partition, rows in groups.items():
-            schema = CONTACT_SCHEMA if partition.parent.parent.name == "contacts" else RESPONSE_SCHEMA
+            schema = _SCHEMAS[partition.parent.parent.name]
             table = pa.Table.from_pylist(rows, schema=schema)
             _write_atomically(
                 table, partition, f"part-{rows[0]['entry']}-{uuid_module.uuid4().hex[:8]}.parquet"
@@ -202,7 +218,7 @@ class DecisionArchive:
             files = sorted(partition.glob("*.parquet"))
             if len(files) < 2:
                 return True
-            schema = CONTACT_SCHEMA if partition.parent.parent.name == "contacts" else RESPONSE_SCHEMA
+            schema = _SCHEMAS[partition.parent.parent.name]
             table = _deduplicated(pa.concat_tables(_conformed(pq.read_table(path), schema) for path in files))
             last = table.column("entry")[-1].as_py() if table.num_rows else "0-0"
             _write_atomically(table, partition, f"compact-{last}-{uuid_module.uuid4().hex[:8]}.parquet")
@@ -235,6 +251,10 @@ class DecisionArchive:
     ) -> pa.Table:
         """Contacts of a deployment served in [start, end), one row per entry, in time order."""
         return self._read("contacts", CONTACT_SCHEMA, deployment, start, end, columns)
+
+    def shadows(self, deployment: str, start: float, end: float) -> pa.Table:
+        """Shadow decisions computed for a deployment's contacts in [start, end), in time order."""
+        return self._read("shadows", SHADOW_SCHEMA, deployment, start, end, None)
 
     def responses(self, deployment: str, start: float, end: float) -> pa.Table:
         """Responses logged in [start, end), one row per entry, in time order."""

@@ -33,6 +33,7 @@ from services.monitor.core.policy_evaluation import (
 )
 from services.monitor.core.rollup_store import MinuteSeries, RollupStore
 from services.monitor.core.rollups import LatencyCounts, minute_of
+from services.monitor.core.shadow_comparison import ShadowComparison, compare_shadows
 from services.monitor.core.summaries import Summary, build_summary
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ ARCHIVE_PRUNE_EVERY_SECONDS = 600.0
 DEFAULT_EVALUATION_WINDOW_SECONDS = 7 * 86400.0
 MAX_LOGGED_TABLE_WINDOW_SECONDS = 5 * 366 * 86400.0  # another system's log may be old
 DEFAULT_DRIFT_WINDOW_SECONDS = 86400.0
+DEFAULT_SHADOW_WINDOW_SECONDS = 86400.0
+SHADOW_CONTACT_COLUMNS = ["uuid", "eligible", "epsilon", "outcomes", "counts", "shown"]
 
 
 @dataclass(frozen=True)
@@ -289,6 +292,27 @@ class MonitorService:
                 field="window",
             )
         return await asyncio.to_thread(evaluate_candidate, spec, contacts, responses, request, models)
+
+    async def compare_shadow(
+        self, deployment: str, window_seconds: float | None, end_time: float | None
+    ) -> tuple[Window, list[ShadowComparison]]:
+        """The deployment's shadow decisions in the window against its live ones (shadow_comparison.py)."""
+        await self.head_revision(deployment)
+        window = resolve_window(
+            window_seconds,
+            end_time,
+            default_seconds=min(DEFAULT_SHADOW_WINDOW_SECONDS, self.archive.retention_seconds),
+            max_seconds=self.archive.retention_seconds,
+            now=self._clock(),
+        )
+        contacts = await asyncio.to_thread(
+            self.archive.contacts, deployment, window.start, window.end, SHADOW_CONTACT_COLUMNS
+        )
+        shadows = await asyncio.to_thread(self.archive.shadows, deployment, window.start, window.end)
+        responses = await asyncio.to_thread(
+            self.archive.responses, deployment, window.start, self._clock() + 60
+        )
+        return window, await asyncio.to_thread(compare_shadows, contacts, responses, shadows)
 
     def _candidate_models(self, spec: DeploymentSpec) -> ModelsByKey:
         """The model versions the candidate binds, loaded and verified as a replica loads them."""

@@ -113,9 +113,12 @@ class Rollup:
     latency: dict[LatencyKey, LatencyCounts] = field(default_factory=lambda: defaultdict(LatencyCounts))
     contacts: int = 0
     responses: int = 0
+    shadows: int = 0
 
     def add(self, record: Contact | Response) -> None:
-        if isinstance(record, Contact):
+        if isinstance(record, Contact) and record.is_shadow:
+            self.shadows += 1  # never served: compared with the live contacts from the archive
+        elif isinstance(record, Contact):
             self._add_contact(record)
         else:
             self._add_response(record)

@@ -8,6 +8,7 @@ libs/common/decision_log.py.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -23,13 +24,13 @@ import numpy as np
 from libs.common import decision_log, redis_keys
 from libs.common.config_follower import AppliedConfig, AppliedDeployment
 from libs.common.deployment_spec import Offer
-from libs.common.errors import InvalidArgument, NotFound
+from libs.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from libs.policy.context import Context, derive_context, parse_number_of_offers, parse_params
 from libs.policy.deployment import Choice, PreparedDeployment, RankedOffer, VariantPlan
 from libs.policy.plugins import MAX_REWARD_MAGNITUDE, PluginSkip, RewardInput
 from libs.policy.statistics import Statistics
 from services.predictor.core import answer_in_redis, budgets
-from services.predictor.core.metrics import MODEL_INPUT_DEFAULTS, PLUGIN_SKIPS
+from services.predictor.core.metrics import MODEL_INPUT_DEFAULTS, PLUGIN_SKIPS, SHADOW_DECISIONS
 from services.predictor.core.options_store import OptionsStore, ScriptedAnswer
 from services.predictor.core.statistics_stores import Scope
 
@@ -60,6 +61,14 @@ MAX_FIELD_CHARS = 256
 # A plugin skipped on every request is logged once per this many seconds (the metric counts all).
 SKIP_LOG_INTERVAL_SECONDS = 10.0
 _skip_logged: dict[tuple[str, str, str], float] = {}
+
+# Shadow decisions computed at once per replica, at most: past it a request gets none (counted),
+# so a slow shadow never holds more than this much work behind the live traffic.
+MAX_SHADOWS_IN_FLIGHT = 64
+
+# A routed contact's field naming the router's statistics, for Respond: [router, generation,
+# segment, variant, target] (only when the router ranks, and so learns).
+ROUTE_FIELD = "route"
 
 
 def _skipped(deployment: str, skips: Sequence[PluginSkip]) -> list[str]:
@@ -137,6 +146,21 @@ class Decision:
     offers: list[RankedOffer]
     warnings: list[str]
     model: str = ""  # the bound model as "name:version"; empty when none
+    routed_by: str = ""  # the routing deployment that chose this deployment; empty when none
+
+
+@dataclass(frozen=True)
+class Route:
+    """A routing deployment's choice of the deployment that serves a request."""
+
+    router: str
+    target: str
+    propensity: float  # P(the router chose the target | the request); 1 for a switch
+    scope: Scope  # the router's statistics (it learns when it ranks)
+    plan: VariantPlan
+    context: Context
+    ranked: bool
+    warnings: list[str]
 
 
 @dataclass(frozen=True)
@@ -198,6 +222,7 @@ class DecisionEngine:
     answers_in_redis: bool = True
     # Keyed by the config object itself, not id(): an id is reused once the old config is freed.
     _campaign_index: tuple[ServedConfig | None, dict[str, str]] = (None, {})
+    _shadows: set[asyncio.Task[None]] = field(default_factory=set)
 
     def _resolve(self, config: ServedConfig, request: InvokeInput) -> AppliedDeployment[PreparedDeployment]:
         if request.deployment:
@@ -222,20 +247,27 @@ class DecisionEngine:
         started = time.perf_counter()
         _check_lengths(request)
         applied = self._resolve(config, request)
-        prepared = applied.prepared
-        spec = prepared.spec
         if not request.customer:
             raise InvalidArgument("must name the customer", field="customer")
         params = {**parse_params(request.in_param, "in_param"), **parse_params(request.params, "params")}
+        route: Route | None = None
+        if applied.prepared.spec.routing is not None:
+            applied, route = await self._route(applied, request, params, config)
+        prepared = applied.prepared
+        spec = prepared.spec
         count = parse_number_of_offers(request.numberoffers, spec.default_number_of_offers, len(spec.offers))
         plan, override_warnings = _with_call_overrides(prepared.variant_for(request.customer), params)
         generation = await self.options.generation(spec.name)
         skips: list[PluginSkip] = []
-        activator_warnings: list[str] = []
+        activator_warnings: list[str] = [] if route is None else list(route.warnings)
         found, features, context, eligible, statistics = await self._inputs(
             prepared, plan, generation, request, params, skips, activator_warnings
         )
         warnings = [*context.warnings, *override_warnings, *activator_warnings]
+        shadow = config.deployments.get(spec.shadow) if spec.shadow is not None else None
+        if spec.shadow is not None and shadow is None:
+            SHADOW_DECISIONS.labels(spec.name, spec.shadow, "not_served").inc()
+            warnings.append(f"shadow '{spec.shadow}' is not served here; no shadow decision")
         plan = prepared.selected(plan, context)  # the model selector's model for this context
         unknown = prepared.unknown_requested_offers(params)
         if unknown:
@@ -265,6 +297,7 @@ class DecisionEngine:
                     *_skipped(spec.name, [*skips, *ranking_skips]),
                     "no offer is eligible for this customer",
                 ],
+                routed_by=route.router if route is not None else "",
             )
 
         if not eligible:
@@ -314,12 +347,179 @@ class DecisionEngine:
             choice.offers,
             warnings,
             plan.model_ref,
+            route.router if route is not None else "",
         )
         scope = Scope(spec.name, generation, context.segment)
         await self._record_contact(
-            decision, choice, plan, scope, context, features, request, prepared, config.revision, started
+            decision,
+            choice,
+            plan,
+            scope,
+            context,
+            features,
+            request,
+            prepared,
+            config.revision,
+            started,
+            route,
         )
+        if shadow is not None:
+            self._start_shadow(shadow, decision, request, params)
         return decision
+
+    async def _route(
+        self,
+        router: AppliedDeployment[PreparedDeployment],
+        request: InvokeInput,
+        params: Mapping[str, Any],
+        config: ServedConfig,
+    ) -> tuple[AppliedDeployment[PreparedDeployment], Route]:
+        """The deployment a routing deployment sends this request to: the route of its switch
+        variable's value, or the top of its own ranking of the deployments it routes to (served here)."""
+        prepared = router.prepared
+        spec = prepared.spec
+        routing = spec.routing
+        assert routing is not None
+        plan = prepared.variant_for(request.customer)
+        generation = await self.options.generation(spec.name)
+        skips: list[PluginSkip] = []
+        warnings: list[str] = []
+        _, features, context, eligible, statistics = await self._inputs(
+            prepared, plan, generation, request, params, skips, warnings
+        )
+        propensity = 1.0
+        if routing.by == "switch":
+            assert routing.variable is not None
+            value = str(context.values.get(routing.variable, ""))
+            target = routing.routes.get(value, routing.default or spec.offers[0].id)
+        else:
+            served = [offer for offer in eligible if offer.id in config.deployments]
+            if not served:
+                raise FailedPrecondition(
+                    f"'{spec.name}' routes to none of the deployments served here "
+                    f"({', '.join(offer.id for offer in eligible) or 'no eligible offer'})",
+                    field="routing",
+                )
+            choice = prepared.choose(
+                plan,
+                served,
+                context,
+                statistics,
+                self.rng,
+                count=1,
+                features=features,
+                params=params,
+                customer=request.customer,
+                skips=skips,
+            )
+            target, propensity = choice.offers[0].offer.id, choice.offers[0].propensity
+        warnings += _skipped(spec.name, skips)
+        applied = config.deployments.get(target)
+        if applied is None:
+            raise FailedPrecondition(
+                f"'{spec.name}' routes to '{target}', which is not served here", field="routing"
+            )
+        if applied.prepared.spec.routing is not None:
+            raise FailedPrecondition(
+                f"'{spec.name}' routes to '{target}', which routes too (one level of routing)",
+                field="routing",
+            )
+        scope = Scope(spec.name, generation, context.segment)
+        return applied, Route(
+            spec.name, target, propensity, scope, plan, context, routing.by == "ranking", warnings
+        )
+
+    def _start_shadow(
+        self,
+        shadow: AppliedDeployment[PreparedDeployment],
+        live: Decision,
+        request: InvokeInput,
+        params: Mapping[str, Any],
+    ) -> None:
+        """Compute and log the shadow's decision for this request after the live reply, off its path."""
+        if len(self._shadows) >= MAX_SHADOWS_IN_FLIGHT:
+            SHADOW_DECISIONS.labels(live.deployment, shadow.prepared.spec.name, "busy").inc()
+            return
+        task = asyncio.get_running_loop().create_task(self._shadow(shadow, live, request, params))
+        self._shadows.add(task)
+        task.add_done_callback(self._shadows.discard)
+
+    async def drain_shadows(self) -> None:
+        """Wait for the shadow decisions in flight (a replica stopping, a test)."""
+        while self._shadows:
+            await asyncio.gather(*list(self._shadows), return_exceptions=True)
+
+    async def _shadow(
+        self,
+        applied: AppliedDeployment[PreparedDeployment],
+        live: Decision,
+        request: InvokeInput,
+        params: Mapping[str, Any],
+    ) -> None:
+        """The shadow's decision for the live request, logged as a contact of the shadow marked
+        `shadow_of` the live one: no impressions, no contact for Respond, no budget consumed."""
+        started = time.perf_counter()
+        prepared = applied.prepared
+        spec = prepared.spec
+        outcome = "failed"
+        try:
+            plan, _ = _with_call_overrides(prepared.variant_for(request.customer), params)
+            generation = await self.options.generation(spec.name)
+            skips: list[PluginSkip] = []
+            _, features, context, eligible, statistics = await self._inputs(
+                prepared, plan, generation, request, params, skips, []
+            )
+            plan = prepared.selected(plan, context)
+            now = self.options.now()
+            if prepared.has_budgets:
+                eligible = self._within_budget(spec.name, eligible, now, [])
+            if not eligible:
+                outcome = "nothing_eligible"
+                return
+            count = parse_number_of_offers(
+                request.numberoffers, spec.default_number_of_offers, len(spec.offers)
+            )
+            choice = prepared.choose(
+                plan,
+                eligible,
+                context,
+                statistics,
+                self.rng,
+                count=min(count, len(eligible)),
+                features=features,
+                params=params,
+                customer=request.customer,
+                skips=skips,
+            )
+            _skipped(spec.name, skips)
+            decision = Decision(
+                str(uuid_module.uuid4()),
+                spec.name,
+                applied.revision,
+                plan.name,
+                choice.explore,
+                context.segment,
+                context.values,
+                choice.offers,
+                [],
+                plan.model_ref,
+            )
+            record = self._contact_record(decision, choice, generation, features, request, now, started)
+            record = dataclasses.replace(record, shadow_of=live.uuid, live_deployment=live.deployment)
+            pipeline = self.options.pipeline()
+            self.options.queue_log(pipeline, record)
+            await self.options.send(pipeline)
+            outcome = "logged"
+        except Exception as error:  # a shadow never fails the live request, which has its reply
+            key = (live.deployment, spec.name, "shadow")
+            moment = time.monotonic()
+            if moment - _skip_logged.get(key, -math.inf) >= SKIP_LOG_INTERVAL_SECONDS:
+                _skip_logged[key] = moment
+                logger.warning(
+                    "%s: shadow %s failed: %s: %s", live.deployment, spec.name, type(error).__name__, error
+                )
+        finally:
+            SHADOW_DECISIONS.labels(live.deployment, spec.name, outcome).inc()
 
     def _within_budget(
         self, deployment: str, offers: list[Offer], now: float, warnings: list[str]
@@ -435,8 +635,10 @@ class DecisionEngine:
         prepared: PreparedDeployment,
         served_revision: int,
         started: float,
+        route: Route | None = None,
     ) -> None:
-        """One round trip: the impressions, the contact for Respond, the decision log entry."""
+        """One round trip: the impressions, the contact for Respond, the decision log entry (and,
+        for a request a ranking router routed here, the router's impression)."""
         reward = prepared.spec.reward
         spec_name = decision.deployment
         now = self.options.now()
@@ -457,27 +659,51 @@ class DecisionEngine:
             "context": json.dumps(categorical),
             **store.contact_fields(plan, context),
         }
-        if store.kind == "arms" and not prepared.plugins.reward:  # what Respond needs to answer in Redis
+        if route is not None and route.ranked:  # the router learns from this contact's response too
+            router_store = self.options.statistics[route.plan.scorer.statistics]
+            router_store.queue_impressions(
+                pipeline, route.scope, [route.target], route.plan, route.context, now
+            )
+            fields[ROUTE_FIELD] = json.dumps(
+                [route.router, route.scope.generation, route.scope.segment, route.plan.name, route.target]
+            )
+        elif store.kind == "arms" and not prepared.plugins.reward:  # what Respond needs to answer in Redis
             statistics_key = redis_keys.arm_statistics(scope.deployment, scope.generation, scope.segment)
             fields[answer_in_redis.FACTS_FIELD] = answer_in_redis.contact_facts(
                 served_revision, reward, plan.policy, statistics_key
             )
         ttl = max(2 * reward.window_seconds, CONTACT_MINIMUM_TTL_SECONDS)
         self.options.queue_contact(pipeline, decision.uuid, fields, ttl)
+        record = self._contact_record(decision, choice, scope.generation, features, request, now, started)
+        if route is not None:
+            record = dataclasses.replace(record, routed_by=route.router, route_propensity=route.propensity)
+        self.options.queue_log(pipeline, record)
+        await self.options.send(pipeline)
+
+    def _contact_record(
+        self,
+        decision: Decision,
+        choice: Choice,
+        generation: str,
+        features: Mapping[str, Any],
+        request: InvokeInput,
+        now: float,
+        started: float,
+    ) -> decision_log.Contact:
         first_slot = choice.first_slot
-        record = decision_log.Contact(
+        return decision_log.Contact(
             uuid=decision.uuid,
             time=now,
-            deployment=spec_name,
+            deployment=decision.deployment,
             campaign=request.campaign,
             channel=request.channel,
             config_revision=decision.config_revision,
             variant=decision.variant,
             replica=self.replica_id,
-            options_generation=scope.generation,
+            options_generation=generation,
             customer=request.customer,
             segment=decision.segment,
-            context=context.values,
+            context=decision.context,
             features={name: str(value) for name, value in features.items()},
             eligible=[offer.id for offer in choice.eligible],
             eligible_scores=choice.scores.tolist(),
@@ -496,8 +722,6 @@ class DecisionEngine:
             subcampaign=request.subcampaign,
             userid=request.userid,
         )
-        self.options.queue_log(pipeline, record)
-        await self.options.send(pipeline)
 
     async def respond(self, request: RespondInput, config: ServedConfig | None) -> ResponseOutcome:
         started = time.perf_counter()
@@ -577,6 +801,8 @@ class DecisionEngine:
                 scope = Scope(deployment, contact.get("generation", "0"), contact["segment"])
                 store = self.options.statistics[plan.scorer.statistics]
                 learned = store.queue_rewards(pipeline, scope, contact, fresh, reward * weight, plan, now)
+                if ROUTE_FIELD in contact and config is not None:
+                    self._queue_route_reward(pipeline, contact, reward * weight, config, now)
             record = decision_log.Response(
                 uuid=request.uuid,
                 time=now,
@@ -649,6 +875,21 @@ class DecisionEngine:
             answered.duplicate,
             answered.fresh if answered.learned else [],
             message,
+        )
+
+    def _queue_route_reward(
+        self, pipeline: Any, contact: Mapping[str, str], reward: float, config: ServedConfig, now: float
+    ) -> None:
+        """The router that chose this contact's deployment learns its reward (once: with the
+        contact's first acceptance of each offer, as the deployment does)."""
+        router, generation, segment, variant, target = json.loads(contact[ROUTE_FIELD])
+        applied = config.deployments.get(router)
+        if applied is None:
+            return  # no longer served here: the deployment still learns
+        plan = applied.prepared.plans.get(variant, applied.prepared.plans[""])
+        store = self.options.statistics[plan.scorer.statistics]
+        store.queue_rewards(
+            pipeline, Scope(router, generation, segment), contact, [target], reward, plan, now
         )
 
     @staticmethod

@@ -72,6 +72,7 @@ REPLY_FIELDS = frozenset(
         "model",
         "warnings",
         "in_params",
+        "routed_by",
     }
 )
 
@@ -167,6 +168,8 @@ def invocation_reply(decision: Decision, invocation: EcosystemInvoke, replica_id
     }
     if decision.model:
         reply["model"] = decision.model
+    if decision.routed_by:
+        reply["routed_by"] = decision.routed_by
     return flatten_reply(reply) if invocation.flatten else reply
 
 

@@ -29,16 +29,21 @@ from services.predictor.core.decision import DecisionEngine, InvokeInput, Respon
 from services.predictor.core.options_store import OptionsStore
 
 
-def applied_config(spec: DeploymentSpec, revision: int = 1) -> AppliedConfig[PreparedDeployment]:
-    """What a replica would serve after applying the spec."""
-    deployment = AppliedDeployment(
-        name=spec.name,
-        revision=revision,
-        checksum=spec_checksum(canonical_json(spec)),
-        spec=spec,
-        prepared=PreparedDeployment.prepare(spec),
-    )
-    return AppliedConfig(revision=revision, deployments={spec.name: deployment}, source="stream")
+def applied_config(
+    spec: DeploymentSpec, *more: DeploymentSpec, revision: int = 1
+) -> AppliedConfig[PreparedDeployment]:
+    """What a replica would serve after applying the specs."""
+    deployments = {
+        each.name: AppliedDeployment(
+            name=each.name,
+            revision=revision,
+            checksum=spec_checksum(canonical_json(each)),
+            spec=each,
+            prepared=PreparedDeployment.prepare(each),
+        )
+        for each in (spec, *more)
+    }
+    return AppliedConfig(revision=revision, deployments=deployments, source="stream")
 
 
 class SimulatedClock:

@@ -17,3 +17,11 @@ PLUGIN_SKIPS = Counter(
     "budget; the deployment says on_error: skip), by deployment, plugin and reason (error, budget)",
     ["deployment", "plugin", "reason"],
 )
+
+SHADOW_DECISIONS = Counter(
+    "liveloop_predictor_shadow_decisions_total",
+    "Shadow decisions (a deployment's `shadow`, computed for a live request, logged, never served), by "
+    "live deployment, shadow and outcome: logged; busy (too many in flight, not computed); "
+    "nothing_eligible; not_served (the shadow is not served by this replica); failed",
+    ["deployment", "shadow", "outcome"],
+)

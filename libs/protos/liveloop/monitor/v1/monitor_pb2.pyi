@@ -387,3 +387,49 @@ class EvaluatePolicyResponse(_message.Message):
     unsupported_mass: float
     refused: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, decisions: _Optional[int] = ..., usable_decisions: _Optional[int] = ..., logged_value: _Optional[float] = ..., estimates: _Optional[_Iterable[_Union[PolicyEstimate, _Mapping]]] = ..., effective_sample_size: _Optional[float] = ..., max_weight: _Optional[float] = ..., warnings: _Optional[_Iterable[str]] = ..., confidence_level: _Optional[float] = ..., notes: _Optional[_Iterable[str]] = ..., unsupported_mass: _Optional[float] = ..., refused: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class CompareShadowRequest(_message.Message):
+    __slots__ = ("deployment", "window", "end_time")
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    deployment: str
+    window: _duration_pb2.Duration
+    end_time: _timestamp_pb2.Timestamp
+    def __init__(self, deployment: _Optional[str] = ..., window: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ShadowComparison(_message.Message):
+    __slots__ = ("shadow", "live_decisions", "compared", "not_comparable", "agreement", "live_value", "agreed_value", "estimates", "refused", "notes")
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
+    LIVE_DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    COMPARED_FIELD_NUMBER: _ClassVar[int]
+    NOT_COMPARABLE_FIELD_NUMBER: _ClassVar[int]
+    AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    LIVE_VALUE_FIELD_NUMBER: _ClassVar[int]
+    AGREED_VALUE_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATES_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
+    shadow: str
+    live_decisions: int
+    compared: int
+    not_comparable: int
+    agreement: float
+    live_value: float
+    agreed_value: float
+    estimates: _containers.RepeatedCompositeFieldContainer[PolicyEstimate]
+    refused: _containers.RepeatedScalarFieldContainer[str]
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, shadow: _Optional[str] = ..., live_decisions: _Optional[int] = ..., compared: _Optional[int] = ..., not_comparable: _Optional[int] = ..., agreement: _Optional[float] = ..., live_value: _Optional[float] = ..., agreed_value: _Optional[float] = ..., estimates: _Optional[_Iterable[_Union[PolicyEstimate, _Mapping]]] = ..., refused: _Optional[_Iterable[str]] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class CompareShadowResponse(_message.Message):
+    __slots__ = ("deployment", "window_start", "window_end", "shadows")
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_START_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_END_FIELD_NUMBER: _ClassVar[int]
+    SHADOWS_FIELD_NUMBER: _ClassVar[int]
+    deployment: str
+    window_start: _timestamp_pb2.Timestamp
+    window_end: _timestamp_pb2.Timestamp
+    shadows: _containers.RepeatedCompositeFieldContainer[ShadowComparison]
+    def __init__(self, deployment: _Optional[str] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., shadows: _Optional[_Iterable[_Union[ShadowComparison, _Mapping]]] = ...) -> None: ...

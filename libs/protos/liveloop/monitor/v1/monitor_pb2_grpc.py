@@ -60,6 +60,11 @@ class MonitorServiceStub:
                 request_serializer=liveloop_dot_monitor_dot_v1_dot_monitor__pb2.EvaluatePolicyRequest.SerializeToString,
                 response_deserializer=liveloop_dot_monitor_dot_v1_dot_monitor__pb2.EvaluatePolicyResponse.FromString,
                 _registered_method=True)
+        self.CompareShadow = channel.unary_unary(
+                '/liveloop.monitor.v1.MonitorService/CompareShadow',
+                request_serializer=liveloop_dot_monitor_dot_v1_dot_monitor__pb2.CompareShadowRequest.SerializeToString,
+                response_deserializer=liveloop_dot_monitor_dot_v1_dot_monitor__pb2.CompareShadowResponse.FromString,
+                _registered_method=True)
 
 
 class MonitorServiceServicer:
@@ -103,6 +108,15 @@ class MonitorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CompareShadow(self, request, context):
+        """Compares the decisions of a deployment's shadow (computed and logged for the same requests,
+        never served) with the live ones: agreement on the first offer, and the shadow's estimated
+        value per decision from the live rewards and propensities.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MonitorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +144,11 @@ def add_MonitorServiceServicer_to_server(servicer, server):
                     servicer.EvaluatePolicy,
                     request_deserializer=liveloop_dot_monitor_dot_v1_dot_monitor__pb2.EvaluatePolicyRequest.FromString,
                     response_serializer=liveloop_dot_monitor_dot_v1_dot_monitor__pb2.EvaluatePolicyResponse.SerializeToString,
+            ),
+            'CompareShadow': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompareShadow,
+                    request_deserializer=liveloop_dot_monitor_dot_v1_dot_monitor__pb2.CompareShadowRequest.FromString,
+                    response_serializer=liveloop_dot_monitor_dot_v1_dot_monitor__pb2.CompareShadowResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -268,6 +287,33 @@ class MonitorService:
             '/liveloop.monitor.v1.MonitorService/EvaluatePolicy',
             liveloop_dot_monitor_dot_v1_dot_monitor__pb2.EvaluatePolicyRequest.SerializeToString,
             liveloop_dot_monitor_dot_v1_dot_monitor__pb2.EvaluatePolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompareShadow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/liveloop.monitor.v1.MonitorService/CompareShadow',
+            liveloop_dot_monitor_dot_v1_dot_monitor__pb2.CompareShadowRequest.SerializeToString,
+            liveloop_dot_monitor_dot_v1_dot_monitor__pb2.CompareShadowResponse.FromString,
             options,
             channel_credentials,
             insecure,

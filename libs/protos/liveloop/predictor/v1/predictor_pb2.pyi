@@ -95,7 +95,7 @@ class FinalResult(_message.Message):
     def __init__(self, result: _Optional[_Union[FinalResult.Result, _Mapping]] = ...) -> None: ...
 
 class InvokeResponse(_message.Message):
-    __slots__ = ("uuid", "deployment", "config_revision", "variant", "explore", "final_result", "customer", "campaign", "channel", "segment", "replica_id", "model", "warnings")
+    __slots__ = ("uuid", "deployment", "config_revision", "variant", "explore", "final_result", "customer", "campaign", "channel", "segment", "replica_id", "model", "warnings", "routed_by")
     UUID_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
     CONFIG_REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +109,7 @@ class InvokeResponse(_message.Message):
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    ROUTED_BY_FIELD_NUMBER: _ClassVar[int]
     uuid: str
     deployment: str
     config_revision: int
@@ -122,7 +123,8 @@ class InvokeResponse(_message.Message):
     replica_id: str
     model: str
     warnings: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, uuid: _Optional[str] = ..., deployment: _Optional[str] = ..., config_revision: _Optional[int] = ..., variant: _Optional[str] = ..., explore: _Optional[int] = ..., final_result: _Optional[_Iterable[_Union[FinalResult, _Mapping]]] = ..., customer: _Optional[str] = ..., campaign: _Optional[str] = ..., channel: _Optional[str] = ..., segment: _Optional[str] = ..., replica_id: _Optional[str] = ..., model: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
+    routed_by: str
+    def __init__(self, uuid: _Optional[str] = ..., deployment: _Optional[str] = ..., config_revision: _Optional[int] = ..., variant: _Optional[str] = ..., explore: _Optional[int] = ..., final_result: _Optional[_Iterable[_Union[FinalResult, _Mapping]]] = ..., customer: _Optional[str] = ..., campaign: _Optional[str] = ..., channel: _Optional[str] = ..., segment: _Optional[str] = ..., replica_id: _Optional[str] = ..., model: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ..., routed_by: _Optional[str] = ...) -> None: ...
 
 class RespondRequest(_message.Message):
     __slots__ = ("uuid", "offers_accepted", "channel_name", "reward", "event_time", "accepted_offers", "payload")

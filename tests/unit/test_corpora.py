@@ -1,0 +1,101 @@
+"""Corpora: lookup tables a deployment names for its plugins, read from a file beside the spec by
+`liveloop config publish` into the spec's rows (so they are versioned with the revision), checked
+(the key column present and unique), and handed to that deployment's plugins only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from libs.cli.corpus_files import resolve_corpus_files
+from libs.common.deployment_spec import deployment_spec_from_mapping
+from libs.common.errors import InvalidArgument
+from libs.policy.deployment import PreparedDeployment
+
+pytestmark = pytest.mark.timeout(30)
+
+SPEC = """
+name: with-catalog
+offers: [{id: a}, {id: b}]
+corpora:
+  catalog: {key: offer, file: catalog.csv}
+  regions: {key: code, rows: [{code: n, name: North}]}
+"""
+
+
+def test_a_corpus_file_is_read_into_rows_with_numbers_as_numbers(tmp_path: Path) -> None:
+    (tmp_path / "catalog.csv").write_text("offer,margin,label\na,4.5,Gold\nb,2,\n")
+    resolved = resolve_corpus_files(SPEC, tmp_path / "spec.yaml")
+    assert resolved is not None
+    document = json.loads(resolved)
+    catalog = document["corpora"]["catalog"]
+    assert "file" not in catalog
+    assert catalog["rows"] == [
+        {"offer": "a", "margin": 4.5, "label": "Gold"},
+        {"offer": "b", "margin": 2, "label": None},
+    ]
+    assert catalog["source"].startswith("catalog.csv sha256:")
+    assert document["corpora"]["regions"] == {"key": "code", "rows": [{"code": "n", "name": "North"}]}
+
+    spec = deployment_spec_from_mapping(document)
+    corpora = PreparedDeployment.prepare(spec).plugins.corpora
+    assert corpora["catalog"]["a"]["margin"] == 4.5
+    assert corpora["regions"]["n"]["name"] == "North"
+    with pytest.raises(TypeError):
+        corpora["catalog"]["a"]["margin"] = 0  # type: ignore[index]  # read-only
+
+    # A changed file is a different spec: a new revision.
+    (tmp_path / "catalog.csv").write_text("offer,margin\na,5\nb,2\n")
+    assert resolve_corpus_files(SPEC, tmp_path / "spec.yaml") != resolved
+
+
+def test_json_and_json_lines_files_and_specs_without_files(tmp_path: Path) -> None:
+    (tmp_path / "catalog.json").write_text('[{"offer": "a", "margin": 1}]')
+    (tmp_path / "catalog.jsonl").write_text('{"offer": "a", "margin": 1}\n\n{"offer": "b", "margin": 2}\n')
+    for name, count in (("catalog.json", 1), ("catalog.jsonl", 2)):
+        resolved = resolve_corpus_files(SPEC.replace("catalog.csv", name), tmp_path / "spec.yaml")
+        assert resolved is not None
+        assert len(json.loads(resolved)["corpora"]["catalog"]["rows"]) == count
+    assert resolve_corpus_files("name: plain\noffers: [{id: a}]\n", tmp_path / "spec.yaml") is None
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "cannot read"),
+        ('{"offer": "a"}', "must hold a list of objects"),
+        ("[1, 2", "is not JSON"),
+    ],
+)
+def test_a_file_that_cannot_be_read_names_the_corpus(
+    tmp_path: Path, content: str | None, message: str
+) -> None:
+    if content is not None:
+        (tmp_path / "catalog.json").write_text(content)
+    with pytest.raises(InvalidArgument, match=message) as refused:
+        resolve_corpus_files(SPEC.replace("catalog.csv", "catalog.json"), tmp_path / "spec.yaml")
+    assert refused.value.field == "corpora.catalog.file"
+
+
+@pytest.mark.parametrize(
+    ("corpus", "message"),
+    [
+        (
+            {"key": "offer", "rows": [{"offer": "a"}, {"offer": "a"}]},
+            "corpora.catalog.rows[1]: key 'a' repeats",
+        ),
+        (
+            {"key": "offer", "rows": [{"sku": "a"}]},
+            "corpora.catalog.rows[0]: no value for the key column 'offer'",
+        ),
+        (
+            {"key": "offer", "file": "x.csv"},
+            "corpora.catalog.file: 'x.csv' is read by `liveloop config publish`",
+        ),
+    ],
+)
+def test_the_service_refuses_corpora_it_cannot_serve_naming_the_field(corpus: dict, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message.replace("[", r"\[").replace("]", r"\]")):
+        deployment_spec_from_mapping({"name": "c", "offers": [{"id": "a"}], "corpora": {"catalog": corpus}})
