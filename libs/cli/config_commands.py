@@ -22,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from libs.cli.corpus_files import resolve_corpus_files
+from libs.cli.ingest_commands import read_table_rows
 from libs.cli.output import (
     JsonFlag,
     StateDir,
@@ -145,7 +146,9 @@ def _deployment_json(deployment: config_pb2.Deployment) -> dict[str, Any]:
     }
 
 
-def _read_spec(file: Path) -> tuple[str, config_pb2.SpecFormat]:
+def _read_spec(
+    file: Path, state_dir: Path | None = None, target: str | None = None
+) -> tuple[str, config_pb2.SpecFormat]:
     try:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -153,7 +156,7 @@ def _read_spec(file: Path) -> tuple[str, config_pb2.SpecFormat]:
     except OSError as exc:
         fail(f"cannot read {file}: {exc.strerror}")
     try:
-        resolved = resolve_corpus_files(text, file)
+        resolved = resolve_corpus_files(text, file, lambda table: read_table_rows(state_dir, target, table))
     except InvalidArgument as error:
         fail(f"{file}: {error}")
     if resolved is not None:  # corpora read from their files: the rows travel in the spec
@@ -200,7 +203,7 @@ def publish(
     as_json: JsonFlag = False,
 ) -> None:
     """Validate a spec and store it as a new immutable revision; every replica receives it."""
-    text, spec_format = _read_spec(file)
+    text, spec_format = _read_spec(file, state_dir, target)
     request = config_pb2.PublishRequest(
         spec_text=text,
         format=spec_format,

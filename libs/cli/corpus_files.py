@@ -1,12 +1,14 @@
-"""A deployment's corpora named by file (`corpora: {name: {key: ..., file: ...}}`), read into rows
-before the spec is published, so the rows are part of the revision that names them (versioned
-with it: the same file gives the same revision, a changed file a new one)."""
+"""A deployment's corpora named by file or by ingested table (`corpora: {name: {key: ..., file: ...}}`
+or `{key: ..., table: ...}`), read into rows before the spec is published, so the rows are part of
+the revision that names them (versioned with it: the same data gives the same revision, changed data
+a new one)."""
 
 from __future__ import annotations
 
 import csv
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,26 +16,36 @@ import yaml
 
 from libs.common.errors import InvalidArgument
 
+# A table's rows, and a note of which write of it they are: (rows, source).
+TableReader = Callable[[str], tuple[list[dict[str, Any]], str]]
 
-def resolve_corpus_files(text: str, spec_file: Path) -> str | None:
-    """The spec as JSON with every corpus `file` (relative to the spec's folder) read into `rows`
-    and noted in `source`; None when no corpus names a file (publish the text as it is)."""
+
+def resolve_corpus_files(text: str, spec_file: Path, read_table: TableReader | None = None) -> str | None:
+    """The spec as JSON with every corpus `file` (relative to the spec's folder) or `table` read
+    into `rows` and noted in `source`; None when no corpus names either (publish the text as it is)."""
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError:
         return None  # the config service names the problem
     corpora = document.get("corpora") if isinstance(document, dict) else None
     if not isinstance(corpora, dict) or not any(
-        isinstance(corpus, dict) and "file" in corpus for corpus in corpora.values()
+        isinstance(corpus, dict) and ("file" in corpus or "table" in corpus) for corpus in corpora.values()
     ):
         return None
     for name, corpus in corpora.items():
-        if not isinstance(corpus, dict) or "file" not in corpus:
+        if not isinstance(corpus, dict):
             continue
-        path = spec_file.parent / str(corpus.pop("file"))
-        corpus["rows"] = read_rows(path, f"corpora.{name}.file")
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-        corpus["source"] = f"{path.name} sha256:{digest}"
+        if "file" in corpus:
+            path = spec_file.parent / str(corpus.pop("file"))
+            corpus["rows"] = read_rows(path, f"corpora.{name}.file")
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+            corpus["source"] = f"{path.name} sha256:{digest}"
+        elif "table" in corpus:
+            if read_table is None:
+                raise InvalidArgument(
+                    "no ingest service to read the table from", field=f"corpora.{name}.table"
+                )
+            corpus["rows"], corpus["source"] = read_table(str(corpus.pop("table")))
     return json.dumps(document)
 
 

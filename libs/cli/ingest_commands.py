@@ -17,6 +17,7 @@ from typing import Annotated, Any, NoReturn
 
 import grpc
 import typer
+from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 from rich.markup import escape
 from rich.progress import (
@@ -159,6 +160,26 @@ def _ingest_service(state_dir: Path | None, target: str | None) -> Iterator[_Ing
         resolved, api_key=api_key, deadline_seconds=deadline, tls=front_door_tls(state_dir)
     ) as channel:
         yield _IngestCalls(ingest_pb2_grpc.IngestServiceStub(channel), resolved)
+
+
+def read_table_rows(
+    state_dir: Path | None, target: str | None, table: str
+) -> tuple[list[dict[str, Any]], str]:
+    """Every row of a small ingested table (ReadRows), numbers that are whole as integers, and a
+    note naming the write they come from (its fingerprint)."""
+    with _ingest_service(state_dir, target) as service:
+        reply = service.call("ReadRows", ingest_pb2.ReadRowsRequest(table=table))
+    rows = [
+        {key: _whole(value) for key, value in json_format.MessageToDict(row).items()} for row in reply.rows
+    ]
+    return rows, f"table {table} fingerprint:{reply.table.fingerprint[:16]}"
+
+
+def _whole(value: Any) -> Any:
+    """A JSON number that is whole as an integer (Struct holds every number as a double)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    return value
 
 
 def _progress(enabled: bool, *columns: Any) -> Progress:

@@ -310,20 +310,25 @@ MAX_CORPUS_ROWS = 100_000
 
 class Corpus(SpecModel):
     """A named lookup table the deployment's plugins read (`request.corpora[name][key]`), versioned
-    with the revision: its rows are part of the spec (`liveloop config publish` reads a `file:`
-    beside the spec into rows, CSV or JSON)."""
+    with the revision: its rows are part of the spec. `liveloop config publish` reads a `file:`
+    beside the spec (CSV or JSON) or an ingested `table:` into rows, so publishing again after the
+    file or the table changed makes a new revision."""
 
     key: str = Field(min_length=1, max_length=100, description="The column a row is looked up by")
     rows: list[dict[str, Scalar | None]] = Field(default_factory=list, max_length=MAX_CORPUS_ROWS)
     source: str = Field("", max_length=500, description="Where the rows came from (set by the CLI)")
     file: str | None = Field(None, description="Read into rows by `liveloop config publish`")
+    table: str | None = Field(
+        None, description="An ingested table, read into rows by `liveloop config publish`"
+    )
 
     @model_validator(mode="after")
     def _keys_unique(self) -> Corpus:
-        if self.file is not None:
-            raise ValueError(
-                f"file: '{self.file}' is read by `liveloop config publish`, which sends its rows; send rows"
-            )
+        for name, source in (("file", self.file), ("table", self.table)):
+            if source is not None:
+                raise ValueError(
+                    f"{name}: '{source}' is read by `liveloop config publish`, which sends its rows; send rows"
+                )
         seen: set[str] = set()
         for index, row in enumerate(self.rows):
             value = row.get(self.key)

@@ -256,6 +256,15 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                     setattr(message, {"minimum": "min", "maximum": "max"}.get(field, field), value)
         return response
 
+    async def ReadRows(
+        self, request: ingest_pb2.ReadRowsRequest, context: Any
+    ) -> ingest_pb2.ReadRowsResponse:
+        summary, rows = await self._service.read_rows(request.table, request.limit)
+        response = ingest_pb2.ReadRowsResponse(table=_table_info(summary))
+        for row in rows:
+            response.rows.add().update(row)
+        return response
+
     async def ApplyFeatures(
         self, request: ingest_pb2.ApplyFeaturesRequest, context: Any
     ) -> ingest_pb2.ApplyFeaturesResponse:

@@ -42,6 +42,7 @@ algorithm: {approach: thompson}
 default_number_of_offers: 4
 corpora:
   catalog: {key: offer, file: catalog.csv}
+  allowed: {key: customer, table: allowed}
 whitelist: {feature_view: allowed, column: offers, when_missing: all}
 plugins:
   - {name: hide_categories, stage: pre_score, params: {categories: [roaming], when_param: travelling}}
@@ -169,6 +170,13 @@ def test_plugins_whitelist_and_corpus_through_rest_and_grpc(stack: LocalStack, d
     published = yaml.safe_load(ok(stack, "config", "get", "activators"))
     assert published["corpora"]["catalog"]["rows"][1] == {"offer": "basic-data", "margin": 0}
     assert published["corpora"]["catalog"]["source"].startswith("catalog.csv sha256:")
+    # ... and the ingested table's rows, named by the write they come from.
+    allowed = published["corpora"]["allowed"]
+    assert allowed["rows"] == [
+        {"customer": "w1", "offers": "gold-data,tablet-deal"},
+        {"customer": "w2", "offers": "basic-data"},
+    ]
+    assert allowed["source"].startswith("table allowed fingerprint:")
 
 
 def test_a_reward_plugin_turns_the_response_payload_into_the_reward_learned(

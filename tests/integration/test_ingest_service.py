@@ -30,6 +30,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 import yaml
+from google.protobuf import json_format
 from grpc import aio
 
 from bench.ingest_throughput import write_customer_csv
@@ -521,6 +522,19 @@ async def test_types_are_inferred_and_overridden(stack: IngestStack) -> None:
     assert stats["seen_at"].min_text.startswith("2024-03-01 10:00:00")
     error = await failure(stack.ingest(path, "typed3", overrides={"nope": ingest_pb2.COLUMN_TYPE_STRING}))
     assert "schema_overrides" in (error.details() or "")
+
+    # ReadRows (a corpus): every row in key order, times as text; a table over the limit is refused.
+    read = await stack.stub.ReadRows(ingest_pb2.ReadRowsRequest(table="typed2"))
+    assert read.table.fingerprint == described.table.fingerprint
+    rows = [json_format.MessageToDict(row) for row in read.rows]
+    assert [row["customer"] for row in rows] == ["c1", "c2"]
+    assert (rows[0]["age"], rows[0]["code"], rows[0]["vip"], rows[1]["note"]) == (30.0, "007", True, "")
+    assert rows[0]["seen_at"].startswith("2024-03-01T10:00:00")
+    refused = await failure(stack.stub.ReadRows(ingest_pb2.ReadRowsRequest(table="typed2", limit=1)))
+    assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "'typed2' holds 2 rows; at most 1" in (refused.details() or "")
+    missing = await failure(stack.stub.ReadRows(ingest_pb2.ReadRowsRequest(table="nope")))
+    assert missing.code() == grpc.StatusCode.NOT_FOUND
 
 
 # JSON lines, Parquet, SQL --------------------------------------------------------------------

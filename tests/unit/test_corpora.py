@@ -99,3 +99,24 @@ def test_a_file_that_cannot_be_read_names_the_corpus(
 def test_the_service_refuses_corpora_it_cannot_serve_naming_the_field(corpus: dict, message: str) -> None:
     with pytest.raises(InvalidArgument, match=message.replace("[", r"\[").replace("]", r"\]")):
         deployment_spec_from_mapping({"name": "c", "offers": [{"id": "a"}], "corpora": {"catalog": corpus}})
+
+
+def test_a_corpus_table_is_read_through_the_reader_the_cli_gives(tmp_path: Path) -> None:
+    spec = "name: t\noffers: [{id: a}]\ncorpora:\n  plans: {key: plan, table: plans}\n"
+    asked: list[str] = []
+
+    def read_table(table: str) -> tuple[list[dict[str, object]], str]:
+        asked.append(table)
+        return [{"plan": "p1", "fee": 5}], f"table {table} fingerprint:abc"
+
+    resolved = resolve_corpus_files(spec, tmp_path / "spec.yaml", read_table)
+    assert resolved is not None
+    assert asked == ["plans"]
+    assert json.loads(resolved)["corpora"]["plans"] == {
+        "key": "plan",
+        "rows": [{"plan": "p1", "fee": 5}],
+        "source": "table plans fingerprint:abc",
+    }
+    with pytest.raises(InvalidArgument, match="no ingest service") as refused:
+        resolve_corpus_files(spec, tmp_path / "spec.yaml")
+    assert refused.value.field == "corpora.plans.table"

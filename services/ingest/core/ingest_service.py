@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import os
 import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,7 +22,7 @@ from redis import Redis
 from sqlalchemy import Engine
 
 from libs.common.deployment_spec import DeploymentSpec
-from libs.common.errors import InvalidArgument, NotFound
+from libs.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.ingest.core import catalog
 from services.ingest.core import features as feature_engineering
 from services.ingest.core.columns import Column, ColumnType, check_name
@@ -31,6 +32,8 @@ from services.ingest.core.options_generation import OptionsResult, generate_opti
 from services.ingest.core.sources import FileFormat, RawChunk, csv_bytes, read_file, read_sql
 
 T = TypeVar("T")
+
+MAX_READ_ROWS = 100_000  # ReadRows: a corpus, not an export
 Event = TypeVar("Event")
 _DONE = object()
 
@@ -217,6 +220,27 @@ class IngestService:
         if row is None:
             raise NotFound(f"no table '{name}' in the offline store", field="table")
         return _summary(row)
+
+    async def read_rows(self, name: str, limit: int) -> tuple[TableSummary, list[dict[str, Any]]]:
+        """Every row of a small table, in key order; FailedPrecondition when it holds more than `limit`."""
+        if limit < 0 or limit > MAX_READ_ROWS:
+            raise InvalidArgument(f"must be in [0, {MAX_READ_ROWS}] (0: {MAX_READ_ROWS})", field="limit")
+        most = limit or MAX_READ_ROWS
+
+        def work() -> tuple[TableSummary, list[dict[str, Any]]]:
+            summary = self._table(name)
+            table = sa.Table(name, sa.MetaData(), autoload_with=self.engine)
+            query = sa.select(table).order_by(*(table.c[key] for key in summary.key)).limit(most + 1)
+            with self.engine.connect() as connection:
+                rows = [dict(row._mapping) for row in connection.execute(query)]
+            if len(rows) > most:
+                raise FailedPrecondition(
+                    f"'{name}' holds {summary.row_count} rows; at most {most} can be read this way",
+                    field="table",
+                )
+            return summary, [{key: _plain(value) for key, value in row.items()} for row in rows]
+
+        return await asyncio.to_thread(work)
 
     async def list_tables(self, prefix: str) -> list[TableSummary]:
         def work() -> list[TableSummary]:
@@ -418,3 +442,12 @@ def _summary(row: Any) -> TableSummary:
 
 def elapsed(started: float) -> float:
     return time.monotonic() - started
+
+
+def _plain(value: Any) -> Any:
+    """A value of a row as JSON holds it: times as ISO 8601 text, NaN as null."""
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

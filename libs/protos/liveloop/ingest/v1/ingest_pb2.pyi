@@ -494,3 +494,19 @@ class GetOnlineFeaturesResponse(_message.Message):
     ENTITIES_FIELD_NUMBER: _ClassVar[int]
     entities: _containers.RepeatedCompositeFieldContainer[EntityFeatures]
     def __init__(self, entities: _Optional[_Iterable[_Union[EntityFeatures, _Mapping]]] = ...) -> None: ...
+
+class ReadRowsRequest(_message.Message):
+    __slots__ = ("table", "limit")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    limit: int
+    def __init__(self, table: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ReadRowsResponse(_message.Message):
+    __slots__ = ("table", "rows")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    table: TableInfo
+    rows: _containers.RepeatedCompositeFieldContainer[_struct_pb2.Struct]
+    def __init__(self, table: _Optional[_Union[TableInfo, _Mapping]] = ..., rows: _Optional[_Iterable[_Union[_struct_pb2.Struct, _Mapping]]] = ...) -> None: ...

@@ -80,6 +80,11 @@ class IngestServiceStub:
                 request_serializer=liveloop_dot_ingest_dot_v1_dot_ingest__pb2.GetOnlineFeaturesRequest.SerializeToString,
                 response_deserializer=liveloop_dot_ingest_dot_v1_dot_ingest__pb2.GetOnlineFeaturesResponse.FromString,
                 _registered_method=True)
+        self.ReadRows = channel.unary_unary(
+                '/liveloop.ingest.v1.IngestService/ReadRows',
+                request_serializer=liveloop_dot_ingest_dot_v1_dot_ingest__pb2.ReadRowsRequest.SerializeToString,
+                response_deserializer=liveloop_dot_ingest_dot_v1_dot_ingest__pb2.ReadRowsResponse.FromString,
+                _registered_method=True)
 
 
 class IngestServiceServicer:
@@ -152,6 +157,14 @@ class IngestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadRows(self, request, context):
+        """Reads every row of a small table (a deployment's corpus, which `liveloop config publish` puts
+        into the spec); FAILED_PRECONDITION when it holds more than `limit` rows.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -199,6 +212,11 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     servicer.GetOnlineFeatures,
                     request_deserializer=liveloop_dot_ingest_dot_v1_dot_ingest__pb2.GetOnlineFeaturesRequest.FromString,
                     response_serializer=liveloop_dot_ingest_dot_v1_dot_ingest__pb2.GetOnlineFeaturesResponse.SerializeToString,
+            ),
+            'ReadRows': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadRows,
+                    request_deserializer=liveloop_dot_ingest_dot_v1_dot_ingest__pb2.ReadRowsRequest.FromString,
+                    response_serializer=liveloop_dot_ingest_dot_v1_dot_ingest__pb2.ReadRowsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -445,6 +463,33 @@ class IngestService:
             '/liveloop.ingest.v1.IngestService/GetOnlineFeatures',
             liveloop_dot_ingest_dot_v1_dot_ingest__pb2.GetOnlineFeaturesRequest.SerializeToString,
             liveloop_dot_ingest_dot_v1_dot_ingest__pb2.GetOnlineFeaturesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadRows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/liveloop.ingest.v1.IngestService/ReadRows',
+            liveloop_dot_ingest_dot_v1_dot_ingest__pb2.ReadRowsRequest.SerializeToString,
+            liveloop_dot_ingest_dot_v1_dot_ingest__pb2.ReadRowsResponse.FromString,
             options,
             channel_credentials,
             insecure,
