@@ -169,8 +169,10 @@ class _Replay:
         context: Context,
         params: dict[str, Any],
         features: dict[str, Any],
+        customer: str = "",
     ) -> Choice:
-        """The candidate's first-slot choice for one logged request."""
+        """The candidate's first-slot choice for one logged request (its plugins see the request's
+        customer, params and features, as on a replica)."""
         kind = plan.scorer.statistics
         if kind == "naive_bayes":
             statistics = Statistics(naive_bayes=self._naive_bayes)
@@ -186,13 +188,14 @@ class _Replay:
             statistics = Statistics(arms=copy[1])
         return self.prepared.choose(
             self.prepared.selected(plan, context),  # the model selector's, as a replica picks it
-            self.prepared.eligible(context, params),
+            self.prepared.eligible(context, params, customer=customer, features=features),
             context,
             statistics,
             self._rng,
             count=1,
             features=features,
             params=params,
+            customer=customer,
         )
 
 
@@ -332,7 +335,7 @@ def evaluate_candidate(
             if index >= warmup and not shown:
                 skipped_no_shown += 1
             elif index >= warmup:
-                choice = replay.choose(time, plan, context, params, features)
+                choice = replay.choose(time, plan, context, params, features, row["customer"])
                 counts = np.asarray(row["counts"], dtype=np.float64)
                 epsilon, outcomes = float(row["epsilon"]), int(row["outcomes"])
                 first = epsilon / len(row["eligible"]) + (1 - epsilon) * counts / outcomes
@@ -403,7 +406,7 @@ def evaluate_logged_rows(
         plan = prepared.variant_for(row.customer)
         if row.slot == 1:
             if seen >= warmup:
-                choice = replay.choose(row.time, plan, context, params, row.context)
+                choice = replay.choose(row.time, plan, context, params, row.context, row.customer)
                 decisions.add(choice, row.offer, row.propensity, row.reward, context.segment)
             seen += 1
         contact = replay.contact(plan, context)

@@ -384,15 +384,22 @@ class DecisionEngine:
         generation = await self.options.generation(spec.name)
         skips: list[PluginSkip] = []
         warnings: list[str] = []
-        _, features, context, eligible, statistics = await self._inputs(
-            prepared, plan, generation, request, params, skips, warnings
-        )
         propensity = 1.0
-        if routing.by == "switch":
+        if routing.by == "switch":  # the context alone: no statistics to read
             assert routing.variable is not None
+            lookup = spec.feature_lookup
+            features: dict[str, Any] = {}
+            if lookup is not None:
+                raw = await self.options.read_features(lookup.feature_view, _entity(request, lookup.key))
+                features = {**lookup.defaults, **{_text(k): _text(v) for k, v in raw.items()}}
+            context = derive_context(spec, features, params, request.channel)
+            warnings += context.warnings
             value = str(context.values.get(routing.variable, ""))
             target = routing.routes.get(value, routing.default or spec.offers[0].id)
         else:
+            _, features, context, eligible, statistics = await self._inputs(
+                prepared, plan, generation, request, params, skips, warnings
+            )
             served = [offer for offer in eligible if offer.id in config.deployments]
             if not served:
                 raise FailedPrecondition(

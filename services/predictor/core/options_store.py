@@ -7,6 +7,7 @@ the pipelines of concurrent requests go to Redis together (libs/common/redis_bat
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -66,6 +67,7 @@ class OptionsStore:
         self._batch = RedisBatch(redis)
         self._clock = clock
         self._generations: dict[str, tuple[float, str]] = {}
+        self._generation_reads: dict[str, asyncio.Future[str]] = {}
         self.arms = ArmStatistics(redis, statistics_max_age)
         self.naive_bayes = NaiveBayesCounts()
         self.linear = LinearModels()
@@ -138,6 +140,15 @@ class OptionsStore:
         now = time.monotonic()
         if cached is not None and now - cached[0] < GENERATION_CACHE_SECONDS:
             return cached[1]
+        # One read however many requests find the copy stale at once (not one connection each).
+        reading = self._generation_reads.get(deployment)
+        if reading is None:
+            reading = asyncio.ensure_future(self._read_generation(deployment, now))
+            self._generation_reads[deployment] = reading
+            reading.add_done_callback(lambda _: self._generation_reads.pop(deployment, None))
+        return await asyncio.shield(reading)  # a waiter cancelled does not cancel the others' read
+
+    async def _read_generation(self, deployment: str, now: float) -> str:
         value = await self._redis.get(redis_keys.options_generation(deployment))
         generation = _text(value) if value is not None else "0"
         self._generations[deployment] = (now, generation)
