@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
+import math
+import re
 from collections.abc import Callable
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from libs.common.deployment_spec import MAX_SPEC_BYTES
 from libs.common.errors import InvalidArgument
 
 # A table's rows, and a note of which write of it they are: (rows, source).
@@ -37,7 +42,7 @@ def resolve_corpus_files(text: str, spec_file: Path, read_table: TableReader | N
             continue
         if "file" in corpus:
             path = spec_file.parent / str(corpus.pop("file"))
-            corpus["rows"] = read_rows(path, f"corpora.{name}.file")
+            corpus["rows"] = read_rows(path, f"corpora.{name}.file", str(corpus.get("key", "")))
             digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
             corpus["source"] = f"{path.name} sha256:{digest}"
         elif "table" in corpus:
@@ -46,25 +51,44 @@ def resolve_corpus_files(text: str, spec_file: Path, read_table: TableReader | N
                     "no ingest service to read the table from", field=f"corpora.{name}.table"
                 )
             corpus["rows"], corpus["source"] = read_table(str(corpus.pop("table")))
-    return json.dumps(document)
-
-
-def read_rows(path: Path, field: str) -> list[dict[str, Any]]:
-    """Rows of a CSV (header row; numbers read as numbers, empty cells as null), a JSON list of
-    objects, or JSON lines."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = json.dumps(document, separators=(",", ":"), default=_json_value, allow_nan=False)
+    except (TypeError, ValueError) as exc:  # a value JSON cannot hold, such as .nan
+        raise InvalidArgument(f"cannot be written as JSON: {exc}", field="spec") from None
+    if len(text.encode()) > MAX_SPEC_BYTES:
+        largest = max(
+            (name for name, corpus in corpora.items() if isinstance(corpus, dict)),
+            key=lambda name: len(json.dumps(corpora[name].get("rows", []), default=_json_value)),
+        )
+        raise InvalidArgument(
+            f"{len(corpora[largest].get('rows', []))} rows make the spec {len(text.encode())} bytes; a spec, "
+            f"corpora included, is at most {MAX_SPEC_BYTES} bytes",
+            field=f"corpora.{largest}",
+        )
+    return text
+
+
+def read_rows(path: Path, field: str, key: str = "") -> list[dict[str, Any]]:
+    """Rows of a CSV (a header row; a cell written as a plain decimal number is a number, except in
+    the key column, which stays text; an empty cell is null), a JSON list of objects, or JSON lines.
+    A UTF-8 byte order mark (as spreadsheets write) is skipped."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidArgument(f"cannot read {path}: {exc}", field=field) from None
     if path.suffix.lower() == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))
         return [
-            {key: _cell(value) for key, value in row.items()} for row in csv.DictReader(text.splitlines())
+            {name: (value or None) if name == key else _cell(value) for name, value in row.items()}
+            for row in reader
         ]
     try:
         if path.suffix.lower() in (".jsonl", ".ndjson"):
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            rows = [
+                json.loads(line, parse_constant=_no_constant) for line in text.splitlines() if line.strip()
+            ]
         else:
-            rows = json.loads(text)
+            rows = json.loads(text, parse_constant=_no_constant)
     except ValueError as exc:
         raise InvalidArgument(f"{path} is not JSON: {exc}", field=field) from None
     if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
@@ -72,12 +96,27 @@ def read_rows(path: Path, field: str) -> list[dict[str, Any]]:
     return rows
 
 
+# A number as a CSV cell writes one: no leading zeros (an id such as 007 stays text), no
+# underscores, no nan or inf.
+_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
+
+
 def _cell(value: str | None) -> str | int | float | None:
     if value is None or value == "":
         return None
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
+    if _NUMBER.fullmatch(value):
+        number = float(value)
+        if math.isfinite(number):
+            return int(value) if value.lstrip("-").isdigit() else number
     return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number a corpus holds")
+
+
+def _json_value(value: Any) -> Any:
+    """What JSON cannot hold as it is (a YAML date or time), as ISO 8601 text."""
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON")

@@ -16,6 +16,8 @@ from google.protobuf.duration_pb2 import Duration
 from rich.markup import escape
 from rich.table import Table
 
+from libs.cli.corpus_files import resolve_corpus_files
+from libs.cli.ingest_commands import read_table_rows
 from libs.cli.output import (
     JsonFlag,
     StateDir,
@@ -29,6 +31,7 @@ from libs.cli.output import (
     plain,
 )
 from libs.common.client import open_blocking_channel
+from libs.common.errors import InvalidArgument
 from libs.protos.liveloop.common.v1 import common_pb2
 from libs.protos.liveloop.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 
@@ -292,13 +295,19 @@ def alerts(
     console.print(table)
 
 
-def candidate_spec_json(path: Path) -> str:
-    """A spec file (YAML or JSON) as the JSON EvaluatePolicy and Publish take."""
+def candidate_spec_json(path: Path, state_dir: Path | None = None, target: str | None = None) -> str:
+    """A spec file (YAML or JSON) as the JSON EvaluatePolicy and Publish take, its corpora read
+    from their files or tables as `liveloop config publish` reads them."""
     try:
-        document = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        document = yaml.safe_load(text)
     except (OSError, yaml.YAMLError) as exc:
         fail(f"cannot read {path}: {exc}", code=2)
-    return json.dumps(document)
+    try:
+        resolved = resolve_corpus_files(text, path, lambda table: read_table_rows(state_dir, target, table))
+    except InvalidArgument as error:
+        fail(f"{path}: {error}", code=2)
+    return resolved if resolved is not None else json.dumps(document, default=str)
 
 
 @monitor_app.command()
@@ -350,7 +359,7 @@ def evaluate(
         logged_table=logged_table,
     )
     if spec is not None:
-        request.candidate_spec_json = candidate_spec_json(spec)
+        request.candidate_spec_json = candidate_spec_json(spec, state_dir, target)
     else:
         request.candidate_revision = revision
     reply = _call(state_dir, target, "EvaluatePolicy", lambda stub: stub.EvaluatePolicy(request, timeout=600))

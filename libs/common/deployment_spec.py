@@ -401,6 +401,14 @@ class DeploymentSpec(SpecModel):
     routing: Routing | None = None
     corpora: dict[str, Corpus] = Field(default_factory=dict, max_length=100)
 
+    @field_validator("corpora")
+    @classmethod
+    def _corpus_names(cls, corpora: dict[str, Corpus]) -> dict[str, Corpus]:
+        for name in corpora:
+            if not re.fullmatch(IDENTIFIER_PATTERN, name):
+                raise ValueError(f"'{name}' is no corpus name: a letter or _, then letters, digits or _")
+        return corpora
+
     @field_validator("campaigns")
     @classmethod
     def _campaign_names(cls, campaigns: list[str]) -> list[str]:
@@ -468,9 +476,6 @@ class DeploymentSpec(SpecModel):
             raise ValueError("shadow: a deployment cannot shadow itself")
         if self.routing is not None:
             self._check_routing(self.routing)
-        for name in self.corpora:
-            if not re.fullmatch(IDENTIFIER_PATTERN, name):
-                raise ValueError(f"corpora.{name}: a corpus name is a letter or _ then letters, digits or _")
         if _needs_model(self.algorithm) and self.model is None:
             raise ValueError(f"model: {_needs_model(self.algorithm)} needs a model binding")
         for index, variant in enumerate(self.variants):
@@ -485,6 +490,10 @@ class DeploymentSpec(SpecModel):
                 raise ValueError(
                     f"offers[{index}].id: a routing deployment's offers name the deployments it routes to; "
                     f"'{offer.id}' is not another deployment's name"
+                )
+            if offer.budget is not None:
+                raise ValueError(
+                    f"offers[{index}].budget: a route has no budget (give the offers of '{offer.id}' theirs)"
                 )
         if self.shadow is not None:
             raise ValueError(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 
+import grpc
 import pytest
 
 from libs.common.decision_log import Contact
@@ -83,3 +84,9 @@ async def test_the_shadow_is_compared_with_live_decisions_as_computed_by_hand(
     assert summary.invocations == 60
     shadow_summary = await monitor.GetSummary(monitor_pb2.GetSummaryRequest(deployment=shadow))
     assert shadow_summary.invocations == 0
+
+    # A deployment that names no shadow, and has none logged, is told so.
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await monitor.CompareShadow(monitor_pb2.CompareShadowRequest(deployment=shadow))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"'{shadow}' names no shadow" in (refused.value.details() or "")

@@ -225,3 +225,54 @@ async def test_routing_to_what_is_not_served_or_routes_again_is_refused(engine: 
     with pytest.raises(FailedPrecondition, match="which routes too"):
         await engine.invoke(invoke_input(router_name, params={"to": "r"}), config)
     assert (await engine.invoke(invoke_input(router_name), config)).deployment == target
+
+
+async def test_a_ranking_router_learns_once_per_request_never_a_negative_reward_and_skips_routers(
+    engine: DecisionEngine, redis_client: Redis
+) -> None:
+    """Review findings: two responses to one routed contact teach the router once; a negative
+    reward the serving deployment takes (linear models do) teaches the router 0, not a broken
+    posterior; a route that routes itself is never chosen; the call's `eligible_offers` names the
+    serving deployment's offers, not the router's."""
+    router_name, linear_name, nested_name = unique("router"), unique("linear"), unique("nested")
+    router = deployment_spec_from_mapping(
+        {
+            "name": router_name,
+            "offers": [{"id": linear_name}, {"id": nested_name}],
+            "routing": {"by": "ranking"},
+        }
+    )
+    linear = spec(
+        linear_name,
+        context_variables=[{"name": "x", "source": "param", "kind": "numeric", "default": 1.0}],
+        algorithm={"approach": "linucb", "features": ["x"]},
+    )
+    nested = deployment_spec_from_mapping(
+        {"name": nested_name, "offers": [{"id": linear_name}], "routing": {"by": "ranking"}}
+    )
+    config = applied_config(router, linear, nested)
+    segment = derive_context(router, {}, {}, "app").segment
+    arms_key = redis_keys.arm_statistics(router_name, "0", segment)
+
+    served = [await engine.invoke(invoke_input(router_name, f"c{i}", count=2), config) for i in range(20)]
+    assert {d.deployment for d in served} == {linear_name}  # the nested router is never chosen
+    first = served[0]
+    for offer in (first.offers[0].offer.id, first.offers[1].offer.id):  # two responses, two offers
+        assert (await engine.respond(RespondInput(first.uuid, [offer]), config)).learned
+    arms = await redis_client.hgetall(arms_key)
+    assert float(arms[f"{linear_name}|s".encode()]) == 1.0
+    assert float(arms[f"{linear_name}|n".encode()]) == 20.0
+
+    negative = served[1]
+    outcome = await engine.respond(
+        RespondInput(negative.uuid, [negative.offers[0].offer.id], reward=-5.0), config
+    )
+    assert outcome.learned
+    assert float((await redis_client.hgetall(arms_key))[f"{linear_name}|s".encode()]) == 1.0
+    after = await engine.invoke(invoke_input(router_name, "c-after"), config)  # the router still ranks
+    assert after.deployment == linear_name
+
+    narrowed = await engine.invoke(
+        invoke_input(router_name, "c-narrow", params={"eligible_offers": ["b"]}, count=3), config
+    )
+    assert [row.offer.id for row in narrowed.offers] == ["b"]

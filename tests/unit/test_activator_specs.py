@@ -68,6 +68,13 @@ def test_a_switch_and_a_ranking_router_are_accepted() -> None:
         ),
         ({"routing": {"by": "ranking"}, "shadow": "other"}, "shadow: a routing deployment has no shadow"),
         ({"routing": {"by": "coin"}}, "routing.by"),
+        (
+            {
+                "routing": {"by": "ranking"},
+                "offers": [{"id": "plan-a", "budget": {"limit": 5, "period": "day"}}],
+            },
+            "offers[0].budget: a route has no budget",
+        ),
     ],
 )
 def test_refused_naming_the_field(overrides: dict[str, Any], message: str) -> None:

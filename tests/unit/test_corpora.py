@@ -120,3 +120,42 @@ def test_a_corpus_table_is_read_through_the_reader_the_cli_gives(tmp_path: Path)
     with pytest.raises(InvalidArgument, match="no ingest service") as refused:
         resolve_corpus_files(spec, tmp_path / "spec.yaml")
     assert refused.value.field == "corpora.plans.table"
+
+
+def test_a_csv_keeps_what_is_not_plainly_a_number_as_text(tmp_path: Path) -> None:
+    """Review findings: ids with leading zeros or underscores stay text, the key column is never
+    converted, nan and inf are text, a spreadsheet's byte order mark and quoted newlines survive."""
+    (tmp_path / "catalog.csv").write_bytes(
+        '\ufeffoffer,margin,code,note\n007,1.5,1_000,"two\nlines"\n7,2,nan,inf\n10,-0.5,0,\n'.encode()
+    )
+    resolved = resolve_corpus_files(SPEC, tmp_path / "spec.yaml")
+    assert resolved is not None
+    rows = json.loads(resolved)["corpora"]["catalog"]["rows"]
+    assert rows == [
+        {"offer": "007", "margin": 1.5, "code": "1_000", "note": "two\nlines"},
+        {"offer": "7", "margin": 2, "code": "nan", "note": "inf"},
+        {"offer": "10", "margin": -0.5, "code": 0, "note": None},
+    ]
+
+
+def test_dates_elsewhere_in_the_spec_and_a_corpus_too_big_for_a_spec(tmp_path: Path) -> None:
+    (tmp_path / "catalog.csv").write_text("offer,margin\na,1\n")
+    dated = SPEC.replace("rows: [{code: n, name: North}]", "rows: [{code: n, since: 2024-01-01}]")
+    resolved = resolve_corpus_files(dated, tmp_path / "spec.yaml")
+    assert resolved is not None
+    assert json.loads(resolved)["corpora"]["regions"]["rows"] == [{"code": "n", "since": "2024-01-01"}]
+
+    big = "offer,text\n" + "".join(f"o{i},{'x' * 40}\n" for i in range(30_000))
+    (tmp_path / "catalog.csv").write_text(big)
+    with pytest.raises(InvalidArgument, match="30000 rows make the spec") as refused:
+        resolve_corpus_files(SPEC, tmp_path / "spec.yaml")
+    assert refused.value.field == "corpora.catalog"
+
+
+def test_monitor_evaluate_reads_a_candidates_corpus_files_too(tmp_path: Path) -> None:
+    from libs.cli.monitor_commands import candidate_spec_json
+
+    (tmp_path / "catalog.csv").write_text("offer,margin\na,1\n")
+    (tmp_path / "spec.yaml").write_text(SPEC)
+    document = json.loads(candidate_spec_json(tmp_path / "spec.yaml"))
+    assert document["corpora"]["catalog"]["rows"] == [{"offer": "a", "margin": 1}]

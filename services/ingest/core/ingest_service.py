@@ -230,7 +230,8 @@ class IngestService:
         def work() -> tuple[TableSummary, list[dict[str, Any]]]:
             summary = self._table(name)
             table = sa.Table(name, sa.MetaData(), autoload_with=self.engine)
-            query = sa.select(table).order_by(*(table.c[key] for key in summary.key)).limit(most + 1)
+            order = [table.c[key] for key in summary.key] or list(table.c)  # the same rows, the same order
+            query = sa.select(table).order_by(*order).limit(most + 1)
             with self.engine.connect() as connection:
                 rows = [dict(row._mapping) for row in connection.execute(query)]
             if len(rows) > most:

@@ -312,7 +312,19 @@ class MonitorService:
         responses = await asyncio.to_thread(
             self.archive.responses, deployment, window.start, self._clock() + 60
         )
-        return window, await asyncio.to_thread(compare_shadows, contacts, responses, shadows)
+        comparisons = await asyncio.to_thread(compare_shadows, contacts, responses, shadows)
+        if not comparisons and self.config is not None:
+            try:
+                stored = await self.config.spec(deployment, 0)
+            except Unavailable:
+                stored = None  # answer what the log says: no shadow decisions
+            if stored is not None and parse_deployment_spec(stored[0], "json").shadow is None:
+                raise FailedPrecondition(
+                    f"'{deployment}' names no shadow (its spec's `shadow`), and no shadow decisions of it "
+                    "were logged in the window",
+                    field="deployment",
+                )
+        return window, comparisons
 
     def _candidate_models(self, spec: DeploymentSpec) -> ModelsByKey:
         """The model versions the candidate binds, loaded and verified as a replica loads them."""

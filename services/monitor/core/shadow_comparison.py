@@ -61,11 +61,15 @@ def compare_shadows(
         if row["shown"]
     }
     by_shadow: dict[str, list[tuple[str, str]]] = defaultdict(list)  # shadow -> (live uuid, its first)
+    unmatched: dict[str, int] = defaultdict(int)  # shadow -> decisions without their live contact
     for row in shadows.select(["shadow", "shadow_of", "shown"]).to_pylist():
         if row["shown"] and row["shadow_of"] in live:
             by_shadow[row["shadow"]].append((row["shadow_of"], row["shown"][0]))
+        else:
+            unmatched[row["shadow"]] += 1
+            by_shadow.setdefault(row["shadow"], [])
     return [
-        _compare(name, pairs, live, rewards, confidence_level, seed)
+        _compare(name, pairs, unmatched[name], live, rewards, confidence_level, seed)
         for name, pairs in sorted(by_shadow.items())
     ]
 
@@ -73,6 +77,7 @@ def compare_shadows(
 def _compare(
     shadow: str,
     pairs: list[tuple[str, str]],
+    unmatched: int,
     live: dict[str, dict[str, Any]],
     rewards: dict[tuple[str, str], float],
     confidence_level: float,
@@ -111,6 +116,11 @@ def _compare(
         "the shadow's first offer is one draw of its policy: IPS weighs the live reward where both "
         "put the same offer first by 1 / the live policy's logged probability of that offer"
     ]
+    if unmatched:
+        notes.append(
+            f"{unmatched} shadow decisions have no live contact that showed an offer in the window (the live "
+            "contact fell just outside it, or showed nothing); left out"
+        )
     if not_comparable:
         notes.append(
             f"{not_comparable} shadow decisions put first an offer the live decision could not show; "

@@ -26,7 +26,7 @@ from libs.common.config_follower import AppliedConfig, AppliedDeployment
 from libs.common.deployment_spec import Offer
 from libs.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from libs.policy.context import Context, derive_context, parse_number_of_offers, parse_params
-from libs.policy.deployment import Choice, PreparedDeployment, RankedOffer, VariantPlan
+from libs.policy.deployment import ELIGIBLE_OFFERS_PARAM, Choice, PreparedDeployment, RankedOffer, VariantPlan
 from libs.policy.plugins import MAX_REWARD_MAGNITUDE, PluginSkip, RewardInput
 from libs.policy.statistics import Statistics
 from services.predictor.core import answer_in_redis, budgets
@@ -67,8 +67,10 @@ _skip_logged: dict[tuple[str, str, str], float] = {}
 MAX_SHADOWS_IN_FLIGHT = 64
 
 # A routed contact's field naming the router's statistics, for Respond: [router, generation,
-# segment, variant, target] (only when the router ranks, and so learns).
+# segment, variant, target] (only when the router ranks, and so learns); and its mark once the
+# router learned from the contact (once per routed request, whatever the responses).
 ROUTE_FIELD = "route"
+ROUTE_LEARNED_MARK = "route_learned"
 
 
 def _skipped(deployment: str, skips: Sequence[PluginSkip]) -> list[str]:
@@ -265,9 +267,14 @@ class DecisionEngine:
         )
         warnings = [*context.warnings, *override_warnings, *activator_warnings]
         shadow = config.deployments.get(spec.shadow) if spec.shadow is not None else None
-        if spec.shadow is not None and shadow is None:
+        if spec.shadow is not None and (shadow is None or shadow.spec.routing is not None):
             SHADOW_DECISIONS.labels(spec.name, spec.shadow, "not_served").inc()
-            warnings.append(f"shadow '{spec.shadow}' is not served here; no shadow decision")
+            warnings.append(
+                f"shadow '{spec.shadow}' "
+                + ("is not served here" if shadow is None else "routes (a shadow decides offers)")
+                + "; no shadow decision"
+            )
+            shadow = None
         plan = prepared.selected(plan, context)  # the model selector's model for this context
         unknown = prepared.unknown_requested_offers(params)
         if unknown:
@@ -397,14 +404,21 @@ class DecisionEngine:
             value = str(context.values.get(routing.variable, ""))
             target = routing.routes.get(value, routing.default or spec.offers[0].id)
         else:
+            # The call's own offer list names the serving deployment's offers, not the router's.
+            own = {name: value for name, value in params.items() if name != ELIGIBLE_OFFERS_PARAM}
             _, features, context, eligible, statistics = await self._inputs(
-                prepared, plan, generation, request, params, skips, warnings
+                prepared, plan, generation, request, own, skips, warnings
             )
-            served = [offer for offer in eligible if offer.id in config.deployments]
+            served = [
+                offer
+                for offer in eligible
+                if offer.id in config.deployments and config.deployments[offer.id].spec.routing is None
+            ]
             if not served:
                 raise FailedPrecondition(
-                    f"'{spec.name}' routes to none of the deployments served here "
-                    f"({', '.join(offer.id for offer in eligible) or 'no eligible offer'})",
+                    f"'{spec.name}' has no deployment to route this request to: of its eligible routes "
+                    f"({', '.join(offer.id for offer in eligible) or 'none'}) none is served here "
+                    "without routing itself",
                     field="routing",
                 )
             choice = prepared.choose(
@@ -415,7 +429,7 @@ class DecisionEngine:
                 self.rng,
                 count=1,
                 features=features,
-                params=params,
+                params=own,
                 customer=request.customer,
                 skips=skips,
             )
@@ -808,8 +822,15 @@ class DecisionEngine:
                 scope = Scope(deployment, contact.get("generation", "0"), contact["segment"])
                 store = self.options.statistics[plan.scorer.statistics]
                 learned = store.queue_rewards(pipeline, scope, contact, fresh, reward * weight, plan, now)
-                if ROUTE_FIELD in contact and config is not None:
-                    self._queue_route_reward(pipeline, contact, reward * weight, config, now)
+            route_marks: dict[str, str] = {}
+            if (
+                learned
+                and ROUTE_FIELD in contact
+                and ROUTE_LEARNED_MARK not in contact
+                and config is not None
+            ):
+                self._queue_route_reward(pipeline, contact, reward * weight, config, now)
+                route_marks[ROUTE_LEARNED_MARK] = "1"
             record = decision_log.Response(
                 uuid=request.uuid,
                 time=now,
@@ -834,7 +855,7 @@ class DecisionEngine:
             self.options.queue_log(pipeline, record)
             # The marks last: a command that fails stops the ones after it, and a contact left
             # unmarked is answered again by the retry, where one marked would never be learned.
-            self.options.queue_answer_marks(pipeline, request.uuid, fresh, contact)
+            self.options.queue_answer_marks(pipeline, request.uuid, fresh, contact, route_marks)
             return _Answer(deployment, accepted, fresh, plan is not None, learned, late, duplicate)
 
         def answered_in_redis(reply: Sequence[Any]) -> _Answer:
@@ -887,14 +908,16 @@ class DecisionEngine:
     def _queue_route_reward(
         self, pipeline: Any, contact: Mapping[str, str], reward: float, config: ServedConfig, now: float
     ) -> None:
-        """The router that chose this contact's deployment learns its reward (once: with the
-        contact's first acceptance of each offer, as the deployment does)."""
+        """The router that chose this contact's deployment learns the reward the deployment learned
+        from its first learned response (a router counts successes: a negative reward teaches it 0)."""
         router, generation, segment, variant, target = json.loads(contact[ROUTE_FIELD])
         applied = config.deployments.get(router)
         if applied is None:
             return  # no longer served here: the deployment still learns
         plan = applied.prepared.plans.get(variant, applied.prepared.plans[""])
         store = self.options.statistics[plan.scorer.statistics]
+        if not store.takes_negative_rewards:
+            reward = max(reward, 0.0)
         store.queue_rewards(
             pipeline, Scope(router, generation, segment), contact, [target], reward, plan, now
         )

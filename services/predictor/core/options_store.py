@@ -216,13 +216,18 @@ class OptionsStore:
 
     @staticmethod
     def queue_answer_marks(
-        pipeline: Any, uuid: str, offers: Sequence[str], contact: Mapping[str, str]
+        pipeline: Any,
+        uuid: str,
+        offers: Sequence[str],
+        contact: Mapping[str, str],
+        more: Mapping[str, str] | None = None,
     ) -> None:
-        """The contact has been answered, and these offers accepted (each learned once). Marks are
-        only ever added, never removed or rewritten: the guard of `answer_contact` counts the
-        contact's fields, so a new mark restarts the other answers racing for it and a duplicate,
-        which adds none, restarts nothing."""
-        marks = {f"accepted|{offer}": "1" for offer in offers}
+        """The contact has been answered, and these offers accepted (each learned once); `more`
+        marks anything else learned once (a router's reward). Marks are only ever added, never
+        removed or rewritten: the guard of `answer_contact` counts the contact's fields, so a new
+        mark restarts the other answers racing for it and a duplicate, which adds none, restarts
+        nothing."""
+        marks = {f"accepted|{offer}": "1" for offer in offers} | dict(more or {})
         if contact.get("responded") != "1":
             marks["responded"] = "1"
         if marks:
