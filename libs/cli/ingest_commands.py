@@ -165,21 +165,19 @@ def _ingest_service(state_dir: Path | None, target: str | None) -> Iterator[_Ing
 def read_table_rows(
     state_dir: Path | None, target: str | None, table: str
 ) -> tuple[list[dict[str, Any]], str]:
-    """Every row of a small ingested table (ReadRows), numbers that are whole as integers, and a
+    """Every row of a small ingested table (ReadRows), an INT64 column's numbers as integers, and a
     note naming the write they come from (its fingerprint)."""
     with _ingest_service(state_dir, target) as service:
         reply = service.call("ReadRows", ingest_pb2.ReadRowsRequest(table=table))
+    integers = {column.name for column in reply.columns if column.type == ingest_pb2.COLUMN_TYPE_INT64}
     rows = [
-        {key: _whole(value) for key, value in json_format.MessageToDict(row).items()} for row in reply.rows
+        {
+            name: int(value) if name in integers and isinstance(value, float) else value
+            for name, value in json_format.MessageToDict(row).items()
+        }
+        for row in reply.rows
     ]
     return rows, f"table {table} fingerprint:{reply.table.fingerprint[:16]}"
-
-
-def _whole(value: Any) -> Any:
-    """A JSON number that is whole as an integer (Struct holds every number as a double)."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return int(value)
-    return value
 
 
 def _progress(enabled: bool, *columns: Any) -> Progress:

@@ -260,7 +260,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self, request: ingest_pb2.ReadRowsRequest, context: Any
     ) -> ingest_pb2.ReadRowsResponse:
         summary, rows = await self._service.read_rows(request.table, request.limit)
-        response = ingest_pb2.ReadRowsResponse(table=_table_info(summary))
+        response = ingest_pb2.ReadRowsResponse(table=_table_info(summary), columns=_columns(summary.columns))
         for row in rows:
             response.rows.add().update(row)
         return response

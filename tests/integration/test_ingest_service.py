@@ -535,6 +535,12 @@ async def test_types_are_inferred_and_overridden(stack: IngestStack) -> None:
     assert "'typed2' holds 2 rows; at most 1" in (refused.details() or "")
     missing = await failure(stack.stub.ReadRows(ingest_pb2.ReadRowsRequest(table="nope")))
     assert missing.code() == grpc.StatusCode.NOT_FOUND
+    assert {c.name: c.type for c in read.columns}["age"] == ingest_pb2.COLUMN_TYPE_FLOAT64
+    big = stack.write("big.csv", "id,count\n9007199254740993,5\n12,7\n")
+    await stack.ingest(big, "big_ids", key=["id"])
+    read = await stack.stub.ReadRows(ingest_pb2.ReadRowsRequest(table="big_ids"))
+    # A double cannot hold 2^53 + 1: it comes as text, the small one as a number.
+    assert [json_format.MessageToDict(row)["id"] for row in read.rows] == [12.0, "9007199254740993"]
 
 
 # JSON lines, Parquet, SQL --------------------------------------------------------------------

@@ -446,9 +446,12 @@ def elapsed(started: float) -> float:
 
 
 def _plain(value: Any) -> Any:
-    """A value of a row as JSON holds it: times as ISO 8601 text, NaN as null."""
+    """A value of a row as JSON holds it: times as ISO 8601 text, NaN as null, an integer a double
+    cannot hold exactly as text."""
     if isinstance(value, datetime | date):
         return value.isoformat()
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**53:
+        return str(value)  # a double (a Struct's number) would round it
     return value

@@ -504,9 +504,11 @@ class ReadRowsRequest(_message.Message):
     def __init__(self, table: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class ReadRowsResponse(_message.Message):
-    __slots__ = ("table", "rows")
+    __slots__ = ("table", "rows", "columns")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
     table: TableInfo
     rows: _containers.RepeatedCompositeFieldContainer[_struct_pb2.Struct]
-    def __init__(self, table: _Optional[_Union[TableInfo, _Mapping]] = ..., rows: _Optional[_Iterable[_Union[_struct_pb2.Struct, _Mapping]]] = ...) -> None: ...
+    columns: _containers.RepeatedCompositeFieldContainer[ColumnSchema]
+    def __init__(self, table: _Optional[_Union[TableInfo, _Mapping]] = ..., rows: _Optional[_Iterable[_Union[_struct_pb2.Struct, _Mapping]]] = ..., columns: _Optional[_Iterable[_Union[ColumnSchema, _Mapping]]] = ...) -> None: ...
