@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import redis
+from redis.asyncio import Redis as AsyncRedis
 
 from libs.common.auth import ApiKeyStore, Role, generate_api_key
 from libs.stack.processes import free_port, redis_argv, wait_until
@@ -65,3 +66,13 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real redis-server on a free port, for the session."""
     with running_redis(tmp_path_factory.mktemp("redis")) as url:
         yield url
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[AsyncRedis]:
+    """An asyncio client on the session's Redis, closed after the test."""
+    client = AsyncRedis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()

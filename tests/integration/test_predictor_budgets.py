@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid as uuid_module
-from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
@@ -24,15 +23,6 @@ from services.predictor.core.options_store import OptionsStore
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 MONDAY_NOON = 1_765_195_200.0  # 2025-12-08, a Monday, 12:00 UTC
-
-
-@pytest.fixture
-async def redis_client(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 def spec_with(budget: dict[str, Any], price: float = 1.0) -> Any:

@@ -7,7 +7,6 @@ the monitor reads it; every bucket of first-slot propensities within binomial no
 from __future__ import annotations
 
 import uuid as uuid_module
-from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
@@ -25,13 +24,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300
 
 INVOKES = 20_000
 TAKE_UP = {"alpha": 0.12, "bravo": 0.10, "charlie": 0.08, "delta": 0.05, "echo": 0.02}
-
-
-@pytest.fixture
-async def redis_client(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,6 @@ deployment earns."""
 from __future__ import annotations
 
 import uuid as uuid_module
-from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
@@ -26,15 +25,6 @@ from services.predictor.core.metrics import SHADOW_DECISIONS
 from services.predictor.core.options_store import OptionsStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
-
-
-@pytest.fixture
-async def redis_client(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture
