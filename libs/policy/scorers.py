@@ -127,9 +127,11 @@ class ThompsonScorer(Scorer):
         if self._model is not None:
             take_up = np.clip(self._model.predict_offers(context, offers), 0.0, 1.0)
             # A prediction that is not a number adds no pseudo-counts (the draws stay numbers).
-            weight = np.where(np.isnan(take_up), 0.0, algorithm.model_prior_weight)
-            alpha = alpha + weight * np.nan_to_num(take_up)
-            beta = beta + weight * (1.0 - np.nan_to_num(take_up))
+            known = ~np.isnan(take_up)
+            weight = np.where(known, algorithm.model_prior_weight, 0.0)
+            take_up_or_0 = np.where(known, take_up, 0.0)
+            alpha = alpha + weight * take_up_or_0
+            beta = beta + weight * (1.0 - take_up_or_0)
         return alpha, beta, impressions, take_up
 
     def _score(self, request: ScoringRequest) -> Scores:

@@ -174,14 +174,20 @@ class ArmFields:
         """A field whose value is not a number is ignored."""
         plan = _parse_plan(tuple(raw))
         try:
-            values = np.fromiter((float(value) for value in raw.values()), np.float64, len(raw))
+            values = list(map(float, raw.values()))
         except ValueError:  # a field that is not a number: the careful path
             return cls.read(_numbers_only(raw))
-        padded = np.append(values, np.nan)  # position -1 reads the NaN: "absent"
+        # Position -1 reads the padding: "absent", zero for a count and NaN for a time.
+        absent_nan = np.array([*values, np.nan], dtype=np.float64)
+        absent_zero = absent_nan.copy()
+        absent_zero[-1] = 0.0
+        if not np.isfinite(absent_zero).all():  # a count written as nan or inf: as nan_to_num reads it
+            absent_zero = np.nan_to_num(absent_zero)
         index = {offer: position for position, offer in enumerate(plan.offers)}
-        columns = {name: padded[rows] for name, rows in plan.positions.items()}
-        for name in _COUNT_FIELDS:  # absent counts are zero; only times keep their NaN
-            columns[name] = np.nan_to_num(columns[name])
+        columns = {
+            name: (absent_zero if name in _COUNT_FIELDS else absent_nan)[rows]
+            for name, rows in plan.positions.items()
+        }
         return cls(plan.offers, index, columns)
 
     def at(self, policy: ArmPolicy, now: float) -> ArmTable:
@@ -207,7 +213,7 @@ class ArmFields:
             window = policy.window_seconds
             begun = field("wb")
             windowed = ~np.isnan(begun)
-            elapsed = now - np.nan_to_num(begun)
+            elapsed = now - np.where(windowed, begun, 0.0)
             wn, ws, pn, ps = field("wn"), field("ws"), field("pn"), field("ps")
             expired = elapsed >= 2 * window
             previous = (elapsed >= window) & ~expired
