@@ -48,9 +48,11 @@ async def log_decisions(loop: Loop, name: str) -> None:
 
 
 async def evaluate(
-    monitor: monitor_pb2_grpc.MonitorServiceStub, name: str, **fields: object
+    monitor: monitor_pb2_grpc.MonitorServiceStub, name: str, confidence: float = 0.99, **fields: object
 ) -> monitor_pb2.EvaluatePolicyResponse:
-    request = monitor_pb2.EvaluatePolicyRequest(deployment=name, confidence_level=0.99, seed=3, **fields)  # type: ignore[arg-type]
+    request = monitor_pb2.EvaluatePolicyRequest(
+        deployment=name, confidence_level=confidence, seed=3, **fields
+    )  # type: ignore[arg-type]
     reply: monitor_pb2.EvaluatePolicyResponse = await monitor.EvaluatePolicy(request, timeout=60)
     return reply
 
@@ -87,7 +89,9 @@ async def test_candidates_with_known_values_are_estimated_within_their_intervals
             "params": {"offers": [o for o in OFFERS if o != "alpha"]},
         }
     ]
-    reply = await evaluate(monitor, name, candidate_spec_json=json.dumps(only_alpha))
+    # The logged first offers come from the replicas' own random draws, so a 99% interval misses the
+    # truth in about one run in a hundred (CI saw IPS 2.5 standard errors low once): 99.9% here.
+    reply = await evaluate(monitor, name, confidence=0.999, candidate_spec_json=json.dumps(only_alpha))
     assert not reply.refused
     for row in reply.estimates:
         if row.estimator == monitor_pb2.ESTIMATOR_DM:
