@@ -79,6 +79,7 @@ class Job:
     rounds: int
     seed: int
     policy: PolicySettings
+    step_seconds: float = 1.0  # simulated seconds per round: 0.5 is twice the traffic
 
     @property
     def cost(self) -> float:
@@ -88,8 +89,8 @@ class Job:
 
 def run_job(job: Job) -> dict[str, Any]:
     environment = make_environment(job.environment, rounds=job.rounds, seed=job.seed)
-    report = run_in_memory(environment, job.policy)
-    return {"group": job.group, **report.to_dict()}
+    report = run_in_memory(environment, job.policy, step_seconds=job.step_seconds)
+    return {"group": job.group, "step_seconds": job.step_seconds, **report.to_dict()}
 
 
 def run_jobs(jobs: Sequence[Job], workers: int, label: str) -> list[dict[str, Any]]:
@@ -639,6 +640,62 @@ def discussion(document: dict[str, Any]) -> list[str]:
     return notes
 
 
+# Forgetting by traffic: the tuned half-life in seconds against the same number in impressions, at
+# half, the same and twice the traffic it was tuned at (reversed environment, evaluation seeds).
+TRAFFIC_STEPS = (2.0, 1.0, 0.5)  # simulated seconds per round
+
+
+def forgetting_by_traffic(
+    seeds: Sequence[int], workers: int, rounds: int, half_life: float
+) -> dict[str, Any]:
+    policies = {
+        f"half-life {half_life:,.0f} s": PolicySettings(half_life_seconds=half_life),
+        f"half-life {half_life:,.0f} impressions": PolicySettings(half_life_impressions=half_life),
+    }
+    jobs = [
+        Job("traffic", "reversed", rounds, seed, policy, step)
+        for policy in policies.values()
+        for step in TRAFFIC_STEPS
+        for seed in seeds
+    ]
+    results = run_jobs(jobs, workers, "traffic")
+    table = {
+        label: {
+            f"{1 / step:g}x traffic": summarise(select(results, step_seconds=step, **asdict(policy)))
+            for step in TRAFFIC_STEPS
+        }
+        for label, policy in policies.items()
+    }
+    return {"environment": "reversed", "rounds": rounds, "tuned_half_life": half_life, "policies": table}
+
+
+def traffic_markdown(block: dict[str, Any]) -> str:
+    steps = [f"{1 / step:g}x traffic" for step in TRAFFIC_STEPS]
+    rows = []
+    for label, by_traffic in block["policies"].items():
+        rows.append(
+            [label]
+            + [
+                f"{by_traffic[s]['regret_mean']:,.1f} (recovery {rounds_list(by_traffic[s]['recovery_rounds'])})"
+                for s in steps
+            ]
+        )
+    return "\n".join(
+        [
+            "# Forgetting by traffic, not by the clock",
+            "",
+            f"The reversed environment ({block['rounds']:,} rounds, seeds as in decision_quality), Thompson "
+            f"sampling with the half-life tuned there ({block['tuned_half_life']:,.0f} s at one round a second) "
+            "against the same number as a half-life in impressions (`half_life_impressions`), each at half, the "
+            "same and twice the traffic (simulated seconds per round 2, 1 and 0.5). Mean regret over the seeds, "
+            "and the rounds to recover after the reversal per seed.",
+            "",
+            markdown_table(["policy", *steps], rows),
+            "",
+        ]
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -653,6 +710,12 @@ def main() -> int:
         "--quick", action="store_true", help="a tenth of the rounds: a smoke test of this script"
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument(
+        "--traffic-only",
+        type=float,
+        metavar="HALF_LIFE",
+        help="Only the forgetting-by-traffic comparison at this tuned half-life (forgetting_by_traffic.*)",
+    )
     parser.add_argument(
         "--render-only",
         type=Path,
@@ -670,6 +733,20 @@ def main() -> int:
     started = time.perf_counter()
     scale = 10 if args.quick else 1
     rounds = {name: value // scale for name, value in ROUNDS.items()}
+    if args.traffic_only is not None:
+        block = forgetting_by_traffic(args.seeds, args.workers, rounds["reversed"], args.traffic_only / scale)
+        block["command"] = " ".join(
+            [".venv/bin/python", "bench/decision_quality.py", *map(shlex.quote, sys.argv[1:])]
+        )
+        block["wall_seconds"] = round(time.perf_counter() - started, 1)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "forgetting_by_traffic.json").write_text(json.dumps(block, indent=1) + "\n")
+        text = (
+            traffic_markdown(block) + f"\nCommand: `{block['command']}` ({block['wall_seconds']:,.0f} s).\n"
+        )
+        (args.out / "forgetting_by_traffic.md").write_text(text)
+        log(f"wrote {args.out / 'forgetting_by_traffic.md'}")
+        return 0
 
     # 1. Tune the half-lives on the tuning seeds, for the default prior and a take-up-like prior.
     sweeps = (("reversed", REVERSED_HALF_LIVES), ("segments", SEGMENTS_HALF_LIVES))

@@ -127,6 +127,15 @@ def simulate(
             help="Forget evidence with this half-life; one round is --step-seconds of simulated time",
         ),
     ] = None,
+    half_life_impressions: Annotated[
+        float | None,
+        typer.Option(
+            "--half-life-impressions",
+            min=0.001,
+            metavar="IMPRESSIONS",
+            help="Forget evidence by traffic: halve it every this many impressions of the segment",
+        ),
+    ] = None,
     epsilon: Annotated[float, typer.Option(min=0.0, max=1.0, help="Exploration of epsilon_greedy")] = 0.1,
     prior: Annotated[
         str,
@@ -167,6 +176,7 @@ def simulate(
     policy = PolicySettings(
         algorithm=algorithm.value,
         half_life_seconds=half_life,
+        half_life_impressions=half_life_impressions,
         epsilon=epsilon,
         use_segment=not no_context,
         alpha0=alpha0,
@@ -182,7 +192,7 @@ def simulate(
     if engine is EngineChoice.GRPC and half_life:
         errors.print(
             "[yellow]warning:[/yellow] through gRPC the stack keeps time with its own clock: the "
-            "half-life is in wall-clock seconds, not rounds"
+            "half-life is in wall-clock seconds, not rounds (--half-life-impressions counts rounds)"
         )
     description = f"{world.name} / {policy.label} / {engine.value}"
     with _progress(rounds, description) as advance:

@@ -171,6 +171,12 @@ class ThompsonAlgorithm(SpecModel):
     success_increment: float = Field(1.0, gt=0)
     fail_increment: float = Field(1.0, ge=0)
     half_life_seconds: float | None = Field(None, gt=0, description="Forget old evidence (drifting offers)")
+    half_life_impressions: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Forget old evidence by traffic: halve it every this many impressions in the segment",
+    )
     window_seconds: float | None = Field(None, gt=0, description="Learn only from this recent window")
     count_cap: float | None = Field(None, gt=0, description="Cap on alpha+beta so the arm keeps learning")
     model_prior_weight: float = Field(0.0, ge=0, description="Pseudo-counts from the bound model's score")
@@ -181,6 +187,7 @@ class EpsilonGreedyAlgorithm(SpecModel):
 
     approach: Literal["epsilon_greedy"] = "epsilon_greedy"
     half_life_seconds: float | None = Field(None, gt=0)
+    half_life_impressions: float | None = Field(None, gt=0, allow_inf_nan=False)
     prior_take_up: float = Field(0.0, ge=0, le=1, description="Take-up assumed for offers with no history")
 
 

@@ -64,6 +64,9 @@ class ArmPolicy:
     half_life_seconds: float = 0.0
     window_seconds: float = 0.0
     count_cap: float = 0.0
+    # Evidence halves every this many impressions in the segment (of any offer): forgetting that
+    # follows the traffic, not the clock (0: none).
+    half_life_impressions: float = 0.0
 
     @classmethod
     def from_algorithm(cls, algorithm: object) -> ArmPolicy:
@@ -72,12 +75,17 @@ class ArmPolicy:
                 algorithm.half_life_seconds or 0.0,
                 algorithm.window_seconds or 0.0,
                 algorithm.count_cap or 0.0,
+                algorithm.half_life_impressions or 0.0,
             )
         half_life = getattr(algorithm, "half_life_seconds", None)
-        return cls(half_life_seconds=half_life or 0.0)
+        impressions = getattr(algorithm, "half_life_impressions", None)
+        return cls(half_life_seconds=half_life or 0.0, half_life_impressions=impressions or 0.0)
 
 
-_ARM_FIELDS = ("n", "s", "t", "pa", "pb", "wb", "wn", "ws", "pn", "ps")
+_ARM_FIELDS = ("n", "s", "t", "c", "pa", "pb", "wb", "wn", "ws", "pn", "ps")
+# The segment's impression clock: impressions of any offer so far (an arm's `c` is its reading at
+# the arm's last update). Its field has no offer before the `|`, which no offer id can be.
+SEGMENT_CLOCK_FIELD = "|imp"
 _COUNT_FIELDS = ("n", "s", "pa", "pb", "wn", "ws", "pn", "ps")
 _PARSE_PLANS_KEPT = 256
 
@@ -88,6 +96,7 @@ class _ParsePlan:
 
     offers: tuple[str, ...]
     positions: dict[str, np.ndarray]  # field -> per offer, its position among the values, or -1
+    clock_position: int = -1  # SEGMENT_CLOCK_FIELD's position among the values, or -1
 
 
 _parse_plans: dict[tuple[bytes | str, ...], _ParsePlan] = {}
@@ -101,15 +110,19 @@ def _parse_plan(keys: tuple[bytes | str, ...]) -> _ParsePlan:
         return plan
     offers: dict[str, int] = {}
     located: list[tuple[int, str, int]] = []
+    clock_position = -1
     for position, key in enumerate(keys):
         name = key.decode() if isinstance(key, bytes) else key
+        if name == SEGMENT_CLOCK_FIELD:
+            clock_position = position
+            continue
         offer, _, part = name.rpartition("|")
         located.append((offers.setdefault(offer, len(offers)), part, position))
     positions = {field: np.full(len(offers), -1, dtype=np.intp) for field in _ARM_FIELDS}
     for index, part, position in located:
         if part in positions:
             positions[part][index] = position
-    plan = _ParsePlan(tuple(offers), positions)
+    plan = _ParsePlan(tuple(offers), positions, clock_position)
     if len(_parse_plans) >= _PARSE_PLANS_KEPT:
         _parse_plans.clear()
     _parse_plans[keys] = plan
@@ -166,6 +179,7 @@ class ArmFields:
     offers: tuple[str, ...]
     index: Mapping[str, int]  # offer -> its row
     columns: Mapping[str, np.ndarray]  # field -> per offer
+    clock: float = 0.0  # the segment's impression clock (SEGMENT_CLOCK_FIELD)
     # The last table `at` made, per policy, with its moment.
     _decayed: dict[ArmPolicy, tuple[float, ArmTable]] = field(default_factory=dict, compare=False, repr=False)
 
@@ -188,7 +202,8 @@ class ArmFields:
             name: (absent_zero if name in _COUNT_FIELDS else absent_nan)[rows]
             for name, rows in plan.positions.items()
         }
-        return cls(plan.offers, index, columns)
+        clock = float(absent_zero[plan.clock_position]) if plan.clock_position >= 0 else 0.0
+        return cls(plan.offers, index, columns, clock)
 
     def at(self, policy: ArmPolicy, now: float) -> ArmTable:
         """The arms decayed to `now` (half-life, two-bucket window), vectorised over the offers. The
@@ -208,6 +223,11 @@ class ArmFields:
         if policy.half_life_seconds > 0:
             elapsed = np.maximum(now - np.where(np.isnan(field("t")), now, field("t")), 0.0)
             factor = np.power(0.5, elapsed / policy.half_life_seconds)
+            n, s = n * factor, s * factor
+        if policy.half_life_impressions > 0:  # aged by the segment's impressions since the arm's update
+            updated_at = field("c")
+            age = np.maximum(self.clock - np.where(np.isnan(updated_at), self.clock, updated_at), 0.0)
+            factor = np.power(0.5, age / policy.half_life_impressions)
             n, s = n * factor, s * factor
         if policy.window_seconds > 0:
             window = policy.window_seconds

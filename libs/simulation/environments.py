@@ -148,6 +148,7 @@ class PolicySettings:
 
     algorithm: AlgorithmName = "thompson"
     half_life_seconds: float | None = None
+    half_life_impressions: float | None = None
     epsilon: float = 0.1  # exploration share for epsilon_greedy
     use_segment: bool = True  # declare the segment as a context variable (segments environment)
     alpha0: float = 1.0  # thompson prior successes
@@ -162,6 +163,8 @@ class PolicySettings:
             parts.append(f"prior=Beta({self.alpha0:g},{self.beta0:g})")
         if self.half_life_seconds:
             parts.append(f"half-life={self.half_life_seconds:g}s")
+        if self.half_life_impressions:
+            parts.append(f"half-life={self.half_life_impressions:g} impressions")
         if not self.use_segment:
             parts.append("no-context")
         return " ".join(parts)
@@ -177,6 +180,8 @@ def simulation_spec_document(environment: Environment, policy: PolicySettings, n
         epsilon = 1.0 if policy.algorithm == "uniform" else policy.epsilon
     if policy.half_life_seconds:
         algorithm["half_life_seconds"] = policy.half_life_seconds
+    if policy.half_life_impressions:
+        algorithm["half_life_impressions"] = policy.half_life_impressions
     document: dict[str, Any] = {
         "name": name,
         "description": f"simulation: {environment.name} environment, seed {environment.seed}, {policy.label}",

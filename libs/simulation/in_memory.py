@@ -16,7 +16,7 @@ from libs.common.deployment_spec import DeploymentSpec
 from libs.common.errors import InvalidArgument
 from libs.policy.context import Context, derive_context
 from libs.policy.deployment import PreparedDeployment
-from libs.policy.statistics import ArmPolicy, Statistics, parse_arms
+from libs.policy.statistics import SEGMENT_CLOCK_FIELD, ArmPolicy, Statistics, parse_arms
 from libs.simulation.environments import Round
 
 # The options store's arm arithmetic, in memory ----------------------------------------------------
@@ -46,6 +46,11 @@ def update_arm_fields(
     half_life = policy.half_life_seconds
     window = policy.window_seconds
     cap = policy.count_cap
+    half_life_impressions = policy.half_life_impressions
+    clock = 0.0
+    if half_life_impressions > 0:
+        clock = (number(SEGMENT_CLOCK_FIELD) or 0.0) + sum(dn for _, dn, _ in updates)
+        fields[SEGMENT_CLOCK_FIELD] = _lua_number(clock)
     for offer, dn, ds in updates:
         n = number(f"{offer}|n") or 0.0
         s = number(f"{offer}|s") or 0.0
@@ -55,6 +60,14 @@ def update_arm_fields(
             factor = math.pow(0.5, (now - t) / half_life)
             n = n * factor
             s = s * factor
+        if half_life_impressions > 0:
+            stored_c = number(f"{offer}|c")
+            c = stored_c if stored_c is not None else clock
+            if clock > c:
+                factor = math.pow(0.5, (clock - c) / half_life_impressions)
+                n = n * factor
+                s = s * factor
+            fields[f"{offer}|c"] = _lua_number(clock)
         n = n + dn
         s = s + ds
         if s > n:

@@ -97,6 +97,7 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
         "algorithm": {
             "approach": "thompson",
             "half_life_seconds": draw(st.sampled_from([None, 90.0])),
+            "half_life_impressions": draw(st.sampled_from([None, 5.0])),
             "window_seconds": draw(st.sampled_from([None, 45.0])),
             "count_cap": draw(st.sampled_from([None, 3.0])),
         },
@@ -335,3 +336,39 @@ async def test_a_response_answered_in_redis_drops_every_replicas_kept_statistics
     finally:
         await pubsub.aclose()
         await listener.aclose()
+
+
+async def test_a_contact_an_older_replica_wrote_is_answered_in_python(store: Store) -> None:
+    """A contact whose facts came from a replica before the facts named their format (no half-life
+    in impressions, and a segment with `|` in its statistics key the script would misread) is left
+    to Python: learned once, correctly, in two round trips."""
+    name = f"answer-{uuid_module.uuid4().hex[:8]}"
+    spec = deployment_spec_from_mapping(
+        {
+            "name": name,
+            "offers": [{"id": o} for o in OFFERS],
+            "context_variables": [
+                {"name": "region", "source": "param", "default": "north"},
+                {"name": "tier", "source": "param", "default": "gold"},
+            ],
+        }
+    )
+    store.clock.now = START
+    engine = DecisionEngine(store.options, "replica-x", rng=np.random.default_rng(3))
+    config = applied_config(spec, revision=7)
+    decision = await engine.invoke(InvokeInput(name, "", "", "c-1", "", 1, {}, None), config)
+    key = redis_keys.contact(decision.uuid)
+    facts = (await store.redis.hget(key, answer_in_redis.FACTS_FIELD)).decode()
+    assert facts.startswith(f"{answer_in_redis.FACTS_FORMAT}|7|")
+    statistics_key = redis_keys.arm_statistics(name, "0", decision.segment)
+    assert "|" in statistics_key
+    old = facts.removeprefix(f"{answer_in_redis.FACTS_FORMAT}|").replace(
+        "|0.0|" + statistics_key, "|" + statistics_key
+    )
+    await store.redis.hset(key, answer_in_redis.FACTS_FIELD, old)  # the six numbers of the old format
+    offer = decision.offers[0].offer.id
+    sent = store.options.batched_round_trips
+    outcome = await engine.respond(RespondInput(decision.uuid, [offer]), config)
+    assert outcome.learned
+    assert store.options.batched_round_trips - sent >= 2  # not answered by the script: Python commits
+    assert float((await store.redis.hgetall(statistics_key))[f"{offer}|s".encode()]) == 1.0

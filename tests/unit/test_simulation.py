@@ -169,6 +169,29 @@ def test_update_arm_fields_decays_adds_and_caps_like_the_script() -> None:
     assert float(capped["b|s"]) == 2.0
 
 
+def test_a_half_life_in_impressions_forgets_by_the_segments_traffic_not_the_clock() -> None:
+    """Evidence halves every `half_life_impressions` impressions of any offer in the segment, so the
+    same sequence forgets the same however fast it arrives; an arm that is not shown still ages."""
+    policy = ArmPolicy(half_life_impressions=100.0)
+    slow: ArmHash = {}
+    fast: ArmHash = {}
+    for index in range(10):  # a: 10 impressions, 4 successes
+        for fields, step in ((slow, 60.0), (fast, 0.001)):
+            update_arm_fields(fields, policy, [("a", 1.0, float(index < 4))], index * step)
+    for index in range(100):  # then b alone, 100 impressions: a's evidence is one half-life old
+        for fields, step in ((slow, 60.0), (fast, 0.001)):
+            update_arm_fields(fields, policy, [("b", 1.0, 0.0)], (10 + index) * step)
+    assert {k: v for k, v in slow.items() if not k.endswith("|t")} == {
+        k: v for k, v in fast.items() if not k.endswith("|t")
+    }
+    arms = parse_arms(slow, policy, 1e9)  # no time decay: any reading time gives the same
+    # The k-th newest impression of the segment weighs 0.5 ** (k / 100): a's ten are 100 to 109 old.
+    assert arms["a"].impressions == pytest.approx(sum(0.5 ** ((100 + k) / 100) for k in range(10)))
+    assert arms["a"].successes == pytest.approx(sum(0.5 ** ((100 + k) / 100) for k in range(6, 10)))
+    assert arms["b"].impressions == pytest.approx(sum(0.5 ** (k / 100) for k in range(100)))
+    assert float(slow["|imp"]) == 110.0
+
+
 def test_the_simulation_spec_declares_the_segment_only_where_asked() -> None:
     environment = make_environment("segments", rounds=10, seed=1)
     with_context = simulation_spec(environment, PolicySettings(half_life_seconds=900), "sim-a")
@@ -199,8 +222,10 @@ def _text(value: bytes | str) -> str:
         ArmPolicy(half_life_seconds=37.5),
         ArmPolicy(half_life_seconds=20.0, count_cap=15.0),
         ArmPolicy(window_seconds=30.0),
+        ArmPolicy(half_life_impressions=7.5),
+        ArmPolicy(half_life_seconds=40.0, half_life_impressions=12.0, count_cap=30.0),
     ],
-    ids=["plain", "half-life", "half-life+cap", "window"],
+    ids=["plain", "half-life", "half-life+cap", "window", "impressions", "impressions+time+cap"],
 )
 async def test_in_memory_update_equals_the_lua_update(redis_client: Redis, policy: ArmPolicy) -> None:
     """The same sequence of impressions and successes, at irregular times, through UPDATE_ARMS in

@@ -33,7 +33,10 @@ from services.predictor.core.options_store import DECISION_LOG_MAX_LENGTH
 from services.predictor.core.statistics_stores import UPDATE_ARMS
 
 # The contact's field holding the facts; absent where Python answers (statistics other than arms).
+# The facts start with their format, so a contact written by an older replica, whose facts the
+# script would misread, is left to Python (which reads none of them).
 FACTS_FIELD = "answer"
+FACTS_FORMAT = "f2"
 
 # KEYS[1]: the contact, KEYS[2]: the decision log stream. ARGV: 1 the replica's config revision,
 # 2 the uuid, 3 now, 4 the event time, 5 the reward as sent ('' for none), 6 the channel, 7 the
@@ -55,8 +58,10 @@ local facts = contact['"""
     + FACTS_FIELD
     + """']
 if facts == nil then return leave end
-local served, reward_window, default_reward, half_life, window, cap, arms =
-  string.match(facts, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.+)$')
+local served, reward_window, default_reward, half_life, window, cap, half_life_impressions, arms =
+  string.match(facts, '^"""
+    + FACTS_FORMAT
+    + """|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.+)$')
 if arms == nil or served ~= ARGV[1] then return leave end
 local reward = ARGV[5]
 if reward ~= '' and tonumber(reward) < 0 then return leave end
@@ -78,7 +83,7 @@ local credited = reward
 if credited == '' then credited = default_reward end
 local learned = (not late) and #fresh > 0
 if learned then
-  local updates = {ARGV[3], half_life, window, cap}
+  local updates = {ARGV[3], half_life, window, cap, half_life_impressions}
   for _, offer in ipairs(fresh) do
     updates[#updates + 1] = offer
     updates[#updates + 1] = '0'
@@ -143,8 +148,14 @@ def contact_facts(
         policy.half_life_seconds,
         policy.window_seconds,
         policy.count_cap,
+        policy.half_life_impressions,
     )
-    return f"{config_revision}|" + "|".join(repr(float(number)) for number in numbers) + "|" + statistics_key
+    return (
+        f"{FACTS_FORMAT}|{config_revision}|"
+        + "|".join(repr(float(number)) for number in numbers)
+        + "|"
+        + statistics_key
+    )
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,14 @@ from libs.common.redis_batch import queue_script
 from libs.policy.context import Context
 from libs.policy.deployment import VariantPlan
 from libs.policy.scorers import LinearScorer
-from libs.policy.statistics import ArmFields, ArmPolicy, LinearState, Statistics, StatisticsKind
+from libs.policy.statistics import (
+    SEGMENT_CLOCK_FIELD,
+    ArmFields,
+    ArmPolicy,
+    LinearState,
+    Statistics,
+    StatisticsKind,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,19 +43,28 @@ UPDATE_FEED_RETRY_SECONDS = 0.2
 UPDATE_FEED_RETRY_MAX_SECONDS = 5.0
 
 # KEYS[1] = arm statistics hash. ARGV: now, half_life (0 = none), window (0 = none), cap (0 = none),
-# then triples (offer, impressions to add, successes to add). Per arm: decay the evidence to now,
-# add, cap, and keep a two-bucket sliding window when one is set.
+# half-life in impressions (0 = none), then triples (offer, impressions to add, successes to add).
+# Per arm: decay the evidence to now (and, by impressions, to the segment's impression clock after
+# this call's impressions), add, cap, and keep a two-bucket sliding window when one is set.
 UPDATE_ARMS = """
 local now = tonumber(ARGV[1])
 local half_life = tonumber(ARGV[2])
 local window = tonumber(ARGV[3])
 local cap = tonumber(ARGV[4])
-for i = 5, #ARGV, 3 do
+local half_life_impressions = tonumber(ARGV[5])
+local clock = 0
+if half_life_impressions > 0 then
+  clock = tonumber(redis.call('HGET', KEYS[1], '|imp')) or 0
+  for i = 6, #ARGV, 3 do clock = clock + tonumber(ARGV[i + 1]) end
+  redis.call('HSET', KEYS[1], '|imp', string.format('%.17g', clock))
+end
+for i = 6, #ARGV, 3 do
   local offer = ARGV[i]
   local dn = tonumber(ARGV[i + 1])
   local ds = tonumber(ARGV[i + 2])
   local v = redis.call('HMGET', KEYS[1], offer .. '|n', offer .. '|s', offer .. '|t',
-                      offer .. '|wn', offer .. '|ws', offer .. '|pn', offer .. '|ps', offer .. '|wb')
+                      offer .. '|wn', offer .. '|ws', offer .. '|pn', offer .. '|ps', offer .. '|wb',
+                      offer .. '|c')
   local n = tonumber(v[1]) or 0
   local s = tonumber(v[2]) or 0
   local t = tonumber(v[3]) or now
@@ -56,6 +72,15 @@ for i = 5, #ARGV, 3 do
     local f = math.pow(0.5, (now - t) / half_life)
     n = n * f
     s = s * f
+  end
+  if half_life_impressions > 0 then
+    local c = tonumber(v[9]) or clock
+    if clock > c then
+      local f = math.pow(0.5, (clock - c) / half_life_impressions)
+      n = n * f
+      s = s * f
+    end
+    redis.call('HSET', KEYS[1], offer .. '|c', string.format('%.17g', clock))
   end
   n = n + dn
   s = s + ds
@@ -89,6 +114,7 @@ for i = 5, #ARGV, 3 do
 end
 return 1
 """
+assert SEGMENT_CLOCK_FIELD == "|imp"  # the field UPDATE_ARMS keeps the segment's impression clock in
 
 # KEYS[1] = linear model hash of one offer. ARGV: dimension, reward, x_1..x_d.
 # A += x x^T and b += reward * x, as JSON arrays (cjson ships with Redis's Lua).
@@ -285,7 +311,13 @@ class ArmStatistics:
         if not updates:
             return
         key = redis_keys.arm_statistics(scope.deployment, scope.generation, scope.segment)
-        args: list[Any] = [now, policy.half_life_seconds, policy.window_seconds, policy.count_cap]
+        args: list[Any] = [
+            now,
+            policy.half_life_seconds,
+            policy.window_seconds,
+            policy.count_cap,
+            policy.half_life_impressions,
+        ]
         for offer, impressions, successes in updates:
             args += [offer, impressions, successes]
         queue_script(pipeline, UPDATE_ARMS, [key], args)
