@@ -62,6 +62,8 @@ class EnvironmentChoice(enum.StrEnum):
     STATIONARY = "stationary"
     REVERSED = "reversed"
     SEGMENTS = "segments"
+    GRADUAL = "gradual"
+    SINGLE = "single"
 
 
 class AlgorithmChoice(enum.StrEnum):
@@ -111,7 +113,11 @@ def _progress(total: int, description: str) -> Iterator[Any]:
 
 def simulate(
     environment: Annotated[
-        EnvironmentChoice, typer.Option(help="stationary, reversed (order flips at half time) or segments")
+        EnvironmentChoice,
+        typer.Option(
+            help="stationary, reversed (order flips at half time), segments, gradual (the order moves to "
+            "reversed over 20k rounds from half time) or single (the worst offer becomes the best)"
+        ),
     ] = EnvironmentChoice.STATIONARY,
     rounds: Annotated[int, typer.Option(min=1, max=10_000_000, help="Customers, one offer each")] = 10_000,
     seed: Annotated[int, typer.Option(min=0, help="Seeds the environment and the policy's draws")] = 1,

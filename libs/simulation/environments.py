@@ -18,9 +18,10 @@ import numpy as np
 from libs.common.deployment_spec import DeploymentSpec, deployment_spec_from_mapping
 from libs.common.errors import InvalidArgument
 
-EnvironmentName = Literal["stationary", "reversed", "segments"]
+EnvironmentName = Literal["stationary", "reversed", "segments", "gradual", "single"]
 AlgorithmName = Literal["thompson", "epsilon_greedy", "uniform"]
-ENVIRONMENTS: tuple[EnvironmentName, ...] = ("stationary", "reversed", "segments")
+ENVIRONMENTS: tuple[EnvironmentName, ...] = ("stationary", "reversed", "segments", "gradual", "single")
+GRADUAL_DRIFT_ROUNDS = 20_000  # `gradual`: rounds over which the take-up moves from before to after
 ALGORITHMS: tuple[AlgorithmName, ...] = ("thompson", "epsilon_greedy", "uniform")
 SIMULATION_START = 1_700_000_000.0  # simulated epoch seconds of round 0 (whole, so time arithmetic is exact)
 SEGMENT_COUNT = 4
@@ -44,6 +45,7 @@ class Environment:
     change_round: int | None
     segment_of_round: np.ndarray  # (rounds,) index into segments
     click_draw: np.ndarray  # (rounds,) uniform [0, 1): a click when below the take-up
+    drift_rounds: int = 0  # the change is linear over this many rounds from change_round (0: a step)
 
     @property
     def rounds(self) -> int:
@@ -55,9 +57,20 @@ class Environment:
 
     def take_up(self, round_index: int) -> np.ndarray:
         """The take-up matrix in force at this round."""
-        if self.change_round is not None and round_index >= self.change_round:
+        weight = float(self.after_weights(np.array([round_index]))[0])
+        if weight == 0.0:
+            return self.before
+        if weight == 1.0:
             return self.after
-        return self.before
+        return self.before * (1.0 - weight) + self.after * weight
+
+    def after_weights(self, rounds: np.ndarray) -> np.ndarray:
+        """Per round, how far the take-up has moved from `before` (0) to `after` (1)."""
+        if self.change_round is None:
+            return np.zeros(len(rounds))
+        if self.drift_rounds <= 0:
+            return (rounds >= self.change_round).astype(np.float64)
+        return np.clip((rounds - self.change_round) / self.drift_rounds, 0.0, 1.0)
 
     def clicked(self, round_index: int, offer: int) -> bool:
         segment = int(self.segment_of_round[round_index])
@@ -75,6 +88,7 @@ class Environment:
             "offers": list(self.offers),
             "segments": list(self.segments),
             "change_round": self.change_round,
+            "drift_rounds": self.drift_rounds,
             "take_up_before": np.round(self.before, 6).tolist(),
             "take_up_after": np.round(self.after, 6).tolist(),
         }
@@ -91,8 +105,11 @@ def make_environment(
 ) -> Environment:
     """`stationary`: take-up evenly spaced from `low` to `high`. `reversed`: the same, the order
     reversed at half time. `segments`: 4 segments, each offer's take-up drawn uniformly from
-    [low, high] per segment, the whole matrix redrawn at half time. Segments of customers are drawn
-    uniformly at random in every environment (one segment where there is one)."""
+    [low, high] per segment, the whole matrix redrawn at half time. `gradual`: the stationary rates
+    moving linearly to the reversed order over GRADUAL_DRIFT_ROUNDS (a fifth of the run when it is
+    shorter) from half time. `single`: one offer changes while the others stay: at half time the
+    worst becomes the best (`high` plus one step). Segments of customers are drawn uniformly at
+    random in every environment (one segment where there is one)."""
     if name not in ENVIRONMENTS:
         raise InvalidArgument(f"must be one of {', '.join(ENVIRONMENTS)}", field="environment")
     if rounds < 1:
@@ -106,14 +123,21 @@ def make_environment(
     offer_ids = tuple(f"offer-{index + 1:02d}" for index in range(offers))
     segments = tuple(f"s{index + 1}" for index in range(SEGMENT_COUNT)) if name == "segments" else ("all",)
     change_round: int | None = None
+    drift_rounds = 0
     if name == "segments":
         before = rng.uniform(low, high, size=(len(segments), offers))
         after = rng.uniform(low, high, size=(len(segments), offers))
         change_round = rounds // 2
     else:
         before = np.linspace(low, high, offers)[None, :]
-        after = before[:, ::-1].copy() if name == "reversed" else before
-        change_round = rounds // 2 if name == "reversed" else None
+        after = before[:, ::-1].copy() if name in ("reversed", "gradual") else before
+        change_round = rounds // 2 if name in ("reversed", "gradual") else None
+        if name == "gradual":
+            drift_rounds = min(GRADUAL_DRIFT_ROUNDS, max(rounds // 5, 1))
+        if name == "single":
+            after = before.copy()
+            after[0, 0] = min(high + (high - low) / max(offers - 1, 1), 1.0)
+            change_round = rounds // 2
     return Environment(
         name=name,
         seed=seed,
@@ -124,6 +148,7 @@ def make_environment(
         change_round=change_round,
         segment_of_round=rng.integers(len(segments), size=rounds),
         click_draw=rng.random(rounds),
+        drift_rounds=drift_rounds,
     )
 
 

@@ -126,9 +126,9 @@ class RunRecorder:
         chosen = self.chosen[:done]
         change = environment.change_round if environment.change_round is not None else done
         after = rounds >= change
-        take_up = np.where(
-            after[:, None], environment.after[segments], environment.before[segments]
-        )  # (done, offers): the take-up each customer faced
+        weights = environment.after_weights(rounds)[:, None]
+        # (done, offers): the take-up each customer faced (exactly before or after outside a drift)
+        take_up = environment.before[segments] * (1.0 - weights) + environment.after[segments] * weights
         chosen_take_up = take_up[rounds, chosen] if done else np.zeros(0)
         oracle_take_up = take_up.max(axis=1) if done else np.zeros(0)
         regret = oracle_take_up - chosen_take_up

@@ -310,3 +310,24 @@ def test_simulate_command_prints_a_summary_and_refuses_an_unknown_engine() -> No
     invalid = runner.invoke(app, ["simulate", "--rounds", "10", "--prior", "0,1"])
     assert invalid.exit_code == 2
     assert "algorithm.alpha0" in invalid.output
+
+
+def test_gradual_and_single_offer_environments() -> None:
+    """`gradual`: the rates move linearly from the stationary order to the reversed one over 20k
+    rounds from half time; `single`: only the worst offer changes, and becomes the best."""
+    gradual = make_environment("gradual", rounds=100_000, seed=3)
+    assert (gradual.change_round, gradual.drift_rounds) == (50_000, 20_000)
+    assert np.array_equal(gradual.take_up(49_999), gradual.before)
+    assert np.allclose(gradual.take_up(60_000), (gradual.before + gradual.after) / 2)
+    assert np.array_equal(gradual.take_up(70_000), gradual.after)
+    assert gradual.best_offer(70_000) == 0
+    single = make_environment("single", rounds=1_000, seed=3)
+    changed = np.flatnonzero(single.before[0] != single.after[0])
+    assert changed.tolist() == [0]
+    assert single.best_offer(499) == 9
+    assert single.best_offer(500) == 0
+    assert single.after[0, 0] == pytest.approx(0.10 + 0.08 / 9)
+    report = run_in_memory(
+        make_environment("gradual", rounds=2_000, seed=1), PolicySettings(algorithm="uniform")
+    )
+    assert report.regret > 0
