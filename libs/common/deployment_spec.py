@@ -178,6 +178,9 @@ class ThompsonAlgorithm(SpecModel):
         description="Forget old evidence by traffic: halve it every this many impressions in the segment",
     )
     window_seconds: float | None = Field(None, gt=0, description="Learn only from this recent window")
+    change_detection: bool = Field(
+        False, description="Restart an arm's evidence when its recent take-up departs from its history"
+    )
     count_cap: float | None = Field(None, gt=0, description="Cap on alpha+beta so the arm keeps learning")
     model_prior_weight: float = Field(0.0, ge=0, description="Pseudo-counts from the bound model's score")
 

@@ -67,6 +67,9 @@ class ArmPolicy:
     # Evidence halves every this many impressions in the segment (of any offer): forgetting that
     # follows the traffic, not the clock (0: none).
     half_life_impressions: float = 0.0
+    # Per arm, restart the evidence from the arm's recent impressions when they differ from its
+    # history beyond chance (see CHANGE_TEST_BUCKETS): drift handling without a rate to tune.
+    change_detection: bool = False
 
     @classmethod
     def from_algorithm(cls, algorithm: object) -> ArmPolicy:
@@ -76,10 +79,45 @@ class ArmPolicy:
                 algorithm.window_seconds or 0.0,
                 algorithm.count_cap or 0.0,
                 algorithm.half_life_impressions or 0.0,
+                algorithm.change_detection,
             )
         half_life = getattr(algorithm, "half_life_seconds", None)
         impressions = getattr(algorithm, "half_life_impressions", None)
         return cls(half_life_seconds=half_life or 0.0, half_life_impressions=impressions or 0.0)
+
+
+# Change detection: each arm fills buckets of its own impressions, one per size; a full bucket is
+# compared with the arm's evidence before it by a Bernoulli likelihood-ratio test, and when the
+# log-likelihood ratio passes CHANGE_TEST_THRESHOLD the arm keeps only that bucket's evidence. The
+# small bucket catches a large change quickly, the large ones a small change. The threshold is a
+# false alarm about once in 16,000 checks of a steady arm (2 x 8 against chi-squared with one
+# degree of freedom); an arm of a steady segment checks once per 50 of its impressions at most.
+# Chosen once on the benchmark's tuning seeds (bench/results/forgetting.md), not per deployment.
+CHANGE_TEST_BUCKETS = (50.0, 500.0, 5000.0)
+CHANGE_TEST_THRESHOLD = 8.0
+
+
+def bernoulli_divergence(p: float, q: float) -> float:
+    """KL(Bernoulli(p) || Bernoulli(q)), 0 log 0 taken as 0; as UPDATE_ARMS computes it in Lua."""
+    value = 0.0
+    if p > 0:
+        value += p * math.log(p / q)
+    if p < 1:
+        value += (1 - p) * math.log((1 - p) / (1 - q))
+    return value
+
+
+def changed(bucket_n: float, bucket_s: float, before_n: float, before_s: float) -> bool:
+    """Whether a bucket's take-up differs from the evidence before it beyond chance (see above)."""
+    if before_n < bucket_n or bucket_n <= 0:
+        return False  # too little history to tell
+    pooled = (bucket_s + before_s) / (bucket_n + before_n)
+    if pooled <= 0 or pooled >= 1:
+        return False
+    recent = min(max(bucket_s / bucket_n, 0.0), 1.0)
+    old = min(max(before_s / before_n, 0.0), 1.0)
+    ratio = bucket_n * bernoulli_divergence(recent, pooled) + before_n * bernoulli_divergence(old, pooled)
+    return ratio > CHANGE_TEST_THRESHOLD
 
 
 _ARM_FIELDS = ("n", "s", "t", "c", "pa", "pb", "wb", "wn", "ws", "pn", "ps")

@@ -174,6 +174,7 @@ class PolicySettings:
     algorithm: AlgorithmName = "thompson"
     half_life_seconds: float | None = None
     half_life_impressions: float | None = None
+    change_detection: bool = False
     epsilon: float = 0.1  # exploration share for epsilon_greedy
     use_segment: bool = True  # declare the segment as a context variable (segments environment)
     alpha0: float = 1.0  # thompson prior successes
@@ -190,6 +191,8 @@ class PolicySettings:
             parts.append(f"half-life={self.half_life_seconds:g}s")
         if self.half_life_impressions:
             parts.append(f"half-life={self.half_life_impressions:g} impressions")
+        if self.change_detection:
+            parts.append("change-detection")
         if not self.use_segment:
             parts.append("no-context")
         return " ".join(parts)
@@ -207,6 +210,8 @@ def simulation_spec_document(environment: Environment, policy: PolicySettings, n
         algorithm["half_life_seconds"] = policy.half_life_seconds
     if policy.half_life_impressions:
         algorithm["half_life_impressions"] = policy.half_life_impressions
+    if policy.change_detection:
+        algorithm["change_detection"] = True
     document: dict[str, Any] = {
         "name": name,
         "description": f"simulation: {environment.name} environment, seed {environment.seed}, {policy.label}",

@@ -16,7 +16,14 @@ from libs.common.deployment_spec import DeploymentSpec
 from libs.common.errors import InvalidArgument
 from libs.policy.context import Context, derive_context
 from libs.policy.deployment import PreparedDeployment
-from libs.policy.statistics import SEGMENT_CLOCK_FIELD, ArmPolicy, Statistics, parse_arms
+from libs.policy.statistics import (
+    CHANGE_TEST_BUCKETS,
+    SEGMENT_CLOCK_FIELD,
+    ArmPolicy,
+    Statistics,
+    changed,
+    parse_arms,
+)
 from libs.simulation.environments import Round
 
 # The options store's arm arithmetic, in memory ----------------------------------------------------
@@ -70,6 +77,22 @@ def update_arm_fields(
             fields[f"{offer}|c"] = _lua_number(clock)
         n = n + dn
         s = s + ds
+        if policy.change_detection:
+            restarted = False
+            for level, size in enumerate(CHANGE_TEST_BUCKETS):
+                bucket_n = (number(f"{offer}|b{level}n") or 0.0) + dn
+                bucket_s = (number(f"{offer}|b{level}s") or 0.0) + ds
+                if bucket_n >= size:
+                    if not restarted and changed(bucket_n, bucket_s, n - bucket_n, s - bucket_s):
+                        n, s, restarted = bucket_n, bucket_s, True
+                    bucket_n = bucket_s = 0.0
+                fields[f"{offer}|b{level}n"] = _lua_number(bucket_n)
+                fields[f"{offer}|b{level}s"] = _lua_number(bucket_s)
+            if restarted:  # every bucket starts again with the evidence kept
+                for level in range(len(CHANGE_TEST_BUCKETS)):
+                    fields[f"{offer}|b{level}n"] = _lua_number(0.0)
+                    fields[f"{offer}|b{level}s"] = _lua_number(0.0)
+                fields[f"{offer}|r"] = _lua_number((number(f"{offer}|r") or 0.0) + 1.0)
         if s > n:
             n = s
         if cap > 0 and n > cap:

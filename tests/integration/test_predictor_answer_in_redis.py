@@ -98,6 +98,7 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
             "approach": "thompson",
             "half_life_seconds": draw(st.sampled_from([None, 90.0])),
             "half_life_impressions": draw(st.sampled_from([None, 5.0])),
+            "change_detection": draw(st.booleans()),
             "window_seconds": draw(st.sampled_from([None, 45.0])),
             "count_cap": draw(st.sampled_from([None, 3.0])),
         },

@@ -224,8 +224,19 @@ def _text(value: bytes | str) -> str:
         ArmPolicy(window_seconds=30.0),
         ArmPolicy(half_life_impressions=7.5),
         ArmPolicy(half_life_seconds=40.0, half_life_impressions=12.0, count_cap=30.0),
+        ArmPolicy(change_detection=True),
+        ArmPolicy(change_detection=True, half_life_impressions=50.0),
     ],
-    ids=["plain", "half-life", "half-life+cap", "window", "impressions", "impressions+time+cap"],
+    ids=[
+        "plain",
+        "half-life",
+        "half-life+cap",
+        "window",
+        "impressions",
+        "impressions+time+cap",
+        "detection",
+        "detection+impressions",
+    ],
 )
 async def test_in_memory_update_equals_the_lua_update(redis_client: Redis, policy: ArmPolicy) -> None:
     """The same sequence of impressions and successes, at irregular times, through UPDATE_ARMS in
@@ -236,10 +247,11 @@ async def test_in_memory_update_equals_the_lua_update(redis_client: Redis, polic
     rng = random.Random(42)
     fields: ArmHash = {}
     now = SIMULATION_START
-    for _ in range(300):
+    for step in range(300):
         now += rng.choice([0.0, 0.5, 1.0, 3.0, 17.25, 61.0])
+        take_up = 0.05 if step < 150 else 0.6  # a change half way, for change detection to find
         updates = [
-            (rng.choice(["a", "b", "c"]), float(rng.random() < 0.7), float(rng.random() < 0.2))
+            (rng.choice(["a", "b", "c"]), float(rng.random() < 0.7), float(rng.random() < take_up))
             for _ in range(rng.randint(1, 2))
         ]
         pipeline = store.pipeline()
@@ -250,6 +262,8 @@ async def test_in_memory_update_equals_the_lua_update(redis_client: Redis, polic
     await redis_client.delete(key)
     assert stored == fields
     assert parse_arms(stored, policy, now + 5.0) == parse_arms(fields, policy, now + 5.0)
+    if policy == ArmPolicy(change_detection=True):  # the change was found: some arm restarted
+        assert any(name.endswith("|r") for name in stored)
 
 
 @pytest.mark.integration

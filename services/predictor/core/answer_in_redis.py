@@ -58,10 +58,10 @@ local facts = contact['"""
     + FACTS_FIELD
     + """']
 if facts == nil then return leave end
-local served, reward_window, default_reward, half_life, window, cap, half_life_impressions, arms =
+local served, reward_window, default_reward, half_life, window, cap, half_life_impressions, detect, arms =
   string.match(facts, '^"""
     + FACTS_FORMAT
-    + """|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.+)$')
+    + """|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.+)$')
 if arms == nil or served ~= ARGV[1] then return leave end
 local reward = ARGV[5]
 if reward ~= '' and tonumber(reward) < 0 then return leave end
@@ -83,7 +83,7 @@ local credited = reward
 if credited == '' then credited = default_reward end
 local learned = (not late) and #fresh > 0
 if learned then
-  local updates = {ARGV[3], half_life, window, cap, half_life_impressions}
+  local updates = {ARGV[3], half_life, window, cap, half_life_impressions, detect == '1.0' and '1' or '0'}
   for _, offer in ipairs(fresh) do
     updates[#updates + 1] = offer
     updates[#updates + 1] = '0'
@@ -149,6 +149,7 @@ def contact_facts(
         policy.window_seconds,
         policy.count_cap,
         policy.half_life_impressions,
+        float(policy.change_detection),
     )
     return (
         f"{FACTS_FORMAT}|{config_revision}|"

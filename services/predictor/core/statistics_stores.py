@@ -28,6 +28,8 @@ from libs.policy.context import Context
 from libs.policy.deployment import VariantPlan
 from libs.policy.scorers import LinearScorer
 from libs.policy.statistics import (
+    CHANGE_TEST_BUCKETS,
+    CHANGE_TEST_THRESHOLD,
     SEGMENT_CLOCK_FIELD,
     ArmFields,
     ArmPolicy,
@@ -43,22 +45,46 @@ UPDATE_FEED_RETRY_SECONDS = 0.2
 UPDATE_FEED_RETRY_MAX_SECONDS = 5.0
 
 # KEYS[1] = arm statistics hash. ARGV: now, half_life (0 = none), window (0 = none), cap (0 = none),
-# half-life in impressions (0 = none), then triples (offer, impressions to add, successes to add).
-# Per arm: decay the evidence to now (and, by impressions, to the segment's impression clock after
-# this call's impressions), add, cap, and keep a two-bucket sliding window when one is set.
-UPDATE_ARMS = """
+# half-life in impressions (0 = none), change detection (1 = on), then triples (offer, impressions
+# to add, successes to add). Per arm: decay the evidence to now (and, by impressions, to the
+# segment's impression clock after this call's impressions), add, test the arm's full buckets for a
+# change (libs/policy/statistics.py: changed, with the same arithmetic), cap, and keep a two-bucket
+# sliding window when one is set.
+UPDATE_ARMS = (
+    """
 local now = tonumber(ARGV[1])
 local half_life = tonumber(ARGV[2])
 local window = tonumber(ARGV[3])
 local cap = tonumber(ARGV[4])
 local half_life_impressions = tonumber(ARGV[5])
+local detect = ARGV[6] == '1'
+local buckets = {"""
+    + ", ".join(repr(size) for size in CHANGE_TEST_BUCKETS)
+    + """}
+local threshold = """
+    + repr(CHANGE_TEST_THRESHOLD)
+    + """
+local function divergence(p, q)
+  local value = 0.0
+  if p > 0 then value = value + p * math.log(p / q) end
+  if p < 1 then value = value + (1 - p) * math.log((1 - p) / (1 - q)) end
+  return value
+end
+local function changed(bn, bs, hn, hs)
+  if hn < bn or bn <= 0 then return false end
+  local pooled = (bs + hs) / (bn + hn)
+  if pooled <= 0 or pooled >= 1 then return false end
+  local recent = math.min(math.max(bs / bn, 0.0), 1.0)
+  local old = math.min(math.max(hs / hn, 0.0), 1.0)
+  return bn * divergence(recent, pooled) + hn * divergence(old, pooled) > threshold
+end
 local clock = 0
 if half_life_impressions > 0 then
   clock = tonumber(redis.call('HGET', KEYS[1], '|imp')) or 0
-  for i = 6, #ARGV, 3 do clock = clock + tonumber(ARGV[i + 1]) end
+  for i = 7, #ARGV, 3 do clock = clock + tonumber(ARGV[i + 1]) end
   redis.call('HSET', KEYS[1], '|imp', string.format('%.17g', clock))
 end
-for i = 6, #ARGV, 3 do
+for i = 7, #ARGV, 3 do
   local offer = ARGV[i]
   local dn = tonumber(ARGV[i + 1])
   local ds = tonumber(ARGV[i + 2])
@@ -84,6 +110,33 @@ for i = 6, #ARGV, 3 do
   end
   n = n + dn
   s = s + ds
+  if detect then
+    local restarted = false
+    for level = 1, #buckets do
+      local name = offer .. '|b' .. (level - 1)
+      local b = redis.call('HMGET', KEYS[1], name .. 'n', name .. 's')
+      local bn = (tonumber(b[1]) or 0) + dn
+      local bs = (tonumber(b[2]) or 0) + ds
+      if bn >= buckets[level] then
+        if (not restarted) and changed(bn, bs, n - bn, s - bs) then
+          n = bn
+          s = bs
+          restarted = true
+        end
+        bn = 0
+        bs = 0
+      end
+      redis.call('HSET', KEYS[1], name .. 'n', string.format('%.17g', bn), name .. 's',
+                 string.format('%.17g', bs))
+    end
+    if restarted then
+      for level = 1, #buckets do
+        local name = offer .. '|b' .. (level - 1)
+        redis.call('HSET', KEYS[1], name .. 'n', '0', name .. 's', '0')
+      end
+      redis.call('HINCRBYFLOAT', KEYS[1], offer .. '|r', 1)
+    end
+  end
   if s > n then n = s end
   if cap > 0 and n > cap then
     s = s * cap / n
@@ -114,6 +167,7 @@ for i = 6, #ARGV, 3 do
 end
 return 1
 """
+)
 assert SEGMENT_CLOCK_FIELD == "|imp"  # the field UPDATE_ARMS keeps the segment's impression clock in
 
 # KEYS[1] = linear model hash of one offer. ARGV: dimension, reward, x_1..x_d.
@@ -317,6 +371,7 @@ class ArmStatistics:
             policy.window_seconds,
             policy.count_cap,
             policy.half_life_impressions,
+            int(policy.change_detection),
         ]
         for offer, impressions, successes in updates:
             args += [offer, impressions, successes]
