@@ -640,57 +640,115 @@ def discussion(document: dict[str, Any]) -> list[str]:
     return notes
 
 
-# Forgetting by traffic: the tuned half-life in seconds against the same number in impressions, at
-# half, the same and twice the traffic it was tuned at (reversed environment, evaluation seeds).
+# Forgetting (issue: drift without tuning). (a) By traffic: the tuned half-life in seconds against
+# the same number in impressions, at half, the same and twice the traffic it was tuned at (reversed
+# environment). (b) Without tuning: change detection with its defaults against plain Thompson
+# sampling and the tuned half-life, in every environment, with the rounds to recover.
 TRAFFIC_STEPS = (2.0, 1.0, 0.5)  # simulated seconds per round
+DRIFT_ROUNDS = {**ROUNDS, "gradual": 100_000, "single": 100_000}
 
 
-def forgetting_by_traffic(
-    seeds: Sequence[int], workers: int, rounds: int, half_life: float
-) -> dict[str, Any]:
-    policies = {
+def forgetting(seeds: Sequence[int], workers: int, scale: int, half_life: float) -> dict[str, Any]:
+    traffic_policies = {
         f"half-life {half_life:,.0f} s": PolicySettings(half_life_seconds=half_life),
         f"half-life {half_life:,.0f} impressions": PolicySettings(half_life_impressions=half_life),
     }
+    drift_policies = {
+        "thompson": PolicySettings(),
+        f"thompson, half-life {half_life:,.0f} s (tuned)": PolicySettings(half_life_seconds=half_life),
+        "thompson, change detection (defaults)": PolicySettings(change_detection=True),
+    }
+    rounds = {name: value // scale for name, value in DRIFT_ROUNDS.items()}
     jobs = [
-        Job("traffic", "reversed", rounds, seed, policy, step)
-        for policy in policies.values()
+        Job("traffic", "reversed", rounds["reversed"], seed, policy, step)
+        for policy in traffic_policies.values()
         for step in TRAFFIC_STEPS
+        if step != 1.0 or policy.half_life_impressions  # 1x, half-life in seconds: a drift job below
+        for seed in seeds
+    ] + [
+        Job("drift", environment, rounds[environment], seed, policy)
+        for environment in DRIFT_ROUNDS
+        for policy in drift_policies.values()
         for seed in seeds
     ]
-    results = run_jobs(jobs, workers, "traffic")
-    table = {
+    results = run_jobs(jobs, workers, "forgetting")
+    traffic = {
         label: {
-            f"{1 / step:g}x traffic": summarise(select(results, step_seconds=step, **asdict(policy)))
+            f"{1 / step:g}x traffic": summarise(
+                select(results, environment="reversed", step_seconds=step, **asdict(policy))
+            )
             for step in TRAFFIC_STEPS
         }
-        for label, policy in policies.items()
+        for label, policy in traffic_policies.items()
     }
-    return {"environment": "reversed", "rounds": rounds, "tuned_half_life": half_life, "policies": table}
+    drift = {
+        environment: {
+            label: summarise(select(results, environment=environment, step_seconds=1.0, **asdict(policy)))
+            for label, policy in drift_policies.items()
+        }
+        for environment in DRIFT_ROUNDS
+    }
+    return {
+        "rounds": rounds,
+        "tuned_half_life": half_life,
+        "seeds": list(seeds),
+        "traffic": traffic,
+        "drift": drift,
+    }
 
 
-def traffic_markdown(block: dict[str, Any]) -> str:
+def forgetting_markdown(block: dict[str, Any]) -> str:
     steps = [f"{1 / step:g}x traffic" for step in TRAFFIC_STEPS]
-    rows = []
-    for label, by_traffic in block["policies"].items():
-        rows.append(
-            [label]
-            + [
-                f"{by_traffic[s]['regret_mean']:,.1f} (recovery {rounds_list(by_traffic[s]['recovery_rounds'])})"
-                for s in steps
-            ]
-        )
+    traffic_rows = [
+        [label] + [f"{row[s]['regret_mean']:,.1f} ({rounds_list(row[s]['recovery_rounds'])})" for s in steps]
+        for label, row in block["traffic"].items()
+    ]
+    drift_rows = []
+    for environment, policies in block["drift"].items():
+        for label, summary in policies.items():
+            drift_rows.append(
+                [
+                    environment,
+                    label,
+                    f"{summary['regret_mean']:,.1f}",
+                    ", ".join(f"{value:,.1f}" for value in summary["regret_by_seed"]),
+                    rounds_list(summary["recovery_rounds"]),
+                    rounds_list(summary["near_best_recovery_rounds"]),
+                ]
+            )
+    half_life = block["tuned_half_life"]
     return "\n".join(
         [
-            "# Forgetting by traffic, not by the clock",
+            "# Forgetting: by traffic, and without tuning",
             "",
-            f"The reversed environment ({block['rounds']:,} rounds, seeds as in decision_quality), Thompson "
-            f"sampling with the half-life tuned there ({block['tuned_half_life']:,.0f} s at one round a second) "
-            "against the same number as a half-life in impressions (`half_life_impressions`), each at half, the "
-            "same and twice the traffic (simulated seconds per round 2, 1 and 0.5). Mean regret over the seeds, "
-            "and the rounds to recover after the reversal per seed.",
+            f"Seeds {block['seeds']}; rounds {block['rounds']}. Regret and rounds to recover as in "
+            "decision_quality.md (recovery: the end of the first 500-round window after the change with 90% "
+            "best-offer choices; near-best: any offer within 1 point of the best).",
             "",
-            markdown_table(["policy", *steps], rows),
+            "## By traffic",
+            "",
+            f"The reversed environment's half-life tuned at one round a second ({half_life:,.0f} s), against the "
+            "same number as a half-life in impressions (`half_life_impressions`), each at half, the same and "
+            "twice the traffic (simulated seconds per round 2, 1, 0.5). Mean regret (rounds to recover per seed).",
+            "",
+            markdown_table(["policy", *steps], traffic_rows),
+            "",
+            "## Without tuning",
+            "",
+            "Plain Thompson sampling, the tuned half-life and change detection with its defaults "
+            "(`change_detection: true`), one round a second.",
+            "",
+            markdown_table(
+                [
+                    "environment",
+                    "policy",
+                    "mean regret",
+                    "regret by seed",
+                    "rounds to recover",
+                    "within 1 pt",
+                ],
+                drift_rows,
+            ),
             "",
         ]
     )
@@ -711,10 +769,11 @@ def main() -> int:
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument(
-        "--traffic-only",
+        "--forgetting-only",
         type=float,
         metavar="HALF_LIFE",
-        help="Only the forgetting-by-traffic comparison at this tuned half-life (forgetting_by_traffic.*)",
+        help="Only the forgetting comparisons (by traffic, and change detection against this tuned "
+        "half-life): bench/results/forgetting.*",
     )
     parser.add_argument(
         "--render-only",
@@ -733,19 +792,21 @@ def main() -> int:
     started = time.perf_counter()
     scale = 10 if args.quick else 1
     rounds = {name: value // scale for name, value in ROUNDS.items()}
-    if args.traffic_only is not None:
-        block = forgetting_by_traffic(args.seeds, args.workers, rounds["reversed"], args.traffic_only / scale)
+    if args.forgetting_only is not None:
+        block = forgetting(args.seeds, args.workers, scale, args.forgetting_only / scale)
         block["command"] = " ".join(
             [".venv/bin/python", "bench/decision_quality.py", *map(shlex.quote, sys.argv[1:])]
         )
         block["wall_seconds"] = round(time.perf_counter() - started, 1)
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "forgetting_by_traffic.json").write_text(json.dumps(block, indent=1) + "\n")
+        stem = "forgetting" + ("_quick" if args.quick else "")
+        (args.out / f"{stem}.json").write_text(json.dumps(block, indent=1) + "\n")
         text = (
-            traffic_markdown(block) + f"\nCommand: `{block['command']}` ({block['wall_seconds']:,.0f} s).\n"
+            forgetting_markdown(block)
+            + f"\nCommand: `{block['command']}` ({block['wall_seconds']:,.0f} s).\n"
         )
-        (args.out / "forgetting_by_traffic.md").write_text(text)
-        log(f"wrote {args.out / 'forgetting_by_traffic.md'}")
+        (args.out / f"{stem}.md").write_text(text)
+        log(f"wrote {args.out / (stem + '.md')}")
         return 0
 
     # 1. Tune the half-lives on the tuning seeds, for the default prior and a take-up-like prior.
