@@ -142,6 +142,13 @@ def simulate(
             help="Forget evidence by traffic: halve it every this many impressions of the segment",
         ),
     ] = None,
+    change_detection: Annotated[
+        bool,
+        typer.Option(
+            "--change-detection",
+            help="thompson: restart an arm's evidence when its recent take-up departs from its history",
+        ),
+    ] = False,
     epsilon: Annotated[float, typer.Option(min=0.0, max=1.0, help="Exploration of epsilon_greedy")] = 0.1,
     prior: Annotated[
         str,
@@ -183,6 +190,7 @@ def simulate(
         algorithm=algorithm.value,
         half_life_seconds=half_life,
         half_life_impressions=half_life_impressions,
+        change_detection=change_detection,
         epsilon=epsilon,
         use_segment=not no_context,
         alpha0=alpha0,

@@ -345,3 +345,17 @@ def test_gradual_and_single_offer_environments() -> None:
         make_environment("gradual", rounds=2_000, seed=1), PolicySettings(algorithm="uniform")
     )
     assert report.regret > 0
+
+
+def test_forgetting_settings_reach_the_spec_and_the_arm_policy() -> None:
+    from libs.common.errors import InvalidArgument
+
+    environment = make_environment("reversed", rounds=10, seed=1)
+    spec = simulation_spec(
+        environment, PolicySettings(change_detection=True, half_life_impressions=500), "sim-f"
+    )
+    policy = ArmPolicy.from_algorithm(spec.algorithm)
+    assert (policy.change_detection, policy.half_life_impressions) == (True, 500.0)
+    assert PolicySettings(change_detection=True).label == "thompson change-detection"
+    with pytest.raises(InvalidArgument, match="change_detection"):  # Thompson sampling's only
+        simulation_spec(environment, PolicySettings("epsilon_greedy", change_detection=True), "sim-g")
