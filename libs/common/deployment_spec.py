@@ -482,6 +482,19 @@ class DeploymentSpec(SpecModel):
                 raise ValueError(
                     f"model_selector.variable: '{self.model_selector.variable}' must be a categorical context variable"
                 )
+        for where, algorithm in [("algorithm", self.algorithm)] + [
+            (f"variants[{i}].algorithm", v.algorithm) for i, v in enumerate(self.variants) if v.algorithm
+        ]:
+            if isinstance(algorithm, ThompsonAlgorithm) and algorithm.change_detection:
+                other = [
+                    name
+                    for name in ("half_life_seconds", "half_life_impressions", "window_seconds", "count_cap")
+                    if getattr(algorithm, name) is not None
+                ]
+                if other:
+                    raise ValueError(
+                        f"{where}.change_detection: it decides what to forget itself; drop {', '.join(other)}"
+                    )
         if self.shadow is not None and self.shadow == self.name:
             raise ValueError("shadow: a deployment cannot shadow itself")
         if self.routing is not None:

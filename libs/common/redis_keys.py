@@ -25,9 +25,15 @@ def options_generation(deployment: str) -> str:
     return f"{PREFIX}:options:{deployment}:generation"
 
 
+# The arm hash's field holding the segment's impression clock (impressions of any offer so far);
+# no offer id is empty, so no offer's field can be it.
+SEGMENT_CLOCK_FIELD = "|imp"
+
+
 def arm_statistics(deployment: str, generation: str, segment: str) -> str:
     """Arm statistics of every offer in one segment: fields `<offer>|n` (impressions), `<offer>|s`
-    (successes), `<offer>|t` (time of the last update), window and prior fields."""
+    (successes), `<offer>|t` (time of the last update), `<offer>|c` (the segment's impression clock
+    at that update), window, change-detection and prior fields, and SEGMENT_CLOCK_FIELD."""
     return f"{PREFIX}:arms:{deployment}:{generation}:{segment}"
 
 

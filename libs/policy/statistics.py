@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from libs.common import redis_keys
 from libs.common.deployment_spec import ThompsonAlgorithm
 
 StatisticsKind = Literal["arms", "naive_bayes", "linear"]
@@ -121,9 +122,8 @@ def changed(bucket_n: float, bucket_s: float, before_n: float, before_s: float) 
 
 
 _ARM_FIELDS = ("n", "s", "t", "c", "pa", "pb", "wb", "wn", "ws", "pn", "ps")
-# The segment's impression clock: impressions of any offer so far (an arm's `c` is its reading at
-# the arm's last update). Its field has no offer before the `|`, which no offer id can be.
-SEGMENT_CLOCK_FIELD = "|imp"
+# The segment's impression clock (an arm's `c` is its reading at the arm's last update).
+SEGMENT_CLOCK_FIELD = redis_keys.SEGMENT_CLOCK_FIELD
 _COUNT_FIELDS = ("n", "s", "pa", "pb", "wn", "ws", "pn", "ps")
 _PARSE_PLANS_KEPT = 256
 

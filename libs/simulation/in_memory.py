@@ -56,7 +56,9 @@ def update_arm_fields(
     half_life_impressions = policy.half_life_impressions
     clock = 0.0
     if half_life_impressions > 0:
-        clock = (number(SEGMENT_CLOCK_FIELD) or 0.0) + sum(dn for _, dn, _ in updates)
+        clock = number(SEGMENT_CLOCK_FIELD) or 0.0
+        for _, dn, _ in updates:  # one at a time, as the script adds them
+            clock = clock + dn
         fields[SEGMENT_CLOCK_FIELD] = _lua_number(clock)
     for offer, dn, ds in updates:
         n = number(f"{offer}|n") or 0.0

@@ -918,11 +918,14 @@ async def test_generate_options_then_update_keeps_what_was_learned(stack: Ingest
     live = stack.redis.get(redis_keys.options_generation(stack.deployment)).decode()  # type: ignore[union-attr]
     stack.redis.hset(
         redis_keys.arm_statistics(stack.deployment, live, segment),
-        mapping={"data-5gb|n": 40, "data-5gb|s": 30},
+        mapping={"data-5gb|n": 40, "data-5gb|s": 30, "data-5gb|c": 900, redis_keys.SEGMENT_CLOCK_FIELD: 1000},
     )
     updated = await _generate(stack, ingest_pb2.OPTIONS_MODE_UPDATE, history_table="history", prior_weight=50)
     assert updated.arms_kept >= 2
     assert updated.arms_created == 0
+    assert updated.arms_removed == 0  # the impression clock is no arm
+    # ... and goes with them: an arm's clock reading (`c`) means nothing without its segment's clock.
+    assert _arms(stack, segment)[redis_keys.SEGMENT_CLOCK_FIELD] == 1000.0
     assert stack.redis.get(redis_keys.options_generation(stack.deployment)).decode() != live  # type: ignore[union-attr]
     arms = _arms(stack, segment)
     assert (arms["data-5gb|n"], arms["data-5gb|s"]) == (40.0, 30.0)

@@ -92,16 +92,19 @@ def accepted_offers(shown: list[str], picks: list[tuple[str, int]]) -> list[str]
 
 @st.composite
 def scenarios(draw: st.DrawFn) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "offers": [{"id": offer, "name": f"{offer.title()} offer"} for offer in OFFERS],
-        "algorithm": {
-            "approach": "thompson",
+    forgetting: dict[str, Any] = (
+        {"change_detection": True}  # alone: it decides what to forget itself
+        if draw(st.booleans())
+        else {
             "half_life_seconds": draw(st.sampled_from([None, 90.0])),
             "half_life_impressions": draw(st.sampled_from([None, 5.0])),
-            "change_detection": draw(st.booleans()),
             "window_seconds": draw(st.sampled_from([None, 45.0])),
             "count_cap": draw(st.sampled_from([None, 3.0])),
-        },
+        }
+    )
+    spec: dict[str, Any] = {
+        "offers": [{"id": offer, "name": f"{offer.title()} offer"} for offer in OFFERS],
+        "algorithm": {"approach": "thompson", **forgetting},
         "context_variables": [{"name": "region", "source": "param", "default": "north"}],
         "default_number_of_offers": draw(st.integers(1, 3)),
         "reward": {
@@ -357,19 +360,24 @@ async def test_a_contact_an_older_replica_wrote_is_answered_in_python(store: Sto
     store.clock.now = START
     engine = DecisionEngine(store.options, "replica-x", rng=np.random.default_rng(3))
     config = applied_config(spec, revision=7)
-    decision = await engine.invoke(InvokeInput(name, "", "", "c-1", "", 1, {}, None), config)
-    key = redis_keys.contact(decision.uuid)
-    facts = (await store.redis.hget(key, answer_in_redis.FACTS_FIELD)).decode()
-    assert facts.startswith(f"{answer_in_redis.FACTS_FORMAT}|7|")
-    statistics_key = redis_keys.arm_statistics(name, "0", decision.segment)
-    assert "|" in statistics_key
-    old = facts.removeprefix(f"{answer_in_redis.FACTS_FORMAT}|").replace(
-        "|0.0|" + statistics_key, "|" + statistics_key
-    )
-    await store.redis.hset(key, answer_in_redis.FACTS_FIELD, old)  # the six numbers of the old format
-    offer = decision.offers[0].offer.id
-    sent = store.options.batched_round_trips
-    outcome = await engine.respond(RespondInput(decision.uuid, [offer]), config)
-    assert outcome.learned
-    assert store.options.batched_round_trips - sent >= 2  # not answered by the script: Python commits
-    assert float((await store.redis.hgetall(statistics_key))[f"{offer}|s".encode()]) == 1.0
+    statistics_key = ""
+    # The facts before they named a format (five numbers), and as format f2 wrote them (six).
+    for old_layout in ("untagged", "f2"):
+        decision = await engine.invoke(InvokeInput(name, "", "", f"c-{old_layout}", "", 1, {}, None), config)
+        key = redis_keys.contact(decision.uuid)
+        facts = (await store.redis.hget(key, answer_in_redis.FACTS_FIELD)).decode()
+        assert facts.startswith(f"{answer_in_redis.FACTS_FORMAT}|7|")
+        statistics_key = redis_keys.arm_statistics(name, "0", decision.segment)
+        assert "|" in statistics_key
+        numbers = facts.removeprefix(f"{answer_in_redis.FACTS_FORMAT}|").removesuffix("|" + statistics_key)
+        kept = numbers.split("|")[: 6 if old_layout == "untagged" else 7]  # the revision, then the numbers
+        old = "|".join((["f2"] if old_layout == "f2" else []) + kept + [statistics_key])
+        await store.redis.hset(key, answer_in_redis.FACTS_FIELD, old)
+        offer = decision.offers[0].offer.id
+        before = float((await store.redis.hgetall(statistics_key)).get(f"{offer}|s".encode(), 0))
+        sent = store.options.batched_round_trips
+        outcome = await engine.respond(RespondInput(decision.uuid, [offer]), config)
+        assert outcome.learned
+        assert store.options.batched_round_trips - sent >= 2  # not answered by the script: Python commits
+        after = float((await store.redis.hgetall(statistics_key))[f"{offer}|s".encode()])
+        assert after == before + 1.0, old_layout

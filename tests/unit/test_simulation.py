@@ -225,7 +225,6 @@ def _text(value: bytes | str) -> str:
         ArmPolicy(half_life_impressions=7.5),
         ArmPolicy(half_life_seconds=40.0, half_life_impressions=12.0, count_cap=30.0),
         ArmPolicy(change_detection=True),
-        ArmPolicy(change_detection=True, half_life_impressions=50.0),
     ],
     ids=[
         "plain",
@@ -235,7 +234,6 @@ def _text(value: bytes | str) -> str:
         "impressions",
         "impressions+time+cap",
         "detection",
-        "detection+impressions",
     ],
 )
 async def test_in_memory_update_equals_the_lua_update(redis_client: Redis, policy: ArmPolicy) -> None:
@@ -351,11 +349,12 @@ def test_forgetting_settings_reach_the_spec_and_the_arm_policy() -> None:
     from libs.common.errors import InvalidArgument
 
     environment = make_environment("reversed", rounds=10, seed=1)
-    spec = simulation_spec(
-        environment, PolicySettings(change_detection=True, half_life_impressions=500), "sim-f"
-    )
-    policy = ArmPolicy.from_algorithm(spec.algorithm)
-    assert (policy.change_detection, policy.half_life_impressions) == (True, 500.0)
+    spec = simulation_spec(environment, PolicySettings(change_detection=True), "sim-f")
+    assert ArmPolicy.from_algorithm(spec.algorithm).change_detection
+    spec = simulation_spec(environment, PolicySettings(half_life_impressions=500), "sim-h")
+    assert ArmPolicy.from_algorithm(spec.algorithm).half_life_impressions == 500.0
+    with pytest.raises(InvalidArgument, match="change_detection: it decides what to forget itself"):
+        simulation_spec(environment, PolicySettings(change_detection=True, half_life_seconds=900), "sim-i")
     assert PolicySettings(change_detection=True).label == "thompson change-detection"
     with pytest.raises(InvalidArgument, match="change_detection"):  # Thompson sampling's only
         simulation_spec(environment, PolicySettings("epsilon_greedy", change_detection=True), "sim-g")

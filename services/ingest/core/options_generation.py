@@ -140,10 +140,12 @@ def generate_options(
     for segment, fields in carried.items():
         for field_name, value in fields.items():
             offer = field_name.rpartition("|")[0]
-            if offer in offer_ids:
+            # The segment's impression clock goes with its arms: their `c` readings are against it.
+            if offer in offer_ids or field_name == redis_keys.SEGMENT_CLOCK_FIELD:
                 arms.setdefault(segment, {})[field_name] = value
-        removed += len({f.rpartition("|")[0] for f in fields} - offer_ids)
-        kept += len({f.rpartition("|")[0] for f in fields} & offer_ids)
+        offers = {f.rpartition("|")[0] for f in fields if f != redis_keys.SEGMENT_CLOCK_FIELD}
+        removed += len(offers - offer_ids)
+        kept += len(offers & offer_ids)
     for (offer, segment), (presentations, acceptances) in counts.items():
         existing = arms.setdefault(segment, {})
         if update and f"{offer}|n" in existing:

@@ -36,7 +36,7 @@ from services.predictor.core.statistics_stores import UPDATE_ARMS
 # The facts start with their format, so a contact written by an older replica, whose facts the
 # script would misread, is left to Python (which reads none of them).
 FACTS_FIELD = "answer"
-FACTS_FORMAT = "f2"
+FACTS_FORMAT = "f3"  # f2 had one number fewer (no change detection)
 
 # KEYS[1]: the contact, KEYS[2]: the decision log stream. ARGV: 1 the replica's config revision,
 # 2 the uuid, 3 now, 4 the event time, 5 the reward as sent ('' for none), 6 the channel, 7 the
