@@ -272,10 +272,18 @@ def _cli(
     )
 
 
-def through_grpc(seeds: Sequence[int], rounds: int, comparison_seeds: int) -> dict[str, Any]:
+def through_grpc(
+    seeds: Sequence[int],
+    rounds: int,
+    comparison_seeds: int,
+    environment_name: str = "stationary",
+    policy: PolicySettings | None = None,
+    flags: Sequence[str] = (),
+) -> dict[str, Any]:
     """`liveloop simulate --engine grpc` on a fresh local stack (free ports), compared with the
-    in-memory engine on the same seeds and on a spread of other seeds."""
-    environment_name = "stationary"
+    in-memory engine on the same seeds and on a spread of other seeds (`flags`: the simulate options
+    that make `policy`)."""
+    policy = policy or PolicySettings()
     with tempfile.TemporaryDirectory(prefix="liveloop-bench-stack-") as work:
         state_dir = Path(work) / "state"
         env = {key: value for key, value in os.environ.items() if not key.startswith("LIVELOOP_")}
@@ -294,13 +302,14 @@ def through_grpc(seeds: Sequence[int], rounds: int, comparison_seeds: int) -> di
                     str(rounds),
                     "--seed",
                     str(seed),
+                    *flags,
                 ]
                 result = _cli(env, state_dir, *args, "--engine", "grpc", "--json", timeout=900)
                 if result.returncode != 0:
                     raise RuntimeError(f"simulate --engine grpc failed:\n{result.stdout}\n{result.stderr}")
                 grpc_report = json.loads(result.stdout)
                 memory_report = run_in_memory(
-                    make_environment(environment_name, rounds=rounds, seed=seed), PolicySettings()
+                    make_environment(environment_name, rounds=rounds, seed=seed), policy
                 ).to_dict()
                 runs.append(
                     {
@@ -324,12 +333,12 @@ def through_grpc(seeds: Sequence[int], rounds: int, comparison_seeds: int) -> di
         finally:
             _cli(env, state_dir, "down", timeout=120)
     spread = [
-        run_in_memory(make_environment(environment_name, rounds=rounds, seed=seed), PolicySettings()).regret
+        run_in_memory(make_environment(environment_name, rounds=rounds, seed=seed), policy).regret
         for seed in range(1_000, 1_000 + comparison_seeds)
     ]
     return {
         "environment": environment_name,
-        "policy": "thompson",
+        "policy": policy.label,
         "rounds": rounds,
         "runs": runs,
         "memory_spread": {
@@ -750,8 +759,37 @@ def forgetting_markdown(block: dict[str, Any]) -> str:
                 drift_rows,
             ),
             "",
+            *_grpc_lines(block.get("grpc")),
         ]
     )
+
+
+def _grpc_lines(block: dict[str, Any] | None) -> list[str]:
+    if not block:
+        return []
+    rows = [
+        [
+            str(run["seed"]),
+            f"{run['regret_grpc']:,.1f}",
+            f"{run['regret_memory']:,.1f}",
+            f"{run['grpc_rounds_per_second']:,}",
+        ]
+        for run in block["runs"]
+    ]
+    spread = block["memory_spread"]
+    return [
+        "## Through the gRPC API",
+        "",
+        "`liveloop simulate --engine grpc --change-detection` on a local stack (two replicas behind Envoy), "
+        f"the {block['environment']} environment, {block['rounds']:,} rounds (the reversal at half time), "
+        "against the in-memory engine on the same seeds (the replicas draw from their own generators, so "
+        f"runs match in distribution, not draw for draw); in memory over seeds {spread['seeds']}: mean "
+        f"{spread['regret_mean']:,.1f}, 10th to 90th percentile {spread['regret_p10']:,.1f} to "
+        f"{spread['regret_p90']:,.1f}.",
+        "",
+        markdown_table(["seed", "regret, gRPC", "regret, in memory", "rounds/s, gRPC"], rows),
+        "",
+    ]
 
 
 def main() -> int:
@@ -768,6 +806,13 @@ def main() -> int:
         "--quick", action="store_true", help="a tenth of the rounds: a smoke test of this script"
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument(
+        "--forgetting-grpc-rounds",
+        type=int,
+        default=0,
+        help="with --forgetting-only: also change detection on the reversed environment through the "
+        "gRPC API (a local stack), this many rounds per seed (0: none)",
+    )
     parser.add_argument(
         "--forgetting-only",
         type=float,
@@ -794,6 +839,15 @@ def main() -> int:
     rounds = {name: value // scale for name, value in ROUNDS.items()}
     if args.forgetting_only is not None:
         block = forgetting(args.seeds, args.workers, scale, args.forgetting_only / scale)
+        if args.forgetting_grpc_rounds:
+            block["grpc"] = through_grpc(
+                args.grpc_seeds,
+                args.forgetting_grpc_rounds,
+                comparison_seeds=10,
+                environment_name="reversed",
+                policy=PolicySettings(change_detection=True),
+                flags=("--change-detection",),
+            )
         block["command"] = " ".join(
             [".venv/bin/python", "bench/decision_quality.py", *map(shlex.quote, sys.argv[1:])]
         )
