@@ -732,7 +732,8 @@ def forgetting_markdown(block: dict[str, Any]) -> str:
             "",
             f"Seeds {block['seeds']}; rounds {block['rounds']}. Regret and rounds to recover as in "
             "decision_quality.md (recovery: the end of the first 500-round window after the change with 90% "
-            "best-offer choices; near-best: any offer within 1 point of the best).",
+            "best-offer choices, in `gradual` after the rates cross, half way through the drift; near-best: "
+            "any offer within 1 point of the best).",
             "",
             "## By traffic",
             "",

@@ -140,6 +140,13 @@ class RunRecorder:
         if done and (not points or points[-1] != done):
             points.append(done)
         has_change = environment.change_round is not None and environment.change_round < done
+        # Recovery counts from the first round whose best offer is not what that customer's segment
+        # had before: the change itself for a step, the crossing of the rates within a drift.
+        moved = change
+        if has_change and environment.drift_rounds > 0:
+            was_best = environment.before[segments].argmax(axis=1)
+            differs = np.flatnonzero(take_up.argmax(axis=1)[change:] != was_best[change:])
+            moved = change + int(differs[0]) if differs.size else done
         return SimulationReport(
             environment=environment.name,
             engine=engine,
@@ -155,9 +162,9 @@ class RunRecorder:
             regret_before_change=float(regret[~after].sum()),
             regret_after_change=float(regret[after].sum()),
             change_round=environment.change_round,
-            recovery_rounds=rounds_to_window_share(best[change:]) if has_change else None,
+            recovery_rounds=rounds_to_window_share(best[moved:]) if has_change else None,
             convergence_rounds=rounds_to_window_share(best[:change]),
-            near_best_recovery_rounds=rounds_to_window_share(near_best[change:]) if has_change else None,
+            near_best_recovery_rounds=rounds_to_window_share(near_best[moved:]) if has_change else None,
             near_best_convergence_rounds=rounds_to_window_share(near_best[:change]),
             best_share_last_window=float(best[-RECOVERY_WINDOW:].mean()) if done else 0.0,
             regret_curve=[(point, float(cumulative[point - 1])) for point in points],

@@ -18,6 +18,7 @@ from libs.simulation.environments import (
     SIMULATION_START,
     OraclePolicy,
     PolicySettings,
+    Round,
     make_environment,
     make_round,
     policy_rng,
@@ -358,3 +359,24 @@ def test_forgetting_settings_reach_the_spec_and_the_arm_policy() -> None:
     assert PolicySettings(change_detection=True).label == "thompson change-detection"
     with pytest.raises(InvalidArgument, match="change_detection"):  # Thompson sampling's only
         simulation_spec(environment, PolicySettings("epsilon_greedy", change_detection=True), "sim-g")
+
+
+def test_in_a_gradual_drift_recovery_counts_from_when_the_best_offer_changes() -> None:
+    """In `gradual` every rate is equal half way through the drift, and offer 0 is the best from
+    then on: an oracle recovers in the first window after that, and a policy that keeps the old best
+    until the drift ends recovers that much later."""
+    environment = make_environment("gradual", rounds=20_000, seed=2)  # a drift of 4,000 rounds from 10,000
+    oracle = run_policy(environment, OraclePolicy(environment), engine="oracle", label="oracle")
+    assert oracle.recovery_rounds == 500
+
+    class Late:
+        def choose(self, round: Round) -> int:
+            return 9 if round.index < 14_000 else 0
+
+        def learn(self, round: Round, offer: int, clicked: bool) -> None:
+            return None
+
+    late = run_policy(environment, Late(), engine="late", label="late")
+    # The rates cross at 12,000 (all equal, offer 0 best from then); offer 0 from 14,000; the first
+    # window with 90% best choices ends 450 rounds after that.
+    assert late.recovery_rounds == 2_000 + 450
