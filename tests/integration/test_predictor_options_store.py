@@ -298,20 +298,34 @@ async def test_the_generation_is_read_from_redis_and_cached(options: Store) -> N
     assert await other.generation(options.deployment) == "7"
 
 
-async def test_requests_that_find_the_generation_stale_together_read_it_once(options: Store) -> None:
+async def test_requests_that_find_the_generation_stale_together_read_it_once(
+    options: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A replica's cached generation expires under load: the requests in flight then share one
     read (each taking a connection for its own GET could exhaust the pool), and one cancelled
     waiter does not cancel the read for the others."""
     await options.redis.set(redis_keys.options_generation(options.deployment), "3")
     fresh = OptionsStore(options.redis)
-    before = (await options.redis.info("commandstats")).get("cmdstat_get", {}).get("calls", 0)
+    real_get = options.redis.get
+    reads: list[str] = []
+    reading, release = asyncio.Event(), asyncio.Event()
+
+    async def held_get(key: str) -> Any:  # the GET waits until every waiter is in
+        reads.append(key)
+        reading.set()
+        await release.wait()
+        return await real_get(key)
+
+    monkeypatch.setattr(options.redis, "get", held_get)
     waiters = [asyncio.ensure_future(fresh.generation(options.deployment)) for _ in range(100)]
-    await asyncio.sleep(0)  # one turn of the loop (no waiting on time): every waiter has joined the read
+    # The read starts after every waiter's first step (tasks run in the order they were made).
+    await asyncio.wait_for(reading.wait(), timeout=10)
     waiters[0].cancel()
+    release.set()
     results = await asyncio.gather(*waiters[1:])
-    after = (await options.redis.info("commandstats"))["cmdstat_get"]["calls"]
     assert results == ["3"] * 99
-    assert after - before == 1
+    assert reads == [redis_keys.options_generation(options.deployment)]
+    assert waiters[0].cancelled()
 
 
 def _reference_parse_arms(raw: dict[str, str], policy: ArmPolicy, now: float) -> dict[str, tuple[float, ...]]:
