@@ -58,25 +58,28 @@ local window = tonumber(ARGV[3])
 local cap = tonumber(ARGV[4])
 local half_life_impressions = tonumber(ARGV[5])
 local detect = ARGV[6] == '1'
-local buckets = {"""
+local buckets, changed
+if detect then  -- only a deployment that asks pays for defining the test
+  buckets = {"""
     + ", ".join(repr(size) for size in CHANGE_TEST_BUCKETS)
     + """}
-local threshold = """
+  local threshold = """
     + repr(CHANGE_TEST_THRESHOLD)
     + """
-local function divergence(p, q)
-  local value = 0.0
-  if p > 0 then value = value + p * math.log(p / q) end
-  if p < 1 then value = value + (1 - p) * math.log((1 - p) / (1 - q)) end
-  return value
-end
-local function changed(bn, bs, hn, hs)
-  if hn < bn or bn <= 0 then return false end
-  local pooled = (bs + hs) / (bn + hn)
-  if pooled <= 0 or pooled >= 1 then return false end
-  local recent = math.min(math.max(bs / bn, 0.0), 1.0)
-  local old = math.min(math.max(hs / hn, 0.0), 1.0)
-  return bn * divergence(recent, pooled) + hn * divergence(old, pooled) > threshold
+  local function divergence(p, q)
+    local value = 0.0
+    if p > 0 then value = value + p * math.log(p / q) end
+    if p < 1 then value = value + (1 - p) * math.log((1 - p) / (1 - q)) end
+    return value
+  end
+  changed = function(bn, bs, hn, hs)
+    if hn < bn or bn <= 0 then return false end
+    local pooled = (bs + hs) / (bn + hn)
+    if pooled <= 0 or pooled >= 1 then return false end
+    local recent = math.min(math.max(bs / bn, 0.0), 1.0)
+    local old = math.min(math.max(hs / hn, 0.0), 1.0)
+    return bn * divergence(recent, pooled) + hn * divergence(old, pooled) > threshold
+  end
 end
 local clock = 0
 if half_life_impressions > 0 then
